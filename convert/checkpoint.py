@@ -1,0 +1,223 @@
+"""Locate a checkpoint's files, read its config, and open its weights lazily, one tensor at a time.
+
+Formats: model.safetensors, sharded safetensors + index, pytorch_model.bin, sharded .bin + index.
+Pickle (.bin) files load only through torch.load(weights_only=True); anything that would run code
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from neoxq.errors import CorruptFileError, SourceError, UnsafeCheckpointError, require_convert_extra
+
+from . import hub
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    config: dict[str, Any]
+    weight_files: list[Path]
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    _shapes: dict[str, tuple[tuple[int, ...], str, Path]] = field(default_factory=dict, repr=False)
+
+    @property
+    def format(self) -> str:
+        return "safetensors" if self.weight_files[0].suffix == ".safetensors" else "bin"
+
+    @property
+    def name(self) -> str:
+        return self.repo_id.split("/")[-1] if self.repo_id else self.folder.resolve().name
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weight_files)
+
+    def tensor_names(self) -> list[str]:
+        self._scan()
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._scan()
+        return self._shapes[name][0]
+
+    def dtype(self, name: str) -> str:
+        self._scan()
+        return self._shapes[name][1]
+
+    def file_index(self, name: str) -> int:
+        self._scan()
+        return self.weight_files.index(self._shapes[name][2])
+
+    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        """Yield (name, torch tensor) grouped by shard (callers pass names in shard order)."""
+        self._scan()
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self._shapes[n][2], []).append(n)
+        # Keep the caller's order within a file; files in index order.
+        for path in self.weight_files:
+            wanted = by_file.get(path)
+            if not wanted:
+                continue
+            with _open_weights(path) as reader:
+                for n in wanted:
+                    yield n, reader.get(n)
+
+    def _scan(self) -> None:
+        """Read every shard's header (shapes and dtypes only, never the data)."""
+        if self._shapes:
+            return
+        for path in self.weight_files:
+            with _open_weights(path) as reader:
+                for n, shape, dtype in reader.headers():
+                    if n in self._shapes:
+                        raise CorruptFileError(f"tensor {n} appears in two shards ({self._shapes[n][2].name}, {path.name}); re-download the checkpoint")
+                    self._shapes[n] = (shape, dtype, path)
+        if not self._shapes:
+            raise CorruptFileError(f"{self.weight_files[0]} holds no tensors; re-download the checkpoint")
+
+
+def open_checkpoint(src: str, revision: str | None = None) -> Checkpoint:
+    """A local folder, or a hub repo id (with `--revision` or `id@revision`)."""
+    path = Path(src).expanduser()
+    repo_id = commit = None
+    if not path.exists():
+        repo, _, at_rev = src.partition("@")
+        if not hub.looks_like_repo_id(repo):
+            raise SourceError(f"{src}: no such folder, and not a hub repo id like EleutherAI/pythia-70m")
+        if at_rev and revision and at_rev != revision:
+            raise SourceError(f"two revisions given ({at_rev!r} in the name, {revision!r} by --revision); pass one")
+        revision = revision or at_rev or None
+        repo_id = repo
+        path, commit = hub.fetch(repo, revision)
+    elif not path.is_dir():
+        raise SourceError(f"{src} is a file; pass the checkpoint's folder (with config.json and the weights)")
+    config = read_config(path)
+    return Checkpoint(folder=path, config=config, weight_files=find_weight_files(path),
+                      repo_id=repo_id, revision=revision, commit=commit)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise SourceError(f"{folder} has no config.json; pass the folder of a Hugging Face checkpoint")
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{cfg} is not valid JSON ({exc}); re-download the checkpoint") from exc
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            return _files_from_index(index)
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    raise SourceError(
+        f"{folder} has no weights (model.safetensors, pytorch_model.bin, or a sharded index); "
+        "download them or pass the right folder"
+    )
+
+
+def _files_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"{index} is not a valid shard index; re-download it") from exc
+    files = list(dict.fromkeys(weight_map.values()))
+    for f in files:
+        if not (index.parent / f).is_file():
+            raise CorruptFileError(f"{index.name} names shard {f}, which is missing; download it or re-download the checkpoint")
+    return [index.parent / f for f in files]
+
+
+class _SafetensorsReader:
+    def __init__(self, path: Path):
+        try:
+            from safetensors import safe_open
+        except ImportError as exc:
+            raise require_convert_extra(exc) from exc
+        self.path = path
+        try:
+            self._f = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
+            raise CorruptFileError(f"{path.name} is not a valid safetensors file ({_short(exc)}); it is truncated or corrupt, re-download it") from exc
+
+    def headers(self) -> Iterator[tuple[str, tuple[int, ...], str]]:
+        for n in self._f.keys():
+            sl = self._f.get_slice(n)
+            yield n, tuple(sl.get_shape()), str(sl.get_dtype())
+
+    def get(self, name: str):
+        try:
+            return self._f.get_tensor(name)
+        except Exception as exc:
+            raise CorruptFileError(f"cannot read {name} from {self.path.name} ({_short(exc)}); re-download it") from exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f = None
+
+
+class _BinReader:
+    """A .bin pickle, loaded with weights_only=True (memory-mapped when the zip format allows)."""
+
+    def __init__(self, path: Path):
+        try:
+            import torch
+        except ImportError as exc:
+            raise require_convert_extra(exc) from exc
+        self.path = path
+        try:
+            try:
+                self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # Legacy (non-zip) pickles cannot be memory-mapped.
+                self._sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"{path.name} is a pickle that would run code or build non-tensor objects when loaded; "
+                "refused. Use a safetensors checkpoint, or convert this one yourself if you trust its source"
+            ) from exc
+        except (EOFError, RuntimeError, ValueError, OSError) as exc:
+            raise CorruptFileError(f"{path.name} cannot be read as a PyTorch checkpoint ({_short(exc)}); it is truncated or corrupt, re-download it") from exc
+        if not isinstance(self._sd, dict):
+            raise CorruptFileError(f"{path.name} does not hold a state dict; pass a model checkpoint")
+
+    def headers(self):
+        for n, t in self._sd.items():
+            yield n, tuple(t.shape), str(t.dtype).replace("torch.", "")
+
+    def get(self, name: str):
+        return self._sd[name]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._sd = None
+
+
+def _open_weights(path: Path):
+    return _SafetensorsReader(path) if path.suffix == ".safetensors" else _BinReader(path)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -1,0 +1,183 @@
+"""The conversion pipeline: checkpoint → GPT-NeoX plan → streamed GGUF (F32/F16/BF16/Q8_0)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from neoxq import __version__
+from neoxq.errors import CorruptFileError, UnsupportedModelError, UsageError
+from neoxq.qtypes import CONVERT_OUTTYPES, QuantType
+
+from . import neox
+from .checkpoint import Checkpoint, open_checkpoint
+from .vocab import PRE_TOKENIZER, Vocab, load_vocab
+from .writer import PlannedTensor, write_gguf
+
+ARCH = "gptneox"
+QKV = re.compile(r"\.attention\.query_key_value\.(weight|bias)$")
+
+
+@dataclass
+class ConversionPlan:
+    ckpt: Checkpoint
+    args: neox.GPTNeoXArgs
+    vocab: Vocab
+    outtype: QuantType
+    tensors: list[PlannedTensor]
+
+
+def default_output_name(ckpt: Checkpoint, outtype: QuantType) -> str:
+    rev = f"-{ckpt.revision}" if ckpt.revision and ckpt.revision != "main" else ""
+    return f"{ckpt.name}{rev}-{outtype.value}.gguf"
+
+
+def plan_conversion(ckpt: Checkpoint, outtype: QuantType) -> ConversionPlan:
+    if outtype not in CONVERT_OUTTYPES:
+        raise UsageError(f"convert writes {', '.join(t.value for t in CONVERT_OUTTYPES)}; for {outtype.value} use --quant {outtype.value} (or `neoxq quantize`)")
+    args = neox.GPTNeoXArgs.from_config(ckpt.config)
+    vocab = load_vocab(ckpt.folder, args.vocab_size, ckpt.config)
+    name_map = neox.tensor_name_map(args.num_hidden_layers)
+    planned: list[PlannedTensor] = []
+    for name in ckpt.tensor_names():
+        if neox.is_ignored(name):
+            continue
+        target = neox.gguf_name(name, name_map)
+        if target is None:
+            raise UnsupportedModelError(f"checkpoint tensor {name!r} has no GPT-NeoX GGUF counterpart; this is not a plain GPTNeoXForCausalLM checkpoint")
+        planned.append(PlannedTensor(target, ckpt.shape(name), _out_qtype(ckpt.shape(name), outtype), name))
+    names = {t.name for t in planned}
+    if "output.weight" not in names:
+        # Tied embeddings: llama.cpp's gptneox always reads output.weight, so write the embedding twice.
+        emb = next((t for t in planned if t.name == "token_embd.weight"), None)
+        if emb is None:
+            raise CorruptFileError("the checkpoint has no gpt_neox.embed_in.weight; the weights are incomplete, re-download them")
+        planned.append(PlannedTensor("output.weight", emb.shape, emb.qtype, emb.source))
+    _check_complete(planned, args)
+    # Grouped by shard (stable within one), so each shard is opened once while streaming.
+    planned.sort(key=lambda t: ckpt.file_index(t.source))
+    return ConversionPlan(ckpt, args, vocab, outtype, planned)
+
+
+def _out_qtype(shape: tuple[int, ...], outtype: QuantType) -> int:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or outtype == QuantType.F32:
+        return Q.F32  # norms and biases stay F32, as llama.cpp expects
+    if outtype == QuantType.Q8_0:
+        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16  # Q8_0 needs rows in blocks of 32
+    return Q.BF16 if outtype == QuantType.BF16 else Q.F16
+
+
+def _check_complete(planned: list[PlannedTensor], args: neox.GPTNeoXArgs) -> None:
+    """Every tensor llama.cpp's gptneox loader requires, with the shape it requires."""
+    h, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
+    want = {"token_embd.weight": (v, h), "output_norm.weight": (h,), "output_norm.bias": (h,), "output.weight": (v, h)}
+    for i in range(args.num_hidden_layers):
+        b = f"blk.{i}."
+        want |= {b + "attn_norm.weight": (h,), b + "attn_norm.bias": (h,), b + "attn_qkv.weight": (3 * h, h),
+                 b + "attn_qkv.bias": (3 * h,), b + "attn_output.weight": (h, h), b + "attn_output.bias": (h,),
+                 b + "ffn_norm.weight": (h,), b + "ffn_norm.bias": (h,), b + "ffn_up.weight": (f, h),
+                 b + "ffn_up.bias": (f,), b + "ffn_down.weight": (h, f), b + "ffn_down.bias": (h,)}
+    have = {t.name: tuple(t.shape) for t in planned}
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise CorruptFileError(f"the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}; the weights are incomplete, re-download them")
+    for n, shape in want.items():
+        if have[n] != shape:
+            raise CorruptFileError(f"{n} has shape {have[n]} but config.json implies {shape}; the weights do not match the config")
+
+
+def _produce(plan: ConversionPlan):
+    def gen(tensors: list[PlannedTensor]) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
+        # One source tensor at a time; a tied embedding is read again for output.weight.
+        for t, (_, data) in zip(tensors, plan.ckpt.iter_tensors([t.source for t in tensors])):
+            arr = data.float().numpy()
+            if QKV.search(t.source):
+                arr = neox.deinterleave_qkv(arr, plan.args)
+            yield t, arr
+            del data, arr
+    return gen
+
+
+def _metadata(plan: ConversionPlan):
+    a, ck, voc = plan.args, plan.ckpt, plan.vocab
+
+    def add(w) -> None:
+        w.add_name(ck.name if not ck.revision or ck.revision == "main" else f"{ck.name}@{ck.revision}")
+        w.add_basename(ck.name)
+        w.add_size_label(neox.size_label(a))
+        w.add_context_length(a.max_position_embeddings)
+        w.add_embedding_length(a.hidden_size)
+        w.add_block_count(a.num_hidden_layers)
+        w.add_feed_forward_length(a.intermediate_size)
+        w.add_rope_dimension_count(a.n_rot)
+        w.add_rope_freq_base(a.rope_base)
+        w.add_head_count(a.num_attention_heads)
+        w.add_parallel_residual(a.use_parallel_residual)
+        w.add_layer_norm_eps(a.layer_norm_eps)
+        w.add_file_type(plan.outtype.ftype)
+        import gguf
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        # Tokenizer: GPT-NeoX's byte-level BPE, which llama.cpp calls "gpt2".
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(PRE_TOKENIZER)
+        w.add_token_list(voc.tokens)
+        w.add_token_types(voc.types)
+        w.add_token_merges(voc.merges)
+        for kind in ("bos", "eos", "unk", "pad"):
+            tid = getattr(voc, f"{kind}_id")
+            if tid is not None:
+                getattr(w, f"add_{kind}_token_id")(tid)
+        w.add_add_bos_token(False)  # GPT-NeoX prepends nothing
+        w.add_add_eos_token(False)
+        # Provenance.
+        if ck.repo_id:
+            w.add_source_url(f"https://huggingface.co/{ck.repo_id}")
+            w.add_string("neoxq.source.repo", ck.repo_id)
+        w.add_string("neoxq.source.revision", ck.revision or "")
+        w.add_string("neoxq.source.commit", ck.commit or "")
+        w.add_string("neoxq.source.format", ck.format)
+        w.add_string("neoxq.source.dtype", str(a.weights_dtype or ""))
+        lic = _license(ck.folder)
+        if lic:
+            w.add_license(lic)
+        w.add_string("neoxq.converter_version", __version__)
+        w.add_string("neoxq.quant_type", plan.outtype.value)
+        w.add_uint32("neoxq.tokenizer.n_tokens", voc.n_real)
+    return add
+
+
+def _license(folder: Path) -> str | None:
+    """The `license:` line of a hub model card's YAML header, when present."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    header = text.split("---", 2)[1]
+    m = re.search(r"^license:\s*(\S+)", header, re.M)
+    return m.group(1).strip("'\"") if m else None
+
+
+def convert(
+    src: str,
+    outtype: QuantType | str = QuantType.F16,
+    output: Path | str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    out_dir: Path | str | None = None,
+) -> Path:
+    """Convert a GPT-NeoX checkpoint (folder or hub id) to one GGUF file; return its path."""
+    outtype = QuantType.parse(outtype) if isinstance(outtype, str) else outtype
+    ckpt = open_checkpoint(src, revision)
+    plan = plan_conversion(ckpt, outtype)
+    path = Path(output) if output else Path(out_dir or ".") / default_output_name(ckpt, outtype)
+    return write_gguf(path, ARCH, _metadata(plan), plan.tensors, _produce(plan), force=force, quiet=quiet)

@@ -1,0 +1,84 @@
+"""Compute an importance matrix from a checkpoint with transformers: for every matmul weight
+(attn_qkv, attn_output, ffn_up, ffn_down, optionally output) the sum of squared input activations
+per input column over the calibration text, and the token count; llama.cpp divides the two."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from neoxq.errors import UsageError, require_convert_extra
+from neoxq.progress import Progress
+
+from .imatrix_io import IMatrix, write_imatrix
+
+# HF module (inside layer i) → GGUF tensor; the input columns are the same in both layouts
+# (the QKV de-interleave permutes rows only).
+LAYER_MODULES = {
+    "attention.query_key_value": "attn_qkv",
+    "attention.dense": "attn_output",
+    "mlp.dense_h_to_4h": "ffn_up",
+    "mlp.dense_4h_to_h": "ffn_down",
+}
+
+
+def compute_imatrix(src: str, text: str, ctx: int = 512, revision: str | None = None,
+                    include_output: bool = False, quiet: bool = False, dataset_name: str = "text") -> IMatrix:
+    try:
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import GPTNeoXForCausalLM
+    except ImportError as exc:
+        raise require_convert_extra(exc) from exc
+    from .checkpoint import open_checkpoint
+    from .neox import GPTNeoXArgs
+
+    ckpt = open_checkpoint(src, revision)
+    args = GPTNeoXArgs.from_config(ckpt.config)
+    if ctx > args.max_position_embeddings:
+        raise UsageError(f"--ctx {ctx} exceeds the model's context {args.max_position_embeddings}; pass a smaller --ctx")
+    ids = Tokenizer.from_file(str(ckpt.folder / "tokenizer.json")).encode(text).ids
+    n_chunks = len(ids) // ctx
+    if n_chunks < 1:
+        raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of {ctx}; pass a longer --text or a smaller --ctx")
+    model = GPTNeoXForCausalLM.from_pretrained(ckpt.folder, dtype=torch.float32).eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def fn(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    handles = []
+    for i, layer in enumerate(model.gpt_neox.layers):
+        for mod_name, gguf_name in LAYER_MODULES.items():
+            handles.append(layer.get_submodule(mod_name).register_forward_pre_hook(hook(f"blk.{i}.{gguf_name}.weight")))
+    if include_output:
+        handles.append(model.embed_out.register_forward_pre_hook(hook("output.weight")))
+    progress = Progress("imatrix", n_chunks, "chunks", quiet=quiet)
+    with torch.no_grad():
+        for c in range(n_chunks):
+            model(torch.tensor([ids[c * ctx:(c + 1) * ctx]]))
+            progress.update(1)
+    progress.close()
+    for h in handles:
+        h.remove()
+    return IMatrix({k: v.float().numpy() for k, v in sums.items()}, {k: float(v) for k, v in counts.items()},
+                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
+
+
+def make_imatrix(src: str, text_file: Path | str, output: Path | str, ctx: int = 512, revision: str | None = None,
+                 include_output: bool = False, force: bool = False, quiet: bool = False) -> Path:
+    from neoxq.atomic import check_output
+
+    from neoxq.textfile import read_text
+
+    check_output(Path(output), force)
+    text = read_text(text_file)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    name = f"{Path(text_file).name} sha256:{digest}"
+    im = compute_imatrix(src, text, ctx, revision, include_output, quiet, dataset_name=name)
+    return write_imatrix(output, im, force)

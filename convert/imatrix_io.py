@@ -1,0 +1,138 @@
+"""Importance-matrix files: llama.cpp's GGUF imatrix format (`<tensor>.in_sum2`, `<tensor>.counts`,
+general.type = imatrix) and llama-imatrix's legacy `.dat`. Reads both, writes GGUF. No torch."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from neoxq.atomic import atomic_output
+from neoxq.errors import CorruptFileError, SourceError, UsageError
+
+SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
+
+
+@dataclass
+class IMatrix:
+    sums: dict[str, np.ndarray]  # tensor name → sum of squared activations per input column
+    counts: dict[str, float]  # tensor name → tokens accumulated
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def values(self, name: str) -> np.ndarray:
+        """Mean squared activation per column: what llama.cpp's quantizer takes."""
+        c = self.counts[name]
+        return (self.sums[name] / c).astype(np.float32) if c > 0 else np.ones_like(self.sums[name], dtype=np.float32)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_imatrix(path: Path | str) -> IMatrix:
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"imatrix {path}: no such file; make one with `neoxq imatrix SRC --text FILE -o {path.name}`")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
+
+
+def _read_gguf(path: Path) -> IMatrix:
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(path)
+    except Exception as exc:
+        raise CorruptFileError(f"imatrix {path} is truncated or corrupt; re-create it with `neoxq imatrix`") from exc
+    sums, counts = {}, {}
+    for t in r.tensors:
+        arr = np.array(t.data, dtype=np.float32).reshape(-1)
+        if t.name.endswith(SUM_SUFFIX):
+            sums[t.name[: -len(SUM_SUFFIX)]] = arr
+        elif t.name.endswith(COUNT_SUFFIX):
+            counts[t.name[: -len(COUNT_SUFFIX)]] = float(arr[0])
+    if not sums or set(sums) != set(counts):
+        raise CorruptFileError(f"{path} is not an importance matrix (needs matching .in_sum2/.counts tensors); pass a file from `neoxq imatrix` or llama-imatrix")
+
+    def field(key, default):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else default
+
+    return IMatrix(sums, counts, list(field("imatrix.datasets", [])), int(field("imatrix.chunk_count", 0)), int(field("imatrix.chunk_size", 0)))
+
+
+def _read_legacy(path: Path) -> IMatrix:
+    """llama-imatrix's .dat: entries of (name, ncall, values averaged per call × ncall)."""
+    data = path.read_bytes()
+    try:
+        off = 0
+
+        def take(fmt):
+            nonlocal off
+            vals = struct.unpack_from(fmt, data, off)
+            off += struct.calcsize(fmt)
+            return vals
+
+        (n,) = take("<i")
+        if n < 1:
+            raise ValueError("no entries")
+        sums, counts = {}, {}
+        for _ in range(n):
+            (ln,) = take("<i")
+            name = data[off:off + ln].decode("utf-8")
+            off += ln
+            ncall, nval = take("<ii")
+            arr = np.frombuffer(data, dtype="<f4", count=nval, offset=off).astype(np.float32)
+            off += 4 * nval
+            sums[name], counts[name] = arr, float(ncall)
+        chunks, datasets = 0, []
+        if off < len(data):
+            (chunks,) = take("<i")
+            if off < len(data):
+                (ln,) = take("<i")
+                datasets = [data[off:off + ln].decode("utf-8", errors="replace")]
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path} is neither a GGUF imatrix nor a valid legacy .dat ({exc}); re-create it with `neoxq imatrix`") from exc
+    return IMatrix(sums, counts, datasets, chunks, 0)
+
+
+def write_imatrix(path: Path | str, im: IMatrix, force: bool = False) -> Path:
+    """llama.cpp's GGUF imatrix layout, so llama-quantize reads our files and we read its."""
+    import gguf
+
+    path = Path(path)
+    with atomic_output(path, force) as tmp:
+        w = gguf.GGUFWriter(tmp, arch="")
+        w.remove_key(gguf.Keys.General.ARCHITECTURE)
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", im.datasets or ["unknown"])
+        w.add_uint32("imatrix.chunk_count", im.chunk_count)
+        w.add_uint32("imatrix.chunk_size", im.chunk_size)
+        for name in sorted(im.sums):
+            w.add_tensor(name + SUM_SUFFIX, im.sums[name].astype(np.float32).reshape(1, -1))
+            w.add_tensor(name + COUNT_SUFFIX, np.array([[im.counts[name]]], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
+
+
+def check_fits(im: IMatrix, tensors: list[tuple[str, str, tuple[int, ...], int]], source: Path) -> None:
+    """Refuse an imatrix made for another model: every entry must name a tensor of this width."""
+    cols = {name: shape[-1] for name, _, shape, _ in tensors if len(shape) == 2}
+    for name, arr in im.sums.items():
+        if name not in cols:
+            raise UsageError(f"imatrix {source.name} has an entry for {name}, which this model lacks: it was made for another model; compute one for this model with `neoxq imatrix`")
+        if arr.size != cols[name]:
+            raise UsageError(f"imatrix {source.name} has {arr.size} values for {name}, the model's rows have {cols[name]}: it was made for another model; compute one for this model with `neoxq imatrix`")

@@ -1,0 +1,120 @@
+"""GPT-NeoX specifics: config.json → hyperparameters, HF tensor names → GGUF names, QKV layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from neoxq.errors import CorruptFileError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
+
+# Buffers that real Pythia .bin files carry; recomputed by llama.cpp, so skipped on purpose.
+# Anything else the mapping does not know is an error, never silently dropped.
+IGNORED_TENSORS = (
+    re.compile(r"^gpt_neox\.layers\.\d+\.attention\.bias$"),
+    re.compile(r"^gpt_neox\.layers\.\d+\.attention\.masked_bias$"),
+    re.compile(r"^(gpt_neox\.)?(layers\.\d+\.attention\.)?rotary_emb\.inv_freq$"),
+)
+
+
+@dataclass
+class GPTNeoXArgs:
+    """config.json fields, named as its keys; both transformers 4.x (Pythia hub) and 5.x styles."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    tie_word_embeddings: bool = False
+    hidden_act: str = "gelu"
+    attention_bias: bool = True
+    architectures: list[str] | None = None
+    model_type: str | None = None
+    # transformers 4.x (the hub's Pythia configs)
+    rotary_pct: float | None = None
+    rotary_emb_base: float | None = None
+    torch_dtype: str | None = None
+    rope_scaling: dict | None = None
+    # transformers 5.x
+    rope_parameters: dict | None = None
+    rope_theta: float | None = None
+    partial_rotary_factor: float | None = None
+    dtype: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        rope = self.rope_parameters or {}
+        rope_type = rope.get("rope_type") or (self.rope_scaling or {}).get("type") or (self.rope_scaling or {}).get("rope_type")
+        if rope_type not in (None, "default"):
+            raise UnsupportedModelError(f"rope scaling {rope_type!r} is not supported for GPT-NeoX; convert a checkpoint without rope scaling")
+        self.rotary_fraction = float(_first(rope.get("partial_rotary_factor"), self.partial_rotary_factor, self.rotary_pct, 1.0))
+        self.rope_base = float(_first(rope.get("rope_theta"), self.rope_theta, self.rotary_emb_base, 10000.0))
+        if self.hidden_size % self.num_attention_heads:
+            raise UnsupportedModelError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}; the config is invalid")
+        self.head_dim = self.hidden_size // self.num_attention_heads
+        self.n_rot = int(self.head_dim * self.rotary_fraction)
+        self.weights_dtype = self.dtype or self.torch_dtype
+        if self.hidden_act not in ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+            raise UnsupportedModelError(f"activation {self.hidden_act!r} is not supported (llama.cpp's gptneox uses GELU)")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GPTNeoXArgs":
+        archs = config.get("architectures") or []
+        if config.get("model_type") != "gpt_neox" and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            got = ", ".join(archs) or config.get("model_type") or "unknown"
+            raise UnsupportedModelError(f"architecture {got} is not supported; neoxq converts {', '.join(SUPPORTED_ARCHITECTURES)} (model_type gpt_neox: Pythia, GPT-NeoX-20B)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size") if n not in config]
+        if missing:
+            raise CorruptFileError(f"config.json lacks {', '.join(missing)}; re-download the checkpoint's config")
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def param_count(self) -> int:
+        """Parameters as the checkpoint stores them (untied output counted), for the size label."""
+        h, f, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+        return v * h * (1 if self.tie_word_embeddings else 2) + n * per_layer + 2 * h
+
+
+def tensor_name_map(n_layers: int):
+    """gguf-py's own table of HF → GGUF names for GPT-NeoX: names as data, not string surgery."""
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPTNEOX, n_layers)
+
+
+def is_ignored(name: str) -> bool:
+    return any(p.match(name) for p in IGNORED_TENSORS)
+
+
+def gguf_name(name: str, name_map) -> str | None:
+    return name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+
+
+def deinterleave_qkv(arr: np.ndarray, args: GPTNeoXArgs) -> np.ndarray:
+    """HF stores QKV per head as [head, (q|k|v), head_dim]; llama.cpp wants [q-all | k-all | v-all]."""
+    h, nh, hd = args.hidden_size, args.num_attention_heads, args.head_dim
+    if arr.ndim == 2:
+        return arr.reshape(nh, 3, hd, h).transpose(1, 0, 2, 3).reshape(3 * h, h)
+    return arr.reshape(nh, 3, hd).transpose(1, 0, 2).reshape(3 * h)
+
+
+def size_label(args: GPTNeoXArgs) -> str:
+    import gguf
+
+    return gguf.size_label(args.param_count(), 0, 0, 0)
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)

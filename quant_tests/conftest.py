@@ -1,0 +1,75 @@
+"""Session-scoped checkpoints built locally (nothing downloaded), and the transformers reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convert.tiny import TinySpec, build_random, stdlib_text
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The converter's checkpoint matrix (issue 2, item 2/5): config styles, residual, rotary, formats, dtypes.
+CASES = {
+    "hf4-parallel-rot025-safetensors": TinySpec(config_style="hf4", use_parallel_residual=True, rotary_pct=0.25, weights="safetensors"),
+    "hf5-sequential-rot1-sharded-tied": TinySpec(config_style="hf5", use_parallel_residual=False, rotary_pct=1.0, weights="sharded", tie_word_embeddings=True, seed=1),
+    "hf4-bin-fp16": TinySpec(config_style="hf4", weights="bin", dtype="float16", rotary_pct=0.25, seed=2),
+    "hf5-sharded-bin-bf16-rot1": TinySpec(config_style="hf5", weights="sharded-bin", dtype="bfloat16", rotary_pct=1.0, use_parallel_residual=False, seed=3),
+}
+
+
+@pytest.fixture(scope="session")
+def corpus() -> str:
+    return stdlib_text(150_000)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, corpus) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {name: build_random(root / name, spec, corpus) for name, spec in CASES.items()}
+
+
+@pytest.fixture(scope="session")
+def ckpt(checkpoints) -> Path:
+    """The default small checkpoint (Pythia layout: hf4 config, parallel residual, 25% rotary)."""
+    return checkpoints["hf4-parallel-rot025-safetensors"]
+
+
+@pytest.fixture(scope="session")
+def sample_ids(ckpt, corpus) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(corpus[5000:9000]).ids[:96]
+
+
+def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """The independent reference: transformers' GPTNeoXForCausalLM in fp32 on the same weights."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def kl_stats(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(mean KL(ref || test), top-1 agreement) over positions."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return float(kl.mean()), float((ref_logits.argmax(-1) == logits.argmax(-1)).mean())
+
+
+def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, input=stdin, timeout=timeout)

@@ -1,0 +1,1 @@
+"""Run and score GGUF files with llama-cpp-python. Imports no torch or transformers."""
