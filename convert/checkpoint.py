@@ -60,19 +60,20 @@ class Checkpoint:
         return self.weight_files.index(self._shapes[name][2])
 
     def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, Any]]:
-        """Yield (name, torch tensor) grouped by shard (callers pass names in shard order)."""
+        """Yield (name, torch tensor) in the order given.
+
+        Safetensors shards are reopened per tensor: the memory map of a shard is dropped after each
+        tensor, so resident memory follows the largest tensor, not the shard. A pickle shard is
+        opened once for its run of consecutive names (reopening would re-parse the pickle).
+        """
         self._scan()
-        by_file: dict[Path, list[str]] = {}
+        reader, reader_path = None, None
         for n in names:
-            by_file.setdefault(self._shapes[n][2], []).append(n)
-        # Keep the caller's order within a file; files in index order.
-        for path in self.weight_files:
-            wanted = by_file.get(path)
-            if not wanted:
-                continue
-            with _open_weights(path) as reader:
-                for n in wanted:
-                    yield n, reader.get(n)
+            path = self._shapes[n][2]
+            if reader is None or reader_path != path or path.suffix == ".safetensors":
+                reader, reader_path = _open_weights(path), path
+            yield n, reader.get(n)
+        reader = None
 
     def _scan(self) -> None:
         """Read every shard's header (shapes and dtypes only, never the data)."""

@@ -97,12 +97,21 @@ def _produce(plan: ConversionPlan):
     def gen(tensors: list[PlannedTensor]) -> Iterator[tuple[PlannedTensor, np.ndarray]]:
         # One source tensor at a time; a tied embedding is read again for output.weight.
         for t, (_, data) in zip(tensors, plan.ckpt.iter_tensors([t.source for t in tensors])):
-            arr = data.float().numpy()
-            if QKV.search(t.source):
-                arr = neox.deinterleave_qkv(arr, plan.args)
-            yield t, arr
-            del data, arr
+            yield t, _as_numpy(data, t.qtype, reorder=bool(QKV.search(t.source)), args=plan.args)
+            del data
     return gen
+
+
+def _as_numpy(data, qtype: int, reorder: bool, args: neox.GPTNeoXArgs) -> np.ndarray:
+    """A float16 source bound for F16 stays float16 (no float32 copy); everything else goes float32."""
+    import gguf
+    import torch
+
+    if data.dtype == torch.float16 and qtype == gguf.GGMLQuantizationType.F16:
+        arr = data.numpy()
+    else:
+        arr = data.to(torch.float32).numpy()
+    return neox.deinterleave_qkv(arr, args) if reorder else arr
 
 
 def _metadata(plan: ConversionPlan):

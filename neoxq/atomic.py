@@ -39,7 +39,7 @@ def atomic_output(path: Path, force: bool = False) -> Iterator[Path]:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise OutputError(f"disk full while writing {path}; free space or pass -o on another disk") from exc
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or exc.filename in (str(tmp), str(path)):
             raise OutputError(f"cannot write {path} ({exc.strerror}); pass -o with a writable folder") from exc
         raise
     finally:

@@ -274,19 +274,26 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors and the unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code if exc.exit_code != 2 else 1)
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:  # usage errors from typer's click, and the unexpected
+        usage = _usage_error_types()
+        if isinstance(exc, usage):
+            print(f"error: {exc.format_message()} (see `neoxq {' '.join(sys.argv[1:2])} --help`)", file=sys.stderr)
             sys.exit(1)
         if _state["debug"]:
             raise
         print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
 
+
+def _usage_error_types() -> tuple[type, ...]:
+    """typer ships its own click; accept either's ClickException."""
+    found = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(__import__(mod, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
 
 if __name__ == "__main__":
     main()
