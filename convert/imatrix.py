@@ -27,7 +27,6 @@ def compute_imatrix(src: str, text: str, ctx: int = 512, revision: str | None = 
     try:
         import torch
         from tokenizers import Tokenizer
-        from transformers import GPTNeoXForCausalLM
     except ImportError as exc:
         raise require_convert_extra(exc) from exc
     from .checkpoint import open_checkpoint
@@ -41,7 +40,9 @@ def compute_imatrix(src: str, text: str, ctx: int = 512, revision: str | None = 
     n_chunks = len(ids) // ctx
     if n_chunks < 1:
         raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of {ctx}; pass a longer --text or a smaller --ctx")
-    model = GPTNeoXForCausalLM.from_pretrained(ckpt.folder, dtype=torch.float32).eval()
+    from .hf import load_reference
+
+    model = load_reference(ckpt.folder)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

@@ -113,7 +113,7 @@ def write_imatrix(path: Path | str, im: IMatrix, force: bool = False) -> Path:
     path = Path(path)
     with atomic_output(path, force) as tmp:
         w = gguf.GGUFWriter(tmp, arch="")
-        w.remove_key(gguf.Keys.General.ARCHITECTURE)
+        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # an imatrix has no architecture
         w.add_type("imatrix")
         w.add_array("imatrix.datasets", im.datasets or ["unknown"])
         w.add_uint32("imatrix.chunk_count", im.chunk_count)

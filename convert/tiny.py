@@ -115,6 +115,9 @@ def save_checkpoint(model, folder: Path, spec: TinySpec) -> Path:
     """Save in the layout and config style the spec asks for; the tokenizer must be there already."""
     import torch
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     dtype = getattr(torch, spec.dtype)
     model = model.to(dtype)
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,8 +178,26 @@ def build_random(folder: Path, spec: TinySpec | None = None, text: str | None = 
     return save_checkpoint(model, folder, spec)
 
 
+def add_outlier_channels(model, n: int = 4, scale: float = 24.0, seed: int = 0) -> None:
+    """Give the activations a few outlier channels, as real LLMs have, without changing the function:
+    a LayerNorm's channel is multiplied by `scale` and the next matmul's input column divided by it.
+    This is what makes importance matrices matter (small weights that meet large activations)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.gpt_neox.layers:
+            for norm, linear in ((layer.input_layernorm, layer.attention.query_key_value),
+                                 (layer.post_attention_layernorm, layer.mlp.dense_h_to_4h)):
+                ch = torch.randperm(norm.weight.numel(), generator=g)[:n]
+                norm.weight[ch] *= scale
+                norm.bias[ch] *= scale
+                linear.weight[:, ch] /= scale
+
+
 def build_trained(folder: Path, spec: TinySpec | None = None, text: str | None = None,
-                  steps: int = 300, ctx: int = 128, batch: int = 16, lr: float = 3e-3, log=None) -> Path:
+                  steps: int = 200, ctx: int = 128, batch: int = 16, lr: float = 3e-3, log=None,
+                  outliers: bool = True) -> Path:
     """A briefly trained model (seconds to a minute on 2 cores): quality numbers mean something."""
     import torch
 
@@ -199,6 +220,8 @@ def build_trained(folder: Path, spec: TinySpec | None = None, text: str | None =
         opt.step()
         sched.step()
         if log and (step % 50 == 0 or step == steps - 1):
-            log(step, float(loss))
+            log(step, loss.item())
     model.eval()
+    if outliers:
+        add_outlier_channels(model, seed=spec.seed)
     return save_checkpoint(model, folder, spec)

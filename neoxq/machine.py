@@ -23,11 +23,15 @@ def llama_log_captured() -> Iterator[list[str]]:
     import llama_cpp._logger as lg
 
     errors: list[str] = []
+    last = [0]
 
     @llama_cpp.llama_log_callback
     def cb(level, text, user_data):
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
+        # ggml.h: ERROR = 4, CONT = 5 (continues the previous line's level).
+        if level == 4 or (level == 5 and last[0] == 4):
             errors.append(text.decode("utf-8", errors="replace"))
+        if level != 5:
+            last[0] = level
 
     llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
     try:

@@ -106,7 +106,7 @@ _INFO: dict[QuantType, tuple[int, float, bool]] = {
     QuantType.Q3_K_S: (11, 3.41, False),
     QuantType.IQ3_M: (27, 3.66, False),
     QuantType.IQ3_S: (26, 3.44, False),
-    QuantType.IQ3_XS: (22, 3.3, False),
+    QuantType.IQ3_XS: (22, 3.3, True),
     QuantType.IQ3_XXS: (23, 3.06, True),
     QuantType.Q2_K: (10, 2.96, False),
     QuantType.Q2_K_S: (21, 2.96, True),

@@ -50,9 +50,10 @@ def sample_ids(ckpt, corpus) -> list[int]:
 def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
     """The independent reference: transformers' GPTNeoXForCausalLM in fp32 on the same weights."""
     import torch
-    from transformers import GPTNeoXForCausalLM
 
-    model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    from convert.hf import load_reference
+
+    model = load_reference(folder)
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
@@ -73,3 +74,39 @@ def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600) -> subprocess.Co
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, input=stdin, timeout=timeout)
+
+
+# A briefly trained model, for tests where quality must mean something (issues 3-5). Rows are 256
+# wide so k-/i-quants apply without fallbacks; outlier activation channels as in real LLMs.
+TRAINED_SPEC = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                        scale=1.0, vocab_pad=0)
+
+
+@pytest.fixture(scope="session")
+def texts() -> dict[str, str]:
+    """Training text, then held-out parts: calibration (imatrix) and evaluation never overlap."""
+    full = stdlib_text(600_000)
+    return {"train": full[:400_000], "eval": full[400_000:440_000], "calib": full[440_000:480_000]}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, texts) -> Path:
+    from convert.tiny import build_trained
+
+    return build_trained(tmp_path_factory.mktemp("trained") / "tiny-neox", TRAINED_SPEC, texts["train"], steps=200)
+
+
+@pytest.fixture(scope="session")
+def trained_f16(trained, tmp_path_factory) -> Path:
+    from convert.converter import convert
+
+    return convert(str(trained), "f16", out_dir=tmp_path_factory.mktemp("trained_gguf"), quiet=True)
+
+
+@pytest.fixture(scope="session")
+def trained_imatrix(trained, texts, tmp_path_factory) -> Path:
+    from convert.imatrix import compute_imatrix
+    from convert.imatrix_io import write_imatrix
+
+    im = compute_imatrix(str(trained), texts["calib"], ctx=128, dataset_name="calib")
+    return write_imatrix(tmp_path_factory.mktemp("imatrix") / "tiny.imatrix", im)

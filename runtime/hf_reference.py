@@ -13,13 +13,14 @@ from neoxq.progress import Progress
 def hf_logprobs(src: str, w, quiet: bool = True) -> Iterator[tuple[int, np.ndarray]]:
     try:
         import torch
-        from transformers import GPTNeoXForCausalLM
+
+        from convert.checkpoint import open_checkpoint
+        from convert.hf import load_reference
     except ImportError as exc:
         raise require_convert_extra(exc) from exc
-    from convert.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(src)
-    model = GPTNeoXForCausalLM.from_pretrained(ckpt.folder, dtype=torch.float32).eval()
+    model = load_reference(ckpt.folder)
     progress = Progress("reference (transformers)", w.tokens_scored, "tokens", quiet=quiet)
     pos = list(w.scored_positions)
     with torch.no_grad():
