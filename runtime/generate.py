@@ -56,10 +56,13 @@ def generate(model: NeoxModel, prompt: str, opts: SamplingOptions, stats: Genera
         min_p=opts.min_p, repeat_penalty=opts.repeat_penalty, stop=opts.stop or None, stream=True,
         seed=opts.seed,
     ):
+        choice = chunk["choices"][0]
+        if choice.get("finish_reason") and not choice["text"]:
+            break  # the closing chunk carries no token
         now = time.perf_counter()
         if t_first is None:
             t_first = now
             stats.prompt_seconds = now - t0
         stats.generated_tokens += 1
         stats.generation_seconds = now - t_first
-        yield chunk["choices"][0]["text"]
+        yield choice["text"]

@@ -58,8 +58,9 @@ class NeoxModel:
 
     # Tokenisation ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        """Token ids as the GPT-NeoX HF tokenizer gives them: NFC first (llama.cpp skips it), no BOS."""
-        return self.llm.tokenize(unicodedata.normalize("NFC", text).encode("utf-8"), add_bos=False, special=False)
+        """Token ids as the GPT-NeoX HF tokenizer gives them: NFC first (llama.cpp skips it), no BOS,
+        and special tokens written in the text (<|endoftext|>) recognised, as HF's tokenizer does."""
+        return self.llm.tokenize(unicodedata.normalize("NFC", text).encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
