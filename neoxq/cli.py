@@ -250,6 +250,48 @@ def serve(
 
 
 @app.command()
+def report(
+    src: str = typer.Argument(..., help="Checkpoint folder or hub repo id."),
+    text: Path = typer.Option(..., "--text", help="Evaluation text (UTF-8), e.g. wikitext-2's wiki.test.raw."),
+    qtypes: Optional[str] = typer.Option(None, "--types", help="Comma-separated types (default F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K)."),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", help="'auto' (from the text's first quarter, which is then not scored), 'none', or a file."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="Window size (default 512)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Report folder (default report-<name>[-<revision>])."),
+    revision: Optional[str] = typer.Option(None, "--revision", "-r"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Convert, quantize to each type, and score each against the HF fp32 reference (resumable)."""
+    from .report import ReportOptions, run_report
+
+    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision).items() if v is not None}
+    if imatrix is not None:
+        kw["imatrix"] = None if imatrix.lower() == "none" else imatrix
+    rj = run_report(src, text, output, ReportOptions(quiet=quiet, **kw))
+    _print_report(rj, quiet)
+
+
+def _print_report(rj: Path, quiet: bool) -> None:
+    import json
+
+    from runtime.report import table
+
+    if not quiet:
+        print(table(json.loads(rj.read_text())))
+        print(f"\nreport: {rj} (+ report.md, report.png)")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo-out"), "-o", "--output", help="Folder for the demo's model and report."),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Offline demo: build and briefly train a small GPT-NeoX, then run the full quality report on it."""
+    from .demo import run_demo
+
+    _print_report(run_demo(output, quiet=quiet), quiet)
+
+
+@app.command()
 def types():
     """List the quant types with their nominal bits per weight."""
     print(types_table())

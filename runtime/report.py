@@ -1,0 +1,99 @@
+"""Render a quality report: report.json is the source of truth; Markdown and PNG come from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = [
+    ("type", "type", "{}"), ("size MB", "size_bytes", "{:.2f}"), ("bpw", "bpw", "{:.2f}"),
+    ("ppl", "ppl", "{:.3f}"), ("± se", "ppl_se", "{:.3f}"), ("Δppl %", "dppl_pct", "{:+.2f}"),
+    ("KLD mean", "kld_mean", "{:.5f}"), ("KLD p99", "kld_p99", "{:.4f}"), ("top-1 %", "top1", "{:.2f}"),
+    ("pp tok/s", "pp_tps", "{:.0f}"), ("tg tok/s", "tg_tps", "{:.1f}"),
+]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    if key == "size_bytes":
+        v = v / 1e6
+    if key == "top1":
+        v = 100 * v
+    return fmt.format(v)
+
+
+def table(report: dict) -> str:
+    """A fixed-width table for the terminal."""
+    rows = [[h for h, _, _ in COLUMNS]] + [[_cell(r, k, f) for _, k, f in COLUMNS] for r in report["results"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    src, text, ref = report["source"], report["text"], report["reference"]
+    out = [f"# Quantization report: {src['name']}", ""]
+    out.append(f"- Source: `{src.get('repo') or src['path']}`" + (f" @ `{src['revision']}`" if src.get("revision") else "")
+               + (f" (commit `{src['commit']}`)" if src.get("commit") else ""))
+    out.append(f"- Evaluation text: `{text['file']}`, sha256 `{text['sha256']}`; {text['tokens_scored']} tokens scored, "
+               f"context {text['ctx']} (second half of each window, as llama-perplexity)")
+    if report.get("imatrix"):
+        im = report["imatrix"]
+        out.append(f"- Importance matrix: `{im['file']}` (sha256 `{im['sha256'][:16]}…`), calibration: {im['calibration']}")
+    out.append(f"- Reference: {ref['kind']}, perplexity {ref['ppl']:.3f} ± {ref['ppl_se']:.3f}")
+    v = report["versions"]
+    out.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
+    out.append(f"- Machine: {report['machine']['processor']}, {report['machine']['cores']} threads, {report['machine']['platform']}")
+    out += ["", "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in report["results"]:
+        out.append("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |")
+    out += ["", "Columns: size and bits/weight of the file; perplexity ± standard error on the text; Δppl relative to "
+            "the fp32 reference; KL divergence of the token distributions from the reference (mean and 99th "
+            "percentile); how often the most likely token agrees with the reference; prompt and generation "
+            "speed (tokens/s) on this machine.", ""]
+    if report.get("plot"):
+        out.append(f"![size vs quality]({report['plot']})")
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path | None:
+    """Size vs Δppl and vs KLD, each type labelled. Needs matplotlib (installed with neoxq[convert])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in report["results"] if r.get("kld_mean") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "dppl_pct", "Δ perplexity vs fp32 (%)"), (axes[1], "kld_mean", "mean KL divergence vs fp32")):
+        xs = [r["size_bytes"] / 1e6 for r in rows]
+        ys = [max(r[key], 1e-6) if key == "kld_mean" else r[key] for r in rows]
+        ax.plot(xs, ys, "o")
+        for x, y, r in zip(xs, ys, rows):
+            ax.annotate(r["type"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if key == "kld_mean":
+            ax.set_yscale("log")
+        ax.set_xlabel("file size (MB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['source']['name']}: size vs quality ({report['text']['tokens_scored']} tokens, ctx {report['text']['ctx']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(report_json: Path) -> tuple[Path, Path | None]:
+    """report.json → report.md (+ report.png beside it)."""
+    report = json.loads(Path(report_json).read_text())
+    folder = Path(report_json).parent
+    png = plot(report, folder / "report.png")
+    report["plot"] = png.name if png else None
+    md = folder / "report.md"
+    md.write_text(markdown(report))
+    return md, png
