@@ -145,7 +145,17 @@ def _files_from_index(index: Path) -> list[Path]:
     return [index.parent / f for f in files]
 
 
-class _SafetensorsReader:
+class _Reader:
+    """Opened per shard; `with` drops the handle (and so its memory map) on leaving."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.__dict__.clear()
+
+
+class _SafetensorsReader(_Reader):
     def __init__(self, path: Path):
         try:
             from safetensors import safe_open
@@ -168,14 +178,8 @@ class _SafetensorsReader:
         except Exception as exc:
             raise CorruptFileError(f"cannot read {name} from {self.path.name} ({_short(exc)}); re-download it") from exc
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self._f = None
-
-
-class _BinReader:
+class _BinReader(_Reader):
     """A .bin pickle, loaded with weights_only=True (memory-mapped when the zip format allows)."""
 
     def __init__(self, path: Path):
@@ -208,12 +212,6 @@ class _BinReader:
 
     def get(self, name: str):
         return self._sd[name]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._sd = None
 
 
 def _open_weights(path: Path):

@@ -226,3 +226,35 @@ def test_runtime_imports_no_torch():
            "print([m for m in ('torch', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+BLOCK_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'safetensors'):
+            raise ImportError(f"No module named '{name}'", name=name)
+sys.meta_path.insert(0, _Block())
+sys.argv = ['neoxq'] + sys.argv[1:]
+from neoxq.cli import main
+main()
+"""
+
+
+def test_runtime_only_install(trained_f16, trained, texts, tmp_path):
+    """With torch/transformers/safetensors unimportable (a `pip install .` laptop), the runtime
+    commands work and the converter names the extra to install."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "t.txt").write_text(texts["eval"][:6000])
+    assert cli("tokenize", trained_f16, "hello", "--json").returncode == 0
+    ppl = cli("perplexity", trained_f16, "--text", tmp_path / "t.txt", "--ctx", "128", "--json")
+    assert ppl.returncode == 0, ppl.stderr
+    q = cli("quantize", trained_f16, "--type", "Q4_0", "-o", tmp_path / "q.gguf", "--quiet")
+    assert q.returncode == 0, q.stderr
+    k = cli("kld", tmp_path / "q.gguf", "--reference", trained_f16, "--text", tmp_path / "t.txt", "--ctx", "128", "--cache-dir", tmp_path / "c")
+    assert k.returncode == 0, k.stderr
+    assert_one_line_error(cli("convert", trained, "-o", tmp_path / "x.gguf"), "neoxq[convert]")
+    assert_one_line_error(cli("kld", trained_f16, "--reference", trained, "--text", tmp_path / "t.txt", "--ctx", "128",
+                              "--cache-dir", tmp_path / "c2"), "neoxq[convert]")
