@@ -18,10 +18,6 @@ from neoxq.qtypes import QUANTIZED, QuantType
 
 from .imatrix_io import IMatrix, check_fits, file_sha256, read_imatrix
 
-# k-quants and i-quants pack rows in super-blocks of 256; llama.cpp falls back for other widths.
-SUPERBLOCK_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ1_S", "IQ1_M"}
-
-
 @dataclass
 class QuantResult:
     path: Path
@@ -160,6 +156,7 @@ def summarize(path: Path, qtype: QuantType, seconds: float = 0.0) -> QuantResult
 
 
 def _main_type_needs_superblock(qtype: QuantType) -> bool:
+    """k-quants and i-quants (but IQ4_NL) pack rows in super-blocks of 256; other widths fall back."""
     return qtype.value.startswith("IQ") and qtype != QuantType.IQ4_NL or "_K" in qtype.value
 
 
