@@ -80,14 +80,8 @@ def quantize(
         _run_quantizer(src.path, tmp, qtype, im, im_path, nthread, quiet)
     seconds = time.perf_counter() - t0
     result = summarize(out, qtype, seconds)
-    say(f"wrote {out} ({result.size_bytes / 1e6:.1f} MB, {result.bpw:.2f} bpw)", quiet or not _tty())
+    say(f"wrote {out} ({result.size_bytes / 1e6:.1f} MB, {result.bpw:.2f} bpw)", quiet)
     return result
-
-
-def _tty() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
 
 
 def _overrides(qtype: QuantType, im: IMatrix | None, im_path: Path | None):
@@ -135,7 +129,7 @@ def _run_quantizer(inp: Path, out: Path, qtype: QuantType, im, im_path, nthread,
     if im is not None:
         im_arr, _keep = _imatrix_array(im)
         params.imatrix = ctypes.cast(im_arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    say(f"quantizing {inp.name} to {qtype.value} on {params.nthread} threads ...", quiet or not _tty())
+    say(f"quantizing {inp.name} to {qtype.value} on {params.nthread} threads ...", quiet)
     with llama_log_captured() as errors:
         rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:

@@ -34,6 +34,6 @@ class Progress:
 
 
 def info(msg: str, quiet: bool = False) -> None:
-    """A status line for people: stderr, and only when not quiet."""
-    if not quiet:
+    """A status line for people: stderr, only on a terminal and when not quiet (pipes get errors only)."""
+    if not quiet and sys.stderr.isatty():
         print(msg, file=sys.stderr)

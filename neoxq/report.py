@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CorruptFileError, NeoxqError, UsageError
+from .errors import NeoxqError, UsageError
+from .gguf_info import read_info
 from .progress import Progress
 from .qtypes import QuantType
 from .textfile import read_text, text_sha256
@@ -52,8 +53,6 @@ def _versions() -> dict:
 
 
 def _valid_gguf(path: Path, qtype: QuantType, imatrix_sha: str | None) -> bool:
-    from .gguf_info import read_info
-
     if not path.is_file():
         return False
     try:
@@ -62,7 +61,10 @@ def _valid_gguf(path: Path, qtype: QuantType, imatrix_sha: str | None) -> bool:
         return False
     if meta.get("neoxq.quant_type") != qtype.value:
         return False
-    return qtype.is_float or qtype == QuantType.Q8_0 and imatrix_sha is None or meta.get("neoxq.imatrix.sha256") == imatrix_sha
+    if qtype.is_float:
+        return True  # float files never take an imatrix
+    # A quantized file is valid only if made with the same imatrix (or none, both sides).
+    return meta.get("neoxq.imatrix.sha256") == imatrix_sha
 
 
 def _speed(model, text: str, opts: ReportOptions) -> tuple[float, float]:
@@ -175,8 +177,6 @@ def run_report(src: str, text_file: Path | str, out_dir: Path | str | None = Non
             with NeoxModel(path, RuntimeOptions(n_ctx=opts.ctx, n_batch=opts.ctx)) as m:
                 k = kld(m, str(ckpt.folder), eval_text, opts.ctx, cache_dir=cache, quiet=True)
                 pp, tg = _speed(m, eval_text, opts)
-                from .gguf_info import read_info
-
                 gi = read_info(path)
             row = {"type": t.value, "file": path.name, "size_bytes": path.stat().st_size, "bpw": round(gi.bpw, 4),
                    "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "kld_mean": k.kld_mean,

@@ -184,7 +184,7 @@ def reference_logprobs(reference: str, w: Windows, n_vocab: int, options, cache_
     cached = cache.load(w)
     if cached is not None:
         return cached
-    if Path(reference).suffix == ".gguf" or (Path(reference).is_file()):
+    if Path(reference).is_file():  # a GGUF; a folder or repo id is an HF checkpoint
         with NeoxModel(reference, options) as ref:
             if ref.n_vocab != n_vocab:
                 raise UsageError(f"the reference has {ref.n_vocab} tokens, the model {n_vocab}: they are different models")
