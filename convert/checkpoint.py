@@ -1,8 +1,10 @@
 """Locate a checkpoint's files, read its config, and open its weights lazily, one tensor at a time.
 
 Formats: model.safetensors, sharded safetensors + index, pytorch_model.bin, sharded .bin + index.
-Pickle (.bin) files load only through torch.load(weights_only=True); anything that would run code
-is refused.
+Tensors come out as numpy arrays. Safetensors are read with safetensors' numpy API, so converting
+them needs no torch (bf16, which numpy lacks, is widened to float32 from the raw bytes). Pickle
+(.bin) files load only through torch.load(weights_only=True); anything that would run code is
+refused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from neoxq.errors import CorruptFileError, SourceError, UnsafeCheckpointError, require_convert_extra
+from neoxq.core.errors import CorruptFileError, SourceError, UnsafeCheckpointError, require_convert_extra
 
 from . import hub
 
@@ -59,8 +61,21 @@ class Checkpoint:
         self._scan()
         return self.weight_files.index(self._shapes[name][2])
 
+    def fingerprint(self) -> str:
+        """Identity of the weights without reading them: names, sizes and mtimes (a hub snapshot's
+        files are links to blobs named by their sha256, so there the blob names are used)."""
+        import hashlib
+
+        parts = []
+        for p in self.weight_files:
+            target = p.resolve()
+            blob = target.name if p.is_symlink() and target.parent.name == "blobs" else None
+            st = p.stat()
+            parts.append(f"{p.name}:{blob or f'{st.st_size}:{st.st_mtime_ns}'}")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
     def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, Any]]:
-        """Yield (name, torch tensor) in the order given.
+        """Yield (name, numpy array) in the order given.
 
         Safetensors shards are reopened per tensor: the memory map of a shard is dropped after each
         tensor, so resident memory follows the largest tensor, not the shard. A pickle shard is
@@ -163,7 +178,7 @@ class _SafetensorsReader(_Reader):
             raise require_convert_extra(exc) from exc
         self.path = path
         try:
-            self._f = safe_open(str(path), framework="pt", device="cpu")
+            self._f = safe_open(str(path), framework="numpy")
         except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
             raise CorruptFileError(f"{path.name} is not a valid safetensors file ({_short(exc)}); it is truncated or corrupt, re-download it") from exc
 
@@ -174,6 +189,8 @@ class _SafetensorsReader(_Reader):
 
     def get(self, name: str):
         try:
+            if self._f.get_slice(name).get_dtype() == "BF16":
+                return _read_bf16(self.path, name)
             return self._f.get_tensor(name)
         except Exception as exc:
             raise CorruptFileError(f"cannot read {name} from {self.path.name} ({_short(exc)}); re-download it") from exc
@@ -211,7 +228,23 @@ class _BinReader(_Reader):
             yield n, tuple(t.shape), str(t.dtype).replace("torch.", "")
 
     def get(self, name: str):
-        return self._sd[name]
+        import torch
+
+        t = self._sd[name]
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _read_bf16(path: Path, name: str):
+    """A bf16 tensor widened to float32 (the upper half of each float32) from the file's bytes,
+    located through the safetensors header (8-byte length + JSON with data_offsets)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(n))[name]
+    begin, end = entry["data_offsets"]
+    raw = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + n + begin)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
 
 
 def _open_weights(path: Path):

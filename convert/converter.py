@@ -10,8 +10,9 @@ from typing import Iterator
 import numpy as np
 
 from neoxq import __version__
-from neoxq.errors import CorruptFileError, UnsupportedModelError, UsageError
-from neoxq.qtypes import CONVERT_OUTTYPES, QuantType
+from neoxq.core.errors import CorruptFileError, UnsupportedModelError, UsageError
+from neoxq.core.naming import gguf_name
+from neoxq.core.qtypes import CONVERT_OUTTYPES, QuantType
 
 from . import neox
 from .checkpoint import Checkpoint, open_checkpoint
@@ -32,8 +33,7 @@ class ConversionPlan:
 
 
 def default_output_name(ckpt: Checkpoint, outtype: QuantType) -> str:
-    rev = f"-{ckpt.revision}" if ckpt.revision and ckpt.revision != "main" else ""
-    return f"{ckpt.name}{rev}-{outtype.value}.gguf"
+    return gguf_name(ckpt.name, ckpt.revision, outtype.value)
 
 
 def plan_conversion(ckpt: Checkpoint, outtype: QuantType) -> ConversionPlan:
@@ -76,14 +76,7 @@ def _out_qtype(shape: tuple[int, ...], outtype: QuantType) -> int:
 
 def _check_complete(planned: list[PlannedTensor], args: neox.GPTNeoXArgs) -> None:
     """Every tensor llama.cpp's gptneox loader requires, with the shape it requires."""
-    h, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
-    want = {"token_embd.weight": (v, h), "output_norm.weight": (h,), "output_norm.bias": (h,), "output.weight": (v, h)}
-    for i in range(args.num_hidden_layers):
-        b = f"blk.{i}."
-        want |= {b + "attn_norm.weight": (h,), b + "attn_norm.bias": (h,), b + "attn_qkv.weight": (3 * h, h),
-                 b + "attn_qkv.bias": (3 * h,), b + "attn_output.weight": (h, h), b + "attn_output.bias": (h,),
-                 b + "ffn_norm.weight": (h,), b + "ffn_norm.bias": (h,), b + "ffn_up.weight": (f, h),
-                 b + "ffn_up.bias": (f,), b + "ffn_down.weight": (h, f), b + "ffn_down.bias": (h,)}
+    want = neox.required_tensors(args)
     have = {t.name: tuple(t.shape) for t in planned}
     missing = sorted(set(want) - set(have))
     if missing:
@@ -102,64 +95,82 @@ def _produce(plan: ConversionPlan):
     return gen
 
 
-def _as_numpy(data, qtype: int, reorder: bool, args: neox.GPTNeoXArgs) -> np.ndarray:
+def _as_numpy(data: np.ndarray, qtype: int, reorder: bool, args: neox.GPTNeoXArgs) -> np.ndarray:
     """A float16 source bound for F16 stays float16 (no float32 copy); everything else goes float32."""
     import gguf
-    import torch
 
-    if data.dtype == torch.float16 and qtype == gguf.GGMLQuantizationType.F16:
-        arr = data.numpy()
-    else:
-        arr = data.to(torch.float32).numpy()
-    return neox.deinterleave_qkv(arr, args) if reorder else arr
+    if not (data.dtype == np.float16 and qtype == gguf.GGMLQuantizationType.F16):
+        data = data.astype(np.float32, copy=False)
+    return neox.deinterleave_qkv(data, args) if reorder else data
 
 
 def _metadata(plan: ConversionPlan):
-    a, ck, voc = plan.args, plan.ckpt, plan.vocab
-
     def add(w) -> None:
-        w.add_name(ck.name if not ck.revision or ck.revision == "main" else f"{ck.name}@{ck.revision}")
-        w.add_basename(ck.name)
-        w.add_size_label(neox.size_label(a))
-        w.add_context_length(a.max_position_embeddings)
-        w.add_embedding_length(a.hidden_size)
-        w.add_block_count(a.num_hidden_layers)
-        w.add_feed_forward_length(a.intermediate_size)
-        w.add_rope_dimension_count(a.n_rot)
-        w.add_rope_freq_base(a.rope_base)
-        w.add_head_count(a.num_attention_heads)
-        w.add_parallel_residual(a.use_parallel_residual)
-        w.add_layer_norm_eps(a.layer_norm_eps)
-        w.add_file_type(plan.outtype.ftype)
-        import gguf
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        # Tokenizer: GPT-NeoX's byte-level BPE, which llama.cpp calls "gpt2".
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(PRE_TOKENIZER)
-        w.add_token_list(voc.tokens)
-        w.add_token_types(voc.types)
-        w.add_token_merges(voc.merges)
-        for kind in ("bos", "eos", "unk", "pad"):
-            tid = getattr(voc, f"{kind}_id")
-            if tid is not None:
-                getattr(w, f"add_{kind}_token_id")(tid)
-        w.add_add_bos_token(False)  # GPT-NeoX prepends nothing
-        w.add_add_eos_token(False)
-        # Provenance.
-        if ck.repo_id:
-            w.add_source_url(f"https://huggingface.co/{ck.repo_id}")
-            w.add_string("neoxq.source.repo", ck.repo_id)
-        w.add_string("neoxq.source.revision", ck.revision or "")
-        w.add_string("neoxq.source.commit", ck.commit or "")
-        w.add_string("neoxq.source.format", ck.format)
-        w.add_string("neoxq.source.dtype", str(a.weights_dtype or ""))
-        lic = _license(ck.folder)
-        if lic:
-            w.add_license(lic)
-        w.add_string("neoxq.converter_version", __version__)
-        w.add_string("neoxq.quant_type", plan.outtype.value)
-        w.add_uint32("neoxq.tokenizer.n_tokens", voc.n_real)
+        _add_hparams(w, plan)
+        _add_tokenizer(w, plan.vocab)
+        _add_provenance(w, plan)
     return add
+
+
+def _add_hparams(w, plan: ConversionPlan) -> None:
+    import gguf
+
+    a, ck = plan.args, plan.ckpt
+    w.add_name(ck.name if not ck.revision or ck.revision == "main" else f"{ck.name}@{ck.revision}")
+    w.add_basename(ck.name)
+    w.add_size_label(neox.size_label(a))
+    w.add_context_length(a.max_position_embeddings)
+    w.add_embedding_length(a.hidden_size)
+    w.add_block_count(a.num_hidden_layers)
+    w.add_feed_forward_length(a.intermediate_size)
+    w.add_rope_dimension_count(a.n_rot)
+    w.add_rope_freq_base(a.rope_base)
+    w.add_head_count(a.num_attention_heads)
+    w.add_parallel_residual(a.use_parallel_residual)
+    w.add_layer_norm_eps(a.layer_norm_eps)
+    w.add_file_type(plan.outtype.ftype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(w, voc: Vocab) -> None:
+    # GPT-NeoX's byte-level BPE, which llama.cpp calls "gpt2".
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(PRE_TOKENIZER)
+    w.add_token_list(voc.tokens)
+    w.add_token_types(voc.types)
+    w.add_token_merges(voc.merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(voc, f"{kind}_id")
+        if tid is not None:
+            getattr(w, f"add_{kind}_token_id")(tid)
+    w.add_add_bos_token(False)  # GPT-NeoX prepends nothing
+    w.add_add_eos_token(False)
+
+
+def _add_provenance(w, plan: ConversionPlan) -> None:
+    """Where the weights came from: read back to decide whether an existing file is still valid."""
+    ck = plan.ckpt
+    if ck.repo_id:
+        w.add_source_url(f"https://huggingface.co/{ck.repo_id}")
+    for key, value in source_keys(ck).items():
+        w.add_string(key, value)
+    w.add_string("neoxq.source.format", ck.format)
+    w.add_string("neoxq.source.dtype", str(plan.args.weights_dtype or ""))
+    lic = _license(ck.folder)
+    if lic:
+        w.add_license(lic)
+    w.add_string("neoxq.converter_version", __version__)
+    w.add_string("neoxq.quant_type", plan.outtype.value)
+    w.add_uint32("neoxq.tokenizer.n_tokens", plan.vocab.n_real)
+
+
+def source_keys(ck: Checkpoint) -> dict[str, str]:
+    """The metadata that identifies a file's source: repo, revision, commit, weights fingerprint."""
+    keys = {"neoxq.source.revision": ck.revision or "", "neoxq.source.commit": ck.commit or "",
+            "neoxq.source.fingerprint": ck.fingerprint()}
+    if ck.repo_id:
+        keys["neoxq.source.repo"] = ck.repo_id
+    return keys
 
 
 def _license(folder: Path) -> str | None:
@@ -176,17 +187,16 @@ def _license(folder: Path) -> str | None:
 
 
 def convert(
-    src: str,
+    src: str | Checkpoint,
     outtype: QuantType | str = QuantType.F16,
     output: Path | str | None = None,
     revision: str | None = None,
     force: bool = False,
-    quiet: bool = False,
     out_dir: Path | str | None = None,
 ) -> Path:
-    """Convert a GPT-NeoX checkpoint (folder or hub id) to one GGUF file; return its path."""
+    """Convert a GPT-NeoX checkpoint (folder, hub id, or an opened Checkpoint) to one GGUF file."""
     outtype = QuantType.parse(outtype) if isinstance(outtype, str) else outtype
-    ckpt = open_checkpoint(src, revision)
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     plan = plan_conversion(ckpt, outtype)
     path = Path(output) if output else Path(out_dir or ".") / default_output_name(ckpt, outtype)
-    return write_gguf(path, ARCH, _metadata(plan), plan.tensors, _produce(plan), force=force, quiet=quiet)
+    return write_gguf(path, ARCH, _metadata(plan), plan.tensors, _produce(plan), force=force)

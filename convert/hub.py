@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from neoxq.errors import SourceError, require_convert_extra
+from neoxq.core.errors import SourceError, require_convert_extra
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Small files first; the weights are fetched in one format only (safetensors preferred).

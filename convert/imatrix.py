@@ -7,32 +7,26 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from neoxq.errors import UsageError, require_convert_extra
-from neoxq.progress import Progress
+from neoxq.core.errors import UsageError, require_convert_extra
+from neoxq.core.imatrix_io import IMatrix, write_imatrix
+from neoxq.core.progress import Progress
 
-from .imatrix_io import IMatrix, write_imatrix
-
-# HF module (inside layer i) → GGUF tensor; the input columns are the same in both layouts
-# (the QKV de-interleave permutes rows only).
-LAYER_MODULES = {
-    "attention.query_key_value": "attn_qkv",
-    "attention.dense": "attn_output",
-    "mlp.dense_h_to_4h": "ffn_up",
-    "mlp.dense_4h_to_h": "ffn_down",
-}
+# The matmuls of a layer whose inputs are collected; their GGUF names come from gguf-py's map. The
+# input columns are the same in both layouts (the QKV de-interleave permutes rows only).
+LAYER_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
-def compute_imatrix(src: str, text: str, ctx: int = 512, revision: str | None = None,
-                    include_output: bool = False, quiet: bool = False, dataset_name: str = "text") -> IMatrix:
+def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
+                    include_output: bool = False, dataset_name: str = "text") -> IMatrix:
     try:
         import torch
         from tokenizers import Tokenizer
     except ImportError as exc:
         raise require_convert_extra(exc) from exc
-    from .checkpoint import open_checkpoint
+    from .checkpoint import Checkpoint, open_checkpoint
     from .neox import GPTNeoXArgs
 
-    ckpt = open_checkpoint(src, revision)
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     args = GPTNeoXArgs.from_config(ckpt.config)
     if ctx > args.max_position_embeddings:
         raise UsageError(f"--ctx {ctx} exceeds the model's context {args.max_position_embeddings}; pass a smaller --ctx")
@@ -40,7 +34,7 @@ def compute_imatrix(src: str, text: str, ctx: int = 512, revision: str | None = 
     n_chunks = len(ids) // ctx
     if n_chunks < 1:
         raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of {ctx}; pass a longer --text or a smaller --ctx")
-    from .hf import load_reference
+    from .reference import load_reference
 
     model = load_reference(ckpt.folder)
     sums: dict[str, torch.Tensor] = {}
@@ -53,13 +47,17 @@ def compute_imatrix(src: str, text: str, ctx: int = 512, revision: str | None = 
             counts[name] = counts.get(name, 0) + x.shape[0]
         return fn
 
+    from .neox import gguf_name, tensor_name_map
+
+    names = tensor_name_map(args.num_hidden_layers)
     handles = []
     for i, layer in enumerate(model.gpt_neox.layers):
-        for mod_name, gguf_name in LAYER_MODULES.items():
-            handles.append(layer.get_submodule(mod_name).register_forward_pre_hook(hook(f"blk.{i}.{gguf_name}.weight")))
+        for mod_name in LAYER_MODULES:
+            target = gguf_name(f"gpt_neox.layers.{i}.{mod_name}.weight", names)
+            handles.append(layer.get_submodule(mod_name).register_forward_pre_hook(hook(target)))
     if include_output:
         handles.append(model.embed_out.register_forward_pre_hook(hook("output.weight")))
-    progress = Progress("imatrix", n_chunks, "chunks", quiet=quiet)
+    progress = Progress("imatrix", n_chunks, "chunks")
     with torch.no_grad():
         for c in range(n_chunks):
             model(torch.tensor([ids[c * ctx:(c + 1) * ctx]]))
@@ -72,14 +70,13 @@ def compute_imatrix(src: str, text: str, ctx: int = 512, revision: str | None = 
 
 
 def make_imatrix(src: str, text_file: Path | str, output: Path | str, ctx: int = 512, revision: str | None = None,
-                 include_output: bool = False, force: bool = False, quiet: bool = False) -> Path:
-    from neoxq.atomic import check_output
-
-    from neoxq.textfile import read_text
+                 include_output: bool = False, force: bool = False) -> Path:
+    from neoxq.core.atomic import check_output
+    from neoxq.core.textfile import read_text
 
     check_output(Path(output), force)
     text = read_text(text_file)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     name = f"{Path(text_file).name} sha256:{digest}"
-    im = compute_imatrix(src, text, ctx, revision, include_output, quiet, dataset_name=name)
+    im = compute_imatrix(src, text, ctx, revision, include_output, dataset_name=name)
     return write_imatrix(output, im, force)

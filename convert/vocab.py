@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from neoxq.errors import CorruptFileError, SourceError, UnsupportedModelError
+from neoxq.core.errors import CorruptFileError, SourceError, UnsupportedModelError
 
 # llama.cpp recognises the GPT-NeoX-20B tokenizer (Pythia's, also OLMo's) under this pre-tokenizer
 # name: GPT-2's split regex, no prefix space.

@@ -10,8 +10,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from neoxq.atomic import atomic_output
-from neoxq.progress import Progress
+from neoxq.core.atomic import atomic_output
+from neoxq.core.progress import Progress
 
 
 @dataclass
@@ -48,12 +48,11 @@ def write_gguf(
     plan: list[PlannedTensor],
     produce: Callable[[list[PlannedTensor]], Iterable[tuple[PlannedTensor, np.ndarray]]],
     force: bool = False,
-    quiet: bool = False,
 ) -> Path:
     """Write `plan`'s tensors (arrays yielded by `produce`, in plan order) with the metadata."""
     import gguf
 
-    with atomic_output(path, force) as tmp:
+    with atomic_output(path, force, need_bytes=sum(t.nbytes for t in plan)) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         add_metadata(writer)
         for t in plan:
@@ -61,7 +60,7 @@ def write_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        progress = Progress(f"writing {path.name}", len(plan), "tensors", quiet=quiet)
+        progress = Progress(f"writing {path.name}", len(plan), "tensors")
         try:
             for planned, data in produce(plan):
                 writer.write_tensor_data(encode(data, planned.qtype))

@@ -1,3 +1,3 @@
-from .cli import main
+from neoxq.cli import main
 
 main()

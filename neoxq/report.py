@@ -1,7 +1,8 @@
-"""`neoxq report`: checkpoint → every quant type → evaluated against the HF fp32 reference.
+"""`neoxq report`: checkpoint → every quant type → scored against the transformers fp32 reference.
 
-Resumable: each artifact (F16 file, imatrix, quantized files, per-type results, reference
-log-probs) is reused when present and valid, so an interrupted run continues where it stopped.
+Resumable: each artifact (F16 file, imatrix, quantized files, per-type results, reference tables)
+is reused when present and valid, so an interrupted run continues where it stopped. report.json is
+the source of truth; report.md and report.png are rendered from it (neoxq.render).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NeoxqError, UsageError
-from .gguf_info import read_info
-from .progress import Progress
-from .qtypes import QuantType
-from .textfile import read_text, text_sha256
+from neoxq.core.atomic import atomic_output
+from neoxq.core.errors import NeoxqError, UsageError
+from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
+from neoxq.core.progress import Progress
+from neoxq.core.qtypes import QuantType
+from neoxq.core.textfile import read_text, text_sha256
 
 DEFAULT_TYPES = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K"
 CALIBRATION_SHARE = 0.25  # --imatrix auto: this leading share of the text calibrates, the rest is scored
@@ -29,7 +31,6 @@ class ReportOptions:
     revision: str | None = None
     speed_prompt: int = 128
     speed_tokens: int = 32
-    quiet: bool = False
 
 
 def split_for_calibration(text: str) -> tuple[str, str]:
@@ -40,64 +41,24 @@ def split_for_calibration(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+@dataclass
+class _Run:
+    """What every step of one report shares."""
 
-    out = {}
-    for pkg in ("neoxq", "llama-cpp-python", "gguf", "transformers", "torch", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _valid_gguf(path: Path, qtype: QuantType, imatrix_sha: str | None) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        meta = read_info(path).metadata
-    except NeoxqError:
-        return False
-    if meta.get("neoxq.quant_type") != qtype.value:
-        return False
-    if qtype.is_float:
-        return True  # float files never take an imatrix
-    # A quantized file is valid only if made with the same imatrix (or none, both sides).
-    return meta.get("neoxq.imatrix.sha256") == imatrix_sha
+    ckpt: object
+    out: Path
+    text_file: Path
+    text: str
+    calib: str
+    scored: str
+    opts: ReportOptions
+    types: list[QuantType]
 
 
-def _speed(model, text: str, opts: ReportOptions) -> tuple[float, float]:
-    from runtime.generate import GenerationStats, SamplingOptions, generate
+def _report_folder(out_dir, ckpt) -> Path:
+    from neoxq.core.naming import gguf_name
 
-    ids = model.tokenize(text)[: opts.speed_prompt]
-    t0 = time.perf_counter()
-    model.eval_logits(ids, [len(ids) - 1])
-    pp = len(ids) / (time.perf_counter() - t0)
-    stats = GenerationStats()
-    for _ in generate(model, model.detokenize(ids[:16]), SamplingOptions(max_tokens=opts.speed_tokens, temperature=0.0, repeat_penalty=1.0), stats):
-        pass
-    return pp, stats.generation_tps
-
-
-def run_report(src: str, text_file: Path | str, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
-    """Run (or resume) the whole pipeline; return the path of report.json."""
-    from convert.checkpoint import open_checkpoint
-    from convert.converter import convert
-    from convert.imatrix import compute_imatrix
-    from convert.imatrix_io import file_sha256, read_imatrix, write_imatrix
-    from convert.quantize import quantize
-    from runtime.model import NeoxModel, RuntimeOptions
-    from runtime.report import render
-    from runtime.score import Windows, kld
-
-    from . import machine
-
-    opts = opts or ReportOptions()
-    types = QuantType.parse_list(opts.types)
-    text = read_text(text_file)
-    ckpt = open_checkpoint(src, opts.revision)
-    out = Path(out_dir) if out_dir else Path(f"report-{ckpt.name}" + (f"-{ckpt.revision}" if ckpt.revision else ""))
+    out = Path(out_dir) if out_dir else Path("report-" + gguf_name(ckpt.name, ckpt.revision, "x")[: -len("-x.gguf")])
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -105,110 +66,126 @@ def run_report(src: str, text_file: Path | str, out_dir: Path | str | None = Non
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"cannot write to report folder {out} ({exc.strerror}); pass -o with a writable folder") from exc
+    return out
 
-    calib, eval_text = split_for_calibration(text) if opts.imatrix == "auto" else ("", text)
-    steps = 2 + (opts.imatrix == "auto") + 2 * len(types)
-    bar = Progress("report", steps, "steps", quiet=opts.quiet)
-    q = dict(quiet=True)
 
-    base_type = QuantType.F16
-    base = out / f"{ckpt.name}-F16.gguf"
-    t0 = time.perf_counter()
-    if not _valid_gguf(base, base_type, None):
-        convert(src, base_type, output=base, revision=opts.revision, force=True, **q)
-    convert_s = time.perf_counter() - t0
-    bar.update(1, note="converted")
+def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
+    """--imatrix auto: computed from the calibration part (reused when that part is unchanged)."""
+    if run.opts.imatrix != "auto":
+        if not run.opts.imatrix:
+            return None, None
+        path = Path(run.opts.imatrix)
+        return path, {"file": path.name, "calibration": ", ".join(read_imatrix(path).datasets) or "unknown"}
+    from neoxq.convert.imatrix import compute_imatrix
 
-    im_path, im_sha, im_info = None, None, None
-    if opts.imatrix == "auto":
-        im_path = out / "imatrix.gguf"
-        calib_sha = text_sha256(calib)
-        try:
-            ok = im_path.is_file() and calib_sha[:16] in " ".join(read_imatrix(im_path).datasets)
-        except NeoxqError:
-            ok = False
-        if not ok:
-            with NeoxModel(base, RuntimeOptions(n_ctx=opts.ctx)) as m:
-                Windows(m.tokenize(eval_text), opts.ctx)  # fail early when the scored part is too short
-            im = compute_imatrix(src, calib, ctx=opts.ctx, revision=opts.revision, quiet=True,
-                                 dataset_name=f"{Path(text_file).name}[calibration part] sha256:{calib_sha[:16]}")
-            write_imatrix(im_path, im, force=True)
-        im_info = {"file": im_path.name, "calibration": f"first {int(CALIBRATION_SHARE * 100)}% of {Path(text_file).name} "
-                   f"({len(calib)} chars, sha256 {calib_sha[:16]}…), not scored"}
-        bar.update(1, note="imatrix")
-    elif opts.imatrix:
-        im_path = Path(opts.imatrix)
-        im_info = {"file": im_path.name, "calibration": ", ".join(read_imatrix(im_path).datasets) or "unknown"}
-    if im_path:
-        im_sha = file_sha256(im_path)
-        im_info["sha256"] = im_sha
+    path = run.out / "imatrix.gguf"
+    calib_sha = text_sha256(run.calib)
+    try:
+        ok = path.is_file() and calib_sha[:16] in " ".join(read_imatrix(path).datasets)
+    except NeoxqError:
+        ok = False
+    if not ok:
+        im = compute_imatrix(run.ckpt, run.calib, ctx=run.opts.ctx,
+                             dataset_name=f"{run.text_file.name}[calibration part] sha256:{calib_sha[:16]}")
+        write_imatrix(path, im, force=True)
+    return path, {"file": path.name, "calibration": f"first {int(CALIBRATION_SHARE * 100)}% of {run.text_file.name} "
+                  f"({len(run.calib)} chars, sha256 {calib_sha[:16]}…), not scored"}
 
-    files: dict[QuantType, tuple[Path, float]] = {}
-    for t in types:
-        path = base if t == base_type else out / f"{ckpt.name}-{t.value}.gguf"
-        use_im = None if t.is_float else im_sha
-        t1 = time.perf_counter()
-        if not _valid_gguf(path, t, use_im):
-            if t.is_float:
-                convert(src, t, output=path, revision=opts.revision, force=True, **q)
-            else:
-                quantize(base, t, output=path, imatrix=im_path, force=True, **q)
-        elif t.needs_imatrix and not im_path:
-            raise UsageError(f"{t.value} needs an importance matrix; use --imatrix auto or --imatrix FILE")
-        files[t] = (path, convert_s if t == base_type else time.perf_counter() - t1)
-        bar.update(1, note=f"{t.value} ready")
 
-    cache = out / "cache"
-    results_dir = out / "results"
-    results_dir.mkdir(exist_ok=True)
-    rows, ref_info, eval_meta = [], None, None
-    for i, t in enumerate(types):
-        path, secs = files[t]
-        stamp = f"{path.stat().st_size}:{path.stat().st_mtime_ns}:{text_sha256(eval_text)}:{opts.ctx}"
-        res_file = results_dir / f"{t.value}.json"
-        row = None
-        if res_file.is_file():
-            try:
-                cached = json.loads(res_file.read_text())
-                row = cached if cached.get("_stamp") == stamp else None
-            except json.JSONDecodeError:
-                row = None
-        if row is None:
-            with NeoxModel(path, RuntimeOptions(n_ctx=opts.ctx, n_batch=opts.ctx)) as m:
-                k = kld(m, str(ckpt.folder), eval_text, opts.ctx, cache_dir=cache, quiet=True)
-                pp, tg = _speed(m, eval_text, opts)
-                gi = read_info(path)
-            row = {"type": t.value, "file": path.name, "size_bytes": path.stat().st_size, "bpw": round(gi.bpw, 4),
-                   "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "kld_mean": k.kld_mean,
-                   "kld_mean_se": k.kld_mean_se, "kld_median": k.kld_median, "kld_p99": k.kld_p99, "kld_max": k.kld_max,
-                   "top1": k.top1, "rms_dp": k.rms_dp, "pp_tps": pp, "tg_tps": tg,
-                   ("convert_s" if t.is_float else "quantize_s"): round(secs, 3),
-                   "imatrix": bool(im_sha) and not t.is_float,
-                   "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_stamp": stamp}
-            tmp = res_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(row, indent=1))
-            tmp.replace(res_file)
-        ref_info = row["_ref"]
-        eval_meta = row["_tokens"]
-        rows.append({k: v for k, v in row.items() if not k.startswith("_")})
-        bar.update(1, note=f"{t.value} scored")
+def _score(run: _Run, built, reference, cache: Path) -> dict:
+    """One type's row: reused from results/<TYPE>.json when file, text, ctx and reference match."""
+    from neoxq.core.gguf_info import read_info
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.score import kld
+    from neoxq.runtime.speed import measure
 
-    report = {
-        "source": {"name": ckpt.name, "path": str(ckpt.folder), "repo": ckpt.repo_id, "revision": ckpt.revision,
-                   "commit": ckpt.commit, "format": ckpt.format},
-        "text": {"file": Path(text_file).name, "sha256": text_sha256(text), "scored_sha256": text_sha256(eval_text),
-                 "ctx": opts.ctx, "tokens_scored": eval_meta, "calibration_excluded": opts.imatrix == "auto"},
-        "reference": {"kind": "transformers GPTNeoXForCausalLM, fp32", **ref_info},
+    st = built.path.stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{text_sha256(run.scored)}:{run.opts.ctx}:{reference.identity()}"
+    res_file = run.out / "results" / f"{built.label}.json"
+    try:
+        cached = json.loads(res_file.read_text())
+        if cached.get("_stamp") == stamp:
+            return cached
+    except (OSError, json.JSONDecodeError):
+        pass
+    info = read_info(built.path)
+    with NeoxModel(built.path, RuntimeOptions(n_ctx=run.opts.ctx, n_batch=run.opts.ctx), info=info) as m:
+        k = kld(m, reference, run.scored, run.opts.ctx, cache_dir=cache)
+        speed = measure(m, m.tokenize(run.scored[:20000]), run.opts.speed_prompt, run.opts.speed_tokens)
+    row = {"type": built.label, "file": built.path.name, "size_bytes": st.st_size, "bpw": round(info.bpw, 4),
+           "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "kld_mean": k.kld_mean,
+           "kld_mean_se": k.kld_mean_se, "kld_median": k.kld_median, "kld_p99": k.kld_p99, "kld_max": k.kld_max,
+           "top1": k.top1, "rms_dp": k.rms_dp, "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
+           ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
+           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")),
+           "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_stamp": stamp}
+    res_file.parent.mkdir(exist_ok=True)
+    with atomic_output(res_file, force=True) as tmp:
+        tmp.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
+    from neoxq.core.machine import describe, versions
+
+    ck = run.ckpt
+    return {
+        "source": {"name": ck.name, "path": str(ck.folder), "repo": ck.repo_id, "revision": ck.revision,
+                   "commit": ck.commit, "format": ck.format},
+        "text": {"file": run.text_file.name, "sha256": text_sha256(run.text), "scored_sha256": text_sha256(run.scored),
+                 "ctx": run.opts.ctx, "tokens_scored": rows[0]["_tokens"], "calibration_excluded": run.opts.imatrix == "auto"},
+        "reference": {"kind": reference.description, **rows[0]["_ref"]},
         "imatrix": im_info,
-        "machine": machine.describe(),
-        "versions": _versions(),
-        "results": rows,
+        "machine": describe(),
+        "versions": versions(),
+        "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
     }
-    rj = out / "report.json"
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(rj)
-    render(rj)
-    bar.update(1, note="rendered")
-    bar.close()
+
+
+def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
+    """Run (or resume) the whole pipeline; return the path of report.json."""
+    from neoxq.build import build_types
+    from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
+    from neoxq.convert.reference import HFReference
+    from neoxq.render import render
+
+    opts = opts or ReportOptions()
+    types = QuantType.parse_list(opts.types)
+    text = read_text(text_file)
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, opts.revision)
+    out = _report_folder(out_dir, ckpt)
+    calib, scored = split_for_calibration(text) if opts.imatrix == "auto" else ("", text)
+    run = _Run(ckpt, out, Path(text_file), text, calib, scored, opts, types)
+    _check_scored_length(run)
+    bar = Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types), "steps")
+    with bar:
+        base = build_types(ckpt, [QuantType.F16], out)[QuantType.F16]
+        bar.update(1, note="converted")
+        im_path, im_info = _imatrix(run)
+        if opts.imatrix == "auto":
+            bar.update(1, note="imatrix")
+        if im_path:
+            im_info["sha256"] = file_sha256(im_path)
+        built = build_types(ckpt, types, out, imatrix=im_path, on_step=lambda b: bar.update(1, note=f"{b.label} ready"))
+        built[QuantType.F16].seconds = built[QuantType.F16].seconds or base.seconds
+        reference = HFReference(ckpt)
+        rows = []
+        for t in types:
+            rows.append(_score(run, built[t], reference, out / "cache"))
+            bar.update(1, note=f"{t.value} scored")
+        rj = out / "report.json"
+        with atomic_output(rj, force=True) as tmp:
+            tmp.write_text(json.dumps(_assemble(run, rows, im_info, reference), indent=1))
+        render(rj)
+        bar.update(1, note="rendered")
     return rj
+
+
+def _check_scored_length(run: _Run) -> None:
+    """Fail before any work when the scored part cannot fill two windows (the tokenizer is HF's)."""
+    from tokenizers import Tokenizer
+
+    from neoxq.runtime.score import Windows
+
+    tok = Tokenizer.from_file(str(run.ckpt.folder / "tokenizer.json"))
+    Windows(tok.encode(run.scored).ids, run.opts.ctx)

@@ -1,18 +1,18 @@
-"""Session-scoped checkpoints built locally (nothing downloaded), and the transformers reference."""
+"""Session-scoped checkpoints built locally (nothing downloaded).
+
+Tiers: every test whose fixtures reach the briefly trained model (`trained`) is marked slow
+automatically; `make test-fast` (-m "not slow") runs the rest in well under two minutes.
+Shared helpers live in helpers.py.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from convert.tiny import TinySpec, build_random, stdlib_text
+from neoxq.convert.tiny import TinySpec, build_random, stdlib_text
 
-REPO = Path(__file__).resolve().parent.parent
 
 # The converter's checkpoint matrix (issue 2, item 2/5): config styles, residual, rotary, formats, dtypes.
 CASES = {
@@ -47,35 +47,6 @@ def sample_ids(ckpt, corpus) -> list[int]:
     return Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(corpus[5000:9000]).ids[:96]
 
 
-def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    """The independent reference: transformers' GPTNeoXForCausalLM in fp32 on the same weights."""
-    import torch
-
-    from convert.hf import load_reference
-
-    model = load_reference(folder)
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def kl_stats(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-    """(mean KL(ref || test), top-1 agreement) over positions."""
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(ref_logits), log_softmax(logits)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    return float(kl.mean()), float((ref_logits.argmax(-1) == logits.argmax(-1)).mean())
-
-
-def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, input=stdin, timeout=timeout)
-
-
 # A briefly trained model, for tests where quality must mean something (issues 3-5). Rows are 256
 # wide so k-/i-quants apply without fallbacks; outlier activation channels as in real LLMs.
 TRAINED_SPEC = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
@@ -91,22 +62,29 @@ def texts() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, texts) -> Path:
-    from convert.tiny import build_trained
+    from neoxq.convert.tiny import build_trained
 
     return build_trained(tmp_path_factory.mktemp("trained") / "tiny-neox", TRAINED_SPEC, texts["train"], steps=200)
 
 
 @pytest.fixture(scope="session")
 def trained_f16(trained, tmp_path_factory) -> Path:
-    from convert.converter import convert
+    from neoxq.convert.converter import convert
 
-    return convert(str(trained), "f16", out_dir=tmp_path_factory.mktemp("trained_gguf"), quiet=True)
+    return convert(str(trained), "f16", out_dir=tmp_path_factory.mktemp("trained_gguf"))
 
 
 @pytest.fixture(scope="session")
 def trained_imatrix(trained, texts, tmp_path_factory) -> Path:
-    from convert.imatrix import compute_imatrix
-    from convert.imatrix_io import write_imatrix
+    from neoxq.convert.imatrix import compute_imatrix
+    from neoxq.core.imatrix_io import write_imatrix
 
     im = compute_imatrix(str(trained), texts["calib"], ctx=128, dataset_name="calib")
     return write_imatrix(tmp_path_factory.mktemp("imatrix") / "tiny.imatrix", im)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Anything that needs the trained model (directly or through another fixture) is slow."""
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

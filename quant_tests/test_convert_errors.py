@@ -7,30 +7,10 @@ import errno
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli
-
-
-def copy_ckpt(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 1, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in proc.stderr
-    for n in needles:
-        assert n.lower() in lines[0].lower(), lines[0]
-
-
-def no_gguf_left(folder: Path) -> bool:
-    return not list(folder.glob("*.gguf")) and not list(folder.glob(".*.partial"))
+from .helpers import assert_one_line_error, copy_ckpt, no_gguf_left, run_cli
 
 
 def test_unsupported_architecture(ckpt, tmp_path):
@@ -106,8 +86,8 @@ def test_unwritable_output_folder(ckpt, tmp_path):
 def test_disk_full_leaves_nothing(ckpt, tmp_path, monkeypatch):
     import gguf
 
-    from convert.converter import convert
-    from neoxq.errors import OutputError
+    from neoxq.convert.converter import convert
+    from neoxq.core.errors import OutputError
 
     calls = {"n": 0}
     real = gguf.GGUFWriter.write_tensor_data
@@ -120,21 +100,21 @@ def test_disk_full_leaves_nothing(ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
     with pytest.raises(OutputError, match="disk full"):
-        convert(str(ckpt), output=tmp_path / "m.gguf", quiet=True)
+        convert(str(ckpt), output=tmp_path / "m.gguf")
     assert no_gguf_left(tmp_path)
 
 
 def test_interrupted_run_leaves_nothing(ckpt, tmp_path, monkeypatch):
     import gguf
 
-    from convert.converter import convert
+    from neoxq.convert.converter import convert
 
     def interrupt(self, tensor, *a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        convert(str(ckpt), output=tmp_path / "m.gguf", quiet=True)
+        convert(str(ckpt), output=tmp_path / "m.gguf")
     assert no_gguf_left(tmp_path)
 
 
@@ -175,7 +155,7 @@ def test_hub_revision_from_offline_cache(ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     made = out / "pythia-tiny-step3000-F32.gguf"
     assert made.is_file()
-    from neoxq.gguf_info import read_info
+    from neoxq.core.gguf_info import read_info
 
     meta = read_info(made).metadata
     assert meta["neoxq.source.repo"] == "EleutherAI/pythia-tiny"
@@ -188,11 +168,11 @@ def test_hub_revision_from_offline_cache(ckpt, tmp_path):
 
 
 def test_metadata_complete(ckpt, tmp_path):
-    from convert.converter import convert
-    from neoxq.gguf_info import read_info
+    from neoxq.convert.converter import convert
+    from neoxq.core.gguf_info import read_info
     import gguf
 
-    path = convert(str(ckpt), "q8_0", output=tmp_path / "m.gguf", quiet=True)
+    path = convert(str(ckpt), "q8_0", output=tmp_path / "m.gguf")
     info = read_info(path)
     m = info.metadata
     cfg = json.loads((ckpt / "config.json").read_text())

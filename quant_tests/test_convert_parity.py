@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from convert.converter import convert
-from runtime.model import NeoxModel, RuntimeOptions
+from neoxq.convert.converter import convert
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
 
-from .conftest import CASES, hf_logits, kl_stats
+from .conftest import CASES
+from .helpers import hf_logits, kl_stats
 
 # (max mean KL, min top-1). Measured on these fixtures: F32 5e-7..9e-7 (summation order and
 # llama.cpp's tanh-GELU), F16 8e-7..3.5e-6, BF16 7e-5..1.5e-4 (8 mantissa bits vs F16's 11: the
@@ -20,7 +21,7 @@ BOUNDS = {"f32": (1e-4, 1.0), "f16": (2e-5, 0.98), "bf16": (5e-4, 0.95), "q8_0":
 @pytest.mark.parametrize("outtype", list(BOUNDS))
 def test_logits_match_transformers(case, outtype, checkpoints, sample_ids, tmp_path):
     folder = checkpoints[case]
-    path = convert(str(folder), outtype=outtype, output=tmp_path / f"m-{outtype}.gguf", quiet=True)
+    path = convert(str(folder), outtype=outtype, output=tmp_path / f"m-{outtype}.gguf")
     ref = hf_logits(folder, sample_ids)
     with NeoxModel(path, RuntimeOptions(n_ctx=128)) as m:
         got = m.eval_logits(sample_ids)
@@ -35,10 +36,10 @@ def test_logits_match_transformers(case, outtype, checkpoints, sample_ids, tmp_p
 
 def test_broken_qkv_layout_is_detected(ckpt, sample_ids, tmp_path, monkeypatch):
     """The parity check can fail: skipping the QKV de-interleave must blow the F32 bound."""
-    import convert.neox as neox
+    import neoxq.convert.neox as neox
 
     monkeypatch.setattr(neox, "deinterleave_qkv", lambda arr, args: arr)
-    path = convert(str(ckpt), outtype="f32", output=tmp_path / "bad.gguf", quiet=True)
+    path = convert(str(ckpt), outtype="f32", output=tmp_path / "bad.gguf")
     with NeoxModel(path, RuntimeOptions(n_ctx=128)) as m:
         got = m.eval_logits(sample_ids)
     kl, _ = kl_stats(hf_logits(ckpt, sample_ids), got)

@@ -8,15 +8,14 @@ import struct
 import numpy as np
 import pytest
 
-from convert.imatrix_io import read_imatrix
-from convert.quantize import quantize
-from neoxq.gguf_info import read_info
-from neoxq.qtypes import QUANTIZED, QuantType
-from runtime.model import NeoxModel, RuntimeOptions
-from runtime.score import kld
+from neoxq.core.imatrix_io import read_imatrix
+from neoxq.runtime.quantize import quantize
+from neoxq.core.gguf_info import read_info
+from neoxq.core.qtypes import QUANTIZED, QuantType
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
+from neoxq.runtime.score import GGUFReference, kld
 
-from .conftest import run_cli
-from .test_convert_errors import assert_one_line_error
+from .helpers import assert_one_line_error, run_cli
 
 # Bits/weight of the whole file relative to llama.cpp's nominal figure for the type. Measured on
 # the trained fixture: 0.98x (Q2_K_S) .. 1.23x (Q3_K_L); small models carry a larger share of
@@ -26,7 +25,7 @@ BPW_RANGE = (0.95, 1.25)
 
 def _kld(path, f16, text, cache):
     with NeoxModel(path, RuntimeOptions(n_ctx=128)) as m:
-        return kld(m, str(f16), text, ctx=128, cache_dir=cache)
+        return kld(m, GGUFReference(f16), text, ctx=128, cache_dir=cache)
 
 
 @pytest.mark.slow
@@ -35,7 +34,7 @@ def test_every_type_loads_runs_and_has_its_size(trained_f16, trained_imatrix, tm
         ids = ref.tokenize(texts["eval"][:2000])[:64]
         ref_logits = ref.eval_logits(ids)
     for t in QUANTIZED:
-        r = quantize(trained_f16, t, output=tmp_path / f"{t.value}.gguf", imatrix=trained_imatrix, quiet=True)
+        r = quantize(trained_f16, t, output=tmp_path / f"{t.value}.gguf", imatrix=trained_imatrix)
         with NeoxModel(r.path, RuntimeOptions(n_ctx=128)) as m:
             got = m.eval_logits(ids)
         assert np.isfinite(got).all()
@@ -52,7 +51,7 @@ def test_kld_orders_the_k_quants(trained_f16, tmp_path, texts):
     order = [QuantType.Q8_0, QuantType.Q6_K, QuantType.Q5_K_M, QuantType.Q4_K_M, QuantType.Q3_K_M, QuantType.Q2_K]
     klds = []
     for t in order:
-        r = quantize(trained_f16, t, output=tmp_path / f"{t.value}.gguf", quiet=True)
+        r = quantize(trained_f16, t, output=tmp_path / f"{t.value}.gguf")
         res = _kld(r.path, trained_f16, texts["eval"], tmp_path / "cache")
         klds.append(res.kld_mean)
         print(f"{t.value}: KLD {res.kld_mean:.5f} ± {res.kld_mean_se:.5f}, top1 {res.top1:.3f}, {res.tokens_scored} tokens")
@@ -64,25 +63,25 @@ def test_kld_orders_the_k_quants(trained_f16, tmp_path, texts):
 def test_imatrix_lowers_kld(trained_f16, trained_imatrix, tmp_path, texts):
     """Q2_K with vs without; IQ3_XXS (which llama.cpp refuses to make without one) with the real
     imatrix vs a uniform one, the closest to 'no information'."""
-    from convert.imatrix_io import IMatrix, write_imatrix
+    from neoxq.core.imatrix_io import IMatrix, write_imatrix
 
     im = read_imatrix(trained_imatrix)
     uniform = write_imatrix(tmp_path / "uniform.imatrix", IMatrix({k: np.ones_like(v) for k, v in im.sums.items()},
                                                                   {k: 1.0 for k in im.counts}, ["uniform"]))
     cache = tmp_path / "cache"
-    q2_plain = _kld(quantize(trained_f16, "Q2_K", output=tmp_path / "a.gguf", quiet=True).path, trained_f16, texts["eval"], cache)
-    q2_im = _kld(quantize(trained_f16, "Q2_K", output=tmp_path / "b.gguf", imatrix=trained_imatrix, quiet=True).path, trained_f16, texts["eval"], cache)
-    iq3_uni = _kld(quantize(trained_f16, "IQ3_XXS", output=tmp_path / "c.gguf", imatrix=uniform, quiet=True).path, trained_f16, texts["eval"], cache)
-    iq3_im = _kld(quantize(trained_f16, "IQ3_XXS", output=tmp_path / "d.gguf", imatrix=trained_imatrix, quiet=True).path, trained_f16, texts["eval"], cache)
+    q2_plain = _kld(quantize(trained_f16, "Q2_K", output=tmp_path / "a.gguf").path, trained_f16, texts["eval"], cache)
+    q2_im = _kld(quantize(trained_f16, "Q2_K", output=tmp_path / "b.gguf", imatrix=trained_imatrix).path, trained_f16, texts["eval"], cache)
+    iq3_uni = _kld(quantize(trained_f16, "IQ3_XXS", output=tmp_path / "c.gguf", imatrix=uniform).path, trained_f16, texts["eval"], cache)
+    iq3_im = _kld(quantize(trained_f16, "IQ3_XXS", output=tmp_path / "d.gguf", imatrix=trained_imatrix).path, trained_f16, texts["eval"], cache)
     print(f"Q2_K {q2_plain.kld_mean:.5f} -> {q2_im.kld_mean:.5f}; IQ3_XXS {iq3_uni.kld_mean:.5f} -> {iq3_im.kld_mean:.5f}")
     assert q2_im.kld_mean + 3 * q2_im.kld_mean_se < q2_plain.kld_mean - 3 * q2_plain.kld_mean_se
     assert iq3_im.kld_mean + 3 * iq3_im.kld_mean_se < iq3_uni.kld_mean - 3 * iq3_uni.kld_mean_se
 
 
 def test_imatrix_provenance_in_metadata(trained_f16, trained_imatrix, tmp_path):
-    from convert.imatrix_io import file_sha256
+    from neoxq.core.imatrix_io import file_sha256
 
-    r = quantize(trained_f16, "IQ2_XXS", output=tmp_path / "q.gguf", imatrix=trained_imatrix, quiet=True)
+    r = quantize(trained_f16, "IQ2_XXS", output=tmp_path / "q.gguf", imatrix=trained_imatrix)
     meta = read_info(r.path).metadata
     assert meta["neoxq.quant_type"] == "IQ2_XXS" and meta["general.file_type"] == QuantType.IQ2_XXS.ftype
     assert meta["quantize.imatrix.file"] == trained_imatrix.name
@@ -112,8 +111,8 @@ def test_legacy_dat_and_gguf_imatrix_agree(trained_f16, trained_imatrix, tmp_pat
     # ncall=1 keeps the values bit-exact, so the two quantizations must be byte-identical.
     exact = tmp_path / "exact.dat"
     write_legacy_dat(exact, im, ncall=1)
-    a = quantize(trained_f16, "IQ3_XXS", output=tmp_path / "a.gguf", imatrix=trained_imatrix, quiet=True)
-    b = quantize(trained_f16, "IQ3_XXS", output=tmp_path / "b.gguf", imatrix=exact, quiet=True)
+    a = quantize(trained_f16, "IQ3_XXS", output=tmp_path / "a.gguf", imatrix=trained_imatrix)
+    b = quantize(trained_f16, "IQ3_XXS", output=tmp_path / "b.gguf", imatrix=exact)
     import gguf
 
     ra, rb = gguf.GGUFReader(a.path), gguf.GGUFReader(b.path)
@@ -136,9 +135,9 @@ def test_imatrix_cli_writes_llama_cpp_format(trained, texts, tmp_path):
 
 def test_quantize_cli_table_json_and_fallbacks(ckpt, tmp_path):
     """64-wide rows (like Pythia-14M's 128) are not multiples of 256: llama.cpp falls back."""
-    from convert.converter import convert
+    from neoxq.convert.converter import convert
 
-    f16 = convert(str(ckpt), "f16", output=tmp_path / "small-F16.gguf", quiet=True)
+    f16 = convert(str(ckpt), "f16", output=tmp_path / "small-F16.gguf")
     proc = run_cli("quantize", f16, "--type", "Q4_K_M", "--json", "-o", tmp_path / "q.gguf")
     assert proc.returncode == 0, proc.stderr
     rows = {t["name"]: t for t in json.loads(proc.stdout)["tensors"]}

@@ -8,10 +8,9 @@ import json
 import pytest
 
 from neoxq.report import ReportOptions, run_report, split_for_calibration
-from neoxq.textfile import text_sha256
+from neoxq.core.textfile import text_sha256
 
-from .conftest import run_cli
-from .test_convert_errors import assert_one_line_error
+from .helpers import assert_one_line_error, run_cli
 
 TYPES = "F16,Q8_0,Q6_K,Q4_K_M,Q2_K"
 # Δppl vs the fp32 reference (%) allowed per type, set from measurement on this fixture with the
@@ -31,7 +30,7 @@ def report_text(texts, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(trained, report_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "r"
-    rj = run_report(str(trained), report_text, out, ReportOptions(types=TYPES, ctx=128, quiet=True))
+    rj = run_report(str(trained), report_text, out, ReportOptions(types=TYPES, ctx=128))
     return json.loads(rj.read_text()), out
 
 
@@ -74,7 +73,7 @@ def test_quantized_vs_fp16_perplexity_thresholds(report):
 
 
 def test_interrupted_report_resumes(trained, report_text, tmp_path, monkeypatch):
-    import convert.quantize as cq
+    import neoxq.runtime.quantize as cq
 
     out = tmp_path / "r"
     real = cq.quantize
@@ -87,7 +86,7 @@ def test_interrupted_report_resumes(trained, report_text, tmp_path, monkeypatch)
         return real(*a, **k)
 
     monkeypatch.setattr(cq, "quantize", flaky)
-    opts = ReportOptions(types="F16,Q8_0,Q4_0,Q2_K", ctx=128, imatrix=None, quiet=True)
+    opts = ReportOptions(types="F16,Q8_0,Q4_0,Q2_K", ctx=128, imatrix=None)
     with pytest.raises(KeyboardInterrupt):
         run_report(str(trained), report_text, out, opts)
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}

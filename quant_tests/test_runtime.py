@@ -13,17 +13,16 @@ import unicodedata
 import numpy as np
 import pytest
 
-from convert.converter import convert
-from runtime.model import NeoxModel, RuntimeOptions, gpu_offload_supported
-from runtime.score import perplexity
+from neoxq.convert.converter import convert
+from neoxq.runtime.model import NeoxModel, RuntimeOptions, gpu_offload_supported
+from neoxq.runtime.score import perplexity
 
-from .conftest import run_cli
-from .test_convert_errors import assert_one_line_error
+from .helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="session")
 def trained_f32(trained, tmp_path_factory):
-    return convert(str(trained), "f32", out_dir=tmp_path_factory.mktemp("f32"), quiet=True)
+    return convert(str(trained), "f32", out_dir=tmp_path_factory.mktemp("f32"))
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +36,7 @@ def hf_perplexity(folder, ids, ctx):
     """Independent: transformers on the same non-overlapping windows, second half scored."""
     import torch
 
-    from convert.hf import load_reference
+    from neoxq.convert.reference import load_reference
 
     model = load_reference(folder)
     nll = []
@@ -85,7 +84,7 @@ def test_tokenize_cli_json(trained_f16, hf_tok):
 def test_greedy_generation_matches_transformers(trained, trained_f32, hf_tok, texts):
     import torch
 
-    from convert.hf import load_reference
+    from neoxq.convert.reference import load_reference
 
     prompt = texts["eval"][1000:1200]
     ids = hf_tok.encode(prompt).ids
@@ -211,7 +210,7 @@ def test_not_gptneox_gguf_is_refused(tmp_path):
 @pytest.mark.skipif(not gpu_offload_supported(), reason="llama.cpp build without GPU offload")
 @pytest.mark.gpu
 def test_gpu_logits_match_transformers(trained, trained_f32, texts, hf_tok):
-    from .conftest import hf_logits, kl_stats
+    from .helpers import hf_logits, kl_stats
 
     ids = hf_tok.encode(texts["eval"][:3000]).ids[:128]
     with NeoxModel(trained_f32, RuntimeOptions(n_ctx=128, n_gpu_layers=-1)) as m:
@@ -222,7 +221,7 @@ def test_gpu_logits_match_transformers(trained, trained_f32, texts, hf_tok):
 
 
 def test_runtime_imports_no_torch():
-    code = "import sys, runtime.model, runtime.score, runtime.generate, runtime.serve, neoxq.cli; " \
+    code = "import sys, neoxq.runtime.model, neoxq.runtime.score, neoxq.runtime.generate, neoxq.runtime.serve, neoxq.cli; " \
            "print([m for m in ('torch', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,1 +1,2 @@
-"""Run and score GGUF files with llama-cpp-python. Imports no torch or transformers."""
+"""neoxq.runtime: llama.cpp through llama-cpp-python (load, quantize, generate, score, serve).
+Base install only: imports no torch or transformers, and never neoxq.convert."""

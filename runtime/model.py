@@ -3,7 +3,6 @@ context and batch sizes; and evaluate token windows asking logits only where the
 
 from __future__ import annotations
 
-import ctypes
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,16 +10,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from neoxq.errors import CorruptFileError, UsageError
+from neoxq.core.errors import CorruptFileError, UsageError
+from neoxq.core.gguf_info import GGUFInfo, read_info
+from neoxq.core.machine import default_threads
 
-from neoxq.gguf_info import GGUFInfo, read_info
-from neoxq.machine import default_threads
+from . import capi
 
 
 def gpu_offload_supported() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return capi.supports_gpu_offload()
 
 
 @dataclass
@@ -35,8 +33,8 @@ class RuntimeOptions:
 class NeoxModel:
     """A loaded GGUF. `eval_logits` runs tokens through llama.cpp's batch API (one sequence)."""
 
-    def __init__(self, path: Path | str, options: RuntimeOptions | None = None):
-        self.info: GGUFInfo = read_info(path)
+    def __init__(self, path: Path | str, options: RuntimeOptions | None = None, info: GGUFInfo | None = None):
+        self.info: GGUFInfo = info or read_info(path)
         self.options = o = options or RuntimeOptions()
         train_ctx = self.info.context_length or 2048
         n_ctx = o.n_ctx or train_ctx
@@ -46,15 +44,19 @@ class NeoxModel:
         from llama_cpp import Llama
 
         threads = o.n_threads or default_threads()
-        try:
-            self.llm = Llama(model_path=str(self.info.path), n_ctx=n_ctx, n_batch=min(o.n_batch, n_ctx),
-                             n_ubatch=min(o.n_batch, n_ctx), n_threads=threads, n_threads_batch=threads,
-                             n_gpu_layers=n_gpu, seed=o.seed, logits_all=False, verbose=False)
-        except ValueError as exc:
-            raise CorruptFileError(f"llama.cpp could not load {self.info.path} ({exc}); re-create the file with `neoxq convert`") from exc
+        self.n_batch = min(o.n_batch, n_ctx)
+        with capi.captured_errors() as errors:
+            try:
+                self.llm = Llama(model_path=str(self.info.path), n_ctx=n_ctx, n_batch=self.n_batch,
+                                 n_ubatch=self.n_batch, n_threads=threads, n_threads_batch=threads,
+                                 n_gpu_layers=n_gpu, seed=o.seed, logits_all=False, verbose=False)
+            except ValueError as exc:
+                detail = capi.error_text(errors) or str(exc)
+                raise CorruptFileError(f"llama.cpp could not load {self.info.path} ({detail}); re-create the file with `neoxq convert`") from exc
         self.n_ctx = n_ctx
         self.n_gpu_layers = n_gpu
         self.n_vocab = self.llm.n_vocab()
+        self._decoder = capi.WindowDecoder(self.llm.ctx, self.n_batch, self.n_vocab)
 
     # Tokenisation ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -67,46 +69,35 @@ class NeoxModel:
 
     # Evaluation -----------------------------------------------------------------------------
     def eval_logits(self, ids: Sequence[int], want: Iterable[int] | None = None) -> np.ndarray:
-        """Logits (float32, [len(want), n_vocab]) at positions `want` (default: all) of one window.
+        """Logits (float32, [len(want), n_vocab], a copy) at positions `want` (default: all) of one
+        window, decoded from an empty KV cache."""
+        rows = [view.copy() for view in self.iter_logits(ids, want)]
+        return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), dtype=np.float32)
 
-        The window starts from an empty KV cache; only the wanted positions produce logits.
-        """
-        import llama_cpp
+    def iter_logits(self, ids: Sequence[int], want: Iterable[int] | None = None, start: int = 0):
+        """Per batch, a view of llama.cpp's logits at the wanted positions of that batch: valid only
+        until the next decode, so callers reduce it (log-sum-exp, argmax) before asking for more.
 
+        start = 0 begins a new window (empty KV cache); start > 0 continues the cached one there."""
         n = len(ids)
-        if n > self.n_ctx:
-            raise UsageError(f"{n} tokens do not fit the context of {self.n_ctx}")
-        wanted = np.zeros(n, dtype=bool)
-        wanted[list(want) if want is not None else slice(None)] = True
-        ctx = self.llm.ctx
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        n_batch = min(self.options.n_batch, self.n_ctx)
-        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        out = np.empty((int(wanted.sum()), self.n_vocab), dtype=np.float32)
-        filled = 0
-        try:
-            for start in range(0, n, n_batch):
-                chunk = ids[start:start + n_batch]
-                batch.n_tokens = len(chunk)
-                for i, tok in enumerate(chunk):
-                    batch.token[i] = tok
-                    batch.pos[i] = start + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = bool(wanted[start + i])
-                rc = llama_cpp.llama_decode(ctx, batch)
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode failed with code {rc}")
-                k = int(wanted[start:start + len(chunk)].sum())
-                if k:
-                    ptr = llama_cpp.llama_get_logits(ctx)
-                    out[filled:filled + k] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(k, self.n_vocab))
-                    filled += k
-        finally:
-            llama_cpp.llama_batch_free(batch)
-        return out
+        if start + n > self.n_ctx:
+            raise UsageError(f"{start + n} tokens do not fit the context of {self.n_ctx}")
+        arr = np.asarray(ids, dtype=np.int32)
+        wanted = np.zeros(n, dtype=np.int8)
+        wanted[list(want) if want is not None else slice(None)] = 1
+        if start == 0:
+            self._decoder.clear()
+        for b in range(0, n, self.n_batch):
+            stop = min(b + self.n_batch, n)
+            view = self._decoder.decode(arr[b:stop], start + b, wanted[b:stop])
+            if len(view):
+                yield view
 
     def close(self) -> None:
+        decoder = getattr(self, "_decoder", None)
+        if decoder is not None:
+            decoder.close()
+            self._decoder = None
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()

@@ -3,22 +3,22 @@
 The text is tokenised once and cut into non-overlapping windows of `ctx` tokens; no BOS is added
 (GPT-NeoX has none); in each window the second half is scored: the logits at position j (for
 first = ctx/2 ≤ j < ctx-1) predict token j+1. Logits are requested only for those positions.
+
+Only what each metric needs is computed, in float32: perplexity needs a log-sum-exp and the
+target's logit per position; KLD also needs the reference's top tokens (see reference_cache.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
-from neoxq.errors import UsageError
-from neoxq.progress import Progress
-from neoxq.textfile import text_sha256
+from neoxq.core.errors import UsageError
+from neoxq.core.progress import Progress
+from neoxq.core.textfile import text_sha256
 
 from .model import NeoxModel
 
@@ -41,14 +41,26 @@ class Windows:
         return range(self.first, self.ctx - 1)
 
     @property
+    def per_window(self) -> int:
+        return len(self.scored_positions)
+
+    @property
     def tokens_scored(self) -> int:
-        return self.n_chunks * len(self.scored_positions)
+        return self.n_chunks * self.per_window
 
     def chunk(self, c: int) -> list[int]:
         return self.ids[c * self.ctx:(c + 1) * self.ctx]
 
     def targets(self, c: int) -> np.ndarray:
         return np.asarray(self.chunk(c)[self.first + 1:self.ctx], dtype=np.int64)
+
+
+def logsumexp(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise log Σ exp, float32, with the max subtracted (stable); `scratch` avoids an allocation."""
+    m = x.max(-1, keepdims=True)
+    buf = np.subtract(x, m, out=scratch[: len(x)] if scratch is not None else None)
+    np.exp(buf, out=buf)
+    return (np.log(buf.sum(-1, dtype=np.float64)) + m[:, 0]).astype(np.float64)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -79,25 +91,80 @@ class PerplexityResult:
         return asdict(self)
 
 
-def model_logprobs(model: NeoxModel, w: Windows, quiet: bool = True, label: str = "scoring") -> Iterator[tuple[int, np.ndarray]]:
-    """(chunk, log-probs at the scored positions) for every window."""
-    progress = Progress(label, w.tokens_scored, "tokens", quiet=quiet)
-    try:
+def window_logits(model: NeoxModel, w: Windows, label: str = "scoring") -> Iterator[tuple[int, int, np.ndarray]]:
+    """(window, first scored row, logits view) for every decoded batch of every window. A view is
+    valid until the next item is asked for: reduce it first."""
+    with Progress(label, w.tokens_scored, "tokens") as progress:
         for c in range(w.n_chunks):
-            yield c, log_softmax(model.eval_logits(w.chunk(c), w.scored_positions))
-            progress.update(len(w.scored_positions))
-    finally:
-        progress.close()
+            row = 0
+            for view in model.iter_logits(w.chunk(c), w.scored_positions):
+                yield c, row, view
+                row += len(view)
+            progress.update(w.per_window)
 
 
-def perplexity(model: NeoxModel, text: str, ctx: int = 512, quiet: bool = True) -> PerplexityResult:
+def target_nll(model: NeoxModel, w: Windows) -> np.ndarray:
+    """−log p(target) at every scored position, float64 from float32 logits."""
+    nll = np.empty(w.tokens_scored, dtype=np.float64)
+    scratch = np.empty((model.n_batch, model.n_vocab), dtype=np.float32)
+    for c, row, view in window_logits(model, w):
+        t = w.targets(c)[row:row + len(view)]
+        at = c * w.per_window + row
+        nll[at:at + len(view)] = logsumexp(view, scratch) - view[np.arange(len(view)), t]
+    return nll
+
+
+def perplexity(model: NeoxModel, text: str, ctx: int = 512) -> PerplexityResult:
     w = Windows(model.tokenize(text), ctx)
-    nll = np.concatenate([-lp[np.arange(len(lp)), w.targets(c)] for c, lp in model_logprobs(model, w, quiet)])
+    nll = target_nll(model, w)
     ppl, se = ppl_with_se(nll)
     return PerplexityResult(ppl, se, len(nll), ctx, w.n_chunks, text_sha256(text), str(model.info.path))
 
 
 # KL divergence against a reference ---------------------------------------------------------------
+
+class Reference(Protocol):
+    """What a KLD is measured against: an F16/F32 GGUF (here) or the transformers fp32 checkpoint
+    (neoxq.convert.reference), both yielding full-vocabulary log-probs at the scored positions."""
+
+    description: str  # for people and reports
+
+    def identity(self) -> str:
+        """Changes whenever the reference's weights do (cache key)."""
+
+    def log_probs(self, w: Windows) -> Iterator[tuple[int, np.ndarray]]:
+        """(window, [per_window, n_vocab] log-probs) for every window."""
+
+
+class GGUFReference:
+    """An F16/F32 (or any) GGUF scored by llama.cpp: llama.cpp's own way of measuring KLD."""
+
+    def __init__(self, path, options=None):
+        from pathlib import Path
+
+        from neoxq.core.gguf_info import read_info
+
+        self.info = read_info(path)
+        self.path = Path(path)
+        self.options = options
+        self.description = f"GGUF {self.path.name} ({self.info.metadata.get('neoxq.quant_type') or 'unknown type'}) under llama.cpp"
+
+    def identity(self) -> str:
+        st = self.path.stat()
+        return f"gguf:{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+    def log_probs(self, w: Windows) -> Iterator[tuple[int, np.ndarray]]:
+        from .model import RuntimeOptions
+
+        opts = self.options or RuntimeOptions(n_ctx=w.ctx, n_batch=w.ctx)
+        with NeoxModel(self.path, opts, info=self.info) as ref:
+            rows: list[np.ndarray] = []
+            for c, row, view in window_logits(ref, w, "reference"):
+                rows.append(log_softmax(view).astype(np.float32))
+                if row + len(view) == w.per_window:
+                    yield c, np.concatenate(rows)
+                    rows = []
+
 
 @dataclass
 class KLDResult:
@@ -125,107 +192,36 @@ class KLDResult:
         return asdict(self)
 
 
-class ReferenceCache:
-    """Reference log-probs at the scored positions, stored once as float16 (.npy, memory-mapped) with
-    the target ids and a JSON header, so many quant types are compared without re-running it."""
+def kld(model: NeoxModel, reference: Reference, text: str, ctx: int = 512, cache_dir=None) -> KLDResult:
+    """KL(reference ‖ model) per scored token and the statistics llama-perplexity prints."""
+    from .reference_cache import reference_tables
 
-    def __init__(self, folder: Path, key: str):
-        self.folder = Path(folder)
-        self.npy = self.folder / f"{key}.npy"
-        self.meta = self.folder / f"{key}.json"
-
-    def load(self, w: Windows) -> np.ndarray | None:
-        if not (self.npy.is_file() and self.meta.is_file()):
-            return None
-        try:
-            meta = json.loads(self.meta.read_text())
-            arr = np.load(self.npy, mmap_mode="r")
-        except (ValueError, OSError, json.JSONDecodeError):
-            return None  # a damaged cache entry is rebuilt, never trusted
-        if meta.get("ids_sha256") != _ids_hash(w.ids) or meta.get("ctx") != w.ctx or arr.shape[0] != w.tokens_scored:
-            return None
-        return arr
-
-    def store(self, w: Windows, produce: Iterator[tuple[int, np.ndarray]], n_vocab: int, describe: dict) -> np.ndarray:
-        from neoxq.atomic import atomic_output
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        per = len(w.scored_positions)
-        with atomic_output(self.npy, force=True) as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(w.tokens_scored, n_vocab))
-            for c, lp in produce:
-                arr[c * per:(c + 1) * per] = lp.astype(np.float16)
-            arr.flush()
-            del arr
-        self.meta.write_text(json.dumps({"ids_sha256": _ids_hash(w.ids), "ctx": w.ctx, **describe}, indent=1))
-        return np.load(self.npy, mmap_mode="r")
-
-
-def _ids_hash(ids: list[int]) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int32).tobytes()).hexdigest()
-
-
-def reference_key(reference: str, ctx: int, text: str) -> str:
-    """Identity of (reference, ctx, text): a file by path+size+mtime, a checkpoint folder likewise."""
-    p = Path(reference)
-    stamp = ""
-    if p.exists():
-        target = p if p.is_file() else p / "config.json"
-        st = target.stat()
-        stamp = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    else:
-        stamp = reference
-    return hashlib.sha256(f"{stamp}|{ctx}|{text_sha256(text)}".encode()).hexdigest()[:24]
-
-
-def reference_logprobs(reference: str, w: Windows, n_vocab: int, options, cache_dir: Path | None, quiet: bool,
-                       key: str) -> np.ndarray:
-    cache = ReferenceCache(cache_dir or default_cache_dir(), key)
-    cached = cache.load(w)
-    if cached is not None:
-        return cached
-    if Path(reference).is_file():  # a GGUF; a folder or repo id is an HF checkpoint
-        with NeoxModel(reference, options) as ref:
-            if ref.n_vocab != n_vocab:
-                raise UsageError(f"the reference has {ref.n_vocab} tokens, the model {n_vocab}: they are different models")
-            return cache.store(w, model_logprobs(ref, w, quiet, "reference"), n_vocab, {"reference": reference})
-    from .hf_reference import hf_logprobs
-
-    return cache.store(w, hf_logprobs(reference, w, quiet), n_vocab, {"reference": reference})
-
-
-def default_cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("NEOXQ_CACHE", Path.home() / ".cache" / "neoxq")) / "reference"
-
-
-def kld(model: NeoxModel, reference: str, text: str, ctx: int = 512, cache_dir: Path | None = None,
-        quiet: bool = True) -> KLDResult:
     w = Windows(model.tokenize(text), ctx)
-    ref = reference_logprobs(reference, w, model.n_vocab, model.options, cache_dir, quiet,
-                             reference_key(reference, ctx, text))
-    per = len(w.scored_positions)
-    kl, agree, dp, nll, nll_ref = [], [], [], [], []
-    for c, lq in model_logprobs(model, w, quiet):
-        lp = ref[c * per:(c + 1) * per].astype(np.float64)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))  # renormalise after float16 storage
-        t = w.targets(c)
-        rows = np.arange(per)
-        kl.append((np.exp(lp) * (lp - lq)).sum(-1))
-        agree.append(lp.argmax(-1) == lq.argmax(-1))
-        dp.append(np.exp(lq[rows, t]) - np.exp(lp[rows, t]))
-        nll.append(-lq[rows, t])
-        nll_ref.append(-lp[rows, t])
-    kl, agree, dp = np.concatenate(kl), np.concatenate(agree), np.concatenate(dp)
-    ppl, ppl_se = ppl_with_se(np.concatenate(nll))
-    ppl_ref, ppl_ref_se = ppl_with_se(np.concatenate(nll_ref))
+    ref = reference_tables(reference, w, model.n_vocab, cache_dir)
+    kl = np.empty(w.tokens_scored)
+    agree = np.empty(w.tokens_scored, dtype=bool)
+    lq_t = np.empty(w.tokens_scored)
+    scratch = np.empty((model.n_batch, model.n_vocab), dtype=np.float32)
+    for c, row, view in window_logits(model, w):
+        at = c * w.per_window + row
+        sl = slice(at, at + len(view))
+        lse = logsumexp(view, scratch)
+        lq_t[sl] = view[np.arange(len(view)), w.targets(c)[row:row + len(view)]] - lse
+        kl[sl] = ref.kl_rows(sl, view, lse)
+        agree[sl] = view.argmax(-1) == ref.top_idx[sl, 0]
+    return _kld_result(kl, agree, lq_t, ref.target_lp.astype(np.float64), w, text, model, reference)
+
+
+def _kld_result(kl, agree, lq_t, lp_t, w: Windows, text: str, model, reference) -> KLDResult:
+    ppl, ppl_se = ppl_with_se(-lq_t)
+    ppl_ref, ppl_ref_se = ppl_with_se(-lp_t)
     n = len(kl)
     top1 = float(agree.mean())
+    dp = np.exp(lq_t) - np.exp(lp_t)
     return KLDResult(
         kld_mean=float(kl.mean()), kld_mean_se=float(kl.std(ddof=1) / math.sqrt(n)),
         kld_median=float(np.median(kl)), kld_p99=float(np.percentile(kl, 99)), kld_max=float(kl.max()),
         top1=top1, top1_se=math.sqrt(top1 * (1 - top1) / n), rms_dp=float(np.sqrt((dp ** 2).mean())),
         ppl=ppl, ppl_se=ppl_se, ppl_ref=ppl_ref, ppl_ref_se=ppl_ref_se, dppl=ppl - ppl_ref,
-        dppl_pct=100 * (ppl - ppl_ref) / ppl_ref, tokens_scored=n, ctx=ctx, text_sha256=text_sha256(text),
-        model=str(model.info.path), reference=reference)
+        dppl_pct=100 * (ppl - ppl_ref) / ppl_ref, tokens_scored=n, ctx=w.ctx, text_sha256=text_sha256(text),
+        model=str(model.info.path), reference=reference.description)

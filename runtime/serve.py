@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neoxq.errors import MissingExtraError
-from neoxq.gguf_info import read_info
-from neoxq.machine import default_threads
+from neoxq.core.errors import MissingExtraError
+from neoxq.core.gguf_info import read_info
+from neoxq.core.machine import default_threads
 
 from .model import gpu_offload_supported
 

@@ -27,10 +27,10 @@ VOCAB = 50304  # Pythia's padded embedding rows
 CHILD = """
 import resource, sys, time
 t = time.perf_counter()
-from convert.converter import convert
+from neoxq.convert.converter import convert
 import gguf, numpy, safetensors, torch  # the baseline child holds the same libraries
 if sys.argv[1] != "-":
-    convert(sys.argv[1], "f16", output=sys.argv[2], quiet=True, force=True)
+    convert(sys.argv[1], "f16", output=sys.argv[2], force=True)
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
@@ -39,7 +39,7 @@ def build(folder: Path, shape: dict) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from convert.tiny import TinySpec, build_config, train_tokenizer, _rewrite_config
+    from neoxq.convert.tiny import TinySpec, build_config, train_tokenizer, _rewrite_config
 
     if (folder / "model.safetensors").is_file():
         return folder

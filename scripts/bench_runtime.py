@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 NEOXQ = """
 import json, resource, sys, time
-from runtime.model import NeoxModel, RuntimeOptions
-from runtime.generate import GenerationStats, SamplingOptions, generate
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
+from neoxq.runtime.generate import GenerationStats, SamplingOptions, generate
 gguf, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ids = [(i * 7919) % 500 + 3 for i in range(n_prompt)]
 with NeoxModel(gguf, RuntimeOptions(n_ctx=n_prompt + n_gen + 16, n_batch=n_prompt)) as m:
@@ -72,7 +72,7 @@ print(json.dumps({"pp": pp, "tg": tg, "rss": resource.getrusage(resource.RUSAGE_
 
 HF = """
 import json, resource, sys, time, torch
-from convert.hf import load_reference
+from neoxq.convert.reference import load_reference
 folder, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(torch.get_num_threads())
 model = load_reference(folder)
@@ -105,16 +105,16 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--keep", type=Path)
     a = ap.parse_args()
-    from convert.converter import convert
-    from convert.quantize import quantize
-    from neoxq.qtypes import QuantType
+    from neoxq.convert.converter import convert
+    from neoxq.runtime.quantize import quantize
+    from neoxq.core.qtypes import QuantType
 
     root = a.keep or Path(tempfile.mkdtemp(prefix="neoxq-rt-"))
     folder = build(root / a.model, SHAPES[a.model])
     f16 = root / f"{a.model}-F16.gguf"
     if not f16.is_file():
-        convert(str(folder), "f16", output=f16, quiet=True)
-    gguf = f16 if a.type.upper() == "F16" else quantize(f16, QuantType.parse(a.type), output=root / f"{a.model}-{a.type}.gguf", force=True, quiet=True).path
+        convert(str(folder), "f16", output=f16)
+    gguf = f16 if a.type.upper() == "F16" else quantize(f16, QuantType.parse(a.type), output=root / f"{a.model}-{a.type}.gguf", force=True).path
     import llama_cpp
 
     print(f"model {a.model} ({a.type}), prompt {a.prompt} tokens, generate {a.gen}; GPU offload: {llama_cpp.llama_supports_gpu_offload()}")

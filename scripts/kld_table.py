@@ -23,28 +23,28 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--work", type=Path)
     a = ap.parse_args()
-    from convert.converter import convert
-    from convert.imatrix import compute_imatrix
-    from convert.imatrix_io import IMatrix, write_imatrix
-    from convert.quantize import quantize
-    from neoxq.qtypes import QUANTIZED
+    from neoxq.convert.converter import convert
+    from neoxq.convert.imatrix import compute_imatrix
+    from neoxq.core.imatrix_io import IMatrix, write_imatrix
+    from neoxq.runtime.quantize import quantize
+    from neoxq.core.qtypes import QUANTIZED
     from neoxq.report import split_for_calibration
-    from runtime.model import NeoxModel, RuntimeOptions
-    from runtime.score import kld
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.score import GGUFReference, kld
 
     work = a.work or Path(tempfile.mkdtemp(prefix="neoxq-kld-"))
     work.mkdir(parents=True, exist_ok=True)
     calib, scored = split_for_calibration(a.text.read_text(encoding="utf-8"))
-    f16 = convert(a.checkpoint, "f16", output=work / "F16.gguf", force=True, quiet=True)
-    im = compute_imatrix(a.checkpoint, calib, ctx=a.ctx, quiet=True)
+    f16 = convert(a.checkpoint, "f16", output=work / "F16.gguf", force=True)
+    im = compute_imatrix(a.checkpoint, calib, ctx=a.ctx)
     real = write_imatrix(work / "real.imatrix", im, force=True)
     uniform = write_imatrix(work / "uniform.imatrix", IMatrix({k: np.ones_like(v) for k, v in im.sums.items()},
                                                              {k: 1.0 for k in im.counts}, ["uniform"]), force=True)
 
     def score(t, imatrix, tag):
-        r = quantize(f16, t, output=work / f"{t.value}-{tag}.gguf", imatrix=imatrix, force=True, quiet=True)
+        r = quantize(f16, t, output=work / f"{t.value}-{tag}.gguf", imatrix=imatrix, force=True)
         with NeoxModel(r.path, RuntimeOptions(n_ctx=a.ctx, n_batch=a.ctx)) as m:
-            k = kld(m, str(f16), scored, a.ctx, cache_dir=work / "cache")
+            k = kld(m, GGUFReference(f16), scored, a.ctx, cache_dir=work / "cache")
         r.path.unlink()
         return r.bpw, k
 

@@ -1,4 +1,5 @@
-"""Render a quality report: report.json is the source of truth; Markdown and PNG come from it."""
+"""Render a quality report: report.json is the source of truth; the terminal table, Markdown and
+PNG come from it. Lives beside the report code; matplotlib is needed only for the PNG."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     v = row.get(key)
     if v is None:
         return "-"
+    if key in ("pp_tps", "tg_tps") and not row.get("speed", {}).get("reliable", True):
+        return "busy"
     if key == "size_bytes":
         v = v / 1e6
     if key == "top1":
@@ -50,13 +53,24 @@ def markdown(report: dict) -> str:
     out += ["", "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in report["results"]:
         out.append("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |")
+    busy = [r for r in report["results"] if not r.get("speed", {}).get("reliable", True)]
+    if busy:
+        out += ["", "Speed columns marked *busy* were measured while the machine was busy ("
+                + "; ".join(sorted({r["speed"]["why"] for r in busy})) + "); their figures are in report.json "
+                "but are not reliable."]
     out += ["", "Columns: size and bits/weight of the file; perplexity ± standard error on the text; Δppl relative to "
             "the fp32 reference; KL divergence of the token distributions from the reference (mean and 99th "
             "percentile); how often the most likely token agrees with the reference; prompt and generation "
-            "speed (tokens/s) on this machine.", ""]
+            "speed (tokens/s) on this machine, the median of 3 runs after a warm-up.", ""]
     if report.get("plot"):
         out.append(f"![size vs quality]({report['plot']})")
     return "\n".join(out) + "\n"
+
+
+def has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot(report: dict, path: Path) -> Path | None:
@@ -83,7 +97,7 @@ def plot(report: dict, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report['source']['name']}: size vs quality ({report['text']['tokens_scored']} tokens, ctx {report['text']['ctx']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -92,8 +106,15 @@ def render(report_json: Path) -> tuple[Path, Path | None]:
     """report.json → report.md (+ report.png beside it)."""
     report = json.loads(Path(report_json).read_text())
     folder = Path(report_json).parent
-    png = plot(report, folder / "report.png")
-    report["plot"] = png.name if png else None
+    from neoxq.core.atomic import atomic_output
+
+    png = folder / "report.png"
+    made = has_matplotlib()
+    if made:
+        with atomic_output(png, force=True) as tmp:
+            plot(report, tmp)
+    report["plot"] = png.name if made else None
     md = folder / "report.md"
-    md.write_text(markdown(report))
-    return md, png
+    with atomic_output(md, force=True) as tmp:
+        tmp.write_text(markdown(report))
+    return md, png if made else None

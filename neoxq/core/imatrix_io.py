@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxq.atomic import atomic_output
-from neoxq.errors import CorruptFileError, SourceError, UsageError
+from .atomic import atomic_output
+from .errors import CorruptFileError, SourceError, UsageError
 
 SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
 
@@ -128,9 +128,9 @@ def write_imatrix(path: Path | str, im: IMatrix, force: bool = False) -> Path:
     return path
 
 
-def check_fits(im: IMatrix, tensors: list[tuple[str, str, tuple[int, ...], int]], source: Path) -> None:
+def check_fits(im: IMatrix, tensors: list, source: Path) -> None:
     """Refuse an imatrix made for another model: every entry must name a tensor of this width."""
-    cols = {name: shape[-1] for name, _, shape, _ in tensors if len(shape) == 2}
+    cols = {t.name: t.shape[-1] for t in tensors if len(t.shape) == 2}
     for name, arr in im.sums.items():
         if name not in cols:
             raise UsageError(f"imatrix {source.name} has an entry for {name}, which this model lacks: it was made for another model; compute one for this model with `neoxq imatrix`")

@@ -1,0 +1,86 @@
+"""Checkpoint → one GGUF per type: convert once, quantize the rest, reuse what is still valid.
+
+The one builder behind `neoxq convert --quant`, `neoxq report` and `neoxq sweep`. Rules:
+- names: neoxq.core.naming (`<name>[-<revision>]-<TYPE>.gguf`);
+- float types (F32/F16/BF16) come from the converter; every quantized type, Q8_0 included, from
+  llama.cpp's quantizer applied to the base file (F16 unless told otherwise);
+- an existing file is reused only when its metadata names the same type, the same source (repo,
+  revision, commit, weights fingerprint) and, for quantized types, the same imatrix (sha256).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from neoxq.convert.checkpoint import Checkpoint
+from neoxq.convert.converter import convert, source_keys
+from neoxq.core.errors import NeoxqError, OutputError, UsageError
+from neoxq.core.gguf_info import read_info
+from neoxq.core.imatrix_io import file_sha256
+from neoxq.core.naming import gguf_name
+from neoxq.core.qtypes import QuantType
+from neoxq.runtime import quantize as rq
+
+
+@dataclass
+class Built:
+    qtype: QuantType
+    path: Path
+    seconds: float  # time to write it (0 when reused)
+    reused: bool
+
+    @property
+    def label(self) -> str:
+        return self.qtype.value
+
+
+def expected_metadata(ckpt: Checkpoint, qtype: QuantType, imatrix_sha: str | None) -> dict[str, str]:
+    want = {**source_keys(ckpt), "neoxq.quant_type": qtype.value}
+    if not qtype.is_float:
+        want["neoxq.imatrix.sha256"] = imatrix_sha  # None: made without one
+    return want
+
+
+def is_valid(path: Path, want: dict[str, str | None]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        meta = read_info(path).metadata
+    except NeoxqError:
+        return False
+    # gguf-py does not write empty strings, so missing and "" are the same value.
+    return all((meta.get(k) or None) == (v or None) for k, v in want.items())
+
+
+def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix: Path | None = None,
+                base_type: QuantType = QuantType.F16, replace_invalid: bool = True,
+                on_step: Callable[[Built], None] | None = None) -> dict[QuantType, Built]:
+    """Make (or reuse) one file per type in `out_dir`; return them by type, base first.
+
+    `replace_invalid=False` refuses to overwrite an existing file that is not valid (the CLI
+    without --force); the report owns its folder and replaces such files."""
+    for t in types:
+        if t.needs_imatrix and imatrix is None:
+            raise UsageError(f"{t.value} needs an importance matrix; use --imatrix auto or --imatrix FILE")
+    im_sha = file_sha256(imatrix) if imatrix else None
+    out: dict[QuantType, Built] = {}
+    order = [base_type] + [t for t in types if t != base_type]
+    for t in order:
+        path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, t.value)
+        want = expected_metadata(ckpt, t, None if t.is_float else im_sha)
+        t0 = time.perf_counter()
+        reused = is_valid(path, want)
+        if not reused:
+            if path.exists() and not replace_invalid:
+                raise OutputError(f"{path} already exists and was made from another source or type; pass --force to overwrite it or -o to choose another folder")
+            if t.is_float:
+                convert(ckpt, t, output=path, force=True)
+            else:
+                rq.quantize(out[base_type].path, t, output=path, imatrix=imatrix, force=True)
+        out[t] = Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused)
+        if on_step:
+            on_step(out[t])
+    return out

@@ -1,0 +1,90 @@
+"""convert, quantize, imatrix, types: making GGUF files."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neoxq.core.qtypes import CONVERT_OUTTYPES, QUANTIZED, QuantType, types_table
+
+from .options import Force, Json, Output, Quiet, Revision, Source, Text
+from .say import result_line
+
+OutType = Enum("OutType", {t.value.lower(): t.value.lower() for t in CONVERT_OUTTYPES}, type=str)
+QUANT_HELP = "Types (nominal bpw): " + ", ".join(f"{t.value} ({t.nominal_bpw:g})" for t in QUANTIZED)
+IMatrixFile = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (neoxq or llama-imatrix GGUF, or legacy .dat).")]
+
+
+def convert(
+    src: Source,
+    revision: Revision = None,
+    outtype: Annotated[Optional[OutType], typer.Option("--outtype", help="Type of the converted file (default f16).")] = None,
+    quant: Annotated[Optional[str], typer.Option("--quant", help="Also quantize to these comma-separated types. " + QUANT_HELP)] = None,
+    imatrix: IMatrixFile = None,
+    output: Output = None,
+    force: Force = False,
+    quiet: Quiet = False,
+):
+    """Convert a GPT-NeoX checkpoint to GGUF (and optionally quantize it to several types).
+
+    -o is the output file (default <name>[-<revision>]-<TYPE>.gguf); with --quant, a folder."""
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.convert.converter import convert as do_convert
+
+    ckpt = open_checkpoint(src, revision)
+    if quant:
+        from neoxq.build import build_types
+
+        types = QuantType.parse_list(quant)
+        base = QuantType(outtype.value.upper()) if outtype else QuantType.F16
+        out_dir = output or Path(".")
+        built = build_types(ckpt, types, out_dir, imatrix=imatrix, base_type=base, replace_invalid=force)
+        paths = [b.path for b in built.values()]
+    else:
+        paths = [do_convert(ckpt, outtype.value if outtype else QuantType.F16, output=output, force=force)]
+    for p in paths:
+        result_line(str(p))
+
+
+def quantize(
+    inp: Annotated[Path, typer.Argument(help="F32/F16/BF16 GGUF to quantize.")],
+    qtype: Annotated[str, typer.Option("--type", help=QUANT_HELP)],
+    imatrix: IMatrixFile = None,
+    output: Output = None,
+    as_json: Json = False,
+    force: Force = False,
+    quiet: Quiet = False,
+):
+    """Quantize a GGUF with llama.cpp's quantizer; shows which tensor got which type."""
+    from neoxq.runtime.quantize import quantize as do_quantize
+
+    result = do_quantize(inp, QuantType.parse(qtype), output=output, imatrix=imatrix, force=force)
+    if as_json:
+        print(json.dumps(result.as_json(), indent=1))
+    elif not quiet:
+        print(result.table())
+
+
+def imatrix(
+    src: Source,
+    text: Text,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output imatrix file (llama.cpp's GGUF imatrix format).")],
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="Tokens per chunk.")] = 512,
+    revision: Revision = None,
+    include_output: Annotated[bool, typer.Option("--include-output", help="Also collect output.weight.")] = False,
+    force: Force = False,
+    quiet: Quiet = False,
+):
+    """Compute an importance matrix over a calibration text (with the transformers fp32 model)."""
+    from neoxq.convert.imatrix import make_imatrix
+
+    result_line(str(make_imatrix(src, text, output, ctx=ctx, revision=revision, include_output=include_output, force=force)))
+
+
+def types():
+    """List the quant types with their nominal bits per weight."""
+    print(types_table())

@@ -1,0 +1,33 @@
+"""Options shared by several commands, declared once (as huggingface_hub's cli/ does): a flag means
+the same thing, with the same short form and the same limits, in every command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+
+def _quiet(value: bool) -> bool:
+    """Quiet is process-wide: set once here, read by progress bars and status lines."""
+    from neoxq.core.progress import set_quiet
+
+    set_quiet(value)
+    return value
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", callback=_quiet, help="Print nothing but errors.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", "-r", help="Hub branch, tag or commit (Pythia: step3000 …).")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file or folder (see the command's help).")]
+Text = Annotated[Path, typer.Option("--text", help="UTF-8 text file.")]
+Ctx = Annotated[Optional[int], typer.Option("--ctx", "-c", min=4, help="Context window in tokens.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", "-t", min=1, help="CPU threads (default: all cores).")]
+GpuLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", min=-1,
+                                                  help="Layers on the GPU (default: all when the build supports offload; 0 = CPU).")]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where reference tables are cached (default ~/.cache/neoxq).")]
+Model = Annotated[Path, typer.Argument(help="GGUF file.")]
+Source = Annotated[str, typer.Argument(help="Checkpoint folder, or hub repo id (org/name or org/name@revision).")]

@@ -1,0 +1,154 @@
+"""run, tokenize, perplexity, kld, serve: using GGUF files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .options import CacheDir, Ctx, GpuLayers, Json, Model, Quiet, Revision, Text, Threads
+
+
+def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512):
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+
+    return NeoxModel(model, RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers))
+
+
+def run(
+    model: Model,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (else --prompt-file, or stdin).")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", "-f")] = None,
+    n: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 128,
+    temperature: Annotated[float, typer.Option("--temp", "--temperature", min=0.0)] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", min=0.0)] = 1.1,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read prompts line by line; each gets a completion.")] = False,
+    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
+):
+    """Stream a completion token by token; prompt and generation tokens/s on stderr."""
+    from neoxq.runtime.generate import SamplingOptions
+
+    opts = SamplingOptions(max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []))
+    text = None if interactive else (prompt if prompt is not None else _read_prompt(prompt_file))
+    with _open(model, ctx, threads, gpu_layers) as m:
+        if not interactive:
+            _complete(m, text, opts)
+            return
+        while True:
+            if sys.stdin.isatty():
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            if line.strip():
+                _complete(m, line.rstrip("\n"), opts)
+
+
+def _complete(m, text: str, opts) -> None:
+    from neoxq.runtime.generate import GenerationStats, generate
+
+    stats = GenerationStats()
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    for piece in generate(m, text, opts, stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(stats.line(), file=sys.stderr)
+
+
+def _read_prompt(path: Optional[Path]) -> str:
+    from neoxq.core.errors import UsageError
+    from neoxq.core.textfile import read_text
+
+    if path is not None:
+        return read_text(path)
+    if sys.stdin.isatty():
+        raise UsageError("no prompt; pass -p TEXT, --prompt-file FILE, or pipe text on stdin")
+    return sys.stdin.read()
+
+
+def tokenize(
+    model: Model,
+    text: Annotated[str, typer.Argument(help="Text to tokenise (NFC-normalised first, as GPT-NeoX's tokenizer does).")],
+    as_json: Json = False,
+):
+    """Print the token ids of TEXT."""
+    with _open(model, 64, None, 0, batch=64) as m:
+        ids = m.tokenize(text)
+        if as_json:
+            print(json.dumps(ids))
+        else:
+            for i in ids:
+                print(f"{i:>8} {m.detokenize([i])!r}")
+
+
+def perplexity(
+    model: Model,
+    text: Text,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="Window size; the second half of each window is scored.")] = 512,
+    as_json: Json = False,
+    threads: Threads = None, gpu_layers: GpuLayers = None,
+    quiet: Quiet = False,
+):
+    """Perplexity as llama-perplexity computes it, with its standard error."""
+    from neoxq.core.textfile import read_text
+    from neoxq.runtime.score import perplexity as ppl
+
+    body = read_text(text)
+    with _open(model, ctx, threads, gpu_layers, batch=ctx) as m:
+        r = ppl(m, body, ctx)
+    if as_json:
+        print(json.dumps(r.as_json(), indent=1))
+    else:
+        print(f"perplexity {r.ppl:.4f} ± {r.ppl_se:.4f} ({r.tokens_scored} tokens, ctx {r.ctx}, {r.n_chunks} windows)")
+
+
+def kld(
+    model: Annotated[Path, typer.Argument(help="GGUF file to evaluate.")],
+    reference: Annotated[str, typer.Option("--reference", help="F16/F32 GGUF, or the HF checkpoint (folder or repo id).")],
+    text: Text,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
+    as_json: Json = False,
+    threads: Threads = None, gpu_layers: GpuLayers = None,
+    quiet: Quiet = False,
+):
+    """KL divergence, top-1 agreement, RMS Δp and Δppl against a reference."""
+    from neoxq.core.textfile import read_text
+    from neoxq.reference import open_reference
+    from neoxq.runtime.model import RuntimeOptions
+    from neoxq.runtime.score import kld as do_kld
+
+    body = read_text(text)
+    ref = open_reference(reference, revision, RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads, n_gpu_layers=gpu_layers))
+    with _open(model, ctx, threads, gpu_layers, batch=ctx) as m:
+        r = do_kld(m, ref, body, ctx, cache_dir=cache_dir)
+    if as_json:
+        print(json.dumps(r.as_json(), indent=1))
+        return
+    print(f"KLD mean {r.kld_mean:.6f} ± {r.kld_mean_se:.6f}  median {r.kld_median:.6f}  p99 {r.kld_p99:.6f}  max {r.kld_max:.6f}")
+    print(f"top-1 agreement {100 * r.top1:.2f}% ± {100 * r.top1_se:.2f}%  RMS Δp {100 * r.rms_dp:.3f}%")
+    print(f"ppl {r.ppl:.4f} ± {r.ppl_se:.4f} vs reference {r.ppl_ref:.4f} ± {r.ppl_ref_se:.4f}  Δppl {r.dppl:+.4f} ({r.dppl_pct:+.2f}%)  [{r.tokens_scored} tokens]")
+
+
+def serve(
+    model: Model,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
+):
+    """OpenAI-compatible completions server, on localhost by default."""
+    from neoxq.runtime.serve import serve as do_serve
+
+    do_serve(model, host=host, port=port, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)

@@ -1,0 +1,31 @@
+"""Facts about this machine: usable cores, platform, package versions (nothing of llama.cpp's)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def default_threads() -> int:
+    """Every core this process may use (llama.cpp's own default counts all cores of the host)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def describe() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cores": default_threads(), "python": platform.python_version()}
+
+
+def versions() -> dict:
+    """Installed versions of what a result depends on, for report provenance."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("neoxq", "llama-cpp-python", "gguf", "transformers", "torch", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,291 @@
+"""Fast unit tests: no trained model, no llama.cpp model load unless stated (the fast tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from neoxq.convert.neox import GPTNeoXArgs, deinterleave_qkv
+from neoxq.core.errors import CorruptFileError, UnsupportedModelError, UsageError
+from neoxq.core.naming import gguf_name
+from neoxq.core.qtypes import QUANTIZED, QuantType
+
+HF4 = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4,
+       "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 512, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+       "torch_dtype": "float16"}
+HF5 = {k: v for k, v in HF4.items() if k not in ("rotary_pct", "rotary_emb_base", "torch_dtype")} | {
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, "dtype": "float16"}
+
+
+def test_config_styles_agree():
+    a, b = GPTNeoXArgs.from_config(HF4), GPTNeoXArgs.from_config(HF5)
+    for f in ("rotary_fraction", "rope_base", "head_dim", "n_rot", "weights_dtype"):
+        assert getattr(a, f) == getattr(b, f), f
+    assert (a.n_rot, a.head_dim, a.rope_base) == (4, 16, 10000.0)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"num_hidden_layers": -2}, "num_hidden_layers"), ({"hidden_size": 0}, "hidden_size"),
+    ({"vocab_size": "512"}, "vocab_size"), ({"intermediate_size": 2.5}, "intermediate_size"),
+    ({"num_attention_heads": 5}, "num_attention_heads"), ({"rotary_pct": 0}, "rotary"),
+    ({"rotary_pct": 1.5}, "rotary"), ({"layer_norm_eps": -1}, "layer_norm_eps"),
+    ({"rotary_emb_base": "big"}, "rotary_emb_base"), ({"num_hidden_layers": True}, "num_hidden_layers"),
+])
+def test_config_field_validation_names_the_field(change, field):
+    with pytest.raises(CorruptFileError, match=field):
+        GPTNeoXArgs.from_config(HF4 | change)
+
+
+def test_config_not_neox_or_incomplete():
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+        GPTNeoXArgs.from_config(HF4 | {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    with pytest.raises(CorruptFileError, match="vocab_size"):
+        GPTNeoXArgs.from_config({k: v for k, v in HF4.items() if k != "vocab_size"})
+    with pytest.raises(CorruptFileError, match="JSON object"):
+        GPTNeoXArgs.from_config([1, 2])
+
+
+def test_qkv_deinterleave_on_known_arrays():
+    """HF: per head [q(hd), k(hd), v(hd)]; llama.cpp: all q heads, then all k, then all v."""
+    args = GPTNeoXArgs.from_config(HF4 | {"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16})
+    nh, hd, h = 2, 4, 8
+    rows = np.arange(3 * h)  # row r of HF's layout is head r // (3hd), part (r // hd) % 3
+    out = deinterleave_qkv(np.repeat(rows[:, None], h, 1).astype(np.float32), args)[:, 0].astype(int)
+    expect = [head * 3 * hd + part * hd + j for part in range(3) for head in range(nh) for j in range(hd)]
+    assert out.tolist() == expect
+    assert deinterleave_qkv(rows.astype(np.float32), args).astype(int).tolist() == expect
+
+
+def test_naming_rule():
+    assert gguf_name("pythia-160m", None, "F16") == "pythia-160m-F16.gguf"
+    assert gguf_name("pythia-160m", "main", "Q4_K_M") == "pythia-160m-Q4_K_M.gguf"
+    assert gguf_name("pythia-410m-deduped", "step3000", "Q8_0") == "pythia-410m-deduped-step3000-Q8_0.gguf"
+
+
+def test_quant_type_parsing():
+    assert QuantType.parse(" q4_k_m ") == QuantType.Q4_K_M
+    assert QuantType.parse_list("Q8_0,q8_0,,Q2_K") == [QuantType.Q8_0, QuantType.Q2_K]
+    with pytest.raises(UsageError, match="Q4_K_M"):
+        QuantType.parse("Q7_X")
+    with pytest.raises(UsageError, match="no quant type"):
+        QuantType.parse_list(" , ")
+    assert QuantType.from_ftype(15) == QuantType.Q4_K_M and QuantType.from_ftype(999) is None
+    assert all(2 <= t.nominal_bpw <= 8.5 for t in QUANTIZED)
+
+
+def test_windows():
+    from neoxq.runtime.score import Windows
+
+    w = Windows(list(range(1000)), 128)
+    assert (w.n_chunks, w.first, w.per_window, w.tokens_scored) == (7, 64, 63, 441)
+    assert w.targets(1).tolist() == list(range(128 + 65, 256))
+    with pytest.raises(UsageError, match="two windows"):
+        Windows(list(range(200)), 128)
+    with pytest.raises(UsageError, match="too small"):
+        Windows(list(range(200)), 2)
+
+
+def test_logsumexp_float32_matches_float64():
+    from neoxq.runtime.score import log_softmax, logsumexp
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 5000)) * 8).astype(np.float32)
+    ref = np.log(np.exp(x.astype(np.float64) - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    assert np.abs(logsumexp(x) - ref).max() < 1e-4
+    assert np.allclose(np.exp(log_softmax(x)).sum(-1), 1.0)
+
+
+def test_compact_reference_kl_exact_and_bounded():
+    """K = V: the stored tables give the exact KL; K < V: a lower bound, close when the top K hold
+    nearly all the mass."""
+    from neoxq.runtime.reference_cache import ReferenceTables, compact
+    from neoxq.runtime.score import log_softmax, logsumexp
+
+    rng = np.random.default_rng(1)
+    ref_logits = (rng.standard_normal((8, 400)) * 4).astype(np.float32)
+    test_logits = ref_logits + rng.standard_normal((8, 400)).astype(np.float32) * 0.3
+    lp, lq = log_softmax(ref_logits), log_softmax(test_logits)
+    exact = (np.exp(lp) * (lp - lq)).sum(-1)
+    targets = rng.integers(0, 400, 8)
+    for k, tol in ((400, 1e-6), (128, 0.05)):
+        t = ReferenceTables(**compact(lp, targets, k))
+        got = t.kl_rows(slice(0, 8), test_logits, logsumexp(test_logits))
+        assert np.all(got <= exact + 1e-6)
+        assert np.abs(got - exact).max() <= tol * exact.max(), (k, got, exact)
+        assert np.allclose(t.target_lp, lp[np.arange(8), targets], atol=1e-6)
+        assert (t.top_idx[:, 0] == ref_logits.argmax(-1)).all()
+
+
+def test_reference_cache_roundtrip(tmp_path):
+    from neoxq.runtime.reference_cache import reference_tables
+    from neoxq.runtime.score import Windows, log_softmax
+
+    class Fake:
+        description, calls = "fake", 0
+
+        def identity(self):
+            return "fake:1"
+
+        def log_probs(self, w):
+            Fake.calls += 1
+            rng = np.random.default_rng(2)
+            for c in range(w.n_chunks):
+                yield c, log_softmax(rng.standard_normal((w.per_window, 50)))
+
+    w = Windows([i % 50 for i in range(64)], 16)
+    a = reference_tables(Fake(), w, 50, tmp_path, k=8)
+    b = reference_tables(Fake(), w, 50, tmp_path, k=8)
+    assert Fake.calls == 1 and np.array_equal(a.top_lp, b.top_lp) and a.top_idx.shape == (w.tokens_scored, 8)
+    assert not list(tmp_path.glob(".*.partial"))
+    with pytest.raises(UsageError, match="different models"):
+        reference_tables(Fake(), w, 60, tmp_path / "other", k=8)
+
+
+def test_stale_partials_removed_live_kept(tmp_path):
+    from neoxq.core.atomic import atomic_output
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".old.gguf.{dead}.partial"
+    live = tmp_path / f".busy.gguf.{os.getppid()}.partial"
+    stale.write_text("x")
+    live.write_text("x")
+    with atomic_output(tmp_path / "new.txt") as tmp:
+        tmp.write_text("done")
+    assert not stale.exists() and live.exists() and (tmp_path / "new.txt").read_text() == "done"
+
+
+def test_imatrix_readers_roundtrip_and_corrupt(tmp_path):
+    from neoxq.core.imatrix_io import IMatrix, read_imatrix, write_imatrix
+
+    im = IMatrix({"blk.0.attn_qkv.weight": np.arange(1, 9, dtype=np.float32)}, {"blk.0.attn_qkv.weight": 4.0}, ["calib"], 3, 128)
+    back = read_imatrix(write_imatrix(tmp_path / "a.imatrix", im))
+    assert np.allclose(back.values("blk.0.attn_qkv.weight"), np.arange(1, 9) / 4) and back.datasets == ["calib"]
+    (tmp_path / "bad.dat").write_bytes(b"\x05\x00\x00\x00garbage")
+    with pytest.raises(CorruptFileError):
+        read_imatrix(tmp_path / "bad.dat")
+
+
+CANNED = {
+    "source": {"name": "tiny", "path": "/x/tiny", "repo": None, "revision": None, "commit": None, "format": "safetensors"},
+    "text": {"file": "t.txt", "sha256": "ab" * 32, "scored_sha256": "cd" * 32, "ctx": 128, "tokens_scored": 6300, "calibration_excluded": True},
+    "reference": {"kind": "transformers GPTNeoXForCausalLM, fp32", "ppl": 35.0, "ppl_se": 0.4},
+    "imatrix": {"file": "imatrix.gguf", "sha256": "ef" * 32, "calibration": "first 25%"},
+    "machine": {"platform": "Linux", "processor": "x86_64", "cores": 2, "python": "3.11"},
+    "versions": {"neoxq": "0.2.0", "llama-cpp-python": "0.3.36"},
+    "results": [
+        {"type": "F16", "size_bytes": 6_890_000, "bpw": 16.06, "ppl": 35.49, "ppl_se": 0.39, "dppl_pct": 0.0, "kld_mean": 1e-6,
+         "kld_p99": 1e-5, "top1": 0.999, "pp_tps": 6401, "tg_tps": 1404.7, "speed": {"reliable": True, "why": ""}},
+        {"type": "Q2_K", "size_bytes": 1_470_000, "bpw": 3.39, "ppl": 36.04, "ppl_se": 0.40, "dppl_pct": 1.56, "kld_mean": 0.018,
+         "kld_p99": 0.09, "top1": 0.84, "pp_tps": 9815, "tg_tps": 2.0, "speed": {"reliable": False, "why": "load average 5.1 above 2 cores"}},
+    ],
+}
+
+
+def test_render_from_canned_report(tmp_path):
+    from neoxq.render import markdown, render, table
+
+    t = table(CANNED)
+    assert "Q2_K" in t.splitlines()[3] and "busy" in t.splitlines()[3] and "6401" in t
+    md = markdown(CANNED)
+    assert "| Q2_K |" in md and "load average 5.1" in md and CANNED["text"]["sha256"] in md and "35.000 ± 0.400" in md
+    (tmp_path / "report.json").write_text(json.dumps(CANNED))
+    md_path, png = render(tmp_path / "report.json")
+    assert md_path.read_text().startswith("# Quantization report: tiny") and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gguf_info_matches_gguf_reader_and_skips_vocab(tmp_path):
+    import gguf
+
+    from neoxq.core.gguf_info import read_info
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(path, "gptneox")
+    w.add_context_length(2048)
+    w.add_token_list([f"tok{i}" for i in range(50_000)])
+    w.add_token_merges([f"a{i} b{i}" for i in range(50_000)])
+    w.add_string("neoxq.quant_type", "F16")
+    w.add_array("imatrix.datasets", ["x", "y"])
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float16))
+    w.add_tensor("output_norm.bias", np.zeros(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info, ref = read_info(path), gguf.GGUFReader(path)
+    assert info.n_vocab == 50_000 and "tokenizer.ggml.tokens" not in info.metadata
+    assert info.metadata["imatrix.datasets"] == ["x", "y"] and info.quant_type == QuantType.F16
+    assert [(t.name, t.type, t.shape, t.n_bytes) for t in info.tensors] == \
+        [(t.name, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)), int(t.n_bytes)) for t in ref.tensors]
+    assert info.data_offset + info.tensors[0].offset == int(ref.tensors[0].data_offset)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptFileError, match="truncated"):
+        read_info(path)
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("run", "x.gguf", "-n", "-5"), "--max-tokens"), (("perplexity", "x.gguf", "--text", "t", "--ctx", "2"), "--ctx"),
+    (("quantize", "x.gguf", "--type", "Q9_K"), "Q9_K"), (("run", "missing.gguf", "-p", "x"), "no such file"),
+    (("serve", "x.gguf", "--port", "70000"), "--port"), (("run", "x.gguf", "-t", "0", "-p", "x"), "--threads"),
+])
+def test_cli_bad_values_one_line(args, needle):
+    from .helpers import assert_one_line_error
+
+    assert_one_line_error(_cli(*args), needle)
+
+
+def test_cli_debug_env_version_and_short_flags():
+    proc = _cli("run", "missing.gguf", "-p", "x", env={"NEOXQ_DEBUG": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "SourceError" in proc.stderr
+    import neoxq
+
+    assert _cli("--version").stdout.strip() == f"neoxq {neoxq.__version__}"
+    # -t is --threads everywhere; --type has no short form.
+    for cmd in ("run", "perplexity", "kld", "serve"):
+        assert "--threads" in _cli(cmd, "--help").stdout
+    assert "-t," not in _cli("quantize", "--help").stdout.replace("--type", "")
+
+
+def test_single_import_root_and_layers():
+    """One top-level package; base imports nothing above it; convert and runtime never import each
+    other; runtime and base import no torch. Checked on the source (every module)."""
+    import ast
+    from pathlib import Path
+
+    from .helpers import REPO
+
+    def imports(path):
+        tree = ast.parse(path.read_text())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Import):
+                yield from (a.name for a in n.names)
+            elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
+                yield n.module
+
+    rules = {"neoxq/core": ("neoxq.convert", "neoxq.runtime", "neoxq.cli", "neoxq.build", "neoxq.report", "torch", "transformers"),
+             "runtime": ("neoxq.convert", "torch", "transformers", "neoxq.cli", "neoxq.build", "neoxq.report"),
+             "convert": ("neoxq.runtime", "neoxq.cli", "neoxq.build", "neoxq.report")}
+    for folder, banned in rules.items():
+        for path in (REPO / folder).glob("*.py"):
+            for mod in imports(path):
+                assert not mod.startswith(banned), f"{path.relative_to(REPO)} imports {mod}"
+                assert mod.split(".")[0] not in ("convert", "runtime"), f"{path} imports top-level {mod}"
+    top = (REPO / "pyproject.toml").read_text()
+    assert 'packages = ["neoxq", "neoxq.core", "neoxq.cli", "neoxq.convert", "neoxq.runtime"]' in top
+
+
+def test_works_beside_a_stray_convert_py(tmp_path):
+    (tmp_path / "convert.py").write_text("raise SystemExit('the stray convert.py was imported')\n")
+    (tmp_path / "runtime.py").write_text("raise SystemExit('the stray runtime.py was imported')\n")
+    proc = subprocess.run([sys.executable, "-c", "import neoxq.convert.converter, neoxq.runtime.model, neoxq.cli; print('ok')"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr

@@ -1,0 +1,195 @@
+"""Every raw llama.cpp C-API call neoxq makes, in one module (the role of llama-cpp-python's
+`_internals.py`): the log callback, window decoding through `llama_batch`/`llama_decode`, logits,
+and `llama_model_quantize` with its key/value, tensor-type and imatrix arrays.
+
+Everything else in neoxq calls these functions (or llama-cpp-python's high-level `Llama`), never
+the ctypes bindings directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Iterator
+
+import llama_cpp
+import numpy as np
+
+
+class LogLevel(IntEnum):
+    """ggml.h's enum ggml_log_level (llama-cpp-python's own comment lists older values)."""
+
+    NONE = 0
+    DEBUG = 1
+    INFO = 2
+    WARN = 3
+    ERROR = 4
+    CONT = 5  # continues the previous line, at the previous line's level
+
+
+class _Log:
+    """One callback for the whole process: silent unless NEOXQ_LLAMA_LOG=1; errors are collected
+    while a `captured_errors()` block is open, so a failure can be explained in our own words."""
+
+    def __init__(self):
+        self.last = LogLevel.NONE
+        self.captures: list[list[str]] = []
+        self.echo = os.environ.get("NEOXQ_LLAMA_LOG") == "1"
+        self.callback = llama_cpp.llama_log_callback(self._on_log)  # kept alive: C holds the pointer
+
+    def _on_log(self, level: int, text: bytes, _user) -> None:
+        lvl = self.last if level == LogLevel.CONT else LogLevel(level) if level in LogLevel._value2member_map_ else LogLevel.INFO
+        self.last = lvl
+        msg = text.decode("utf-8", errors="replace")
+        if lvl >= LogLevel.ERROR and self.captures:
+            self.captures[-1].append(msg)
+        if self.echo:
+            print(msg, end="", file=sys.stderr, flush=True)
+
+
+_LOG = _Log()
+llama_cpp.llama_log_set(_LOG.callback, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def captured_errors() -> Iterator[list[str]]:
+    """Yield the list that llama.cpp's error lines are appended to during the block."""
+    lines: list[str] = []
+    _LOG.captures.append(lines)
+    try:
+        yield lines
+    finally:
+        _LOG.captures.remove(lines)
+
+
+def error_text(lines: list[str], limit: int = 300) -> str:
+    return " ".join(e.strip() for e in lines if e.strip())[-limit:]
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+
+
+# Decoding -----------------------------------------------------------------------------------------
+
+class WindowDecoder:
+    """Decodes one window of tokens from an empty KV cache, asking logits only at wanted positions.
+
+    The llama_batch is allocated once and filled through numpy views of its arrays (no per-token
+    Python loop). Logits come back as a view of llama.cpp's buffer, valid until the next decode.
+    """
+
+    def __init__(self, ctx, n_batch: int, n_vocab: int):
+        self.ctx, self.n_batch, self.n_vocab = ctx, n_batch, n_vocab
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        b = self.batch
+        self._token = np.ctypeslib.as_array(b.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
+        self._n_seq = np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))
+        self._logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n_batch,))
+        for i in range(n_batch):  # one sequence (id 0) for every slot, set once
+            b.seq_id[i][0] = 0
+        self._n_seq[:] = 1
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+
+    def decode(self, ids: np.ndarray, start: int, wanted: np.ndarray) -> np.ndarray:
+        """Decode `ids` at positions start…; return the logits rows of the wanted ones (a view)."""
+        n = len(ids)
+        self._token[:n] = ids
+        self._pos[:n] = np.arange(start, start + n)
+        self._logits[:n] = wanted
+        self.batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        k = int(wanted.sum())
+        if not k:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(k, self.n_vocab))
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+# Quantization -------------------------------------------------------------------------------------
+
+@dataclass
+class QuantizeCall:
+    """What one `llama_model_quantize` call needs, in Python terms."""
+
+    ftype: int
+    nthread: int
+    kv: dict[str, str] = field(default_factory=dict)  # string metadata written into the output
+    imatrix: dict[str, np.ndarray] = field(default_factory=dict)  # tensor name → per-column values
+    tensor_types: dict[str, int] = field(default_factory=dict)  # regex pattern → ggml type id
+    dry_run: bool = False
+
+
+def _kv_array(kv: dict[str, str]):
+    arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+    for i, (k, v) in enumerate(kv.items()):
+        arr[i].key = k.encode()[:127]
+        arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+        arr[i].value.val_str = v.encode()[:127]
+    arr[len(kv)].key = b""  # an empty key ends the list
+    return arr
+
+
+def _imatrix_array(values: dict[str, np.ndarray]):
+    """llama_model_imatrix_data[] ending with a null name; the buffers are returned to be kept alive."""
+    names = sorted(values)
+    keep = []
+    arr = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for i, name in enumerate(names):
+        vals = np.ascontiguousarray(values[name], dtype=np.float32)
+        keep.append((name.encode(), vals))
+        arr[i].name = keep[-1][0]
+        arr[i].data = vals.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = vals.size
+    arr[len(names)].name = None
+    return arr, keep
+
+
+def _tensor_type_array(patterns: dict[str, int]):
+    keep = [p.encode() for p in patterns]
+    arr = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()
+    for i, (p, t) in enumerate(zip(keep, patterns.values())):
+        arr[i].pattern = p
+        arr[i].type = t
+    arr[len(patterns)].pattern = None
+    return arr, keep
+
+
+def quantize(inp: str, out: str, call: QuantizeCall) -> tuple[int, list[str]]:
+    """Run llama.cpp's quantizer; return (return code, llama.cpp's error lines)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = call.nthread
+    params.ftype = call.ftype
+    params.dry_run = call.dry_run
+    keep = [_kv_array(call.kv)]
+    params.kv_overrides = ctypes.cast(keep[0], ctypes.POINTER(llama_cpp.llama_model_kv_override))
+    if call.imatrix:
+        arr, bufs = _imatrix_array(call.imatrix)
+        keep += [arr, bufs]
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if call.tensor_types:
+        arr, bufs = _tensor_type_array(call.tensor_types)
+        keep += [arr, bufs]
+        params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    with captured_errors() as errors:
+        rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params))
+    del keep
+    return rc, errors

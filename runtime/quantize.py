@@ -1,0 +1,143 @@
+"""Quantize a GGUF with llama.cpp's own quantizer (`llama_model_quantize`), on all cores, optionally
+with an importance matrix and per-tensor type overrides. The type and the imatrix's provenance go
+into the output's metadata through the quantizer's key/value overrides."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neoxq.core.atomic import atomic_output
+from neoxq.core.errors import CorruptFileError, OutputError, UsageError
+from neoxq.core.gguf_info import GGUFInfo, read_info
+from neoxq.core.imatrix_io import IMatrix, check_fits, file_sha256, read_imatrix
+from neoxq.core.machine import default_threads
+from neoxq.core.naming import gguf_name
+from neoxq.core.progress import info as say
+from neoxq.core.qtypes import QUANTIZED, QuantType
+
+from . import capi
+
+
+@dataclass
+class QuantResult:
+    path: Path
+    qtype: QuantType
+    tensors: list[dict]  # name, type, shape, bytes, note
+    size_bytes: int
+    bpw: float
+    seconds: float
+    extra: dict = field(default_factory=dict)  # e.g. the mix plan
+
+    def table(self) -> str:
+        rows = [f"{'tensor':<28} {'type':<8} {'shape':<14} {'bytes':>10}  note"]
+        for t in self.tensors:
+            shape = "x".join(map(str, t["shape"]))
+            rows.append(f"{t['name']:<28} {t['type']:<8} {shape:<14} {t['bytes']:>10}  {t['note']}")
+        rows.append(f"{self.label}: {self.size_bytes / 1e6:.2f} MB, {self.bpw:.2f} bits/weight, {self.seconds:.1f} s")
+        return "\n".join(rows)
+
+    @property
+    def label(self) -> str:
+        return self.extra.get("label", self.qtype.value)
+
+    def as_json(self) -> dict:
+        return {"path": str(self.path), "type": self.label, "size_bytes": self.size_bytes,
+                "bpw": round(self.bpw, 4), "seconds": round(self.seconds, 3), "tensors": self.tensors, **self.extra}
+
+
+def default_output(src: GGUFInfo, label: str, out_dir: Path | None = None) -> Path:
+    """The naming rule applied to the source's metadata (never its file name)."""
+    name = gguf_name(src.metadata.get("general.basename") or "model", src.metadata.get("neoxq.source.revision"), label)
+    return (out_dir or src.path.parent) / name
+
+
+def check_quantizable(src: GGUFInfo, qtype: QuantType, has_imatrix: bool) -> None:
+    if qtype not in QUANTIZED:
+        raise UsageError(f"{qtype.value} is not a quantized type; use `neoxq convert --outtype {qtype.value.lower()}`; quantized types: {', '.join(t.value for t in QUANTIZED)}")
+    src_type = src.quant_type
+    if src.metadata.get("neoxq.mix") or (src_type is not None and not src_type.is_float):
+        raise UsageError(f"{src.path.name} is already quantized ({src.metadata.get('neoxq.quant_type') or src_type.value}); quantize from the F32/F16/BF16 file instead")
+    if qtype.needs_imatrix and not has_imatrix:
+        raise UsageError(f"{qtype.value} needs an importance matrix; make one with `neoxq imatrix CHECKPOINT --text calibration.txt -o model.imatrix` and pass --imatrix model.imatrix")
+
+
+def load_imatrix(imatrix: Path | str | None, src: GGUFInfo) -> IMatrix | None:
+    if not imatrix:
+        return None
+    im = read_imatrix(imatrix)
+    check_fits(im, src.tensors, Path(imatrix))
+    return im
+
+
+def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | str | None = None,
+             imatrix: Path | str | None = None, force: bool = False, nthread: int | None = None,
+             out_dir: Path | None = None, tensor_types: dict[str, str] | None = None,
+             kv: dict[str, str] | None = None, label: str | None = None) -> QuantResult:
+    """Quantize `inp` to `qtype` (optionally overriding single tensors' ggml types); return the
+    per-tensor result read back from the written file."""
+    qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
+    src = inp if isinstance(inp, GGUFInfo) else read_info(inp)
+    check_quantizable(src, qtype, bool(imatrix))
+    im = load_imatrix(imatrix, src)
+    out = Path(output) if output else default_output(src, label or qtype.value, out_dir)
+    call = capi.QuantizeCall(ftype=qtype.ftype, nthread=nthread or default_threads(),
+                             kv={"neoxq.quant_type": label or qtype.value, **(kv or {})})
+    if im is not None:
+        call.imatrix = {n: im.values(n) for n in im.sums}
+        call.kv |= {"quantize.imatrix.file": Path(imatrix).name, "neoxq.imatrix.sha256": file_sha256(Path(imatrix)),
+                    "quantize.imatrix.dataset": im.datasets[0] if im.datasets else "unknown"}
+    if tensor_types:
+        call.tensor_types = {f"^{_re_escape(n)}$": _ggml_type_id(t) for n, t in tensor_types.items()}
+    t0 = time.perf_counter()
+    with atomic_output(out, force) as tmp:
+        say(f"quantizing {src.path.name} to {label or qtype.value} on {call.nthread} threads ...")
+        rc, errors = capi.quantize(str(src.path), str(tmp), call)
+        if rc != 0:
+            raise _quantize_failure(src, out, qtype, capi.error_text(errors) or f"code {rc}")
+    result = summarize(out, qtype, time.perf_counter() - t0)
+    if label:
+        result.extra["label"] = label
+    say(f"wrote {out} ({result.size_bytes / 1e6:.1f} MB, {result.bpw:.2f} bpw)")
+    return result
+
+
+def _quantize_failure(src: GGUFInfo, out: Path, qtype: QuantType, detail: str) -> Exception:
+    """llama.cpp reports a full disk as an iostream error: check the space before blaming the input."""
+    need = int(src.n_params * qtype.nominal_bpw / 8 * 1.1) + src.data_offset
+    free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    if free < need or "iostream" in detail or "No space" in detail or "File too large" in detail:
+        return OutputError(f"disk full while writing {out}: about {need / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free; "
+                           "free space or pass -o on another disk")
+    return CorruptFileError(f"llama.cpp could not quantize {src.path.name} to {qtype.value} ({detail}); check the input with `neoxq convert` again")
+
+
+def _re_escape(name: str) -> str:
+    import re
+
+    return re.escape(name)
+
+
+def _ggml_type_id(name: str) -> int:
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name])
+
+
+def summarize(path: Path, qtype: QuantType, seconds: float = 0.0) -> QuantResult:
+    """Which tensor got which type, with llama.cpp's fallbacks for rows not a multiple of 256."""
+    info = read_info(path)
+    rows = []
+    for t in info.tensors:
+        note = ""
+        if len(t.shape) == 2 and t.shape[-1] % 256 and _main_type_needs_superblock(qtype):
+            note = f"fallback: row {t.shape[-1]} not a multiple of 256"
+        rows.append({"name": t.name, "type": t.type, "shape": list(t.shape), "bytes": t.n_bytes, "note": note})
+    return QuantResult(path, qtype, rows, path.stat().st_size, info.bpw, seconds)
+
+
+def _main_type_needs_superblock(qtype: QuantType) -> bool:
+    """k-quants and i-quants (but IQ4_NL) pack rows in super-blocks of 256; other widths fall back."""
+    return qtype.value.startswith("IQ") and qtype != QuantType.IQ4_NL or "_K" in qtype.value
