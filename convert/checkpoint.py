@@ -74,6 +74,10 @@ class Checkpoint:
             parts.append(f"{p.name}:{blob or f'{st.st_size}:{st.st_mtime_ns}'}")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
+    def read(self, name: str):
+        """One tensor as a numpy array."""
+        return next(iter(self.iter_tensors([name])))[1]
+
     def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, Any]]:
         """Yield (name, numpy array) in the order given.
 

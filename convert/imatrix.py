@@ -56,7 +56,7 @@ def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
             target = gguf_name(f"gpt_neox.layers.{i}.{mod_name}.weight", names)
             handles.append(layer.get_submodule(mod_name).register_forward_pre_hook(hook(target)))
     if include_output:
-        handles.append(model.embed_out.register_forward_pre_hook(hook("output.weight")))
+        handles.append(model.get_output_embeddings().register_forward_pre_hook(hook("output.weight")))
     progress = Progress("imatrix", n_chunks, "chunks")
     with torch.no_grad():
         for c in range(n_chunks):

@@ -1,15 +1,28 @@
 """transformers' GPTNeoXForCausalLM in fp32: the independent reference every score is checked
-against (and the activations behind an imatrix). torch is imported only when used."""
+against (and the activations behind an imatrix). torch is imported only when used.
+
+Two ways to run it, same numbers:
+- in memory: the whole model in fp32 (about 4 bytes per parameter);
+- streamed, when that does not fit the memory budget: layer-major, with transformers' own modules.
+  All windows (or groups of them) go through the embedding, then layer 1, layer 2 … and the head;
+  each layer's weights are read from the checkpoint, upcast to fp32, used and released, so the
+  peak is one layer plus the activations, not the model.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from neoxq.core.errors import require_convert_extra
+from neoxq.core.errors import UsageError, require_convert_extra
 from neoxq.core.progress import Progress
+from neoxq.core.sizes import format_bytes
+
+TORCH_OVERHEAD = 400 << 20  # torch + transformers imported, allocator slack
+HEAD_CHUNK = 8192  # vocabulary rows of the output matrix upcast at a time when streaming
 
 
 def load_reference(folder: Path | str):
@@ -25,28 +38,173 @@ def load_reference(folder: Path | str):
     return GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+@dataclass
+class ReferencePlan:
+    mode: str  # "memory" | "streamed"
+    group: int  # windows per pass when streamed
+    peak_bytes: int  # estimated
+    why: str
+
+
+def _sizes(ckpt) -> dict:
+    from .neox import GPTNeoXArgs
+
+    a = GPTNeoXArgs.from_config(ckpt.config)
+    h, f, v = a.hidden_size, a.intermediate_size, a.vocab_size
+    layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+    src = max(ckpt.size_bytes // max(a.param_count(), 1), 2)  # bytes per stored parameter
+    return {"args": a, "layer": layer, "embed": v * h, "params": a.param_count(), "src": src}
+
+
+def activation_bytes(args, ctx: int, windows: int) -> int:
+    """One pass over `windows` windows: hidden state, residual and norms, the MLP's 4h, attention
+    scores (heads × ctx × ctx), and the scored positions' logits (float32 and float64)."""
+    h, f, heads, v = args.hidden_size, args.intermediate_size, args.num_attention_heads, args.vocab_size
+    per = ctx * (6 * h + 2 * f + 2 * heads * ctx) * 4 + (ctx // 2) * v * 12
+    return windows * per
+
+
+def plan_reference(ckpt, ctx: int, n_windows: int, max_memory: int | None, mode: str = "auto") -> ReferencePlan:
+    """In memory when the fp32 model fits `max_memory`, streamed otherwise (or when asked); refuse,
+    in one line, a budget below one streamed layer."""
+    s = _sizes(ckpt)
+    in_memory = s["params"] * 4 + TORCH_OVERHEAD + activation_bytes(s["args"], ctx, 1)
+    if mode == "memory" or (mode == "auto" and (max_memory is None or in_memory <= max_memory)):
+        why = "the fp32 model fits the memory budget" if max_memory else "no memory budget given"
+        return ReferencePlan("memory", 1, in_memory, why)
+    weights = max(s["layer"] * (s["src"] + 4), s["embed"] * s["src"] + HEAD_CHUNK * s["args"].hidden_size * 4)
+    fixed = weights + TORCH_OVERHEAD
+    per_window = activation_bytes(s["args"], ctx, 1)
+    budget = max_memory if max_memory is not None else fixed + per_window * n_windows
+    if budget < fixed + per_window:
+        raise UsageError(f"the streamed fp32 reference needs at least {format_bytes(fixed + per_window)} (one layer and one window) "
+                         f"but its memory budget is {format_bytes(budget)}; free memory or pass --max-memory "
+                         f"{format_bytes(fixed + per_window)} or more, or use --reference f16")
+    group = int(min(n_windows, max(1, (budget - fixed) // per_window)))
+    why = (f"the fp32 model needs {format_bytes(in_memory)}, above the budget of {format_bytes(budget)}"
+           if mode == "auto" else "streaming was asked for")
+    return ReferencePlan("streamed", group, fixed + per_window * group, why)
+
+
 class HFReference:
     """The checkpoint under transformers in fp32, scoring the same windows as llama.cpp does.
 
-    Satisfies neoxq.runtime.score.Reference (duck-typed: convert never imports runtime)."""
+    Satisfies neoxq.runtime.score.Reference (duck-typed: convert never imports runtime).
+    `max_memory` bounds what the reference holds; `mode` is auto | memory | streamed."""
 
-    def __init__(self, ckpt):
-        self.ckpt = ckpt
+    def __init__(self, ckpt, max_memory: int | None = None, mode: str = "auto"):
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            raise require_convert_extra(exc) from exc
+        self.ckpt, self.max_memory, self.mode = ckpt, max_memory, mode
+        self.plan: ReferencePlan | None = None
         self.description = "transformers GPTNeoXForCausalLM, fp32"
 
     def identity(self) -> str:
-        """The commit for hub checkpoints; for local folders the weights' names, sizes and mtimes."""
+        """The commit for hub checkpoints; for local folders the weights' names, sizes and mtimes.
+        (Not the mode: in memory and streamed give the same numbers.)"""
         if self.ckpt.commit:
             return f"hf:{self.ckpt.repo_id}@{self.ckpt.commit}"
         return f"hf:{self.ckpt.folder.resolve()}:{self.ckpt.fingerprint()}"
 
+    def prepare(self, ctx: int, n_windows: int) -> ReferencePlan:
+        self.plan = plan_reference(self.ckpt, ctx, n_windows, self.max_memory, self.mode)
+        mode = "in memory" if self.plan.mode == "memory" else f"streamed layer by layer, {self.plan.group} window(s) per pass"
+        self.description = f"transformers GPTNeoXForCausalLM, fp32, {mode}"
+        return self.plan
+
     def log_probs(self, w) -> Iterator[tuple[int, np.ndarray]]:
+        plan = self.plan or self.prepare(w.ctx, w.n_chunks)
+        with Progress("reference (transformers)", w.tokens_scored, "tokens") as progress:
+            source = self._in_memory(w) if plan.mode == "memory" else _streamed(self.ckpt, w, plan.group)
+            for c, lp in source:
+                yield c, lp
+                progress.update(w.per_window)
+
+    def _in_memory(self, w) -> Iterator[tuple[int, np.ndarray]]:
         import torch
 
         model = load_reference(self.ckpt.folder)
         pos = list(w.scored_positions)
-        with torch.no_grad(), Progress("reference (transformers)", w.tokens_scored, "tokens") as progress:
+        with torch.no_grad():
             for c in range(w.n_chunks):
                 logits = model(torch.tensor([w.chunk(c)])).logits[0, pos].double()
                 yield c, torch.log_softmax(logits, -1).numpy()
-                progress.update(len(pos))
+
+
+def _tensors(ckpt, names: list[str]) -> dict:
+    """Checkpoint tensors as fp32 torch tensors (each upcast only when read)."""
+    import torch
+
+    return {n: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for n, a in ckpt.iter_tensors(names)}
+
+
+def _module(cls_factory, state: dict, prefix: str):
+    """A transformers module built on the meta device, then given these weights (no copy)."""
+    import torch
+
+    with torch.device("meta"):
+        mod = cls_factory()
+    mod.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, assign=True)
+    return mod.eval()
+
+
+def _streamed(ckpt, w, group: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Layer-major evaluation with transformers' own GPT-NeoX modules, `group` windows per pass."""
+    import torch
+    from transformers import GPTNeoXConfig
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoXRotaryEmbedding
+
+    config = GPTNeoXConfig.from_pretrained(ckpt.folder)
+    config._attn_implementation = "eager"
+    names = set(ckpt.tensor_names())
+    head_name = "embed_out.weight" if "embed_out.weight" in names else "lm_head.weight"
+    if head_name not in names:
+        head_name = "gpt_neox.embed_in.weight"  # tied
+    rotary = GPTNeoXRotaryEmbedding(config)
+    pos = list(w.scored_positions)
+    with torch.no_grad():
+        for start in range(0, w.n_chunks, group):
+            chunks = list(range(start, min(start + group, w.n_chunks)))
+            ids = torch.tensor([w.chunk(c) for c in chunks])
+            emb = ckpt.read("gpt_neox.embed_in.weight")
+            h = torch.from_numpy(np.ascontiguousarray(emb[ids.numpy()], dtype=np.float32))
+            del emb
+            position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
+            mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None,
+                                      position_ids=position_ids)
+            pe = rotary(h, position_ids=position_ids)
+            for i in range(config.num_hidden_layers):
+                prefix = f"gpt_neox.layers.{i}."
+                state = _tensors(ckpt, sorted(n for n in names if n.startswith(prefix) and not _is_buffer(n)))
+                layer = _module(lambda: GPTNeoXLayer(config, i), state, prefix)
+                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
+                del layer, state
+            norm_state = _tensors(ckpt, ["gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"])
+            norm = _module(lambda: torch.nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps), norm_state, "gpt_neox.final_layer_norm.")
+            h = norm(h[:, pos])
+            logits = _head(ckpt, head_name, h)
+            for j, c in enumerate(chunks):
+                yield c, torch.log_softmax(logits[j].double(), -1).numpy()
+
+
+def _head(ckpt, name: str, h):
+    """The output matrix applied in blocks of vocabulary rows (each block upcast to fp32 alone):
+    the same products as transformers' bias-free lm_head, without holding it in fp32."""
+    import torch
+
+    weight = ckpt.read(name)
+    out = torch.empty(h.shape[0], h.shape[1], weight.shape[0])
+    for a in range(0, weight.shape[0], HEAD_CHUNK):
+        block = torch.from_numpy(np.ascontiguousarray(weight[a:a + HEAD_CHUNK], dtype=np.float32))
+        out[..., a:a + HEAD_CHUNK] = torch.nn.functional.linear(h, block)
+    return out
+
+
+def _is_buffer(name: str) -> bool:
+    from .neox import is_ignored
+
+    return is_ignored(name)

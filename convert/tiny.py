@@ -126,7 +126,7 @@ def save_checkpoint(model, folder: Path, spec: TinySpec) -> Path:
     else:
         _save_bin(model, folder, sharded=spec.weights == "sharded-bin")
         model.config.save_pretrained(folder)
-    _rewrite_config(folder / "config.json", spec)
+    rewrite_config(folder / "config.json", spec)
     return folder
 
 
@@ -154,7 +154,7 @@ def _save_bin(model, folder: Path, sharded: bool) -> None:
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def _rewrite_config(path: Path, spec: TinySpec) -> None:
+def rewrite_config(path: Path, spec: TinySpec) -> None:
     """Write exactly one config style, whatever the installed transformers produced."""
     cfg = json.loads(path.read_text())
     for k in ("rotary_pct", "rotary_emb_base", "rope_theta", "rope_parameters", "partial_rotary_factor",

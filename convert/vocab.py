@@ -71,9 +71,12 @@ def _special_ids(folder: Path, config: dict, vocab: dict, spec: dict) -> dict:
         p = folder / name
         if p.is_file():
             try:
-                tok_cfg = {**json.loads(p.read_text(encoding="utf-8")), **tok_cfg}
-            except json.JSONDecodeError:
-                pass
+                loaded = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CorruptFileError(f"{p} is not valid JSON ({exc}); re-download it") from exc
+            if not isinstance(loaded, dict):
+                raise CorruptFileError(f"{p} is not a JSON object; re-download it")
+            tok_cfg = {**loaded, **tok_cfg}
 
     def lookup(kind: str) -> int | None:
         if isinstance(config.get(f"{kind}_token_id"), int):

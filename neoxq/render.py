@@ -46,7 +46,8 @@ def markdown(report: dict) -> str:
     if report.get("imatrix"):
         im = report["imatrix"]
         out.append(f"- Importance matrix: `{im['file']}` (sha256 `{im['sha256'][:16]}…`), calibration: {im['calibration']}")
-    out.append(f"- Reference: {ref['kind']}, perplexity {ref['ppl']:.3f} ± {ref['ppl_se']:.3f}")
+    out.append(f"- Reference: {ref['kind']}, perplexity {ref['ppl']:.3f} ± {ref['ppl_se']:.3f}"
+               + (f" (why: {ref['why']})" if ref.get("why") else ""))
     v = report["versions"]
     out.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     out.append(f"- Machine: {report['machine']['processor']}, {report['machine']['cores']} threads, {report['machine']['platform']}")

@@ -29,6 +29,8 @@ class ReportOptions:
     imatrix: str | None = "auto"  # "auto" | a file | None
     ctx: int = 512
     revision: str | None = None
+    reference: str = "auto"  # auto (= hf) | hf | f16 | a GGUF or checkpoint path
+    max_memory: int | None = None  # bytes the fp32 reference may hold; None: what is available
     speed_prompt: int = 128
     speed_tokens: int = 32
 
@@ -53,6 +55,7 @@ class _Run:
     scored: str
     opts: ReportOptions
     types: list[QuantType]
+    reference: object = None  # the HF reference, planned by the preflight
 
 
 def _report_folder(out_dir, ckpt) -> Path:
@@ -134,7 +137,7 @@ def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> d
                    "commit": ck.commit, "format": ck.format},
         "text": {"file": run.text_file.name, "sha256": text_sha256(run.text), "scored_sha256": text_sha256(run.scored),
                  "ctx": run.opts.ctx, "tokens_scored": rows[0]["_tokens"], "calibration_excluded": run.opts.imatrix == "auto"},
-        "reference": {"kind": reference.description, **rows[0]["_ref"]},
+        "reference": {"kind": reference.description, "choice": run.opts.reference, **_plan_json(reference), **rows[0]["_ref"]},
         "imatrix": im_info,
         "machine": describe(),
         "versions": versions(),
@@ -142,11 +145,17 @@ def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> d
     }
 
 
+def _plan_json(reference) -> dict:
+    plan = getattr(reference, "plan", None)
+    if plan is None:
+        return {"why": "llama.cpp's way: an F16 GGUF scored by llama.cpp (not the fp32 reference)"}
+    return {"mode": plan.mode, "why": plan.why, "peak_estimate_bytes": plan.peak_bytes}
+
+
 def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
     """Run (or resume) the whole pipeline; return the path of report.json."""
     from neoxq.build import build_types
     from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
-    from neoxq.convert.reference import HFReference
     from neoxq.render import render
 
     opts = opts or ReportOptions()
@@ -156,7 +165,8 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     out = _report_folder(out_dir, ckpt)
     calib, scored = split_for_calibration(text) if opts.imatrix == "auto" else ("", text)
     run = _Run(ckpt, out, Path(text_file), text, calib, scored, opts, types)
-    _check_scored_length(run)
+    n_windows = _check_scored_length(run)
+    _preflight(run, n_windows)
     bar = Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types), "steps")
     with bar:
         base = build_types(ckpt, [QuantType.F16], out)[QuantType.F16]
@@ -168,7 +178,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
             im_info["sha256"] = file_sha256(im_path)
         built = build_types(ckpt, types, out, imatrix=im_path, on_step=lambda b: bar.update(1, note=f"{b.label} ready"))
         built[QuantType.F16].seconds = built[QuantType.F16].seconds or base.seconds
-        reference = HFReference(ckpt)
+        reference = _reference(run, base.path)
         rows = []
         for t in types:
             rows.append(_score(run, built[t], reference, out / "cache"))
@@ -181,11 +191,60 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     return rj
 
 
-def _check_scored_length(run: _Run) -> None:
-    """Fail before any work when the scored part cannot fill two windows (the tokenizer is HF's)."""
+def _check_scored_length(run: _Run) -> int:
+    """Fail before any work when the scored part cannot fill two windows (the tokenizer is HF's);
+    return the number of windows."""
     from tokenizers import Tokenizer
 
     from neoxq.runtime.score import Windows
 
     tok = Tokenizer.from_file(str(run.ckpt.folder / "tokenizer.json"))
-    Windows(tok.encode(run.scored).ids, run.opts.ctx)
+    return Windows(tok.encode(run.scored).ids, run.opts.ctx).n_chunks
+
+
+def _llama_f16_bytes(run: _Run) -> int:
+    """What the largest file scored (F16) holds under llama.cpp, estimated from the config."""
+    from neoxq import preflight
+    from neoxq.convert.neox import GPTNeoXArgs
+
+    a = GPTNeoXArgs.from_config(run.ckpt.config)
+    kv = 2 * a.num_hidden_layers * run.opts.ctx * a.hidden_size * 2
+    return a.param_count() * 2 + kv + run.opts.ctx * a.vocab_size * 8 + preflight.BASE
+
+
+def _hf_choice(run: _Run) -> bool:
+    return run.opts.reference in ("auto", "hf") or (run.opts.reference not in ("f16",) and not Path(run.opts.reference).is_file())
+
+
+def _preflight(run: _Run, n_windows: int) -> None:
+    """Before any work: the reference's plan (in memory or streamed) plus the llama.cpp side must fit."""
+    from neoxq import preflight
+
+    llama = _llama_f16_bytes(run)
+    if not _hf_choice(run):
+        preflight.check("scoring the F16 file", 2 * llama, "pass a smaller --ctx")
+        return
+    run.reference = _hf_for(run, llama)
+    plan = run.reference.prepare(run.opts.ctx, n_windows)
+    preflight.check(f"the report ({plan.mode} fp32 reference + llama.cpp)", plan.peak_bytes + llama,
+                    "pass --max-memory SIZE so the reference streams layer by layer, or --reference f16")
+
+
+def _hf_for(run: _Run, reserved: int):
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.reference import hf_reference
+
+    ref = run.opts.reference
+    ckpt = run.ckpt if ref in ("auto", "hf") else open_checkpoint(ref)
+    return hf_reference(ckpt, run.opts.max_memory, reserved)
+
+
+def _reference(run: _Run, f16: Path):
+    """The reference chosen by --reference (what was used, and why, goes into report.json)."""
+    from neoxq.runtime.score import GGUFReference
+
+    if run.opts.reference == "f16":
+        return GGUFReference(f16)
+    if not _hf_choice(run):
+        return GGUFReference(Path(run.opts.reference))
+    return run.reference

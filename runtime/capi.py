@@ -19,6 +19,8 @@ from typing import Iterator
 import llama_cpp
 import numpy as np
 
+from neoxq.core.errors import LlamaError
+
 
 class LogLevel(IntEnum):
     """ggml.h's enum ggml_log_level (llama-cpp-python's own comment lists older values)."""
@@ -111,7 +113,9 @@ class WindowDecoder:
         self.batch.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc}")
+            # llama.h: 1 = no KV slot for the batch, 2 = aborted, < 0 = error.
+            raise LlamaError(f"llama.cpp could not decode a batch of {n} tokens at position {start} (llama_decode returned {rc}); "
+                             "try a smaller --ctx, or check the model file with `neoxq convert` again")
         k = int(wanted.sum())
         if not k:
             return np.empty((0, self.n_vocab), dtype=np.float32)

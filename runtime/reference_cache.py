@@ -36,7 +36,9 @@ class ReferenceTables:
     def kl_rows(self, sl: slice, logits: np.ndarray, lse: np.ndarray) -> np.ndarray:
         """KL(reference ‖ model) for rows `sl`, given the model's logits and their log-sum-exp."""
         lp = np.asarray(self.top_lp[sl], dtype=np.float64)
-        lq = np.take_along_axis(logits, np.asarray(self.top_idx[sl]), axis=1).astype(np.float64) - lse[:, None]
+        idx = np.asarray(self.top_idx[sl], dtype=np.int64)
+        idx += np.arange(len(idx))[:, None] * logits.shape[1]  # one flat gather: ~10x faster than take_along_axis
+        lq = np.take(np.ascontiguousarray(logits).reshape(-1), idx).astype(np.float64) - lse[:, None]
         p = np.exp(lp)
         kl = (p * (lp - lq)).sum(-1)
         rest_lp = np.asarray(self.rest_lp[sl], dtype=np.float64)

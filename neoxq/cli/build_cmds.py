@@ -35,7 +35,11 @@ def convert(
     from neoxq.convert.checkpoint import open_checkpoint
     from neoxq.convert.converter import convert as do_convert
 
+    from neoxq import preflight
+
     ckpt = open_checkpoint(src, revision)
+    preflight.check(f"converting {ckpt.name}", preflight.convert_bytes(ckpt),
+                    "free memory (the converter already holds only one tensor at a time)")
     if quant:
         from neoxq.build import build_types
 
@@ -60,9 +64,14 @@ def quantize(
     quiet: Quiet = False,
 ):
     """Quantize a GGUF with llama.cpp's quantizer; shows which tensor got which type."""
+    from neoxq import preflight
+    from neoxq.core.gguf_info import read_info
     from neoxq.runtime.quantize import quantize as do_quantize
 
-    result = do_quantize(inp, QuantType.parse(qtype), output=output, imatrix=imatrix, force=force)
+    qt = QuantType.parse(qtype)
+    info = read_info(inp)
+    preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
+    result = do_quantize(info, qt, output=output, imatrix=imatrix, force=force)
     if as_json:
         print(json.dumps(result.as_json(), indent=1))
     elif not quiet:

@@ -31,3 +31,14 @@ GpuLayers = Annotated[Optional[int], typer.Option("--n-gpu-layers", "-ngl", min=
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where reference tables are cached (default ~/.cache/neoxq).")]
 Model = Annotated[Path, typer.Argument(help="GGUF file.")]
 Source = Annotated[str, typer.Argument(help="Checkpoint folder, or hub repo id (org/name or org/name@revision).")]
+
+
+def _size(value: Optional[str]) -> Optional[int]:
+    from neoxq.core.sizes import parse_size
+
+    return None if value is None else parse_size(value, "--max-memory")
+
+
+MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", callback=_size,
+                                                  help="Most memory the fp32 reference may hold (e.g. 4GB); it streams layer by layer when the model does not fit.")]
+ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", help="auto (= hf), hf (transformers fp32), f16 (the F16 GGUF this run builds), or a GGUF/checkpoint path.")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Ctx, Output, Quiet, Revision, Source, Text
+from .options import Ctx, MaxMemory, Output, Quiet, ReferenceOpt, Revision, Source
 
 
 def report(
@@ -19,6 +19,8 @@ def report(
     ctx: Ctx = None,
     output: Output = None,
     revision: Revision = None,
+    reference: ReferenceOpt = None,
+    max_memory: MaxMemory = None,
     quiet: Quiet = False,
 ):
     """Convert, quantize to each type, and score each against the HF fp32 reference (resumable).
@@ -26,7 +28,8 @@ def report(
     -o is the report folder (default report-<name>[-<revision>])."""
     from neoxq.report import ReportOptions, run_report
 
-    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision).items() if v is not None}
+    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory).items()
+          if v is not None}
     if imatrix is not None:
         kw["imatrix"] = None if imatrix.lower() == "none" else imatrix
     _print_report(run_report(src, text, output, ReportOptions(**kw)), quiet)

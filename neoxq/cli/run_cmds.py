@@ -9,13 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import CacheDir, Ctx, GpuLayers, Json, Model, Quiet, Revision, Text, Threads
+from .options import CacheDir, Ctx, GpuLayers, Json, MaxMemory, Model, Quiet, Revision, Text, Threads
 
 
 def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512):
+    from neoxq import preflight
+    from neoxq.core.gguf_info import read_info
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
 
-    return NeoxModel(model, RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers))
+    info = read_info(model)
+    need = preflight.llama_bytes(info, ctx or info.context_length or 2048, batch)
+    preflight.check(f"loading {info.path.name}", need, "pass a smaller --ctx or use a smaller quantized file")
+    return NeoxModel(model, RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers), info=info)
 
 
 def run(
@@ -119,20 +124,25 @@ def kld(
     text: Text,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
     revision: Revision = None,
+    max_memory: MaxMemory = None,
     cache_dir: CacheDir = None,
     as_json: Json = False,
     threads: Threads = None, gpu_layers: GpuLayers = None,
     quiet: Quiet = False,
 ):
-    """KL divergence, top-1 agreement, RMS Δp and Δppl against a reference."""
+    """KL divergence, top-1 agreement, RMS Δp and Δppl against a reference.
+
+    A checkpoint reference runs in transformers fp32, in memory when it fits --max-memory (default:
+    the memory available), streamed layer by layer otherwise."""
     from neoxq.core.textfile import read_text
     from neoxq.reference import open_reference
     from neoxq.runtime.model import RuntimeOptions
     from neoxq.runtime.score import kld as do_kld
 
     body = read_text(text)
-    ref = open_reference(reference, revision, RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads, n_gpu_layers=gpu_layers))
     with _open(model, ctx, threads, gpu_layers, batch=ctx) as m:
+        ref = open_reference(reference, revision, RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads, n_gpu_layers=gpu_layers),
+                             max_memory=max_memory, reserved=preflight_bytes(m))
         r = do_kld(m, ref, body, ctx, cache_dir=cache_dir)
     if as_json:
         print(json.dumps(r.as_json(), indent=1))
@@ -140,6 +150,12 @@ def kld(
     print(f"KLD mean {r.kld_mean:.6f} ± {r.kld_mean_se:.6f}  median {r.kld_median:.6f}  p99 {r.kld_p99:.6f}  max {r.kld_max:.6f}")
     print(f"top-1 agreement {100 * r.top1:.2f}% ± {100 * r.top1_se:.2f}%  RMS Δp {100 * r.rms_dp:.3f}%")
     print(f"ppl {r.ppl:.4f} ± {r.ppl_se:.4f} vs reference {r.ppl_ref:.4f} ± {r.ppl_ref_se:.4f}  Δppl {r.dppl:+.4f} ({r.dppl_pct:+.2f}%)  [{r.tokens_scored} tokens]")
+
+
+def preflight_bytes(m) -> int:
+    from neoxq import preflight
+
+    return preflight.llama_bytes(m.info, m.n_ctx, m.n_batch)
 
 
 def serve(

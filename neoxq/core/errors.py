@@ -33,6 +33,10 @@ class UsageError(NeoxqError):
     """A bad option value: unknown quant type, text too short, context too long, ..."""
 
 
+class LlamaError(NeoxqError):
+    """llama.cpp refused or failed at run time (a decode error, a context it cannot allocate)."""
+
+
 class MissingExtraError(NeoxqError):
     """A command needs the optional heavy dependencies (torch, transformers)."""
 

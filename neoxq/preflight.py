@@ -1,0 +1,53 @@
+"""Memory preflight: estimate a heavy command's peak before any work starts, and refuse in one line
+what cannot fit, naming the estimate, what is available and the option that makes it fit.
+
+The estimates are deliberately simple sums of what dominates (checked against measured peaks by
+scripts/bench_reference.py): the llama.cpp model (its file), its KV cache and logits buffer, the
+converter's largest tensor, the transformers reference's plan.
+"""
+
+from __future__ import annotations
+
+import os
+
+from neoxq.core.errors import UsageError
+from neoxq.core.gguf_info import GGUFInfo
+from neoxq.core.machine import available_memory
+from neoxq.core.sizes import format_bytes
+
+BASE = 150 << 20  # Python, numpy, llama-cpp-python, gguf imported
+
+
+def llama_bytes(info: GGUFInfo, n_ctx: int, n_batch: int = 512) -> int:
+    """Weights (the file's tensors) + KV cache (f16 K and V per layer) + logits and compute buffers."""
+    layers = int(info.metadata.get(f"{info.arch}.block_count", 0))
+    hidden = int(info.metadata.get(f"{info.arch}.embedding_length", 0))
+    kv = 2 * layers * n_ctx * hidden * 2
+    compute = n_batch * (info.n_vocab or 50304) * 4 * 2 + n_batch * hidden * 4 * 16
+    return sum(t.n_bytes for t in info.tensors) + kv + compute + BASE
+
+
+def convert_bytes(ckpt) -> int:
+    """The converter streams: its peak is the largest tensor in the source dtype, in float32 and
+    encoded, on top of the libraries."""
+    from neoxq.convert.neox import GPTNeoXArgs
+
+    a = GPTNeoXArgs.from_config(ckpt.config)
+    largest = a.vocab_size * a.hidden_size
+    src = max(ckpt.size_bytes // max(a.param_count(), 1), 2)
+    return BASE + largest * (src + 4 + 2)
+
+
+def quantize_bytes(info: GGUFInfo) -> int:
+    """llama.cpp's quantizer holds one tensor in float32 plus its quantized copy (the input is mapped)."""
+    largest = max((t.n_elements for t in info.tensors), default=0)
+    return BASE + largest * (4 + 4)
+
+
+def check(what: str, need: int, fix: str, available: int | None = None) -> None:
+    """Refuse when `need` exceeds the memory available (NEOXQ_SKIP_PREFLIGHT=1 skips the check)."""
+    if os.environ.get("NEOXQ_SKIP_PREFLIGHT") == "1":
+        return
+    avail = available_memory() if available is None else available
+    if need > avail:
+        raise UsageError(f"{what} needs about {format_bytes(need)} of memory but {format_bytes(avail)} is available; {fix}")

@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""neoxq against the bare llama.cpp calls underneath, all measured in one run (issue 11).
+
+Each figure is printed as a ratio against a baseline measured in the same run:
+  meta      metadata read of a 50k-vocabulary GGUF: neoxq.core.gguf_info vs gguf-py's GGUFReader
+  ppl       perplexity tokens/s: neoxq vs a bare C-API loop (same windows, logits only at scored
+            positions, no math) and vs llama-perplexity; the perplexity itself vs llama-perplexity's
+  kld       KLD scoring tokens/s vs the same bare loop; reference-table bytes per token vs full rows
+  quantize  `neoxq quantize` wall time vs one bare llama_model_quantize call and vs llama-quantize
+  run       `neoxq run -n 1` wall time vs a bare load + prompt decode + one sampled token
+  convert   `neoxq convert` wall time and peak RSS vs llama.cpp's convert_hf_to_gguf.py (70m, 410m,
+            1.4b shapes); with --big, peak RSS converting a 6.9B-shaped checkpoint (13.8 GB)
+
+llama.cpp's own tools come from scripts/build_llama_tools.sh (built from the pinned sdist into the
+cache folder); without them those columns are skipped. Children are measured through a launcher
+(benchlib.run_child), so peak RSS is each child's own.
+
+    .venv/bin/python scripts/bench_speed.py [--only ppl,kld,...] [--windows 60] [--big] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+PY = sys.executable
+CTX = 512
+
+BARE_LOOP = r"""
+import ctypes, json, os, sys, time
+import llama_cpp, numpy as np
+path, ids_file, ctx = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ids = np.load(ids_file)
+llama_cpp.llama_backend_init()
+model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
+cp = llama_cpp.llama_context_default_params()
+cp.n_ctx = cp.n_batch = cp.n_ubatch = ctx
+cp.n_threads = cp.n_threads_batch = len(os.sched_getaffinity(0))
+lctx = llama_cpp.llama_init_from_model(model, cp)
+n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+batch = llama_cpp.llama_batch_init(ctx, 0, 1)
+first = ctx // 2
+mem = llama_cpp.llama_get_memory(lctx)
+n_chunks = len(ids) // ctx
+t0 = time.perf_counter()
+for c in range(n_chunks):
+    llama_cpp.llama_memory_clear(mem, True)
+    batch.n_tokens = ctx
+    for i in range(ctx):
+        batch.token[i] = int(ids[c * ctx + i]); batch.pos[i] = i; batch.n_seq_id[i] = 1; batch.seq_id[i][0] = 0
+        batch.logits[i] = first <= i < ctx - 1
+    assert llama_cpp.llama_decode(lctx, batch) == 0
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(lctx), shape=(ctx - 1 - first, n_vocab))
+secs = time.perf_counter() - t0
+print(json.dumps({"seconds": secs, "tokens": n_chunks * (ctx - 1 - first)}))
+"""
+
+NEOXQ_LOOP = r"""
+import json, sys, time
+import numpy as np
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
+from neoxq.runtime.score import GGUFReference, Windows, kld_scores, ppl_with_se, target_nll
+from neoxq.runtime.reference_cache import reference_tables
+path, ids_file, ctx, what = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ids = np.load(ids_file).tolist()
+with NeoxModel(path, RuntimeOptions(n_ctx=ctx, n_batch=ctx)) as m:
+    w = Windows(ids, ctx)
+    if what == "ppl":
+        t0 = time.perf_counter(); nll = target_nll(m, w); secs = time.perf_counter() - t0
+        print(json.dumps({"seconds": secs, "tokens": w.tokens_scored, "ppl": ppl_with_se(nll)[0]}))
+    else:
+        tables = reference_tables(GGUFReference(sys.argv[5]), w, m.n_vocab, sys.argv[6])  # built before timing
+        t0 = time.perf_counter(); kl, _, _ = kld_scores(m, tables, w); secs = time.perf_counter() - t0
+        print(json.dumps({"seconds": secs, "tokens": w.tokens_scored, "kld": float(kl.mean())}))
+"""
+
+BARE_QUANTIZE = r"""
+import ctypes, os, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.nthread = len(os.sched_getaffinity(0)); p.ftype = int(sys.argv[3])
+assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)) == 0
+"""
+
+BARE_FIRST_TOKEN = r"""
+import os, sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=len(os.sched_getaffinity(0)), verbose=False)
+for chunk in llm.create_completion(sys.argv[2], max_tokens=1, temperature=0.0, stream=True):
+    sys.stdout.write(chunk["choices"][0]["text"])
+"""
+
+
+def _child_json(code: str, *args) -> dict:
+    r = benchlib.run_child([PY, "-c", code, *args])
+    return {**json.loads(r["stdout"].strip().splitlines()[-1]), "wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"]}
+
+
+def _tools() -> Path | None:
+    d = benchlib.cache_dir() / "bin"
+    return d if (d / "llama-perplexity").is_file() and (d / "llama-quantize").is_file() else None
+
+
+def _f16(folder: Path, work: Path) -> Path:
+    out = work / f"{folder.name}-F16.gguf"
+    if not out.is_file():
+        benchlib.run_child([PY, "-m", "neoxq", "convert", folder, "-o", out, "--quiet"])
+    return out
+
+
+def _ids(f16: Path, text: Path, windows: int, work: Path) -> tuple[Path, Path]:
+    """N windows of evaluation text (a file every tool reads) and its tokens as llama.cpp makes them."""
+    import numpy as np
+
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+
+    with NeoxModel(f16, RuntimeOptions(n_ctx=64, n_gpu_layers=0)) as m:
+        ids = m.tokenize(text.read_text(encoding="utf-8"))[: windows * CTX + 64]
+        cut = work / f"text-{windows}.txt"
+        cut.write_text(m.detokenize(ids), encoding="utf-8")
+        ids = m.tokenize(cut.read_text(encoding="utf-8"))[: windows * CTX]
+    if len(ids) < windows * CTX:
+        raise SystemExit(f"the evaluation text has only {len(ids) // CTX} windows of {CTX}")
+    out = work / f"ids-{windows}.npy"
+    np.save(out, np.asarray(ids, dtype=np.int32))
+    return out, cut
+
+
+def bench_meta(f16: Path) -> dict:
+    import gguf
+
+    from neoxq.core.gguf_info import read_info
+
+    def timed(fn, n):
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn(f16)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    read_info(f16)  # page cache warm, imports done
+    ours, theirs = timed(read_info, 20), timed(gguf.GGUFReader, 3)
+    row = {"neoxq_ms": 1e3 * ours, "gguf_reader_ms": 1e3 * theirs, "ratio": ours / theirs, "goal_ms": 50}
+    print(f"meta: read_info {row['neoxq_ms']:.1f} ms vs GGUFReader {row['gguf_reader_ms']:.0f} ms ({row['ratio']:.3f}x; goal ≤ 50 ms)")
+    return row
+
+
+def _llama_perplexity(f16: Path, text: Path, windows: int) -> dict | None:
+    tools = _tools()
+    if not tools:
+        return None
+    r = benchlib.run_child([tools / "llama-perplexity", "-m", f16, "-f", text, "-c", CTX, "-b", CTX, "--chunks", windows,
+                            "-t", str(len(__import__("os").sched_getaffinity(0)))])
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r["stdout"] + r["stderr"])
+    return {"ppl": float(m.group(1)) if m else None, "wall_s": r["wall_s"]}
+
+
+def _alternating(rounds: int, *runs) -> list[dict]:
+    """Each run `rounds` times, interleaved (so drift hits all alike); per run the median tok/s."""
+    got = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            got[i].append(run())
+    out = []
+    for results in got:
+        med = sorted(results, key=lambda r: r["tokens"] / r["seconds"])[len(results) // 2]
+        out.append({**med, "tok_s_all": [round(r["tokens"] / r["seconds"]) for r in results]})
+    return out
+
+
+def bench_ppl(f16: Path, ids: Path, text: Path, windows: int, rounds: int = 3) -> dict:
+    bare, ours = _alternating(rounds, lambda: _child_json(BARE_LOOP, f16, ids, CTX),
+                              lambda: _child_json(NEOXQ_LOOP, f16, ids, CTX, "ppl"))
+    cli = benchlib.run_child([PY, "-m", "neoxq", "perplexity", f16, "--text", text, "--ctx", CTX, "--json"])
+    lp = _llama_perplexity(f16, text, windows)
+    row = {"bare_tok_s": bare["tokens"] / bare["seconds"], "neoxq_tok_s": ours["tokens"] / ours["seconds"],
+           "neoxq_ppl": ours["ppl"], "tokens": ours["tokens"], "neoxq_cli_wall_s": cli["wall_s"]}
+    row["ratio_vs_bare"] = row["neoxq_tok_s"] / row["bare_tok_s"]
+    print(f"ppl: neoxq {row['neoxq_tok_s']:.0f} tok/s {ours['tok_s_all']} vs bare C-API loop {row['bare_tok_s']:.0f} tok/s "
+          f"{bare['tok_s_all']} = {row['ratio_vs_bare']:.3f}x (goal ≥ 0.95), {row['tokens']} tokens, medians of 3")
+    if lp:
+        row |= {"llama_perplexity_ppl": lp["ppl"], "llama_perplexity_wall_s": lp["wall_s"],
+                "ppl_rel_diff": abs(ours["ppl"] - lp["ppl"]) / lp["ppl"], "cli_wall_ratio": cli["wall_s"] / lp["wall_s"]}
+        print(f"     perplexity {ours['ppl']:.4f} vs llama-perplexity {lp['ppl']:.4f} (rel. diff {row['ppl_rel_diff']:.1e}, "
+              f"goal ≤ 1e-4); whole command {cli['wall_s']:.1f} s vs {lp['wall_s']:.1f} s ({row['cli_wall_ratio']:.2f}x)")
+    return row
+
+
+def bench_kld(f16: Path, ids: Path, work: Path) -> dict:
+    q = work / "q4.gguf"
+    if not q.is_file():
+        benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", q, "--quiet"])
+    cache = work / "refcache"
+    _child_json(NEOXQ_LOOP, q, ids, CTX, "kld", f16, cache)  # builds the reference tables once
+    bare, ours = _alternating(3, lambda: _child_json(BARE_LOOP, q, ids, CTX),
+                              lambda: _child_json(NEOXQ_LOOP, q, ids, CTX, "kld", f16, cache))
+    stored = sum(p.stat().st_size for p in cache.glob("*.npy"))
+    from neoxq.core.gguf_info import read_info
+
+    full = ours["tokens"] * read_info(f16).n_vocab * 2  # the former float16 rows
+    row = {"bare_tok_s": bare["tokens"] / bare["seconds"], "neoxq_tok_s": ours["tokens"] / ours["seconds"],
+           "kld_mean": ours["kld"], "table_bytes_per_token": stored / ours["tokens"], "full_rows_bytes_per_token": full / ours["tokens"]}
+    row["ratio_vs_bare"] = row["neoxq_tok_s"] / row["bare_tok_s"]
+    print(f"kld: neoxq {row['neoxq_tok_s']:.0f} tok/s vs bare loop {row['bare_tok_s']:.0f} tok/s = {row['ratio_vs_bare']:.3f}x; "
+          f"reference {row['table_bytes_per_token'] / 1e3:.1f} KB/token vs {row['full_rows_bytes_per_token'] / 1e3:.1f} KB/token "
+          f"({row['full_rows_bytes_per_token'] / row['table_bytes_per_token']:.1f}x smaller)")
+    return row
+
+
+def bench_quantize(f16: Path, work: Path) -> dict:
+    ftype = "15"  # Q4_K_M
+    rows = {"bare": benchlib.run_child([PY, "-c", BARE_QUANTIZE, f16, work / "bare.gguf", ftype])["wall_s"],
+            "neoxq": benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", work / "nq.gguf", "--force", "--quiet"])["wall_s"]}
+    if _tools():
+        rows["llama-quantize"] = benchlib.run_child([_tools() / "llama-quantize", f16, work / "lq.gguf", "Q4_K_M"])["wall_s"]
+    same = _same_tensors(work / "bare.gguf", work / "nq.gguf")
+    print("quantize: " + ", ".join(f"{k} {v:.2f} s" for k, v in rows.items())
+          + f"; neoxq/bare {rows['neoxq'] / rows['bare']:.2f}x (goal ≤ 1.2); tensors identical: {same}")
+    return {**rows, "ratio_vs_bare": rows["neoxq"] / rows["bare"], "identical_tensors": same}
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    import gguf
+    import numpy as np
+
+    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
+    return all(x.name == y.name and np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(ra.tensors, rb.tensors))
+
+
+def bench_run(f16: Path) -> dict:
+    prompt = "def parse(self, text):\n    "
+    bare = statistics.median(benchlib.run_child([PY, "-c", BARE_FIRST_TOKEN, f16, prompt])["wall_s"] for _ in range(3))
+    ours = statistics.median(benchlib.run_child([PY, "-m", "neoxq", "run", f16, "-p", prompt, "-n", "1", "--temp", "0",
+                                                 "--ctx", "512"])["wall_s"] for _ in range(3))
+    print(f"run: first token after {ours:.2f} s vs bare llama-cpp-python {bare:.2f} s (+{ours - bare:.2f} s; goal ≤ +0.1 s)")
+    return {"neoxq_s": ours, "bare_s": bare, "extra_s": ours - bare}
+
+
+# llama.cpp's converter does not know a tokenizer we trained ourselves (it identifies pre-tokenizers
+# by hashing an encoding); ours is GPT-NeoX's byte-level BPE, which it calls "olmo", so say so.
+LLAMA_CONVERT = r"""
+import sys
+src = sys.argv.pop(1)
+sys.path.insert(0, src)
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "olmo"
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+
+
+def _llama_convert(folder: Path, out: Path) -> dict | None:
+    cache = benchlib.cache_dir()
+    venv_py = cache / "convert-venv" / "bin" / "python"
+    src = cache / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    if not venv_py.is_file():
+        return None
+    return benchlib.run_child([venv_py, "-c", LLAMA_CONVERT, src, str(folder), "--outfile", out, "--outtype", "f16"])
+
+
+def bench_convert(shapes: list[str], work: Path) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        folder = benchlib.random_checkpoint(shape)
+        ours = benchlib.run_child([PY, "-m", "neoxq", "convert", folder, "-o", work / f"{shape}-neoxq.gguf", "--force", "--quiet"])
+        (work / f"{shape}-neoxq.gguf").unlink()
+        theirs = _llama_convert(folder, work / f"{shape}-llama.gguf")
+        (work / f"{shape}-llama.gguf").unlink(missing_ok=True)
+        row = {"shape": shape, "checkpoint_MB": benchlib.checkpoint_bytes(shape) / 1e6, "neoxq_s": ours["wall_s"],
+               "neoxq_rss_MiB": ours["peak_rss_MiB"]}
+        if theirs:
+            row |= {"llama_s": theirs["wall_s"], "llama_rss_MiB": theirs["peak_rss_MiB"], "time_ratio": ours["wall_s"] / theirs["wall_s"]}
+        rows.append(row)
+        print(f"convert {shape}: neoxq {row['neoxq_s']:.1f} s, {row['neoxq_rss_MiB']:.0f} MiB peak"
+              + (f" vs convert_hf_to_gguf.py {row['llama_s']:.1f} s, {row['llama_rss_MiB']:.0f} MiB → {row['time_ratio']:.2f}x time (goal ≤ 0.5)"
+                 if theirs else " (llama.cpp's converter not built: scripts/build_llama_tools.sh)"))
+    return rows
+
+
+def bench_big(work: Path) -> dict:
+    need = benchlib.checkpoint_bytes("6.9b") * 2.05
+    free = shutil.disk_usage(benchlib.cache_dir()).free + (benchlib.checkpoint_bytes("6.9b") if (benchlib.cache_dir() / "ckpt-6.9b-2shards").is_dir() else 0)
+    if free < need:
+        print(f"convert 6.9b: skipped, {free / 1e9:.0f} GB free but about {need / 1e9:.0f} GB needed (checkpoint + output)")
+        return {"skipped": True, "free_GB": free / 1e9, "need_GB": need / 1e9}
+    folder = benchlib.random_checkpoint("6.9b", shards=2)
+    out = work / "6.9b.gguf"
+    r = benchlib.run_child([PY, "-m", "neoxq", "convert", folder, "-o", out, "--force", "--quiet"])
+    out.unlink()
+    print(f"convert 6.9b ({benchlib.checkpoint_bytes('6.9b') / 1e9:.1f} GB fp16, 2 shards): {r['wall_s']:.0f} s, "
+          f"peak RSS {r['peak_rss_MiB']:.0f} MiB (goal ≤ 1536 MiB)")
+    return {"wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="meta,ppl,kld,quantize,run,convert")
+    ap.add_argument("--windows", type=int, default=60)
+    ap.add_argument("--convert-shapes", default="70m,410m,1.4b")
+    ap.add_argument("--big", action="store_true", help="also convert a 6.9B-shaped checkpoint (needs ~30 GB of disk)")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    only = set(a.only.split(","))
+    work = benchlib.cache_dir() / "speed-work"
+    work.mkdir(exist_ok=True)
+    import os
+
+    print(f"machine: {len(os.sched_getaffinity(0))} cores; llama.cpp tools: {_tools() or 'not built'}")
+    results = {}
+    if only & {"meta", "ppl", "kld", "quantize", "run"}:
+        f16 = _f16(benchlib.trained_50k(), work)
+        ids, text = _ids(f16, benchlib.eval_text(), a.windows, work)
+        for name, fn in (("meta", lambda: bench_meta(f16)), ("ppl", lambda: bench_ppl(f16, ids, text, a.windows)),
+                         ("kld", lambda: bench_kld(f16, ids, work)), ("quantize", lambda: bench_quantize(f16, work)),
+                         ("run", lambda: bench_run(f16))):
+            if name in only:
+                results[name] = fn()
+    if "convert" in only:
+        results["convert"] = bench_convert(a.convert_shapes.split(","), work)
+    if a.big:
+        results["convert_6.9b"] = bench_big(work)
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Shared by the benchmark scripts: checkpoints of real Pythia shapes built locally (random fp16
+weights written tensor by tensor, so even a 6.9B-shaped checkpoint never sits in memory), a
+Pythia-sized BPE vocabulary trained offline, a briefly trained 50k-vocabulary model, child-process
+measurements (wall time, peak RSS), and the cache folder where all of it is kept between runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 50304  # Pythia's padded embedding rows
+SHAPES = {  # Pythia's own sizes (hidden, layers, heads); intermediate = 4 × hidden
+    "70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16), "1.4b": (2048, 24, 16), "6.9b": (4096, 32, 32),
+}
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("NEOXQ_BENCH_CACHE", Path.home() / ".cache" / "neoxq" / "bench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def stdlib_source(max_bytes: int) -> str:
+    """The standard library's source files in a fixed order: offline text with a code-heavy vocabulary."""
+    import sysconfig
+
+    out, total = [], 0
+    for p in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        try:
+            s = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        out.append(s)
+        total += len(s)
+        if total >= max_bytes:
+            break
+    return "\n\n".join(out)[:max_bytes]
+
+
+def tokenizer_50k() -> Path:
+    """A byte-level BPE with ~50k tokens (Pythia: 50277), trained once on stdlib source; cached."""
+    from neoxq.convert.tiny import train_tokenizer
+
+    folder = cache_dir() / "tokenizer-50k"
+    if not (folder / "tokenizer.json").is_file():
+        print("training a 50k-token BPE vocabulary (once) ...", file=sys.stderr)
+        train_tokenizer(folder, stdlib_source(20_000_000), vocab_size=50277)
+    return folder
+
+
+def config_for(shape: str, n_tok: int, max_pos: int = 2048) -> dict:
+    h, layers, heads = SHAPES[shape] if shape in SHAPES else shape
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": h,
+            "num_attention_heads": heads, "num_hidden_layers": layers, "intermediate_size": 4 * h,
+            "vocab_size": VOCAB, "max_position_embeddings": max_pos, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+            "use_parallel_residual": True, "tie_word_embeddings": False, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+            "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float16", "transformers_version": "4.24.0"}
+
+
+def _tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    out = {"gpt_neox.embed_in.weight": (v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"gpt_neox.layers.{i}."
+        out |= {p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
+                p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
+                p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
+                p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
+                p + "mlp.dense_h_to_4h.weight": (f, h), p + "mlp.dense_h_to_4h.bias": (f,),
+                p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,)}
+    out |= {"gpt_neox.final_layer_norm.weight": (h,), "gpt_neox.final_layer_norm.bias": (h,), "embed_out.weight": (v, h)}
+    return out
+
+
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng) -> None:
+    """The safetensors layout (8-byte header length, JSON header, raw little-endian data) written one
+    tensor at a time: memory stays at the largest tensor."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, shape in shapes.items():
+            scale = 1.0 if len(shape) == 1 and "norm" in name and name.endswith("weight") else 0.02
+            base = 1.0 if scale == 1.0 else 0.0
+            (rng.standard_normal(shape, dtype=np.float32) * (0.1 if base else scale) + base).astype("<f2").tofile(f)
+    tmp.replace(path)
+
+
+def random_checkpoint(shape: str, shards: int = 1) -> Path:
+    """A Pythia-shaped checkpoint with random fp16 weights and the 50k tokenizer; cached."""
+    folder = cache_dir() / f"ckpt-{shape}" + ("" if shards == 1 else f"-{shards}shards")
+    folder = Path(str(folder))
+    shapes = _tensor_shapes(config_for(shape, 0))
+    names = list(shapes)
+    files = ["model.safetensors"] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    if all((folder / f).is_file() for f in files):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer_50k()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / f, folder / f)
+    (folder / "config.json").write_text(json.dumps(config_for(shape, 0), indent=1))
+    rng = np.random.default_rng(0)
+    parts = np.array_split(np.arange(len(names)), shards)
+    weight_map = {}
+    for fname, idx in zip(files, parts):
+        print(f"writing {folder.name}/{fname} ...", file=sys.stderr)
+        _write_safetensors(folder / fname, {names[i]: shapes[names[i]] for i in idx}, rng)
+        weight_map |= {names[i]: fname for i in idx}
+    if shards > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def checkpoint_bytes(shape: str) -> int:
+    return sum(int(np.prod(s)) * 2 for s in _tensor_shapes(config_for(shape, 0)).values())
+
+
+def trained_50k(steps: int = 120) -> Path:
+    """A 4-layer, 256-wide GPT-NeoX (31M parameters with the 50k vocabulary) trained briefly on
+    stdlib source with that vocabulary: distributions as peaked as a small real model's; cached."""
+    from neoxq.convert.tiny import TinySpec, random_model, save_checkpoint
+
+    folder = cache_dir() / f"trained-50k-{steps}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from tokenizers import Tokenizer
+
+    tok = tokenizer_50k()
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / f, folder / f)
+    spec = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0,
+                    vocab_pad=0, max_position_embeddings=2048, dtype="float32")
+    ids = torch.tensor(Tokenizer.from_file(str(tok / "tokenizer.json")).encode(stdlib_source(3_000_000)).ids)
+    model = random_model(spec, VOCAB).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        starts = torch.randint(0, len(ids) - 129, (8,), generator=gen)
+        x = torch.stack([ids[s:s + 128] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            print(f"training the 50k-vocabulary model: step {step}, loss {loss.item():.2f}", file=sys.stderr)
+    return save_checkpoint(model.eval(), folder, spec)
+
+
+def eval_text(chars: int = 400_000) -> Path:
+    """Held-out text for scoring: stdlib source past what the trained model saw."""
+    path = cache_dir() / f"eval-{chars}.txt"
+    if not path.is_file():
+        path.write_text(stdlib_source(3_000_000 + chars)[3_000_000:], encoding="utf-8")
+    return path
+
+
+# Why a launcher: Linux carries a process's resident high-water mark over fork+exec (exec_mmap saves
+# the old memory map's peak into the process's maxrss), so a child started straight from this
+# script, after it built a checkpoint in memory, reports the script's RSS as its own peak: that is
+# how bench_convert once printed 1484 MiB for a conversion that /usr/bin/time measured at 340 MiB.
+# A small launcher process spawns the command and reports wait4's ru_maxrss, which then starts from
+# the launcher's few MiB, not from ours.
+LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t0,
+                  "peak_rss_MiB": usage.ru_maxrss / 1024}), file=sys.stderr)
+"""
+
+
+def run_child(cmd: list, env: dict | None = None, cwd=None, check: bool = True) -> dict:
+    """Run a command; return its wall seconds, its own peak RSS (MiB), stdout and stderr."""
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *map(str, cmd)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+    *lines, last = proc.stderr.rstrip("\n").split("\n")
+    out = json.loads(last)
+    if check and out["rc"]:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n" + "\n".join(lines)[-3000:])
+    return {**out, "stdout": proc.stdout, "stderr": "\n".join(lines)}
