@@ -316,3 +316,12 @@ def test_wheel_has_one_import_root(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import neoxq.convert.converter as c, neoxq.runtime.model; print(c.__file__)"],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith(str(target)), proc.stderr
+
+
+def test_ggml_type_table_equals_gguf_py():
+    import gguf
+
+    from neoxq.core.ggml_types import GGML_TYPES
+
+    theirs = {int(t): (t.name, *gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
+    assert GGML_TYPES == theirs

@@ -197,3 +197,46 @@ def quantize(inp: str, out: str, call: QuantizeCall) -> tuple[int, list[str]]:
         rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params))
     del keep
     return rc, errors
+
+
+# ggml's own quantizers, for measuring what a type does to one tensor -------------------------------
+
+class _TypeTraits(ctypes.Structure):
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+_ggml = None
+
+
+def _libggml():
+    """libggml-base, already loaded by llama-cpp-python as a dependency of libllama."""
+    global _ggml
+    if _ggml is None:
+        from pathlib import Path
+
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
+        lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        _ggml = lib
+    return _ggml
+
+
+def quantize_dequantize(rows: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """`rows` (float32, [n, k]) through ggml's quantizer for `ggml_type` and back to float32: what
+    llama.cpp's quantizer would store for this tensor, as numbers."""
+    lib = _libggml()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    n, k = rows.shape
+    traits = lib.ggml_get_type_traits(ggml_type).contents
+    packed = np.empty(n * (k // traits.blck_size) * traits.type_size, dtype=np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), packed.ctypes.data, 0, n, k, im)
+    out = np.empty_like(rows)
+    _TO_FLOAT(traits.to_float)(packed.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n * k)
+    return out

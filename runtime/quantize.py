@@ -37,6 +37,11 @@ class QuantResult:
             shape = "x".join(map(str, t["shape"]))
             rows.append(f"{t['name']:<28} {t['type']:<8} {shape:<14} {t['bytes']:>10}  {t['note']}")
         rows.append(f"{self.label}: {self.size_bytes / 1e6:.2f} MB, {self.bpw:.2f} bits/weight, {self.seconds:.1f} s")
+        mix = self.extra.get("mix")
+        if mix:
+            rows.append(f"mix: budget {mix['target_bytes'] / 1e6:.2f} MB (stock {mix['base']} {mix['stock_bytes'] / 1e6:.2f} MB); "
+                        f"predicted KLD {mix['predicted_kld']:.5f}" + (f" vs stock {mix['stock_predicted_kld']:.5f}" if mix.get("stock_predicted_kld") else "")
+                        + f"; {mix['evaluations']} measured probes")
         return "\n".join(rows)
 
     @property

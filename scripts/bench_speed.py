@@ -215,16 +215,22 @@ def bench_kld(f16: Path, ids: Path, work: Path) -> dict:
     return row
 
 
-def bench_quantize(f16: Path, work: Path) -> dict:
+def bench_quantize(f16: Path, work: Path, rounds: int = 3) -> dict:
     ftype = "15"  # Q4_K_M
-    rows = {"bare": benchlib.run_child([PY, "-c", BARE_QUANTIZE, f16, work / "bare.gguf", ftype])["wall_s"],
-            "neoxq": benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", work / "nq.gguf", "--force", "--quiet"])["wall_s"]}
+    runs = {"bare": lambda: benchlib.run_child([PY, "-c", BARE_QUANTIZE, f16, work / "bare.gguf", ftype]),
+            "neoxq": lambda: benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", work / "nq.gguf",
+                                                 "--force", "--quiet"])}
     if _tools():
-        rows["llama-quantize"] = benchlib.run_child([_tools() / "llama-quantize", f16, work / "lq.gguf", "Q4_K_M"])["wall_s"]
+        runs["llama-quantize"] = lambda: benchlib.run_child([_tools() / "llama-quantize", f16, work / "lq.gguf", "Q4_K_M"])
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            times[k].append(run()["wall_s"])
+    rows = {k: statistics.median(v) for k, v in times.items()}
     same = _same_tensors(work / "bare.gguf", work / "nq.gguf")
     print("quantize: " + ", ".join(f"{k} {v:.2f} s" for k, v in rows.items())
-          + f"; neoxq/bare {rows['neoxq'] / rows['bare']:.2f}x (goal ≤ 1.2); tensors identical: {same}")
-    return {**rows, "ratio_vs_bare": rows["neoxq"] / rows["bare"], "identical_tensors": same}
+          + f" (medians of {rounds}); neoxq/bare {rows['neoxq'] / rows['bare']:.2f}x (goal ≤ 1.2); tensors identical: {same}")
+    return {**rows, "all": times, "ratio_vs_bare": rows["neoxq"] / rows["bare"], "identical_tensors": same}
 
 
 def _same_tensors(a: Path, b: Path) -> bool:

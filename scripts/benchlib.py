@@ -102,8 +102,7 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng) -> N
 
 def random_checkpoint(shape: str, shards: int = 1) -> Path:
     """A Pythia-shaped checkpoint with random fp16 weights and the 50k tokenizer; cached."""
-    folder = cache_dir() / f"ckpt-{shape}" + ("" if shards == 1 else f"-{shards}shards")
-    folder = Path(str(folder))
+    folder = cache_dir() / (f"ckpt-{shape}" + ("" if shards == 1 else f"-{shards}shards"))
     shapes = _tensor_shapes(config_for(shape, 0))
     names = list(shapes)
     files = ["model.safetensors"] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]

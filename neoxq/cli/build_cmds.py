@@ -58,24 +58,53 @@ def quantize(
     inp: Annotated[Path, typer.Argument(help="F32/F16/BF16 GGUF to quantize.")],
     qtype: Annotated[str, typer.Option("--type", help=QUANT_HELP)],
     imatrix: IMatrixFile = None,
+    mix: Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity (needs --calib).")] = False,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix (never scored).")] = None,
+    target_size: Annotated[Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=1.0, max=32.0, help="--mix budget in bits per weight.")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
     output: Output = None,
     as_json: Json = False,
     force: Force = False,
     quiet: Quiet = False,
 ):
-    """Quantize a GGUF with llama.cpp's quantizer; shows which tensor got which type."""
+    """Quantize a GGUF with llama.cpp's quantizer; shows which tensor got which type.
+
+    With --mix, the types are chosen per tensor to minimise the KL divergence from the input on the
+    calibration text, within the budget (default: no larger than the stock --type file)."""
     from neoxq import preflight
     from neoxq.core.gguf_info import read_info
     from neoxq.runtime.quantize import quantize as do_quantize
 
     qt = QuantType.parse(qtype)
+    _check_mix_options(mix, calib, target_size, target_bpw)
     info = read_info(inp)
     preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
-    result = do_quantize(info, qt, output=output, imatrix=imatrix, force=force)
+    if mix:
+        from neoxq.core.sizes import parse_size
+        from neoxq.core.textfile import read_text
+        from neoxq.runtime.mix import MixOptions, quantize_mix
+
+        opts = MixOptions(read_text(calib), target_bytes=parse_size(target_size, "--target-size") if target_size else None,
+                          target_bpw=target_bpw, ctx=ctx)
+        result = quantize_mix(info, qt, opts, output=output, imatrix=imatrix, force=force)
+    else:
+        result = do_quantize(info, qt, output=output, imatrix=imatrix, force=force)
     if as_json:
         print(json.dumps(result.as_json(), indent=1))
     elif not quiet:
         print(result.table())
+
+
+def _check_mix_options(mix: bool, calib, target_size, target_bpw) -> None:
+    from neoxq.core.errors import UsageError
+
+    if mix and calib is None:
+        raise UsageError("--mix measures each tensor's sensitivity on a calibration text; pass --calib FILE (a text not used for scoring)")
+    if not mix and (calib or target_size or target_bpw):
+        raise UsageError("--calib, --target-size and --target-bpw belong to --mix; add --mix")
+    if target_size and target_bpw:
+        raise UsageError("pass one budget: --target-size or --target-bpw")
 
 
 def imatrix(

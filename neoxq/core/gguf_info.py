@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptFileError, SourceError, UnsupportedModelError
+from .ggml_types import GGML_TYPES
 from .qtypes import QuantType
 
 GGUF_MAGIC = b"GGUF"
@@ -119,6 +120,15 @@ class _Cursor:
         n = self.count()  # read first: `self.off += self.count()` would add to the old offset
         self.off += n
 
+    def _skip_strings(self, n: int) -> None:
+        """The hot loop of a 50k-token vocabulary: lengths only, no decoding, no calls per item."""
+        off, buf, unpack = self.off, self.buf, struct.Struct("<Q").unpack_from
+        for _ in range(n):
+            off += 8 + unpack(buf, off)[0]
+            if off > self.size:
+                raise struct.error("string array runs past the end of the file")
+        self.off = off
+
     def value(self, vtype: int, keep: bool = True):
         if vtype == _STRING:
             return self.string() if keep else self.skip_string()
@@ -128,6 +138,9 @@ class _Cursor:
             if not keep and etype in _SCALARS:
                 self.off += n * _SCALARS[etype][1]
                 return n
+            if not keep and etype == _STRING:
+                self._skip_strings(n)
+                return n
             out = [self.value(etype, keep) for _ in range(n)]
             return out if keep else n
         if vtype not in _SCALARS:
@@ -136,8 +149,6 @@ class _Cursor:
 
 
 def _parse(buf, size: int) -> tuple[dict[str, Any], dict[str, int], list[TensorInfo], int]:
-    import gguf
-
     c = _Cursor(buf, size)
     c.off = 4
     version = c.u32()
@@ -161,10 +172,10 @@ def _parse(buf, size: int) -> tuple[dict[str, Any], dict[str, int], list[TensorI
             raise struct.error(f"{n_dims} dimensions")
         dims = [c.u64() for _ in range(n_dims)]
         ttype, offset = c.u32(), c.u64()
-        qt = gguf.GGMLQuantizationType(ttype)
-        block, type_size = gguf.GGML_QUANT_SIZES[qt]
-        n_el = math.prod(dims)
-        tensors.append(TensorInfo(name, qt.name, tuple(reversed(dims)), n_el // block * type_size, offset))
+        if ttype not in GGML_TYPES:
+            raise struct.error(f"unknown tensor type {ttype}")
+        type_name, block, type_size = GGML_TYPES[ttype]
+        tensors.append(TensorInfo(name, type_name, tuple(reversed(dims)), math.prod(dims) // block * type_size, offset))
     align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
     data_offset = -(-c.off // align) * align
     return meta, lengths, tensors, data_offset
