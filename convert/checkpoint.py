@@ -192,9 +192,12 @@ class _SafetensorsReader(_Reader):
             yield n, tuple(sl.get_shape()), str(sl.get_dtype())
 
     def get(self, name: str):
+        """A memory map of the tensor's bytes (no copy: the writer copies page cache to page cache;
+        the map is released with the array), bf16 widened to float32; other dtypes via safetensors."""
         try:
-            if self._f.get_slice(name).get_dtype() == "BF16":
-                return _read_bf16(self.path, name)
+            dtype = self._f.get_slice(name).get_dtype()
+            if dtype in _MAPPED:
+                return _mapped(self.path, name, dtype)
             return self._f.get_tensor(name)
         except Exception as exc:
             raise CorruptFileError(f"cannot read {name} from {self.path.name} ({_short(exc)}); re-download it") from exc
@@ -238,17 +241,23 @@ class _BinReader(_Reader):
         return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def _read_bf16(path: Path, name: str):
-    """A bf16 tensor widened to float32 (the upper half of each float32) from the file's bytes,
-    located through the safetensors header (8-byte length + JSON with data_offsets)."""
+_MAPPED = {"F16": "<f2", "F32": "<f4", "BF16": "<u2"}
+
+
+def _mapped(path: Path, name: str, dtype: str):
+    """The tensor located through the safetensors header (8-byte length, JSON with data_offsets),
+    memory-mapped; bf16 becomes float32 (the upper half of each float32), as numpy has no bf16."""
     import numpy as np
 
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         entry = json.loads(f.read(n))[name]
     begin, end = entry["data_offsets"]
-    raw = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=8 + n + begin)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry["shape"])
+    shape = tuple(entry["shape"])
+    if end == begin:
+        return np.zeros(shape, dtype=_MAPPED[dtype])
+    arr = np.memmap(path, dtype=_MAPPED[dtype], mode="r", offset=8 + n + begin, shape=shape)
+    return (arr.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else arr
 
 
 def _open_weights(path: Path):

@@ -62,9 +62,10 @@ def write_gguf(
         writer.write_ti_data_to_file()
         progress = Progress(f"writing {path.name}", len(plan), "tensors")
         try:
-            for planned, data in produce(plan):
-                writer.write_tensor_data(encode(data, planned.qtype))
-                progress.update(1, planned.nbytes)
+            with _BackgroundWriter(writer) as bg:
+                for planned, data in produce(plan):
+                    bg.put(encode(data, planned.qtype))
+                    progress.update(1, planned.nbytes)
             writer.close()
         finally:
             progress.close()
@@ -72,3 +73,39 @@ def write_gguf(
                 for f in writer.fout:
                     f.close()
     return path
+
+
+class _BackgroundWriter:
+    """Writes tensors on a thread while the next one is read and reordered (numpy releases the GIL
+    in tofile): conversion time approaches the larger of reading and writing, not their sum. At most
+    one tensor waits, so memory stays at about two of the largest tensors."""
+
+    def __init__(self, writer):
+        import queue
+        import threading
+
+        self.writer, self.queue, self.error = writer, queue.Queue(maxsize=1), None
+        self.thread = threading.Thread(target=self._run, name="gguf-writer", daemon=True)
+
+    def _run(self) -> None:
+        while (arr := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_tensor_data(arr)
+                except BaseException as exc:  # handed to the main thread at the next put/exit
+                    self.error = exc
+
+    def put(self, arr: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(arr)
+
+    def __enter__(self) -> "_BackgroundWriter":
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
