@@ -31,10 +31,11 @@ class Built:
     path: Path
     seconds: float  # time to write it (0 when reused)
     reused: bool
+    mix: bool = False
 
     @property
     def label(self) -> str:
-        return self.qtype.value
+        return f"{self.qtype.value}-mix" if self.mix else self.qtype.value
 
 
 def expected_metadata(ckpt: Checkpoint, qtype: QuantType, imatrix_sha: str | None) -> dict[str, str]:
@@ -53,6 +54,32 @@ def is_valid(path: Path, want: dict[str, str | None]) -> bool:
         return False
     # gguf-py does not write empty strings, so missing and "" are the same value.
     return all((meta.get(k) or None) == (v or None) for k, v in want.items())
+
+
+def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
+                imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None) -> dict[QuantType, Built]:
+    """`<TYPE>-mix` for every quantized type: no larger than the stock file, per-tensor types from
+    measured sensitivity on `calib_text` (neoxq.runtime.mix); reused while source, imatrix and
+    calibration text are unchanged."""
+    import hashlib
+
+    from neoxq.runtime.mix import MixOptions, quantize_mix
+
+    im_sha = file_sha256(imatrix) if imatrix else None
+    calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()
+    out: dict[QuantType, Built] = {}
+    for t in (t for t in types if not t.is_float):
+        path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-mix")
+        want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-mix", "neoxq.imatrix.sha256": im_sha,
+                "neoxq.mix.calib_sha256": calib_sha}
+        t0 = time.perf_counter()
+        reused = is_valid(path, want)
+        if not reused:
+            quantize_mix(base.path, t, MixOptions(calib_text, ctx=ctx), output=path, imatrix=imatrix, force=True)
+        out[t] = Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused, mix=True)
+        if on_step:
+            on_step(out[t])
+    return out
 
 
 def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix: Path | None = None,

@@ -85,14 +85,21 @@ def plot(report: dict, path: Path) -> Path | None:
         return None
     rows = [r for r in report["results"] if r.get("kld_mean") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = {"stock": [r for r in rows if not r["type"].endswith("-mix")], "measured mix": [r for r in rows if r["type"].endswith("-mix")]}
     for ax, key, label in ((axes[0], "dppl_pct", "Δ perplexity vs fp32 (%)"), (axes[1], "kld_mean", "mean KL divergence vs fp32")):
-        xs = [r["size_bytes"] / 1e6 for r in rows]
-        ys = [max(r[key], 1e-6) if key == "kld_mean" else r[key] for r in rows]
-        ax.plot(xs, ys, "o")
-        for x, y, r in zip(xs, ys, rows):
-            ax.annotate(r["type"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for (name, rs), style in zip(series.items(), ("o-", "s--")):
+            rs = sorted(rs, key=lambda r: r["size_bytes"])
+            if not rs:
+                continue
+            xs = [r["size_bytes"] / 1e6 for r in rs]
+            ys = [max(r[key], 1e-6) if key == "kld_mean" else r[key] for r in rs]
+            ax.plot(xs, ys, style, label=name)
+            for x, y, r in zip(xs, ys, rs):
+                ax.annotate(r["type"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if key == "kld_mean":
             ax.set_yscale("log")
+        if series["measured mix"]:
+            ax.legend(fontsize=8)
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

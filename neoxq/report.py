@@ -30,6 +30,7 @@ class ReportOptions:
     ctx: int = 512
     revision: str | None = None
     reference: str = "auto"  # auto (= hf) | hf | f16 | a GGUF or checkpoint path
+    mix: bool = False  # also <TYPE>-mix for every quantized type, no larger than the stock file
     max_memory: int | None = None  # bytes the fp32 reference may hold; None: what is available
     speed_prompt: int = 128
     speed_tokens: int = 32
@@ -120,12 +121,21 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
            "kld_mean_se": k.kld_mean_se, "kld_median": k.kld_median, "kld_p99": k.kld_p99, "kld_max": k.kld_max,
            "top1": k.top1, "rms_dp": k.rms_dp, "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
            ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
-           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")),
+           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info),
            "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_stamp": stamp}
     res_file.parent.mkdir(exist_ok=True)
     with atomic_output(res_file, force=True) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _mix_json(info) -> dict:
+    """For a -mix file: its budget and the stock file it must not exceed, from its metadata."""
+    meta = info.metadata
+    if "neoxq.mix.base" not in meta:
+        return {}
+    return {"mix": {"base": meta["neoxq.mix.base"], "target_bytes": int(meta["neoxq.mix.target_bytes"]),
+                    "stock_bytes": int(meta["neoxq.mix.stock_bytes"]), "predicted_kld": float(meta["neoxq.mix.predicted_kld"])}}
 
 
 def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
@@ -136,7 +146,9 @@ def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> d
         "source": {"name": ck.name, "path": str(ck.folder), "repo": ck.repo_id, "revision": ck.revision,
                    "commit": ck.commit, "format": ck.format},
         "text": {"file": run.text_file.name, "sha256": text_sha256(run.text), "scored_sha256": text_sha256(run.scored),
-                 "ctx": run.opts.ctx, "tokens_scored": rows[0]["_tokens"], "calibration_excluded": run.opts.imatrix == "auto"},
+                 "ctx": run.opts.ctx, "tokens_scored": rows[0]["_tokens"], "calibration_excluded": _calibrates(run.opts),
+                 "calibration": (f"first {int(CALIBRATION_SHARE * 100)}% ({len(run.calib)} chars), for the imatrix and mixes; "
+                                 "never scored") if _calibrates(run.opts) else None},
         "reference": {"kind": reference.description, "choice": run.opts.reference, **_plan_json(reference), **rows[0]["_ref"]},
         "imatrix": im_info,
         "machine": describe(),
@@ -154,7 +166,6 @@ def _plan_json(reference) -> dict:
 
 def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
     """Run (or resume) the whole pipeline; return the path of report.json."""
-    from neoxq.build import build_types
     from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
     from neoxq.render import render
 
@@ -163,32 +174,50 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     text = read_text(text_file)
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, opts.revision)
     out = _report_folder(out_dir, ckpt)
-    calib, scored = split_for_calibration(text) if opts.imatrix == "auto" else ("", text)
+    calib, scored = split_for_calibration(text) if _calibrates(opts) else ("", text)
     run = _Run(ckpt, out, Path(text_file), text, calib, scored, opts, types)
     n_windows = _check_scored_length(run)
     _preflight(run, n_windows)
-    bar = Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types), "steps")
-    with bar:
-        base = build_types(ckpt, [QuantType.F16], out)[QuantType.F16]
-        bar.update(1, note="converted")
-        im_path, im_info = _imatrix(run)
-        if opts.imatrix == "auto":
-            bar.update(1, note="imatrix")
-        if im_path:
-            im_info["sha256"] = file_sha256(im_path)
-        built = build_types(ckpt, types, out, imatrix=im_path, on_step=lambda b: bar.update(1, note=f"{b.label} ready"))
-        built[QuantType.F16].seconds = built[QuantType.F16].seconds or base.seconds
+    n_mix = sum(not t.is_float for t in types) if opts.mix else 0
+    with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_mix, "steps") as bar:
+        files, im_info, base = _build(run, bar)
         reference = _reference(run, base.path)
         rows = []
-        for t in types:
-            rows.append(_score(run, built[t], reference, out / "cache"))
-            bar.update(1, note=f"{t.value} scored")
+        for built in files:
+            rows.append(_score(run, built, reference, out / "cache"))
+            bar.update(1, note=f"{built.label} scored")
         rj = out / "report.json"
         with atomic_output(rj, force=True) as tmp:
             tmp.write_text(json.dumps(_assemble(run, rows, im_info, reference), indent=1))
         render(rj)
         bar.update(1, note="rendered")
     return rj
+
+
+def _calibrates(opts: ReportOptions) -> bool:
+    """The text's first quarter calibrates (and is then never scored) for --imatrix auto and --mix."""
+    return opts.imatrix == "auto" or opts.mix
+
+
+def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
+    """Every file the report scores, in order: the listed types, then their -mix twins."""
+    from neoxq.build import build_mixes, build_types
+
+    base = build_types(run.ckpt, [QuantType.F16], run.out)[QuantType.F16]
+    bar.update(1, note="converted")
+    im_path, im_info = _imatrix(run)
+    if run.opts.imatrix == "auto":
+        bar.update(1, note="imatrix")
+    if im_path:
+        im_info["sha256"] = file_sha256(im_path)
+    step = lambda b: bar.update(1, note=f"{b.label} ready")  # noqa: E731
+    built = build_types(run.ckpt, run.types, run.out, imatrix=im_path, on_step=step)
+    built[QuantType.F16].seconds = built[QuantType.F16].seconds or base.seconds
+    files = [built[t] for t in run.types]
+    if run.opts.mix:
+        mixes = build_mixes(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step)
+        files += list(mixes.values())
+    return files, im_info, base
 
 
 def _check_scored_length(run: _Run) -> int:

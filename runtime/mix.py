@@ -355,6 +355,7 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
     sens = sensitivities(info, ids, ctx, cache, im, file_sha256(Path(imatrix)) if imatrix else None, opts.threads)
     plan = allocate(tensors, sens, target - fixed)
     kv = {"neoxq.mix.base": base.value, "neoxq.mix.target_bytes": str(target), "neoxq.mix.stock_bytes": str(stock_bytes),
+          "neoxq.mix.calib_sha256": hashlib.sha256(opts.calib_text.encode("utf-8")).hexdigest(),
           "neoxq.mix.predicted_kld": f"{predicted_kld(sens, plan):.6g}", **{f"neoxq.mix.type.{n}": t for n, t in plan.items()}}
     result = rq.quantize(info, base, output=out, imatrix=imatrix, force=force, tensor_types=plan, kv=kv, label=f"{base.value}-mix")
     written = {t["name"]: t["type"] for t in result.tensors}

@@ -21,6 +21,7 @@ def report(
     revision: Revision = None,
     reference: ReferenceOpt = None,
     max_memory: MaxMemory = None,
+    mix: Annotated[bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type: no larger, per-tensor types from measured sensitivity.")] = False,
     quiet: Quiet = False,
 ):
     """Convert, quantize to each type, and score each against the HF fp32 reference (resumable).
@@ -28,7 +29,7 @@ def report(
     -o is the report folder (default report-<name>[-<revision>])."""
     from neoxq.report import ReportOptions, run_report
 
-    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory).items()
+    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory, mix=mix or None).items()
           if v is not None}
     if imatrix is not None:
         kw["imatrix"] = None if imatrix.lower() == "none" else imatrix
