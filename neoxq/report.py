@@ -182,6 +182,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_mix, "steps") as bar:
         files, im_info, base = _build(run, bar)
         reference = _reference(run, base.path)
+        _reference_first(run, reference, base.path)
         rows = []
         for built in files:
             rows.append(_score(run, built, reference, out / "cache"))
@@ -192,6 +193,18 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
         render(rj)
         bar.update(1, note="rendered")
     return rj
+
+
+def _reference_first(run: _Run, reference, base: Path) -> None:
+    """Compute the reference tables while no llama.cpp model is loaded (only its tokenizer), so the
+    two never hold memory at the same time; every type then reuses the cached tables."""
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.reference_cache import reference_tables
+    from neoxq.runtime.score import Windows
+
+    with NeoxModel(base, RuntimeOptions(n_ctx=run.opts.ctx, vocab_only=True)) as m:
+        w, n_vocab = Windows(m.tokenize(run.scored), run.opts.ctx), m.n_vocab
+    reference_tables(reference, w, n_vocab, run.out / "cache")
 
 
 def _calibrates(opts: ReportOptions) -> bool:

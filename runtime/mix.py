@@ -186,43 +186,73 @@ def sensitivity_key(info: GGUFInfo, calib_ids: list[int], ctx: int, im_sha: str 
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
+def probe_groups(tensors: list[TensorInfo], max_evals: int) -> list[list[TensorInfo]]:
+    """One tensor per probe when that fits `max_evals`; else tensors of the same kind in consecutive
+    layers share a probe (a documented group), and split its KLD in proportion to their proxy errors."""
+    if len(tensors) <= max_evals:
+        return [[t] for t in tensors]
+    import re
+
+    kinds: dict[str, list[TensorInfo]] = {}
+    for t in tensors:
+        kinds.setdefault(re.sub(r"^blk\.\d+\.", "blk.*.", t.name), []).append(t)
+    per_kind = max(1, (max_evals - sum(len(v) == 1 for v in kinds.values())) // max(1, sum(len(v) > 1 for v in kinds.values())))
+    groups = []
+    for members in kinds.values():
+        for part in np.array_split(np.arange(len(members)), min(per_kind, len(members))):
+            groups.append([members[i] for i in part])
+    return groups
+
+
 def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, im: IMatrix | None = None,
-                  im_sha: str | None = None, threads: int | None = None, max_evals: int = 64) -> dict[str, Sensitivity]:
-    """Measured (and cached) KLD per tensor and type. Two measured types per tensor while that stays
-    within `max_evals` evaluations, else one."""
+                  im_sha: str | None = None, threads: int | None = None, max_evals: int = 64) -> tuple[dict[str, Sensitivity], int]:
+    """Measured (and cached) KLD per tensor and type, and the number of probes it took: two measured
+    types per tensor while that stays within `max_evals` probes, one while single tensors fit, else
+    grouped probes."""
     from neoxq.core.machine import default_threads
 
     tensors = quantizable(info)
     two = 2 * len(tensors) <= max_evals
     path = Path(cache) / f"sensitivity-{sensitivity_key(info, calib_ids, ctx, im_sha, two)}.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            out = {n: Sensitivity(d["err"], d["measured"]) for n, d in data["tensors"].items()}
-            for s in out.values():
-                s.fit()
-            return out
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # rebuilt below
+    cached = _load_sensitivities(path)
+    if cached is not None:
+        return cached
     errs = proxy_errors(info, tensors, im)
+    groups = probe_groups(tensors, max_evals)
     probe = KLDProbe(info, calib_ids, ctx, Path(cache), im, threads or default_threads())
-    out = {}
+    measured: dict[str, dict[str, float]] = {t.name: {} for t in tensors}
     try:
-        with Progress("mix: measuring", sum(len(_measure_types(t, im is not None, two)) for t in tensors), "probes") as bar:
-            for t in tensors:
-                measured = {}
-                for ty in _measure_types(t, im is not None, two):
-                    measured[ty] = probe.kld({t.name: ty})
+        with Progress("mix: measuring", sum(len(_measure_types(g[0], im is not None, two)) for g in groups), "probes") as bar:
+            for g in groups:
+                for ty in _measure_types(g[0], im is not None, two):
+                    k = probe.kld({t.name: ty for t in g})
+                    total = sum(errs[t.name][ty] for t in g) or 1.0
+                    for t in g:
+                        measured[t.name][ty] = k * errs[t.name][ty] / total
                     bar.update(1)
-                out[t.name] = Sensitivity(errs[t.name], measured)
-                out[t.name].fit()
     finally:
         probe.close()
+    out = {n: Sensitivity(errs[n], measured[n]) for n in errs}
+    for s in out.values():
+        s.fit()
+    probes = sum(len(_measure_types(g[0], im is not None, two)) for g in groups)
     Path(cache).mkdir(parents=True, exist_ok=True)
     with atomic_output(path, force=True) as tmp:
-        tmp.write_text(json.dumps({"version": MIX_VERSION, "evaluations": sum(len(s.measured) for s in out.values()),
+        tmp.write_text(json.dumps({"version": MIX_VERSION, "probes": probes, "groups": [[t.name for t in g] for g in groups],
                                    "tensors": {n: {"err": s.err, "measured": s.measured} for n, s in out.items()}}, indent=1))
-    return out
+    return out, probes
+
+
+def _load_sensitivities(path: Path) -> tuple[dict[str, Sensitivity], int] | None:
+    try:
+        data = json.loads(path.read_text())
+        out = {n: Sensitivity(d["err"], d["measured"]) for n, d in data["tensors"].items()}
+        probes = int(data["probes"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None  # missing or damaged: measured again
+    for s in out.values():
+        s.fit()
+    return out, probes
 
 
 def _hull(options: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
@@ -298,7 +328,7 @@ class MixOptions:
     target_bytes: int | None = None  # default: the stock file's size
     target_bpw: float | None = None
     ctx: int = 512
-    max_windows: int = 8
+    max_windows: int = 4
     cache_dir: Path | None = None
     threads: int | None = None
 
@@ -352,7 +382,7 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
     tensors = quantizable(info)
     fixed = stock_bytes - sum(tensor_bytes(t, stock_types[t.name]) for t in tensors) + 128 * (len(tensors) + 8)
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir().parent / "mix"
-    sens = sensitivities(info, ids, ctx, cache, im, file_sha256(Path(imatrix)) if imatrix else None, opts.threads)
+    sens, probes = sensitivities(info, ids, ctx, cache, im, file_sha256(Path(imatrix)) if imatrix else None, opts.threads)
     plan = allocate(tensors, sens, target - fixed)
     kv = {"neoxq.mix.base": base.value, "neoxq.mix.target_bytes": str(target), "neoxq.mix.stock_bytes": str(stock_bytes),
           "neoxq.mix.calib_sha256": hashlib.sha256(opts.calib_text.encode("utf-8")).hexdigest(),
@@ -365,7 +395,7 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
         raise UsageError(f"llama.cpp wrote other types than planned for {len(wrong)} tensor(s), e.g. {next(iter(wrong.items()))}")
     result.extra["mix"] = {"base": base.value, "target_bytes": target, "stock_bytes": stock_bytes, "size_bytes": result.size_bytes,
                            "predicted_kld": predicted_kld(sens, plan), "stock_predicted_kld": _stock_prediction(sens, stock_types),
-                           "evaluations": sum(len(s.measured) for s in sens.values()), "calibration_tokens": len(ids), "types": plan}
+                           "probes": probes, "calibration_tokens": len(ids), "types": plan}
     return result
 
 

@@ -28,6 +28,7 @@ class RuntimeOptions:
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int | None = None  # None: all layers on the GPU when offload is supported, else 0
     seed: int = 0
+    vocab_only: bool = False  # tokenizer only: no weights, no context (tokenising costs no memory)
 
 
 class NeoxModel:
@@ -49,14 +50,14 @@ class NeoxModel:
             try:
                 self.llm = Llama(model_path=str(self.info.path), n_ctx=n_ctx, n_batch=self.n_batch,
                                  n_ubatch=self.n_batch, n_threads=threads, n_threads_batch=threads,
-                                 n_gpu_layers=n_gpu, seed=o.seed, logits_all=False, verbose=False)
+                                 n_gpu_layers=n_gpu, seed=o.seed, logits_all=False, vocab_only=o.vocab_only, verbose=False)
             except ValueError as exc:
                 detail = capi.error_text(errors) or str(exc)
                 raise CorruptFileError(f"llama.cpp could not load {self.info.path} ({detail}); re-create the file with `neoxq convert`") from exc
         self.n_ctx = n_ctx
         self.n_gpu_layers = n_gpu
         self.n_vocab = self.llm.n_vocab()
-        self._decoder = capi.WindowDecoder(self.llm.ctx, self.n_batch, self.n_vocab)
+        self._decoder = None if o.vocab_only else capi.WindowDecoder(self.llm.ctx, self.n_batch, self.n_vocab)
 
     # Tokenisation ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neoxq.core.atomic import atomic_output
-from neoxq.core.errors import CorruptFileError, OutputError, UsageError
+from neoxq.core.errors import CorruptFileError, UsageError
 from neoxq.core.gguf_info import GGUFInfo, read_info
 from neoxq.core.imatrix_io import IMatrix, check_fits, file_sha256, read_imatrix
 from neoxq.core.machine import default_threads
@@ -41,7 +41,7 @@ class QuantResult:
         if mix:
             rows.append(f"mix: budget {mix['target_bytes'] / 1e6:.2f} MB (stock {mix['base']} {mix['stock_bytes'] / 1e6:.2f} MB); "
                         f"predicted KLD {mix['predicted_kld']:.5f}" + (f" vs stock {mix['stock_predicted_kld']:.5f}" if mix.get("stock_predicted_kld") else "")
-                        + f"; {mix['evaluations']} measured probes")
+                        + f"; {mix['probes']} measured probes")
         return "\n".join(rows)
 
     @property
@@ -110,12 +110,19 @@ def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | 
 
 
 def _quantize_failure(src: GGUFInfo, out: Path, qtype: QuantType, detail: str) -> Exception:
-    """llama.cpp reports a full disk as an iostream error: check the space before blaming the input."""
+    """llama.cpp reports a full disk (and a file over `ulimit -f`) as an iostream error: check the
+    space and the limit before blaming the input."""
+    import resource
+
+    from neoxq.core.atomic import out_of_space
+
     need = int(src.n_params * qtype.nominal_bpw / 8 * 1.1) + src.data_offset
     free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
-    if free < need or "iostream" in detail or "No space" in detail or "File too large" in detail:
-        return OutputError(f"disk full while writing {out}: about {need / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free; "
-                           "free space or pass -o on another disk")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < need:
+        return out_of_space(out, need, too_large=True)
+    if free < need or "iostream" in detail or "No space" in detail:
+        return out_of_space(out, need)
     return CorruptFileError(f"llama.cpp could not quantize {src.path.name} to {qtype.value} ({detail}); check the input with `neoxq convert` again")
 
 

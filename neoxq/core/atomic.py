@@ -58,11 +58,20 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
-def out_of_space(path: Path, need_bytes: int | None = None) -> OutputError:
+def out_of_space(path: Path, need_bytes: int | None = None, too_large: bool = False) -> OutputError:
     folder = path.parent if str(path.parent) else Path(".")
     free = shutil.disk_usage(folder).free if folder.is_dir() else 0
     need = f"about {need_bytes / 1e6:.0f} MB needed, " if need_bytes else ""
+    if too_large:
+        return OutputError(f"file too large while writing {path}: {need}over this process's file-size limit (ulimit -f); "
+                           "raise the limit or pass -o on another disk")
     return OutputError(f"disk full while writing {path}: {need}{free / 1e6:.0f} MB free; free space or pass -o on another disk")
+
+
+def _fsize_limited() -> bool:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 
 @contextlib.contextmanager
@@ -78,9 +87,11 @@ def atomic_output(path: Path, force: bool = False, need_bytes: int | None = None
         yield tmp
         os.replace(tmp, path)
     except OSError as exc:
-        # numpy's tofile reports a short write as a plain OSError without errno.
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or (exc.errno is None and "free space" in str(exc)):
-            raise out_of_space(path, need_bytes) from exc
+        # numpy's tofile reports a short write as a plain OSError without errno
+        # ("Not enough free space …", "N requested and M written"): then the file-size limit decides.
+        short = exc.errno is None and ("free space" in str(exc) or "written" in str(exc))
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or short:
+            raise out_of_space(path, need_bytes, too_large=exc.errno == errno.EFBIG or (short and _fsize_limited())) from exc
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or exc.filename in (str(tmp), str(path)):
             raise OutputError(f"cannot write {path} ({exc.strerror}); pass -o with a writable folder") from exc
         raise

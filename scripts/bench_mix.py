@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Measured mixes against llama.cpp's stock mixes (issue 10), on two trained models: the demo model
+(4 x 256, its own 512-token vocabulary) and a 4 x 256 model with a 50k vocabulary (the embedding and
+output then dominate the file, as in the small Pythias). Both with an importance matrix computed from
+the calibration text. For Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K: stock size / KLD / top-1 against the
+mix, on held-out text never used for calibration; the ratio mix/stock KLD (goal ≤ 0.7 at size ≤ stock).
+
+Also: how well the sensitivity model predicts (Spearman rank correlation between predicted and
+measured single-tensor KLDs on the demo model, predicted vs measured KLD of each final file), and,
+with --cost410m, the wall time of a whole --mix run on a Pythia-410M-shaped model (random weights).
+
+    .venv/bin/python scripts/bench_mix.py [--types Q2_K,Q4_K_M] [--cost410m] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+TYPES = "Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K"
+
+
+def demo_model() -> Path:
+    from neoxq.convert.tiny import TinySpec, build_trained, stdlib_text
+
+    folder = benchlib.cache_dir() / "demo-model"
+    if not (folder / "model.safetensors").is_file():
+        spec = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
+        build_trained(folder, spec, stdlib_text(400_000), steps=200)
+    return folder
+
+
+def texts(model: Path) -> tuple[str, str]:
+    """(calibration, held-out): stdlib docstrings for the demo model, stdlib source for the 50k one."""
+    from neoxq.convert.tiny import stdlib_text
+
+    if model.name == "demo-model":
+        t = stdlib_text(560_000)
+        return t[400_000:440_000], t[440_000:560_000]
+    t = benchlib.eval_text(400_000).read_text(encoding="utf-8")
+    return t[:100_000], t[100_000:400_000]
+
+
+def compare(model: Path, types: list[str], ctx: int, work: Path) -> list[dict]:
+    from neoxq.convert.converter import convert
+    from neoxq.convert.imatrix import compute_imatrix
+    from neoxq.core.imatrix_io import write_imatrix
+    from neoxq.runtime.mix import MixOptions, quantize_mix
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.quantize import quantize
+    from neoxq.runtime.score import GGUFReference, kld
+
+    calib, held = texts(model)
+    f16 = convert(str(model), "f16", output=work / f"{model.name}-F16.gguf", force=True)
+    im = write_imatrix(work / f"{model.name}.imatrix", compute_imatrix(str(model), calib, ctx=ctx, dataset_name="calib"), force=True)
+
+    def score(path):
+        with NeoxModel(path, RuntimeOptions(n_ctx=ctx, n_batch=ctx)) as m:
+            return kld(m, GGUFReference(f16), held, ctx, cache_dir=work / "cache")
+
+    rows = []
+    for t in types:
+        stock = quantize(f16, t, output=work / f"{t}.gguf", imatrix=im, force=True)
+        t0 = time.perf_counter()
+        mix = quantize_mix(f16, t, MixOptions(calib, ctx=ctx, cache_dir=work / "mixcache"), output=work / f"{t}-mix.gguf", imatrix=im, force=True)
+        secs = time.perf_counter() - t0
+        a, b = score(stock.path), score(mix.path)
+        row = {"model": model.name, "type": t, "stock_MB": stock.size_bytes / 1e6, "stock_kld": a.kld_mean, "stock_top1": a.top1,
+               "mix_MB": mix.size_bytes / 1e6, "mix_kld": b.kld_mean, "mix_top1": b.top1, "kld_ratio": b.kld_mean / a.kld_mean,
+               "predicted_mix_kld": mix.extra["mix"]["predicted_kld"], "predicted_stock_kld": mix.extra["mix"]["stock_predicted_kld"],
+               "probes": mix.extra["mix"]["probes"], "mix_seconds": secs}
+        rows.append(row)
+        print(f"{model.name:<16} {t:<7} stock {row['stock_MB']:7.2f} MB KLD {a.kld_mean:.5f} top1 {100 * a.top1:5.2f}% | "
+              f"mix {row['mix_MB']:7.2f} MB KLD {b.kld_mean:.5f} top1 {100 * b.top1:5.2f}% | ratio {row['kld_ratio']:.2f} | "
+              f"predicted {row['predicted_mix_kld']:.5f} | {secs:.0f} s")
+    return rows
+
+
+def proxy_quality(model: Path, ctx: int, work: Path) -> dict:
+    """Every tensor alone at every k-quant, measured, against the sensitivity model's prediction."""
+    import numpy as np
+
+    from neoxq.core.gguf_info import read_info
+    from neoxq.runtime.mix import KLDProbe, quantizable, sensitivities
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+
+    calib, _ = texts(model)
+    info = read_info(work / f"{model.name}-F16.gguf")
+    with NeoxModel(info.path, RuntimeOptions(n_ctx=64, n_gpu_layers=0), info=info) as m:
+        ids = m.tokenize(calib)[: 4 * ctx]
+    sens, _ = sensitivities(info, ids, ctx, work / "mixcache-proxy")
+    probe = KLDProbe(info, ids, ctx, work / "mixcache-proxy", None, 2)
+    pred, meas = [], []
+    try:
+        for t in quantizable(info):
+            for ty in ("Q3_K", "Q5_K", "Q6_K"):
+                if ty in sens[t.name].kld:
+                    pred.append(sens[t.name].kld[ty])
+                    meas.append(probe.kld({t.name: ty}))
+    finally:
+        probe.close()
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    rho = float(np.corrcoef(rank(pred), rank(meas))[0, 1])
+    print(f"sensitivity model on {model.name}: Spearman rho {rho:.3f} over {len(pred)} unmeasured (tensor, type) pairs "
+          f"(Q3_K, Q5_K, Q6_K: predicted from the Q2_K and Q4_K probes)")
+    return {"spearman": rho, "pairs": len(pred)}
+
+
+def cost_410m(work: Path) -> dict:
+    from neoxq.convert.converter import convert
+    from neoxq.runtime.mix import MixOptions, quantize_mix
+
+    folder = benchlib.random_checkpoint("410m")
+    f16 = work / "410m-F16.gguf"
+    if not f16.is_file():
+        convert(str(folder), "f16", output=f16)
+    calib = benchlib.eval_text(400_000).read_text(encoding="utf-8")[:60_000]
+    t0 = time.perf_counter()
+    r = quantize_mix(f16, "Q4_K_M", MixOptions(calib, ctx=512, cache_dir=work / "mixcache-410m"), output=work / "410m-mix.gguf", force=True)
+    secs = time.perf_counter() - t0
+    print(f"--mix on a 410M-shaped model (24 layers, 50k vocab, 2 cores): {secs / 60:.1f} min, {r.extra['mix']['probes']} probes "
+          f"(goal ≤ 20 min)")
+    return {"seconds": secs, "probes": r.extra["mix"]["probes"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default=TYPES)
+    ap.add_argument("--cost410m", action="store_true")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    work = benchlib.cache_dir() / "mix-work"
+    work.mkdir(exist_ok=True)
+    out = {"rows": []}
+    for model, ctx in ((demo_model(), 128), (benchlib.trained_50k(), 512)):
+        out["rows"] += compare(model, a.types.split(","), ctx, work)
+    out["proxy"] = proxy_quality(demo_model(), 128, work)
+    if a.cost410m:
+        out["cost_410m"] = cost_410m(work)
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
