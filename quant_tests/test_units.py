@@ -325,3 +325,42 @@ def test_ggml_type_table_equals_gguf_py():
 
     theirs = {int(t): (t.name, *gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
     assert GGML_TYPES == theirs
+
+
+@pytest.mark.parametrize("setting,ngl,expect", [("auto", 0, False), ("on", 0, True), ("off", -1, False)])
+def test_flash_attention_setting(setting, ngl, expect):
+    from neoxq.runtime.model import resolve_flash_attn
+
+    assert resolve_flash_attn(setting, ngl) is expect
+    with pytest.raises(UsageError, match="auto, on or off"):
+        resolve_flash_attn("maybe", 0)
+
+
+def test_context_parameters_for_the_cpu_switch(checkpoints, tmp_path):
+    """--device cpu / -ngl 0: no layers and no op offload; flash attention follows the setting."""
+    import llama_cpp
+
+    from neoxq.cli.run_cmds import runtime_options
+    from neoxq.convert.converter import convert
+    from neoxq.runtime.model import NeoxModel
+
+    path = convert(str(checkpoints["hf4-parallel-rot025-safetensors"]), "f16", output=tmp_path / "m.gguf")
+    for opts, fa in ((runtime_options(64, 1, None, 64, "auto", "cpu"), False), (runtime_options(64, 1, 0, 64, "on", "auto"), True)):
+        with NeoxModel(path, opts) as m:
+            cp = m.llm.context_params
+            assert m.n_gpu_layers == 0 and cp.op_offload is False
+            assert cp.flash_attn_type == (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    assert runtime_options(64, 1, None, 64, "auto", "gpu").n_gpu_layers == -1
+    with pytest.raises(UsageError, match="contradict"):
+        runtime_options(64, 1, 5, 64, "auto", "cpu")
+
+
+def test_info_system_and_file(checkpoints, tmp_path):
+    from neoxq.convert.converter import convert
+
+    path = convert(str(checkpoints["hf4-parallel-rot025-safetensors"]), "q8_0", output=tmp_path / "m.gguf")
+    proc = _cli("info", path, "--system", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["system"]["backend"] in ("CPU", "CUDA", "GPU") and data["file"]["type"] == "Q8_0"
+    assert data["file"]["architecture"] == "gptneox" and "Q8_0" in data["file"]["tensor_types"]

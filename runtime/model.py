@@ -21,6 +21,18 @@ def gpu_offload_supported() -> bool:
     return capi.supports_gpu_offload()
 
 
+def resolve_flash_attn(setting: str, n_gpu_layers: int) -> bool:
+    """auto: on where the build offloads to a GPU and layers go there (flash attention's big win),
+    off on the CPU so CPU results stay what they were; on/off force it."""
+    if setting not in ("auto", "on", "off"):
+        from neoxq.core.errors import UsageError
+
+        raise UsageError(f"--flash-attn {setting!r}: use auto, on or off")
+    if setting == "auto":
+        return gpu_offload_supported() and n_gpu_layers != 0
+    return setting == "on"
+
+
 @dataclass
 class RuntimeOptions:
     n_ctx: int | None = None  # None: the model's training context
@@ -29,6 +41,7 @@ class RuntimeOptions:
     n_gpu_layers: int | None = None  # None: all layers on the GPU when offload is supported, else 0
     seed: int = 0
     vocab_only: bool = False  # tokenizer only: no weights, no context (tokenising costs no memory)
+    flash_attn: str = "auto"  # auto | on | off
 
 
 class NeoxModel:
@@ -46,11 +59,15 @@ class NeoxModel:
 
         threads = o.n_threads or default_threads()
         self.n_batch = min(o.n_batch, n_ctx)
+        self.flash_attn = resolve_flash_attn(o.flash_attn, n_gpu)
         with capi.captured_errors() as errors:
             try:
+                # n_gpu_layers 0 means the CPU: llama.cpp would otherwise still offload the heavy ops
+                # of a CUDA build (op_offload), so the "CPU" run would use the GPU.
                 self.llm = Llama(model_path=str(self.info.path), n_ctx=n_ctx, n_batch=self.n_batch,
                                  n_ubatch=self.n_batch, n_threads=threads, n_threads_batch=threads,
-                                 n_gpu_layers=n_gpu, seed=o.seed, logits_all=False, vocab_only=o.vocab_only, verbose=False)
+                                 n_gpu_layers=n_gpu, seed=o.seed, logits_all=False, vocab_only=o.vocab_only,
+                                 flash_attn=self.flash_attn, op_offload=n_gpu != 0, verbose=False)
             except ValueError as exc:
                 detail = capi.error_text(errors) or str(exc)
                 raise CorruptFileError(f"llama.cpp could not load {self.info.path} ({detail}); re-create the file with `neoxq convert`") from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,7 +26,7 @@ from . import build_cmds, report_cmds, run_cmds
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GPT-NeoX / Pythia checkpoints → GGUF, run on llama.cpp, and measure what quantization costs.")
 for module, names in ((build_cmds, ("convert", "quantize", "imatrix", "types")),
-                      (run_cmds, ("run", "tokenize", "perplexity", "kld", "serve")),
+                      (run_cmds, ("run", "tokenize", "perplexity", "kld", "serve", "info")),
                       (report_cmds, ("report", "demo"))):
     for name in names:
         app.command(name)(getattr(module, name))
@@ -75,7 +76,18 @@ def _usage_error_types() -> tuple[type, ...]:
     return tuple(found)
 
 
+def _load_llama_first() -> None:
+    """On a CUDA build, load llama.cpp's libraries before any command imports numpy (see
+    neoxq/runtime/__init__.py); a CPU build skips the import (it costs ~0.1 s)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("llama_cpp")
+    if spec and spec.origin and any(Path(spec.origin).parent.glob("lib/libggml-cuda*")):
+        import neoxq.runtime  # noqa: F401
+
+
 def main() -> None:
+    _load_llama_first()
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     sys.exit(_run())

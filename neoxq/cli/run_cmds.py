@@ -9,18 +9,36 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import CacheDir, Ctx, GpuLayers, Json, MaxMemory, Model, Quiet, Revision, Text, Threads
+from .options import CacheDir, Ctx, Device, FlashAttn, GpuLayers, Json, MaxMemory, Model, Quiet, Revision, Text, Threads
 
 
-def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512):
+def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto"):
+    """The flags every model-loading command shares, as RuntimeOptions (the library owns defaults)."""
+    from neoxq.core.errors import UsageError
+    from neoxq.runtime.model import RuntimeOptions
+
+    if device not in ("auto", "cpu", "gpu"):
+        raise UsageError(f"--device {device!r}: use auto, gpu or cpu")
+    if device == "cpu":
+        if gpu_layers not in (None, 0):
+            raise UsageError("--device cpu and --n-gpu-layers > 0 contradict each other; pass one")
+        gpu_layers = 0
+    elif device == "gpu" and gpu_layers is None:
+        gpu_layers = -1
+    return RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn)
+
+
+def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512,
+          flash_attn: str = "auto", device: str = "auto"):
     from neoxq import preflight
     from neoxq.core.gguf_info import read_info
-    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.model import NeoxModel
 
+    opts = runtime_options(ctx, threads, gpu_layers, batch, flash_attn, device)
     info = read_info(model)
     need = preflight.llama_bytes(info, ctx or info.context_length or 2048, batch)
     preflight.check(f"loading {info.path.name}", need, "pass a smaller --ctx or use a smaller quantized file")
-    return NeoxModel(model, RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers), info=info)
+    return NeoxModel(model, opts, info=info)
 
 
 def run(
@@ -37,6 +55,7 @@ def run(
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read prompts line by line; each gets a completion.")] = False,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto", device: Device = "auto",
 ):
     """Stream a completion token by token; prompt and generation tokens/s on stderr."""
     from neoxq.runtime.generate import SamplingOptions
@@ -44,7 +63,7 @@ def run(
     opts = SamplingOptions(max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []))
     text = None if interactive else (prompt if prompt is not None else _read_prompt(prompt_file))
-    with _open(model, ctx, threads, gpu_layers) as m:
+    with _open(model, ctx, threads, gpu_layers, flash_attn=flash_attn, device=device) as m:
         if not interactive:
             _complete(m, text, opts)
             return
@@ -103,6 +122,7 @@ def perplexity(
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="Window size; the second half of each window is scored.")] = 512,
     as_json: Json = False,
     threads: Threads = None, gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto", device: Device = "auto",
     quiet: Quiet = False,
 ):
     """Perplexity as llama-perplexity computes it, with its standard error."""
@@ -110,7 +130,7 @@ def perplexity(
     from neoxq.runtime.score import perplexity as ppl
 
     body = read_text(text)
-    with _open(model, ctx, threads, gpu_layers, batch=ctx) as m:
+    with _open(model, ctx, threads, gpu_layers, batch=ctx, flash_attn=flash_attn, device=device) as m:
         r = ppl(m, body, ctx)
     if as_json:
         print(json.dumps(r.as_json(), indent=1))
@@ -128,6 +148,7 @@ def kld(
     cache_dir: CacheDir = None,
     as_json: Json = False,
     threads: Threads = None, gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto", device: Device = "auto",
     quiet: Quiet = False,
 ):
     """KL divergence, top-1 agreement, RMS Δp and Δppl against a reference.
@@ -136,12 +157,11 @@ def kld(
     the memory available), streamed layer by layer otherwise."""
     from neoxq.core.textfile import read_text
     from neoxq.reference import open_reference
-    from neoxq.runtime.model import RuntimeOptions
     from neoxq.runtime.score import kld as do_kld
 
     body = read_text(text)
-    with _open(model, ctx, threads, gpu_layers, batch=ctx) as m:
-        ref = open_reference(reference, revision, RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads, n_gpu_layers=gpu_layers),
+    with _open(model, ctx, threads, gpu_layers, batch=ctx, flash_attn=flash_attn, device=device) as m:
+        ref = open_reference(reference, revision, runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
                              max_memory=max_memory, reserved=preflight_bytes(m))
         r = do_kld(m, ref, body, ctx, cache_dir=cache_dir)
     if as_json:
@@ -163,8 +183,31 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto", device: Device = "auto",
 ):
     """OpenAI-compatible completions server, on localhost by default."""
     from neoxq.runtime.serve import serve as do_serve
 
-    do_serve(model, host=host, port=port, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+    o = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
+    do_serve(model, host=host, port=port, n_ctx=o.n_ctx, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, flash_attn=o.flash_attn)
+
+
+def info(
+    model: Annotated[Optional[Path], typer.Argument(help="GGUF file to describe (optional with --system).")] = None,
+    system: Annotated[bool, typer.Option("--system", help="The llama.cpp build: backend, devices, flash attention, offload.")] = False,
+    as_json: Json = False,
+):
+    """What a GGUF holds (architecture, type, mix, provenance, tensors), or what this machine's
+    llama.cpp build can do (--system)."""
+    from neoxq.core.errors import UsageError
+    from neoxq.describe import describe_file, describe_system
+
+    if model is None and not system:
+        raise UsageError("pass a GGUF file, or --system for the llama.cpp build")
+    data = {**({"system": describe_system()} if system else {}), **({"file": describe_file(model)} if model else {})}
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    for section in data.values():
+        for k, v in section.items():
+            print(f"{k:<22} {v}")

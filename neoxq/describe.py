@@ -1,0 +1,54 @@
+"""`neoxq info`: what a GGUF holds and what this machine's llama.cpp build can do, as plain data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def describe_system() -> dict:
+    from neoxq.runtime import capi
+
+    devs = capi.devices()
+    gpus = [d for d in devs if d["type"] != "CPU"]
+    return {
+        "backend": "CUDA" if any("CUDA" in d["name"].upper() for d in gpus) else ("GPU" if gpus else "CPU"),
+        "devices": "; ".join(f"{d['name']} ({d['description']}, {d['total_bytes'] / 2**30:.1f} GiB)" for d in devs) or "none",
+        "gpu_offload": capi.supports_gpu_offload(),
+        "flash_attention": "auto: on for layers on a GPU" if gpus else "off (CPU only; --flash-attn on forces it)",
+        "runtime_offloads": "all layers by default (--n-gpu-layers N, --device cpu)" if capi.supports_gpu_offload() else "no",
+        "llama_cpp_python": _version("llama-cpp-python"),
+        "build": capi.system_info().strip(),
+    }
+
+
+def describe_file(path: Path) -> dict:
+    from neoxq.core.gguf_info import read_info
+
+    info = read_info(path)
+    m = info.metadata
+    mix = {k[len("neoxq.mix.type."):]: v for k, v in m.items() if k.startswith("neoxq.mix.type.")}
+    return {
+        "path": str(info.path), "architecture": info.arch, "type": m.get("neoxq.quant_type") or (info.quant_type.value if info.quant_type else "unknown"),
+        "size_bytes": info.path.stat().st_size, "bits_per_weight": round(info.bpw, 3), "parameters": info.n_params,
+        "context_length": info.context_length, "vocabulary": info.n_vocab,
+        "source": " ".join(str(m[k]) for k in ("neoxq.source.repo", "neoxq.source.revision", "neoxq.source.commit") if m.get(k)) or "unknown",
+        "imatrix": m.get("quantize.imatrix.file") or "none",
+        "mix": f"{len(mix)} tensors, budget {m.get('neoxq.mix.target_bytes')} bytes" if mix else "no",
+        "tensor_types": ", ".join(f"{t}: {n}" for t, n in sorted(_count(info).items())),
+    }
+
+
+def _count(info) -> dict:
+    out: dict[str, int] = {}
+    for t in info.tensors:
+        out[t.type] = out.get(t.type, 0) + 1
+    return out
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
