@@ -225,3 +225,46 @@ def build_trained(folder: Path, spec: TinySpec | None = None, text: str | None =
     if outliers:
         add_outlier_channels(model, seed=spec.seed)
     return save_checkpoint(model, folder, spec)
+
+
+def build_training_run(root: Path, spec: TinySpec, text: str, save_steps: list[int], ctx: int = 64, batch: int = 8,
+                       lr: float = 3e-3, log=None) -> dict[int, Path]:
+    """One training run saving checkpoints at `save_steps` (0 = the initialisation), each a complete
+    checkpoint folder sharing one tokenizer: a Pythia-like training dimension, in seconds."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer
+
+    tok_dir = root / "tokenizer"
+    n_tok = train_tokenizer(tok_dir, text)
+    ids = torch.tensor(Tokenizer.from_file(str(tok_dir / "tokenizer.json")).encode(text).ids)
+    model = random_model(spec, n_tok + spec.vocab_pad).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(spec.seed)
+    saved: dict[int, Path] = {}
+
+    def save(step: int) -> None:
+        folder = root / f"step{step}"
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tok_dir / f, folder / f)
+        model.eval()
+        save_checkpoint(model, folder, spec)
+        model.train()
+        saved[step] = folder
+
+    for step in range(max(save_steps) + 1):
+        if step in save_steps:
+            save(step)
+        if step == max(save_steps):
+            break
+        starts = torch.randint(0, len(ids) - ctx - 1, (batch,), generator=gen)
+        x = torch.stack([ids[s:s + ctx] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log and step % 25 == 0:
+            log(step, loss.item())
+    return saved

@@ -37,3 +37,55 @@ def run_demo(out: Path | str = "demo-out") -> Path:
         eval_file.write_text(text[TRAIN_CHARS:], encoding="utf-8")
     info(f"model: {ckpt} (trained here); evaluation text: {eval_file} (held out from training)")
     return run_report(str(ckpt), eval_file, out / "report", ReportOptions(ctx=128))
+
+
+DEMO_REPO = "neoxq-demo/tiny-neox"
+SWEEP_STEPS = [0, 10, 25, 50, 100, 200]
+
+
+def use_local_hub_cache(cache: Path) -> None:
+    """Point huggingface_hub at `cache`, offline (its constants are read at call time)."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_CACHE"] = str(cache)
+    import sys
+
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(cache)
+
+
+def build_demo_hub(out: Path) -> Path:
+    """Train the demo model, saving checkpoints along the way as hub branches step0 … step200 (and
+    `main`, byte-identical to step200, as on the hub) in a local cache; return the cache folder."""
+    from neoxq.convert.hubcache import write_snapshot
+    from neoxq.convert.tiny import TinySpec, build_training_run, stdlib_text
+
+    cache = out / "hub-cache"
+    if (cache / f"models--{DEMO_REPO.replace('/', '--')}" / "refs" / "main").is_file():
+        return cache
+    spec = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
+    saved = build_training_run(out / "training", spec, stdlib_text(TRAIN_CHARS), SWEEP_STEPS, ctx=128, batch=16, log=_log)
+    for step, folder in saved.items():
+        commit = write_snapshot(cache, DEMO_REPO, f"step{step}", folder)
+    write_snapshot(cache, DEMO_REPO, "main", saved[max(saved)], commit=commit)
+    return cache
+
+
+def run_demo_sweep(out: Path | str = "demo-out") -> Path:
+    from .sweep import SweepOptions, run_sweep
+    from neoxq.convert.tiny import stdlib_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    use_local_hub_cache(out / "hub-cache")
+    build_demo_hub(out)
+    if interactive():
+        print(file=sys.stderr)
+    eval_file = out / "stdlib-heldout-sweep.txt"
+    eval_file.write_text(stdlib_text(TRAIN_CHARS + 40_000)[TRAIN_CHARS:], encoding="utf-8")
+    info(f"sweeping {DEMO_REPO} (local cache {out / 'hub-cache'}) on {eval_file}")
+    opts = SweepOptions(types="Q8_0,Q4_K_M,Q2_K", ctx=128, imatrix=None)
+    return run_sweep(DEMO_REPO, f"step0..step{max(SWEEP_STEPS)},main", eval_file, out / "sweep", opts)

@@ -126,3 +126,75 @@ def render(report_json: Path) -> tuple[Path, Path | None]:
     with atomic_output(md, force=True) as tmp:
         tmp.write_text(markdown(report))
     return md, png if made else None
+
+
+# Sweeps -------------------------------------------------------------------------------------------
+
+def _sweep_series(data: dict) -> dict[str, list[tuple[int, dict]]]:
+    """type → [(step, row)] over revisions with a step, in step order."""
+    out: dict[str, list] = {}
+    for rev in sorted((r for r in data["revisions"] if r["step"] is not None), key=lambda r: r["step"]):
+        for row in rev["results"]:
+            out.setdefault(row["type"], []).append((rev["step"], row, rev))
+    return out
+
+
+def sweep_markdown(data: dict) -> str:
+    out = [f"# Quantization across training: {data['repo']}", "",
+           f"- Text sha256 `{data['text']['sha256']}`, {data['text']['tokens_scored']} tokens scored, context {data['text']['ctx']}",
+           "- Each revision scored against its own fp32 transformers reference on the same windows; revisions whose "
+           "weights equal an earlier one's (same sha256) are marked and not recomputed.", ""]
+    dups = [r for r in data["revisions"] if r["duplicate_of"]]
+    if dups:
+        out += ["Duplicates: " + ", ".join(f"`{r['revision']}` = `{r['duplicate_of']}`" for r in dups), ""]
+    for qtype, points in _sweep_series(data).items():
+        out += [f"## {qtype}", "", "| step | revision | ref. ppl | KLD mean | Δppl % | top-1 % |", "|---:|---|---:|---:|---:|---:|"]
+        for step, row, rev in points:
+            ref = rev["reference"] or {}
+            dup = f" (= {rev['duplicate_of']})" if rev["duplicate_of"] else ""
+            out.append(f"| {step} | {rev['revision']}{dup} | {ref.get('ppl', 0):.3f} | {row['kld_mean']:.5f} | {row['dppl_pct']:+.2f} | {100 * row['top1']:.2f} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def sweep_plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _sweep_series(data)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for qtype, points in series.items():
+        xs = [max(s, 1) for s, _, _ in points]  # step 0 drawn at 1 on the log axis
+        axes[0].plot(xs, [max(r["kld_mean"], 1e-7) for _, r, _ in points], "o-", label=qtype)
+        axes[1].plot(xs, [r["dppl_pct"] for _, r, _ in points], "o-", label=qtype)
+    first = next(iter(series.values()), [])
+    axes[2].plot([max(s, 1) for s, _, _ in first], [rev["reference"]["ppl"] for _, _, rev in first], "o-", color="k")
+    for ax, label in zip(axes, ("mean KL divergence vs fp32", "Δ perplexity vs fp32 (%)", "fp32 reference perplexity")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training step (0 shown at 1)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[2].set_yscale("log")
+    fig.suptitle(f"{data['repo']}: quantization quality across training ({data['text']['tokens_scored']} tokens, ctx {data['text']['ctx']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def render_sweep(sweep_json: Path) -> tuple[Path, Path | None]:
+    from neoxq.core.atomic import atomic_output
+
+    data = json.loads(Path(sweep_json).read_text())
+    folder = Path(sweep_json).parent
+    md, png = folder / "sweep.md", folder / "sweep.png"
+    with atomic_output(md, force=True) as tmp:
+        tmp.write_text(sweep_markdown(data))
+    if not has_matplotlib():
+        return md, None
+    with atomic_output(png, force=True) as tmp:
+        sweep_plot(data, tmp)
+    return md, png

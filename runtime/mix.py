@@ -384,6 +384,7 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir().parent / "mix"
     sens, probes = sensitivities(info, ids, ctx, cache, im, file_sha256(Path(imatrix)) if imatrix else None, opts.threads)
     plan = allocate(tensors, sens, target - fixed)
+    plan, check = _checked(info, ids, ctx, cache, im, opts, plan, stock_types, target - fixed, tensors)
     kv = {"neoxq.mix.base": base.value, "neoxq.mix.target_bytes": str(target), "neoxq.mix.stock_bytes": str(stock_bytes),
           "neoxq.mix.calib_sha256": hashlib.sha256(opts.calib_text.encode("utf-8")).hexdigest(),
           "neoxq.mix.predicted_kld": f"{predicted_kld(sens, plan):.6g}", **{f"neoxq.mix.type.{n}": t for n, t in plan.items()}}
@@ -395,8 +396,29 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
         raise UsageError(f"llama.cpp wrote other types than planned for {len(wrong)} tensor(s), e.g. {next(iter(wrong.items()))}")
     result.extra["mix"] = {"base": base.value, "target_bytes": target, "stock_bytes": stock_bytes, "size_bytes": result.size_bytes,
                            "predicted_kld": predicted_kld(sens, plan), "stock_predicted_kld": _stock_prediction(sens, stock_types),
-                           "probes": probes, "calibration_tokens": len(ids), "types": plan}
+                           "probes": probes + 2, "calibration_tokens": len(ids), "calibration_check": check, "types": plan}
     return result
+
+
+def _checked(info, ids, ctx, cache, im, opts, plan, stock_types, budget, tensors):
+    """Measure the planned mix and the stock file on the calibration text (two probes); keep the
+    stock types if the mix is not better there, so a mix is never worse than stock where measured."""
+    from neoxq.core.machine import default_threads
+
+    stock = {t.name: stock_types[t.name] for t in tensors}
+    if sum(tensor_bytes(t, stock[t.name]) for t in tensors) > budget:
+        stock = None  # a smaller budget than stock: nothing to fall back to
+    probe = KLDProbe(info, ids, ctx, cache, im, opts.threads or default_threads())
+    try:
+        mix_kld = probe.kld(plan)
+        stock_kld = probe.kld(stock) if stock else None
+    finally:
+        probe.close()
+    check = {"mix_calibration_kld": mix_kld, "stock_calibration_kld": stock_kld, "kept": "mix"}
+    if stock_kld is not None and mix_kld >= stock_kld:
+        check["kept"] = "stock types (the mix measured no better on the calibration text)"
+        return stock, check
+    return plan, check
 
 
 def _stock_prediction(sens: dict[str, Sensitivity], stock_types: dict[str, str]) -> float | None:

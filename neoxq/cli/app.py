@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="GPT-NeoX / Pythia checkpoints → GGUF, run on llama.cpp, and measure what quantization costs.")
 for module, names in ((build_cmds, ("convert", "quantize", "imatrix", "types")),
                       (run_cmds, ("run", "tokenize", "perplexity", "kld", "serve", "info")),
-                      (report_cmds, ("report", "demo"))):
+                      (report_cmds, ("report", "sweep", "demo"))):
     for name in names:
         app.command(name)(getattr(module, name))
 
@@ -93,9 +93,20 @@ def main() -> None:
     sys.exit(_run())
 
 
+def _optional_values(argv: list[str]) -> list[str]:
+    """`--ray` takes an optional ADDRESS; click would swallow a following option (`--ray -o DIR`) as
+    that value, so an `--ray` followed by an option or nothing gets its default spelled out."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("local")
+    return out
+
+
 def _run() -> int:
     try:
-        rv = app(standalone_mode=False)
+        rv = app(args=_optional_values(sys.argv[1:]), prog_name="neoxq", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except Interrupted as exc:
         print("interrupted" if exc.signum == signal.SIGINT else "terminated", file=sys.stderr)

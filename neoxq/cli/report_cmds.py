@@ -46,9 +46,62 @@ def _print_report(rj: Path, quiet: bool) -> None:
 
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's model and report.")] = Path("demo-out"),
+    sweep: Annotated[bool, typer.Option("--sweep", help="Save checkpoints while training (a local hub cache) and sweep them.")] = False,
     quiet: Quiet = False,
 ):
-    """Offline demo: build and briefly train a small GPT-NeoX, then run the full quality report on it."""
+    """Offline demo: build and briefly train a small GPT-NeoX, then run the full quality report on it
+    (or, with --sweep, the quality across its training checkpoints)."""
+    if sweep:
+        from neoxq.demo import run_demo_sweep
+
+        path = run_demo_sweep(output)
+        if not quiet:
+            print(_sweep_table(json.loads(path.read_text())))
+            print(f"\nsweep: {path} (+ sweep.md, sweep.png)")
+        return
     from neoxq.demo import run_demo
 
     _print_report(run_demo(output), quiet)
+
+
+def sweep(
+    repo: Annotated[str, typer.Argument(help="Hub repo id, e.g. EleutherAI/pythia-160m (offline: HF_HUB_OFFLINE=1 uses the cache).")],
+    revisions: Annotated[str, typer.Option("--revisions", help="Comma list of revisions and ranges stepA..stepB, thinned with /K.")],
+    text: Annotated[Path, typer.Option("--text", help="Evaluation text (UTF-8).")],
+    qtypes: Annotated[str, typer.Option("--types", help="Comma-separated quant types.")] = "Q8_0,Q4_K_M,Q2_K",
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
+    imatrix: Annotated[str, typer.Option("--imatrix", help="auto (first quarter of the text, never scored) or none.")] = "auto",
+    mix: Annotated[bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type.")] = False,
+    output: Output = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Revisions at once in local processes (cores shared).")] = 1,
+    ray: Annotated[Optional[str], typer.Option("--ray", is_flag=False, flag_value="local",
+                                               help="Run each revision as a Ray task: --ray (a local Ray) or --ray ADDRESS.")] = None,
+    keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep each revision's GGUF files.")] = False,
+    evict: Annotated[bool, typer.Option("--evict", help="Remove each revision's checkpoint from the HF cache after use.")] = False,
+    max_memory: MaxMemory = None,
+    quiet: Quiet = False,
+):
+    """Quantization quality across training checkpoints (resumable); sweep.json/.md/.png in -o."""
+    from neoxq.core.errors import UsageError
+    from neoxq.sweep import SweepOptions, run_sweep
+
+    if imatrix not in ("auto", "none"):
+        raise UsageError(f"--imatrix {imatrix!r}: a sweep computes one per revision (auto) or uses none")
+    opts = SweepOptions(types=qtypes, ctx=ctx, imatrix=None if imatrix == "none" else "auto", mix=mix, workers=workers, ray=ray,
+                        keep_files=keep_files, evict=evict, max_memory=max_memory)
+    path = run_sweep(repo, revisions, text, output, opts)
+    if not quiet:
+        print(_sweep_table(json.loads(path.read_text())))
+        print(f"\nsweep: {path} (+ sweep.md, sweep.png)")
+
+
+def _sweep_table(data: dict) -> str:
+    types = sorted({r["type"] for rev in data["revisions"] for r in rev["results"]}, key=lambda t: data["types"].index(t.split("-")[0]) if t.split("-")[0] in data["types"] else 99)
+    lines = [f"{'revision':<14} {'step':>7} {'ref ppl':>9} " + " ".join(f"{'KLD ' + t:>16}" for t in types)]
+    for rev in data["revisions"]:
+        kl = {r["type"]: r["kld_mean"] for r in rev["results"]}
+        dup = "=" + rev["duplicate_of"] if rev["duplicate_of"] else ""
+        ref = rev["reference"]["ppl"] if rev["reference"] else float("nan")
+        lines.append(f"{rev['revision']:<14} {rev['step'] if rev['step'] is not None else '-':>7} {ref:>9.3f} "
+                     + " ".join(f"{kl.get(t, float('nan')):>16.5f}" for t in types) + f" {dup}")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""`neoxq sweep`: quantization quality across a hub repo's training checkpoints.
+
+Per revision: its commit and weights hash (neoxq.hubrefs); a revision whose weights equal an
+earlier one's is not recomputed but marked `duplicate_of`; the others run the whole report (convert
+once, quantize each type, score against that revision's own fp32 reference on the same windows).
+Revisions run one after another, in local worker processes (--workers N, each pinned to its share
+of the cores) or as Ray tasks (--ray [ADDRESS]); only this driver writes results: sweep.json
+(atomically, after every revision, so an interruption loses at most the revisions in flight), then
+sweep.md and sweep.png rendered from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from neoxq.core.atomic import atomic_output
+from neoxq.core.errors import UsageError
+from neoxq.core.progress import Progress
+from neoxq.core.textfile import read_text, text_sha256
+
+ROW_KEYS = ("type", "size_bytes", "bpw", "ppl", "ppl_se", "dppl_pct", "kld_mean", "kld_p99", "top1")
+
+
+@dataclass
+class SweepOptions:
+    types: str = "Q8_0,Q4_K_M,Q2_K"
+    ctx: int = 512
+    imatrix: str | None = "auto"
+    mix: bool = False
+    workers: int = 1
+    ray: str | None = None  # None: no Ray; "local": a local Ray for the run; else a cluster address
+    keep_files: bool = False
+    evict: bool = False
+    max_memory: int | None = None
+
+
+def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, threads: int) -> dict:
+    """One revision's report (in a worker, a Ray task, or this process); returns its report.json."""
+    _pin(threads)
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.report import ReportOptions, run_report
+
+    o = SweepOptions(**opts)
+    ro = ReportOptions(types=o.types, imatrix=o.imatrix, ctx=o.ctx, revision=revision, mix=o.mix, max_memory=o.max_memory)
+    ckpt = open_checkpoint(repo, revision)
+    rj = run_report(ckpt, text_file, folder, ro)
+    report = json.loads(Path(rj).read_text())
+    if not o.keep_files:
+        for p in Path(folder).glob("*.gguf"):
+            p.unlink()
+    if o.evict:
+        _evict(ckpt.commit)
+    return report
+
+
+def _pin(threads: int) -> None:
+    """Use `threads` cores (llama.cpp's and torch's thread counts follow this process's affinity)."""
+    if threads and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cores[: max(1, threads)])
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    except ImportError:
+        pass
+
+
+def _evict(commit: str | None) -> None:
+    """Remove a revision's snapshot (and the blobs only it uses) from the Hugging Face cache."""
+    if not commit:
+        return
+    from huggingface_hub import scan_cache_dir
+
+    scan_cache_dir().delete_revisions(commit).execute()
+
+
+def _reusable(folder: Path, text_sha: str, opts: SweepOptions, commit: str) -> dict | None:
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = (report["text"]["sha256"] == text_sha and report["text"]["ctx"] == opts.ctx
+            and [r["type"] for r in report["results"]][: len(opts.types.split(","))] == [t.strip().upper() for t in opts.types.split(",")]
+            and (report["source"].get("commit") or "") == (commit or ""))
+    return report if same else None
+
+
+def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
+    rows = [{k: r.get(k) for k in ROW_KEYS} for r in (report or {}).get("results", [])]
+    ref = (report or {}).get("reference", {})
+    return {"revision": rid.revision, "step": step, "commit": rid.commit, "weights_sha256": rid.weights_sha256,
+            "duplicate_of": dup, "reference": {"ppl": ref.get("ppl"), "ppl_se": ref.get("ppl_se")} if report else None,
+            "results": rows}
+
+
+def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, results: dict) -> Path:
+    """sweep.json from what is finished so far (duplicates carry their original's results)."""
+    from neoxq.core.machine import describe, versions
+    from neoxq.core.qtypes import QuantType
+    from neoxq.hubrefs import step_of
+
+    entries, tokens = [], None
+    for rid, dup in plan:
+        report = results.get(dup or rid.revision)
+        if report is None:
+            continue
+        tokens = report["text"]["tokens_scored"]
+        entries.append(_entry(rid, step_of(rid.revision), dup, report))
+    data = {"repo": repo, "types": [t.value for t in QuantType.parse_list(opts.types)] + (["mix"] if opts.mix else []),
+            "text": {"sha256": text_sha, "ctx": opts.ctx, "tokens_scored": tokens}, "versions": versions(), "machine": describe(),
+            "revisions": entries}
+    path = out / "sweep.json"
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions | None = None) -> Path:
+    """Run (or resume) the sweep; return sweep.json's path (sweep.md/.png rendered beside it)."""
+    from neoxq.core.qtypes import QuantType
+    from neoxq.hubrefs import identify, list_refs, parse_spec
+    from neoxq.render import render_sweep
+
+    opts = opts or SweepOptions()
+    QuantType.parse_list(opts.types)
+    text_sha = text_sha256(read_text(text_file))
+    revisions = parse_spec(spec, list_refs(repo), repo)
+    out = Path(out_dir or f"sweep-{repo.split('/')[-1]}")
+    out.mkdir(parents=True, exist_ok=True)
+    plan, first = [], {}
+    for rid in (identify(repo, r) for r in revisions):
+        orig = first.setdefault(rid.weights_sha256, rid.revision)
+        plan.append((rid, None if orig == rid.revision else orig))
+    results, todo = {}, []
+    for rid, dup in plan:
+        if dup is None:
+            done = _reusable(out / rid.revision, text_sha, opts, rid.commit)
+            results.update({rid.revision: done} if done else {})
+            todo += [] if done else [rid]
+    args = (repo, str(Path(text_file).resolve()), out, opts)
+    with Progress("sweep", len(todo), "revisions") as bar:
+        def finished(rid, report):
+            results[rid.revision] = report
+            _write(out, repo, opts, text_sha, plan, results)
+            bar.update(1, note=rid.revision)
+
+        runner = _run_ray if opts.ray else _run_local
+        runner(todo, args, finished)
+    path = _write(out, repo, opts, text_sha, plan, results)
+    render_sweep(path)
+    return path
+
+
+def _cores() -> int:
+    from neoxq.core.machine import default_threads
+
+    return default_threads()
+
+
+def _run_local(todo, args, finished) -> None:
+    repo, text, out, opts = args
+    if opts.workers <= 1 or len(todo) <= 1:
+        for rid in todo:
+            finished(rid, _task(repo, rid.revision, text, str(out / rid.revision), asdict(opts), _cores()))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, _cores() // opts.workers)
+    with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_task, repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads): rid for rid in todo}
+        for f in as_completed(futures):
+            finished(futures[f], f.result())
+
+
+def _check_reachable(address: str) -> None:
+    """Ray keeps retrying an address that does not answer; say so in one line within seconds."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start one with `ray start --head`, "
+                         "or pass --ray alone for a local one") from exc
+
+
+def _run_ray(todo, args, finished) -> None:
+    """Each revision one Ray task (num_cpus, num_gpus when llama.cpp offloads, memory from the
+    checkpoint); results come back to this driver, which alone writes them."""
+    repo, text, out, opts = args
+    try:
+        import ray
+    except ImportError as exc:
+        raise UsageError("--ray needs the ray package; install it with: pip install 'neoxq[sweep]'") from exc
+    env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "NEOXQ_"))}
+    address = None if opts.ray == "local" else opts.ray
+    if address and address != "auto":
+        _check_reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"cannot reach the Ray cluster at {opts.ray} ({str(exc).splitlines()[0][:120]}); start one with "
+                         "`ray start --head`, or pass --ray alone for a local one") from exc
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        threads = max(1, cpus // max(1, opts.workers))
+        from neoxq.runtime.capi import supports_gpu_offload
+
+        node_memory = ray.cluster_resources().get("memory", 0)
+        pending = {}
+        for rid in todo:
+            # the streamed reference and the llama.cpp side hold about twice the checkpoint, plus libraries
+            need = min(2 * rid.weights_bytes + (1 << 30), int(0.8 * node_memory)) if node_memory else None
+            task = ray.remote(num_cpus=threads, num_gpus=1 if supports_gpu_offload() else 0, **({"memory": need} if need else {}))(_task)
+            pending[task.remote(repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads)] = rid
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            rid = pending.pop(done[0])
+            finished(rid, ray.get(done[0]))
+    finally:
+        ray.shutdown()

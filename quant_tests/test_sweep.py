@@ -1,0 +1,141 @@
+"""neoxq sweep (issue 12): an offline hub cache in huggingface_hub's own layout, built from one
+briefly trained run with checkpoints saved along the way and a duplicate branch; run locally,
+interrupted and resumed, and on a real local Ray cluster with identical numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .helpers import assert_one_line_error, run_cli
+
+REPO = "neoxq-test/tiny-run"
+STEPS = [0, 20, 60, 150]
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory, texts):
+    from neoxq.convert.hubcache import write_snapshot
+    from neoxq.convert.tiny import TinySpec, build_training_run
+
+    root = tmp_path_factory.mktemp("run")
+    spec = TinySpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, scale=1.0, vocab_pad=0,
+                    max_position_embeddings=256)
+    saved = build_training_run(root, spec, texts["train"][:200_000], STEPS)
+    cache = root / "hub"
+    for step, folder in saved.items():
+        commit = write_snapshot(cache, REPO, f"step{step}", folder)
+    write_snapshot(cache, REPO, "main", saved[STEPS[-1]], commit=commit)  # as on the hub: main = the last step
+    return cache
+
+
+@pytest.fixture()
+def offline(hub_cache, monkeypatch, tmp_path):
+    from neoxq.demo import use_local_hub_cache
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    use_local_hub_cache(hub_cache)
+    yield {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(tmp_path / "hfhome")}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+@pytest.fixture()
+def eval_file(texts, tmp_path):
+    p = tmp_path / "eval.txt"
+    p.write_text(texts["eval"][:24000])
+    return p
+
+
+def _opts(**kw):
+    from neoxq.sweep import SweepOptions
+
+    return SweepOptions(**{"types": "Q8_0,Q2_K", "ctx": 64, "imatrix": None, **kw})
+
+
+def test_refs_spec_and_identity(offline):
+    from neoxq.core.errors import UsageError
+    from neoxq.hubrefs import identify, list_refs, parse_spec
+
+    refs = list_refs(REPO)
+    assert set(refs) == {f"step{s}" for s in STEPS} | {"main"}
+    assert parse_spec("step0..step60", refs, REPO) == ["step0", "step20", "step60"]
+    assert parse_spec("step0..step150/2,main", refs, REPO) == ["step0", "step60", "main"]
+    assert identify(REPO, "main").weights_sha256 == identify(REPO, "step150").weights_sha256 != identify(REPO, "step60").weights_sha256
+    with pytest.raises(UsageError, match="step19.*nearest: step20"):
+        parse_spec("step19", refs, REPO)
+    with pytest.raises(UsageError, match="matches no branch.*step0"):
+        parse_spec("step200..step900", refs, REPO)
+
+
+@pytest.fixture(scope="module")
+def local_sweep(hub_cache, texts, tmp_path_factory):
+    """The sweep run once in this process (module-scoped: the slow part)."""
+    import os
+
+    from neoxq.demo import use_local_hub_cache
+    from neoxq.sweep import run_sweep
+
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    use_local_hub_cache(hub_cache)
+    out = tmp_path_factory.mktemp("sweep")
+    text = out / "eval.txt"
+    text.write_text(texts["eval"][:24000])
+    path = run_sweep(REPO, "step0..step150,main", text, out / "s", _opts())
+    yield json.loads(path.read_text()), out / "s", text
+    for k, v in old.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.mark.slow
+def test_sweep_json_duplicates_and_trend(local_sweep):
+    data, out, _ = local_sweep
+    revs = {r["revision"]: r for r in data["revisions"]}
+    assert list(revs) == ["step0", "step20", "step60", "step150", "main"]
+    assert revs["main"]["duplicate_of"] == "step150" and revs["main"]["results"] == revs["step150"]["results"]
+    assert not (out / "main").exists()  # never recomputed
+    for r in data["revisions"]:
+        assert r["commit"] and len(r["weights_sha256"]) == 64 and [x["type"] for x in r["results"]] == ["Q8_0", "Q2_K"]
+    ppl = [revs[f"step{s}"]["reference"]["ppl"] for s in STEPS]
+    assert ppl[0] > 2 * ppl[-1]  # training really changed the model
+    assert data["text"]["tokens_scored"] > 1000 and (out / "sweep.md").is_file() and (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.rglob("*.gguf"))  # scratch files deleted without --keep-files
+
+
+@pytest.mark.slow
+def test_sweep_resumes_only_what_is_missing(local_sweep):
+    from neoxq.sweep import run_sweep
+
+    data, out, text = local_sweep
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("step*/report.json")}
+    (out / "step20" / "report.json").unlink()  # as if interrupted while step20 was in flight
+    again = json.loads(run_sweep(REPO, "step0..step150,main", text, out, _opts()).read_text())
+    for rev, stamp in stamps.items():
+        assert ((out / rev / "report.json").stat().st_mtime_ns == stamp) == (rev != "step20"), rev
+    assert again["revisions"] == data["revisions"]
+
+
+@pytest.mark.slow
+def test_sweep_on_a_local_ray_cluster_gives_identical_numbers(local_sweep, offline, tmp_path):
+    pytest.importorskip("ray")
+    data, _, text = local_sweep
+    proc = run_cli("sweep", REPO, "--revisions", "step0..step150,main", "--text", text, "--types", "Q8_0,Q2_K", "--ctx", "64",
+                   "--imatrix", "none", "--ray", "-o", tmp_path / "ray", "--quiet", env=offline, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    ray_data = json.loads((tmp_path / "ray" / "sweep.json").read_text())
+    assert ray_data["revisions"] == data["revisions"]
+
+
+@pytest.mark.slow
+def test_sweep_bad_input(offline, eval_file, tmp_path):
+    base = ("sweep", REPO, "--text", eval_file, "--types", "Q8_0", "--ctx", "64", "--imatrix", "none", "-o", tmp_path / "o")
+    assert_one_line_error(run_cli(*base, "--revisions", "step7", env=offline), "step7", "nearest")
+    assert_one_line_error(run_cli(*base, "--revisions", "step500..step900", env=offline), "matches no branch")
+    assert_one_line_error(run_cli(*base, "--revisions", "step0", "--ray", "127.0.0.1:1", env=offline, timeout=300), "ray cluster")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    args = [a if a != eval_file else short for a in base]
+    assert_one_line_error(run_cli(*args, "--revisions", "step0", env=offline), "two windows")
