@@ -138,7 +138,7 @@ def _tensors(ckpt, names: list[str]) -> dict:
     """Checkpoint tensors as fp32 torch tensors (each upcast only when read)."""
     import torch
 
-    return {n: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for n, a in ckpt.iter_tensors(names)}
+    return {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in ckpt.iter_tensors(names)}  # a copy: maps are read-only
 
 
 def _module(cls_factory, state: dict, prefix: str):

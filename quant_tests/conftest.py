@@ -75,6 +75,13 @@ def trained_f16(trained, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_f32(trained, tmp_path_factory) -> Path:
+    from neoxq.convert.converter import convert
+
+    return convert(str(trained), "f32", out_dir=tmp_path_factory.mktemp("f32"))
+
+
+@pytest.fixture(scope="session")
 def trained_imatrix(trained, texts, tmp_path_factory) -> Path:
     from neoxq.convert.imatrix import compute_imatrix
     from neoxq.core.imatrix_io import write_imatrix

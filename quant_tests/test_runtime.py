@@ -21,11 +21,6 @@ from .helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="session")
-def trained_f32(trained, tmp_path_factory):
-    return convert(str(trained), "f32", out_dir=tmp_path_factory.mktemp("f32"))
-
-
-@pytest.fixture(scope="session")
 def hf_tok(trained):
     from tokenizers import Tokenizer
 
