@@ -199,7 +199,7 @@ def _head(ckpt, name: str, h):
     weight = ckpt.read(name)
     out = torch.empty(h.shape[0], h.shape[1], weight.shape[0])
     for a in range(0, weight.shape[0], HEAD_CHUNK):
-        block = torch.from_numpy(np.ascontiguousarray(weight[a:a + HEAD_CHUNK], dtype=np.float32))
+        block = torch.from_numpy(np.array(weight[a:a + HEAD_CHUNK], dtype=np.float32))  # a copy: maps are read-only
         out[..., a:a + HEAD_CHUNK] = torch.nn.functional.linear(h, block)
     return out
 

@@ -98,11 +98,22 @@ def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
             "results": rows}
 
 
+def _step(repo: str, revision: str, dup: str | None) -> int | None:
+    """stepN → N; a duplicate takes its original's step (`main` = the last step branch); Pythia's
+    `main` is step143000."""
+    from neoxq.hubrefs import STEP
+
+    for name in (revision, dup or ""):
+        m = STEP.match(name)
+        if m:
+            return int(m.group(1))
+    return 143000 if revision == "main" and repo.startswith("EleutherAI/pythia") else None
+
+
 def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, results: dict) -> Path:
     """sweep.json from what is finished so far (duplicates carry their original's results)."""
     from neoxq.core.machine import describe, versions
     from neoxq.core.qtypes import QuantType
-    from neoxq.hubrefs import step_of
 
     entries, tokens = [], None
     for rid, dup in plan:
@@ -110,7 +121,7 @@ def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, result
         if report is None:
             continue
         tokens = report["text"]["tokens_scored"]
-        entries.append(_entry(rid, step_of(rid.revision), dup, report))
+        entries.append(_entry(rid, _step(repo, rid.revision, dup), dup, report))
     data = {"repo": repo, "types": [t.value for t in QuantType.parse_list(opts.types)] + (["mix"] if opts.mix else []),
             "text": {"sha256": text_sha, "ctx": opts.ctx, "tokens_scored": tokens}, "versions": versions(), "machine": describe(),
             "revisions": entries}

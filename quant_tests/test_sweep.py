@@ -139,3 +139,21 @@ def test_sweep_bad_input(offline, eval_file, tmp_path):
     short.write_text("too short")
     args = [a if a != eval_file else short for a in base]
     assert_one_line_error(run_cli(*args, "--revisions", "step0", env=offline), "two windows")
+
+
+@pytest.mark.slow
+def test_sweep_evict_and_keep_files(hub_cache, eval_file, tmp_path):
+    """--evict removes each finished revision from the HF cache; --keep-files keeps its GGUFs."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_cache, cache, symlinks=True)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hfhome")}
+    snapshots = cache / f"models--{REPO.replace('/', '--')}" / "snapshots"
+    before = {p.name for p in snapshots.iterdir()}
+    commit = (cache / f"models--{REPO.replace('/', '--')}" / "refs" / "step20").read_text()
+    proc = run_cli("sweep", REPO, "--revisions", "step20", "--text", eval_file, "--types", "Q8_0", "--ctx", "64", "--imatrix", "none",
+                   "--evict", "--keep-files", "-o", tmp_path / "o", "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in snapshots.iterdir()} == before - {commit}
+    assert list((tmp_path / "o" / "step20").glob("*.gguf"))
