@@ -3,7 +3,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neoxq-installed
-EXTRAS ?= convert,dev,sweep
+EXTRAS ?= convert,dev,sweep,eval
 CUDA   ?=
 NVCC   ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 # e.g. "9.0" → "90"; several GPUs: the first one's.

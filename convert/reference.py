@@ -57,33 +57,38 @@ def _sizes(ckpt) -> dict:
 
 
 def activation_bytes(args, ctx: int, windows: int) -> int:
-    """One pass over `windows` windows: hidden state, residual and norms, the MLP's 4h, attention
-    scores (heads × ctx × ctx), and the scored positions' logits (float32 and float64)."""
+    """A pass over `windows` windows peaks either inside a layer (hidden state, residual, the MLP's
+    4h, eager attention's scores and their softmax: heads × ctx × ctx) or at the head (the scored
+    positions' float32 logits for every window, then one window's float64 log-softmax and its copy).
+    Checked against measured peaks by scripts/bench_reference.py."""
     h, f, heads, v = args.hidden_size, args.intermediate_size, args.num_attention_heads, args.vocab_size
-    per = ctx * (6 * h + 2 * f + 2 * heads * ctx) * 4 + (ctx // 2) * v * 12
-    return windows * per
+    layer = windows * ctx * (4 * h + 2 * f + 3 * heads * ctx) * 4
+    head = windows * (ctx // 2) * v * 4 + (ctx // 2) * v * 8 * 2
+    return max(layer, head)
 
 
 def plan_reference(ckpt, ctx: int, n_windows: int, max_memory: int | None, mode: str = "auto") -> ReferencePlan:
     """In memory when the fp32 model fits `max_memory`, streamed otherwise (or when asked); refuse,
     in one line, a budget below one streamed layer."""
     s = _sizes(ckpt)
-    in_memory = s["params"] * 4 + TORCH_OVERHEAD + activation_bytes(s["args"], ctx, 1)
+    # from_pretrained maps the checkpoint while it builds the fp32 model: both are resident for a while
+    in_memory = s["params"] * (4 + s["src"]) + TORCH_OVERHEAD + activation_bytes(s["args"], ctx, 1)
     if mode == "memory" or (mode == "auto" and (max_memory is None or in_memory <= max_memory)):
         why = "the fp32 model fits the memory budget" if max_memory else "no memory budget given"
         return ReferencePlan("memory", 1, in_memory, why)
     weights = max(s["layer"] * (s["src"] + 4), s["embed"] * s["src"] + HEAD_CHUNK * s["args"].hidden_size * 4)
     fixed = weights + TORCH_OVERHEAD
-    per_window = activation_bytes(s["args"], ctx, 1)
-    budget = max_memory if max_memory is not None else fixed + per_window * n_windows
-    if budget < fixed + per_window:
-        raise UsageError(f"the streamed fp32 reference needs at least {format_bytes(fixed + per_window)} (one layer and one window) "
+    per_window = activation_bytes(s["args"], ctx, 2) - activation_bytes(s["args"], ctx, 1)
+    first = activation_bytes(s["args"], ctx, 1)
+    budget = max_memory if max_memory is not None else fixed + first + per_window * n_windows
+    if budget < fixed + first:
+        raise UsageError(f"the streamed fp32 reference needs at least {format_bytes(fixed + first)} (one layer and one window) "
                          f"but its memory budget is {format_bytes(budget)}; free memory or pass --max-memory "
-                         f"{format_bytes(fixed + per_window)} or more, or use --reference f16")
-    group = int(min(n_windows, max(1, (budget - fixed) // per_window)))
+                         f"{format_bytes(fixed + first)} or more, or use --reference f16")
+    group = int(min(n_windows, 1 + max(0, (budget - fixed - first) // max(per_window, 1))))
     why = (f"the fp32 model needs {format_bytes(in_memory)}, above the budget of {format_bytes(budget)}"
            if mode == "auto" else "streaming was asked for")
-    return ReferencePlan("streamed", group, fixed + per_window * group, why)
+    return ReferencePlan("streamed", group, fixed + activation_bytes(s["args"], ctx, group), why)
 
 
 class HFReference:

@@ -105,3 +105,20 @@ def _sweep_table(data: dict) -> str:
         lines.append(f"{rev['revision']:<14} {rev['step'] if rev['step'] is not None else '-':>7} {ref:>9.3f} "
                      + " ".join(f"{kl.get(t, float('nan')):>16.5f}" for t in types) + f" {dup}")
     return "\n".join(lines)
+
+
+def evaluate(
+    models: Annotated[list[Path], typer.Argument(help="GGUF file(s).")],
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated lm-eval tasks.")],
+    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="Folder with your own task YAML files.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many documents per task.")] = None,
+    output: Output = None,
+    quiet: Quiet = False,
+):
+    """lm-evaluation-harness tasks on GGUF files through neoxq's runtime (lm-eval's JSON in -o)."""
+    from neoxq.evaluate import eval_table, run_eval
+
+    combined = run_eval(models, [t.strip() for t in tasks.split(",") if t.strip()], include_path, num_fewshot, limit, output)
+    if not quiet:
+        print(eval_table(combined))

@@ -1,0 +1,90 @@
+"""`neoxq eval`: lm-evaluation-harness tasks on GGUF files through neoxq's lm-eval class (no
+server). Results are lm-eval's own JSON, one entry per file; several files get a table."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from neoxq.core.errors import MissingExtraError, UsageError
+
+
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(f"evaluation needs lm-eval ({exc.name} is missing); install it with: pip install 'neoxq[eval]'") from exc
+
+
+def task_manager(include_path: Path | str | None):
+    _lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path) if include_path else None)
+
+
+def check_tasks(tasks: list[str], manager) -> None:
+    known = set(manager.all_tasks)
+    for t in tasks:
+        if t not in known:
+            near = difflib.get_close_matches(t, known, n=3, cutoff=0.5)
+            raise UsageError(f"unknown task {t!r}" + (f"; close names: {', '.join(near)}" if near else "")
+                             + "; list them with `lm_eval ls tasks`, or pass --include-path DIR for your own YAML tasks")
+
+
+def evaluate_file(path: Path | str, tasks: list[str], manager, num_fewshot: int | None = None, limit: int | None = None,
+                  ctx: int | None = None) -> dict:
+    """lm-eval's `simple_evaluate` on one GGUF; network failures while offline become one line."""
+    from lm_eval import simple_evaluate
+
+    from neoxq.lmeval import NeoxqLM
+
+    lm = NeoxqLM(str(path), ctx=ctx)
+    try:
+        return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                               log_samples=False, bootstrap_iters=0)
+    except Exception as exc:  # datasets raises its own errors for unreachable hubs
+        text = f"{type(exc).__name__}: {exc}"
+        if any(w in text for w in ("offline", "Offline", "ConnectionError", "Couldn't reach", "resolve", "MaxRetryError")):
+            raise UsageError(f"a task's data needs the network, which cannot be reached ({text.splitlines()[0][:160]}); "
+                             "run once online to fill the datasets cache, or use local task files with --include-path") from exc
+        raise
+    finally:
+        lm.model.close()
+
+
+def metrics(results: dict) -> dict[str, dict[str, float]]:
+    """task → metric → value (stderr columns and aliases left out)."""
+    out = {}
+    for task, values in results.get("results", {}).items():
+        out[task] = {k.split(",")[0]: v for k, v in values.items() if isinstance(v, (int, float)) and "stderr" not in k and k != "alias"}
+    return out
+
+
+def run_eval(models: list[Path], tasks: list[str], include_path=None, num_fewshot: int | None = None, limit: int | None = None,
+             output: Path | None = None) -> dict:
+    from neoxq.core.atomic import atomic_output
+    from neoxq.core.gguf_info import read_info
+
+    manager = task_manager(include_path)
+    check_tasks(tasks, manager)
+    labels = {str(m): read_info(m).metadata.get("neoxq.quant_type") or Path(m).stem for m in models}
+    combined = {"models": {}}
+    for m in models:
+        r = evaluate_file(m, tasks, manager, num_fewshot, limit)
+        combined["models"][str(m)] = {"type": labels[str(m)], "results": r["results"], "configs": r.get("configs"),
+                                      "n-samples": r.get("n-samples"), "versions": r.get("versions")}
+    if output:
+        with atomic_output(Path(output), force=True) as tmp:
+            tmp.write_text(json.dumps(combined, indent=1, default=str))
+    return combined
+
+
+def eval_table(combined: dict) -> str:
+    rows = [(m, d["type"], metrics({"results": d["results"]})) for m, d in combined["models"].items()]
+    cols = sorted({(t, k) for _, _, ms in rows for t, v in ms.items() for k in v})
+    head = ["file", "type"] + [f"{t}:{k}" for t, k in cols]
+    lines = [head] + [[Path(m).name, ty] + [f"{ms.get(t, {}).get(k, float('nan')):.4f}" for t, k in cols] for m, ty, ms in rows]
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)

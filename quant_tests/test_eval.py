@@ -1,0 +1,117 @@
+"""neoxq's lm-eval backend against lm-eval's own `hf` backend on the same checkpoint (issue 13):
+local task files (a multiple-choice task and a rolling-perplexity task, YAML + jsonl written by the
+test from held-out text), offline."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from .helpers import assert_one_line_error, run_cli
+
+pytest.importorskip("lm_eval")
+
+MC_YAML = """task: neoxq_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+PPL_YAML = """task: neoxq_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(texts, tmp_path_factory):
+    """Multiple choice: continue a held-out docstring with its real next words or three spans from
+    elsewhere; rolling: held-out paragraphs, some longer than the 512-token context."""
+    d = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(0)
+    paras = [p for p in texts["eval"].split("\n\n") if len(p.split()) > 20]
+    words = texts["eval"].split()
+    items = []
+    for i, p in enumerate(paras[:40]):
+        w = p.split()
+        choices = [" " + " ".join(w[12:16])] + [" " + " ".join(words[j:j + 4]) for j in rng.sample(range(len(words) - 4), 3)]
+        order = rng.sample(range(4), 4)
+        items.append({"context": " ".join(w[:12]), "choices": [choices[k] for k in order], "label": order.index(0)})
+    (d / "mc.jsonl").write_text("\n".join(json.dumps(x) for x in items))
+    docs = [{"text": "\n\n".join(paras[i:i + 3])} for i in range(0, 24, 3)] + [{"text": texts["eval"][:9000]}]
+    (d / "ppl.jsonl").write_text("\n".join(json.dumps(x) for x in docs))
+    (d / "neoxq_mc.yaml").write_text(MC_YAML.format(data=d / "mc.jsonl"))
+    (d / "neoxq_ppl.yaml").write_text(PPL_YAML.format(data=d / "ppl.jsonl"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf_results(trained, tasks_dir):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    r = simple_evaluate(model="hf", model_args=f"pretrained={trained},dtype=float32,device=cpu", tasks=["neoxq_mc", "neoxq_ppl"],
+                        task_manager=TaskManager(include_path=str(tasks_dir)), batch_size=1, bootstrap_iters=0)
+    return r["results"]
+
+
+def test_equal_to_lm_eval_hf_backend(trained_f32, tasks_dir, hf_results, tmp_path):
+    proc = run_cli("eval", trained_f32, "--tasks", "neoxq_mc,neoxq_ppl", "--include-path", tasks_dir, "-o", tmp_path / "r.json",
+                   timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    ours = json.loads((tmp_path / "r.json").read_text())["models"][str(trained_f32)]["results"]
+    print("neoxq:", {t: {k: v for k, v in m.items() if "stderr" not in k} for t, m in ours.items()})
+    print("hf:   ", {t: {k: v for k, v in m.items() if "stderr" not in k} for t, m in hf_results.items()})
+    assert ours["neoxq_mc"]["acc,none"] == hf_results["neoxq_mc"]["acc,none"]
+    assert 0.25 < ours["neoxq_mc"]["acc,none"]  # above chance: the comparison is not vacuous
+    for m in ("word_perplexity,none", "byte_perplexity,none"):
+        rel = abs(ours["neoxq_ppl"][m] - hf_results["neoxq_ppl"][m]) / hf_results["neoxq_ppl"][m]
+        assert rel < 1e-3, (m, ours["neoxq_ppl"][m], hf_results["neoxq_ppl"][m])
+    assert "neoxq_mc:acc" in proc.stdout
+
+
+def test_quantized_files_table(trained_f16, tasks_dir, tmp_path):
+    from neoxq.runtime.quantize import quantize
+
+    q = quantize(trained_f16, "Q2_K", output=tmp_path / "q2.gguf")
+    proc = run_cli("eval", trained_f16, q.path, "--tasks", "neoxq_ppl", "--include-path", tasks_dir, "--limit", "3", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("file") and "F16" in lines[1] and "Q2_K" in lines[2]
+
+
+def test_lm_eval_cli_knows_the_model(trained_f16, tasks_dir, tmp_path):
+    """`python -m neoxq.lmeval` is lm-eval's own CLI with the `neoxq` class registered."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "neoxq.lmeval", "run", "--model", "neoxq", "--model_args", f"model={trained_f16}",
+                           "--tasks", "neoxq_mc", "--include_path", str(tasks_dir), "--limit", "4"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "neoxq_mc" in proc.stdout and "acc" in proc.stdout
+
+
+def test_eval_bad_input(trained_f16, tasks_dir):
+    assert_one_line_error(run_cli("eval", trained_f16, "--tasks", "neoxq_mcq", "--include-path", tasks_dir), "neoxq_mc")
+    assert_one_line_error(run_cli("eval", trained_f16, "--tasks", "arc_easy", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+                                  timeout=600), "network")
