@@ -184,12 +184,19 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
     flash_attn: FlashAttn = "auto", device: Device = "auto",
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NEOXQ_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
 ):
-    """OpenAI-compatible completions server, on localhost by default."""
+    """OpenAI-compatible completions server, on localhost by default (one request at a time, others queued)."""
+    from neoxq.core.progress import info
     from neoxq.runtime.serve import serve as do_serve
 
     o = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
-    do_serve(model, host=host, port=port, n_ctx=o.n_ctx, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, flash_attn=o.flash_attn)
+    _open(model, ctx, threads, gpu_layers, flash_attn=flash_attn, device=device).close()  # preflight and load check, one line on failure
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
+    info(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops it)")
+    do_serve(model, host=host, port=port, n_ctx=o.n_ctx, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, flash_attn=o.flash_attn,
+             api_key=api_key)
 
 
 def info(
