@@ -54,6 +54,11 @@ def markdown(report: dict) -> str:
     out += ["", "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in report["results"]:
         out.append("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |")
+    task_cols = sorted({(t, k) for r in report["results"] for t, ms in r.get("tasks", {}).items() for k in ms})
+    if task_cols:
+        out += ["", "| type | " + " | ".join(f"{t}: {k}" for t, k in task_cols) + " |", "|---|" + "---:|" * len(task_cols)]
+        for r in report["results"]:
+            out.append(f"| {r['type']} | " + " | ".join(f"{r.get('tasks', {}).get(t, {}).get(k, float('nan')):.4f}" for t, k in task_cols) + " |")
     busy = [r for r in report["results"] if not r.get("speed", {}).get("reliable", True)]
     if busy:
         out += ["", "Speed columns marked *busy* were measured while the machine was busy ("

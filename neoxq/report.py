@@ -31,6 +31,8 @@ class ReportOptions:
     revision: str | None = None
     reference: str = "auto"  # auto (= hf) | hf | f16 | a GGUF or checkpoint path
     mix: bool = False  # also <TYPE>-mix for every quantized type, no larger than the stock file
+    tasks: str | None = None  # lm-eval tasks scored on every file (comma-separated)
+    include_path: str | None = None  # folder with the user's own task YAMLs
     max_memory: int | None = None  # bytes the fp32 reference may hold; None: what is available
     speed_prompt: int = 128
     speed_tokens: int = 32
@@ -104,7 +106,7 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
     from neoxq.runtime.speed import measure
 
     st = built.path.stat()
-    stamp = f"{st.st_size}:{st.st_mtime_ns}:{text_sha256(run.scored)}:{run.opts.ctx}:{reference.identity()}"
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{text_sha256(run.scored)}:{run.opts.ctx}:{reference.identity()}:{run.opts.tasks}"
     res_file = run.out / "results" / f"{built.label}.json"
     try:
         cached = json.loads(res_file.read_text())
@@ -121,12 +123,24 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
            "kld_mean_se": k.kld_mean_se, "kld_median": k.kld_median, "kld_p99": k.kld_p99, "kld_max": k.kld_max,
            "top1": k.top1, "rms_dp": k.rms_dp, "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
            ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
-           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info),
+           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info), **_tasks_json(run, built.path),
            "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_stamp": stamp}
     res_file.parent.mkdir(exist_ok=True)
     with atomic_output(res_file, force=True) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _tasks_json(run: _Run, path: Path) -> dict:
+    """--tasks: lm-eval's metrics for this file (neoxq's lm-eval class, the same as `neoxq eval`)."""
+    if not run.opts.tasks:
+        return {}
+    from neoxq.evaluate import check_tasks, evaluate_file, metrics, task_manager
+
+    manager = task_manager(run.opts.include_path)
+    tasks = [t.strip() for t in run.opts.tasks.split(",") if t.strip()]
+    check_tasks(tasks, manager)
+    return {"tasks": metrics(evaluate_file(path, tasks, manager))}
 
 
 def _mix_json(info) -> dict:
@@ -177,6 +191,10 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     calib, scored = split_for_calibration(text) if _calibrates(opts) else ("", text)
     run = _Run(ckpt, out, Path(text_file), text, calib, scored, opts, types)
     n_windows = _check_scored_length(run)
+    if opts.tasks:
+        from neoxq.evaluate import check_tasks, task_manager
+
+        check_tasks([t.strip() for t in opts.tasks.split(",") if t.strip()], task_manager(opts.include_path))
     _preflight(run, n_windows)
     n_mix = sum(not t.is_float for t in types) if opts.mix else 0
     with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_mix, "steps") as bar:

@@ -36,6 +36,8 @@ class SweepOptions:
     keep_files: bool = False
     evict: bool = False
     max_memory: int | None = None
+    tasks: str | None = None
+    include_path: str | None = None
 
 
 def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, threads: int) -> dict:
@@ -45,7 +47,8 @@ def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, thr
     from neoxq.report import ReportOptions, run_report
 
     o = SweepOptions(**opts)
-    ro = ReportOptions(types=o.types, imatrix=o.imatrix, ctx=o.ctx, revision=revision, mix=o.mix, max_memory=o.max_memory)
+    ro = ReportOptions(types=o.types, imatrix=o.imatrix, ctx=o.ctx, revision=revision, mix=o.mix, max_memory=o.max_memory,
+                       tasks=o.tasks, include_path=o.include_path)
     ckpt = open_checkpoint(repo, revision)
     rj = run_report(ckpt, text_file, folder, ro)
     report = json.loads(Path(rj).read_text())
@@ -91,7 +94,7 @@ def _reusable(folder: Path, text_sha: str, opts: SweepOptions, commit: str) -> d
 
 
 def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
-    rows = [{k: r.get(k) for k in ROW_KEYS} for r in (report or {}).get("results", [])]
+    rows = [{**{k: r.get(k) for k in ROW_KEYS}, **({"tasks": r["tasks"]} if "tasks" in r else {})} for r in (report or {}).get("results", [])]
     ref = (report or {}).get("reference", {})
     return {"revision": rid.revision, "step": step, "commit": rid.commit, "weights_sha256": rid.weights_sha256,
             "duplicate_of": dup, "reference": {"ppl": ref.get("ppl"), "ppl_se": ref.get("ppl_se")} if report else None,

@@ -115,3 +115,19 @@ def test_eval_bad_input(trained_f16, tasks_dir):
     assert_one_line_error(run_cli("eval", trained_f16, "--tasks", "neoxq_mcq", "--include-path", tasks_dir), "neoxq_mc")
     assert_one_line_error(run_cli("eval", trained_f16, "--tasks", "arc_easy", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
                                   timeout=600), "network")
+
+
+def test_report_tasks_in_json_and_markdown(trained, tasks_dir, texts, tmp_path):
+    (tmp_path / "t.txt").write_text(texts["eval"][:20000])
+    proc = run_cli("report", trained, "--text", tmp_path / "t.txt", "--ctx", "128", "--types", "Q8_0,Q2_K", "--imatrix", "none",
+                   "--tasks", "neoxq_mc", "--include-path", tasks_dir, "-o", tmp_path / "r", "--quiet", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    accs = {r["type"]: r["tasks"]["neoxq_mc"]["acc"] for r in data["results"]}
+    assert set(accs) == {"Q8_0", "Q2_K"} and all(0 <= a <= 1 for a in accs.values())
+    assert "neoxq_mc: acc" in (tmp_path / "r" / "report.md").read_text()
+    from neoxq.hubrefs import RevisionId
+    from neoxq.sweep import _entry
+
+    entry = _entry(RevisionId("step1", "c" * 40, "s" * 64), 1, None, data)  # the sweep carries them on
+    assert entry["results"][0]["tasks"]["neoxq_mc"]["acc"] == accs["Q8_0"]

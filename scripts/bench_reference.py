@@ -96,7 +96,7 @@ def main() -> None:
     a = ap.parse_args()
     work = benchlib.cache_dir() / "reference-work"
     work.mkdir(exist_ok=True)
-    out = {"rows": [row for s in a.shapes.split(",") for row in one(s, a.windows, work)]}
+    out = {"rows": [row for s in a.shapes.split(",") if s for row in one(s, a.windows, work)]}
     if a.big:
         out["big"] = big(work)
     if a.json:

@@ -45,3 +45,5 @@ ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", help="auto (
 
 FlashAttn = Annotated[str, typer.Option("--flash-attn", help="auto (on where layers run on a GPU), on or off.")]
 Device = Annotated[str, typer.Option("--device", help="auto, gpu or cpu (cpu = no layers and no ops offloaded).")]
+Tasks = Annotated[Optional[str], typer.Option("--tasks", help="lm-eval tasks to score on every file (comma-separated).")]
+IncludePath = Annotated[Optional[Path], typer.Option("--include-path", help="Folder with your own lm-eval task YAML files.")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .options import Ctx, MaxMemory, Output, Quiet, ReferenceOpt, Revision, Source
+from .options import Ctx, IncludePath, MaxMemory, Output, Quiet, ReferenceOpt, Revision, Source, Tasks
 
 
 def report(
@@ -22,6 +22,8 @@ def report(
     reference: ReferenceOpt = None,
     max_memory: MaxMemory = None,
     mix: Annotated[bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type: no larger, per-tensor types from measured sensitivity.")] = False,
+    tasks: Tasks = None,
+    include_path: IncludePath = None,
     quiet: Quiet = False,
 ):
     """Convert, quantize to each type, and score each against the HF fp32 reference (resumable).
@@ -29,7 +31,8 @@ def report(
     -o is the report folder (default report-<name>[-<revision>])."""
     from neoxq.report import ReportOptions, run_report
 
-    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory, mix=mix or None).items()
+    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory, mix=mix or None,
+                                       tasks=tasks, include_path=str(include_path) if include_path else None).items()
           if v is not None}
     if imatrix is not None:
         kw["imatrix"] = None if imatrix.lower() == "none" else imatrix
@@ -79,6 +82,8 @@ def sweep(
     keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep each revision's GGUF files.")] = False,
     evict: Annotated[bool, typer.Option("--evict", help="Remove each revision's checkpoint from the HF cache after use.")] = False,
     max_memory: MaxMemory = None,
+    tasks: Tasks = None,
+    include_path: IncludePath = None,
     quiet: Quiet = False,
 ):
     """Quantization quality across training checkpoints (resumable); sweep.json/.md/.png in -o."""
@@ -88,7 +93,8 @@ def sweep(
     if imatrix not in ("auto", "none"):
         raise UsageError(f"--imatrix {imatrix!r}: a sweep computes one per revision (auto) or uses none")
     opts = SweepOptions(types=qtypes, ctx=ctx, imatrix=None if imatrix == "none" else "auto", mix=mix, workers=workers, ray=ray,
-                        keep_files=keep_files, evict=evict, max_memory=max_memory)
+                        keep_files=keep_files, evict=evict, max_memory=max_memory, tasks=tasks,
+                        include_path=str(include_path) if include_path else None)
     path = run_sweep(repo, revisions, text, output, opts)
     if not quiet:
         print(_sweep_table(json.loads(path.read_text())))
@@ -110,7 +116,7 @@ def _sweep_table(data: dict) -> str:
 def evaluate(
     models: Annotated[list[Path], typer.Argument(help="GGUF file(s).")],
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated lm-eval tasks.")],
-    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="Folder with your own task YAML files.")] = None,
+    include_path: IncludePath = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many documents per task.")] = None,
     output: Output = None,
