@@ -212,15 +212,10 @@ def build_trained(folder: Path, spec: TinySpec | None = None, text: str | None =
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(spec.seed)
     for step in range(steps):
-        starts = torch.randint(0, len(ids) - ctx - 1, (batch,), generator=gen)
-        x = torch.stack([ids[s:s + ctx] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss = _train_step(model, opt, ids, ctx, batch, gen)
         sched.step()
         if log and (step % 50 == 0 or step == steps - 1):
-            log(step, loss.item())
+            log(step, loss)
     model.eval()
     if outliers:
         add_outlier_channels(model, seed=spec.seed)
@@ -259,12 +254,20 @@ def build_training_run(root: Path, spec: TinySpec, text: str, save_steps: list[i
             save(step)
         if step == max(save_steps):
             break
-        starts = torch.randint(0, len(ids) - ctx - 1, (batch,), generator=gen)
-        x = torch.stack([ids[s:s + ctx] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loss = _train_step(model, opt, ids, ctx, batch, gen)
         if log and step % 25 == 0:
-            log(step, loss.item())
+            log(step, loss)
     return saved
+
+
+def _train_step(model, opt, ids, ctx: int, batch: int, gen) -> float:
+    """One AdamW step of next-token prediction on `batch` random windows of `ctx` tokens."""
+    import torch
+
+    starts = torch.randint(0, len(ids) - ctx - 1, (batch,), generator=gen)
+    x = torch.stack([ids[s:s + ctx] for s in starts])
+    loss = model(input_ids=x, labels=x).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
