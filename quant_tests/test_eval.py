@@ -131,3 +131,19 @@ def test_report_tasks_in_json_and_markdown(trained, tasks_dir, texts, tmp_path):
 
     entry = _entry(RevisionId("step1", "c" * 40, "s" * 64), 1, None, data)  # the sweep carries them on
     assert entry["results"][0]["tasks"]["neoxq_mc"]["acc"] == accs["Q8_0"]
+
+
+def test_generate_until_equals_hf_backend(trained, trained_f32, texts):
+    """Greedy generation with stop strings: the same text as lm-eval's hf backend."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from neoxq.lmeval import NeoxqLM
+
+    prompts = [texts["eval"][i:i + 300] for i in (0, 2000, 5000)]
+    reqs = [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": 24}), idx=i)
+            for i, p in enumerate(prompts)]
+    ours = NeoxqLM(str(trained_f32)).generate_until(reqs)
+    theirs = HFLM(pretrained=str(trained), dtype="float32", device="cpu", batch_size=1).generate_until(reqs)
+    print(ours, theirs)
+    assert ours == theirs and any(o.strip() for o in ours)
