@@ -214,15 +214,31 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
 
 
 def _reference_first(run: _Run, reference, base: Path) -> None:
-    """Compute the reference tables while no llama.cpp model is loaded (only its tokenizer), so the
-    two never hold memory at the same time; every type then reuses the cached tables."""
+    """Compute the reference tables before any llama.cpp model is loaded (only its tokenizer), and
+    the transformers reference in a child process: torch's freed memory then goes back to the
+    system with the child, so it never adds to what llama.cpp holds while scoring."""
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.reference_cache import reference_tables
-    from neoxq.runtime.score import Windows
+    from neoxq.runtime.score import GGUFReference, Windows
 
     with NeoxModel(base, RuntimeOptions(n_ctx=run.opts.ctx, vocab_only=True)) as m:
         w, n_vocab = Windows(m.tokenize(run.scored), run.opts.ctx), m.n_vocab
-    reference_tables(reference, w, n_vocab, run.out / "cache")
+    if isinstance(reference, GGUFReference):
+        reference_tables(reference, w, n_vocab, run.out / "cache")
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from neoxq.core.progress import is_quiet, set_quiet
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=set_quiet, initargs=(is_quiet(),)) as pool:
+        pool.submit(_tables_in_child, reference, w, n_vocab, run.out / "cache").result()
+
+
+def _tables_in_child(reference, w, n_vocab: int, cache: Path) -> None:
+    from neoxq.runtime.reference_cache import reference_tables
+
+    reference_tables(reference, w, n_vocab, cache)
 
 
 def _calibrates(opts: ReportOptions) -> bool:
