@@ -269,3 +269,24 @@ def devices() -> list[dict]:
         out.append({"name": base.ggml_backend_dev_name(dev).decode(), "description": base.ggml_backend_dev_description(dev).decode(),
                     "type": DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "other"), "free_bytes": free.value, "total_bytes": total.value})
     return out
+
+
+@contextlib.contextmanager
+def model_defaults(**fields) -> Iterator[None]:
+    """Load a model with some llama_model_params fields changed: llama-cpp-python's `Llama` starts
+    from llama_model_default_params() and exposes no argument for e.g. `use_extra_bufts`."""
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        for k, v in fields.items():
+            setattr(params, k, v)
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original

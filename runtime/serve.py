@@ -108,7 +108,8 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
         from fastapi.responses import JSONResponse
     except ImportError as exc:
         raise MissingExtraError(f"the server needs extra packages ({exc.name} is missing); install them with: pip install 'neoxq[server]'") from exc
-    engine = Engine(info.path, RuntimeOptions(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn))
+    engine = Engine(info.path, RuntimeOptions(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                                              repack=None))  # generation: llama.cpp's default (repacked weights decode ~10% faster)
     app = FastAPI(title="neoxq", docs_url=None, redoc_url=None)
     app.state.engine = engine
 

@@ -12,7 +12,8 @@ import typer
 from .options import CacheDir, Ctx, Device, FlashAttn, GpuLayers, Json, MaxMemory, Model, Quiet, Revision, Text, Threads
 
 
-def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto"):
+def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto",
+                    repack: bool | None = False):
     """The flags every model-loading command shares, as RuntimeOptions (the library owns defaults)."""
     from neoxq.core.errors import UsageError
     from neoxq.runtime.model import RuntimeOptions
@@ -25,16 +26,16 @@ def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str 
         gpu_layers = 0
     elif device == "gpu" and gpu_layers is None:
         gpu_layers = -1
-    return RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn)
+    return RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn, repack=repack)
 
 
 def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512,
-          flash_attn: str = "auto", device: str = "auto"):
+          flash_attn: str = "auto", device: str = "auto", repack: bool | None = False):
     from neoxq import preflight
     from neoxq.core.gguf_info import read_info
     from neoxq.runtime.model import NeoxModel
 
-    opts = runtime_options(ctx, threads, gpu_layers, batch, flash_attn, device)
+    opts = runtime_options(ctx, threads, gpu_layers, batch, flash_attn, device, repack)
     info = read_info(model)
     need = preflight.llama_bytes(info, ctx or info.context_length or 2048, batch)
     preflight.check(f"loading {info.path.name}", need, "pass a smaller --ctx or use a smaller quantized file")
@@ -63,7 +64,7 @@ def run(
     opts = SamplingOptions(max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []))
     text = None if interactive else (prompt if prompt is not None else _read_prompt(prompt_file))
-    with _open(model, ctx, threads, gpu_layers, flash_attn=flash_attn, device=device) as m:
+    with _open(model, ctx, threads, gpu_layers, flash_attn=flash_attn, device=device, repack=None) as m:
         if not interactive:
             _complete(m, text, opts)
             return
