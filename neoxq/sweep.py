@@ -38,6 +38,7 @@ class SweepOptions:
     max_memory: int | None = None
     tasks: str | None = None
     include_path: str | None = None
+    reference: str = "auto"  # auto | hf | f16 (per revision: its own fp32 model, or its own F16 file)
 
 
 def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, threads: int) -> dict:
@@ -48,7 +49,7 @@ def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, thr
 
     o = SweepOptions(**opts)
     ro = ReportOptions(types=o.types, imatrix=o.imatrix, ctx=o.ctx, revision=revision, mix=o.mix, max_memory=o.max_memory,
-                       tasks=o.tasks, include_path=o.include_path)
+                       tasks=o.tasks, include_path=o.include_path, reference=o.reference)
     ckpt = open_checkpoint(repo, revision)
     rj = run_report(ckpt, text_file, folder, ro)
     report = json.loads(Path(rj).read_text())

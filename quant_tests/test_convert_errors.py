@@ -165,6 +165,12 @@ def test_hub_revision_from_offline_cache(ckpt, tmp_path):
     # A revision that is not cached: one clear line, not a traceback.
     proc = run_cli("convert", "EleutherAI/pythia-tiny@step9", env=env, cwd=out)
     assert_one_line_error(proc, "step9")
+    # kld --reference auto finds the checkpoint the file was converted from (repo + commit recorded).
+    (out / "t.txt").write_text((ckpt / "tokenizer.json").read_text()[:6000])
+    proc = run_cli("kld", made, "--reference", "auto", "--text", out / "t.txt", "--ctx", "64", "--json", env=env, cwd=out)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert "transformers" in r["reference"] and r["kld_mean"] < 1e-4
 
 
 def test_metadata_complete(ckpt, tmp_path):

@@ -98,3 +98,13 @@ def test_preflight_refuses_what_cannot_fit(ckpt, tmp_path):
     proc = run_cli("convert", ckpt, "-o", tmp_path / "x.gguf", env={"PYTHONPATH": str(tmp_path)})
     assert_one_line_error(proc, "converting", "available")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_kld_reference_auto_needs_a_recorded_source(trained_f16, texts, tmp_path):
+    """--reference auto/hf = the checkpoint the file came from: refused in one line for a file
+    converted from a local folder (nothing recorded to find it by)."""
+    (tmp_path / "t.txt").write_text(texts["eval"][:12000])
+    assert_one_line_error(run_cli("kld", trained_f16, "--reference", "auto", "--text", tmp_path / "t.txt", "--ctx", "128"),
+                          "local folder", "--reference")
+    assert_one_line_error(run_cli("kld", trained_f16, "--reference", "f16", "--text", tmp_path / "t.txt", "--ctx", "128"),
+                          "F16 GGUF")

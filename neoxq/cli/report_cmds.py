@@ -82,6 +82,7 @@ def sweep(
     keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep each revision's GGUF files.")] = False,
     evict: Annotated[bool, typer.Option("--evict", help="Remove each revision's checkpoint from the HF cache after use.")] = False,
     max_memory: MaxMemory = None,
+    reference: Annotated[str, typer.Option("--reference", help="auto/hf: each revision's own fp32 transformers model; f16: its own F16 GGUF.")] = "auto",
     tasks: Tasks = None,
     include_path: IncludePath = None,
     quiet: Quiet = False,
@@ -92,8 +93,10 @@ def sweep(
 
     if imatrix not in ("auto", "none"):
         raise UsageError(f"--imatrix {imatrix!r}: a sweep computes one per revision (auto) or uses none")
+    if reference not in ("auto", "hf", "f16"):
+        raise UsageError(f"--reference {reference!r}: a sweep scores each revision against its own model: auto, hf or f16")
     opts = SweepOptions(types=qtypes, ctx=ctx, imatrix=None if imatrix == "none" else "auto", mix=mix, workers=workers, ray=ray,
-                        keep_files=keep_files, evict=evict, max_memory=max_memory, tasks=tasks,
+                        keep_files=keep_files, evict=evict, max_memory=max_memory, tasks=tasks, reference=reference,
                         include_path=str(include_path) if include_path else None)
     path = run_sweep(repo, revisions, text, output, opts)
     if not quiet:

@@ -141,7 +141,8 @@ def perplexity(
 
 def kld(
     model: Annotated[Path, typer.Argument(help="GGUF file to evaluate.")],
-    reference: Annotated[str, typer.Option("--reference", help="F16/F32 GGUF, or the HF checkpoint (folder or repo id).")],
+    reference: Annotated[str, typer.Option("--reference", help="F16/F32 GGUF, an HF checkpoint (folder or repo id), or auto/hf: "
+                                                               "the checkpoint this file was converted from (fp32 transformers).")],
     text: Text,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
     revision: Revision = None,
@@ -163,7 +164,7 @@ def kld(
     body = read_text(text)
     with _open(model, ctx, threads, gpu_layers, batch=ctx, flash_attn=flash_attn, device=device) as m:
         ref = open_reference(reference, revision, runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
-                             max_memory=max_memory, reserved=preflight_bytes(m))
+                             max_memory=max_memory, reserved=preflight_bytes(m), model_info=m.info)
         r = do_kld(m, ref, body, ctx, cache_dir=cache_dir)
     if as_json:
         print(json.dumps(r.as_json(), indent=1))
