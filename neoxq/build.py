@@ -72,14 +72,21 @@ def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: 
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-mix")
         want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-mix", "neoxq.imatrix.sha256": im_sha,
                 "neoxq.mix.calib_sha256": calib_sha}
-        t0 = time.perf_counter()
-        reused = is_valid(path, want)
-        if not reused:
-            quantize_mix(base.path, t, MixOptions(calib_text, ctx=ctx), output=path, imatrix=imatrix, force=True)
-        out[t] = Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused, mix=True)
+        make = lambda t=t, path=path: quantize_mix(base.path, t, MixOptions(calib_text, ctx=ctx), output=path,  # noqa: E731
+                                                   imatrix=imatrix, force=True)
+        out[t] = _made_or_reused(t, path, want, make, mix=True)
         if on_step:
             on_step(out[t])
     return out
+
+
+def _made_or_reused(t: QuantType, path: Path, want: dict, make: Callable[[], object], mix: bool = False) -> Built:
+    """Reuse `path` when its metadata matches `want`, else `make()` it; either way, how long it took."""
+    t0 = time.perf_counter()
+    reused = is_valid(path, want)
+    if not reused:
+        make()
+    return Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused, mix=mix)
 
 
 def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix: Path | None = None,
@@ -98,16 +105,16 @@ def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix
     for t in order:
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, t.value)
         want = expected_metadata(ckpt, t, None if t.is_float else im_sha)
-        t0 = time.perf_counter()
-        reused = is_valid(path, want)
-        if not reused:
+
+        def make(t=t, path=path):
             if path.exists() and not replace_invalid:
                 raise OutputError(f"{path} already exists and was made from another source or type; pass --force to overwrite it or -o to choose another folder")
             if t.is_float:
                 convert(ckpt, t, output=path, force=True)
             else:
                 rq.quantize(out[base_type].path, t, output=path, imatrix=imatrix, force=True)
-        out[t] = Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused)
+
+        out[t] = _made_or_reused(t, path, want, make)
         if on_step:
             on_step(out[t])
     return out

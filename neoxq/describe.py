@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 def describe_system() -> dict:
+    from neoxq.core.machine import versions
     from neoxq.runtime import capi
 
     devs = capi.devices()
@@ -16,7 +17,7 @@ def describe_system() -> dict:
         "gpu_offload": capi.supports_gpu_offload(),
         "flash_attention": "auto: on for layers on a GPU" if gpus else "off (CPU only; --flash-attn on forces it)",
         "runtime_offloads": "all layers by default (--n-gpu-layers N, --device cpu)" if capi.supports_gpu_offload() else "no",
-        "llama_cpp_python": _version("llama-cpp-python"),
+        "llama_cpp_python": versions().get("llama-cpp-python", "not installed"),
         "build": capi.system_info().strip(),
     }
 
@@ -43,12 +44,3 @@ def _count(info) -> dict:
     for t in info.tensors:
         out[t.type] = out.get(t.type, 0) + 1
     return out
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return "not installed"

@@ -1,6 +1,6 @@
 """`neoxq sweep`: quantization quality across a hub repo's training checkpoints.
 
-Per revision: its commit and weights hash (neoxq.hubrefs); a revision whose weights equal an
+Per revision: its commit and weights hash (neoxq.convert.hub); a revision whose weights equal an
 earlier one's is not recomputed but marked `duplicate_of`; the others run the whole report (convert
 once, quantize each type, score against that revision's own fp32 reference on the same windows).
 Revisions run one after another, in local worker processes (--workers N, each pinned to its share
@@ -84,12 +84,16 @@ def _evict(commit: str | None) -> None:
 
 
 def _reusable(folder: Path, text_sha: str, opts: SweepOptions, commit: str) -> dict | None:
+    """A finished revision's report.json, when it scored the same text, context, types and commit."""
+    from neoxq.core.qtypes import QuantType
+
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    types = [t.value for t in QuantType.parse_list(opts.types)]
     same = (report["text"]["sha256"] == text_sha and report["text"]["ctx"] == opts.ctx
-            and [r["type"] for r in report["results"]][: len(opts.types.split(","))] == [t.strip().upper() for t in opts.types.split(",")]
+            and [r["type"] for r in report["results"]][: len(types)] == types
             and (report["source"].get("commit") or "") == (commit or ""))
     return report if same else None
 
@@ -105,7 +109,7 @@ def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
 def _step(repo: str, revision: str, dup: str | None) -> int | None:
     """stepN → N; a duplicate takes its original's step (`main` = the last step branch); Pythia's
     `main` is step143000."""
-    from neoxq.hubrefs import STEP
+    from neoxq.convert.hub import STEP
 
     for name in (revision, dup or ""):
         m = STEP.match(name)
@@ -138,7 +142,7 @@ def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, result
 def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions | None = None) -> Path:
     """Run (or resume) the sweep; return sweep.json's path (sweep.md/.png rendered beside it)."""
     from neoxq.core.qtypes import QuantType
-    from neoxq.hubrefs import identify, list_refs, parse_spec
+    from neoxq.convert.hub import identify, list_refs, parse_spec
     from neoxq.render import render_sweep
 
     opts = opts or SweepOptions()

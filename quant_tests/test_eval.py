@@ -126,7 +126,7 @@ def test_report_tasks_in_json_and_markdown(trained, tasks_dir, texts, tmp_path):
     accs = {r["type"]: r["tasks"]["neoxq_mc"]["acc"] for r in data["results"]}
     assert set(accs) == {"Q8_0", "Q2_K"} and all(0 <= a <= 1 for a in accs.values())
     assert "neoxq_mc: acc" in (tmp_path / "r" / "report.md").read_text()
-    from neoxq.hubrefs import RevisionId
+    from neoxq.convert.hub import RevisionId
     from neoxq.sweep import _entry
 
     entry = _entry(RevisionId("step1", "c" * 40, "s" * 64), 1, None, data)  # the sweep carries them on

@@ -58,7 +58,7 @@ def _opts(**kw):
 
 def test_refs_spec_and_identity(offline):
     from neoxq.core.errors import UsageError
-    from neoxq.hubrefs import identify, list_refs, parse_spec
+    from neoxq.convert.hub import identify, list_refs, parse_spec
 
     refs = list_refs(REPO)
     assert set(refs) == {f"step{s}" for s in STEPS} | {"main"}

@@ -138,7 +138,7 @@ class QuantizeCall:
     nthread: int
     kv: dict[str, str] = field(default_factory=dict)  # string metadata written into the output
     imatrix: dict[str, np.ndarray] = field(default_factory=dict)  # tensor name → per-column values
-    tensor_types: dict[str, int] = field(default_factory=dict)  # regex pattern → ggml type id
+    tensor_types: dict[str, str] = field(default_factory=dict)  # tensor name → ggml type name (Q4_K, F16, …)
     dry_run: bool = False
 
 
@@ -167,13 +167,19 @@ def _imatrix_array(values: dict[str, np.ndarray]):
     return arr, keep
 
 
-def _tensor_type_array(patterns: dict[str, int]):
-    keep = [p.encode() for p in patterns]
-    arr = (llama_cpp.llama_model_tensor_override * (len(patterns) + 1))()
-    for i, (p, t) in enumerate(zip(keep, patterns.values())):
-        arr[i].pattern = p
-        arr[i].type = t
-    arr[len(patterns)].pattern = None
+def _tensor_type_array(types: dict[str, str]):
+    """llama_model_tensor_override[]: one anchored pattern per tensor name (llama.cpp matches them as
+    ECMAScript regexes, first match wins), ending with a null pattern."""
+    import re
+
+    from neoxq.core.ggml_types import BY_NAME
+
+    keep = [f"^{re.escape(name)}$".encode() for name in types]
+    arr = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
+    for i, (pattern, type_name) in enumerate(zip(keep, types.values())):
+        arr[i].pattern = pattern
+        arr[i].type = BY_NAME[type_name][0]
+    arr[len(types)].pattern = None
     return arr, keep
 
 

@@ -150,7 +150,7 @@ class KLDProbe:
         from .score import kld_scores
 
         call = capi.QuantizeCall(ftype=7, nthread=self.threads)  # any quantized ftype: every matrix is overridden
-        call.tensor_types = {f"^{_escape(n)}$": BY_NAME[types.get(n, 'F16')][0] for n in self.all}
+        call.tensor_types = {n: types.get(n, "F16") for n in self.all}
         if self.im is not None:
             call.imatrix = {n: self.im.values(n) for n in self.im.sums}
         out = self.tmp / "probe.gguf"
@@ -168,12 +168,6 @@ class KLDProbe:
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
 
 
 MIX_VERSION = 1

@@ -95,7 +95,7 @@ def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | 
         call.kv |= {"quantize.imatrix.file": Path(imatrix).name, "neoxq.imatrix.sha256": file_sha256(Path(imatrix)),
                     "quantize.imatrix.dataset": im.datasets[0] if im.datasets else "unknown"}
     if tensor_types:
-        call.tensor_types = {f"^{_re_escape(n)}$": _ggml_type_id(t) for n, t in tensor_types.items()}
+        call.tensor_types = dict(tensor_types)
     t0 = time.perf_counter()
     with atomic_output(out, force) as tmp:
         say(f"quantizing {src.path.name} to {label or qtype.value} on {call.nthread} threads ...")
@@ -124,18 +124,6 @@ def _quantize_failure(src: GGUFInfo, out: Path, qtype: QuantType, detail: str) -
     if free < need or "iostream" in detail or "No space" in detail:
         return out_of_space(out, need)
     return CorruptFileError(f"llama.cpp could not quantize {src.path.name} to {qtype.value} ({detail}); check the input with `neoxq convert` again")
-
-
-def _re_escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
-
-
-def _ggml_type_id(name: str) -> int:
-    import gguf
-
-    return int(gguf.GGMLQuantizationType[name])
 
 
 def summarize(path: Path, qtype: QuantType, seconds: float = 0.0) -> QuantResult:
