@@ -99,18 +99,44 @@ def test_logsumexp_float32_matches_float64():
     assert np.abs(logsumexp(x) - ref).max() < 1e-4
     from neoxq.runtime.score import RowReducer
 
-    r = RowReducer(16, 5000, threads=3)
-    lse, arg = r(x)
-    r.close()
-    assert np.abs(lse - ref).max() < 1e-4 and (arg == x.argmax(-1)).all()
+    r = RowReducer(5000, threads=3)
+    lse, gathered, arg = r(x, argmax=True)
+    assert np.abs(lse - ref).max() < 1e-4 and gathered is None and np.array_equal(arg, x.argmax(-1))
+    tied = x.copy()
+    tied[5, 7] = tied[5, 9] = tied[5].max() + 1  # a tie: the lower id, as numpy's argmax
+    assert r(tied, argmax=True)[2][5] == 7
     assert np.allclose(np.exp(log_softmax(x)).sum(-1), 1.0)
+    # shifted by a target's logit: the same numbers; a target ~200 below the max overflows exp
+    # (float32 exp ends at 88), and that row is redone with its max instead of returning inf
+    t = rng.integers(0, 5000, 16)
+    x[3, t[3]] = x[3].max() - 200.0
+    ref[3] = np.log(np.exp(x[3].astype(np.float64) - x[3].max()).sum()) + x[3].max()
+    got = r(x, shift_at=t)[0]
+    r.close()
+    assert np.isfinite(got).all() and np.abs(got - ref).max() < 1e-4
+
+
+def test_row_reducer_numpy_path_matches_ggml(monkeypatch):
+    """Where libggml-cpu does not export its fused exp-and-sum, numpy computes the same sums."""
+    from neoxq.runtime import capi
+    from neoxq.runtime.score import RowReducer
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((40, 3000)) * 6).astype(np.float32)
+    t = rng.integers(0, 3000, 40)
+    fast = RowReducer(3000, threads=2)(x, shift_at=t)[0]
+    assert capi._exp_sum_fn(), "this llama-cpp-python build should export ggml_vec_soft_max_f32"
+    monkeypatch.setattr(capi, "_softmax_f32", False)
+    slow = RowReducer(3000, threads=2)(x, shift_at=t)[0]
+    ref = np.log(np.exp(x.astype(np.float64)).sum(-1))
+    assert np.abs(fast - ref).max() < 1e-5 and np.abs(slow - ref).max() < 1e-5
 
 
 def test_compact_reference_kl_exact_and_bounded():
     """K = V: the stored tables give the exact KL; K < V: a lower bound, close when the top K hold
     nearly all the mass."""
     from neoxq.runtime.reference_cache import ReferenceTables, compact
-    from neoxq.runtime.score import log_softmax, logsumexp
+    from neoxq.runtime.score import RowReducer, log_softmax, logsumexp
 
     rng = np.random.default_rng(1)
     ref_logits = (rng.standard_normal((8, 400)) * 4).astype(np.float32)
@@ -120,7 +146,13 @@ def test_compact_reference_kl_exact_and_bounded():
     targets = rng.integers(0, 400, 8)
     for k, tol in ((400, 2e-5), (128, 0.05)):  # K = V: exact but for float32 storage (~1e-6 absolute)
         t = ReferenceTables(**compact(lp, targets, k))
-        got = t.kl_rows(slice(0, 8), test_logits, logsumexp(test_logits))
+        parts = []
+        RowReducer(400, threads=1)(test_logits, shift_at=t.top_idx[:, 0], gather=t.top_idx,
+                                   after=lambda lo, hi, shift, sums, top: parts.append((shift, sums, top)))
+        shift, sums, top = parts[0]  # as scoring has them
+        assert np.array_equal(top, np.take_along_axis(test_logits, t.top_idx.astype(np.int64), 1))
+        assert np.allclose(shift + np.log(sums), logsumexp(test_logits))
+        got = t.kl_rows(slice(0, 8), top, shift, sums)
         assert np.all(got <= exact + 1e-6)
         assert np.abs(got - exact).max() <= tol * exact.max(), (k, got, exact)
         assert np.allclose(t.target_lp, lp[np.arange(8), targets], atol=1e-6)
@@ -327,7 +359,7 @@ def test_ggml_type_table_equals_gguf_py():
     assert GGML_TYPES == theirs
 
 
-@pytest.mark.parametrize("setting,ngl,expect", [("auto", 0, False), ("on", 0, True), ("off", -1, False)])
+@pytest.mark.parametrize("setting,ngl,expect", [("auto", 0, True), ("auto", -1, True), ("on", 0, True), ("off", -1, False), ("off", 0, False)])
 def test_flash_attention_setting(setting, ngl, expect):
     from neoxq.runtime.model import resolve_flash_attn
 
@@ -345,7 +377,7 @@ def test_context_parameters_for_the_cpu_switch(checkpoints, tmp_path):
     from neoxq.runtime.model import NeoxModel
 
     path = convert(str(checkpoints["hf4-parallel-rot025-safetensors"]), "f16", output=tmp_path / "m.gguf")
-    for opts, fa in ((runtime_options(64, 1, None, 64, "auto", "cpu"), False), (runtime_options(64, 1, 0, 64, "on", "auto"), True)):
+    for opts, fa in ((runtime_options(64, 1, None, 64, "off", "cpu"), False), (runtime_options(64, 1, 0, 64, "auto", "auto"), True)):
         with NeoxModel(path, opts) as m:
             cp = m.llm.context_params
             assert m.n_gpu_layers == 0 and cp.op_offload is False

