@@ -10,11 +10,13 @@ from neoxq.runtime.model import NeoxModel, RuntimeOptions
 from .conftest import CASES
 from .helpers import hf_logits, kl_stats
 
-# (max mean KL, min top-1). Measured on these fixtures: F32 5e-7..9e-7 (summation order and
-# llama.cpp's tanh-GELU), F16 8e-7..3.5e-6, BF16 7e-5..1.5e-4 (8 mantissa bits vs F16's 11: the
-# squared rounding error is ~64x larger), Q8_0 8e-4..1.7e-3 (weights and, in the matmul, the
-# activations rounded to 8 bits). Bounds are ~3-5x the worst measurement.
-BOUNDS = {"f32": (1e-4, 1.0), "f16": (2e-5, 0.98), "bf16": (5e-4, 0.95), "q8_0": (6e-3, 0.9)}
+# (max mean KL, min top-1). Measured on these fixtures with llama.cpp's defaults (flash attention
+# on): F32 3.7e-7..7.2e-7 (summation order, llama.cpp's tanh-GELU, and flash attention's F16 Q and
+# V accumulation, which flips one near-tie of 96 tokens in one fixture), F16 7e-7..3.5e-6, BF16
+# 7e-5..1.5e-4 (8 mantissa bits vs F16's 11: the squared rounding error is ~64x larger), Q8_0
+# 8e-4..1.7e-3 (weights and, in the matmul, the activations rounded to 8 bits). KL bounds are
+# ~3-7x the worst measurement.
+BOUNDS = {"f32": (5e-6, 0.98), "f16": (2e-5, 0.98), "bf16": (5e-4, 0.95), "q8_0": (6e-3, 0.9)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
