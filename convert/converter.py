@@ -17,7 +17,7 @@ from neoxq.core.qtypes import CONVERT_OUTTYPES, QuantType
 from . import neox
 from .checkpoint import Checkpoint, open_checkpoint
 from .vocab import PRE_TOKENIZER, Vocab, load_vocab
-from .writer import PlannedTensor, write_gguf
+from .writer import FileSpan, PlannedTensor, write_gguf
 
 ARCH = "gptneox"
 QKV = re.compile(r"\.attention\.query_key_value\.(weight|bias)$")
@@ -96,9 +96,13 @@ def _produce(plan: ConversionPlan):
 
 
 def _as_numpy(data: np.ndarray, qtype: int, reorder: bool, args: neox.GPTNeoXArgs) -> np.ndarray:
-    """A float16 source bound for F16 stays float16 (no float32 copy); everything else goes float32."""
+    """A float16 source bound for F16 stays float16 (no float32 copy); everything else goes float32.
+    A memory-mapped tensor written unchanged goes as a FileSpan (copied file to file)."""
     import gguf
 
+    same = {gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.F32: np.float32}.get(qtype)
+    if not reorder and isinstance(data, np.memmap) and data.dtype == same and data.flags.c_contiguous:
+        return FileSpan.of(data)
     if not (data.dtype == np.float16 and qtype == gguf.GGMLQuantizationType.F16):
         data = data.astype(np.float32, copy=False)
     return neox.deinterleave_qkv(data, args) if reorder else data

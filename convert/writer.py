@@ -1,9 +1,15 @@
 """Stream tensors into a GGUF file with gguf-py's writer: header and tensor infos first, then one
 tensor's data at a time, so memory follows the largest tensor rather than the checkpoint.
-Written under a temporary name and renamed into place only when complete."""
+Written under a temporary name and renamed into place only when complete.
+
+A tensor whose GGUF bytes are exactly a span of a checkpoint file (F16 → F16, F32 → F32, no
+reordering) is copied file to file by the kernel (`copy_file_range`) instead of through user space:
+on this project's VM 3.4 GB/s against 0.5–0.8 GB/s for read+write."""
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,6 +33,49 @@ class PlannedTensor:
 
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(self.qtype)]
         return int(np.prod(self.shape)) // block * size
+
+
+class FileSpan(np.ndarray):
+    """An array whose bytes are `span` = (path, offset) of a file; gguf-py's writer calls `tofile`,
+    which then copies file to file. Arrays derived from it (views, reshapes, arithmetic) carry no
+    span and write their own bytes."""
+
+    span: tuple[str, int] | None = None
+
+    @classmethod
+    def of(cls, mapped: np.memmap) -> "FileSpan":
+        out = mapped.view(cls)
+        out.span = (mapped.filename, mapped.offset)
+        return out
+
+    def __array_finalize__(self, obj) -> None:
+        self.span = None
+
+    def tofile(self, fout, *args) -> None:
+        if self.span is None or args or not _copy_span(self.span, self.nbytes, fout):
+            np.asarray(self).tofile(fout, *args)
+
+
+def _copy_span(span: tuple[str, int], nbytes: int, fout) -> bool:
+    """copy_file_range from span to fout's position; False (nothing written) where the kernel or
+    filesystem cannot (other filesystem on old kernels, no such call), so the caller writes."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    fout.flush()
+    pos, done = fout.tell(), 0
+    with open(span[0], "rb") as src:
+        while done < nbytes:
+            try:
+                k = os.copy_file_range(src.fileno(), fout.fileno(), nbytes - done, span[1] + done, pos + done)
+            except OSError as exc:
+                if done == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    return False
+                raise
+            if k == 0:
+                raise OSError(errno.EIO, f"{span[0]} ended {nbytes - done} bytes early while copying a tensor")
+            done += k
+    fout.seek(pos + nbytes)
+    return True
 
 
 def encode(arr: np.ndarray, qtype: int) -> np.ndarray:
@@ -64,7 +113,7 @@ def write_gguf(
         try:
             with _BackgroundWriter(writer) as bg:
                 for planned, data in produce(plan):
-                    bg.put(encode(data, planned.qtype))
+                    bg.put(data if isinstance(data, FileSpan) and data.span else encode(data, planned.qtype))
                     progress.update(1, planned.nbytes)
             writer.close()
         finally:

@@ -238,3 +238,40 @@ def test_progress_on_a_terminal(ckpt, tmp_path):
     assert rc == 0 and "tensors" in out and "MB/s" in out
     rc, out = run("--quiet")
     assert rc == 0 and out.strip() == ""
+
+
+@pytest.mark.parametrize("dtype,outtype", [("float16", "f16"), ("float32", "f32")])
+def test_unchanged_tensors_copied_file_to_file(dtype, outtype, corpus, tmp_path, monkeypatch):
+    """Tensors written unchanged go by copy_file_range; the file is byte-identical to writing every
+    tensor through numpy, also where the kernel refuses the call (EXDEV) or space runs out."""
+    from neoxq.convert import writer
+    from neoxq.convert.converter import convert
+    from neoxq.convert.tiny import TinySpec, build_random
+    from neoxq.core.errors import OutputError
+
+    folder = build_random(tmp_path / "ck", TinySpec(weights="safetensors", dtype=dtype), corpus)
+    copied, real = [], writer._copy_span
+    monkeypatch.setattr(writer, "_copy_span", lambda span, n, f: copied.append(n) or real(span, n, f))
+    fast = convert(str(folder), outtype, output=tmp_path / "fast.gguf").read_bytes()
+    layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    # F16: both embeddings and each layer's dense and MLP weights (1-D tensors become F32); F32:
+    # every tensor but each layer's reordered QKV weight and bias
+    assert len(copied) == (2 + 3 * layers if outtype == "f16" else 4 + 10 * layers)
+    monkeypatch.setattr(writer, "_copy_span", lambda span, n, f: False)
+    assert fast == convert(str(folder), outtype, output=tmp_path / "numpy.gguf").read_bytes()
+
+    monkeypatch.setattr(writer, "_copy_span", real)
+
+    def refuse(*a):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    assert fast == convert(str(folder), outtype, output=tmp_path / "exdev.gguf").read_bytes()
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(OutputError, match="disk full"):
+        convert(str(folder), outtype, output=tmp_path / "full.gguf")
+    assert not (tmp_path / "full.gguf").exists()
