@@ -15,7 +15,7 @@ def describe_system() -> dict:
         "backend": "CUDA" if any("CUDA" in d["name"].upper() for d in gpus) else ("GPU" if gpus else "CPU"),
         "devices": "; ".join(f"{d['name']} ({d['description']}, {d['total_bytes'] / 2**30:.1f} GiB)" for d in devs) or "none",
         "gpu_offload": capi.supports_gpu_offload(),
-        "flash_attention": "auto: on for layers on a GPU" if gpus else "off (CPU only; --flash-attn on forces it)",
+        "flash_attention": "on (--flash-attn auto, as llama.cpp resolves it; --flash-attn off turns it off)",
         "runtime_offloads": "all layers by default (--n-gpu-layers N, --device cpu)" if capi.supports_gpu_offload() else "no",
         "llama_cpp_python": versions().get("llama-cpp-python", "not installed"),
         "build": capi.system_info().strip(),

@@ -211,26 +211,39 @@ def bench_ppl(f16: Path, ids: Path, text: Path, windows: int, rounds: int = 5) -
     return row
 
 
-def bench_kld(f16: Path, ids: Path, work: Path) -> dict:
-    q = work / "q4.gguf"
+def bench_kld(f16: Path, ids: Path, work: Path, label: str = "") -> dict:
+    """KLD scoring of a Q4_K_M against reference tables from the F16 (built before timing)."""
+    tag = f"-{label}" if label else ""
+    q = work / f"q4{tag}.gguf"
     if not q.is_file():
         benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", q, "--quiet"])
-    cache = work / "refcache"
+    cache = work / f"refcache{tag}"
     _child_json(NEOXQ_LOOP, q, ids, CTX, "kld", f16, cache)  # builds the reference tables once
     bare, ours = _alternating(5, lambda: _child_json(BARE_LOOP, q, ids, CTX),
                               lambda: _child_json(NEOXQ_LOOP, q, ids, CTX, "kld", f16, cache))
-    stored = sum(p.stat().st_size for p in cache.glob("*.npy"))
+    entry = max(cache.glob("*.json"), key=lambda p: p.stat().st_mtime).stem  # the entry these windows use
+    stored = sum(p.stat().st_size for p in cache.glob(f"{entry}.*.npy"))
     from neoxq.core.gguf_info import read_info
 
     full = ours["tokens"] * read_info(f16).n_vocab * 2  # the former float16 rows
     row = {"bare_tok_s": bare["tokens"] / bare["seconds"], "neoxq_tok_s": ours["tokens"] / ours["seconds"],
            "kld_mean": ours["kld"], "table_bytes_per_token": stored / ours["tokens"], "full_rows_bytes_per_token": full / ours["tokens"]}
     row["ratio_vs_bare"], row["ratios"] = ours["ratio_median"], ours["ratios"]
-    print(f"kld: neoxq {row['neoxq_tok_s']:.0f} tok/s vs bare loop {row['bare_tok_s']:.0f} tok/s: {row['ratio_vs_bare']:.3f}x "
-          f"(median of paired rounds {ours['ratios']}); "
+    print(f"kld{' ' + label if label else ''}: neoxq {row['neoxq_tok_s']:.0f} tok/s vs bare loop {row['bare_tok_s']:.0f} tok/s: "
+          f"{row['ratio_vs_bare']:.3f}x (median of paired rounds {ours['ratios']}); "
           f"reference {row['table_bytes_per_token'] / 1e3:.1f} KB/token vs {row['full_rows_bytes_per_token'] / 1e3:.1f} KB/token "
           f"({row['full_rows_bytes_per_token'] / row['table_bytes_per_token']:.1f}x smaller)")
     return row
+
+
+def bench_kld_shapes(shapes: list[str], ids: Path, work: Path) -> list[dict]:
+    """The same KLD timing on Pythia-shaped models (random fp16 weights, the same 50k vocabulary):
+    the log-sum-exp over the vocabulary costs the same per token at every size, the decode grows."""
+    rows = []
+    for shape in shapes:
+        f16 = _f16(benchlib.random_checkpoint(shape), work)
+        rows.append({"shape": shape, **bench_kld(f16, ids, work, label=shape)})
+    return rows
 
 
 def bench_quantize(f16: Path, work: Path, rounds: int = 3) -> dict:
@@ -357,6 +370,7 @@ def main() -> None:
     ap.add_argument("--only", default="meta,ppl,kld,quantize,run,convert")
     ap.add_argument("--windows", type=int, default=60)
     ap.add_argument("--convert-shapes", default="70m,410m,1.4b")
+    ap.add_argument("--kld-shapes", default="70m,160m", help="Pythia shapes for the KLD timing beside the trained 31M model")
     ap.add_argument("--big", action="store_true", help="also convert a 6.9B-shaped checkpoint (needs ~30 GB of disk)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
@@ -375,6 +389,8 @@ def main() -> None:
                          ("run", lambda: bench_run(f16))):
             if name in only:
                 results[name] = fn()
+        if "kld" in only and a.kld_shapes:
+            results["kld_shapes"] = bench_kld_shapes(a.kld_shapes.split(","), ids, work)
     if "convert" in only:
         results["convert"] = bench_convert(a.convert_shapes.split(","), work)
     if a.big:
