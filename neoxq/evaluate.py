@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from pathlib import Path
 
 from neoxq.core.errors import MissingExtraError, UsageError
@@ -44,14 +45,32 @@ def evaluate_file(path: Path | str, tasks: list[str], manager, num_fewshot: int 
     try:
         return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                log_samples=False, bootstrap_iters=0)
-    except Exception as exc:  # datasets raises its own errors for unreachable hubs
-        text = f"{type(exc).__name__}: {exc}"
-        if any(w in text for w in ("offline", "Offline", "ConnectionError", "Couldn't reach", "resolve", "MaxRetryError")):
-            raise UsageError(f"a task's data needs the network, which cannot be reached ({text.splitlines()[0][:160]}); "
-                             "run once online to fill the datasets cache, or use local task files with --include-path") from exc
-        raise
+    except Exception as exc:
+        cause = network_failure(exc)
+        if cause is None:
+            raise
+        text = f"{type(cause).__name__}: {cause}".splitlines()[0][:160]
+        raise UsageError(f"a task's data needs the network, which cannot be reached ({text}); "
+                         "run once online to fill the datasets cache, or use local task files with --include-path") from exc
     finally:
         lm.model.close()
+
+
+def network_failure(exc: BaseException) -> BaseException | None:
+    """The first exception in `exc`'s chain that says the network could not be reached: datasets and
+    huggingface_hub raise ConnectionError (offline mode too), requests and httpx their own."""
+    kinds: tuple[type, ...] = (ConnectionError, TimeoutError)
+    for module, name in (("requests", "ConnectionError"), ("httpx", "TransportError")):
+        kind = getattr(sys.modules.get(module), name, None)  # not imported: none of its errors can be here
+        if isinstance(kind, type):
+            kinds += (kind,)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def metrics(results: dict) -> dict[str, dict[str, float]]:

@@ -359,13 +359,13 @@ def test_ggml_type_table_equals_gguf_py():
     assert GGML_TYPES == theirs
 
 
-@pytest.mark.parametrize("setting,ngl,expect", [("auto", 0, True), ("auto", -1, True), ("on", 0, True), ("off", -1, False), ("off", 0, False)])
-def test_flash_attention_setting(setting, ngl, expect):
+@pytest.mark.parametrize("setting,expect", [("auto", True), ("on", True), ("off", False)])
+def test_flash_attention_setting(setting, expect):
     from neoxq.runtime.model import resolve_flash_attn
 
-    assert resolve_flash_attn(setting, ngl) is expect
+    assert resolve_flash_attn(setting) is expect
     with pytest.raises(UsageError, match="auto, on or off"):
-        resolve_flash_attn("maybe", 0)
+        resolve_flash_attn("maybe")
 
 
 def test_context_parameters_for_the_cpu_switch(checkpoints, tmp_path):
@@ -396,3 +396,23 @@ def test_info_system_and_file(checkpoints, tmp_path):
     data = json.loads(proc.stdout)
     assert data["system"]["backend"] in ("CPU", "CUDA", "GPU") and data["file"]["type"] == "Q8_0"
     assert data["file"]["architecture"] == "gptneox" and "Q8_0" in data["file"]["tensor_types"]
+
+
+def test_network_failure_found_by_type_not_text():
+    """lm-eval's data errors become the one-line network message only when a connection error is in
+    the chain; an unrelated error whose text mentions "resolve" or "offline" is not hidden."""
+    from neoxq.evaluate import network_failure
+
+    try:
+        try:
+            raise FileNotFoundError("Dataset x is not cached")
+        except FileNotFoundError as inner:
+            raise ConnectionError("Couldn't reach 'x' on the Hub (OfflineModeIsEnabled)") from inner
+    except ConnectionError as exc:
+        wrapped = RuntimeError("task build failed")
+        wrapped.__context__ = exc
+        assert network_failure(wrapped) is exc
+    assert network_failure(ValueError("cannot resolve the offline template")) is None
+    requests = pytest.importorskip("requests")
+    err = requests.ConnectionError("Max retries exceeded")
+    assert network_failure(err) is err

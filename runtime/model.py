@@ -21,7 +21,7 @@ def gpu_offload_supported() -> bool:
     return capi.supports_gpu_offload()
 
 
-def resolve_flash_attn(setting: str, n_gpu_layers: int) -> bool:
+def resolve_flash_attn(setting: str) -> bool:
     """auto: on, as llama.cpp's own auto resolves it wherever the device has the op (every CPU, and
     CUDA): on the CPU it is faster too (a 50k-vocabulary 4×256 model scored 512-token windows in
     56 against 62 ms) and llama-perplexity runs with it; on/off force it."""
@@ -63,7 +63,7 @@ class NeoxModel:
 
         threads = o.n_threads or default_threads()
         self.n_batch = min(o.n_batch, n_ctx)
-        self.flash_attn = resolve_flash_attn(o.flash_attn, n_gpu)
+        self.flash_attn = resolve_flash_attn(o.flash_attn)
         extra = {} if o.repack is None else {"use_extra_bufts": o.repack}
         with capi.captured_errors() as errors, capi.model_defaults(**extra):
             try:
