@@ -217,13 +217,18 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_floa
 _ggml = None
 
 
+def _bundled_lib(name: str) -> ctypes.CDLL:
+    """One of the ggml libraries llama-cpp-python ships beside libllama (already loaded by it)."""
+    from pathlib import Path
+
+    return ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / name))
+
+
 def _libggml():
     """libggml-base, already loaded by llama-cpp-python as a dependency of libllama."""
     global _ggml
     if _ggml is None:
-        from pathlib import Path
-
-        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        lib = _bundled_lib("libggml-base.so")
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
         lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
@@ -259,10 +264,8 @@ def _exp_sum_fn():
     CPU backend does not export it (then numpy does the same in three passes)."""
     global _softmax_f32
     if _softmax_f32 is None:
-        from pathlib import Path
-
         try:
-            fn = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so")).ggml_vec_soft_max_f32
+            fn = _bundled_lib("libggml-cpu.so").ggml_vec_soft_max_f32
         except (OSError, AttributeError):
             _softmax_f32 = False
         else:
@@ -293,10 +296,7 @@ DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "integrated GPU", 3: "accelerator"}
 
 def devices() -> list[dict]:
     """ggml's backend devices: name, description, kind, free and total memory in bytes."""
-    from pathlib import Path
-
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
+    ggml = _bundled_lib("libggml.so")
     base = _libggml()
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
