@@ -4,6 +4,7 @@ server). Results are lm-eval's own JSON, one entry per file; several files get a
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,10 +20,22 @@ def _lm_eval():
 
 
 def task_manager(include_path: Path | str | None):
+    """lm-eval's TaskManager, one per include path and process: building one indexes every task
+    YAML lm-eval ships (~5 s here), and a report asks for it once per file it scores."""
     _lm_eval()
+    return _cached_manager(str(include_path) if include_path else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_manager(include_path: str | None):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(include_path) if include_path else None)
+    return TaskManager(include_path=include_path)
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """`a, b,c` → ["a", "b", "c"]."""
+    return [t.strip() for t in spec.split(",") if t.strip()]
 
 
 def check_tasks(tasks: list[str], manager) -> None:

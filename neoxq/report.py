@@ -135,12 +135,10 @@ def _tasks_json(run: _Run, path: Path) -> dict:
     """--tasks: lm-eval's metrics for this file (neoxq's lm-eval class, the same as `neoxq eval`)."""
     if not run.opts.tasks:
         return {}
-    from neoxq.evaluate import check_tasks, evaluate_file, metrics, task_manager
+    from neoxq.evaluate import evaluate_file, metrics, parse_tasks, task_manager
 
-    manager = task_manager(run.opts.include_path)
-    tasks = [t.strip() for t in run.opts.tasks.split(",") if t.strip()]
-    check_tasks(tasks, manager)
-    return {"tasks": metrics(evaluate_file(path, tasks, manager))}
+    # the names were checked when the run started (run_report)
+    return {"tasks": metrics(evaluate_file(path, parse_tasks(run.opts.tasks), task_manager(run.opts.include_path)))}
 
 
 def _mix_json(info) -> dict:
@@ -192,9 +190,9 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     run = _Run(ckpt, out, Path(text_file), text, calib, scored, opts, types)
     n_windows = _check_scored_length(run)
     if opts.tasks:
-        from neoxq.evaluate import check_tasks, task_manager
+        from neoxq.evaluate import check_tasks, parse_tasks, task_manager
 
-        check_tasks([t.strip() for t in opts.tasks.split(",") if t.strip()], task_manager(opts.include_path))
+        check_tasks(parse_tasks(opts.tasks), task_manager(opts.include_path))
     _preflight(run, n_windows)
     n_mix = sum(not t.is_float for t in types) if opts.mix else 0
     with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_mix, "steps") as bar:

@@ -126,8 +126,8 @@ def evaluate(
     quiet: Quiet = False,
 ):
     """lm-evaluation-harness tasks on GGUF files through neoxq's runtime (lm-eval's JSON in -o)."""
-    from neoxq.evaluate import eval_table, run_eval
+    from neoxq.evaluate import eval_table, parse_tasks, run_eval
 
-    combined = run_eval(models, [t.strip() for t in tasks.split(",") if t.strip()], include_path, num_fewshot, limit, output)
+    combined = run_eval(models, parse_tasks(tasks), include_path, num_fewshot, limit, output)
     if not quiet:
         print(eval_table(combined))
