@@ -8,8 +8,6 @@ at a time, waiting requests queued (a full queue is a 503 with Retry-After); SIG
 generation at the next token and the server within seconds; `--api-key` requires a bearer token.
 """
 
-
-
 import asyncio
 import threading
 import time
@@ -88,9 +86,9 @@ class Engine:
                 return gen, text, "length"
         return gen, text, "stop"
 
-    def complete(self, req: dict) -> dict:
+    def complete(self, req: dict, ids: list[int]) -> dict:
+        """The completion of req's prompt, already tokenised as `ids`."""
         m = self.model
-        ids = m.tokenize(req["prompt"])
         max_tokens = min(req["max_tokens"], max(m.n_ctx - len(ids), 0))
         gen, text, finish = self._generate(ids, req, max_tokens) if max_tokens > 0 else ([], "", "length")
         logprobs = None
@@ -132,10 +130,10 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
             req = _parse(await request.json())
         except ValueError as exc:
             return error(400, str(exc))
-        n_prompt = len(engine.model.tokenize(req["prompt"]))
-        if n_prompt >= engine.model.n_ctx:
-            return error(400, f"the prompt has {n_prompt} tokens; the context holds {engine.model.n_ctx}, so at most {engine.model.n_ctx - 1} fit")
-        out = await engine.run(engine.complete, req)
+        ids = engine.model.tokenize(req["prompt"])
+        if len(ids) >= engine.model.n_ctx:
+            return error(400, f"the prompt has {len(ids)} tokens; the context holds {engine.model.n_ctx}, so at most {engine.model.n_ctx - 1} fit")
+        out = await engine.run(engine.complete, req, ids)
         if out is None:
             return error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
         choice = {"index": 0, "text": out["text"], "logprobs": out["logprobs"], "finish_reason": out["finish_reason"]}

@@ -31,15 +31,21 @@ def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str 
 
 def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512,
           flash_attn: str = "auto", device: str = "auto", repack: bool | None = False):
-    from neoxq import preflight
-    from neoxq.core.gguf_info import read_info
     from neoxq.runtime.model import NeoxModel
 
     opts = runtime_options(ctx, threads, gpu_layers, batch, flash_attn, device, repack)
+    return NeoxModel(model, opts, info=_preflight(model, ctx, batch))
+
+
+def _preflight(model: Path, ctx: Optional[int], batch: int = 512):
+    """The file's metadata, after checking that loading it fits in memory (one line if not)."""
+    from neoxq import preflight
+    from neoxq.core.gguf_info import read_info
+
     info = read_info(model)
     need = preflight.llama_bytes(info, ctx or info.context_length or 2048, batch)
     preflight.check(f"loading {info.path.name}", need, "pass a smaller --ctx or use a smaller quantized file")
-    return NeoxModel(model, opts, info=info)
+    return info
 
 
 def run(
@@ -193,7 +199,7 @@ def serve(
     from neoxq.runtime.serve import serve as do_serve
 
     o = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
-    _open(model, ctx, threads, gpu_layers, flash_attn=flash_attn, device=device).close()  # preflight and load check, one line on failure
+    _preflight(model, ctx)  # the server loads the model itself; a load failure there is one line too
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
     info(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops it)")
