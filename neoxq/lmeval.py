@@ -91,7 +91,7 @@ class NeoxqLM(TemplateLM):
             n = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             ids = self.tok_encode(context)[-(self.max_length - n):]
             opts = SamplingOptions(max_tokens=n, temperature=0.0, top_k=1, repeat_penalty=1.0, stop=until)
-            text = "".join(generate(self.model, self.tok_decode(ids), opts))
+            text = "".join(generate(self.model, ids, opts))  # the truncated tokens as they are, as HFLM does
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

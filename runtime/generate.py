@@ -41,9 +41,10 @@ class GenerationStats:
                 f"generation: {self.generated_tokens} tokens, {self.generation_tps:.1f} tok/s")
 
 
-def generate(model: NeoxModel, prompt: str, opts: SamplingOptions, stats: GenerationStats | None = None) -> Iterator[str]:
-    """Yield text pieces as they are sampled; fill `stats` with prompt/generation speed."""
-    ids = model.tokenize(prompt)
+def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None) -> Iterator[str]:
+    """Yield text pieces as they are sampled from `prompt` (text, or token ids as they are); fill
+    `stats` with prompt/generation speed."""
+    ids = model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(ids)
     if opts.seed is not None:
