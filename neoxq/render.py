@@ -8,32 +8,79 @@ from pathlib import Path
 
 COLUMNS = [
     ("type", "type", "{}"), ("size MB", "size_bytes", "{:.2f}"), ("bpw", "bpw", "{:.2f}"),
-    ("ppl", "ppl", "{:.3f}"), ("± se", "ppl_se", "{:.3f}"), ("Δppl %", "dppl_pct", "{:+.2f}"),
-    ("KLD mean", "kld_mean", "{:.5f}"), ("KLD p99", "kld_p99", "{:.4f}"), ("top-1 %", "top1", "{:.2f}"),
-    ("pp tok/s", "pp_tps", "{:.0f}"), ("tg tok/s", "tg_tps", "{:.1f}"),
+    ("ppl", "ppl", "{:.3f}"), ("Δppl % ± se", "dppl_pct", "{:+.2f}"),
+    ("KLD mean ± se", "kld_mean", "{:.5f}"), ("KLD p99", "kld_p99", "{:.4f}"), ("top-1 %", "top1", "{:.2f}"),
+    ("vs stock: KLD ratio [95 %]", "vs_stock", ""), ("pp tok/s", "pp_tps", "{:.0f}"), ("tg tok/s", "tg_tps", "{:.1f}"),
 ]
+# The ± beside a value: its standard error from per-window means (see neoxq.core.stats).
+WITH_SE = {"dppl_pct": ("dppl_pct_se_window", "{:.2f}"), "kld_mean": ("kld_mean_se_window", "{:.5f}")}
+
+
+def _vs_stock(v: dict) -> str:
+    k = v["kld"]
+    return f"{k['ratio']:.3f}× [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}] {k['verdict']}"
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     v = row.get(key)
     if v is None:
         return "-"
+    if key == "vs_stock":
+        return _vs_stock(v)
     if key in ("pp_tps", "tg_tps") and not row.get("speed", {}).get("reliable", True):
         return "busy"
     if key == "size_bytes":
         v = v / 1e6
     if key == "top1":
         v = 100 * v
-    return fmt.format(v)
+    text = fmt.format(v)
+    se_key, se_fmt = WITH_SE.get(key, (None, None))
+    if se_key and row.get(se_key) is not None:
+        text += " ± " + se_fmt.format(row[se_key])
+    return text
+
+
+def _columns(report: dict) -> list:
+    """The vs-stock column only when some row has a stock row to compare with."""
+    has_vs = any("vs_stock" in r for r in report["results"])
+    return [c for c in COLUMNS if c[1] != "vs_stock" or has_vs]
 
 
 def table(report: dict) -> str:
     """A fixed-width table for the terminal."""
-    rows = [[h for h, _, _ in COLUMNS]] + [[_cell(r, k, f) for _, k, f in COLUMNS] for r in report["results"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    cols = _columns(report)
+    rows = [[h for h, _, _ in cols]] + [[_cell(r, k, f) for _, k, f in cols] for r in report["results"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _se_note(report: dict) -> str:
+    """One line: which error is which, and how far apart they are on this text."""
+    f = [r["kld_mean_se_window"] / r["kld_mean_se"] for r in report["results"]
+         if r.get("kld_mean_se") and r.get("kld_mean_se_window") is not None]
+    spread = f" (here {min(f):.1f}–{max(f):.1f}× the per-token ones)" if f else ""
+    return ("± is the standard error from the means of the scored windows: the tokens of one window share their "
+            "context, so their errors are correlated and llama-perplexity's per-token errors (`se` in report.json, "
+            f"every token taken as independent) are too small; the window errors are larger{spread}. The vs-stock "
+            "column is a paired test on the same tokens: the ratio of mean KLDs with its 95 % interval.")
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "↵").replace("`", "'")
+
+
+def _most_hurt_md(mh: dict | None) -> list[str]:
+    if not mh:
+        return []
+    out = ["", f"## The {len(mh['tokens'])} tokens {mh['type']} hurt most", "",
+           "| # | KLD | context → target | p ref. | p model | ref. top | model top |", "|---:|---:|---|---:|---:|---|---|"]
+    for i, t in enumerate(mh["tokens"], 1):
+        out.append(f"| {i} | {t['kld']:.3f} | …{_md_escape(t['context'])} → **{_md_escape(t['target'])}** | "
+                   f"{t['p_reference']:.3f} | {t['p_model']:.3f} | `{_md_escape(t['reference_top'] or '')}` | "
+                   f"`{_md_escape(t['model_top'] or '')}` |")
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -51,9 +98,11 @@ def markdown(report: dict) -> str:
     v = report["versions"]
     out.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     out.append(f"- Machine: {report['machine']['processor']}, {report['machine']['cores']} threads, {report['machine']['platform']}")
-    out += ["", "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    cols = _columns(report)
+    out += ["", "| " + " | ".join(h for h, _, _ in cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in report["results"]:
-        out.append("| " + " | ".join(_cell(r, k, f) for _, k, f in COLUMNS) + " |")
+        out.append("| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |")
+    out += ["", _se_note(report)]
     task_cols = sorted({(t, k) for r in report["results"] for t, ms in r.get("tasks", {}).items() for k in ms})
     if task_cols:
         out += ["", "| type | " + " | ".join(f"{t}: {k}" for t, k in task_cols) + " |", "|---|" + "---:|" * len(task_cols)]
@@ -64,13 +113,44 @@ def markdown(report: dict) -> str:
         out += ["", "Speed columns marked *busy* were measured while the machine was busy ("
                 + "; ".join(sorted({r["speed"]["why"] for r in busy})) + "); their figures are in report.json "
                 "but are not reliable."]
-    out += ["", "Columns: size and bits/weight of the file; perplexity ± standard error on the text; Δppl relative to "
-            "the fp32 reference; KL divergence of the token distributions from the reference (mean and 99th "
+    out += ["", "Columns: size and bits/weight of the file; perplexity on the text; Δppl relative to the "
+            "reference (paired, same tokens); KL divergence of the token distributions from the reference (mean and 99th "
             "percentile); how often the most likely token agrees with the reference; prompt and generation "
             "speed (tokens/s) on this machine, the median of 3 runs after a warm-up.", ""]
     if report.get("plot"):
         out.append(f"![size vs quality]({report['plot']})")
+    if report.get("cdf_plot"):
+        out += ["", f"![KLD distributions]({report['cdf_plot']})"]
+    out += _most_hurt_md(report.get("most_hurt"))
     return "\n".join(out) + "\n"
+
+
+def kld_text(st: dict) -> str:
+    """The statistics as llama-perplexity --kl-divergence prints them; [± …] is the per-window error."""
+    def est(e, scale=1.0, fmt="{:10.6f}"):
+        return (f"{fmt.format(scale * e['value'])} ± {fmt.format(scale * e['se']).strip()}"
+                f"  [± {fmt.format(scale * e['se_window']).strip()} per window]")
+
+    k, dp = st["kld"], st["dp"]
+    lines = ["====== Perplexity statistics ======",
+             f"Mean PPL(Q)                   : {est(st['ppl'])}",
+             f"Mean PPL(base)                : {est(st['ppl_base'])}",
+             f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * st['cor_ln_ppl']:6.2f}%  [{100 * st['cor_ln_ppl_window']:.2f}% of window means]",
+             f"Mean ln(PPL(Q)/PPL(base))     : {est(st['ln_ppl_ratio'])}",
+             f"Mean PPL(Q)/PPL(base)         : {est(st['ppl_ratio'])}",
+             f"Mean PPL(Q)-PPL(base)         : {est(st['ppl_diff'])}", "",
+             "====== KL divergence statistics ======", f"Mean    KLD: {est(k)}", f"Maximum KLD: {k['max']:10.6f}"]
+    lines += [f"{q:<5}   KLD: {k['p' + q[:-1]]:10.6f}" for q in ("99.9%", "99%", "95%", "90%")]
+    lines += [f"Median  KLD: {k['median']:10.6f}"] + [f"{q:<5}   KLD: {k['p' + q[:-1]]:10.6f}" for q in ("10%", "5%", "1%", "0.1%")]
+    lines += [f"Minimum KLD: {k['min']:10.6f}", "", "====== Token probability statistics ======",
+              f"Mean    Δp: {est(dp, 100, '{:6.3f}')} %", f"Maximum Δp: {100 * dp['max']:6.3f}%"]
+    lines += [f"{q:<5}   Δp: {100 * dp['p' + q[:-1]]:6.3f}%" for q in ("99.9%", "99%", "95%", "90%", "75%")]
+    lines += [f"Median  Δp: {100 * dp['median']:6.3f}%"]
+    lines += [f"{q:<5}   Δp: {100 * dp['p' + q[:-1]]:6.3f}%" for q in ("25%", "10%", "5%", "1%", "0.1%")]
+    lines += [f"Minimum Δp: {100 * dp['min']:6.3f}%", f"RMS Δp    : {est(st['rms_dp'], 100, '{:6.3f}')} %",
+              f"Same top p: {est(st['same_top'], 100, '{:6.3f}')} %",
+              f"({st['tokens']} tokens in {st['windows']} windows; ± per token as llama-perplexity, [± per window] from window means)"]
+    return "\n".join(lines)
 
 
 def has_matplotlib() -> bool:
@@ -79,8 +159,21 @@ def has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped as they are drawn: stock types, and each kind of variant (-mix, -opt, -opt-mix)."""
+    from neoxq.compare import VARIANT_SUFFIXES, stock_of
+
+    names = {"": "stock", "-mix": "measured mix", "-opt": "optimised rounding", "-opt-mix": "optimised + mix"}
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        suffix = next((s for s in VARIANT_SUFFIXES if stock_of(r["type"]) and r["type"].endswith(s)), "")
+        out.setdefault(names[suffix], []).append(r)
+    return out
+
+
 def plot(report: dict, path: Path) -> Path | None:
-    """Size vs Δppl and vs KLD, each type labelled. Needs matplotlib (installed with neoxq[convert])."""
+    """Size vs Δppl and vs KLD, each type labelled, with 95 % error bars (per-window errors).
+    Needs matplotlib (installed with neoxq[convert])."""
     try:
         import matplotlib
 
@@ -89,44 +182,84 @@ def plot(report: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     rows = [r for r in report["results"] if r.get("kld_mean") is not None]
+    series = _series(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = {"stock": [r for r in rows if not r["type"].endswith("-mix")], "measured mix": [r for r in rows if r["type"].endswith("-mix")]}
-    for ax, key, label in ((axes[0], "dppl_pct", "Δ perplexity vs fp32 (%)"), (axes[1], "kld_mean", "mean KL divergence vs fp32")):
-        for (name, rs), style in zip(series.items(), ("o-", "s--")):
+    for ax, key, label in ((axes[0], "dppl_pct", "Δ perplexity vs reference (%)"), (axes[1], "kld_mean", "mean KL divergence vs reference")):
+        for (name, rs), style in zip(series.items(), ("o-", "s--", "^-.", "d:")):
             rs = sorted(rs, key=lambda r: r["size_bytes"])
-            if not rs:
-                continue
             xs = [r["size_bytes"] / 1e6 for r in rs]
             ys = [max(r[key], 1e-6) if key == "kld_mean" else r[key] for r in rs]
-            ax.plot(xs, ys, style, label=name)
+            err = [1.96 * (r.get(WITH_SE[key][0]) or 0.0) for r in rs]
+            if key == "kld_mean":  # a log axis: clip the lower bar above 0
+                err = [[min(e, 0.999 * y) for e, y in zip(err, ys)], err]
+            ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=name)
             for x, y, r in zip(xs, ys, rs):
                 ax.annotate(r["type"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if key == "kld_mean":
             ax.set_yscale("log")
-        if series["measured mix"]:
+        if len(series) > 1:
             ax.legend(fontsize=8)
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{report['source']['name']}: size vs quality ({report['text']['tokens_scored']} tokens, ctx {report['text']['ctx']})")
+    fig.suptitle(f"{report['source']['name']}: size vs quality ({report['text']['tokens_scored']} tokens, ctx {report['text']['ctx']}; "
+                 "bars: 95 % from per-window errors)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
 
+def cdf_plot(report: dict, folder: Path, path: Path) -> Path | None:
+    """Each row's per-token KLD distribution as a CDF on a log axis, from its per-token file."""
+    import numpy as np
+
+    from neoxq.core.scores_io import load_scores
+
+    rows = [r for r in report["results"] if r.get("tokens")]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in sorted(rows, key=lambda r: -r["kld_mean"]):
+        kl = np.sort(np.maximum(load_scores(folder / r["tokens"]["file"]).kld, 1e-9))
+        ax.plot(kl, np.arange(1, len(kl) + 1) / len(kl), "--" if stock_of_row(r) else "-", label=r["type"], lw=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("per-token KL divergence vs reference (log; values below 1e-9 drawn at 1e-9)")
+    ax.set_ylabel("share of scored tokens ≤ x")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.suptitle(f"{report['source']['name']}: KLD distribution per file ({report['text']['tokens_scored']} tokens)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def stock_of_row(row: dict) -> str | None:
+    from neoxq.compare import stock_of
+
+    return stock_of(row["type"])
+
+
 def render(report_json: Path) -> tuple[Path, Path | None]:
-    """report.json → report.md (+ report.png beside it)."""
-    report = json.loads(Path(report_json).read_text())
-    folder = Path(report_json).parent
+    """report.json → report.md (+ report.png and report-kld-cdf.png beside it)."""
     from neoxq.core.atomic import atomic_output
 
-    png = folder / "report.png"
+    report = json.loads(Path(report_json).read_text())
+    folder = Path(report_json).parent
+    png, cdf = folder / "report.png", folder / "report-kld-cdf.png"
     made = has_matplotlib()
+    report["plot"] = report["cdf_plot"] = None
     if made:
         with atomic_output(png, force=True) as tmp:
             plot(report, tmp)
-    report["plot"] = png.name if made else None
+        report["plot"] = png.name
+        if any(r.get("tokens") for r in report["results"]):
+            with atomic_output(cdf, force=True) as tmp:
+                report["cdf_plot"] = cdf.name if cdf_plot(report, folder, tmp) else None
     md = folder / "report.md"
     with atomic_output(md, force=True) as tmp:
         tmp.write_text(markdown(report))
@@ -153,17 +286,21 @@ def sweep_markdown(data: dict) -> str:
     if dups:
         out += ["Duplicates: " + ", ".join(f"`{r['revision']}` = `{r['duplicate_of']}`" for r in dups), ""]
     for qtype, points in _sweep_series(data).items():
-        out += [f"## {qtype}", "", "| step | revision | ref. ppl | KLD mean | Δppl % | top-1 % |", "|---:|---|---:|---:|---:|---:|"]
+        out += [f"## {qtype}", "", "| step | revision | ref. ppl | KLD mean ± se | Δppl % ± se | top-1 % |", "|---:|---|---:|---:|---:|---:|"]
         for step, row, rev in points:
             ref = rev["reference"] or {}
             dup = f" (= {rev['duplicate_of']})" if rev["duplicate_of"] else ""
-            out.append(f"| {step} | {rev['revision']}{dup} | {ref.get('ppl', 0):.3f} | {row['kld_mean']:.5f} | {row['dppl_pct']:+.2f} | {100 * row['top1']:.2f} |")
+            out.append(f"| {step} | {rev['revision']}{dup} | {ref.get('ppl', 0):.3f} | {_cell(row, 'kld_mean', '{:.5f}')} | "
+                       f"{_cell(row, 'dppl_pct', '{:+.2f}')} | {100 * row['top1']:.2f} |")
         out.append("")
+    out.append("± is the standard error from per-window means (the tokens of one window are correlated); "
+               "sweep.png draws 95 % bands from it.")
     return "\n".join(out) + "\n"
 
 
 def sweep_plot(data: dict, path: Path) -> None:
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -172,8 +309,12 @@ def sweep_plot(data: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for qtype, points in series.items():
         xs = [max(s, 1) for s, _, _ in points]  # step 0 drawn at 1 on the log axis
-        axes[0].plot(xs, [max(r["kld_mean"], 1e-7) for _, r, _ in points], "o-", label=qtype)
-        axes[1].plot(xs, [r["dppl_pct"] for _, r, _ in points], "o-", label=qtype)
+        for ax, key, floor in ((axes[0], "kld_mean", 1e-7), (axes[1], "dppl_pct", None)):
+            ys = np.array([r[key] if floor is None else max(r[key], floor) for _, r, _ in points])
+            err = np.array([1.96 * (r.get(WITH_SE[key][0]) or 0.0) for _, r, _ in points])
+            line, = ax.plot(xs, ys, "o-", label=qtype)
+            lo = ys - err if floor is None else np.maximum(ys - err, floor)
+            ax.fill_between(xs, lo, ys + err, color=line.get_color(), alpha=0.2, lw=0)
     first = next(iter(series.values()), [])
     axes[2].plot([max(s, 1) for s, _, _ in first], [rev["reference"]["ppl"] for _, _, rev in first], "o-", color="k")
     for ax, label in zip(axes, ("mean KL divergence vs fp32", "Δ perplexity vs fp32 (%)", "fp32 reference perplexity")):

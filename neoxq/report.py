@@ -20,6 +20,7 @@ from neoxq.core.qtypes import QuantType
 from neoxq.core.textfile import read_text, text_sha256
 
 DEFAULT_TYPES = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K"
+TOKENS_DIR = "tokens"  # per-token scores, one .npz per row (neoxq.core.scores_io)
 CALIBRATION_SHARE = 0.25  # --imatrix auto: this leading share of the text calibrates, the rest is scored
 
 
@@ -99,8 +100,10 @@ def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
 
 
 def _score(run: _Run, built, reference, cache: Path) -> dict:
-    """One type's row: reused from results/<TYPE>.json when file, text, ctx and reference match."""
+    """One type's row: reused from results/<TYPE>.json when file, text, ctx and reference match and
+    its per-token file (tokens/<TYPE>.npz) is the one it names."""
     from neoxq.core.gguf_info import read_info
+    from neoxq.core.scores_io import save_scores
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.score import kld
     from neoxq.runtime.speed import measure
@@ -108,20 +111,22 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
     st = built.path.stat()
     stamp = f"{st.st_size}:{st.st_mtime_ns}:{text_sha256(run.scored)}:{run.opts.ctx}:{reference.identity()}:{run.opts.tasks}"
     res_file = run.out / "results" / f"{built.label}.json"
-    try:
-        cached = json.loads(res_file.read_text())
-        if cached.get("_stamp") == stamp:
-            return cached
-    except (OSError, json.JSONDecodeError):
-        pass
+    cached = _cached_row(run, res_file, stamp)
+    if cached:
+        return cached
     info = read_info(built.path)
     with NeoxModel(built.path, RuntimeOptions(n_ctx=run.opts.ctx, n_batch=run.opts.ctx), info=info) as m:
         k = kld(m, reference, run.scored, run.opts.ctx, cache_dir=cache)
         speed = measure(m, m.tokenize(run.scored[:20000]), run.opts.speed_prompt, run.opts.speed_tokens)
+    tokens = save_scores(run.out / TOKENS_DIR / f"{built.label}.npz", k.tokens)
+    s = k.stats
     row = {"type": built.label, "file": built.path.name, "size_bytes": st.st_size, "bpw": round(info.bpw, 4),
-           "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "kld_mean": k.kld_mean,
-           "kld_mean_se": k.kld_mean_se, "kld_median": k.kld_median, "kld_p99": k.kld_p99, "kld_max": k.kld_max,
-           "top1": k.top1, "rms_dp": k.rms_dp, "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
+           "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "dppl_pct_se": 100 * s["ppl_ratio"]["se"],
+           "dppl_pct_se_window": 100 * s["ppl_ratio"]["se_window"], "kld_mean": k.kld_mean, "kld_mean_se": k.kld_mean_se,
+           "kld_mean_se_window": s["kld"]["se_window"], "kld_median": k.kld_median, "kld_p99": k.kld_p99,
+           "kld_max": k.kld_max, "top1": k.top1, "top1_se": k.top1_se, "rms_dp": k.rms_dp, "stats": s,
+           "tokens": {**tokens, "file": f"{TOKENS_DIR}/{tokens['file']}"},
+           "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
            ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
            "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info), **_tasks_json(run, built.path),
            "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_stamp": stamp}
@@ -129,6 +134,15 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
     with atomic_output(res_file, force=True) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
     return row
+
+
+def _cached_row(run: _Run, res_file: Path, stamp: str) -> dict | None:
+    try:
+        cached = json.loads(res_file.read_text())
+        ok = cached.get("_stamp") == stamp and file_sha256(run.out / cached["tokens"]["file"]) == cached["tokens"]["sha256"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+    return cached if ok else None
 
 
 def _tasks_json(run: _Run, path: Path) -> dict:
@@ -178,6 +192,7 @@ def _plan_json(reference) -> dict:
 
 def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
     """Run (or resume) the whole pipeline; return the path of report.json."""
+    from neoxq.compare import compare_rows
     from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
     from neoxq.render import render
 
@@ -203,12 +218,33 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
         for built in files:
             rows.append(_score(run, built, reference, out / "cache"))
             bar.update(1, note=f"{built.label} scored")
+        compare_rows(rows, out)
+        report = _assemble(run, rows, im_info, reference)
+        report["most_hurt"] = _most_hurt(run, rows, files, base.path)
         rj = out / "report.json"
         with atomic_output(rj, force=True) as tmp:
-            tmp.write_text(json.dumps(_assemble(run, rows, im_info, reference), indent=1))
+            tmp.write_text(json.dumps(report, indent=1))
         render(rj)
         bar.update(1, note="rendered")
     return rj
+
+
+def _most_hurt(run: _Run, rows: list[dict], files: list, base: Path, n: int = 20) -> dict | None:
+    """The n tokens the worst quantized file (largest mean KLD) got most wrong, with their context
+    in the scored text (decoded by the file's own vocabulary)."""
+    from neoxq.compare import most_hurt
+    from neoxq.core.scores_io import load_scores
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.score import Windows
+
+    quantized = [(r, f) for r, f in zip(rows, files) if not f.qtype.is_float]
+    if not quantized:
+        return None
+    worst = max(quantized, key=lambda rf: rf[0]["kld_mean"])[0]
+    scores = load_scores(run.out / worst["tokens"]["file"])
+    with NeoxModel(base, RuntimeOptions(n_ctx=run.opts.ctx, vocab_only=True)) as m:
+        w = Windows(m.tokenize(run.scored), run.opts.ctx)
+        return {"type": worst["type"], "tokens": most_hurt(scores, w, m.detokenize, n)}
 
 
 def _reference_first(run: _Run, reference, base: Path) -> None:

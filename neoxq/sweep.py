@@ -22,7 +22,8 @@ from neoxq.core.errors import UsageError
 from neoxq.core.progress import Progress
 from neoxq.core.textfile import read_text, text_sha256
 
-ROW_KEYS = ("type", "size_bytes", "bpw", "ppl", "ppl_se", "dppl_pct", "kld_mean", "kld_p99", "top1")
+ROW_KEYS = ("type", "size_bytes", "bpw", "ppl", "ppl_se", "dppl_pct", "dppl_pct_se", "dppl_pct_se_window", "kld_mean",
+            "kld_mean_se", "kld_mean_se_window", "kld_p99", "top1", "top1_se", "vs_stock")
 
 
 @dataclass

@@ -159,7 +159,7 @@ class KLDProbe:
             raise UsageError(f"llama.cpp could not write a probe file ({capi.error_text(errors)}); free disk space in {self.tmp.parent}")
         try:
             with NeoxModel(out, self.opts, info=read_info(out)) as m:
-                kl, _, _ = kld_scores(m, self.tables, self.windows)
+                kl = kld_scores(m, self.tables, self.windows).kld
             return float(kl.mean())
         finally:
             out.unlink(missing_ok=True)

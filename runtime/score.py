@@ -11,13 +11,14 @@ target's logit per position; KLD also needs the reference's top tokens (see refe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
 
 from neoxq.core.errors import UsageError
 from neoxq.core.progress import Progress
+from neoxq.core.stats import TokenScores, summarize
 from neoxq.core.textfile import text_sha256
 
 from .model import NeoxModel
@@ -272,9 +273,11 @@ class KLDResult:
     text_sha256: str
     model: str
     reference: str
+    stats: dict  # everything llama-perplexity --kl-divergence prints, with per-window errors (core.stats)
+    tokens: TokenScores | None = field(default=None, repr=False, compare=False)  # the per-token values
 
     def as_json(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "tokens"}
 
 
 def kld(model: NeoxModel, reference: Reference, text: str, ctx: int = 512, cache_dir=None) -> KLDResult:
@@ -283,17 +286,17 @@ def kld(model: NeoxModel, reference: Reference, text: str, ctx: int = 512, cache
 
     w = Windows(model.tokenize(text), ctx)
     ref = reference_tables(reference, w, model.n_vocab, cache_dir)
-    kl, agree, lq_t = kld_scores(model, ref, w)
-    return _kld_result(kl, agree, lq_t, ref.target_lp.astype(np.float64), w, text, model, reference)
+    scores = kld_scores(model, ref, w)
+    return _kld_result(scores, w, text, model, reference)
 
 
-def kld_scores(model: NeoxModel, ref, w: Windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per scored token: KL(reference ‖ model), top-1 agreement, and the model's target log-prob.
-    The reference's top tokens are gathered in the reducer's threads and KL computed there too,
-    each thread on its share of the rows."""
-    kl = np.empty(w.tokens_scored)
-    agree = np.empty(w.tokens_scored, dtype=bool)
-    lq_t = np.empty(w.tokens_scored)
+def kld_scores(model: NeoxModel, ref, w: Windows) -> TokenScores:
+    """Per scored token: KL(reference ‖ model), top-1 agreement, the model's and the reference's
+    target log-probs and both top tokens. The reference's top tokens are gathered in the reducer's
+    threads and KL computed there too, each thread on its share of the rows."""
+    n_all = w.tokens_scored
+    kl, lq_t = np.empty(n_all), np.empty(n_all)
+    model_top = np.empty(n_all, dtype=np.int32)
     reducer = RowReducer(model.n_vocab)
     try:
         for c, row, view in window_logits(model, w):
@@ -304,23 +307,22 @@ def kld_scores(model: NeoxModel, ref, w: Windows) -> tuple[np.ndarray, np.ndarra
                 kl[at + lo:at + hi] = ref.kl_rows(slice(at + lo, at + hi), top, shift, sums)
 
             lse, _, arg = reducer(view, shift_at=top_idx[:, 0], gather=top_idx, argmax=True, after=after)
-            agree[at:at + n] = arg == top_idx[:, 0]
+            model_top[at:at + n] = arg
             lq_t[at:at + n] = view[np.arange(n), w.targets(c)[row:row + n]] - lse
     finally:
         reducer.close()
-    return kl, agree, lq_t
+    ref_top = np.asarray(ref.top_idx[:, 0], dtype=np.int32)
+    targets = np.concatenate([w.targets(c) for c in range(w.n_chunks)]).astype(np.int32)
+    return TokenScores(kld=kl, lq=lq_t, lp=np.asarray(ref.target_lp, dtype=np.float64), same_top=model_top == ref_top,
+                       per_window=w.per_window, targets=targets, model_top=model_top, ref_top=ref_top)
 
 
-def _kld_result(kl, agree, lq_t, lp_t, w: Windows, text: str, model, reference) -> KLDResult:
-    ppl, ppl_se = ppl_with_se(-lq_t)
-    ppl_ref, ppl_ref_se = ppl_with_se(-lp_t)
-    n = len(kl)
-    top1 = float(agree.mean())
-    dp = np.exp(lq_t) - np.exp(lp_t)
+def _kld_result(s: TokenScores, w: Windows, text: str, model, reference) -> KLDResult:
+    st = summarize(s)
+    ppl, ref = st["ppl"], st["ppl_base"]
     return KLDResult(
-        kld_mean=float(kl.mean()), kld_mean_se=float(kl.std(ddof=1) / math.sqrt(n)),
-        kld_median=float(np.median(kl)), kld_p99=float(np.percentile(kl, 99)), kld_max=float(kl.max()),
-        top1=top1, top1_se=math.sqrt(top1 * (1 - top1) / n), rms_dp=float(np.sqrt((dp ** 2).mean())),
-        ppl=ppl, ppl_se=ppl_se, ppl_ref=ppl_ref, ppl_ref_se=ppl_ref_se, dppl=ppl - ppl_ref,
-        dppl_pct=100 * (ppl - ppl_ref) / ppl_ref, tokens_scored=n, ctx=w.ctx, text_sha256=text_sha256(text),
-        model=str(model.info.path), reference=reference.description)
+        kld_mean=st["kld"]["value"], kld_mean_se=st["kld"]["se"], kld_median=st["kld"]["median"],
+        kld_p99=st["kld"]["p99"], kld_max=st["kld"]["max"], top1=st["same_top"]["value"], top1_se=st["same_top"]["se"],
+        rms_dp=st["rms_dp"]["value"], ppl=ppl["value"], ppl_se=ppl["se"], ppl_ref=ref["value"], ppl_ref_se=ref["se"],
+        dppl=st["ppl_diff"]["value"], dppl_pct=100 * st["ppl_diff"]["value"] / ref["value"], tokens_scored=s.n, ctx=w.ctx,
+        text_sha256=text_sha256(text), model=str(model.info.path), reference=reference.description, stats=st, tokens=s)

@@ -103,7 +103,7 @@ with NeoxModel(path, RuntimeOptions(n_ctx=ctx, n_batch=ctx)) as m:
         print(json.dumps({"seconds": secs, "tokens": w.tokens_scored, "ppl": ppl_with_se(nll)[0]}))
     else:
         tables = reference_tables(GGUFReference(sys.argv[5]), w, m.n_vocab, sys.argv[6])  # built before timing
-        t0 = time.perf_counter(); kl, _, _ = kld_scores(m, tables, w); secs = time.perf_counter() - t0
+        t0 = time.perf_counter(); kl = kld_scores(m, tables, w).kld; secs = time.perf_counter() - t0
         print(json.dumps({"seconds": secs, "tokens": w.tokens_scored, "kld": float(kl.mean())}))
 """
 

@@ -175,9 +175,39 @@ def kld(
     if as_json:
         print(json.dumps(r.as_json(), indent=1))
         return
-    print(f"KLD mean {r.kld_mean:.6f} ± {r.kld_mean_se:.6f}  median {r.kld_median:.6f}  p99 {r.kld_p99:.6f}  max {r.kld_max:.6f}")
-    print(f"top-1 agreement {100 * r.top1:.2f}% ± {100 * r.top1_se:.2f}%  RMS Δp {100 * r.rms_dp:.3f}%")
-    print(f"ppl {r.ppl:.4f} ± {r.ppl_se:.4f} vs reference {r.ppl_ref:.4f} ± {r.ppl_ref_se:.4f}  Δppl {r.dppl:+.4f} ({r.dppl_pct:+.2f}%)  [{r.tokens_scored} tokens]")
+    from neoxq.render import kld_text
+
+    print(kld_text(r.stats))
+
+
+def compare(
+    a: Annotated[Path, typer.Argument(help="GGUF file (or the per-token .npz a report wrote for it).")],
+    b: Annotated[Path, typer.Argument(help="GGUF file (or .npz) A is compared with.")],
+    reference: Annotated[Optional[str], typer.Option("--reference", help="F16/F32 GGUF, an HF checkpoint, or auto/hf (needed for GGUF files).")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="UTF-8 text both files are scored on (needed for GGUF files).")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
+    revision: Revision = None,
+    max_memory: MaxMemory = None,
+    cache_dir: CacheDir = None,
+    as_json: Json = False,
+    threads: Threads = None, gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto", device: Device = "auto",
+    quiet: Quiet = False,
+):
+    """Is A better than B? A paired test on the same tokens: the ratio of mean KLDs and of
+    perplexities, each with a 95 % interval from per-window errors, and a verdict."""
+    from neoxq.compare import compare_files
+
+    r = compare_files(a, b, reference, text, ctx, cache_dir, runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
+                      revision=revision, max_memory=max_memory)
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    k, p = r["kld"], r["ppl"]
+    print(f"{r['tokens']} tokens in {r['windows']} windows; A = {a.name}, B = {b.name}")
+    print(f"KLD  A/B {k['ratio']:.4f}×  95 % [{k['ci95'][0]:.4f}, {k['ci95'][1]:.4f}]  A is {k['verdict']}  "
+          f"(A {k['a']:.6f}, B {k['b']:.6f}; A lower on {100 * r['share_of_tokens_a_lower']:.1f} % of tokens)")
+    print(f"PPL  A/B {p['ratio']:.5f}×  95 % [{p['ci95'][0]:.5f}, {p['ci95'][1]:.5f}]  A is {p['verdict']}")
 
 
 def preflight_bytes(m) -> int:
