@@ -67,6 +67,21 @@ def _se_note(report: dict) -> str:
             "column is a paired test on the same tokens: the ratio of mean KLDs with its 95 % interval.")
 
 
+TAIL_NOTE_ABOVE = 0.01  # mean mass outside the reference tables' top tokens above which report.md warns
+
+
+def _tail_note(report: dict) -> list[str]:
+    tails = [r["stats"]["reference_tables"] for r in report["results"] if "reference_tables" in r.get("stats", {})]
+    if not tails or max(t["mass_outside_mean"] for t in tails) <= TAIL_NOTE_ABOVE:
+        return []
+    t = max(tails, key=lambda t: t["mass_outside_mean"])
+    return ["", f"Note: the reference's top {t['top_k']} tokens per position leave {100 * t['mass_outside_mean']:.1f} % of its "
+            "probability outside them on this text (a broad model); the KLD merges that rest into one outcome and reads low "
+            "(−6 to −13 % at 11 % outside, measured by scripts/bench_stats.py). Ratios between files on the same tokens are "
+            "affected far less. For exact values set NEOXQ_REFERENCE_TOP_K to the vocabulary size (tables then take "
+            "~8 bytes × vocabulary per scored token)."]
+
+
 def _md_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "↵").replace("`", "'")
 
@@ -102,7 +117,7 @@ def markdown(report: dict) -> str:
     out += ["", "| " + " | ".join(h for h, _, _ in cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
     for r in report["results"]:
         out.append("| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |")
-    out += ["", _se_note(report)]
+    out += ["", _se_note(report)] + _tail_note(report)
     task_cols = sorted({(t, k) for r in report["results"] for t, ms in r.get("tasks", {}).items() for k in ms})
     if task_cols:
         out += ["", "| type | " + " | ".join(f"{t}: {k}" for t, k in task_cols) + " |", "|---|" + "---:|" * len(task_cols)]

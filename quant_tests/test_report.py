@@ -108,3 +108,39 @@ def test_report_bad_input(trained, report_text, tmp_path):
     short.write_text("a short text that cannot fill two windows " * 3)
     assert_one_line_error(run_cli("report", trained, "--text", short, "--ctx", "128", "-o", tmp_path / "c"), "two windows")
     assert_one_line_error(run_cli("report", trained, "--text", report_text, "-o", "/proc/neoxq-report"), "report folder")
+
+
+def test_report_statistics_token_files_and_most_hurt(report):
+    """Every row carries llama-perplexity's figures with per-window errors, computed from a per-token
+    file listed with its sha256 (recomputing from that file gives the same); the worst type's most-hurt
+    tokens are listed with their context."""
+    import numpy as np
+
+    from neoxq.core.imatrix_io import file_sha256
+    from neoxq.core.scores_io import load_scores
+    from neoxq.core.stats import summarize
+
+    data, out = report
+    for r in data["results"]:
+        st = r["stats"]
+        for key in ("ppl", "ppl_base", "ln_ppl_ratio", "ppl_ratio", "ppl_diff", "kld", "dp", "rms_dp", "same_top"):
+            assert {"value", "se", "se_window"} <= set(st[key]), key
+        assert {"max", "p99.9", "p99", "p95", "p90", "median", "p10", "p5", "p1", "p0.1", "min"} <= set(st["kld"])
+        assert {"p75", "p25"} <= set(st["dp"]) and -1 <= st["cor_ln_ppl"] <= 1
+        tok = out / r["tokens"]["file"]
+        assert file_sha256(tok) == r["tokens"]["sha256"] and r["tokens"]["tokens"] == data["text"]["tokens_scored"]
+        again = summarize(load_scores(tok))
+        assert again["kld"]["value"] == pytest.approx(r["kld_mean"], rel=1e-5)
+        assert again["kld"]["se_window"] == pytest.approx(r["kld_mean_se_window"], rel=1e-4)
+        assert r["dppl_pct"] == pytest.approx(100 * (st["ppl_ratio"]["value"] - 1), rel=1e-9, abs=1e-12)
+        assert r["kld_mean_se_window"] > 0 and r["dppl_pct_se_window"] > 0
+    worst = max((r for r in data["results"] if r["type"] != "F16"), key=lambda r: r["kld_mean"])
+    mh = data["most_hurt"]
+    assert mh["type"] == worst["type"] == "Q2_K" and len(mh["tokens"]) == 20
+    kl = load_scores(out / worst["tokens"]["file"]).kld
+    assert [t["kld"] for t in mh["tokens"]] == pytest.approx(np.sort(kl)[::-1][:20].tolist(), rel=1e-6)
+    assert all(t["context"] and t["target"] and t["model_top"] is not None for t in mh["tokens"])
+    md = (out / "report.md").read_text()
+    assert "tokens Q2_K hurt most" in md and "means of the scored windows" in md
+    assert f"{worst['kld_mean']:.5f} ± {worst['kld_mean_se_window']:.5f}" in md
+    assert (out / "report-kld-cdf.png").read_bytes()[:4] == b"\x89PNG" and "report-kld-cdf.png" in md

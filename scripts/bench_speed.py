@@ -127,34 +127,11 @@ def _child_json(code: str, *args) -> dict:
     return {**json.loads(r["stdout"].strip().splitlines()[-1]), "wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"]}
 
 
-def _tools() -> Path | None:
-    d = benchlib.cache_dir() / "bin"
-    return d if (d / "llama-perplexity").is_file() and (d / "llama-quantize").is_file() else None
-
-
-def _f16(folder: Path, work: Path) -> Path:
-    out = work / f"{folder.name}-F16.gguf"
-    if not out.is_file():
-        benchlib.run_child([PY, "-m", "neoxq", "convert", folder, "-o", out, "--quiet"])
-    return out
+_tools, _f16 = benchlib.llama_tools, benchlib.convert_f16
 
 
 def _ids(f16: Path, text: Path, windows: int, work: Path) -> tuple[Path, Path]:
-    """N windows of evaluation text (a file every tool reads) and its tokens as llama.cpp makes them."""
-    import numpy as np
-
-    from neoxq.runtime.model import NeoxModel, RuntimeOptions
-
-    with NeoxModel(f16, RuntimeOptions(n_ctx=64, n_gpu_layers=0)) as m:
-        ids = m.tokenize(text.read_text(encoding="utf-8"))[: windows * CTX + 64]
-        cut = work / f"text-{windows}.txt"
-        cut.write_text(m.detokenize(ids), encoding="utf-8")
-        ids = m.tokenize(cut.read_text(encoding="utf-8"))[: windows * CTX]
-    if len(ids) < windows * CTX:
-        raise SystemExit(f"the evaluation text has only {len(ids) // CTX} windows of {CTX}")
-    out = work / f"ids-{windows}.npy"
-    np.save(out, np.asarray(ids, dtype=np.int32))
-    return out, cut
+    return benchlib.eval_windows(f16, text, windows, work, CTX)
 
 
 def bench_meta(f16: Path) -> dict:

@@ -181,8 +181,9 @@ import json, os, sys, time
 t0 = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
 _, status, usage = os.wait4(pid, 0)
-print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t0,
-                  "peak_rss_MiB": usage.ru_maxrss / 1024}), file=sys.stderr)
+# on a line of its own: a child may leave its last line unfinished (llama-perplexity's ETA)
+print("\\n" + json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": time.perf_counter() - t0,
+                         "peak_rss_MiB": usage.ru_maxrss / 1024}), file=sys.stderr)
 """
 
 
@@ -195,3 +196,41 @@ def run_child(cmd: list, env: dict | None = None, cwd=None, check: bool = True) 
     if check and out["rc"]:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n" + "\n".join(lines)[-3000:])
     return {**out, "stdout": proc.stdout, "stderr": "\n".join(lines)}
+
+
+def llama_tools() -> Path | None:
+    """The folder of llama-perplexity / llama-quantize built by scripts/build_llama_tools.sh, if built."""
+    d = cache_dir() / "bin"
+    return d if (d / "llama-perplexity").is_file() and (d / "llama-quantize").is_file() else None
+
+
+def build_llama_tools() -> Path:
+    """Build them now when missing (several minutes the first time)."""
+    if not llama_tools():
+        subprocess.run(["bash", str(Path(__file__).resolve().parent / "build_llama_tools.sh")], check=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    return llama_tools()
+
+
+def convert_f16(folder: Path, work: Path) -> Path:
+    out = work / f"{folder.name}-F16.gguf"
+    if not out.is_file():
+        run_child([sys.executable, "-m", "neoxq", "convert", folder, "-o", out, "--quiet"])
+    return out
+
+
+def eval_windows(f16: Path, text: Path, windows: int, work: Path, ctx: int = 512) -> tuple[Path, Path]:
+    """N windows of evaluation text (a file every tool reads: it tokenizes back to the same ids) and
+    its tokens as llama.cpp makes them (.npy)."""
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+
+    with NeoxModel(f16, RuntimeOptions(n_ctx=64, n_gpu_layers=0)) as m:
+        ids = m.tokenize(text.read_text(encoding="utf-8"))[: windows * ctx + 64]
+        cut = work / f"text-{windows}.txt"
+        cut.write_text(m.detokenize(ids), encoding="utf-8")
+        ids = m.tokenize(cut.read_text(encoding="utf-8"))[: windows * ctx]
+    if len(ids) < windows * ctx:
+        raise SystemExit(f"the evaluation text has only {len(ids) // ctx} windows of {ctx}")
+    out = work / f"ids-{windows}.npy"
+    np.save(out, np.asarray(ids, dtype=np.int32))
+    return out, cut
