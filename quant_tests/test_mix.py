@@ -108,3 +108,34 @@ def test_mix_cli_json_and_target_bpw(trained_f16, texts, tmp_path):
     r = json.loads(proc.stdout)
     assert r["type"] == "Q4_K_M-mix" and r["mix"]["target_bytes"] >= r["size_bytes"]
     assert {t["name"]: t["type"] for t in r["tensors"] if t["name"] in r["mix"]["types"]} == r["mix"]["types"]
+
+
+def test_mix_against_stock_paired_and_compare_cli(mix_run, trained_f16, texts, tmp_path):
+    """The paired test says the mix is better with a 95 % interval below 1; `neoxq compare` on the two
+    files gives the same, and on a file against its own copy exactly 1, [1, 1], not distinguishable."""
+    import shutil
+
+    from neoxq.core.scores_io import save_scores
+    from neoxq.core.stats import compare
+
+    stock, mix, k_stock, k_mix = mix_run["Q4_K_M"]
+    c = compare(k_mix.tokens, k_stock.tokens)
+    assert c["kld"]["verdict"] == "better" and c["kld"]["ci95"][1] < 1 and c["kld"]["ratio"] == pytest.approx(k_mix.kld_mean / k_stock.kld_mean)
+    (tmp_path / "eval.txt").write_text(texts["eval"])
+    common = ("--reference", trained_f16, "--text", tmp_path / "eval.txt", "--ctx", "128", "--json", "--cache-dir", tmp_path / "c")
+    cli = run_cli("compare", mix.path, stock.path, *common)
+    assert cli.returncode == 0, cli.stderr
+    got = json.loads(cli.stdout)
+    assert got["kld"]["ratio"] == pytest.approx(c["kld"]["ratio"], rel=1e-9) and got["kld"]["verdict"] == "better"
+    shutil.copy(stock.path, tmp_path / "copy.gguf")
+    same = json.loads(run_cli("compare", stock.path, tmp_path / "copy.gguf", *common).stdout)
+    for key in ("kld", "ppl"):
+        assert same[key]["ratio"] == 1.0 and same[key]["ci95"] == [1.0, 1.0] and same[key]["verdict"] == "not distinguishable"
+    # the per-token files a report writes stand in for rescoring
+    save_scores(tmp_path / "mix.npz", k_mix.tokens)
+    save_scores(tmp_path / "stock.npz", k_stock.tokens)
+    from_files = json.loads(run_cli("compare", tmp_path / "mix.npz", tmp_path / "stock.npz", "--json").stdout)
+    assert from_files["kld"]["ratio"] == pytest.approx(c["kld"]["ratio"], rel=1e-5) and from_files["kld"]["verdict"] == "better"
+    text = run_cli("compare", tmp_path / "mix.npz", tmp_path / "stock.npz")
+    assert text.returncode == 0 and "A is better" in text.stdout
+    assert_one_line_error(run_cli("compare", mix.path, stock.path), "--reference")

@@ -144,3 +144,18 @@ def test_scores_file_round_trip_and_bad_files(tmp_path):
     np.savez(tmp_path / "pickled.npz", kld=np.array([object()], dtype=object), per_window=np.int64(1))
     with pytest.raises(CorruptFileError):  # object arrays would need unpickling: refused
         load_scores(tmp_path / "pickled.npz")
+
+
+def test_report_rows_compared_with_their_stock_row(tmp_path):
+    from neoxq.compare import compare_rows, stock_of
+
+    assert [stock_of(t) for t in ("Q4_K_M-mix", "Q4_K_M-opt", "Q4_K_M-opt-mix", "Q4_K_M", "F16")] == ["Q4_K_M"] * 3 + [None, None]
+    stock, *_ = _scores(np.random.default_rng(7), noise=0.3)
+    mix, *_ = _scores(np.random.default_rng(7), noise=0.1)
+    rows = []
+    for label, s in (("Q4_K_M", stock), ("Q4_K_M-mix", mix), ("Q2_K-mix", mix)):
+        info = save_scores(tmp_path / "tokens" / f"{label}.npz", s)
+        rows.append({"type": label, "tokens": {**info, "file": f"tokens/{info['file']}"}})
+    compare_rows(rows, tmp_path)
+    assert "vs_stock" not in rows[0] and "vs_stock" not in rows[2]  # Q2_K has no stock row here
+    assert rows[1]["vs_stock"]["stock"] == "Q4_K_M" and rows[1]["vs_stock"]["kld"]["verdict"] == "better"

@@ -102,6 +102,10 @@ def test_sweep_json_duplicates_and_trend(local_sweep):
     ppl = [revs[f"step{s}"]["reference"]["ppl"] for s in STEPS]
     assert ppl[0] > 2 * ppl[-1]  # training really changed the model
     assert data["text"]["tokens_scored"] > 1000 and (out / "sweep.md").is_file() and (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for r in data["revisions"]:  # uncertainty per revision, drawn as bands
+        assert all(x["kld_mean_se_window"] > 0 and x["dppl_pct_se_window"] > 0 for x in r["results"])
+    row = revs["step150"]["results"][1]
+    assert f"{row['kld_mean']:.5f} ± {row['kld_mean_se_window']:.5f}" in (out / "sweep.md").read_text()
     assert not list(out.rglob("*.gguf"))  # scratch files deleted without --keep-files
 
 
