@@ -13,7 +13,7 @@ COLUMNS = [
     ("vs stock: KLD ratio [95 %]", "vs_stock", ""), ("pp tok/s", "pp_tps", "{:.0f}"), ("tg tok/s", "tg_tps", "{:.1f}"),
 ]
 # The ± beside a value: its standard error from per-window means (see neoxq.core.stats).
-WITH_SE = {"dppl_pct": ("dppl_pct_se_window", "{:.2f}"), "kld_mean": ("kld_mean_se_window", "{:.5f}")}
+WITH_SE = {"dppl_pct": ("dppl_pct_se_window",), "kld_mean": ("kld_mean_se_window",)}
 
 
 def _vs_stock(v: dict) -> str:
@@ -33,11 +33,21 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         v = v / 1e6
     if key == "top1":
         v = 100 * v
-    text = fmt.format(v)
-    se_key, se_fmt = WITH_SE.get(key, (None, None))
+    se_key = WITH_SE.get(key, (None,))[0]
     if se_key and row.get(se_key) is not None:
-        text += " ± " + se_fmt.format(row[se_key])
-    return text
+        return value_pm(v, row[se_key], signed=key == "dppl_pct")
+    return fmt.format(v)
+
+
+def value_pm(value: float, se: float, signed: bool = False, max_decimals: int = 7) -> str:
+    """`value ± se` with the error to two significant digits and the value to the same place."""
+    import math
+
+    sign = "+" if signed else ""
+    d = 2 if se <= 0 or not math.isfinite(se) else max(1 - math.floor(math.log10(se)), 2)
+    if d > max_decimals:  # too small for fixed decimals (an F16 file's KLD)
+        return f"{value:{sign}.2e} ± {se:.1e}"
+    return f"{value:{sign}.{d}f} ± {se:.{d}f}"
 
 
 def _columns(report: dict) -> list:
@@ -63,8 +73,10 @@ def _se_note(report: dict) -> str:
     spread = f" (here {min(f):.1f}–{max(f):.1f}× the per-token ones)" if f else ""
     return ("± is the standard error from the means of the scored windows: the tokens of one window share their "
             "context, so their errors are correlated and llama-perplexity's per-token errors (`se` in report.json, "
-            f"every token taken as independent) are too small; the window errors are larger{spread}. The vs-stock "
-            "column is a paired test on the same tokens: the ratio of mean KLDs with its 95 % interval.")
+            f"every token taken as independent) are too small; the window errors are larger{spread}."
+            + (" The vs-stock column is a paired test on the same tokens: the ratio of mean KLDs with its 95 % interval "
+               "(per-window errors) and whether the file is better, worse or not distinguishable."
+               if any("vs_stock" in r for r in report["results"]) else ""))
 
 
 TAIL_NOTE_ABOVE = 0.01  # mean mass outside the reference tables' top tokens above which report.md warns

@@ -119,6 +119,7 @@ def test_report_statistics_token_files_and_most_hurt(report):
     from neoxq.core.imatrix_io import file_sha256
     from neoxq.core.scores_io import load_scores
     from neoxq.core.stats import summarize
+    from neoxq.render import value_pm
 
     data, out = report
     for r in data["results"]:
@@ -142,5 +143,5 @@ def test_report_statistics_token_files_and_most_hurt(report):
     assert all(t["context"] and t["target"] and t["model_top"] is not None for t in mh["tokens"])
     md = (out / "report.md").read_text()
     assert "tokens Q2_K hurt most" in md and "means of the scored windows" in md
-    assert f"{worst['kld_mean']:.5f} ± {worst['kld_mean_se_window']:.5f}" in md
+    assert value_pm(worst['kld_mean'], worst['kld_mean_se_window']) in md
     assert (out / "report-kld-cdf.png").read_bytes()[:4] == b"\x89PNG" and "report-kld-cdf.png" in md

@@ -105,7 +105,9 @@ def test_sweep_json_duplicates_and_trend(local_sweep):
     for r in data["revisions"]:  # uncertainty per revision, drawn as bands
         assert all(x["kld_mean_se_window"] > 0 and x["dppl_pct_se_window"] > 0 for x in r["results"])
     row = revs["step150"]["results"][1]
-    assert f"{row['kld_mean']:.5f} ± {row['kld_mean_se_window']:.5f}" in (out / "sweep.md").read_text()
+    from neoxq.render import value_pm
+
+    assert value_pm(row['kld_mean'], row['kld_mean_se_window']) in (out / "sweep.md").read_text()
     assert not list(out.rglob("*.gguf"))  # scratch files deleted without --keep-files
 
 
