@@ -159,3 +159,24 @@ def test_report_rows_compared_with_their_stock_row(tmp_path):
     compare_rows(rows, tmp_path)
     assert "vs_stock" not in rows[0] and "vs_stock" not in rows[2]  # Q2_K has no stock row here
     assert rows[1]["vs_stock"]["stock"] == "Q4_K_M" and rows[1]["vs_stock"]["kld"]["verdict"] == "better"
+
+
+def test_markdown_shows_uncertainty_and_the_vs_stock_column(tmp_path):
+    from neoxq.core.stats import compare as paired
+    from neoxq.render import kld_text, markdown, value_pm
+
+    stock, *_ = _scores(np.random.default_rng(8), noise=0.3)
+    mix, *_ = _scores(np.random.default_rng(8), noise=0.1)
+    row = lambda t, s: {"type": t, "size_bytes": 1e6, "bpw": 4.5, "ppl": 10.0, "dppl_pct": 1.234, "dppl_pct_se_window": 0.0567,  # noqa: E731
+                        "kld_mean": float(s.kld.mean()), "kld_mean_se": 1e-3, "kld_mean_se_window": 2e-3, "kld_p99": 0.1,
+                        "top1": 0.9, "pp_tps": 1.0, "tg_tps": 1.0, "stats": summarize(s)}
+    rows = [row("Q4_K_M", stock), {**row("Q4_K_M-mix", mix), "vs_stock": paired(mix, stock)}]
+    report = {"source": {"name": "m", "path": "p"}, "text": {"file": "t", "sha256": "x", "tokens_scored": mix.n, "ctx": 80},
+              "reference": {"kind": "k", "ppl": 1.0, "ppl_se": 0.1}, "versions": {}, "machine": {"processor": "p", "cores": 2, "platform": "l"},
+              "results": rows}
+    md = markdown(report)
+    v = rows[1]["vs_stock"]["kld"]
+    assert f"{v['ratio']:.3f}× [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] better" in md and "vs stock" in md
+    assert value_pm(1.234, 0.0567, signed=True) == "+1.234 ± 0.057" and "+1.234 ± 0.057" in md
+    assert "2.0× the per-token ones" in md  # the window/token error ratio stated
+    assert "Mean    KLD" in kld_text(rows[0]["stats"]) and "per window" in kld_text(rows[0]["stats"])
