@@ -238,19 +238,33 @@ def _libggml():
     return _ggml
 
 
-def quantize_dequantize(rows: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """`rows` (float32, [n, k]) through ggml's quantizer for `ggml_type` and back to float32: what
-    llama.cpp's quantizer would store for this tensor, as numbers."""
+def quantize_rows(rows: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """`rows` (float32, [n, k]) through ggml's quantizer for `ggml_type` (llama.cpp's own per-block
+    search, with the importance weights when given): the raw blocks, uint8 [n, bytes per row]."""
     lib = _libggml()
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, k = rows.shape
     traits = lib.ggml_get_type_traits(ggml_type).contents
-    packed = np.empty(n * (k // traits.blck_size) * traits.type_size, dtype=np.uint8)
+    packed = np.empty((n, (k // traits.blck_size) * traits.type_size), dtype=np.uint8)
     im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32).ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     lib.ggml_quantize_chunk(ggml_type, rows.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), packed.ctypes.data, 0, n, k, im)
-    out = np.empty_like(rows)
-    _TO_FLOAT(traits.to_float)(packed.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n * k)
+    return packed
+
+
+def dequantize(packed: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarray:
+    """ggml's own dequantize (the type's to_float) of raw blocks: float32 [n_elements]."""
+    traits = _libggml().ggml_get_type_traits(ggml_type).contents
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    out = np.empty(n_elements, dtype=np.float32)
+    _TO_FLOAT(traits.to_float)(packed.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n_elements)
     return out
+
+
+def quantize_dequantize(rows: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """`rows` (float32, [n, k]) through ggml's quantizer for `ggml_type` and back to float32: what
+    llama.cpp's quantizer would store for this tensor, as numbers."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return dequantize(quantize_rows(rows, ggml_type, imatrix), ggml_type, rows.size).reshape(rows.shape)
 
 
 # ggml's fused exp-and-sum, for log-sum-exp over logits rows -------------------------------------
