@@ -18,6 +18,24 @@ LAYER_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
                     include_output: bool = False, dataset_name: str = "text") -> IMatrix:
+    sums, counts, n_chunks = second_moments(src, text, ctx, revision, include_output, full=False)
+    return IMatrix({k: v.float().numpy() for k, v in sums.items()}, {k: float(v) for k, v in counts.items()},
+                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
+
+
+def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, dataset_name: str) -> IMatrix:
+    """The importance matrix is the diagonal of the full second moments (one calibration pass for both)."""
+    import numpy as np
+
+    return IMatrix({k: np.diagonal(v).astype(np.float32).copy() for k, v in sums.items()}, {k: float(v) for k, v in counts.items()},
+                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
+
+
+def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False,
+                   full: bool = False) -> tuple[dict, dict, int]:
+    """Per matmul weight (GGUF name): Σ x² per input column (full=False, torch float64 vectors) or
+    Σ x xᵀ (full=True, numpy float64 [in, in]: the layer's Hessian up to a factor), and the tokens
+    counted, over non-overlapping windows of `ctx` tokens of the text, with the fp32 model."""
     try:
         import torch
         from tokenizers import Tokenizer
@@ -42,8 +60,9 @@ def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
 
     def hook(name):
         def fn(module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            add = (x.T @ x).double() if full else (x.double() ** 2).sum(0)
+            sums[name] = sums[name] + add if name in sums else add
             counts[name] = counts.get(name, 0) + x.shape[0]
         return fn
 
@@ -57,16 +76,19 @@ def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
             handles.append(layer.get_submodule(mod_name).register_forward_pre_hook(hook(target)))
     if include_output:
         handles.append(model.get_output_embeddings().register_forward_pre_hook(hook("output.weight")))
-    progress = Progress("imatrix", n_chunks, "chunks")
-    with torch.no_grad():
-        for c in range(n_chunks):
-            model(torch.tensor([ids[c * ctx:(c + 1) * ctx]]))
-            progress.update(1)
-    progress.close()
-    for h in handles:
-        h.remove()
-    return IMatrix({k: v.float().numpy() for k, v in sums.items()}, {k: float(v) for k, v in counts.items()},
-                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
+    progress = Progress("calibration" if full else "imatrix", n_chunks, "chunks")
+    try:
+        with torch.no_grad():
+            for c in range(n_chunks):
+                model(torch.tensor([ids[c * ctx:(c + 1) * ctx]]))
+                progress.update(1)
+    finally:
+        progress.close()
+        for h in handles:
+            h.remove()
+    if full:
+        sums = {k: v.numpy() for k, v in sums.items()}
+    return sums, counts, n_chunks
 
 
 def make_imatrix(src: str, text_file: Path | str, output: Path | str, ctx: int = 512, revision: str | None = None,

@@ -62,6 +62,8 @@ def quantize(
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix (never scored).")] = None,
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")] = None,
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=1.0, max=32.0, help="--mix budget in bits per weight.")] = None,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Re-choose every matmul's levels on llama.cpp's grids against the layer's output on --calib (GPTQ); label <TYPE>-opt.")] = False,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="--optimize: the fp32 checkpoint the file was converted from (default: the hub source it records).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
     output: Output = None,
     as_json: Json = False,
@@ -77,10 +79,17 @@ def quantize(
     from neoxq.runtime.quantize import quantize as do_quantize
 
     qt = QuantType.parse(qtype)
-    _check_mix_options(mix, calib, target_size, target_bpw)
+    _check_mix_options(mix, calib, target_size, target_bpw, optimize, reference)
     info = read_info(inp)
     preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
-    if mix:
+    if optimize:
+        from neoxq.core.textfile import read_text
+        from neoxq.optimize import OptimizeOptions, quantize_optimized
+
+        im = "auto" if imatrix is None else (None if str(imatrix).lower() == "none" else str(imatrix))
+        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib), reference=reference, imatrix=im, ctx=ctx),
+                                    output=output, force=force)
+    elif mix:
         from neoxq.core.sizes import parse_size
         from neoxq.core.textfile import read_text
         from neoxq.runtime.mix import MixOptions, quantize_mix
@@ -96,9 +105,19 @@ def quantize(
         print(result.table())
 
 
-def _check_mix_options(mix: bool, calib, target_size, target_bpw) -> None:
+def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool = False, reference=None) -> None:
     from neoxq.core.errors import UsageError
 
+    if optimize:
+        if mix:
+            raise UsageError("--optimize with --mix is not available yet; pass one of them")
+        if calib is None:
+            raise UsageError("--optimize chooses the rounding against each layer's output on a calibration text; pass --calib FILE (a text not used for scoring)")
+        if target_size or target_bpw:
+            raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
+        return
+    if reference:
+        raise UsageError("--reference belongs to --optimize; add --optimize")
     if mix and calib is None:
         raise UsageError("--mix measures each tensor's sensitivity on a calibration text; pass --calib FILE (a text not used for scoring)")
     if not mix and (calib or target_size or target_bpw):

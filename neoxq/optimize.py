@@ -1,0 +1,135 @@
+"""`neoxq quantize --optimize`: llama.cpp's file, with every matmul's levels re-chosen against that
+layer's output on calibration activations.
+
+1. One calibration pass of the fp32 checkpoint (transformers) collects, for every matmul weight,
+   the inputs' second moments H = Σ x xᵀ; their diagonal is the importance matrix, so `--imatrix`
+   is computed from the same pass unless a file (or `none`) is given.
+2. llama.cpp's own quantizer writes the stock file of the type (with that imatrix): its tensor
+   types, its block scales and mins — the grids — and its metadata, plus neoxq's provenance keys.
+3. Per quantized matmul, GPTQ on llama.cpp's grids (neoxq.core.gptq) re-chooses every weight's
+   level to minimise ‖(W − Q) X‖² on the calibration inputs, starting from the F16 weights, and the
+   new levels are written into the file's blocks in place (neoxq.core.blocks): same bytes count,
+   same headers, so every llama.cpp reads and runs it with the same kernels.
+Tensors without calibration inputs (the token embeddings, a lookup) keep llama.cpp's levels.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neoxq.core.atomic import atomic_output
+from neoxq.core.errors import UsageError
+from neoxq.core.gguf_info import GGUFInfo, TensorInfo, read_info
+from neoxq.core.gptq import DAMP
+from neoxq.core.progress import Progress
+from neoxq.core.qtypes import QuantType
+from neoxq.core.textfile import text_sha256
+
+METHOD = "gptq-on-llama.cpp-grids"
+
+
+@dataclass
+class OptimizeOptions:
+    calib: str  # calibration text (never scored)
+    reference: str | None = None  # fp32 checkpoint (folder or hub id); None: the file's recorded source
+    revision: str | None = None
+    imatrix: str | None = "auto"  # auto: from the calibration pass; a file; None: no imatrix
+    ctx: int = 512
+    act_order: bool = True
+    damp: float = DAMP
+
+
+def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | None = None):
+    """The fp32 checkpoint the calibration activations come from: --reference, else the hub source
+    recorded in the file; it must be the checkpoint the file was converted from (fingerprint)."""
+    from neoxq.convert.checkpoint import open_checkpoint
+
+    meta = src.metadata
+    if reference is None:
+        repo = meta.get("neoxq.source.repo")
+        if not repo:
+            raise UsageError(f"{src.path.name} does not record a hub source (converted from a local folder); "
+                             "pass --reference with the checkpoint folder it was converted from")
+        reference, revision = repo, meta.get("neoxq.source.commit") or meta.get("neoxq.source.revision") or None
+    ckpt = open_checkpoint(str(reference), revision)
+    want = meta.get("neoxq.source.fingerprint")
+    if want and ckpt.fingerprint() != want:
+        raise UsageError(f"--reference {reference} is not the checkpoint {src.path.name} was converted from "
+                         "(its weights differ); pass that checkpoint")
+    return ckpt
+
+
+def read_weights(info: GGUFInfo, t: TensorInfo) -> np.ndarray:
+    """A float tensor of an F32/F16/BF16 GGUF as float32 [rows, cols], memory-mapped."""
+    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+    if t.type not in dtypes:
+        raise UsageError(f"{info.path.name} holds {t.name} as {t.type}; optimise from the F32/F16/BF16 file")
+    raw = np.memmap(info.path, dtype=dtypes[t.type], mode="r", offset=info.data_offset + t.offset, shape=t.shape)
+    if t.type == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_order: bool = True,
+                   damp: float = DAMP) -> list[dict]:
+    """GPTQ every matmul of the quantized file at `path` whose block format neoxq encodes and whose
+    calibration inputs were collected; write the levels in place. Returns one line per tensor."""
+    from neoxq.core import blocks, gptq
+
+    info = read_info(path)
+    todo = [t for t in info.tensors if t.type in blocks.FORMATS and t.name in moments]
+    done = []
+    with open(path, "r+b") as fh, Progress("optimising", sum(t.n_elements for t in todo), "weights") as bar:
+        for t in todo:
+            fmt = blocks.FORMATS[t.type]
+            fh.seek(info.data_offset + t.offset)
+            raw = np.frombuffer(fh.read(t.n_bytes), np.uint8).reshape(-1, fmt.size)
+            w = read_weights(src, src.tensor(t.name))
+            a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
+            h = moments[t.name] / max(counts[t.name], 1)
+            lv = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax, act_order=act_order, damp=damp)
+            new = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
+            q_old, q_new = (blocks.values(fmt, r).reshape(w.shape) for r in (raw, new))
+            e_old, e_new = gptq.output_error(w, q_old, h), gptq.output_error(w, q_new, h)
+            fh.seek(info.data_offset + t.offset)
+            fh.write(new.tobytes())
+            done.append({"name": t.name, "type": t.type, "output_error_ratio": e_new / e_old if e_old > 0 else 1.0})
+            bar.update(t.n_elements, note=t.name)
+    return done
+
+
+def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts: OptimizeOptions,
+                       output: Path | str | None = None, force: bool = False):
+    """The stock `qtype` file with GPTQ-chosen levels; its label is `<T>-opt`."""
+    from neoxq.convert.imatrix import imatrix_from_moments, second_moments
+    from neoxq.core.imatrix_io import write_imatrix
+    from neoxq.runtime.quantize import check_quantizable, default_output, quantize, summarize
+
+    qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
+    src = src if isinstance(src, GGUFInfo) else read_info(src)
+    label = f"{qtype.value}-opt"
+    check_quantizable(src, qtype, has_imatrix=opts.imatrix is not None)
+    out = Path(output) if output else default_output(src, label)
+    ckpt = reference_checkpoint(src, opts.reference, opts.revision)
+    t0 = time.perf_counter()
+    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, full=True)
+    calib_sha = text_sha256(opts.calib)
+    kv = {"neoxq.optimize.method": METHOD, "neoxq.optimize.calibration.sha256": calib_sha,
+          "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx), "neoxq.optimize.damp": f"{opts.damp:g}",
+          "neoxq.optimize.act_order": str(opts.act_order).lower(), "neoxq.optimize.reference": ckpt.name}
+    with tempfile.TemporaryDirectory(prefix="neoxq-opt-") as scratch, atomic_output(out, force) as tmp:
+        im = opts.imatrix
+        if im == "auto":
+            im = write_imatrix(Path(scratch) / "calibration.imatrix",
+                               imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}"))
+        quantize(src, qtype, output=tmp, imatrix=im, force=True, kv=kv, label=label)
+        tensors = rewrite_levels(tmp, src, moments, counts, opts.act_order, opts.damp)
+    result = summarize(out, qtype, time.perf_counter() - t0)
+    result.extra.update({"label": label, "optimize": {"method": METHOD, "calibration_sha256": calib_sha,
+                                                      "calibration_tokens": n_chunks * opts.ctx, "tensors": tensors}})
+    return result
