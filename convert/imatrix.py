@@ -31,11 +31,21 @@ def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, data
                    datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
 
 
+EMBEDDING = "token_embd.weight"
+
+
 def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False,
-                   full: bool = False) -> tuple[dict, dict, int]:
+                   full: bool = False, embedding_fisher: bool = False) -> tuple[dict, dict, int]:
     """Per matmul weight (GGUF name): Σ x² per input column (full=False, torch float64 vectors) or
     Σ x xᵀ (full=True, numpy float64 [in, in]: the layer's Hessian up to a factor), and the tokens
-    counted, over non-overlapping windows of `ctx` tokens of the text, with the fp32 model."""
+    counted, over non-overlapping windows of `ctx` tokens of the text, with the fp32 model.
+
+    embedding_fisher: also, under `token_embd.weight`, Σ g gᵀ of the gradients g of the windows'
+    log-likelihood with respect to each input position's embedding, the next tokens sampled from the
+    model itself (so cross-position terms vanish in expectation): the Fisher information of the
+    model's output distribution in the embedding's space. The embedding is a lookup, with no input
+    activations; a rounding error δ of one of its rows costs ½ δᵀ F δ of KL divergence where it is
+    used, which is what its levels are then chosen against."""
     try:
         import torch
         from tokenizers import Tokenizer
@@ -77,11 +87,18 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     if include_output:
         handles.append(model.get_output_embeddings().register_forward_pre_hook(hook("output.weight")))
     progress = Progress("calibration" if full else "imatrix", n_chunks, "chunks")
+    gen = torch.Generator().manual_seed(0)  # the sampled next tokens: the same on every run
     try:
-        with torch.no_grad():
-            for c in range(n_chunks):
-                model(torch.tensor([ids[c * ctx:(c + 1) * ctx]]))
-                progress.update(1)
+        for c in range(n_chunks):
+            window = torch.tensor([ids[c * ctx:(c + 1) * ctx]])
+            if embedding_fisher:
+                g = _embedding_gradient(model, window, gen)
+                sums[EMBEDDING] = sums[EMBEDDING] + g.T @ g if EMBEDDING in sums else g.T @ g
+                counts[EMBEDDING] = counts.get(EMBEDDING, 0) + g.shape[0]
+            else:
+                with torch.no_grad():
+                    model(window)
+            progress.update(1)
     finally:
         progress.close()
         for h in handles:
@@ -89,6 +106,29 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     if full:
         sums = {k: v.numpy() for k, v in sums.items()}
     return sums, counts, n_chunks
+
+
+def _embedding_gradient(model, window, gen):
+    """[ctx, hidden] float64: d log p(sampled next tokens) / d (embedding at each position), one
+    backward pass (the layers' input hooks run in its forward as usual)."""
+    import torch
+
+    held = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        held["e"] = output
+
+    handle = model.gpt_neox.embed_in.register_forward_hook(keep)
+    try:
+        logits = model(window).logits[0].float()
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+        torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    model.zero_grad(set_to_none=True)
+    return held["e"].grad[0].detach().double()
 
 
 def make_imatrix(src: str, text_file: Path | str, output: Path | str, ctx: int = 512, revision: str | None = None,

@@ -117,7 +117,8 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     out = Path(output) if output else default_output(src, label)
     ckpt = reference_checkpoint(src, opts.reference, opts.revision)
     t0 = time.perf_counter()
-    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, full=True)
+    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, full=True,
+                                               embedding_fisher=True)
     calib_sha = text_sha256(opts.calib)
     kv = {"neoxq.optimize.method": METHOD, "neoxq.optimize.calibration.sha256": calib_sha,
           "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx), "neoxq.optimize.damp": f"{opts.damp:g}",

@@ -63,7 +63,7 @@ def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
         a = np.fromfile(opt.path, np.uint8, t.n_bytes, offset=opt.data_offset + t.offset)
         b = np.fromfile(ref.path, np.uint8, s.n_bytes, offset=ref.data_offset + s.offset)
         fmt = blocks.FORMATS.get(t.type)
-        if fmt is None or len(t.shape) < 2 or t.name == "token_embd.weight":
+        if fmt is None or len(t.shape) < 2:
             assert np.array_equal(a, b), t.name  # not optimised: llama.cpp's bytes
             continue
         hdr = np.ones(fmt.size, bool)
@@ -71,7 +71,7 @@ def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
             hdr[f.bytes] = False
         assert np.array_equal(a.reshape(-1, fmt.size)[:, hdr], b.reshape(-1, fmt.size)[:, hdr]), t.name  # the same grids
         changed += not np.array_equal(a, b)
-    assert changed >= 16  # every matmul got new levels
+    assert changed >= 18  # every matmul and the embedding got new levels
     assert all(x["output_error_ratio"] < 1 for x in res["optimize"]["tensors"])
 
 
