@@ -20,21 +20,32 @@ def _log(step: int, loss: float) -> None:
         print(f"\rtraining the demo model: step {step}, loss {loss:.3f}", end="", file=sys.stderr, flush=True)
 
 
-def run_demo(out: Path | str = "demo-out") -> Path:
-    from neoxq.convert.tiny import TinySpec, build_trained, stdlib_text
+def demo_spec():
+    from neoxq.convert.tiny import TinySpec
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "tiny-neox"
+    return TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
+
+
+def build_demo_model(ckpt: Path) -> tuple[Path, str]:
+    """The demo checkpoint (trained here once, reused) and the held-out text after its training text."""
+    from neoxq.convert.tiny import build_trained, stdlib_text
+
     text = stdlib_text(TRAIN_CHARS + EVAL_CHARS)
     if not ((ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()):
-        spec = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
-        build_trained(ckpt, spec, text[:TRAIN_CHARS], steps=200, log=_log)
+        build_trained(ckpt, demo_spec(), text[:TRAIN_CHARS], steps=200, log=_log)
         if interactive():
             print(file=sys.stderr)
+    return ckpt, text[TRAIN_CHARS:]
+
+
+def run_demo(out: Path | str = "demo-out") -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, heldout = build_demo_model(out / "tiny-neox")
+    text = heldout  # evaluation text: never seen in training
     eval_file = out / "stdlib-heldout.txt"
-    if not eval_file.is_file() or eval_file.read_text(encoding="utf-8") != text[TRAIN_CHARS:]:
-        eval_file.write_text(text[TRAIN_CHARS:], encoding="utf-8")
+    if not eval_file.is_file() or eval_file.read_text(encoding="utf-8") != text:
+        eval_file.write_text(text, encoding="utf-8")
     info(f"model: {ckpt} (trained here); evaluation text: {eval_file} (held out from training)")
     return run_report(str(ckpt), eval_file, out / "report", ReportOptions(ctx=128))
 
@@ -61,13 +72,12 @@ def build_demo_hub(out: Path) -> Path:
     """Train the demo model, saving checkpoints along the way as hub branches step0 … step200 (and
     `main`, byte-identical to step200, as on the hub) in a local cache; return the cache folder."""
     from neoxq.convert.hubcache import write_snapshot
-    from neoxq.convert.tiny import TinySpec, build_training_run, stdlib_text
+    from neoxq.convert.tiny import build_training_run, stdlib_text
 
     cache = out / "hub-cache"
     if (cache / f"models--{DEMO_REPO.replace('/', '--')}" / "refs" / "main").is_file():
         return cache
-    spec = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
-    saved = build_training_run(out / "training", spec, stdlib_text(TRAIN_CHARS), SWEEP_STEPS, ctx=128, batch=16, log=_log)
+    saved = build_training_run(out / "training", demo_spec(), stdlib_text(TRAIN_CHARS), SWEEP_STEPS, ctx=128, batch=16, log=_log)
     for step, folder in saved.items():
         commit = write_snapshot(cache, DEMO_REPO, f"step{step}", folder)
     write_snapshot(cache, DEMO_REPO, "main", saved[max(saved)], commit=commit)

@@ -129,12 +129,13 @@ def checkpoint_bytes(shape: str) -> int:
     return sum(int(np.prod(s)) * 2 for s in _tensor_shapes(config_for(shape, 0)).values())
 
 
-def trained_50k(steps: int = 120) -> Path:
+def trained_50k(steps: int = 120, shape: str | None = None) -> Path:
     """A 4-layer, 256-wide GPT-NeoX (31M parameters with the 50k vocabulary) trained briefly on
-    stdlib source with that vocabulary: distributions as peaked as a small real model's; cached."""
+    stdlib source with that vocabulary: distributions as peaked as a small real model's; cached.
+    shape: one of SHAPES (e.g. "70m": Pythia-70m's 6 × 512) instead of 4 × 256."""
     from neoxq.convert.tiny import TinySpec, random_model, save_checkpoint
 
-    folder = cache_dir() / f"trained-50k-{steps}"
+    folder = cache_dir() / (f"trained-50k-{steps}" + (f"-{shape}" if shape else ""))
     if (folder / "model.safetensors").is_file():
         return folder
     import torch
@@ -144,8 +145,9 @@ def trained_50k(steps: int = 120) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, folder / f)
-    spec = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0,
-                    vocab_pad=0, max_position_embeddings=2048, dtype="float32")
+    hidden, layers, heads = SHAPES[shape] if shape else (256, 4, 4)
+    spec = TinySpec(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
+                    scale=1.0, vocab_pad=0, max_position_embeddings=2048, dtype="float32")
     ids = torch.tensor(Tokenizer.from_file(str(tok / "tokenizer.json")).encode(stdlib_source(3_000_000)).ids)
     model = random_model(spec, VOCAB).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
