@@ -31,11 +31,11 @@ class Built:
     path: Path
     seconds: float  # time to write it (0 when reused)
     reused: bool
-    mix: bool = False
+    variant: str = ""  # "mix" | "opt": a file of the type's size made another way
 
     @property
     def label(self) -> str:
-        return f"{self.qtype.value}-mix" if self.mix else self.qtype.value
+        return f"{self.qtype.value}-{self.variant}" if self.variant else self.qtype.value
 
 
 def expected_metadata(ckpt: Checkpoint, qtype: QuantType, imatrix_sha: str | None) -> dict[str, str]:
@@ -74,19 +74,44 @@ def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: 
                 "neoxq.mix.calib_sha256": calib_sha}
         make = lambda t=t, path=path: quantize_mix(base.path, t, MixOptions(calib_text, ctx=ctx), output=path,  # noqa: E731
                                                    imatrix=imatrix, force=True)
-        out[t] = _made_or_reused(t, path, want, make, mix=True)
+        out[t] = _made_or_reused(t, path, want, make, variant="mix")
         if on_step:
             on_step(out[t])
     return out
 
 
-def _made_or_reused(t: QuantType, path: Path, want: dict, make: Callable[[], object], mix: bool = False) -> Built:
+def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
+                    imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None) -> dict[QuantType, Built]:
+    """`<TYPE>-opt` for every quantized type: the stock type map and size, levels chosen against each
+    layer's output on `calib_text` (neoxq.optimize); reused while source, method, imatrix and
+    calibration text are unchanged. Without an imatrix file, the calibration pass makes one."""
+    import hashlib
+
+    from neoxq.optimize import METHOD, OptimizeOptions, quantize_optimized
+
+    calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()
+    out: dict[QuantType, Built] = {}
+    for t in (t for t in types if not t.is_float):
+        path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-opt")
+        want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-opt", "neoxq.optimize.method": METHOD,
+                "neoxq.optimize.calibration.sha256": calib_sha}
+        if imatrix:
+            want["neoxq.imatrix.sha256"] = file_sha256(imatrix)
+        opts = OptimizeOptions(calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx)
+        make = lambda t=t, path=path, opts=opts: quantize_optimized(base.path, t, opts, output=path, force=True)  # noqa: E731
+        out[t] = _made_or_reused(t, path, want, make, variant="opt")
+        if on_step:
+            on_step(out[t])
+    return out
+
+
+def _made_or_reused(t: QuantType, path: Path, want: dict, make: Callable[[], object], variant: str = "") -> Built:
     """Reuse `path` when its metadata matches `want`, else `make()` it; either way, how long it took."""
     t0 = time.perf_counter()
     reused = is_valid(path, want)
     if not reused:
         make()
-    return Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused, mix=mix)
+    return Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused, variant=variant)
 
 
 def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix: Path | None = None,

@@ -32,6 +32,7 @@ class ReportOptions:
     revision: str | None = None
     reference: str = "auto"  # auto (= hf) | hf | f16 | a GGUF or checkpoint path
     mix: bool = False  # also <TYPE>-mix for every quantized type, no larger than the stock file
+    optimize: bool = False  # also <TYPE>-opt: the stock file with levels chosen against each layer's output
     tasks: str | None = None  # lm-eval tasks scored on every file (comma-separated)
     include_path: str | None = None  # folder with the user's own task YAMLs
     max_memory: int | None = None  # bytes the fp32 reference may hold; None: what is available
@@ -128,7 +129,7 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
            "tokens": {**tokens, "file": f"{TOKENS_DIR}/{tokens['file']}"},
            "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
            ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
-           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info), **_tasks_json(run, built.path),
+           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info), **_opt_json(info), **_tasks_json(run, built.path),
            "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_stamp": stamp}
     res_file.parent.mkdir(exist_ok=True)
     with atomic_output(res_file, force=True) as tmp:
@@ -164,6 +165,15 @@ def _mix_json(info) -> dict:
                     "stock_bytes": int(meta["neoxq.mix.stock_bytes"]), "predicted_kld": float(meta["neoxq.mix.predicted_kld"])}}
 
 
+def _opt_json(info) -> dict:
+    """For a -opt file: how its levels were chosen, from its metadata."""
+    meta = info.metadata
+    if "neoxq.optimize.method" not in meta:
+        return {}
+    return {"optimize": {"method": meta["neoxq.optimize.method"], "calibration_sha256": meta["neoxq.optimize.calibration.sha256"],
+                         "calibration_tokens": int(meta["neoxq.optimize.calibration.tokens"])}}
+
+
 def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
     from neoxq.core.machine import describe, versions
 
@@ -173,7 +183,7 @@ def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> d
                    "commit": ck.commit, "format": ck.format},
         "text": {"file": run.text_file.name, "sha256": text_sha256(run.text), "scored_sha256": text_sha256(run.scored),
                  "ctx": run.opts.ctx, "tokens_scored": rows[0]["_tokens"], "calibration_excluded": _calibrates(run.opts),
-                 "calibration": (f"first {int(CALIBRATION_SHARE * 100)}% ({len(run.calib)} chars), for the imatrix and mixes; "
+                 "calibration": (f"first {int(CALIBRATION_SHARE * 100)}% ({len(run.calib)} chars), for the imatrix, mixes and optimised rounding; "
                                  "never scored") if _calibrates(run.opts) else None},
         "reference": {"kind": reference.description, "choice": run.opts.reference, **_plan_json(reference), **rows[0]["_ref"]},
         "imatrix": im_info,
@@ -209,8 +219,8 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
 
         check_tasks(parse_tasks(opts.tasks), task_manager(opts.include_path))
     _preflight(run, n_windows)
-    n_mix = sum(not t.is_float for t in types) if opts.mix else 0
-    with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_mix, "steps") as bar:
+    n_extra = sum(not t.is_float for t in types) * (opts.mix + opts.optimize)
+    with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_extra, "steps") as bar:
         files, im_info, base = _build(run, bar)
         reference = _reference(run, base.path)
         _reference_first(run, reference, base.path)
@@ -276,13 +286,14 @@ def _tables_in_child(reference, w, n_vocab: int, cache: Path) -> None:
 
 
 def _calibrates(opts: ReportOptions) -> bool:
-    """The text's first quarter calibrates (and is then never scored) for --imatrix auto and --mix."""
-    return opts.imatrix == "auto" or opts.mix
+    """The text's first quarter calibrates (and is then never scored) for --imatrix auto, --mix and
+    --optimize."""
+    return opts.imatrix == "auto" or opts.mix or opts.optimize
 
 
 def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
     """Every file the report scores, in order: the listed types, then their -mix twins."""
-    from neoxq.build import build_mixes, build_types
+    from neoxq.build import build_mixes, build_optimized, build_types
 
     base = build_types(run.ckpt, [QuantType.F16], run.out)[QuantType.F16]
     bar.update(1, note="converted")
@@ -298,6 +309,9 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
     if run.opts.mix:
         mixes = build_mixes(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step)
         files += list(mixes.values())
+    if run.opts.optimize:
+        opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step)
+        files += list(opt.values())
     return files, im_info, base
 
 

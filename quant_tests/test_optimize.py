@@ -114,3 +114,22 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
                           "not the checkpoint")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--reference", trained, "-o", tmp_path / "d.gguf"), "--optimize")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
+    from neoxq.report import ReportOptions, run_report
+
+    (tmp_path / "t.txt").write_text(texts["eval"] + texts["calib"])
+    rj = run_report(str(trained), tmp_path / "t.txt", tmp_path / "r", ReportOptions(types="F16,Q4_K_M", ctx=128, optimize=True))
+    data = json.loads(rj.read_text())
+    rows = {r["type"]: r for r in data["results"]}
+    assert list(rows) == ["F16", "Q4_K_M", "Q4_K_M-opt"]
+    opt = rows["Q4_K_M-opt"]
+    assert opt["optimize"]["method"] == "gptq-on-llama.cpp-grids" and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
+    assert opt["vs_stock"]["stock"] == "Q4_K_M" and opt["vs_stock"]["kld"]["verdict"] == "better"
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| Q4_K_M-opt |" in md and "better" in md
+    # a rerun reuses the optimised file (same source, method, imatrix and calibration text)
+    stamp = (tmp_path / "r" / opt["file"]).stat().st_mtime_ns
+    run_report(str(trained), tmp_path / "t.txt", tmp_path / "r", ReportOptions(types="F16,Q4_K_M", ctx=128, optimize=True))
+    assert (tmp_path / "r" / opt["file"]).stat().st_mtime_ns == stamp

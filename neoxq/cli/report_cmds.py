@@ -22,6 +22,7 @@ def report(
     reference: ReferenceOpt = None,
     max_memory: MaxMemory = None,
     mix: Annotated[bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type: no larger, per-tensor types from measured sensitivity.")] = False,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Also <TYPE>-opt per quantized type: stock types and size, levels chosen against each layer's output.")] = False,
     tasks: Tasks = None,
     include_path: IncludePath = None,
     quiet: Quiet = False,
@@ -31,7 +32,7 @@ def report(
     -o is the report folder (default report-<name>[-<revision>])."""
     from neoxq.report import ReportOptions, run_report
 
-    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory, mix=mix or None,
+    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory, mix=mix or None, optimize=optimize or None,
                                        tasks=tasks, include_path=str(include_path) if include_path else None).items()
           if v is not None}
     if imatrix is not None:
