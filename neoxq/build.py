@@ -81,10 +81,12 @@ def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: 
 
 
 def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
-                    imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None) -> dict[QuantType, Built]:
+                    imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None,
+                    mix: bool = False) -> dict[QuantType, Built]:
     """`<TYPE>-opt` for every quantized type: the stock type map and size, levels chosen against each
-    layer's output on `calib_text` (neoxq.optimize); reused while source, method, imatrix and
-    calibration text are unchanged. Without an imatrix file, the calibration pass makes one."""
+    layer's output on `calib_text` (neoxq.optimize); with `mix`, `<TYPE>-opt-mix`: a measured mix's
+    types. Reused while source, method, imatrix and calibration text are unchanged. Without an
+    imatrix file, the calibration pass makes one."""
     import hashlib
 
     from neoxq.optimize import METHOD, OptimizeOptions, quantize_optimized
@@ -92,14 +94,15 @@ def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_d
     calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()
     out: dict[QuantType, Built] = {}
     for t in (t for t in types if not t.is_float):
-        path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-opt")
-        want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-opt", "neoxq.optimize.method": METHOD,
+        variant = "opt-mix" if mix else "opt"
+        path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-{variant}")
+        want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-{variant}", "neoxq.optimize.method": METHOD,
                 "neoxq.optimize.calibration.sha256": calib_sha}
         if imatrix:
             want["neoxq.imatrix.sha256"] = file_sha256(imatrix)
-        opts = OptimizeOptions(calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx)
+        opts = OptimizeOptions(calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix)
         make = lambda t=t, path=path, opts=opts: quantize_optimized(base.path, t, opts, output=path, force=True)  # noqa: E731
-        out[t] = _made_or_reused(t, path, want, make, variant="opt")
+        out[t] = _made_or_reused(t, path, want, make, variant=variant)
         if on_step:
             on_step(out[t])
     return out

@@ -219,7 +219,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
 
         check_tasks(parse_tasks(opts.tasks), task_manager(opts.include_path))
     _preflight(run, n_windows)
-    n_extra = sum(not t.is_float for t in types) * (opts.mix + opts.optimize)
+    n_extra = sum(not t.is_float for t in types) * (opts.mix + opts.optimize * (1 + opts.mix))
     with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_extra, "steps") as bar:
         files, im_info, base = _build(run, bar)
         reference = _reference(run, base.path)
@@ -310,8 +310,9 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
         mixes = build_mixes(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step)
         files += list(mixes.values())
     if run.opts.optimize:
-        opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step)
-        files += list(opt.values())
+        for mix in (False, True) if run.opts.mix else (False,):
+            opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step, mix=mix)
+            files += list(opt.values())
     return files, im_info, base
 
 

@@ -92,21 +92,27 @@ def test_mix_bad_input(trained_f16, texts, tmp_path):
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "-o", out), "--calib")
     (tmp_path / "short.txt").write_text("a few words only")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "short.txt",
-                                  "--ctx", "128", "-o", out), "calibration text", "two windows")
+                                  "--imatrix", "none", "--ctx", "128", "-o", out), "calibration text", "two windows")
     (tmp_path / "calib.txt").write_text(texts["calib"][:20000])
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt",
-                                  "--ctx", "128", "--target-size", "100KB", "-o", out), "smallest mix needs")
+                                  "--imatrix", "none", "--ctx", "128", "--target-size", "100KB", "-o", out), "smallest mix needs")
+    # the imatrix is computed from --calib by default: a local conversion needs --reference for that
+    assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt",
+                                  "--ctx", "128", "-o", out), "--reference")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--target-bpw", "4", "-o", out), "--mix")
     assert not out.exists() and not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".neoxq-stock-*"))
 
 
-def test_mix_cli_json_and_target_bpw(trained_f16, texts, tmp_path):
+def test_mix_cli_json_and_target_bpw(trained, trained_f16, texts, tmp_path):
     (tmp_path / "calib.txt").write_text(texts["calib"][:20000])
     proc = run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt", "--ctx", "128",
-                   "--target-bpw", "5.0", "--json", "-o", tmp_path / "m.gguf")
+                   "--target-bpw", "5.0", "--json", "-o", tmp_path / "m.gguf", "--reference", trained)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["type"] == "Q4_K_M-mix" and r["mix"]["target_bytes"] >= r["size_bytes"]
+    from neoxq.core.gguf_info import read_info
+
+    assert "calibration sha256" in read_info(tmp_path / "m.gguf").metadata["quantize.imatrix.dataset"]  # made from --calib
     assert {t["name"]: t["type"] for t in r["tensors"] if t["name"] in r["mix"]["types"]} == r["mix"]["types"]
 
 

@@ -133,3 +133,30 @@ def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
     stamp = (tmp_path / "r" / opt["file"]).stat().st_mtime_ns
     run_report(str(trained), tmp_path / "t.txt", tmp_path / "r", ReportOptions(types="F16,Q4_K_M", ctx=128, optimize=True))
     assert (tmp_path / "r" / opt["file"]).stat().st_mtime_ns == stamp
+
+
+def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path):
+    """--optimize --mix: the measured mix's types (same plan as --mix alone with the same imatrix),
+    levels chosen against each layer's output; lower held-out KLD than the mix alone, no larger."""
+    from neoxq.convert.imatrix import compute_imatrix
+    from neoxq.core.imatrix_io import write_imatrix
+    from neoxq.core.stats import compare
+    from neoxq.optimize import OptimizeOptions, quantize_optimized
+    from neoxq.runtime.mix import MixOptions, quantize_mix
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.score import GGUFReference, kld
+
+    im = write_imatrix(tmp_path / "im.gguf", compute_imatrix(str(trained), texts["calib"], ctx=128, include_output=True))
+    mix = quantize_mix(trained_f16, "Q4_K_M", MixOptions(texts["calib"], ctx=128, cache_dir=tmp_path / "mc"), output=tmp_path / "mix.gguf", imatrix=im)
+    om = quantize_optimized(trained_f16, "Q4_K_M", OptimizeOptions(texts["calib"], reference=str(trained), imatrix=str(im), ctx=128, mix=True),
+                            output=tmp_path / "om.gguf")
+    assert om.label == "Q4_K_M-opt-mix" and om.extra["mix"]["types"] == mix.extra["mix"]["types"]
+    assert {t["name"]: t["type"] for t in om.tensors} == {t["name"]: t["type"] for t in mix.tensors}
+    assert om.size_bytes - mix.size_bytes < 1024  # the same tensor bytes; provenance keys only
+    scores = []
+    for p in (om.path, mix.path):
+        with NeoxModel(p, RuntimeOptions(n_ctx=128, n_batch=128)) as m:
+            scores.append(kld(m, GGUFReference(trained_f16), texts["eval"], 128, cache_dir=tmp_path / "cache").tokens)
+    c = compare(*scores)
+    print(f"opt-mix / mix KLD {c['kld']['ratio']:.3f} {c['kld']['ci95']}")
+    assert c["kld"]["verdict"] == "better"

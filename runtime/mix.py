@@ -351,27 +351,27 @@ def _stock(info: GGUFInfo, base, imatrix, folder: Path):
         tmp.unlink(missing_ok=True)
 
 
-def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, imatrix: Path | str | None = None,
-                 force: bool = False):
-    """Write `<base>-mix`: no larger than the target (default: stock `base` from the same input),
-    each tensor's type chosen from measured sensitivity; return the read-back QuantResult."""
-    from neoxq.core.gguf_info import read_info
+@dataclass
+class MixPlan:
+    """What a mix file is: its per-tensor types and the metadata that records them."""
+
+    base: object  # QuantType
+    types: dict[str, str]
+    kv: dict[str, str]
+    extra: dict  # for QuantResult.extra["mix"]
+
+
+def plan_mix(info: GGUFInfo, base, opts: MixOptions, imatrix: Path | str | None, scratch: Path) -> MixPlan:
+    """Measure sensitivities on the calibration text and allocate the budget (default: the stock
+    `base` file's size); `scratch` holds the temporary stock file that gives that size."""
     from neoxq.core.imatrix_io import file_sha256
-    from neoxq.core.qtypes import QuantType
 
     from . import quantize as rq
     from .reference_cache import default_cache_dir
 
-    base = QuantType.parse(base) if isinstance(base, str) else base
-    info = inp if isinstance(inp, GGUFInfo) else read_info(inp)
-    rq.check_quantizable(info, base, bool(imatrix))
     im = rq.load_imatrix(imatrix, info)
-    out = Path(output) if output else rq.default_output(info, f"{base.value}-mix")
-    from neoxq.core.atomic import check_output
-
-    check_output(out, force)
     ids, ctx = _calibration_ids(info, opts)
-    stock_bytes, stock_types = _stock(info, base, imatrix, out.parent if str(out.parent) else Path("."))
+    stock_bytes, stock_types = _stock(info, base, imatrix, scratch)
     target = opts.target_bytes or (int(opts.target_bpw * info.n_params / 8) if opts.target_bpw else stock_bytes)
     tensors = quantizable(info)
     fixed = stock_bytes - sum(tensor_bytes(t, stock_types[t.name]) for t in tensors) + 128 * (len(tensors) + 8)
@@ -382,15 +382,41 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
     kv = {"neoxq.mix.base": base.value, "neoxq.mix.target_bytes": str(target), "neoxq.mix.stock_bytes": str(stock_bytes),
           "neoxq.mix.calib_sha256": hashlib.sha256(opts.calib_text.encode("utf-8")).hexdigest(),
           "neoxq.mix.predicted_kld": f"{predicted_kld(sens, plan):.6g}", **{f"neoxq.mix.type.{n}": t for n, t in plan.items()}}
-    result = rq.quantize(info, base, output=out, imatrix=imatrix, force=force, tensor_types=plan, kv=kv, label=f"{base.value}-mix")
+    extra = {"base": base.value, "target_bytes": target, "stock_bytes": stock_bytes, "predicted_kld": predicted_kld(sens, plan),
+             "stock_predicted_kld": _stock_prediction(sens, stock_types), "probes": probes + 2, "calibration_tokens": len(ids),
+             "calibration_check": check, "types": plan}
+    return MixPlan(base, plan, kv, extra)
+
+
+def check_written(result, plan: MixPlan, out: Path) -> None:
+    """llama.cpp must have written the planned types (else the file is removed)."""
     written = {t["name"]: t["type"] for t in result.tensors}
-    wrong = {n: (t, written.get(n)) for n, t in plan.items() if written.get(n) != t}
+    wrong = {n: (t, written.get(n)) for n, t in plan.types.items() if written.get(n) != t}
     if wrong:
         out.unlink(missing_ok=True)
         raise UsageError(f"llama.cpp wrote other types than planned for {len(wrong)} tensor(s), e.g. {next(iter(wrong.items()))}")
-    result.extra["mix"] = {"base": base.value, "target_bytes": target, "stock_bytes": stock_bytes, "size_bytes": result.size_bytes,
-                           "predicted_kld": predicted_kld(sens, plan), "stock_predicted_kld": _stock_prediction(sens, stock_types),
-                           "probes": probes + 2, "calibration_tokens": len(ids), "calibration_check": check, "types": plan}
+
+
+def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, imatrix: Path | str | None = None,
+                 force: bool = False):
+    """Write `<base>-mix`: no larger than the target (default: stock `base` from the same input),
+    each tensor's type chosen from measured sensitivity; return the read-back QuantResult."""
+    from neoxq.core.atomic import check_output
+    from neoxq.core.gguf_info import read_info
+    from neoxq.core.qtypes import QuantType
+
+    from . import quantize as rq
+
+    base = QuantType.parse(base) if isinstance(base, str) else base
+    info = inp if isinstance(inp, GGUFInfo) else read_info(inp)
+    rq.check_quantizable(info, base, bool(imatrix))
+    out = Path(output) if output else rq.default_output(info, f"{base.value}-mix")
+    check_output(out, force)
+    plan = plan_mix(info, base, opts, imatrix, out.parent if str(out.parent) else Path("."))
+    result = rq.quantize(info, base, output=out, imatrix=imatrix, force=force, tensor_types=plan.types, kv=plan.kv,
+                         label=f"{base.value}-mix")
+    check_written(result, plan, out)
+    result.extra["mix"] = {**plan.extra, "size_bytes": result.size_bytes}
     return result
 
 

@@ -93,7 +93,13 @@ def make_opt(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path) -> dict:
 
 
 def make_autoround(ar: Path, ckpt: Path, qtype: str, iters: int, calib_jsonl: Path, n: int, work: Path) -> tuple[dict, Path | None]:
-    out_dir = work / f"ar{iters}-{qtype}"
+    import hashlib
+
+    tag = hashlib.sha256(calib_jsonl.read_bytes() + str(ckpt.resolve()).encode()).hexdigest()[:12]
+    out_dir = work / f"ar{iters}-{qtype}-{tag}"  # reused only for the same checkpoint and calibration
+    done = sorted(out_dir.rglob("*.gguf"))
+    if done and (out_dir / "run.json").is_file():
+        return json.loads((out_dir / "run.json").read_text()), done[-1]
     r = benchlib.run_child([ar, "--model", ckpt, "--format", f"gguf:{qtype.lower()}", "--iters", iters, "--dataset", calib_jsonl,
                             "--seqlen", CTX, "--nsamples", n, "--device", "cpu", "--output_dir", out_dir], check=False)
     files = sorted(out_dir.rglob("*.gguf"))
@@ -101,6 +107,7 @@ def make_autoround(ar: Path, ckpt: Path, qtype: str, iters: int, calib_jsonl: Pa
         err = [line for line in (r["stderr"] + r["stdout"]).splitlines() if line.strip()][-3:]
         print(f"    AutoRound --iters {iters} {qtype} failed (rc {r['rc']}): " + " | ".join(err))
         return r, None
+    (out_dir / "run.json").write_text(json.dumps({"wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"], "rc": 0}))
     return r, files[-1]
 
 

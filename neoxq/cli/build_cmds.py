@@ -16,7 +16,7 @@ from .say import result_line
 
 OutType = Enum("OutType", {t.value.lower(): t.value.lower() for t in CONVERT_OUTTYPES}, type=str)
 QUANT_HELP = "Types (nominal bpw): " + ", ".join(f"{t.value} ({t.nominal_bpw:g})" for t in QUANTIZED)
-IMatrixFile = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (neoxq or llama-imatrix GGUF, or legacy .dat).")]
+IMatrixFile = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (neoxq or llama-imatrix GGUF, or legacy .dat); with --mix/--optimize, 'none' for none (default: computed from --calib).")]
 
 
 def convert(
@@ -63,7 +63,7 @@ def quantize(
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")] = None,
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=1.0, max=32.0, help="--mix budget in bits per weight.")] = None,
     optimize: Annotated[bool, typer.Option("--optimize", help="Re-choose every matmul's levels on llama.cpp's grids against the layer's output on --calib (GPTQ); label <TYPE>-opt.")] = False,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="--optimize: the fp32 checkpoint the file was converted from (default: the hub source it records).")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
     output: Output = None,
     as_json: Json = False,
@@ -87,16 +87,17 @@ def quantize(
         from neoxq.optimize import OptimizeOptions, quantize_optimized
 
         im = "auto" if imatrix is None else (None if str(imatrix).lower() == "none" else str(imatrix))
-        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib), reference=reference, imatrix=im, ctx=ctx),
+        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib), reference=reference, imatrix=im, ctx=ctx, mix=mix),
                                     output=output, force=force)
     elif mix:
         from neoxq.core.sizes import parse_size
         from neoxq.core.textfile import read_text
-        from neoxq.runtime.mix import MixOptions, quantize_mix
+        from neoxq.optimize import mix_with_imatrix
+        from neoxq.runtime.mix import MixOptions
 
         opts = MixOptions(read_text(calib), target_bytes=parse_size(target_size, "--target-size") if target_size else None,
                           target_bpw=target_bpw, ctx=ctx)
-        result = quantize_mix(info, qt, opts, output=output, imatrix=imatrix, force=force)
+        result = mix_with_imatrix(info, qt, opts, output, imatrix, reference, force)
     else:
         result = do_quantize(info, qt, output=output, imatrix=imatrix, force=force)
     if as_json:
@@ -109,15 +110,13 @@ def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool
     from neoxq.core.errors import UsageError
 
     if optimize:
-        if mix:
-            raise UsageError("--optimize with --mix is not available yet; pass one of them")
         if calib is None:
             raise UsageError("--optimize chooses the rounding against each layer's output on a calibration text; pass --calib FILE (a text not used for scoring)")
         if target_size or target_bpw:
             raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
         return
-    if reference:
-        raise UsageError("--reference belongs to --optimize; add --optimize")
+    if reference and not mix:
+        raise UsageError("--reference belongs to --optimize and --mix; add one of them")
     if mix and calib is None:
         raise UsageError("--mix measures each tensor's sensitivity on a calibration text; pass --calib FILE (a text not used for scoring)")
     if not mix and (calib or target_size or target_bpw):
