@@ -35,6 +35,10 @@ def describe_file(path: Path) -> dict:
         "source": " ".join(str(m[k]) for k in ("neoxq.source.repo", "neoxq.source.revision", "neoxq.source.commit") if m.get(k)) or "unknown",
         "imatrix": m.get("quantize.imatrix.file") or "none",
         "mix": f"{len(mix)} tensors, budget {m.get('neoxq.mix.target_bytes')} bytes" if mix else "no",
+        "optimized": (f"{m['neoxq.optimize.method']} on {m.get('neoxq.optimize.calibration.tokens')} calibration tokens "
+                      f"(sha256 {str(m.get('neoxq.optimize.calibration.sha256'))[:16]}…) from {m.get('neoxq.optimize.reference')}, "
+                      f"damp {m.get('neoxq.optimize.damp')}, act order {m.get('neoxq.optimize.act_order')}")
+                     if m.get("neoxq.optimize.method") else "no",
         "tensor_types": ", ".join(f"{t}: {n}" for t, n in sorted(_count(info).items())),
     }
 

@@ -72,6 +72,8 @@ def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
         assert np.array_equal(a.reshape(-1, fmt.size)[:, hdr], b.reshape(-1, fmt.size)[:, hdr]), t.name  # the same grids
         changed += not np.array_equal(a, b)
     assert changed >= 18  # every matmul and the embedding got new levels
+    shown = run_cli("info", d / "opt.gguf")
+    assert shown.returncode == 0 and "gptq-on-llama.cpp-grids on" in shown.stdout and "calibration tokens" in shown.stdout
     assert all(x["output_error_ratio"] < 1 for x in res["optimize"]["tensors"])
 
 

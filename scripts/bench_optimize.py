@@ -165,7 +165,9 @@ def _line(r: dict) -> str:
     rel = f"{vs['ratio']:.3f}× [{vs['ci95'][0]:.3f}, {vs['ci95'][1]:.3f}]" if vs else "1 (baseline)"
     ar = r["vs_ar200"]
     ar_s = f"  vs ar200 {ar['ratio']:.3f}× [{ar['ci95'][0]:.3f}, {ar['ci95'][1]:.3f}] {ar['verdict']}" if ar else ""
-    return (f"  {r['file']:<9} {r['size_bytes'] / 1e6:8.3f} MB  KLD {r['kld']:.6f} ± {r['kld_se_window']:.6f}  vs stock {rel:<26} "
+    from neoxq.render import value_pm
+
+    return (f"  {r['file']:<9} {r['size_bytes'] / 1e6:8.3f} MB  KLD {value_pm(r['kld'], r['kld_se_window']):<22}  vs stock {rel:<26} "
             f"top-1 {100 * r['top1']:.2f} %  {r['seconds']:6.1f} s  {r['peak_rss_MiB']:6.0f} MiB{ar_s}")
 
 
