@@ -131,6 +131,7 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     check_quantizable(src, qtype, has_imatrix=opts.imatrix is not None)
     out = Path(output) if output else default_output(src, label)
     ckpt = reference_checkpoint(src, opts.reference, opts.revision)
+    _preflight(ckpt, opts.ctx)
     t0 = time.perf_counter()
     moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, full=True,
                                                embedding_fisher=True)
@@ -157,6 +158,15 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     if plan:
         result.extra["mix"] = {**plan.extra, "size_bytes": result.size_bytes}
     return result
+
+
+def _preflight(ckpt, ctx: int) -> None:
+    from neoxq import preflight
+    from neoxq.convert.neox import GPTNeoXArgs
+
+    preflight.check(f"--optimize on {ckpt.name} (fp32 model + every layer's calibration moments)",
+                    preflight.optimize_bytes(GPTNeoXArgs.from_config(ckpt.config), ctx),
+                    "pass a smaller --ctx, or use a machine with more memory (layer-by-layer calibration is not implemented yet)")
 
 
 def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, scratch: Path):

@@ -51,3 +51,19 @@ def check(what: str, need: int, fix: str, available: int | None = None) -> None:
     avail = available_memory() if available is None else available
     if need > avail:
         raise UsageError(f"{what} needs about {format_bytes(need)} of memory but {format_bytes(avail)} is available; {fix}")
+
+
+def optimize_bytes(args, ctx: int) -> int:
+    """--optimize's calibration pass: the fp32 model in memory, its activations and gradients for one
+    window (forward + backward for the embedding's Fisher), and every matmul's float64 input second
+    moments (3·h² + f² per layer, plus h² for the output and the embedding). Layer-by-layer
+    calibration is not implemented: a model whose moments do not fit cannot be optimised here."""
+    h, f, n = args.hidden_size, args.intermediate_size, args.num_hidden_layers
+    moments = 8 * (n * (3 * h * h + f * f) + 2 * h * h)
+    activations = 4 * ctx * (n * (12 * h + 2 * f) + 6 * args.vocab_size)  # logits, softmax, their gradients
+    return BASE + TORCH + 4 * args.param_count() + activations + moments
+
+
+# torch and transformers imported, beyond BASE (the 31M benchmark model's --optimize peaked at
+# 1127 MiB, scripts/bench_optimize.py; this sum gives 1.27 GB for it)
+TORCH = 300 << 20

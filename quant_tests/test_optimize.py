@@ -115,6 +115,11 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
     assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", other, "-o", tmp_path / "c.gguf"),
                           "not the checkpoint")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--reference", trained, "-o", tmp_path / "d.gguf"), "--optimize")
+    shim = tmp_path / "sim" / "sitecustomize.py"  # too little memory: refused before any work
+    shim.parent.mkdir()
+    shim.write_text("import neoxq.core.machine as m\nm.available_memory = lambda: 400 << 20\n")
+    assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", trained, "-o", tmp_path / "e.gguf",
+                                  env={"PYTHONPATH": str(shim.parent)}), "--optimize on", "calibration moments", "available")
     assert not list(tmp_path.glob("*.gguf"))
 
 
