@@ -42,17 +42,25 @@ def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int) -
 
 
 def gptq_levels(w: np.ndarray, h: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int,
-                act_order: bool = True, damp: float = DAMP) -> np.ndarray:
+                act_order: bool = True, damp: float = DAMP, regrid=None, group: int = 0) -> np.ndarray:
     """Levels int16 [rows, cols] for weights w [rows, cols] on grids (a, m) [rows, cols], chosen to
-    minimise Σ_rows (w − q)ᵀ H (w − q)."""
+    minimise Σ_rows (w − q)ᵀ H (w − q).
+
+    regrid(rows, col, wcur) → (a, m) for columns col … col + group: with it, each group's grid is
+    re-chosen when the sweep reaches the group, from the weights as error compensation has left
+    them (GPTQ's own handling of group scales; llama.cpp's search does the choosing). Columns are
+    then taken in their natural order, so that a group's columns are rounded together."""
     cols = w.shape[1]
+    act_order = act_order and regrid is None
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
     u = inverse_cholesky(np.asarray(h)[np.ix_(perm, perm)], damp)
+    block = max(BLOCK, group) if regrid else BLOCK
     out = np.empty(w.shape, np.int16)
     for r0 in range(0, w.shape[0], ROW_CHUNK):
         rows = slice(r0, r0 + ROW_CHUNK)
-        lv = _gptq_rows(np.asarray(w[rows], np.float64)[:, perm], u, np.asarray(a[rows], np.float64)[:, perm],
-                        np.asarray(m[rows], np.float64)[:, perm], lmin, lmax)
+        grid_a, grid_m = np.asarray(a[rows], np.float64)[:, perm], np.asarray(m[rows], np.float64)[:, perm]
+        step = None if regrid is None else (lambda c, wcur, rows=rows: regrid(rows, c, wcur))
+        lv = _gptq_rows(np.asarray(w[rows], np.float64)[:, perm], u, grid_a, grid_m, lmin, lmax, block, step, group)
         out[rows, :] = _unpermute(lv, perm)
     return out
 
@@ -63,14 +71,18 @@ def _unpermute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int) -> np.ndarray:
+def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int,
+               block: int = BLOCK, regrid=None, group: int = 0) -> np.ndarray:
     cols = w.shape[1]
     lv = np.empty(w.shape, np.int16)
-    for c0 in range(0, cols, BLOCK):
-        c1 = min(c0 + BLOCK, cols)
+    for c0 in range(0, cols, block):
+        c1 = min(c0 + block, cols)
         wb, err = w[:, c0:c1].copy(), np.empty((len(w), c1 - c0))
         ub = u[c0:c1, c0:c1]
         for i in range(c1 - c0):
+            if regrid is not None and (c0 + i) % group == 0:
+                ga, gm = regrid(c0 + i, wb[:, i:i + group])
+                a[:, c0 + i:c0 + i + group], m[:, c0 + i:c0 + i + group] = ga, gm
             col = wb[:, i]
             li = nearest(col, a[:, c0 + i], m[:, c0 + i], lmin, lmax)
             q = a[:, c0 + i] * li - m[:, c0 + i]
