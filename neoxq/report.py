@@ -8,7 +8,6 @@ the source of truth; report.md and report.png are rendered from it (neoxq.render
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
