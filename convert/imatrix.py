@@ -24,10 +24,12 @@ def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
 
 
 def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, dataset_name: str) -> IMatrix:
-    """The importance matrix is the diagonal of the full second moments (one calibration pass for both)."""
+    """The importance matrix is the diagonal of the second moments (full [in, in] matrices or their
+    diagonals), so one calibration pass serves both."""
     import numpy as np
 
-    return IMatrix({k: np.diagonal(v).astype(np.float32).copy() for k, v in sums.items()}, {k: float(v) for k, v in counts.items()},
+    diag = {k: np.asarray(v) for k, v in sums.items()}
+    return IMatrix({k: (np.diagonal(v) if v.ndim == 2 else v).astype(np.float32).copy() for k, v in diag.items()}, {k: float(v) for k, v in counts.items()},
                    datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
 
 
@@ -48,7 +50,6 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     used, which is what its levels are then chosen against."""
     try:
         import torch
-        from tokenizers import Tokenizer
     except ImportError as exc:
         raise require_convert_extra(exc) from exc
     from .checkpoint import Checkpoint, open_checkpoint
@@ -56,12 +57,8 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
 
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     args = GPTNeoXArgs.from_config(ckpt.config)
-    if ctx > args.max_position_embeddings:
-        raise UsageError(f"--ctx {ctx} exceeds the model's context {args.max_position_embeddings}; pass a smaller --ctx")
-    ids = Tokenizer.from_file(str(ckpt.folder / "tokenizer.json")).encode(text).ids
+    ids = calibration_windows(ckpt, text, ctx).reshape(-1).tolist()
     n_chunks = len(ids) // ctx
-    if n_chunks < 1:
-        raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of {ctx}; pass a longer --text or a smaller --ctx")
     from .reference import load_reference
 
     model = load_reference(ckpt.folder)
@@ -106,6 +103,23 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     if full:
         sums = {k: v.numpy() for k, v in sums.items()}
     return sums, counts, n_chunks
+
+
+def calibration_windows(ckpt, text: str, ctx: int):
+    """int64 [n, ctx]: the text's tokens in non-overlapping windows (the tail shorter than one dropped)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from .neox import GPTNeoXArgs
+
+    limit = GPTNeoXArgs.from_config(ckpt.config).max_position_embeddings
+    if ctx > limit:
+        raise UsageError(f"--ctx {ctx} exceeds the model's context {limit}; pass a smaller --ctx")
+    ids = Tokenizer.from_file(str(ckpt.folder / "tokenizer.json")).encode(text).ids
+    if len(ids) < ctx:
+        raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of {ctx}; pass a longer --text or a smaller --ctx")
+    n = len(ids) // ctx
+    return np.asarray(ids[:n * ctx], dtype=np.int64).reshape(n, ctx)
 
 
 def _embedding_gradient(model, window, gen):

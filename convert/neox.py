@@ -180,3 +180,10 @@ def _number(name: str, value) -> float:
 
 def _first(*values):
     return next(v for v in values if v is not None)
+
+
+def interleave_qkv(arr: np.ndarray, args: GPTNeoXArgs) -> np.ndarray:
+    """deinterleave_qkv's inverse: llama.cpp's [q-all | k-all | v-all] rows back to HF's per-head order."""
+    h, nh, hd = args.hidden_size, args.num_attention_heads, args.head_dim
+    rest = arr.shape[1:]
+    return arr.reshape(3, nh, hd, *rest).swapaxes(0, 1).reshape(3 * h, *rest)

@@ -156,20 +156,57 @@ def _module(cls_factory, state: dict, prefix: str):
     return mod.eval()
 
 
-def _streamed(ckpt, w, group: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Layer-major evaluation with transformers' own GPT-NeoX modules, `group` windows per pass."""
-    import torch
+def neox_config(ckpt):
+    """transformers' config of the checkpoint, with eager attention (the scores as llama.cpp computes them)."""
     from transformers import GPTNeoXConfig
-    from transformers.masking_utils import create_causal_mask
-    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoXRotaryEmbedding
 
     config = GPTNeoXConfig.from_pretrained(ckpt.folder)
     config._attn_implementation = "eager"
+    return config
+
+
+def head_name(names: set[str]) -> str:
+    """The output matrix's checkpoint name (the input embedding when tied)."""
+    for name in ("embed_out.weight", "lm_head.weight"):
+        if name in names:
+            return name
+    return "gpt_neox.embed_in.weight"
+
+
+def load_layer(ckpt, config, i: int, names: set[str]):
+    """Layer i as transformers' GPTNeoXLayer, its weights read from the checkpoint in fp32."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+
+    prefix = f"gpt_neox.layers.{i}."
+    state = _tensors(ckpt, sorted(n for n in names if n.startswith(prefix) and not _is_buffer(n)))
+    return _module(lambda: GPTNeoXLayer(config, i), state, prefix)
+
+
+def load_final_norm(ckpt, config):
+    import torch
+
+    state = _tensors(ckpt, ["gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"])
+    return _module(lambda: torch.nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps), state, "gpt_neox.final_layer_norm.")
+
+
+def layer_inputs(config, h) -> dict:
+    """What every layer takes besides the hidden states [windows, ctx, hidden]: the causal mask,
+    positions and rotary embeddings, as GPTNeoXModel.forward builds them."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
+
+    position_ids = torch.arange(h.shape[1]).unsqueeze(0)
+    mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    return {"attention_mask": mask, "position_ids": position_ids, "position_embeddings": GPTNeoXRotaryEmbedding(config)(h, position_ids=position_ids)}
+
+
+def _streamed(ckpt, w, group: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Layer-major evaluation with transformers' own GPT-NeoX modules, `group` windows per pass."""
+    import torch
+
+    config = neox_config(ckpt)
     names = set(ckpt.tensor_names())
-    head_name = "embed_out.weight" if "embed_out.weight" in names else "lm_head.weight"
-    if head_name not in names:
-        head_name = "gpt_neox.embed_in.weight"  # tied
-    rotary = GPTNeoXRotaryEmbedding(config)
     pos = list(w.scored_positions)
     with torch.no_grad():
         for start in range(0, w.n_chunks, group):
@@ -178,20 +215,13 @@ def _streamed(ckpt, w, group: int) -> Iterator[tuple[int, np.ndarray]]:
             emb = ckpt.read("gpt_neox.embed_in.weight")
             h = torch.from_numpy(np.ascontiguousarray(emb[ids.numpy()], dtype=np.float32))
             del emb
-            position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
-            mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None,
-                                      position_ids=position_ids)
-            pe = rotary(h, position_ids=position_ids)
+            extra = layer_inputs(config, h)
             for i in range(config.num_hidden_layers):
-                prefix = f"gpt_neox.layers.{i}."
-                state = _tensors(ckpt, sorted(n for n in names if n.startswith(prefix) and not _is_buffer(n)))
-                layer = _module(lambda: GPTNeoXLayer(config, i), state, prefix)
-                h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pe)
-                del layer, state
-            norm_state = _tensors(ckpt, ["gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"])
-            norm = _module(lambda: torch.nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps), norm_state, "gpt_neox.final_layer_norm.")
-            h = norm(h[:, pos])
-            logits = _head(ckpt, head_name, h)
+                layer = load_layer(ckpt, config, i, names)
+                h = layer(h, **extra)
+                del layer
+            h = load_final_norm(ckpt, config)(h[:, pos])
+            logits = _head(ckpt, head_name(names), h)
             for j, c in enumerate(chunks):
                 yield c, torch.log_softmax(logits[j].double(), -1).numpy()
 

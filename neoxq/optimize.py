@@ -30,7 +30,8 @@ from neoxq.core.progress import Progress
 from neoxq.core.qtypes import QuantType
 from neoxq.core.textfile import text_sha256
 
-METHOD = "gptq-on-llama.cpp-grids"
+METHOD = "gptq-sequential-asymmetric-on-llama.cpp-grids"
+EMBEDDING = "token_embd.weight"
 
 
 @dataclass
@@ -145,8 +146,9 @@ def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_o
 
 def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts: OptimizeOptions,
                        output: Path | str | None = None, force: bool = False):
-    """The stock `qtype` file with GPTQ-chosen levels; its label is `<T>-opt`."""
-    from neoxq.convert.imatrix import imatrix_from_moments, second_moments
+    """The stock `qtype` file (or the measured mix's) with every quantized weight's level re-chosen;
+    its label is `<T>-opt` (`<T>-opt-mix`)."""
+    from neoxq.convert.imatrix import calibration_windows, imatrix_from_moments, second_moments
     from neoxq.core.imatrix_io import write_imatrix
     from neoxq.runtime.quantize import check_quantizable, default_output, quantize, summarize
 
@@ -158,8 +160,9 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     ckpt = reference_checkpoint(src, opts.reference, opts.revision)
     _preflight(ckpt, opts.ctx)
     t0 = time.perf_counter()
-    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, full=True,
-                                               embedding_fisher=True)
+    windows = calibration_windows(ckpt, opts.calib, opts.ctx)
+    # the fp32 pass: the importance matrix (diagonals) and the embedding's Fisher information
+    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, embedding_fisher=True)
     calib_sha = text_sha256(opts.calib)
     kv = {"neoxq.optimize.method": METHOD, "neoxq.optimize.calibration.sha256": calib_sha,
           "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx), "neoxq.optimize.damp": f"{opts.damp:g}",
@@ -176,13 +179,65 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
             from neoxq.runtime.mix import check_written
 
             check_written(written, plan, tmp)
-        tensors = rewrite_levels(tmp, src, moments, counts, opts.act_order, opts.damp, opts.dynamic_grids)
+        fisher = {k: np.asarray(v) for k, v in moments.items() if k == EMBEDDING}
+        tensors = rewrite_levels(tmp, src, fisher, counts, opts.act_order, opts.damp, opts.dynamic_grids)
+        tensors += rewrite_sequential(tmp, src, ckpt, windows, opts)
     result = summarize(out, qtype, time.perf_counter() - t0)
     result.extra.update({"label": label, "optimize": {"method": METHOD, "calibration_sha256": calib_sha,
                                                       "calibration_tokens": n_chunks * opts.ctx, "tensors": tensors}})
     if plan:
         result.extra["mix"] = {**plan.extra, "size_bytes": result.size_bytes}
     return result
+
+
+def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts: OptimizeOptions) -> list[dict]:
+    """Every layer matmul and the output matrix of the file at `path`, rounded in order on the
+    quantized model's own inputs against the fp32 outputs (neoxq.convert.calibrate), their F32 biases
+    re-solved; levels and biases written in place. One line per tensor: the output error on the
+    calibration tokens, against llama.cpp's levels."""
+    from neoxq.convert.calibrate import sequential_calibration
+    from neoxq.core import blocks, gptq
+
+    info = read_info(path)
+    by_name = {t.name: t for t in info.tensors}
+    done: list[dict] = []
+    with open(path, "r+b") as fh:
+        def read(t):
+            fh.seek(info.data_offset + t.offset)
+            return np.frombuffer(fh.read(t.n_bytes), np.uint8)
+
+        def write(t, data: np.ndarray):
+            fh.seek(info.data_offset + t.offset)
+            fh.write(np.ascontiguousarray(data).tobytes())
+
+        def requantize(name: str, mom: gptq.Moments):
+            t = info.tensor(name)
+            w = read_weights(src, src.tensor(name))
+            tb = by_name.get(name.replace(".weight", ".bias"))
+            b = read(tb).view(np.float32).astype(np.float64) if tb is not None and tb.type == "F32" else None
+            if t.type not in blocks.FORMATS:  # a type neoxq does not encode: keep llama.cpp's, but feed it forward
+                return w, b
+            fmt = blocks.FORMATS[t.type]
+            raw = read(t).reshape(-1, fmt.size).copy()
+            a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
+            stock = blocks.values(fmt, raw).reshape(w.shape)
+            w_t, b_t = gptq.asymmetric_target(w, b, mom, opts.damp)
+            lv = gptq.gptq_levels(w_t, mom.hq / mom.n, a, m, fmt.lmin, fmt.lmax, act_order=opts.act_order, damp=opts.damp)
+            new = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
+            q = blocks.values(fmt, new).reshape(w.shape).astype(np.float64)
+            bq = None if b is None else gptq.corrected_bias(w_t, b_t, q, mom)
+            write(t, new)
+            if bq is not None:
+                write(tb, bq.astype(np.float32))
+            e_old, e_new = gptq.asymmetric_error(w, b, stock, b, mom), gptq.asymmetric_error(w, b, q, bq, mom)
+            done.append({"name": name, "type": t.type, "output_error_ratio": e_new / e_old if e_old > 0 else 1.0})
+            return q, bq
+
+        embd = info.tensor(EMBEDDING)
+        fmt = blocks.FORMATS.get(embd.type)
+        emb_q = blocks.values(fmt, read(embd).reshape(-1, fmt.size)).reshape(embd.shape) if fmt else read_weights(info, embd)
+        sequential_calibration(ckpt, windows, emb_q, requantize, with_head="output.weight" in by_name)
+    return done
 
 
 def _preflight(ckpt, ctx: int) -> None:
