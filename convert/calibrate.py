@@ -29,9 +29,13 @@ Requantize = Callable[[str, Moments], tuple[np.ndarray, np.ndarray | None]]
 
 
 def sequential_calibration(ckpt, windows: np.ndarray, embedding_q: np.ndarray, requantize: Requantize,
-                           with_head: bool = True) -> None:
+                           with_head: bool = True, start_layer: int = 0, restore: Callable | None = None,
+                           on_layer: Callable[[int], None] | None = None) -> None:
     """Round every layer matmul (and the output matrix) in order through `requantize`.
-    windows: int [n, ctx] token ids; embedding_q: the quantized token embedding [vocab, hidden]."""
+    windows: int [n, ctx] token ids; embedding_q: the quantized token embedding [vocab, hidden].
+    Resuming: layers below `start_layer` are not rounded again; restore(gguf name) gives their
+    rounded weight and bias as written, and both models are run through them. on_layer(k) is called
+    when layers 0 … k − 1 are done."""
     import torch
 
     from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
@@ -43,21 +47,30 @@ def sequential_calibration(ckpt, windows: np.ndarray, embedding_q: np.ndarray, r
     h_f = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids], dtype=np.float32))
     h_q = torch.from_numpy(np.ascontiguousarray(embedding_q[ids], dtype=np.float32))
     extra = layer_inputs(config, h_f[:1])
-    steps = args.num_hidden_layers * sum(len(s) for s in STAGES) + int(with_head)
+    per_layer = sum(len(s) for s in STAGES)
+    steps = (args.num_hidden_layers - start_layer) * per_layer + int(with_head)
     with torch.no_grad(), Progress("rounding (sequential)", steps, "matmuls") as bar:
         for i in range(args.num_hidden_layers):
             layer_f = load_layer(ckpt, config, i, names)
             layer_q = copy.deepcopy(layer_f)
+            gname = {mod: gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names) for stage in STAGES for mod in stage}
+            if i < start_layer:
+                for mod, name in gname.items():
+                    _assign(layer_q.get_submodule(mod), *restore(name), args, qkv=mod == STAGES[0][0])
+                h_f, h_q = _run(layer_f, h_f, extra), _run(layer_q, h_q, extra)
+                continue
             for k, stage in enumerate(STAGES):
                 moms, out = _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output=k == 0)
-                out_f = out if k == 0 else out_f
+                if k == 0:
+                    out_f = out  # the fp32 layer's output: its weights never change
                 for mod in stage:
-                    gname = gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names)
-                    q, bq = requantize(gname, moms[mod])
+                    q, bq = requantize(gname[mod], moms[mod])
                     _assign(layer_q.get_submodule(mod), q, bq, args, qkv=mod == STAGES[0][0])
-                    bar.update(1, note=gname)
+                    bar.update(1, note=gname[mod])
             h_f, h_q = out_f, _run(layer_q, h_q, extra)
             del layer_f, layer_q
+            if on_layer:
+                on_layer(i + 1)
         if with_head:
             norm = load_final_norm(ckpt, config)
             mom = _pair_moments(norm(h_f).reshape(-1, h_f.shape[-1]), norm(h_q).reshape(-1, h_q.shape[-1]))

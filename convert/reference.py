@@ -197,7 +197,7 @@ def layer_inputs(config, h) -> dict:
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
     position_ids = torch.arange(h.shape[1]).unsqueeze(0)
-    mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=position_ids)
+    mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids)
     return {"attention_mask": mask, "position_ids": position_ids, "position_embeddings": GPTNeoXRotaryEmbedding(config)(h, position_ids=position_ids)}
 
 

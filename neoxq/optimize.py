@@ -1,20 +1,26 @@
-"""`neoxq quantize --optimize`: llama.cpp's file, with every matmul's levels re-chosen against that
-layer's output on calibration activations.
+"""`neoxq quantize --optimize`: llama.cpp's file, with every quantized weight's level re-chosen
+against the model's output on calibration text, and the layers' F32 biases re-solved.
 
-1. One calibration pass of the fp32 checkpoint (transformers) collects, for every matmul weight,
-   the inputs' second moments H = Σ x xᵀ; their diagonal is the importance matrix, so `--imatrix`
-   is computed from the same pass unless a file (or `none`) is given.
-2. llama.cpp's own quantizer writes the stock file of the type (with that imatrix): its tensor
-   types, its block scales and mins — the grids — and its metadata, plus neoxq's provenance keys.
-3. Per quantized matmul, GPTQ on llama.cpp's grids (neoxq.core.gptq) re-chooses every weight's
-   level to minimise ‖(W − Q) X‖² on the calibration inputs, starting from the F16 weights, and the
-   new levels are written into the file's blocks in place (neoxq.core.blocks): same bytes count,
-   same headers, so every llama.cpp reads and runs it with the same kernels.
-Tensors without calibration inputs (the token embeddings, a lookup) keep llama.cpp's levels.
+1. One fp32 pass of the checkpoint (transformers) over the calibration windows gives the importance
+   matrix (each matmul's input second moments' diagonal; `--imatrix` names another or `none`) and
+   the token embedding's Fisher information (a lookup has no inputs: the gradient of the output's
+   log-likelihood in embedding space stands in for them).
+2. llama.cpp's own quantizer writes the stock file of the type (or the measured mix's types) with
+   that imatrix: its tensor types, block scales and mins (the grids) and metadata, plus neoxq's
+   provenance keys.
+3. The embedding's levels: GPTQ on llama.cpp's grids in the Fisher metric (neoxq.core.gptq).
+4. Then layer by layer (neoxq.convert.calibrate), the fp32 model and the quantized one side by side:
+   each matmul's levels are chosen by GPTQ to reproduce the fp32 layer's output from the inputs the
+   already-quantized layers give (so each layer also cancels what rounding upstream did), with its
+   bias solved in the same least squares; the output matrix last.
+Levels go into llama.cpp's blocks in place (neoxq.core.blocks) and biases into their F32 tensors:
+same tensor types, same bytes, same kernels; every llama.cpp reads and runs the file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,10 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from neoxq.core.atomic import atomic_output
+from neoxq.core.cache import cache_root
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo, TensorInfo, read_info
 from neoxq.core.gptq import DAMP
 from neoxq.core.progress import Progress
+from neoxq.core.progress import info as say
 from neoxq.core.qtypes import QuantType
 from neoxq.core.textfile import text_sha256
 
@@ -147,10 +155,11 @@ def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_o
 def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts: OptimizeOptions,
                        output: Path | str | None = None, force: bool = False):
     """The stock `qtype` file (or the measured mix's) with every quantized weight's level re-chosen;
-    its label is `<T>-opt` (`<T>-opt-mix`)."""
-    from neoxq.convert.imatrix import calibration_windows, imatrix_from_moments, second_moments
-    from neoxq.core.imatrix_io import write_imatrix
-    from neoxq.runtime.quantize import check_quantizable, default_output, quantize, summarize
+    its label is `<T>-opt` (`<T>-opt-mix`). A run killed outright resumes from its last finished
+    layer (neoxq.core.resume); Ctrl-C, SIGTERM and errors leave nothing behind."""
+    from neoxq.convert.imatrix import calibration_windows
+    from neoxq.core.resume import ResumeState
+    from neoxq.runtime.quantize import check_quantizable, default_output, summarize
 
     qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
     src = src if isinstance(src, GGUFInfo) else read_info(src)
@@ -158,43 +167,84 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     check_quantizable(src, qtype, has_imatrix=opts.imatrix is not None)
     out = Path(output) if output else default_output(src, label)
     ckpt = reference_checkpoint(src, opts.reference, opts.revision)
-    _preflight(ckpt, opts.ctx)
-    t0 = time.perf_counter()
     windows = calibration_windows(ckpt, opts.calib, opts.ctx)
-    # the fp32 pass: the importance matrix (diagonals) and the embedding's Fisher information
+    _preflight(ckpt, opts.ctx, len(windows))
+    t0 = time.perf_counter()
+    job = ResumeState(cache_root() / "optimize", _job_inputs(src, ckpt, qtype, opts))
+    with atomic_output(out, force) as tmp:
+        try:
+            state = job.load()
+            resumed = state["layers_done"] if state else None
+            if state is None:
+                state = _first_stage(src, ckpt, qtype, opts, label, job)
+            else:
+                say(f"resuming --optimize from layer {state['layers_done']} (a killed run's work in {job.folder})")
+            state["tensors"] += rewrite_sequential(job.file, src, ckpt, windows, opts, state["layers_done"],
+                                                   on_layer=lambda k: job.save({**state, "layers_done": k}))
+            shutil.move(job.file, tmp)
+        finally:
+            job.clear()
+    result = summarize(out, qtype, time.perf_counter() - t0)
+    result.extra.update({"label": label, "optimize": {"method": METHOD, "calibration_sha256": text_sha256(opts.calib),
+                                                      "calibration_tokens": windows.size, "tensors": state["tensors"],
+                                                      "resumed_from_layer": resumed}})
+    if state.get("mix"):
+        result.extra["mix"] = {**state["mix"], "size_bytes": result.size_bytes}
+    return result
+
+
+def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, label: str, job) -> dict:
+    """Steps 1–3: the fp32 pass, llama.cpp's file (stock or mix types) and the embedding's levels,
+    written into the job's work file; returns the state the sequential pass starts from."""
+    from neoxq.convert.imatrix import imatrix_from_moments, second_moments
+    from neoxq.core.imatrix_io import write_imatrix
+    from neoxq.runtime.quantize import quantize
+
+    work = job.start()
     moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, embedding_fisher=True)
     calib_sha = text_sha256(opts.calib)
     kv = {"neoxq.optimize.method": METHOD, "neoxq.optimize.calibration.sha256": calib_sha,
           "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx), "neoxq.optimize.damp": f"{opts.damp:g}",
           "neoxq.optimize.act_order": str(opts.act_order).lower(), "neoxq.optimize.reference": ckpt.name}
-    with tempfile.TemporaryDirectory(prefix="neoxq-opt-") as scratch, atomic_output(out, force) as tmp:
+    with tempfile.TemporaryDirectory(prefix="neoxq-opt-") as scratch:
         im = opts.imatrix
         if im == "auto":
             im = write_imatrix(Path(scratch) / "calibration.imatrix",
                                imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}"))
         plan = _mix_plan(src, qtype, opts, im, Path(scratch)) if opts.mix else None
-        written = quantize(src, qtype, output=tmp, imatrix=im, force=True, kv={**kv, **(plan.kv if plan else {})}, label=label,
+        written = quantize(src, qtype, output=work, imatrix=im, force=True, kv={**kv, **(plan.kv if plan else {})}, label=label,
                            tensor_types=plan.types if plan else None)
         if plan:
             from neoxq.runtime.mix import check_written
 
-            check_written(written, plan, tmp)
-        fisher = {k: np.asarray(v) for k, v in moments.items() if k == EMBEDDING}
-        tensors = rewrite_levels(tmp, src, fisher, counts, opts.act_order, opts.damp, opts.dynamic_grids)
-        tensors += rewrite_sequential(tmp, src, ckpt, windows, opts)
-    result = summarize(out, qtype, time.perf_counter() - t0)
-    result.extra.update({"label": label, "optimize": {"method": METHOD, "calibration_sha256": calib_sha,
-                                                      "calibration_tokens": n_chunks * opts.ctx, "tensors": tensors}})
-    if plan:
-        result.extra["mix"] = {**plan.extra, "size_bytes": result.size_bytes}
-    return result
+            check_written(written, plan, work)
+    fisher = {k: np.asarray(v) for k, v in moments.items() if k == EMBEDDING}
+    state = {"layers_done": 0, "tensors": rewrite_levels(work, src, fisher, counts, opts.act_order, opts.damp, opts.dynamic_grids),
+             "mix": plan.extra if plan else None}
+    job.save(state)
+    return state
 
 
-def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts: OptimizeOptions) -> list[dict]:
+def _job_inputs(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions) -> dict:
+    """Everything that decides the optimised file's bytes: what a resumed run must share."""
+    from neoxq import __version__
+
+    st = src.path.stat()
+    im = opts.imatrix
+    if im not in (None, "auto"):
+        im = hashlib.sha256(Path(im).read_bytes()).hexdigest()
+    return {"source": [str(src.path.resolve()), st.st_size, st.st_mtime_ns], "reference": ckpt.fingerprint(), "type": qtype.value,
+            "calibration": text_sha256(opts.calib), "imatrix": im, "ctx": opts.ctx, "act_order": opts.act_order, "damp": opts.damp,
+            "mix": opts.mix, "dynamic_grids": opts.dynamic_grids, "method": METHOD, "neoxq": __version__}
+
+
+def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts: OptimizeOptions, start_layer: int = 0,
+                       on_layer=None) -> list[dict]:
     """Every layer matmul and the output matrix of the file at `path`, rounded in order on the
     quantized model's own inputs against the fp32 outputs (neoxq.convert.calibrate), their F32 biases
-    re-solved; levels and biases written in place. One line per tensor: the output error on the
-    calibration tokens, against llama.cpp's levels."""
+    re-solved; levels and biases written in place. Layers below `start_layer` are taken as written
+    (a resumed run). One line per tensor rounded: the output error on the calibration tokens,
+    against llama.cpp's levels."""
     from neoxq.convert.calibrate import sequential_calibration
     from neoxq.core import blocks, gptq
 
@@ -210,17 +260,22 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
             fh.seek(info.data_offset + t.offset)
             fh.write(np.ascontiguousarray(data).tobytes())
 
+        def current(name: str):
+            """The tensor's values and its bias as the file holds them now."""
+            t, tb = by_name[name], by_name.get(name.replace(".weight", ".bias"))
+            fmt = blocks.FORMATS.get(t.type)
+            q = blocks.values(fmt, read(t).reshape(-1, fmt.size)).reshape(t.shape) if fmt else read_weights(info, t)
+            return q, (read(tb).view(np.float32).astype(np.float64) if tb is not None and tb.type == "F32" else None)
+
         def requantize(name: str, mom: gptq.Moments):
-            t = info.tensor(name)
+            t = by_name[name]
             w = read_weights(src, src.tensor(name))
-            tb = by_name.get(name.replace(".weight", ".bias"))
-            b = read(tb).view(np.float32).astype(np.float64) if tb is not None and tb.type == "F32" else None
+            stock, b = current(name)
             if t.type not in blocks.FORMATS:  # a type neoxq does not encode: keep llama.cpp's, but feed it forward
-                return w, b
+                return stock, b
             fmt = blocks.FORMATS[t.type]
             raw = read(t).reshape(-1, fmt.size).copy()
             a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
-            stock = blocks.values(fmt, raw).reshape(w.shape)
             w_t, b_t = gptq.asymmetric_target(w, b, mom, opts.damp)
             lv = gptq.gptq_levels(w_t, mom.hq / mom.n, a, m, fmt.lmin, fmt.lmax, act_order=opts.act_order, damp=opts.damp)
             new = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
@@ -228,25 +283,29 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
             bq = None if b is None else gptq.corrected_bias(w_t, b_t, q, mom)
             write(t, new)
             if bq is not None:
-                write(tb, bq.astype(np.float32))
+                write(by_name[name.replace(".weight", ".bias")], bq.astype(np.float32))
             e_old, e_new = gptq.asymmetric_error(w, b, stock, b, mom), gptq.asymmetric_error(w, b, q, bq, mom)
             done.append({"name": name, "type": t.type, "output_error_ratio": e_new / e_old if e_old > 0 else 1.0})
             return q, bq
 
-        embd = info.tensor(EMBEDDING)
-        fmt = blocks.FORMATS.get(embd.type)
-        emb_q = blocks.values(fmt, read(embd).reshape(-1, fmt.size)).reshape(embd.shape) if fmt else read_weights(info, embd)
-        sequential_calibration(ckpt, windows, emb_q, requantize, with_head="output.weight" in by_name)
+        def finished(k: int):
+            fh.flush()
+            if on_layer:
+                on_layer(k)
+
+        emb_q, _ = current(EMBEDDING)
+        sequential_calibration(ckpt, windows, emb_q, requantize, with_head="output.weight" in by_name, start_layer=start_layer,
+                               restore=current, on_layer=finished)
     return done
 
 
-def _preflight(ckpt, ctx: int) -> None:
+def _preflight(ckpt, ctx: int, windows: int) -> None:
     from neoxq import preflight
     from neoxq.convert.neox import GPTNeoXArgs
 
-    preflight.check(f"--optimize on {ckpt.name} (fp32 model + every layer's calibration moments)",
-                    preflight.optimize_bytes(GPTNeoXArgs.from_config(ckpt.config), ctx),
-                    "pass a smaller --ctx, or use a machine with more memory (layer-by-layer calibration is not implemented yet)")
+    preflight.check(f"--optimize on {ckpt.name} (fp32 model, then layer-by-layer calibration moments)",
+                    preflight.optimize_bytes(GPTNeoXArgs.from_config(ckpt.config), ctx, windows),
+                    "pass a smaller --ctx or a shorter --calib, or use a machine with more memory")
 
 
 def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, scratch: Path):

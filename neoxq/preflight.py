@@ -53,16 +53,23 @@ def check(what: str, need: int, fix: str, available: int | None = None) -> None:
         raise UsageError(f"{what} needs about {format_bytes(need)} of memory but {format_bytes(avail)} is available; {fix}")
 
 
-def optimize_bytes(args, ctx: int) -> int:
-    """--optimize's calibration pass: the fp32 model in memory, its activations and gradients for one
-    window (forward + backward for the embedding's Fisher), and every matmul's float64 input second
-    moments (3·h² + f² per layer, plus h² for the output and the embedding). Layer-by-layer
-    calibration is not implemented: a model whose moments do not fit cannot be optimised here."""
+def optimize_bytes(args, ctx: int, windows: int) -> int:
+    """--optimize's peak, the larger of its two passes.
+    1. fp32 pass: the model in memory, its activations and gradients for one window (forward +
+       backward for the embedding's Fisher), the embedding's float64 Fisher matrix (h²).
+    2. sequential pass (layer by layer): two copies of one fp32 layer, both models' hidden states for
+       every calibration window, one stage's float64 moments (three [in, in] matrices per matmul; the
+       MLP's down projection, f inputs, dominates), one window group's layer activations.
+    Either way the largest tensor's weights and grids during rounding (float32, ×3 + slack)."""
     h, f, n = args.hidden_size, args.intermediate_size, args.num_hidden_layers
-    moments = 8 * (n * (3 * h * h + f * f) + 2 * h * h)
     activations = 4 * ctx * (n * (12 * h + 2 * f) + 6 * args.vocab_size)  # logits, softmax, their gradients
-    rounding = 24 * args.vocab_size * h  # the largest tensor's weights and grids during GPTQ (float32, ×3 + slack)
-    return BASE + TORCH + 4 * args.param_count() + activations + moments + rounding
+    full = 4 * args.param_count() + activations + 8 * h * h
+    layer = 4 * (4 * h * h + 2 * h * f)
+    hidden = 2 * 4 * windows * ctx * h
+    stage = 8 * 3 * (h * h + f * f)
+    sequential = 2 * layer + 2 * hidden + stage + 4 * ctx * 4 * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx)
+    rounding = 24 * args.vocab_size * h
+    return BASE + TORCH + max(full, sequential) + rounding
 
 
 # torch and transformers imported, beyond BASE. scripts/bench_optimize.py measured --optimize's peak

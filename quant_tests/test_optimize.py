@@ -61,6 +61,54 @@ def test_dynamic_grids_rechoose_each_block_from_compensated_weights():
         assert np.allclose(vals[:, col:col + 32], ga * lv[:, col:col + 32] - gm)
 
 
+def _moments(xf, xq):
+    return gptq.Moments(xq.T @ xq, xf.T @ xf, xf.T @ xq, xq.sum(0), xf.sum(0), len(xq))
+
+
+def test_asymmetric_target_reproduces_fp32_outputs_from_perturbed_inputs():
+    """The fp32 layer's outputs, recovered from inputs that upstream rounding changed by an
+    invertible map and a shift: the target (weights and bias) makes the error ~0, where the fp32
+    weights on the same inputs do not (the negative control); the error from moments equals the
+    error computed token by token; unchanged inputs give back (W, b) itself."""
+    rng = np.random.default_rng(2)
+    xf = rng.standard_normal((4000, 32)) + 0.5
+    mix = np.eye(32) + 0.1 * rng.standard_normal((32, 32))
+    xq = xf @ mix.T + 0.2
+    w, b = rng.standard_normal((8, 32)), rng.standard_normal(8)
+    mom = _moments(xf, xq)
+    wt, bt = gptq.asymmetric_target(w, b, mom, damp=1e-9)
+    direct = lambda q, bq: float(np.sum((xf @ w.T + b - xq @ q.T - bq) ** 2)) / len(xf)
+    assert np.isclose(gptq.asymmetric_error(w, b, wt, bt, mom), direct(wt, bt), rtol=1e-6, atol=1e-9)
+    assert np.isclose(gptq.asymmetric_error(w, b, w, b, mom), direct(w, b), rtol=1e-9)
+    assert direct(wt, bt) < 1e-8 * direct(w, b)
+    same = _moments(xf, xf)
+    wt, bt = gptq.asymmetric_target(w, b, same)
+    assert np.allclose(wt, w) and np.allclose(bt, b)
+    wt, none = gptq.asymmetric_target(w, None, same)
+    assert none is None and np.allclose(wt, w)
+
+
+def test_corrected_bias_removes_the_mean_output_error():
+    rng = np.random.default_rng(3)
+    xq = rng.standard_normal((1000, 16)) + 1.0
+    w, b = rng.standard_normal((4, 16)), rng.standard_normal(4)
+    q = np.round(w * 2) / 2
+    mom = _moments(xq, xq)
+    bq = gptq.corrected_bias(w, b, q, mom)
+    assert np.allclose((xq @ w.T + b - xq @ q.T - bq).mean(0), 0, atol=1e-12)
+    assert gptq.asymmetric_error(w, b, q, bq, mom) < gptq.asymmetric_error(w, b, q, b, mom)
+
+
+def test_interleave_qkv_undoes_the_deinterleave():
+    from neoxq.convert.neox import GPTNeoXArgs, deinterleave_qkv, interleave_qkv
+
+    args = GPTNeoXArgs(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32, vocab_size=10)
+    w = np.arange(24 * 8).reshape(24, 8)
+    assert np.array_equal(interleave_qkv(deinterleave_qkv(w, args), args), w)
+    assert np.array_equal(interleave_qkv(deinterleave_qkv(w[:, 0], args), args), w[:, 0])
+    assert not np.array_equal(deinterleave_qkv(w, args), w)  # it does move rows
+
+
 @pytest.fixture(scope="module")
 def optimized(trained, trained_f16, texts, tmp_path_factory):
     from neoxq.convert.imatrix import compute_imatrix
@@ -83,14 +131,19 @@ def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
 
     d, res, stock = optimized
     opt, ref = read_info(d / "opt.gguf"), read_info(stock.path)
-    assert res["type"] == "Q4_K_M-opt" and opt.metadata["neoxq.optimize.method"] == "gptq-on-llama.cpp-grids"
+    from neoxq.optimize import METHOD
+
+    assert res["type"] == "Q4_K_M-opt" and opt.metadata["neoxq.optimize.method"] == METHOD
     assert opt.metadata["neoxq.imatrix.sha256"] == ref.metadata["neoxq.imatrix.sha256"]
     assert [(t.name, t.type, t.n_bytes) for t in opt.tensors] == [(t.name, t.type, t.n_bytes) for t in ref.tensors]
-    changed = 0
+    changed = biases = 0
     for t, s in zip(opt.tensors, ref.tensors):
         a = np.fromfile(opt.path, np.uint8, t.n_bytes, offset=opt.data_offset + t.offset)
         b = np.fromfile(ref.path, np.uint8, s.n_bytes, offset=ref.data_offset + s.offset)
         fmt = blocks.FORMATS.get(t.type)
+        if t.name.endswith(".bias") and t.name.startswith("blk.") and "norm" not in t.name:
+            biases += not np.array_equal(a, b)  # a matmul's bias: re-solved with its levels
+            continue
         if fmt is None or len(t.shape) < 2:
             assert np.array_equal(a, b), t.name  # not optimised: llama.cpp's bytes
             continue
@@ -99,9 +152,9 @@ def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
             hdr[f.bytes] = False
         assert np.array_equal(a.reshape(-1, fmt.size)[:, hdr], b.reshape(-1, fmt.size)[:, hdr]), t.name  # the same grids
         changed += not np.array_equal(a, b)
-    assert changed >= 18  # every matmul and the embedding got new levels
+    assert changed >= 18 and biases >= 16  # every matmul and the embedding got new levels, every matmul a new bias
     shown = run_cli("info", d / "opt.gguf")
-    assert shown.returncode == 0 and "gptq-on-llama.cpp-grids on" in shown.stdout and "calibration tokens" in shown.stdout
+    assert shown.returncode == 0 and f"{METHOD} on" in shown.stdout and "calibration tokens" in shown.stdout
     assert all(x["output_error_ratio"] < 1 for x in res["optimize"]["tensors"])
 
 
@@ -160,7 +213,9 @@ def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
     rows = {r["type"]: r for r in data["results"]}
     assert list(rows) == ["F16", "Q4_K_M", "Q4_K_M-opt"]
     opt = rows["Q4_K_M-opt"]
-    assert opt["optimize"]["method"] == "gptq-on-llama.cpp-grids" and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
+    from neoxq.optimize import METHOD
+
+    assert opt["optimize"]["method"] == METHOD and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
     assert opt["vs_stock"]["stock"] == "Q4_K_M" and opt["vs_stock"]["kld"]["verdict"] == "better"
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| Q4_K_M-opt |" in md and "better" in md
@@ -195,3 +250,39 @@ def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path
     c = compare(*scores)
     print(f"opt-mix / mix KLD {c['kld']['ratio']:.3f} {c['kld']['ci95']}")
     assert c["kld"]["verdict"] == "better"
+
+
+def _kill_at_layer(folder, layer: int, sig: str):
+    """A sitecustomize that sends `sig` to its own process once the sequential pass has finished
+    `layer` layers (after that progress is saved)."""
+    shim = folder / "sitecustomize.py"
+    folder.mkdir()
+    shim.write_text(
+        "import os, signal\nimport neoxq.core.resume as r\n_save = r.ResumeState.save\n"
+        "def save(self, progress):\n    _save(self, progress)\n"
+        f"    if progress.get('layers_done') == {layer}:\n        os.kill(os.getpid(), signal.{sig})\n"
+        "r.ResumeState.save = save\n")
+    return str(folder)
+
+
+def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(trained, trained_f16, texts, tmp_path):
+    """SIGKILL after layer 1: no output, the work kept; the rerun says it resumes from layer 1 and
+    writes the very bytes an uninterrupted run writes, then removes the work. Ctrl-C: exit 130, no
+    output, no work left (negative control: the kill really stopped a run that would have finished)."""
+    (tmp_path / "c.txt").write_text(texts["calib"][:6000])  # a few windows: four runs
+    env = {"NEOXQ_CACHE": str(tmp_path / "cache")}
+    base = ("quantize", trained_f16, "--type", "Q4_K_M", "--optimize", "--calib", tmp_path / "c.txt", "--reference", trained, "--ctx", "128")
+    work = tmp_path / "cache" / "optimize"
+    assert run_cli(*base, "-o", tmp_path / "full.gguf", "--quiet", env=env).returncode == 0
+    assert not any(work.iterdir())
+    killed = run_cli(*base, "-o", tmp_path / "k.gguf", env={**env, "PYTHONPATH": _kill_at_layer(tmp_path / "k", 1, "SIGKILL")})
+    assert killed.returncode == -9 and not (tmp_path / "k.gguf").exists()
+    assert [json.loads(p.read_text())["layers_done"] for p in work.glob("*/state.json")] == [1]
+    resumed = run_cli(*base, "-o", tmp_path / "k.gguf", "--json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["optimize"]["resumed_from_layer"] == 1
+    assert (tmp_path / "k.gguf").read_bytes() == (tmp_path / "full.gguf").read_bytes()
+    assert not any(work.iterdir())
+    stopped = run_cli(*base, "-o", tmp_path / "c.gguf", env={**env, "PYTHONPATH": _kill_at_layer(tmp_path / "c", 1, "SIGINT")})
+    assert stopped.returncode == 130 and not (tmp_path / "c.gguf").exists()
+    assert not any(work.iterdir()) and not list(tmp_path.glob(".*.partial"))

@@ -76,7 +76,9 @@ def _ids_hash(ids: list[int]) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("NEOXQ_CACHE", Path.home() / ".cache" / "neoxq")) / "reference"
+    from neoxq.core.cache import cache_root
+
+    return cache_root() / "reference"
 
 
 class ReferenceCache:

@@ -9,6 +9,8 @@ the same tokens with a 95 % interval):
                stock is the imatrix file)
   stock+im     llama.cpp's quantizer with an imatrix from the calibration text (`neoxq imatrix`)
   opt          `neoxq quantize --optimize --calib` (imatrix from the same calibration pass)
+  mix          `neoxq quantize --mix --calib` (measured per-tensor types, imatrix from the calibration text)
+  opt-mix      `neoxq quantize --optimize --mix --calib`: the mix's types, levels optimised
   ar0, ar200   AutoRound `--format gguf:<type> --iters 0|200` on the same calibration text
 AutoRound runs in its own venv in the benchmark cache (torch CPU, auto-round, gguf), with three
 patches applied here, not in neoxq: its GPT-NeoX converter reads `rotary_pct`, which transformers 5
@@ -18,7 +20,7 @@ benchmark models' tokenizers are trained here with GPT-NeoX-20B's pre-tokenizer:
 Where AutoRound fails, its exact error is printed.
 
     .venv/bin/python scripts/bench_optimize.py [--models 31m,demo,70m] [--types Q4_K_M,Q3_K_M,Q2_K_S,Q5_K_M,Q6_K]
-                                               [--no-autoround] [--json out.json]
+                                               [--no-autoround] [--no-mix] [--json out.json]
 """
 
 from __future__ import annotations
@@ -87,8 +89,14 @@ def make_stock(f16: Path, qtype: str, out: Path, imatrix: Path | None) -> dict:
     return benchlib.run_child(cmd)
 
 
-def make_opt(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path) -> dict:
+def make_opt(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, mix: bool = False) -> dict:
     return benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--optimize", "--calib", calib,
+                               "--reference", ckpt, "--ctx", CTX, "-o", out, "--force", "--quiet"] + (["--mix"] if mix else []))
+
+
+def make_mix(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path) -> dict:
+    """`--mix --calib`: the importance matrix from the calibration text (the default)."""
+    return benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--mix", "--calib", calib,
                                "--reference", ckpt, "--ctx", CTX, "-o", out, "--force", "--quiet"])
 
 
@@ -119,7 +127,7 @@ def score(path: Path, f16: Path, scored: str, cache: Path):
         return kld(m, GGUFReference(f16), scored, CTX, cache_dir=cache)
 
 
-def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: bool) -> list[dict]:
+def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: bool, with_mix: bool = True) -> list[dict]:
     from neoxq.core.stats import compare
 
     work = benchlib.cache_dir() / "optimize-work" / name
@@ -142,6 +150,10 @@ def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: 
                 "stock+im": make_stock(f16, qtype, work / f"{qtype}-im.gguf", im),
                 "opt": make_opt(f16, qtype, work / f"{qtype}-opt.gguf", ckpt, work / "calib.txt")}
         paths = {"stock": work / f"{qtype}.gguf", "stock+im": work / f"{qtype}-im.gguf", "opt": work / f"{qtype}-opt.gguf"}
+        if with_mix:
+            made["mix"] = make_mix(f16, qtype, work / f"{qtype}-mix.gguf", ckpt, work / "calib.txt")
+            made["opt-mix"] = make_opt(f16, qtype, work / f"{qtype}-opt-mix.gguf", ckpt, work / "calib.txt", mix=True)
+            paths.update({"mix": work / f"{qtype}-mix.gguf", "opt-mix": work / f"{qtype}-opt-mix.gguf"})
         if ar:
             for iters in (0, 200):
                 made[f"ar{iters}"], p = make_autoround(ar, ckpt, qtype, iters, work / "calib.jsonl", 24, work)
@@ -152,9 +164,11 @@ def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: 
         for k, s in scores.items():
             c = compare(s.tokens, base) if k != "stock" else None
             vs_ar = compare(s.tokens, scores["ar200"].tokens) if k == "opt" and "ar200" in scores else None
+            vs_mix = compare(s.tokens, scores["mix"].tokens) if k == "opt-mix" else None
             row = {"model": name, "type": qtype, "file": k, "size_bytes": paths[k].stat().st_size, "kld": s.kld_mean,
                    "kld_se_window": s.stats["kld"]["se_window"], "top1": s.top1, "seconds": made[k]["wall_s"],
-                   "peak_rss_MiB": made[k]["peak_rss_MiB"], "vs_stock": c and c["kld"], "vs_ar200": vs_ar and vs_ar["kld"]}
+                   "peak_rss_MiB": made[k]["peak_rss_MiB"], "vs_stock": c and c["kld"], "vs_ar200": vs_ar and vs_ar["kld"],
+                   "vs_mix": vs_mix and vs_mix["kld"]}
             rows.append(row)
             print(_line(row))
     return rows
@@ -163,8 +177,8 @@ def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: 
 def _line(r: dict) -> str:
     vs = r["vs_stock"]
     rel = f"{vs['ratio']:.3f}× [{vs['ci95'][0]:.3f}, {vs['ci95'][1]:.3f}]" if vs else "1 (baseline)"
-    ar = r["vs_ar200"]
-    ar_s = f"  vs ar200 {ar['ratio']:.3f}× [{ar['ci95'][0]:.3f}, {ar['ci95'][1]:.3f}] {ar['verdict']}" if ar else ""
+    ar_s = "".join(f"  vs {name} {x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}] {x['verdict']}"
+                   for name, x in (("ar200", r["vs_ar200"]), ("mix", r.get("vs_mix"))) if x)
     from neoxq.render import value_pm
 
     return (f"  {r['file']:<9} {r['size_bytes'] / 1e6:8.3f} MB  KLD {value_pm(r['kld'], r['kld_se_window']):<22}  vs stock {rel:<26} "
@@ -176,12 +190,13 @@ def main() -> None:
     ap.add_argument("--models", default="31m,demo,70m")
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M,Q2_K_S,Q5_K_M,Q6_K")
     ap.add_argument("--no-autoround", action="store_true")
+    ap.add_argument("--no-mix", action="store_true", help="skip the mix and opt-mix files (each measures ~60 sensitivity probes)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     t0 = time.time()
     rows = []
     for name, (ckpt, heldout) in models(a.models.split(",")).items():
-        rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround)
+        rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix)
         if a.json:
             a.json.write_text(json.dumps(rows, indent=1))
     print(f"\n{len(rows)} files scored in {time.time() - t0:.0f} s")

@@ -1,0 +1,54 @@
+"""A long job's work file and progress, kept where a killed run finds them again.
+
+The folder is named by a hash of every input that made the work, so a rerun resumes only the same
+job. The JSON state is written after the work file is flushed to disk, by rename, so a state on disk
+never claims more than the file holds. The owner removes the folder when the job finishes, fails or
+is interrupted (Ctrl-C, SIGTERM); only a process killed outright (SIGKILL, the OOM killer, power
+loss) leaves it, and that is what it is for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def job_key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class ResumeState:
+    def __init__(self, folder: Path, inputs: dict):
+        self.folder = Path(folder) / job_key(inputs)
+        self.inputs = inputs
+        self.file = self.folder / "work.gguf"
+        self._state = self.folder / "state.json"
+
+    def load(self) -> dict | None:
+        """The saved progress of this very job, or None (nothing saved, or saved by another job)."""
+        try:
+            state = json.loads(self._state.read_text())
+        except (OSError, ValueError):
+            return None
+        if state.get("inputs") != json.loads(json.dumps(self.inputs, default=str)) or not self.file.is_file():
+            return None
+        return state
+
+    def start(self) -> Path:
+        """A fresh work folder (anything older there removed); returns the work file's path."""
+        self.clear()
+        self.folder.mkdir(parents=True)
+        return self.file
+
+    def save(self, progress: dict) -> None:
+        with open(self.file, "rb+") as fh:
+            os.fsync(fh.fileno())
+        tmp = self._state.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"inputs": self.inputs, **progress}, default=str))
+        os.replace(tmp, self._state)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
