@@ -103,6 +103,23 @@ def read_weights(info: GGUFInfo, t: TensorInfo) -> np.ndarray:
     return np.asarray(raw, dtype=np.float32)
 
 
+def tensor_values(info: GGUFInfo, t: TensorInfo, raw: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] of a tensor's raw bytes: neoxq's block formats, the float types, or
+    ggml's own dequantize for the rest (a mix's IQ types)."""
+    from neoxq.core import blocks
+
+    if t.type in blocks.FORMATS:
+        fmt = blocks.FORMATS[t.type]
+        return blocks.values(fmt, raw.reshape(-1, fmt.size)).reshape(t.shape)
+    if t.type in ("F32", "F16", "BF16"):
+        return read_weights(info, t)
+    import gguf
+
+    from neoxq.runtime import capi
+
+    return capi.dequantize(raw, int(gguf.GGMLQuantizationType[t.type]), t.n_elements).reshape(t.shape)
+
+
 def _regridder(fmt, raw: np.ndarray, shape: tuple[int, int], importance: np.ndarray):
     """regrid for gptq_levels: llama.cpp's own search (ggml_quantize_chunk, importance-weighted)
     re-chooses a block column's scales and mins from the weights as GPTQ has updated them; the new
@@ -263,9 +280,7 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
         def current(name: str):
             """The tensor's values and its bias as the file holds them now."""
             t, tb = by_name[name], by_name.get(name.replace(".weight", ".bias"))
-            fmt = blocks.FORMATS.get(t.type)
-            q = blocks.values(fmt, read(t).reshape(-1, fmt.size)).reshape(t.shape) if fmt else read_weights(info, t)
-            return q, (read(tb).view(np.float32).astype(np.float64) if tb is not None and tb.type == "F32" else None)
+            return tensor_values(info, t, read(t)), (read(tb).view(np.float32).astype(np.float64) if tb is not None and tb.type == "F32" else None)
 
         def requantize(name: str, mom: gptq.Moments):
             t = by_name[name]

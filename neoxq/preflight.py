@@ -60,7 +60,8 @@ def optimize_bytes(args, ctx: int, windows: int) -> int:
     2. sequential pass (layer by layer): two copies of one fp32 layer, both models' hidden states for
        every calibration window, one stage's float64 moments (three [in, in] matrices per matmul; the
        MLP's down projection, f inputs, dominates), one window group's layer activations.
-    Either way the largest tensor's weights and grids during rounding (float32, ×3 + slack)."""
+    Either way the largest tensor (the output matrix) while it is rounded: about seven [rows, cols]
+    float64 arrays alive at once (its target, the augmented copies, grids, values, errors)."""
     h, f, n = args.hidden_size, args.intermediate_size, args.num_hidden_layers
     activations = 4 * ctx * (n * (12 * h + 2 * f) + 6 * args.vocab_size)  # logits, softmax, their gradients
     full = 4 * args.param_count() + activations + 8 * h * h
@@ -68,10 +69,11 @@ def optimize_bytes(args, ctx: int, windows: int) -> int:
     hidden = 2 * 4 * windows * ctx * h
     stage = 8 * 3 * (h * h + f * f)
     sequential = 2 * layer + 2 * hidden + stage + 4 * ctx * 4 * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx)
-    rounding = 24 * args.vocab_size * h
+    rounding = 56 * args.vocab_size * h
     return BASE + TORCH + max(full, sequential) + rounding
 
 
-# torch and transformers imported, beyond BASE. scripts/bench_optimize.py measured --optimize's peak
-# at 1127 MiB on the 31M model and 2037 MiB on the 70m shape; this sum gives 1.6 and 2.3 GB.
+# torch and transformers imported, beyond BASE. --optimize's peak RSS, measured (/usr/bin/time) with
+# 32 calibration windows of 512: 1.50 GB on the 31M model, 2.65 GB on the 70m shape; this sum gives
+# 2.0 and 2.9 GB.
 TORCH = 300 << 20

@@ -185,6 +185,26 @@ def _line(r: dict) -> str:
             f"top-1 {100 * r['top1']:.2f} %  {r['seconds']:6.1f} s  {r['peak_rss_MiB']:6.0f} MiB{ar_s}")
 
 
+def markdown(rows: list[dict]) -> str:
+    """The README's table per model: KLD of stock, then every file's ratio to stock, and opt's
+    (opt-mix's) ratio to AutoRound 200 (the mix), each with its paired 95 % interval."""
+    def ratio(x):
+        return f"{x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x else "–"
+
+    cols = ["stock+im", "mix", "ar0", "ar200", "opt", "opt-mix"]
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        out += [f"\n{model}:\n", "| type | stock KLD | " + " | ".join(cols) + " | opt vs AutoRound 200 | opt-mix vs mix | opt s / AR200 s |",
+                "|---|---:|" + "---:|" * (len(cols) + 3)]
+        for qtype in dict.fromkeys(r["type"] for r in rows if r["model"] == model):
+            by = {r["file"]: r for r in rows if r["model"] == model and r["type"] == qtype}
+            cells = [ratio(by[c]["vs_stock"]) if c in by else "–" for c in cols]
+            t = f"{by['opt']['seconds']:.0f} / {by['ar200']['seconds']:.0f}" if "opt" in by and "ar200" in by else "–"
+            out.append(f"| {qtype} | {by['stock']['kld']:.3g} | " + " | ".join(cells) +
+                       f" | {ratio(by.get('opt', {}).get('vs_ar200'))} | {ratio(by.get('opt-mix', {}).get('vs_mix'))} | {t} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="31m,demo,70m")
@@ -192,13 +212,18 @@ def main() -> None:
     ap.add_argument("--no-autoround", action="store_true")
     ap.add_argument("--no-mix", action="store_true", help="skip the mix and opt-mix files (each measures ~60 sensitivity probes)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path, help="print the README table of an earlier --json run and exit")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(json.loads(a.markdown.read_text())))
+        return
     t0 = time.time()
     rows = []
     for name, (ckpt, heldout) in models(a.models.split(",")).items():
         rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix)
         if a.json:
             a.json.write_text(json.dumps(rows, indent=1))
+    print(markdown(rows))
     print(f"\n{len(rows)} files scored in {time.time() - t0:.0f} s")
 
 
