@@ -226,8 +226,9 @@ def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
 
 
 def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path):
-    """--optimize --mix: the measured mix's types (same plan as --mix alone with the same imatrix),
-    levels chosen against each layer's output; lower held-out KLD than the mix alone, no larger."""
+    """--optimize --mix: a measured mix among the types neoxq re-rounds (same sensitivities as --mix
+    alone with the same imatrix), levels chosen against the model's output; lower held-out KLD than
+    the mix alone, within the same budget."""
     from neoxq.convert.imatrix import compute_imatrix
     from neoxq.core.imatrix_io import write_imatrix
     from neoxq.core.stats import compare
@@ -240,9 +241,11 @@ def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path
     mix = quantize_mix(trained_f16, "Q4_K_M", MixOptions(texts["calib"], ctx=128, cache_dir=tmp_path / "mc"), output=tmp_path / "mix.gguf", imatrix=im)
     om = quantize_optimized(trained_f16, "Q4_K_M", OptimizeOptions(texts["calib"], reference=str(trained), imatrix=str(im), ctx=128, mix=True),
                             output=tmp_path / "om.gguf")
-    assert om.label == "Q4_K_M-opt-mix" and om.extra["mix"]["types"] == mix.extra["mix"]["types"]
-    assert {t["name"]: t["type"] for t in om.tensors} == {t["name"]: t["type"] for t in mix.tensors}
-    assert om.size_bytes - mix.size_bytes < 1024  # the same tensor bytes; provenance keys only
+    assert om.label == "Q4_K_M-opt-mix"
+    # the plan may only choose types neoxq re-rounds (an IQ tensor would keep llama.cpp's error)
+    assert set(om.extra["mix"]["types"].values()) <= {"F16", *blocks.FORMATS}
+    assert {t["name"]: t["type"] for t in om.tensors if t["name"] in om.extra["mix"]["types"]} == om.extra["mix"]["types"]
+    assert om.size_bytes <= om.extra["mix"]["target_bytes"] + 1024  # within the mix's budget (provenance keys aside)
     scores = []
     for p in (om.path, mix.path):
         with NeoxModel(p, RuntimeOptions(n_ctx=128, n_batch=128)) as m:

@@ -70,6 +70,10 @@ class Sensitivity:
     measured: dict[str, float]
     kld: dict[str, float] = field(default_factory=dict)
 
+    def restricted(self, types) -> "Sensitivity":
+        keep = set(types)
+        return Sensitivity(*({t: v for t, v in d.items() if t in keep} for d in (self.err, self.measured, self.kld)))
+
     def fit(self) -> None:
         pts = [(self.err[t], k) for t, k in self.measured.items() if self.err.get(t, 0) > 0 and k > 0]
         if not pts:
@@ -325,6 +329,9 @@ class MixOptions:
     max_windows: int = 4
     cache_dir: Path | None = None
     threads: int | None = None
+    # the types the plan may choose (None: every candidate); --optimize passes those whose levels it
+    # can re-choose, since a tensor it cannot re-round keeps llama.cpp's rounding error
+    types: tuple[str, ...] | None = None
 
 
 def _calibration_ids(info: GGUFInfo, opts: MixOptions) -> tuple[list[int], int]:
@@ -377,6 +384,8 @@ def plan_mix(info: GGUFInfo, base, opts: MixOptions, imatrix: Path | str | None,
     fixed = stock_bytes - sum(tensor_bytes(t, stock_types[t.name]) for t in tensors) + 128 * (len(tensors) + 8)
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir().parent / "mix"
     sens, probes = sensitivities(info, ids, ctx, cache, im, file_sha256(Path(imatrix)) if imatrix else None, opts.threads)
+    if opts.types:
+        sens = {n: s.restricted(opts.types) for n, s in sens.items()}
     plan = allocate(tensors, sens, target - fixed)
     plan, check = _checked(info, ids, ctx, cache, im, opts, plan, stock_types, target - fixed, tensors)
     kv = {"neoxq.mix.base": base.value, "neoxq.mix.target_bytes": str(target), "neoxq.mix.stock_bytes": str(stock_bytes),

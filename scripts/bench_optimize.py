@@ -20,7 +20,7 @@ benchmark models' tokenizers are trained here with GPT-NeoX-20B's pre-tokenizer:
 Where AutoRound fails, its exact error is printed.
 
     .venv/bin/python scripts/bench_optimize.py [--models 31m,demo,70m] [--types Q4_K_M,Q3_K_M,Q2_K_S,Q5_K_M,Q6_K]
-                                               [--no-autoround] [--no-mix] [--json out.json]
+                                               [--no-autoround] [--no-mix] [--remake opt,opt-mix] [--json out.json]
 """
 
 from __future__ import annotations
@@ -127,7 +127,18 @@ def score(path: Path, f16: Path, scored: str, cache: Path):
         return kld(m, GGUFReference(f16), scored, CTX, cache_dir=cache)
 
 
-def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: bool, with_mix: bool = True) -> list[dict]:
+def _made(out: Path, make, again: bool) -> dict:
+    """Make the file (its wall time and peak RSS kept beside it), or reuse it and its record."""
+    record = out.with_name(out.name + ".run.json")
+    if not again and out.is_file() and record.is_file():
+        return json.loads(record.read_text())
+    r = make(out)
+    record.write_text(json.dumps({"wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"]}))
+    return r
+
+
+def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: bool, with_mix: bool = True,
+                remake: set[str] | None = None) -> list[dict]:
     from neoxq.core.stats import compare
 
     work = benchlib.cache_dir() / "optimize-work" / name
@@ -146,14 +157,16 @@ def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: 
     rows = []
     for qtype in types:
         print(f"\n{name} {qtype}:")
-        made = {"stock": make_stock(f16, qtype, work / f"{qtype}.gguf", im if qtype == "Q2_K_S" else None),
-                "stock+im": make_stock(f16, qtype, work / f"{qtype}-im.gguf", im),
-                "opt": make_opt(f16, qtype, work / f"{qtype}-opt.gguf", ckpt, work / "calib.txt")}
-        paths = {"stock": work / f"{qtype}.gguf", "stock+im": work / f"{qtype}-im.gguf", "opt": work / f"{qtype}-opt.gguf"}
+        recipes = {"stock": (f"{qtype}.gguf", lambda o: make_stock(f16, qtype, o, im if qtype == "Q2_K_S" else None)),
+                   "stock+im": (f"{qtype}-im.gguf", lambda o: make_stock(f16, qtype, o, im)),
+                   "opt": (f"{qtype}-opt.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt"))}
         if with_mix:
-            made["mix"] = make_mix(f16, qtype, work / f"{qtype}-mix.gguf", ckpt, work / "calib.txt")
-            made["opt-mix"] = make_opt(f16, qtype, work / f"{qtype}-opt-mix.gguf", ckpt, work / "calib.txt", mix=True)
-            paths.update({"mix": work / f"{qtype}-mix.gguf", "opt-mix": work / f"{qtype}-opt-mix.gguf"})
+            recipes.update({"mix": (f"{qtype}-mix.gguf", lambda o: make_mix(f16, qtype, o, ckpt, work / "calib.txt")),
+                            "opt-mix": (f"{qtype}-opt-mix.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt", mix=True))})
+        made, paths = {}, {}
+        for kind, (fname, make) in recipes.items():
+            paths[kind] = work / fname
+            made[kind] = _made(paths[kind], make, remake is None or kind in remake)
         if ar:
             for iters in (0, 200):
                 made[f"ar{iters}"], p = make_autoround(ar, ckpt, qtype, iters, work / "calib.jsonl", 24, work)
@@ -210,6 +223,7 @@ def main() -> None:
     ap.add_argument("--models", default="31m,demo,70m")
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M,Q2_K_S,Q5_K_M,Q6_K")
     ap.add_argument("--no-autoround", action="store_true")
+    ap.add_argument("--remake", help="rebuild only these files (e.g. opt,opt-mix) and reuse the others this benchmark made before")
     ap.add_argument("--no-mix", action="store_true", help="skip the mix and opt-mix files (each measures ~60 sensitivity probes)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path, help="print the README table of an earlier --json run and exit")
@@ -220,7 +234,8 @@ def main() -> None:
     t0 = time.time()
     rows = []
     for name, (ckpt, heldout) in models(a.models.split(",")).items():
-        rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix)
+        rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix,
+                            set(a.remake.split(",")) if a.remake else None)
         if a.json:
             a.json.write_text(json.dumps(rows, indent=1))
     print(markdown(rows))
