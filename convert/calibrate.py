@@ -21,6 +21,7 @@ import numpy as np
 from neoxq.core.gptq import Moments
 from neoxq.core.progress import Progress
 
+LAYER_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 STAGES = (("attention.query_key_value", "mlp.dense_h_to_4h"), ("attention.dense", "mlp.dense_4h_to_h"))
 WINDOWS_PER_PASS = 4  # bounds eager attention's ctx × ctx scores; the result does not depend on it
 
@@ -138,3 +139,69 @@ def _assign(module, q: np.ndarray, bias: np.ndarray | None, args, qkv: bool) -> 
     module.weight.copy_(hf(q))
     if bias is not None:
         module.bias.copy_(hf(bias))
+
+
+def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, embedding_fisher: bool,
+                     gen) -> tuple[dict, dict]:
+    """second_moments' sums and counts with one fp32 layer in memory at a time (a model larger than
+    the memory budget): each window goes forward layer by layer (the matmuls' inputs summed by hooks,
+    every layer's input kept), through the head to the sampled labels' log-likelihood, and back
+    layer by layer — each layer read again and its forward recomputed under autograd — to the
+    gradient at the embedding. The same sums as the in-memory pass (tests: to float rounding)."""
+    import torch
+
+    from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
+    from .reference import head_name, layer_inputs, load_final_norm, load_layer, neox_config
+
+    config, args = neox_config(ckpt), GPTNeoXArgs.from_config(ckpt.config)
+    names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)
+    sums: dict = {}
+    counts: dict = {}
+
+    def add(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        s = x.T @ x if full else (x ** 2).sum(0)
+        sums[name] = sums[name] + s if name in sums else s
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    head = torch.from_numpy(np.array(ckpt.read(head_name(names)), dtype=np.float32)) if embedding_fisher else None
+    with Progress("calibration (streamed)", len(windows), "windows") as bar:
+        for ids in np.asarray(windows):
+            h = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids[None]], dtype=np.float32))
+            extra, kept = layer_inputs(config, h), []
+            with torch.no_grad():
+                for i in range(args.num_hidden_layers):
+                    layer = load_layer(ckpt, config, i, names)
+                    handles = [layer.get_submodule(m).register_forward_pre_hook(
+                        lambda mod, inp, n=gguf_name(f"gpt_neox.layers.{i}.{m}.weight", gguf_names): add(n, inp[0]))
+                        for m in LAYER_MODULES]
+                    kept.append(h)
+                    h = layer(h, **extra)
+                    for hd in handles:
+                        hd.remove()
+            norm = load_final_norm(ckpt, config)
+            if include_output:
+                with torch.no_grad():
+                    add("output.weight", norm(h))
+            if embedding_fisher:
+                g = _head_gradient(norm, head, h, gen)
+                for i in reversed(range(args.num_hidden_layers)):
+                    x = kept[i].requires_grad_(True)
+                    (g,) = torch.autograd.grad(load_layer(ckpt, config, i, names)(x, **extra), x, grad_outputs=g)
+                g = g[0].double()
+                sums["token_embd.weight"] = sums["token_embd.weight"] + g.T @ g if "token_embd.weight" in sums else g.T @ g
+                counts["token_embd.weight"] = counts.get("token_embd.weight", 0) + g.shape[0]
+            bar.update(1)
+    return sums, counts
+
+
+def _head_gradient(norm, head, h, gen):
+    """d log p(next tokens sampled from the model) / d (last layer's output), as in-memory."""
+    import torch
+
+    h = h.detach().requires_grad_(True)
+    logits = torch.nn.functional.linear(norm(h), head)[0].float()
+    with torch.no_grad():
+        sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
+    (g,) = torch.autograd.grad(torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum(), h)
+    return g

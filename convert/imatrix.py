@@ -11,9 +11,9 @@ from neoxq.core.errors import UsageError, require_convert_extra
 from neoxq.core.imatrix_io import IMatrix, write_imatrix
 from neoxq.core.progress import Progress
 
-# The matmuls of a layer whose inputs are collected; their GGUF names come from gguf-py's map. The
-# input columns are the same in both layouts (the QKV de-interleave permutes rows only).
-LAYER_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+# The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
+# input columns are the same in both layouts: the QKV de-interleave permutes rows only).
+from .calibrate import LAYER_MODULES
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
@@ -37,7 +37,7 @@ EMBEDDING = "token_embd.weight"
 
 
 def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False,
-                   full: bool = False, embedding_fisher: bool = False) -> tuple[dict, dict, int]:
+                   full: bool = False, embedding_fisher: bool = False, streamed: bool = False) -> tuple[dict, dict, int]:
     """Per matmul weight (GGUF name): Σ x² per input column (full=False, torch float64 vectors) or
     Σ x xᵀ (full=True, numpy float64 [in, in]: the layer's Hessian up to a factor), and the tokens
     counted, over non-overlapping windows of `ctx` tokens of the text, with the fp32 model.
@@ -47,7 +47,10 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     model itself (so cross-position terms vanish in expectation): the Fisher information of the
     model's output distribution in the embedding's space. The embedding is a lookup, with no input
     activations; a rounding error δ of one of its rows costs ½ δᵀ F δ of KL divergence where it is
-    used, which is what its levels are then chosen against."""
+    used, which is what its levels are then chosen against.
+
+    streamed: one layer in memory at a time (neoxq.convert.calibrate.streamed_moments), for a model
+    whose fp32 weights do not fit the memory budget; the same sums."""
     try:
         import torch
     except ImportError as exc:
@@ -57,8 +60,14 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
 
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     args = GPTNeoXArgs.from_config(ckpt.config)
-    ids = calibration_windows(ckpt, text, ctx).reshape(-1).tolist()
-    n_chunks = len(ids) // ctx
+    windows = calibration_windows(ckpt, text, ctx)
+    ids, n_chunks = windows.reshape(-1).tolist(), len(windows)
+    gen = torch.Generator().manual_seed(0)  # the sampled next tokens: the same on every run
+    if streamed:
+        from .calibrate import streamed_moments
+
+        sums, counts = streamed_moments(ckpt, windows, include_output, full, embedding_fisher, gen)
+        return ({k: v.numpy() for k, v in sums.items()} if full else sums), counts, n_chunks
     from .reference import load_reference
 
     model = load_reference(ckpt.folder)
@@ -84,7 +93,6 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     if include_output:
         handles.append(model.get_output_embeddings().register_forward_pre_hook(hook("output.weight")))
     progress = Progress("calibration" if full else "imatrix", n_chunks, "chunks")
-    gen = torch.Generator().manual_seed(0)  # the sampled next tokens: the same on every run
     try:
         for c in range(n_chunks):
             window = torch.tensor([ids[c * ctx:(c + 1) * ctx]])

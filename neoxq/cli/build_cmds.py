@@ -62,7 +62,7 @@ def quantize(
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix (never scored).")] = None,
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")] = None,
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=1.0, max=32.0, help="--mix budget in bits per weight.")] = None,
-    optimize: Annotated[bool, typer.Option("--optimize", help="Re-choose every matmul's levels on llama.cpp's grids against the layer's output on --calib (GPTQ); label <TYPE>-opt.")] = False,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.")] = False,
     reference: Annotated[Optional[str], typer.Option("--reference", help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
     output: Output = None,

@@ -1,0 +1,64 @@
+"""Layer-by-layer calibration (neoxq.convert.calibrate) against the in-memory fp32 model: the
+streamed first pass gives the same input moments and embedding Fisher sums; the sequential pass
+visits every matmul in order and feeds each one the rounded layers' outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def test_streamed_moments_equal_the_in_memory_pass(trained, texts):
+    from neoxq.convert.imatrix import second_moments
+
+    text = texts["calib"][:3000]
+    mem = second_moments(str(trained), text, 64, include_output=True, embedding_fisher=True)
+    st = second_moments(str(trained), text, 64, include_output=True, embedding_fisher=True, streamed=True)
+    assert mem[1] == st[1] and mem[2] == st[2] and set(mem[0]) == set(st[0])
+    for k, v in mem[0].items():
+        a, b = np.asarray(v), np.asarray(st[0][k])
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), k
+    # negative control: another window length gives other sums, so the check can fail
+    other = second_moments(str(trained), text, 32, include_output=True, embedding_fisher=True, streamed=True)
+    fisher = "token_embd.weight"
+    assert np.linalg.norm(np.asarray(other[0][fisher]) / other[1][fisher] - np.asarray(mem[0][fisher]) / mem[1][fisher]) > \
+        1e-3 * np.linalg.norm(np.asarray(mem[0][fisher]) / mem[1][fisher])
+
+
+def test_sequential_pass_rounds_every_matmul_in_order_on_the_rounded_inputs(trained, texts):
+    """With an identity `requantize`, the quantized stream is the fp32 one: every cross moment
+    equals the fp32 second moment (negative control: a perturbed first layer makes the later
+    layers' inputs differ)."""
+    from neoxq.convert.calibrate import sequential_calibration
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.convert.imatrix import calibration_windows
+    from neoxq.convert.neox import GPTNeoXArgs, deinterleave_qkv
+    from neoxq.convert.reference import head_name
+
+    ckpt = open_checkpoint(str(trained))
+    args = GPTNeoXArgs.from_config(ckpt.config)
+    windows = calibration_windows(ckpt, texts["calib"][:3000], 64)
+    emb = np.array(ckpt.read("gpt_neox.embed_in.weight"), dtype=np.float32)
+
+    def run(scale_first: float):
+        seen = []
+
+        def requantize(name, mom):
+            hf = name.replace("blk.", "gpt_neox.layers.").replace(".attn_qkv.", ".attention.query_key_value.")
+            hf = hf.replace(".attn_output.", ".attention.dense.").replace(".ffn_up.", ".mlp.dense_h_to_4h.").replace(".ffn_down.", ".mlp.dense_4h_to_h.")
+            w = np.array(ckpt.read(head_name(set(ckpt.tensor_names())) if name == "output.weight" else hf), dtype=np.float64)
+            b = None if name == "output.weight" else np.array(ckpt.read(hf.replace(".weight", ".bias")), dtype=np.float64)
+            if "attn_qkv" in name:
+                w, b = deinterleave_qkv(w, args), deinterleave_qkv(b, args)
+            seen.append((name, np.abs(mom.cross - mom.hf).max() / np.abs(mom.hf).max()))
+            return (w * scale_first if name == "blk.0.attn_qkv.weight" else w), b
+
+        sequential_calibration(ckpt, windows, emb, requantize)
+        return seen
+
+    seen = run(1.0)
+    order = [n for n, _ in seen]
+    assert order[:4] == ["blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"]
+    assert len(order) == 4 * args.num_hidden_layers + 1 and order[-1] == "output.weight"
+    assert max(d for _, d in seen) < 1e-5
+    perturbed = dict(run(1.05))
+    assert perturbed["blk.0.attn_qkv.weight"] < 1e-5 and perturbed["blk.0.attn_output.weight"] > 1e-3
