@@ -77,6 +77,9 @@ def main() -> None:
         work = benchlib.cache_dir() / "optimize-work" / name
         heldout = benchlib.eval_text().read_text(encoding="utf-8") if name != "demo" else bench_optimize.models(["demo"])["demo"][1]
         text = heldout[bench_optimize.CALIB_CHARS + 20_000:][:CHARS]
+        if len(text) < CHARS // 2:
+            print(f"{name}: its held-out text leaves only {len(text)} characters after the calibration part; skipped")
+            continue
         (work / "runtime-text.txt").write_text(text, encoding="utf-8")
         for qtype in a.types.split(","):
             paths = {"stock": work / f"{qtype}.gguf", "opt": work / f"{qtype}-opt.gguf"}
