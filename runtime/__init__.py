@@ -10,12 +10,9 @@ llama.cpp first is what avoided it. `neoxq.cli` does the same before any command
 llama.cpp's CPU backend runs its threads under OpenMP, whose idle workers spin after each graph
 (libgomp's default: 300,000 spins, milliseconds) and so take a core from the log-sum-exp that
 follows every decode in perplexity/KLD scoring: measured 4.5 against 3.2 ms per 512-token window
-at a 50k vocabulary, with no change in decode speed at 30,000. Set before libgomp loads, and only
-when the user has not set it.
+at a 50k vocabulary, with no change in decode speed at 30,000. It must be set before libgomp loads,
+so importing this package does not set it (an import changes nothing outside it): the CLI calls
+neoxq.core.machine.init_process() first, and a library user can call it before importing this.
 """
 
-import os
-
-os.environ.setdefault("GOMP_SPINCOUNT", "30000")
-
-import llama_cpp  # noqa: E402, F401  (first, see above)
+import llama_cpp  # noqa: F401  (first, see above)

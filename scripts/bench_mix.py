@@ -148,4 +148,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from neoxq.core.machine import init_process
+
+    init_process()  # as the CLI does: before llama.cpp loads
     main()

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from neoxq.core.machine import init_process  # noqa: E402
+
+init_process()  # as the CLI does: before llama.cpp loads (imports below)
 import benchlib  # noqa: E402
 
 PY = sys.executable

@@ -87,6 +87,9 @@ def _load_llama_first() -> None:
 
 
 def main() -> None:
+    from neoxq.core.machine import init_process
+
+    init_process()  # before llama.cpp loads
     _load_llama_first()
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
