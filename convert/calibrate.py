@@ -159,10 +159,7 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
     counts: dict = {}
 
     def add(name, x):
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        s = x.T @ x if full else (x ** 2).sum(0)
-        sums[name] = sums[name] + s if name in sums else s
-        counts[name] = counts.get(name, 0) + x.shape[0]
+        accumulate(sums, counts, name, x, full)
 
     head = torch.from_numpy(np.array(ckpt.read(head_name(names)), dtype=np.float32)) if embedding_fisher else None
     with Progress("calibration (streamed)", len(windows), "windows") as bar:
@@ -188,9 +185,7 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
                 for i in reversed(range(args.num_hidden_layers)):
                     x = kept[i].requires_grad_(True)
                     (g,) = torch.autograd.grad(load_layer(ckpt, config, i, names)(x, **extra), x, grad_outputs=g)
-                g = g[0].double()
-                sums["token_embd.weight"] = sums["token_embd.weight"] + g.T @ g if "token_embd.weight" in sums else g.T @ g
-                counts["token_embd.weight"] = counts.get("token_embd.weight", 0) + g.shape[0]
+                accumulate(sums, counts, "token_embd.weight", g[0], full=True)
             bar.update(1)
     return sums, counts
 
@@ -200,8 +195,24 @@ def _head_gradient(norm, head, h, gen):
     import torch
 
     h = h.detach().requires_grad_(True)
-    logits = torch.nn.functional.linear(norm(h), head)[0].float()
+    (g,) = torch.autograd.grad(sampled_log_likelihood(torch.nn.functional.linear(norm(h), head)[0], gen), h)
+    return g
+
+
+def sampled_log_likelihood(logits, gen):
+    """Σ log p of next tokens sampled from the model's own distribution (logits [ctx, vocab]): its
+    gradients' outer products estimate the Fisher information (cross-position terms vanish)."""
+    import torch
+
+    logits = logits.float()
     with torch.no_grad():
         sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
-    (g,) = torch.autograd.grad(torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum(), h)
-    return g
+    return torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum()
+
+
+def accumulate(sums: dict, counts: dict, name: str, x, full: bool) -> None:
+    """Add Σ x xᵀ (full) or Σ x² per column of x's rows, in float64, and their number."""
+    x = x.detach().reshape(-1, x.shape[-1]).double()
+    add = x.T @ x if full else (x ** 2).sum(0)
+    sums[name] = sums[name] + add if name in sums else add
+    counts[name] = counts.get(name, 0) + x.shape[0]

@@ -13,7 +13,7 @@ from neoxq.core.progress import Progress
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
-from .calibrate import LAYER_MODULES
+from .calibrate import LAYER_MODULES, accumulate, sampled_log_likelihood
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
@@ -76,10 +76,7 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
 
     def hook(name):
         def fn(module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            add = (x.T @ x).double() if full else (x.double() ** 2).sum(0)
-            sums[name] = sums[name] + add if name in sums else add
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            accumulate(sums, counts, name, inputs[0], full)
         return fn
 
     from .neox import gguf_name, tensor_name_map
@@ -97,9 +94,7 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
         for c in range(n_chunks):
             window = torch.tensor([ids[c * ctx:(c + 1) * ctx]])
             if embedding_fisher:
-                g = _embedding_gradient(model, window, gen)
-                sums[EMBEDDING] = sums[EMBEDDING] + g.T @ g if EMBEDDING in sums else g.T @ g
-                counts[EMBEDDING] = counts.get(EMBEDDING, 0) + g.shape[0]
+                accumulate(sums, counts, EMBEDDING, _embedding_gradient(model, window, gen), full=True)
             else:
                 with torch.no_grad():
                     model(window)
@@ -133,7 +128,6 @@ def calibration_windows(ckpt, text: str, ctx: int):
 def _embedding_gradient(model, window, gen):
     """[ctx, hidden] float64: d log p(sampled next tokens) / d (embedding at each position), one
     backward pass (the layers' input hooks run in its forward as usual)."""
-    import torch
 
     held = {}
 
@@ -143,10 +137,7 @@ def _embedding_gradient(model, window, gen):
 
     handle = model.gpt_neox.embed_in.register_forward_hook(keep)
     try:
-        logits = model(window).logits[0].float()
-        with torch.no_grad():
-            sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
-        torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum().backward()
+        sampled_log_likelihood(model(window).logits[0], gen).backward()
     finally:
         handle.remove()
     model.zero_grad(set_to_none=True)
