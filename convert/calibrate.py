@@ -40,7 +40,7 @@ def sequential_calibration(ckpt, windows: np.ndarray, embedding_q: np.ndarray, r
     import torch
 
     from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
-    from .reference import head_name, layer_inputs, load_final_norm, load_layer, neox_config
+    from .reference import head_name, layer_inputs, load_layer, neox_config
 
     config, args = neox_config(ckpt), GPTNeoXArgs.from_config(ckpt.config)
     names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)
@@ -61,22 +61,41 @@ def sequential_calibration(ckpt, windows: np.ndarray, embedding_q: np.ndarray, r
                 h_f, h_q = _run(layer_f, h_f, extra), _run(layer_q, h_q, extra)
                 continue
             for k, stage in enumerate(STAGES):
-                moms, out = _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output=k == 0)
+                moms, out = _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output=k == 0, args=args)
                 if k == 0:
                     out_f = out  # the fp32 layer's output: its weights never change
+                else:  # the fp32 layer and its input are done with: free them before the largest rounding
+                    del layer_f
+                    h_f = out_f
                 for mod in stage:
-                    q, bq = requantize(gname[mod], moms[mod])
+                    q, bq = requantize(gname[mod], moms.pop(mod))
                     _assign(layer_q.get_submodule(mod), q, bq, args, qkv=mod == STAGES[0][0])
                     bar.update(1, note=gname[mod])
-            h_f, h_q = out_f, _run(layer_q, h_q, extra)
-            del layer_f, layer_q
+            h_q = _run(layer_q, h_q, extra)
+            del layer_q
             if on_layer:
                 on_layer(i + 1)
         if with_head:
-            norm = load_final_norm(ckpt, config)
-            mom = _pair_moments(norm(h_f).reshape(-1, h_f.shape[-1]), norm(h_q).reshape(-1, h_q.shape[-1]))
-            requantize("output.weight", mom)
+            requantize("output.weight", _head_moments(ckpt, config, head_name(names), h_f, h_q))
             bar.update(1, note=head_name(names))
+
+
+def _head_moments(ckpt, config, head: str, h_f, h_q) -> Moments:
+    """The output matrix's moments: the fp32 logits against the quantized stream's final norm."""
+    import torch
+
+    from .reference import load_final_norm
+
+    norm = load_final_norm(ckpt, config)
+    w = torch.from_numpy(np.array(ckpt.read(head), dtype=np.float32))
+    acc = _Accumulator()
+    x_f, x_q = h_f.reshape(-1, h_f.shape[-1]), h_q.reshape(-1, h_q.shape[-1])
+    for a in range(0, len(x_f), HEAD_TOKENS):
+        acc.add(torch.nn.functional.linear(norm(x_f[a:a + HEAD_TOKENS]), w), norm(x_q[a:a + HEAD_TOKENS]))
+    return acc.moments()
+
+
+HEAD_TOKENS = 512  # tokens per product with the output matrix: bounds the float64 logits (vocab wide)
 
 
 def _run(layer, h, extra):
@@ -89,17 +108,25 @@ def _batched(fn, h):
     return torch.cat([fn(h[a:a + WINDOWS_PER_PASS]) for a in range(0, len(h), WINDOWS_PER_PASS)])
 
 
-def _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output: bool):
-    """Each stage matmul's Moments (inputs of both models, captured by hooks), and the fp32 layer's
-    output when asked (it never changes, so one pass serves both)."""
+def _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output: bool, args) -> tuple[dict, object]:
+    """Each stage matmul's Moments (the fp32 module's outputs and the quantized module's inputs,
+    captured by hooks; GGUF row order), and the fp32 layer's output when asked (it never changes,
+    so one pass serves both)."""
+    import torch
+
+    from .neox import deinterleave_qkv
+
     seen: dict[str, dict] = {mod: {} for mod in stage}
-    acc: dict[str, Moments] = {}
+    acc = {mod: _Accumulator() for mod in stage}
     handles = []
-    for tag, layer in (("f", layer_f), ("q", layer_q)):
-        for mod in stage:
-            def hook(module, inputs, mod=mod, tag=tag):
-                seen[mod][tag] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            handles.append(layer.get_submodule(mod).register_forward_pre_hook(hook))
+    for mod in stage:
+        def keep_y(module, inputs, output, mod=mod):
+            seen[mod]["y"] = output.detach()
+
+        def keep_x(module, inputs, mod=mod):
+            seen[mod]["x"] = inputs[0].detach()
+        handles.append(layer_f.get_submodule(mod).register_forward_hook(keep_y))
+        handles.append(layer_q.get_submodule(mod).register_forward_pre_hook(keep_x))
     outs = []
     try:
         for a in range(0, len(h_f), WINDOWS_PER_PASS):
@@ -108,23 +135,48 @@ def _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output: bool):
                 outs.append(out)
             layer_q(h_q[a:a + WINDOWS_PER_PASS], **extra)
             for mod in stage:
-                m = _pair_moments(seen[mod]["f"], seen[mod]["q"])
-                acc[mod] = m if mod not in acc else _add(acc[mod], m)
+                acc[mod].add(seen[mod].pop("y"), seen[mod].pop("x"))
     finally:
         for h in handles:
             h.remove()
-    import torch
-
-    return acc, (torch.cat(outs) if keep_output else None)
-
-
-def _pair_moments(xf, xq) -> Moments:
-    xf, xq = xf.double(), xq.double()
-    return Moments((xq.T @ xq).numpy(), (xf.T @ xf).numpy(), (xf.T @ xq).numpy(), xq.sum(0).numpy(), xf.sum(0).numpy(), len(xq))
+    qkv = (lambda x: deinterleave_qkv(x, args))
+    moms = {mod: acc[mod].moments(rows=qkv if mod == STAGES[0][0] else None) for mod in stage}
+    return moms, (torch.cat(outs) if keep_output else None)
 
 
-def _add(a: Moments, b: Moments) -> Moments:
-    return Moments(a.hq + b.hq, a.hf + b.hf, a.cross + b.cross, a.sum_q + b.sum_q, a.sum_f + b.sum_f, a.n + b.n)
+class _Accumulator:
+    """Moments summed in place, in float64 (no full-size temporary per batch: at a 6.9B model's MLP
+    down, Σ x_q x_qᵀ alone is 2.1 GB)."""
+
+    def __init__(self):
+        self.t = None
+        self.n = 0
+
+    def add(self, y, x) -> None:
+        import torch
+
+        y, x = y.reshape(-1, y.shape[-1]).double(), x.reshape(-1, x.shape[-1]).double()
+        if self.t is None:
+            z = torch.zeros
+            self.t = {"hq": z(x.shape[1], x.shape[1], dtype=torch.float64), "yx": z(y.shape[1], x.shape[1], dtype=torch.float64),
+                      "sum_y": z(y.shape[1], dtype=torch.float64), "yy": z(y.shape[1], dtype=torch.float64),
+                      "sum_q": z(x.shape[1], dtype=torch.float64)}
+        t = self.t
+        t["hq"].addmm_(x.T, x)
+        t["yx"].addmm_(y.T, x)
+        t["sum_y"] += y.sum(0)
+        t["yy"] += (y * y).sum(0)
+        t["sum_q"] += x.sum(0)
+        self.n += len(x)
+
+    def moments(self, rows=None) -> Moments:
+        """As numpy (shared memory); rows(x) reorders the output rows (attention QKV: HF's per-head
+        order to the GGUF's)."""
+        t = {k: v.numpy() for k, v in self.t.items()}
+        if rows is not None:
+            t.update({k: rows(t[k]) for k in ("yx", "sum_y", "yy")})
+        self.t = None
+        return Moments(n=self.n, **t)
 
 
 def _assign(module, q: np.ndarray, bias: np.ndarray | None, args, qkv: bool) -> None:

@@ -92,15 +92,49 @@ def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str 
     return write_imatrix(Path(folder) / "calibration.imatrix", im, force=True)
 
 
-def read_weights(info: GGUFInfo, t: TensorInfo) -> np.ndarray:
-    """A float tensor of an F32/F16/BF16 GGUF as float32 [rows, cols], memory-mapped."""
+def read_weights(info: GGUFInfo, t: TensorInfo, rows: slice = slice(None)) -> np.ndarray:
+    """A float tensor of an F32/F16/BF16 GGUF (or some of its rows) as float32 [rows, cols], read
+    through a memory map."""
     dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
     if t.type not in dtypes:
         raise UsageError(f"{info.path.name} holds {t.name} as {t.type}; optimise from the F32/F16/BF16 file")
-    raw = np.memmap(info.path, dtype=dtypes[t.type], mode="r", offset=info.data_offset + t.offset, shape=t.shape)
+    raw = np.memmap(info.path, dtype=dtypes[t.type], mode="r", offset=info.data_offset + t.offset, shape=t.shape)[rows]
     if t.type == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return np.asarray(raw, dtype=np.float32)
+
+
+class RowChunks:
+    """A [rows, cols] matrix produced a row range at a time (read from a file, dequantized): the
+    largest tensors (a 6.9B model's embedding and output matrix, 50k × 4096) are never held whole
+    in float32 or float64."""
+
+    def __init__(self, shape: tuple[int, int], rows_fn):
+        self.shape, self._rows = tuple(shape), rows_fn
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self._rows(rows)
+
+
+def source_weights(src: GGUFInfo, name: str) -> RowChunks:
+    t = src.tensor(name)
+    return RowChunks(t.shape, lambda rows: read_weights(src, t, rows))
+
+
+def dequantized(fmt, raw: np.ndarray, shape: tuple[int, int]) -> RowChunks:
+    """What ggml's dequantize gives for `raw` blocks [n, size] of a [rows, cols] tensor, by rows."""
+    from neoxq.core import blocks
+
+    per_row = shape[1] // fmt.block
+    return RowChunks(shape, lambda r: blocks.values(fmt, raw[_block_rows(r, per_row, shape[0])]).reshape(-1, shape[1]))
+
+
+def _block_rows(rows: slice, per_row: int, n: int) -> slice:
+    r0, r1, _ = rows.indices(n)
+    return slice(r0 * per_row, r1 * per_row)
 
 
 def tensor_values(info: GGUFInfo, t: TensorInfo, raw: np.ndarray) -> np.ndarray:
@@ -142,7 +176,8 @@ def _regridder(fmt, raw: np.ndarray, shape: tuple[int, int], importance: np.ndar
 def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_order: bool = True,
                    damp: float = DAMP, dynamic: bool = False) -> list[dict]:
     """GPTQ every matmul of the quantized file at `path` whose block format neoxq encodes and whose
-    calibration inputs were collected; write the levels in place. Returns one line per tensor."""
+    calibration inputs were collected (here: the embedding, in its Fisher metric); write the levels
+    in place, a row chunk at a time. Returns one line per tensor."""
     from neoxq.core import blocks, gptq
 
     info = read_info(path)
@@ -153,19 +188,24 @@ def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_o
             fmt = blocks.FORMATS[t.type]
             fh.seek(info.data_offset + t.offset)
             raw = np.frombuffer(fh.read(t.n_bytes), np.uint8).reshape(-1, fmt.size).copy()
-            stock = raw.copy()  # llama.cpp's blocks, for the before/after output error
-            w = read_weights(src, src.tensor(t.name))
-            a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
+            w = source_weights(src, t.name)
             h = moments[t.name] / max(counts[t.name], 1)
-            regrid = _regridder(fmt, raw, w.shape, np.diag(h)) if dynamic else None
-            lv = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax, act_order=act_order, damp=damp, regrid=regrid, group=fmt.block)
-            new = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
-            q_old, q_new = (blocks.values(fmt, r).reshape(w.shape) for r in (stock, new))
-            e_old, e_new = gptq.output_error(w, q_old, h), gptq.output_error(w, q_new, h)
+            factor = None if dynamic else gptq.compensation(h, act_order, damp)
+            errors = np.zeros(2)
+            for r0 in range(0, len(w), gptq.ROW_CHUNK):
+                rows = slice(r0, r0 + gptq.ROW_CHUNK)
+                wr, chunk = w[rows], raw[_block_rows(rows, w.shape[1] // fmt.block, len(w))]
+                stock = blocks.values(fmt, chunk).reshape(wr.shape)
+                regrid = _regridder(fmt, chunk, wr.shape, np.diag(h)) if dynamic else None
+                a, m = (g.reshape(wr.shape) for g in blocks.grid(fmt, chunk))
+                lv = gptq.gptq_levels(wr, h, a, m, fmt.lmin, fmt.lmax, act_order=act_order, damp=damp, regrid=regrid,
+                                      group=fmt.block, factor=factor)
+                chunk[:] = blocks.with_levels(fmt, chunk, lv.reshape(-1, fmt.block))
+                errors += [gptq.output_error(wr, stock, h), gptq.output_error(wr, blocks.values(fmt, chunk).reshape(wr.shape), h)]
+                bar.update(wr.size, note=t.name)
             fh.seek(info.data_offset + t.offset)
-            fh.write(new.tobytes())
-            done.append({"name": t.name, "type": t.type, "output_error_ratio": e_new / e_old if e_old > 0 else 1.0})
-            bar.update(t.n_elements, note=t.name)
+            fh.write(raw.tobytes())
+            done.append({"name": t.name, "type": t.type, "output_error_ratio": errors[1] / errors[0] if errors[0] > 0 else 1.0})
     return done
 
 
@@ -284,22 +324,19 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
 
         def requantize(name: str, mom: gptq.Moments):
             t = by_name[name]
-            w = read_weights(src, src.tensor(name))
-            stock, b = current(name)
             if t.type not in blocks.FORMATS:  # a type neoxq does not encode: keep llama.cpp's, but feed it forward
-                return stock, b
-            fmt = blocks.FORMATS[t.type]
+                return current(name)
+            fmt, bias = blocks.FORMATS[t.type], by_name.get(name.replace(".weight", ".bias"))
             raw = read(t).reshape(-1, fmt.size).copy()
-            a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
-            w_t, b_t = gptq.asymmetric_target(w, b, mom, opts.damp)
-            lv = gptq.gptq_levels(w_t, mom.hq / mom.n, a, m, fmt.lmin, fmt.lmax, act_order=opts.act_order, damp=opts.damp)
-            new = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
-            q = blocks.values(fmt, new).reshape(w.shape).astype(np.float64)
+            b = read(bias).view(np.float32).astype(np.float64) if bias is not None and bias.type == "F32" else None
+            e_old = gptq.asymmetric_error(dequantized(fmt, raw, t.shape), b, mom)
+            w_t, b_t = gptq.asymmetric_target(source_weights(src, name), b, mom, opts.damp)
+            q = round_rows(fmt, raw, w_t, gptq.compensation(mom.hq, opts.act_order, opts.damp))
             bq = None if b is None else gptq.corrected_bias(w_t, b_t, q, mom)
-            write(t, new)
+            write(t, raw)
             if bq is not None:
-                write(by_name[name.replace(".weight", ".bias")], bq.astype(np.float32))
-            e_old, e_new = gptq.asymmetric_error(w, b, stock, b, mom), gptq.asymmetric_error(w, b, q, bq, mom)
+                write(bias, bq.astype(np.float32))
+            e_new = gptq.asymmetric_error(q, bq, mom)
             done.append({"name": name, "type": t.type, "output_error_ratio": e_new / e_old if e_old > 0 else 1.0})
             return q, bq
 
@@ -312,6 +349,23 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
         sequential_calibration(ckpt, windows, emb_q, requantize, with_head="output.weight" in by_name, start_layer=start_layer,
                                restore=current, on_layer=finished)
     return done
+
+
+def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor) -> np.ndarray:
+    """GPTQ levels for `target` [rows, cols] on the grids of `raw` (its blocks, rewritten in place), a
+    row chunk at a time against one factor (gptq.compensation); returns the values, float32."""
+    from neoxq.core import blocks, gptq
+
+    q = np.empty(target.shape, np.float32)
+    per_row = target.shape[1] // fmt.block
+    for r0 in range(0, len(target), gptq.ROW_CHUNK):
+        rows = slice(r0, r0 + gptq.ROW_CHUNK)
+        chunk = raw[_block_rows(rows, per_row, len(target))]
+        a, m = (g.reshape(-1, target.shape[1]) for g in blocks.grid(fmt, chunk))
+        lv = gptq.gptq_levels(target[rows], None, a, m, fmt.lmin, fmt.lmax, factor=factor)
+        chunk[:] = blocks.with_levels(fmt, chunk, lv.reshape(-1, fmt.block))
+        q[rows] = blocks.values(fmt, chunk).reshape(-1, target.shape[1])
+    return q
 
 
 def _preflight(ckpt, ctx: int, windows: int) -> None:

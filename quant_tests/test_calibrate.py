@@ -25,8 +25,8 @@ def test_streamed_moments_equal_the_in_memory_pass(trained, texts):
 
 
 def test_sequential_pass_rounds_every_matmul_in_order_on_the_rounded_inputs(trained, texts):
-    """With an identity `requantize`, the quantized stream is the fp32 one: every cross moment
-    equals the fp32 second moment (negative control: a perturbed first layer makes the later
+    """With an identity `requantize`, the quantized stream is the fp32 one: every matmul's
+    Σ y_f x_qᵀ equals W Σ x_q x_qᵀ + b Σ x_qᵀ, rows in the GGUF's order (negative control: a perturbed first layer makes the later
     layers' inputs differ)."""
     from neoxq.convert.calibrate import sequential_calibration
     from neoxq.convert.checkpoint import open_checkpoint
@@ -49,7 +49,8 @@ def test_sequential_pass_rounds_every_matmul_in_order_on_the_rounded_inputs(trai
             b = None if name == "output.weight" else np.array(ckpt.read(hf.replace(".weight", ".bias")), dtype=np.float64)
             if "attn_qkv" in name:
                 w, b = deinterleave_qkv(w, args), deinterleave_qkv(b, args)
-            seen.append((name, np.abs(mom.cross - mom.hf).max() / np.abs(mom.hf).max()))
+            predicted = w @ mom.hq + (0 if b is None else np.outer(b, mom.sum_q))  # y = W x + b when x_q = x_f
+            seen.append((name, np.abs(mom.yx - predicted).max() / np.abs(mom.yx).max()))
             return (w * scale_first if name == "blk.0.attn_qkv.weight" else w), b
 
         sequential_calibration(ckpt, windows, emb, requantize)

@@ -61,31 +61,49 @@ def test_dynamic_grids_rechoose_each_block_from_compensated_weights():
         assert np.allclose(vals[:, col:col + 32], ga * lv[:, col:col + 32] - gm)
 
 
-def _moments(xf, xq):
-    return gptq.Moments(xq.T @ xq, xf.T @ xf, xf.T @ xq, xq.sum(0), xf.sum(0), len(xq))
+def _moments(xf, xq, w, b):
+    return gptq.Moments.of(xf @ w.T + (0 if b is None else b), xq)
 
 
 def test_asymmetric_target_reproduces_fp32_outputs_from_perturbed_inputs():
     """The fp32 layer's outputs, recovered from inputs that upstream rounding changed by an
     invertible map and a shift: the target (weights and bias) makes the error ~0, where the fp32
     weights on the same inputs do not (the negative control); the error from moments equals the
-    error computed token by token; unchanged inputs give back (W, b) itself."""
+    error computed token by token; unchanged inputs give back (W, b) itself; the chunked solve
+    equals numpy's dense solve of the augmented system."""
     rng = np.random.default_rng(2)
     xf = rng.standard_normal((4000, 32)) + 0.5
     mix = np.eye(32) + 0.1 * rng.standard_normal((32, 32))
     xq = xf @ mix.T + 0.2
     w, b = rng.standard_normal((8, 32)), rng.standard_normal(8)
-    mom = _moments(xf, xq)
-    wt, bt = gptq.asymmetric_target(w, b, mom, damp=1e-9)
+    mom = _moments(xf, xq, w, b)
+    wt, bt = gptq.asymmetric_target(w, b, mom, damp=1e-9, row_chunk=3)
     direct = lambda q, bq: float(np.sum((xf @ w.T + b - xq @ q.T - bq) ** 2)) / len(xf)
-    assert np.isclose(gptq.asymmetric_error(w, b, wt, bt, mom), direct(wt, bt), rtol=1e-6, atol=1e-9)
-    assert np.isclose(gptq.asymmetric_error(w, b, w, b, mom), direct(w, b), rtol=1e-9)
+    assert np.isclose(gptq.asymmetric_error(wt, bt, mom, row_chunk=3), direct(wt, bt), rtol=1e-5, atol=1e-9)
+    assert np.isclose(gptq.asymmetric_error(w, b, mom), direct(w, b), rtol=1e-9)
     assert direct(wt, bt) < 1e-8 * direct(w, b)
-    same = _moments(xf, xf)
+    xa, wa = np.c_[xq, np.ones(len(xq))], np.c_[w, b]
+    ha, lam = xa.T @ xa / len(xa), 0.01 * np.mean(np.diag(xa.T @ xa / len(xa)))
+    dense = np.linalg.solve(ha + lam * np.eye(33), ((xf @ w.T + b).T @ xa / len(xa) + lam * wa).T).T
+    wt, bt = gptq.asymmetric_target(w, b, mom, row_chunk=5)
+    assert np.allclose(wt, dense[:, :-1], atol=1e-5) and np.allclose(bt, dense[:, -1], atol=1e-9)
+    same = _moments(xf, xf, w, b)
     wt, bt = gptq.asymmetric_target(w, b, same)
-    assert np.allclose(wt, w) and np.allclose(bt, b)
-    wt, none = gptq.asymmetric_target(w, None, same)
-    assert none is None and np.allclose(wt, w)
+    assert np.allclose(wt, w, atol=1e-6) and np.allclose(bt, b)
+    wt, none = gptq.asymmetric_target(w, None, _moments(xf, xf, w, None))
+    assert none is None and np.allclose(wt, w, atol=1e-6)
+
+
+def test_inverse_cholesky_in_place_matches_the_dense_inverse():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 1100))
+    x[:, 7] = 0  # a dead column
+    h = x.T @ x
+    u = gptq.inverse_cholesky(h, damp=0.01)
+    hd = h.copy()
+    hd[7, 7] = 1.0
+    hd[np.diag_indices_from(hd)] += 0.01 * np.mean(np.diag(hd))
+    assert np.allclose(np.triu(u), u) and np.allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-6, atol=1e-12)
 
 
 def test_corrected_bias_removes_the_mean_output_error():
@@ -93,10 +111,10 @@ def test_corrected_bias_removes_the_mean_output_error():
     xq = rng.standard_normal((1000, 16)) + 1.0
     w, b = rng.standard_normal((4, 16)), rng.standard_normal(4)
     q = np.round(w * 2) / 2
-    mom = _moments(xq, xq)
+    mom = _moments(xq, xq, w, b)
     bq = gptq.corrected_bias(w, b, q, mom)
     assert np.allclose((xq @ w.T + b - xq @ q.T - bq).mean(0), 0, atol=1e-12)
-    assert gptq.asymmetric_error(w, b, q, bq, mom) < gptq.asymmetric_error(w, b, q, b, mom)
+    assert gptq.asymmetric_error(q, bq, mom) < gptq.asymmetric_error(q, b, mom)
 
 
 def test_interleave_qkv_undoes_the_deinterleave():

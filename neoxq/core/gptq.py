@@ -26,13 +26,33 @@ ROW_CHUNK = 2048  # rows at a time: bounds the float64 working copy
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp·mean(diag)·I)⁻¹ (so H⁻¹ = Uᵀ U), with dead columns
     (no activation at all) given a unit diagonal."""
-    h = np.array(h, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
-    lower = np.linalg.cholesky(h)
-    inv_l = np.linalg.solve(lower, np.eye(len(h)))
-    return np.linalg.cholesky(inv_l.T @ inv_l).T
+    u = np.array(h, dtype=np.float64)
+    _inverse_cholesky_inplace(u, damp)
+    return u
+
+
+def _inverse_cholesky_inplace(h: np.ndarray, damp: float) -> None:
+    """inverse_cholesky in h's own memory (C-contiguous float64, symmetric): LAPACK's potrf, potri,
+    potrf on the lower triangle of its Fortran view, which is U in C order; no [in, in] copy."""
+    from scipy.linalg import lapack
+
+    diag = np.einsum("ii->i", h)  # a writable view
+    dead = diag <= 0
+    diag[dead] = 1.0
+    diag += damp * float(np.mean(diag))
+    f = h.T
+    for step, kw in ((lapack.dpotrf, {"overwrite_a": 1, "clean": 0}), (lapack.dpotri, {"overwrite_c": 1}),
+                     (lapack.dpotrf, {"overwrite_a": 1, "clean": 0})):
+        out, info = step(f, lower=1, **kw)
+        if info != 0 or not np.shares_memory(out, h):
+            raise np.linalg.LinAlgError(f"{step.__name__} failed (info {info})")
+    _zero_strict_lower(h)
+
+
+def _zero_strict_lower(a: np.ndarray, rows: int = 1024) -> None:
+    for r0 in range(0, len(a), rows):
+        blk = a[r0:r0 + rows, :r0 + rows]
+        blk[np.tril(np.ones(blk.shape, bool), k=r0 - 1)] = 0.0
 
 
 def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int) -> np.ndarray:
@@ -43,19 +63,29 @@ def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int) -
     return np.clip(lv, lmin, lmax)
 
 
+def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, U): the column order GPTQ rounds in and the inverse Cholesky factor of H in that order,
+    built in one [in, in] float64 buffer (H itself is left as it is; its scale does not matter)."""
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
+    u = np.empty((len(h), len(h)))
+    for r0 in range(0, len(h), 1024):  # permuted copy in row blocks: no second full-size temporary
+        u[r0:r0 + 1024] = np.asarray(h[perm[r0:r0 + 1024]], np.float64)[:, perm]
+    _inverse_cholesky_inplace(u, damp)
+    return perm, u
+
+
 def gptq_levels(w: np.ndarray, h: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int,
-                act_order: bool = True, damp: float = DAMP, regrid=None, group: int = 0) -> np.ndarray:
+                act_order: bool = True, damp: float = DAMP, regrid=None, group: int = 0, factor=None) -> np.ndarray:
     """Levels int16 [rows, cols] for weights w [rows, cols] on grids (a, m) [rows, cols], chosen to
-    minimise Σ_rows (w − q)ᵀ H (w − q).
+    minimise Σ_rows (w − q)ᵀ H (w − q). factor: compensation(h, …) when the caller already has it
+    (rows of one matrix rounded in chunks).
 
     regrid(rows, col, wcur) → (a, m) for columns col … col + group: with it, each group's grid is
     re-chosen when the sweep reaches the group, from the weights as error compensation has left
     them (GPTQ's own handling of group scales; llama.cpp's search does the choosing). Columns are
     then taken in their natural order, so that a group's columns are rounded together."""
-    cols = w.shape[1]
     act_order = act_order and regrid is None
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
-    u = inverse_cholesky(np.asarray(h)[np.ix_(perm, perm)], damp)
+    perm, u = factor if factor is not None else compensation(h, act_order, damp)
     block = max(BLOCK, group) if regrid else BLOCK
     out = np.empty(w.shape, np.int16)
     for r0 in range(0, w.shape[0], ROW_CHUNK):
@@ -99,7 +129,7 @@ def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin:
 def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
     """Σ_rows (w − q)ᵀ H (w − q): the squared output error on the calibration inputs."""
     d = np.asarray(w, np.float64) - np.asarray(q, np.float64)
-    return float(np.einsum("ij,jk,ik->", d, h, d))
+    return float(np.einsum("ij,ij->", d @ h, d))
 
 
 # Sequential, asymmetric calibration ---------------------------------------------------------------
@@ -114,34 +144,73 @@ def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
 
 @dataclass
 class Moments:
-    """One matmul's input statistics over the calibration tokens, the quantized model's inputs
-    (x_q) beside the fp32 model's (x_f)."""
+    """One matmul's calibration statistics: the quantized model's inputs x_q (with a constant 1
+    appended, x̃_q) against the fp32 layer's outputs y_f = W x_f + b. Everything the target, the
+    bias and the error need, and no [in, in] matrix beyond H_q: at a 6.9B model's MLP down
+    (in = 16384) each such float64 matrix is 2.1 GB."""
 
-    hq: np.ndarray  # Σ x_q x_qᵀ
-    hf: np.ndarray  # Σ x_f x_fᵀ
-    cross: np.ndarray  # Σ x_f x_qᵀ
-    sum_q: np.ndarray
-    sum_f: np.ndarray
+    hq: np.ndarray  # Σ x_q x_qᵀ [in, in]
+    yx: np.ndarray  # Σ y_f x_qᵀ [out, in]
+    sum_y: np.ndarray  # Σ y_f [out]
+    yy: np.ndarray  # Σ y_f² per output [out]
+    sum_q: np.ndarray  # Σ x_q [in]
     n: int
 
-    def augmented(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(H_q, C, H_f) of the inputs with a constant 1 appended, per token."""
-        def aug(m, left, right):
-            return np.block([[m, left[:, None]], [right[None, :], np.array([[float(self.n)]])]]) / self.n
-        return aug(self.hq, self.sum_q, self.sum_q), aug(self.cross, self.sum_f, self.sum_q), aug(self.hf, self.sum_f, self.sum_f)
+    @classmethod
+    def of(cls, y_f: np.ndarray, x_q: np.ndarray) -> "Moments":
+        """From token rows: y_f [tokens, out], x_q [tokens, in]."""
+        y, x = np.asarray(y_f, np.float64), np.asarray(x_q, np.float64)
+        return cls(x.T @ x, y.T @ x, y.sum(0), (y * y).sum(0), x.sum(0), len(x))
+
+    def scaled_target(self, w: np.ndarray, b: np.ndarray | None, rows: slice, lam: float) -> np.ndarray:
+        """Rows of E[y_f x̃_qᵀ] + λ W̃ (the right-hand side of the ridge least squares)."""
+        rhs = np.empty((len(self.yx[rows]), self.yx.shape[1] + 1))
+        np.divide(self.yx[rows], self.n, out=rhs[:, :-1])
+        rhs[:, :-1] += lam * np.asarray(w[rows], np.float64)
+        rhs[:, -1] = self.sum_y[rows] / self.n + (0.0 if b is None else lam * np.asarray(b[rows], np.float64))
+        return rhs
 
 
-def asymmetric_target(w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray | None]:
+def _ridge(mom: Moments, damp: float, bias: bool) -> float:
+    """GPTQ's damping, relative to the mean diagonal of (augmented, with bias) E[x̃_q x̃_qᵀ]."""
+    tr = float(np.trace(mom.hq)) / mom.n
+    return damp * ((tr + 1.0) / (len(mom.hq) + 1) if bias else tr / len(mom.hq))
+
+
+def asymmetric_target(w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: float = DAMP,
+                      row_chunk: int = ROW_CHUNK) -> tuple[np.ndarray, np.ndarray | None]:
     """The unquantized (W′, b′) that best reproduces the fp32 outputs from the quantized inputs,
-    ridge-regularised toward (W, b) with GPTQ's damping: (W̃ (C + λI)) (H_q + λI)⁻¹, W̃ = [W b]."""
-    hq, c, _ = mom.augmented()
-    wt = np.concatenate([np.asarray(w, np.float64), (np.zeros(len(w)) if b is None else np.asarray(b, np.float64))[:, None]], 1)
-    if b is None:  # no bias to solve: drop the constant input
-        hq, c, wt = hq[:-1, :-1], c[:-1, :-1], wt[:, :-1]
-    lam = damp * float(np.mean(np.diag(hq)))
-    eye = np.eye(len(hq))
-    target = np.linalg.solve(hq + lam * eye, (wt @ (c + lam * eye)).T).T  # H_q symmetric
-    return (target, None) if b is None else (target[:, :-1], target[:, -1])
+    ridge-regularised toward (W, b) with GPTQ's damping: [W′ b′] (E[x̃_q x̃_qᵀ] + λI) = E[y_f x̃_qᵀ] + λ[W b].
+    One Cholesky of H_q/n + λI (in one [in, in] buffer); the bias's row and column by their Schur
+    complement; the rows solved in chunks. W′ comes back float32 (it is rounded next), b′ float64."""
+    from scipy.linalg import lapack
+
+    bias = b is not None
+    lam = _ridge(mom, damp, bias)
+    m = np.empty(mom.hq.shape)
+    np.divide(mom.hq, mom.n, out=m)
+    np.einsum("ii->i", m)[:] += lam
+    if lapack.dpotrf(m.T, lower=1, overwrite_a=1, clean=0)[1] != 0:
+        raise np.linalg.LinAlgError("the calibration inputs' second moments are not positive definite")
+
+    def solve(rhs: np.ndarray) -> np.ndarray:  # M⁻¹ rhs, rhs [in, k]
+        x, info = lapack.dpotrs(m.T, rhs, lower=1)
+        return x
+
+    s = mom.sum_q / mom.n
+    z = solve(s[:, None])[:, 0] if bias else None
+    out_w = np.empty(w.shape, np.float32)
+    out_b = np.empty(len(out_w)) if bias else None
+    for r0 in range(0, len(out_w), row_chunk):
+        rows = slice(r0, r0 + row_chunk)
+        rhs = mom.scaled_target(w, b, rows, lam)
+        wr = solve(np.ascontiguousarray(rhs[:, :-1].T)).T
+        if bias:  # [W′ b′] [[M, s], [sᵀ, 1 + λ]] = [A a]  ⇒  b′ = (a − A z) / (1 + λ − sᵀz), W′ = A M⁻¹ − b′ zᵀ
+            bt = (rhs[:, -1] - rhs[:, :-1] @ z) / (1.0 + lam - s @ z)
+            wr -= np.outer(bt, z)
+            out_b[rows] = bt
+        out_w[rows] = wr
+    return out_w, out_b
 
 
 def corrected_bias(w_target: np.ndarray, b_target: np.ndarray, q: np.ndarray, mom: Moments) -> np.ndarray:
@@ -149,10 +218,13 @@ def corrected_bias(w_target: np.ndarray, b_target: np.ndarray, q: np.ndarray, mo
     return b_target + (np.asarray(w_target, np.float64) - q) @ (mom.sum_q / mom.n)
 
 
-def asymmetric_error(w: np.ndarray, b: np.ndarray | None, q: np.ndarray, bq: np.ndarray | None, mom: Moments) -> float:
-    """Σ_tokens ‖W x_f + b − (Q x_q + b_q)‖² / n, from the moments."""
-    hq, c, hf = mom.augmented()
-    zb = np.zeros(len(w))
-    wt = np.concatenate([np.asarray(w, np.float64), (zb if b is None else b)[:, None]], 1)
-    qt = np.concatenate([np.asarray(q, np.float64), (zb if bq is None else bq)[:, None]], 1)
-    return float(np.einsum("ij,jk,ik->", wt, hf, wt) - 2 * np.einsum("ij,jk,ik->", wt, c, qt) + np.einsum("ij,jk,ik->", qt, hq, qt))
+def asymmetric_error(q: np.ndarray, bq: np.ndarray | None, mom: Moments, row_chunk: int = ROW_CHUNK) -> float:
+    """Σ_tokens ‖y_f − (Q x_q + b_q)‖² / n, from the moments (rows in chunks)."""
+    total = float(mom.yy.sum())
+    for r0 in range(0, len(q), row_chunk):
+        rows = slice(r0, r0 + row_chunk)
+        qr = np.asarray(q[rows], np.float64)
+        br = np.zeros(len(qr)) if bq is None else np.asarray(bq[rows], np.float64)
+        total -= 2 * float(np.einsum("ij,ij->", qr, mom.yx[rows]) + br @ mom.sum_y[rows])
+        total += float(np.einsum("ij,ij->", qr @ mom.hq, qr) + 2 * br @ (qr @ mom.sum_q) + mom.n * br @ br)
+    return total / mom.n
