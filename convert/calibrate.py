@@ -29,11 +29,12 @@ WINDOWS_PER_PASS = 4  # bounds eager attention's ctx × ctx scores; the result d
 Requantize = Callable[[str, Moments], tuple[np.ndarray, np.ndarray | None]]
 
 
-def sequential_calibration(ckpt, windows: np.ndarray, embedding_q: np.ndarray, requantize: Requantize,
+def sequential_calibration(ckpt, windows: np.ndarray, inputs_q: np.ndarray, requantize: Requantize,
                            with_head: bool = True, start_layer: int = 0, restore: Callable | None = None,
                            on_layer: Callable[[int], None] | None = None) -> None:
     """Round every layer matmul (and the output matrix) in order through `requantize`.
-    windows: int [n, ctx] token ids; embedding_q: the quantized token embedding [vocab, hidden].
+    windows: int [n, ctx] token ids; inputs_q: the quantized token embedding's rows for them
+    [n, ctx, hidden] (the quantized model's input; the whole embedding is not needed).
     Resuming: layers below `start_layer` are not rounded again; restore(gguf name) gives their
     rounded weight and bias as written, and both models are run through them. on_layer(k) is called
     when layers 0 … k − 1 are done."""
@@ -46,7 +47,7 @@ def sequential_calibration(ckpt, windows: np.ndarray, embedding_q: np.ndarray, r
     names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)
     ids = np.asarray(windows)
     h_f = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids], dtype=np.float32))
-    h_q = torch.from_numpy(np.ascontiguousarray(embedding_q[ids], dtype=np.float32))
+    h_q = torch.from_numpy(np.ascontiguousarray(inputs_q, dtype=np.float32))
     extra = layer_inputs(config, h_f[:1])
     per_layer = sum(len(s) for s in STAGES)
     steps = (args.num_hidden_layers - start_layer) * per_layer + int(with_head)

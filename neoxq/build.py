@@ -82,7 +82,7 @@ def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: 
 
 def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
                     imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None,
-                    mix: bool = False) -> dict[QuantType, Built]:
+                    mix: bool = False, max_memory: int | None = None) -> dict[QuantType, Built]:
     """`<TYPE>-opt` for every quantized type: the stock type map and size, levels chosen against each
     layer's output on `calib_text` (neoxq.optimize); with `mix`, `<TYPE>-opt-mix`: a measured mix's
     types. Reused while source, method, imatrix and calibration text are unchanged. Without an
@@ -100,7 +100,8 @@ def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_d
                 "neoxq.optimize.calibration.sha256": calib_sha}
         if imatrix:
             want["neoxq.imatrix.sha256"] = file_sha256(imatrix)
-        opts = OptimizeOptions(calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix)
+        opts = OptimizeOptions(calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix,
+                               max_memory=max_memory)
         make = lambda t=t, path=path, opts=opts: quantize_optimized(base.path, t, opts, output=path, force=True)  # noqa: E731
         out[t] = _made_or_reused(t, path, want, make, variant=variant)
         if on_step:

@@ -56,6 +56,7 @@ class OptimizeOptions:
     # act order). Off: on the 31M benchmark model it measured 0.96x the fixed-grid KLD at Q2_K_S but
     # 1.24x at Q4_K_M, where losing act order costs more than the new grids gain.
     dynamic_grids: bool = False
+    max_memory: int | None = None  # bytes --optimize may use; None: what is available. Above it, the first pass streams
 
 
 def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | None = None):
@@ -225,7 +226,7 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     out = Path(output) if output else default_output(src, label)
     ckpt = reference_checkpoint(src, opts.reference, opts.revision)
     windows = calibration_windows(ckpt, opts.calib, opts.ctx)
-    _preflight(ckpt, opts.ctx, len(windows))
+    plan = _preflight(ckpt, opts, len(windows))
     t0 = time.perf_counter()
     job = ResumeState(cache_root() / "optimize", _job_inputs(src, ckpt, qtype, opts))
     with atomic_output(out, force) as tmp:
@@ -233,7 +234,7 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
             state = job.load()
             resumed = state["layers_done"] if state else None
             if state is None:
-                state = _first_stage(src, ckpt, qtype, opts, label, job)
+                state = _first_stage(src, ckpt, qtype, opts, label, job, plan.streamed)
             else:
                 say(f"resuming --optimize from layer {state['layers_done']} (a killed run's work in {job.folder})")
             state["tensors"] += rewrite_sequential(job.file, src, ckpt, windows, opts, state["layers_done"],
@@ -250,15 +251,16 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     return result
 
 
-def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, label: str, job) -> dict:
-    """Steps 1–3: the fp32 pass, llama.cpp's file (stock or mix types) and the embedding's levels,
-    written into the job's work file; returns the state the sequential pass starts from."""
+def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, label: str, job, streamed: bool) -> dict:
+    """Steps 1–3: the fp32 pass (layer by layer when the model does not fit the memory budget),
+    llama.cpp's file (stock or mix types) and the embedding's levels, written into the job's work
+    file; returns the state the sequential pass starts from."""
     from neoxq.convert.imatrix import imatrix_from_moments, second_moments
     from neoxq.core.imatrix_io import write_imatrix
     from neoxq.runtime.quantize import quantize
 
     work = job.start()
-    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, embedding_fisher=True)
+    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, embedding_fisher=True, streamed=streamed)
     calib_sha = text_sha256(opts.calib)
     kv = {"neoxq.optimize.method": METHOD, "neoxq.optimize.calibration.sha256": calib_sha,
           "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx), "neoxq.optimize.damp": f"{opts.damp:g}",
@@ -345,8 +347,8 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
             if on_layer:
                 on_layer(k)
 
-        emb_q, _ = current(EMBEDDING)
-        sequential_calibration(ckpt, windows, emb_q, requantize, with_head="output.weight" in by_name, start_layer=start_layer,
+        inputs_q = current(EMBEDDING)[0][windows]  # the quantized model's inputs; the whole embedding is let go
+        sequential_calibration(ckpt, windows, inputs_q, requantize, with_head="output.weight" in by_name, start_layer=start_layer,
                                restore=current, on_layer=finished)
     return done
 
@@ -368,13 +370,19 @@ def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor) -> np.ndarray:
     return q
 
 
-def _preflight(ckpt, ctx: int, windows: int) -> None:
+def _preflight(ckpt, opts: OptimizeOptions, windows: int):
+    """The memory plan (neoxq.preflight.optimize_plan) within --max-memory, else what is available:
+    the first pass streams when the fp32 model does not fit; refused in one line when even that
+    and the layer-by-layer pass do not."""
     from neoxq import preflight
     from neoxq.convert.neox import GPTNeoXArgs
+    from neoxq.core.machine import available_memory
 
-    preflight.check(f"--optimize on {ckpt.name} (fp32 model, then layer-by-layer calibration moments)",
-                    preflight.optimize_bytes(GPTNeoXArgs.from_config(ckpt.config), ctx, windows),
-                    "pass a smaller --ctx or a shorter --calib, or use a machine with more memory")
+    budget = opts.max_memory if opts.max_memory is not None else available_memory()
+    plan = preflight.optimize_plan(GPTNeoXArgs.from_config(ckpt.config), opts.ctx, windows, budget)
+    preflight.check(f"--optimize on {ckpt.name} ({windows} calibration windows of {opts.ctx})", plan.peak,
+                    "pass a shorter --calib or a smaller --ctx, or a larger --max-memory", available=budget)
+    return plan
 
 
 def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, scratch: Path):

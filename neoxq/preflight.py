@@ -9,6 +9,7 @@ converter's largest tensor, the transformers reference's plan.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo
@@ -53,27 +54,53 @@ def check(what: str, need: int, fix: str, available: int | None = None) -> None:
         raise UsageError(f"{what} needs about {format_bytes(need)} of memory but {format_bytes(avail)} is available; {fix}")
 
 
-def optimize_bytes(args, ctx: int, windows: int) -> int:
-    """--optimize's peak, the larger of its two passes.
-    1. fp32 pass: the model in memory, its activations and gradients for one window (forward +
-       backward for the embedding's Fisher), the embedding's float64 Fisher matrix (h²).
-    2. sequential pass (layer by layer): two copies of one fp32 layer, both models' hidden states for
-       every calibration window, one stage's float64 moments (three [in, in] matrices per matmul; the
-       MLP's down projection, f inputs, dominates), one window group's layer activations.
-    Either way the largest tensor (the output matrix) while it is rounded: about seven [rows, cols]
-    float64 arrays alive at once (its target, the augmented copies, grids, values, errors)."""
-    h, f, n = args.hidden_size, args.intermediate_size, args.num_hidden_layers
-    activations = 4 * ctx * (n * (12 * h + 2 * f) + 6 * args.vocab_size)  # logits, softmax, their gradients
-    full = 4 * args.param_count() + activations + 8 * h * h
+@dataclass
+class OptimizePlan:
+    """--optimize's peaks: its first pass in memory or streamed (one fp32 layer at a time), and its
+    layer-by-layer rounding pass; `streamed` says which first pass fits the budget."""
+
+    first_in_memory: int
+    first_streamed: int
+    sequential: int
+    streamed: bool = False
+
+    @property
+    def peak(self) -> int:
+        return max(self.first_streamed if self.streamed else self.first_in_memory, self.sequential)
+
+
+def optimize_plan(args, ctx: int, windows: int, budget: int | None = None) -> OptimizePlan:
+    """--optimize's peak, the larger of its two passes (float32 = 4 bytes, float64 = 8).
+    1. fp32 pass, in memory: the model, its activations and gradients for one window (forward +
+       backward for the embedding's Fisher), the Fisher matrix (h², float64). Streamed: one fp32
+       layer (read twice), every layer's input for one window, the output matrix, one window's logits.
+    2. Sequential pass, at its largest matmul (the MLP down, f inputs; or the output matrix): two
+       fp32 copies of one layer, both models' hidden states for every window (and the fp32 layer's
+       output), one window group's activations, the stage's moments (Σ x xᵀ [in, in] and Σ y xᵀ
+       [out, in], float64) plus one [in, in] float64 work matrix (the Cholesky factors), the target
+       and the rounded values (float32 [out, in]) and the row chunk's working copies."""
+    from neoxq.convert.calibrate import HEAD_TOKENS
+    from neoxq.core.gptq import ROW_CHUNK
+
+    h, f, n, v = args.hidden_size, args.intermediate_size, args.num_hidden_layers, args.vocab_size
     layer = 4 * (4 * h * h + 2 * h * f)
-    hidden = 2 * 4 * windows * ctx * h
-    stage = 8 * 3 * (h * h + f * f)
-    sequential = 2 * layer + 2 * hidden + stage + 4 * ctx * 4 * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx)
-    rounding = 56 * args.vocab_size * h
-    return BASE + TORCH + max(full, sequential) + rounding
+    one_window = 4 * ctx * (n * (12 * h + 2 * f) + 6 * v)  # activations, logits, softmax and their gradients
+    in_memory = 4 * args.param_count() + one_window + 8 * h * h
+    streamed = layer + 4 * ctx * (n * h + 12 * h + 2 * f + 6 * v) + 4 * v * h + 8 * h * h
+    hidden = 3 * 4 * windows * ctx * h
+    group = 4 * ctx * 4 * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx) + 4 * ctx * 2 * 8 * (f + h)
+    chunk = 6 * 8 * ROW_CHUNK * max(f, h)
+
+    def matmul(n_in, n_out, stage_rest):  # moments, work matrix, target and values, row chunk
+        return 8 * (2 * n_in * n_in + n_out * n_in) + 8 * n_out * n_in + chunk + stage_rest
+
+    down = 2 * layer + hidden + group + matmul(f, h, 8 * 2 * h * h)  # the attention output's moments alongside
+    head = 2 * 4 * windows * ctx * h + 4 * v * h + 8 * HEAD_TOKENS * v * 2 + matmul(h, v, 0)
+    plan = OptimizePlan(BASE + TORCH + in_memory, BASE + TORCH + streamed, BASE + TORCH + max(down, head))
+    plan.streamed = budget is not None and plan.first_in_memory > budget
+    return plan
 
 
 # torch and transformers imported, beyond BASE. --optimize's peak RSS, measured (/usr/bin/time) with
-# 32 calibration windows of 512: 1.50 GB on the 31M model, 2.65 GB on the 70m shape; this sum gives
-# 2.0 and 2.9 GB.
+# 32 calibration windows of 512: 1.50 GB on the 31M model, 2.65 GB on the 70m shape.
 TORCH = 300 << 20

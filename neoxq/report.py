@@ -310,7 +310,8 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
         files += list(mixes.values())
     if run.opts.optimize:
         for mix in (False, True) if run.opts.mix else (False,):
-            opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step, mix=mix)
+            opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step, mix=mix,
+                                  max_memory=run.opts.max_memory)
             files += list(opt.values())
     return files, im_info, base
 

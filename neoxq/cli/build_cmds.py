@@ -11,7 +11,7 @@ import typer
 
 from neoxq.core.qtypes import CONVERT_OUTTYPES, QUANTIZED, QuantType, types_table
 
-from .options import Force, Json, Output, Quiet, Revision, Source, Text
+from .options import Force, Json, MaxMemory, Output, Quiet, Revision, Source, Text
 from .say import result_line
 
 OutType = Enum("OutType", {t.value.lower(): t.value.lower() for t in CONVERT_OUTTYPES}, type=str)
@@ -65,6 +65,7 @@ def quantize(
     optimize: Annotated[bool, typer.Option("--optimize", help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.")] = False,
     reference: Annotated[Optional[str], typer.Option("--reference", help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
+    max_memory: MaxMemory = None,
     output: Output = None,
     as_json: Json = False,
     force: Force = False,
@@ -79,7 +80,7 @@ def quantize(
     from neoxq.runtime.quantize import quantize as do_quantize
 
     qt = QuantType.parse(qtype)
-    _check_mix_options(mix, calib, target_size, target_bpw, optimize, reference)
+    _check_mix_options(mix, calib, target_size, target_bpw, optimize, reference, max_memory)
     info = read_info(inp)
     preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
     if optimize:
@@ -87,7 +88,8 @@ def quantize(
         from neoxq.optimize import OptimizeOptions, quantize_optimized
 
         im = "auto" if imatrix is None else (None if str(imatrix).lower() == "none" else str(imatrix))
-        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib), reference=reference, imatrix=im, ctx=ctx, mix=mix),
+        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib), reference=reference, imatrix=im, ctx=ctx, mix=mix,
+                                                                max_memory=max_memory),
                                     output=output, force=force)
     elif mix:
         from neoxq.core.sizes import parse_size
@@ -106,7 +108,7 @@ def quantize(
         print(result.table())
 
 
-def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool = False, reference=None) -> None:
+def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool = False, reference=None, max_memory=None) -> None:
     from neoxq.core.errors import UsageError
 
     if optimize:
@@ -115,6 +117,8 @@ def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool
         if target_size or target_bpw:
             raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
         return
+    if max_memory is not None:
+        raise UsageError("--max-memory belongs to --optimize (its fp32 calibration passes); add --optimize or drop it")
     if reference and not mix:
         raise UsageError("--reference belongs to --optimize and --mix; add one of them")
     if mix and calib is None:

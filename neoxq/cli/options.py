@@ -40,7 +40,7 @@ def _size(value: Optional[str]) -> Optional[int]:
 
 
 MaxMemory = Annotated[Optional[str], typer.Option("--max-memory", callback=_size,
-                                                  help="Most memory the fp32 reference may hold (e.g. 4GB); it streams layer by layer when the model does not fit.")]
+                                                  help="Most memory the fp32 model (the reference, --optimize's calibration) may use (e.g. 8GB); it streams layer by layer when the model does not fit.")]
 ReferenceOpt = Annotated[Optional[str], typer.Option("--reference", help="auto (= hf), hf (transformers fp32), f16 (the F16 GGUF this run builds), or a GGUF/checkpoint path.")]
 
 FlashAttn = Annotated[str, typer.Option("--flash-attn", help="auto (on, as llama.cpp resolves it), on or off.")]
