@@ -57,6 +57,7 @@ class OptimizeOptions:
     # 1.24x at Q4_K_M, where losing act order costs more than the new grids gain.
     dynamic_grids: bool = False
     max_memory: int | None = None  # bytes --optimize may use; None: what is available. Above it, the first pass streams
+    first_pass: str = "auto"  # auto: streamed when the fp32 model does not fit max_memory; memory; streamed
 
 
 def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | None = None):
@@ -193,8 +194,9 @@ def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_o
             h = moments[t.name] / max(counts[t.name], 1)
             factor = None if dynamic else gptq.compensation(h, act_order, damp)
             errors = np.zeros(2)
-            for r0 in range(0, len(w), gptq.ROW_CHUNK):
-                rows = slice(r0, r0 + gptq.ROW_CHUNK)
+            step = gptq.row_chunk(w.shape[1])
+            for r0 in range(0, len(w), step):
+                rows = slice(r0, r0 + step)
                 wr, chunk = w[rows], raw[_block_rows(rows, w.shape[1] // fmt.block, len(w))]
                 stock = blocks.values(fmt, chunk).reshape(wr.shape)
                 regrid = _regridder(fmt, chunk, wr.shape, np.diag(h)) if dynamic else None
@@ -245,7 +247,8 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     result = summarize(out, qtype, time.perf_counter() - t0)
     result.extra.update({"label": label, "optimize": {"method": METHOD, "calibration_sha256": text_sha256(opts.calib),
                                                       "calibration_tokens": windows.size, "tensors": state["tensors"],
-                                                      "resumed_from_layer": resumed}})
+                                                      "resumed_from_layer": resumed, "first_pass": "streamed" if plan.streamed else "in memory",
+                                                      "memory_estimate_bytes": plan.peak}})
     if state.get("mix"):
         result.extra["mix"] = {**state["mix"], "size_bytes": result.size_bytes}
     return result
@@ -360,8 +363,9 @@ def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor) -> np.ndarray:
 
     q = np.empty(target.shape, np.float32)
     per_row = target.shape[1] // fmt.block
-    for r0 in range(0, len(target), gptq.ROW_CHUNK):
-        rows = slice(r0, r0 + gptq.ROW_CHUNK)
+    step = gptq.row_chunk(target.shape[1])
+    for r0 in range(0, len(target), step):
+        rows = slice(r0, r0 + step)
         chunk = raw[_block_rows(rows, per_row, len(target))]
         a, m = (g.reshape(-1, target.shape[1]) for g in blocks.grid(fmt, chunk))
         lv = gptq.gptq_levels(target[rows], None, a, m, fmt.lmin, fmt.lmax, factor=factor)
@@ -379,7 +383,7 @@ def _preflight(ckpt, opts: OptimizeOptions, windows: int):
     from neoxq.core.machine import available_memory
 
     budget = opts.max_memory if opts.max_memory is not None else available_memory()
-    plan = preflight.optimize_plan(GPTNeoXArgs.from_config(ckpt.config), opts.ctx, windows, budget)
+    plan = preflight.optimize_plan(GPTNeoXArgs.from_config(ckpt.config), opts.ctx, windows, budget, opts.first_pass)
     preflight.check(f"--optimize on {ckpt.name} ({windows} calibration windows of {opts.ctx})", plan.peak,
                     "pass a shorter --calib or a smaller --ctx, or a larger --max-memory", available=budget)
     return plan

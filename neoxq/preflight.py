@@ -69,35 +69,37 @@ class OptimizePlan:
         return max(self.first_streamed if self.streamed else self.first_in_memory, self.sequential)
 
 
-def optimize_plan(args, ctx: int, windows: int, budget: int | None = None) -> OptimizePlan:
-    """--optimize's peak, the larger of its two passes (float32 = 4 bytes, float64 = 8).
+def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first_pass: str = "auto") -> OptimizePlan:
+    """--optimize's peak, the largest of its phases (float32 = 4 bytes, float64 = 8).
     1. fp32 pass, in memory: the model, its activations and gradients for one window (forward +
        backward for the embedding's Fisher), the Fisher matrix (h², float64). Streamed: one fp32
        layer (read twice), every layer's input for one window, the output matrix, one window's logits.
-    2. Sequential pass, at its largest matmul (the MLP down, f inputs; or the output matrix): two
-       fp32 copies of one layer, both models' hidden states for every window (and the fp32 layer's
-       output), one window group's activations, the stage's moments (Σ x xᵀ [in, in] and Σ y xᵀ
-       [out, in], float64) plus one [in, in] float64 work matrix (the Cholesky factors), the target
-       and the rounded values (float32 [out, in]) and the row chunk's working copies."""
-    from neoxq.convert.calibrate import HEAD_TOKENS
-    from neoxq.core.gptq import ROW_CHUNK
+    2. Layer by layer, at the MLP down projection (f inputs; neoxq.convert.calibrate):
+       collecting: both fp32 layers, three hidden-state tensors of every window (fp32 input, fp32
+       output, quantized input), one window group's activations and hooked inputs, the stage's
+       moments (Σ x xᵀ [in, in] and Σ y xᵀ [out, in], float64);
+       rounding: the fp32 layer and its input let go; one [in, in] float64 work matrix (the
+       Cholesky factors), the target and the values (float32 [out, in]), the row chunk's copies.
+    3. The output matrix: both final streams, the fp32 output matrix, a chunk of float64 logits, its
+       moments ([vocab, h]), work matrix, target, values and row chunks."""
+    from neoxq.convert.calibrate import HEAD_TOKENS, WINDOWS_PER_PASS
+    from neoxq.core.gptq import CHUNK_BYTES
 
     h, f, n, v = args.hidden_size, args.intermediate_size, args.num_hidden_layers, args.vocab_size
     layer = 4 * (4 * h * h + 2 * h * f)
     one_window = 4 * ctx * (n * (12 * h + 2 * f) + 6 * v)  # activations, logits, softmax and their gradients
     in_memory = 4 * args.param_count() + one_window + 8 * h * h
     streamed = layer + 4 * ctx * (n * h + 12 * h + 2 * f + 6 * v) + 4 * v * h + 8 * h * h
-    hidden = 3 * 4 * windows * ctx * h
-    group = 4 * ctx * 4 * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx) + 4 * ctx * 2 * 8 * (f + h)
-    chunk = 6 * 8 * ROW_CHUNK * max(f, h)
-
-    def matmul(n_in, n_out, stage_rest):  # moments, work matrix, target and values, row chunk
-        return 8 * (2 * n_in * n_in + n_out * n_in) + 8 * n_out * n_in + chunk + stage_rest
-
-    down = 2 * layer + hidden + group + matmul(f, h, 8 * 2 * h * h)  # the attention output's moments alongside
-    head = 2 * 4 * windows * ctx * h + 4 * v * h + 8 * HEAD_TOKENS * v * 2 + matmul(h, v, 0)
-    plan = OptimizePlan(BASE + TORCH + in_memory, BASE + TORCH + streamed, BASE + TORCH + max(down, head))
-    plan.streamed = budget is not None and plan.first_in_memory > budget
+    hidden = 4 * windows * ctx * h
+    tokens = WINDOWS_PER_PASS * ctx
+    group = 4 * tokens * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx) + 8 * tokens * 2 * (f + h)
+    moments = 8 * (f * f + h * f) + 8 * 2 * h * h  # the MLP down's, the attention output's alongside
+    collect = 2 * layer + 3 * hidden + group + moments
+    rounding = layer + 2 * hidden + moments + 8 * f * f + 8 * h * f + 6 * CHUNK_BYTES
+    head = 2 * hidden + 4 * v * h + 8 * HEAD_TOKENS * v * 2 + 8 * (2 * h * h + v * h) + 8 * v * h + 6 * CHUNK_BYTES
+    plan = OptimizePlan(BASE + TORCH + in_memory, BASE + TORCH + streamed, BASE + TORCH + max(collect, rounding, head))
+    # auto: streamed when the fp32 model's pass does not fit the budget (as the reference decides)
+    plan.streamed = first_pass == "streamed" or (first_pass == "auto" and budget is not None and plan.first_in_memory > budget)
     return plan
 
 

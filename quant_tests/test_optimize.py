@@ -77,15 +77,15 @@ def test_asymmetric_target_reproduces_fp32_outputs_from_perturbed_inputs():
     xq = xf @ mix.T + 0.2
     w, b = rng.standard_normal((8, 32)), rng.standard_normal(8)
     mom = _moments(xf, xq, w, b)
-    wt, bt = gptq.asymmetric_target(w, b, mom, damp=1e-9, row_chunk=3)
+    wt, bt = gptq.asymmetric_target(w, b, mom, damp=1e-9, chunk=3)
     direct = lambda q, bq: float(np.sum((xf @ w.T + b - xq @ q.T - bq) ** 2)) / len(xf)
-    assert np.isclose(gptq.asymmetric_error(wt, bt, mom, row_chunk=3), direct(wt, bt), rtol=1e-5, atol=1e-9)
+    assert np.isclose(gptq.asymmetric_error(wt, bt, mom, chunk=3), direct(wt, bt), rtol=1e-5, atol=1e-9)
     assert np.isclose(gptq.asymmetric_error(w, b, mom), direct(w, b), rtol=1e-9)
     assert direct(wt, bt) < 1e-8 * direct(w, b)
     xa, wa = np.c_[xq, np.ones(len(xq))], np.c_[w, b]
     ha, lam = xa.T @ xa / len(xa), 0.01 * np.mean(np.diag(xa.T @ xa / len(xa)))
     dense = np.linalg.solve(ha + lam * np.eye(33), ((xf @ w.T + b).T @ xa / len(xa) + lam * wa).T).T
-    wt, bt = gptq.asymmetric_target(w, b, mom, row_chunk=5)
+    wt, bt = gptq.asymmetric_target(w, b, mom, chunk=5)
     assert np.allclose(wt, dense[:, :-1], atol=1e-5) and np.allclose(bt, dense[:, -1], atol=1e-9)
     same = _moments(xf, xf, w, b)
     wt, bt = gptq.asymmetric_target(w, b, same)
@@ -140,8 +140,24 @@ def optimized(trained, trained_f16, texts, tmp_path_factory):
     proc = run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--optimize", "--calib", d / "calib.txt", "--reference", trained,
                    "--imatrix", im, "--ctx", "128", "-o", d / "opt.gguf", "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["optimize"]["first_pass"] == "in memory"
     stock = quantize(trained_f16, "Q4_K_M", output=d / "stock-im.gguf", imatrix=im)
     return d, json.loads(proc.stdout), stock
+
+
+def test_memory_plan_streams_a_6_9b_model_within_8gb_and_keeps_a_small_one_in_memory():
+    """The plan's choice (pure): Pythia-6.9B's shape with 32 windows of 512 fits 8 GB only with the
+    first pass streamed; the 70m shape keeps it in memory; a budget below the layer-by-layer pass
+    is refused (negative control)."""
+    from neoxq.convert.neox import GPTNeoXArgs
+    from neoxq.preflight import optimize_plan
+
+    big = GPTNeoXArgs(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, intermediate_size=16384, vocab_size=50432)
+    plan = optimize_plan(big, 512, 32, 8 << 30)
+    assert plan.streamed and plan.first_in_memory > 8 << 30 and plan.peak <= 8 << 30
+    small = GPTNeoXArgs(hidden_size=512, num_attention_heads=8, num_hidden_layers=6, intermediate_size=2048, vocab_size=50304)
+    assert not optimize_plan(small, 512, 32, 8 << 30).streamed
+    assert optimize_plan(big, 512, 32, 4 << 30).peak > 4 << 30
 
 
 def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
@@ -198,7 +214,11 @@ def test_optimize_default_imatrix_comes_from_the_calibration_pass(trained, train
     from neoxq.core.textfile import text_sha256
     from neoxq.optimize import OptimizeOptions, quantize_optimized
 
-    r = quantize_optimized(trained_f16, "Q3_K_M", OptimizeOptions(texts["calib"], reference=str(trained), ctx=128), output=tmp_path / "o.gguf")
+    # the first pass layer by layer, as when the fp32 model does not fit --max-memory (its sums equal
+    # the in-memory pass's: test_calibrate)
+    r = quantize_optimized(trained_f16, "Q3_K_M", OptimizeOptions(texts["calib"], reference=str(trained), ctx=128, first_pass="streamed"),
+                           output=tmp_path / "o.gguf")
+    assert r.extra["optimize"]["first_pass"] == "streamed" and all(x["output_error_ratio"] < 1 for x in r.extra["optimize"]["tensors"])
     meta = read_info(r.path).metadata
     assert meta["neoxq.quant_type"] == "Q3_K_M-opt" and meta.get("neoxq.imatrix.sha256")
     assert text_sha256(texts["calib"])[:16] in meta["quantize.imatrix.dataset"]
@@ -218,7 +238,10 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
     shim.parent.mkdir()
     shim.write_text("import neoxq.core.machine as m\nm.available_memory = lambda: 400 << 20\n")
     assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", trained, "-o", tmp_path / "e.gguf",
-                                  env={"PYTHONPATH": str(shim.parent)}), "--optimize on", "calibration moments", "available")
+                                  env={"PYTHONPATH": str(shim.parent)}), "--optimize on", "calibration windows", "available")
+    assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", trained, "--max-memory", "200MB", "-o", tmp_path / "f.gguf"),
+                          "--optimize on", "--max-memory")
+    assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--max-memory", "8GB", "-o", tmp_path / "g.gguf"), "--optimize")
     assert not list(tmp_path.glob("*.gguf"))
 
 

@@ -100,9 +100,10 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng) -> N
     tmp.replace(path)
 
 
-def random_checkpoint(shape: str, shards: int = 1) -> Path:
+def random_checkpoint(shape: str | tuple[int, int, int], shards: int = 1) -> Path:
     """A Pythia-shaped checkpoint with random fp16 weights and the 50k tokenizer; cached."""
-    folder = cache_dir() / (f"ckpt-{shape}" + ("" if shards == 1 else f"-{shards}shards"))
+    label = shape if isinstance(shape, str) else "x".join(map(str, shape))  # (hidden, layers, heads): another shape
+    folder = cache_dir() / (f"ckpt-{label}" + ("" if shards == 1 else f"-{shards}shards"))
     shapes = _tensor_shapes(config_for(shape, 0))
     names = list(shapes)
     files = ["model.safetensors"] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]

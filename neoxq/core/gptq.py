@@ -20,7 +20,13 @@ import numpy as np
 
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
 BLOCK = 128  # columns compensated inside a block before the rest is updated at once (lazy batches)
-ROW_CHUNK = 2048  # rows at a time: bounds the float64 working copy
+CHUNK_BYTES = 64 << 20  # one float64 copy of a row chunk; GPTQ holds about six (weights, grids, permuted copies)
+
+
+def row_chunk(cols: int) -> int:
+    """Rows at a time for a matrix `cols` wide: rows are independent in GPTQ and in the target, so
+    this bounds the working copies without changing the result (2048 rows at 4096 columns)."""
+    return max(1, CHUNK_BYTES // (8 * cols))
 
 
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -88,8 +94,9 @@ def gptq_levels(w: np.ndarray, h: np.ndarray, a: np.ndarray, m: np.ndarray, lmin
     perm, u = factor if factor is not None else compensation(h, act_order, damp)
     block = max(BLOCK, group) if regrid else BLOCK
     out = np.empty(w.shape, np.int16)
-    for r0 in range(0, w.shape[0], ROW_CHUNK):
-        rows = slice(r0, r0 + ROW_CHUNK)
+    step_rows = row_chunk(w.shape[1])
+    for r0 in range(0, w.shape[0], step_rows):
+        rows = slice(r0, r0 + step_rows)
         grid_a, grid_m = np.asarray(a[rows], np.float64)[:, perm], np.asarray(m[rows], np.float64)[:, perm]
         step = None if regrid is None else (lambda c, wcur, rows=rows: regrid(rows, c, wcur))
         lv = _gptq_rows(np.asarray(w[rows], np.float64)[:, perm], u, grid_a, grid_m, lmin, lmax, block, step, group)
@@ -178,7 +185,7 @@ def _ridge(mom: Moments, damp: float, bias: bool) -> float:
 
 
 def asymmetric_target(w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: float = DAMP,
-                      row_chunk: int = ROW_CHUNK) -> tuple[np.ndarray, np.ndarray | None]:
+                      chunk: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The unquantized (W′, b′) that best reproduces the fp32 outputs from the quantized inputs,
     ridge-regularised toward (W, b) with GPTQ's damping: [W′ b′] (E[x̃_q x̃_qᵀ] + λI) = E[y_f x̃_qᵀ] + λ[W b].
     One Cholesky of H_q/n + λI (in one [in, in] buffer); the bias's row and column by their Schur
@@ -201,8 +208,9 @@ def asymmetric_target(w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: f
     z = solve(s[:, None])[:, 0] if bias else None
     out_w = np.empty(w.shape, np.float32)
     out_b = np.empty(len(out_w)) if bias else None
-    for r0 in range(0, len(out_w), row_chunk):
-        rows = slice(r0, r0 + row_chunk)
+    step = chunk or row_chunk(len(mom.hq))
+    for r0 in range(0, len(out_w), step):
+        rows = slice(r0, r0 + step)
         rhs = mom.scaled_target(w, b, rows, lam)
         wr = solve(np.ascontiguousarray(rhs[:, :-1].T)).T
         if bias:  # [W′ b′] [[M, s], [sᵀ, 1 + λ]] = [A a]  ⇒  b′ = (a − A z) / (1 + λ − sᵀz), W′ = A M⁻¹ − b′ zᵀ
@@ -218,11 +226,12 @@ def corrected_bias(w_target: np.ndarray, b_target: np.ndarray, q: np.ndarray, mo
     return b_target + (np.asarray(w_target, np.float64) - q) @ (mom.sum_q / mom.n)
 
 
-def asymmetric_error(q: np.ndarray, bq: np.ndarray | None, mom: Moments, row_chunk: int = ROW_CHUNK) -> float:
+def asymmetric_error(q: np.ndarray, bq: np.ndarray | None, mom: Moments, chunk: int | None = None) -> float:
     """Σ_tokens ‖y_f − (Q x_q + b_q)‖² / n, from the moments (rows in chunks)."""
     total = float(mom.yy.sum())
-    for r0 in range(0, len(q), row_chunk):
-        rows = slice(r0, r0 + row_chunk)
+    step = chunk or row_chunk(len(mom.hq))
+    for r0 in range(0, len(q), step):
+        rows = slice(r0, r0 + step)
         qr = np.asarray(q[rows], np.float64)
         br = np.zeros(len(qr)) if bq is None else np.asarray(bq[rows], np.float64)
         total -= 2 * float(np.einsum("ij,ij->", qr, mom.yx[rows]) + br @ mom.sum_y[rows])

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""`neoxq quantize --optimize` at scale (issue 26 item 7), on checkpoints of Pythia's shapes with
+random fp16 weights and the 50k vocabulary:
+
+  big   Pythia-6.9B's widths (4096 hidden, 16384 MLP, 32 heads, 50k vocabulary) cut to --layers
+        layers (default 2: the peak is one layer's, so a 2-layer cut measures the 32-layer peak;
+        the time grows by layer): `--optimize --max-memory 8GB`. Peak RSS against the budget and
+        the preflight's estimate (neoxq.preflight.optimize_plan), whether the first pass streamed,
+        seconds per layer and their extrapolation to 32 layers.
+  410m  Pythia-410M's shape: `neoxq quantize --optimize` (the F16 file already converted) against a
+        plain `neoxq report --types T --imatrix none` from the checkpoint, both on --windows windows
+        of 512 (calibration and scored text of the same length): the ratio of their wall times
+        (goal: at most 3).
+
+    .venv/bin/python scripts/bench_optimize_scale.py [--parts big,410m] [--layers 2] [--windows 4]
+                                                     [--type Q4_K_M] [--budget 8GB] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from neoxq.core.machine import init_process  # noqa: E402
+
+init_process()
+import benchlib  # noqa: E402
+
+PY = sys.executable
+CTX = 512
+BIG = (4096, 32, 32)  # Pythia-6.9B: hidden, layers, heads
+
+
+def texts(work: Path, windows: int) -> tuple[Path, Path]:
+    """Calibration and scored text of `windows` windows each (~3 characters per token here, so 4
+    per token leaves a margin), not overlapping."""
+    body = benchlib.eval_text(400_000).read_text(encoding="utf-8")
+    n = windows * CTX * 4 + 4000
+    calib, scored = work / f"calib-{windows}.txt", work / f"scored-{windows}.txt"
+    calib.write_text(body[:n], encoding="utf-8")
+    scored.write_text(body[n:2 * n], encoding="utf-8")
+    return calib, scored
+
+
+# the library call `neoxq quantize --optimize --max-memory` makes, with the first pass streamed as
+# it is at 32 layers (a 2-layer cut's fp32 model would fit the budget and be kept in memory)
+CHILD = r"""
+import json, sys
+from neoxq.core.machine import init_process
+init_process()
+from neoxq.core.sizes import parse_size
+from neoxq.core.textfile import read_text
+from neoxq.optimize import OptimizeOptions, quantize_optimized
+f16, qtype, calib, ref, budget, ctx, out = sys.argv[1:8]
+opts = OptimizeOptions(read_text(calib), reference=ref, ctx=int(ctx), max_memory=parse_size(budget, "budget"), first_pass="streamed")
+print(json.dumps(quantize_optimized(f16, qtype, opts, output=out, force=True).as_json()))
+"""
+
+
+def estimate(folder: Path, windows: int, budget: int, first_pass: str = "auto"):
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.convert.neox import GPTNeoXArgs
+    from neoxq.preflight import optimize_plan
+
+    return optimize_plan(GPTNeoXArgs.from_config(open_checkpoint(str(folder)).config), CTX, windows, budget, first_pass)
+
+
+def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
+    from neoxq.core.sizes import parse_size
+
+    folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
+    f16 = benchlib.convert_f16(folder, work)
+    calib, _ = texts(work, windows)
+    plan = estimate(folder, windows, parse_size(budget, "--budget"), "streamed")
+    full = benchlib.config_for(BIG, 0)
+    from neoxq.convert.neox import GPTNeoXArgs
+    from neoxq.preflight import optimize_plan
+
+    plan32 = optimize_plan(GPTNeoXArgs.from_config(full), CTX, 32, parse_size(budget, "--budget"))
+    print(f"estimate at 32 layers and 32 windows: {plan32.peak / 2**20:.0f} MiB, first pass {'streamed' if plan32.streamed else 'in memory'}")
+    out = work / f"big-{layers}-{qtype}-opt.gguf"
+    r = benchlib.run_child([PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX, out])
+    res = json.loads(r["stdout"].strip().splitlines()[-1])
+    row = {"layers": layers, "windows": windows, "type": qtype, "budget": budget, "peak_rss_MiB": r["peak_rss_MiB"],
+           "estimate_MiB": plan.peak / 2**20, "first_pass_streamed": plan.streamed, "wall_s": r["wall_s"],
+           "size_bytes": res["size_bytes"], "estimate_32_layers_32_windows_MiB": plan32.peak / 2**20}
+    row["per_layer_s"] = r["wall_s"] / layers  # an upper bound: the embedding and output matrix are included
+    row["extrapolated_32_layers_h"] = row["per_layer_s"] * BIG[1] / 3600
+    print(f"6.9B-shaped, {layers} layers, {windows} windows of {CTX}, {qtype}, --max-memory {budget}: peak RSS "
+          f"{row['peak_rss_MiB']:.0f} MiB (estimate {row['estimate_MiB']:.0f}, first pass {'streamed' if plan.streamed else 'in memory'}), "
+          f"{r['wall_s']:.0f} s ({row['per_layer_s']:.0f} s per layer: ~{row['extrapolated_32_layers_h']:.1f} h at 32 layers)")
+    out.unlink(missing_ok=True)
+    return row
+
+
+def shape_410m(work: Path, windows: int, qtype: str) -> dict:
+    folder = benchlib.random_checkpoint("410m")
+    f16 = benchlib.convert_f16(folder, work)
+    calib, scored = texts(work, windows)
+    shutil.rmtree(work / "report-410m", ignore_errors=True)  # a fresh report: nothing reused
+    rep = benchlib.run_child([PY, "-m", "neoxq", "report", folder, "--text", scored, "--types", qtype, "--imatrix", "none",
+                              "--ctx", CTX, "-o", work / "report-410m", "--quiet"])
+    out = work / f"410m-{qtype}-opt.gguf"
+    opt = benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--optimize", "--calib", calib, "--reference", folder,
+                              "--ctx", CTX, "-o", out, "--force", "--quiet"])
+    row = {"windows": windows, "type": qtype, "report_s": rep["wall_s"], "optimize_s": opt["wall_s"],
+           "ratio": opt["wall_s"] / rep["wall_s"], "optimize_peak_rss_MiB": opt["peak_rss_MiB"], "report_peak_rss_MiB": rep["peak_rss_MiB"]}
+    print(f"410M-shaped, {windows} windows of {CTX}, {qtype}: plain report {rep['wall_s']:.0f} s, --optimize {opt['wall_s']:.0f} s: "
+          f"{row['ratio']:.2f}x (goal ≤ 3x); peak RSS {opt['peak_rss_MiB']:.0f} MiB")
+    out.unlink(missing_ok=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="big,410m")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--type", default="Q4_K_M")
+    ap.add_argument("--budget", default="8GB")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    work = benchlib.cache_dir() / "optimize-scale"
+    work.mkdir(exist_ok=True)
+    out = {}
+    if "big" in a.parts:
+        out["big"] = big(work, a.layers, a.windows, a.type, a.budget)
+    if "410m" in a.parts:
+        out["410m"] = shape_410m(work, a.windows, a.type)
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
