@@ -95,15 +95,12 @@ def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str 
 
 
 def read_weights(info: GGUFInfo, t: TensorInfo, rows: slice = slice(None)) -> np.ndarray:
-    """A float tensor of an F32/F16/BF16 GGUF (or some of its rows) as float32 [rows, cols], read
-    through a memory map."""
-    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-    if t.type not in dtypes:
+    """A float tensor of an F32/F16/BF16 GGUF (or some of its rows) as float32 [rows, cols]."""
+    from neoxq.core.gguf_info import FLOAT_DTYPES, float_rows
+
+    if t.type not in FLOAT_DTYPES:
         raise UsageError(f"{info.path.name} holds {t.name} as {t.type}; optimise from the F32/F16/BF16 file")
-    raw = np.memmap(info.path, dtype=dtypes[t.type], mode="r", offset=info.data_offset + t.offset, shape=t.shape)[rows]
-    if t.type == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(raw, dtype=np.float32)
+    return float_rows(info, t, rows)
 
 
 class RowChunks:

@@ -145,3 +145,48 @@ def test_mix_against_stock_paired_and_compare_cli(mix_run, trained_f16, texts, t
     text = run_cli("compare", tmp_path / "mix.npz", tmp_path / "stock.npz")
     assert text.returncode == 0 and "A is better" in text.stdout
     assert_one_line_error(run_cli("compare", mix.path, stock.path), "--reference")
+
+
+def test_split_probe_equals_llama_cpps_whole_probe_file_and_writes_only_what_it_changes(trained, trained_f16, texts, tmp_path):
+    """A probe built from GGUF splits (the F16 splits written once, the probed matrices rewritten)
+    gives the same logits as llama.cpp's quantizer writing the whole probe file with the same
+    overrides and imatrix, and the same bytes for the probed matrices; it writes only those.
+    Negative control: another type for one matrix changes the logits."""
+    import numpy as np
+
+    from neoxq.convert.imatrix import compute_imatrix
+    from neoxq.core.gguf_info import read_info
+    from neoxq.runtime import capi
+    from neoxq.runtime.mix import quantizable
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.probe_files import SplitModel
+
+    info = read_info(trained_f16)
+    im = compute_imatrix(str(trained), texts["calib"][:4000], ctx=64, include_output=True)
+    mats = [t.name for t in quantizable(info)]
+    types = {"blk.0.ffn_down.weight": "Q2_K", "blk.1.attn_qkv.weight": "Q4_K", "token_embd.weight": "Q8_0"}
+    splits = SplitModel(info, mats, tmp_path / "f16")
+    f16_bytes = splits.bytes_written
+    assert abs(f16_bytes - info.path.stat().st_size) < 0.01 * info.path.stat().st_size
+    probe = splits.probe(types, im, tmp_path / "probe")
+    assert splits.bytes_written - f16_bytes < sum(t.n_bytes for t in info.tensors if t.name in types)
+
+    call = capi.QuantizeCall(ftype=7, nthread=2)
+    call.tensor_types = {n: types.get(n, "F16") for n in mats}
+    call.imatrix = {n: im.values(n) for n in im.sums}
+    whole = tmp_path / "whole.gguf"
+    assert capi.quantize(str(trained_f16), str(whole), call)[0] == 0
+    a, b = read_info(probe.parent / f"model-{mats.index('blk.0.ffn_down.weight') + 2:05d}-of-{len(mats) + 1:05d}.gguf"), read_info(whole)
+    ta, tb = a.tensors[0], b.tensor("blk.0.ffn_down.weight")
+    assert ta.type == tb.type == "Q2_K"
+    assert np.array_equal(np.fromfile(a.path, np.uint8, ta.n_bytes, offset=a.data_offset + ta.offset),
+                          np.fromfile(b.path, np.uint8, tb.n_bytes, offset=b.data_offset + tb.offset))
+
+    def logits(path):
+        with NeoxModel(path, RuntimeOptions(n_ctx=64, n_batch=64)) as m:
+            return m.eval_logits(m.tokenize(texts["eval"][:400])[:48])
+
+    ref = logits(whole)
+    assert np.isfinite(ref).all() and ref.std() > 0 and np.array_equal(logits(probe), ref)
+    other = splits.probe({**types, "blk.0.ffn_down.weight": "Q4_K"}, im, tmp_path / "probe2")
+    assert not np.array_equal(logits(other), ref)

@@ -91,14 +91,11 @@ class Sensitivity:
 
 def _rows(info: GGUFInfo, t: TensorInfo, sample: int = SAMPLE_ROWS) -> tuple[np.ndarray, float]:
     """Up to `sample` evenly spaced rows of a float tensor as float32, and the full/sample row ratio."""
-    n, k = t.shape
+    from neoxq.core.gguf_info import float_rows
+
+    n = t.shape[0]
     idx = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64))
-    dtype = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}[t.type]
-    mm = np.memmap(info.path, dtype=dtype, mode="r", offset=info.data_offset + t.offset, shape=(n, k))
-    rows = np.asarray(mm[idx])
-    if t.type == "BF16":
-        rows = (rows.astype(np.uint32) << 16).view(np.float32)
-    return rows.astype(np.float32), n / len(idx)
+    return float_rows(info, t, idx), n / len(idx)
 
 
 def proxy_errors(info: GGUFInfo, tensors: list[TensorInfo], im: IMatrix | None) -> dict[str, dict[str, float]]:
@@ -130,11 +127,13 @@ def _measure_types(t: TensorInfo, has_imatrix: bool, two: bool) -> list[str]:
 
 
 class KLDProbe:
-    """KLD against the F16 file, on the calibration windows, of a file where only some tensors are
-    quantized: written by llama.cpp's quantizer (overrides; every other matrix kept F16)."""
+    """KLD against the F16 file, on the calibration windows, of the model with only some matrices
+    quantized (every other one F16): a probe folder of GGUF splits (neoxq.runtime.probe_files) that
+    writes only the probed matrices; the F16 splits are written once per measurement."""
 
     def __init__(self, info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, im: IMatrix | None, threads: int):
         from .model import NeoxModel, RuntimeOptions
+        from .probe_files import SplitModel
         from .reference_cache import reference_tables
         from .score import GGUFReference, Windows
 
@@ -143,30 +142,35 @@ class KLDProbe:
         self.opts = RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads)
         with NeoxModel(info.path, self.opts, info=info) as m:
             self.tables = reference_tables(GGUFReference(info.path, self.opts), self.windows, m.n_vocab, cache)
-        self.all = [t.name for t in quantizable(info)]
         self.tmp = Path(tempfile.mkdtemp(prefix="neoxq-mix-", dir=cache))
+        try:
+            self.splits = SplitModel(info, [t.name for t in quantizable(info)], self.tmp / "f16")
+        except OSError as exc:
+            self.close()
+            raise UsageError(f"could not write the probe files ({exc.strerror or exc}); free disk space in {cache}") from exc
+
+    @property
+    def bytes_written(self) -> int:
+        return self.splits.bytes_written
 
     def kld(self, types: dict[str, str]) -> float:
+        import shutil
+
         from neoxq.core.gguf_info import read_info
 
-        from . import capi
         from .model import NeoxModel
         from .score import kld_scores
 
-        call = capi.QuantizeCall(ftype=7, nthread=self.threads)  # any quantized ftype: every matrix is overridden
-        call.tensor_types = {n: types.get(n, "F16") for n in self.all}
-        if self.im is not None:
-            call.imatrix = {n: self.im.values(n) for n in self.im.sums}
-        out = self.tmp / "probe.gguf"
-        rc, errors = capi.quantize(str(self.info.path), str(out), call)
-        if rc != 0:
-            raise UsageError(f"llama.cpp could not write a probe file ({capi.error_text(errors)}); free disk space in {self.tmp.parent}")
         try:
-            with NeoxModel(out, self.opts, info=read_info(out)) as m:
+            path = self.splits.probe(types, self.im, self.tmp / "probe")
+        except OSError as exc:
+            raise UsageError(f"could not write a probe file ({exc.strerror or exc}); free disk space in {self.tmp.parent}") from exc
+        try:
+            with NeoxModel(path, self.opts, info=read_info(path)) as m:
                 kl = kld_scores(m, self.tables, self.windows).kld
             return float(kl.mean())
         finally:
-            out.unlink(missing_ok=True)
+            shutil.rmtree(self.tmp / "probe", ignore_errors=True)
 
     def close(self) -> None:
         import shutil
@@ -229,6 +233,7 @@ def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, i
                         measured[t.name][ty] = k * errs[t.name][ty] / total
                     bar.update(1)
     finally:
+        written = probe.bytes_written
         probe.close()
     out = {n: Sensitivity(errs[n], measured[n]) for n in errs}
     for s in out.values():
@@ -236,7 +241,8 @@ def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, i
     probes = sum(len(_measure_types(g[0], im is not None, two)) for g in groups)
     Path(cache).mkdir(parents=True, exist_ok=True)
     with atomic_output(path, force=True) as tmp:
-        tmp.write_text(json.dumps({"version": MIX_VERSION, "probes": probes, "groups": [[t.name for t in g] for g in groups],
+        tmp.write_text(json.dumps({"version": MIX_VERSION, "probes": probes, "probe_bytes_written": written,
+                                   "groups": [[t.name for t in g] for g in groups],
                                    "tensors": {n: {"err": s.err, "measured": s.measured} for n, s in out.items()}}, indent=1))
     return out, probes
 

@@ -201,3 +201,17 @@ def read_info(path: Path | str, require_arch: str | None = "gptneox") -> GGUFInf
     if require_arch and arch != require_arch:
         raise UnsupportedModelError(f"{path} is a {arch or 'non-model'} GGUF; neoxq runs GPT-NeoX (gptneox) models — convert one with `neoxq convert`")
     return GGUFInfo(path, arch, meta, tensors, lengths, data_offset)
+
+
+FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # the float tensor types, as stored
+
+
+def float_rows(info: GGUFInfo, t: TensorInfo, rows=slice(None)):
+    """Rows (a slice or an index array) of an F32/F16/BF16 tensor as float32 [rows, cols], read
+    through a memory map: a large tensor is never read whole to get a part of it."""
+    import numpy as np
+
+    raw = np.memmap(info.path, dtype=FLOAT_DTYPES[t.type], mode="r", offset=info.data_offset + t.offset, shape=t.shape)[rows]
+    if t.type == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
