@@ -61,13 +61,14 @@ def sequential_calibration(ckpt, windows: np.ndarray, inputs_q: np.ndarray, requ
                     _assign(layer_q.get_submodule(mod), *restore(name), args, qkv=mod == STAGES[0][0])
                 h_f, h_q = _run(layer_f, h_f, extra), _run(layer_q, h_q, extra)
                 continue
+            # one fp32 pass gives the layer's output and every matmul's fp32 output (its weights never
+            # change); the fp32 layer and its input are then let go, before any rounding
+            moms, h_f, later = _moments(layer_q, h_q, STAGES[0], extra, args, layer_f=layer_f, h_f=h_f, keep=STAGES[1])
+            del layer_f
             for k, stage in enumerate(STAGES):
-                moms, out = _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output=k == 0, args=args)
-                if k == 0:
-                    out_f = out  # the fp32 layer's output: its weights never change
-                else:  # the fp32 layer and its input are done with: free them before the largest rounding
-                    del layer_f
-                    h_f = out_f
+                if k:
+                    moms, _, _ = _moments(layer_q, h_q, stage, extra, args, given=later)
+                    del later
                 for mod in stage:
                     q, bq = requantize(gname[mod], moms.pop(mod))
                     _assign(layer_q.get_submodule(mod), q, bq, args, qkv=mod == STAGES[0][0])
@@ -109,40 +110,48 @@ def _batched(fn, h):
     return torch.cat([fn(h[a:a + WINDOWS_PER_PASS]) for a in range(0, len(h), WINDOWS_PER_PASS)])
 
 
-def _moments(layer_f, layer_q, h_f, h_q, stage, extra, keep_output: bool, args) -> tuple[dict, object]:
-    """Each stage matmul's Moments (the fp32 module's outputs and the quantized module's inputs,
-    captured by hooks; GGUF row order), and the fp32 layer's output when asked (it never changes,
-    so one pass serves both)."""
+def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=None, keep=()) -> tuple[dict, object, dict]:
+    """Each stage matmul's Moments: its fp32 outputs against the quantized model's inputs (hooks;
+    GGUF row order). The fp32 outputs come from running `layer_f` on `h_f` — which also returns
+    the fp32 layer's output and keeps the fp32 outputs of the matmuls in `keep`, per window group,
+    for a later stage — or from `given` (what an earlier call kept)."""
     import torch
 
     from .neox import deinterleave_qkv
 
-    seen: dict[str, dict] = {mod: {} for mod in stage}
+    seen: dict[str, dict] = {mod: {} for mod in (*stage, *keep)}
     acc = {mod: _Accumulator() for mod in stage}
+    kept: dict[str, list] = {mod: [] for mod in keep}
     handles = []
-    for mod in stage:
+    for mod in seen:
         def keep_y(module, inputs, output, mod=mod):
             seen[mod]["y"] = output.detach()
 
         def keep_x(module, inputs, mod=mod):
             seen[mod]["x"] = inputs[0].detach()
-        handles.append(layer_f.get_submodule(mod).register_forward_hook(keep_y))
-        handles.append(layer_q.get_submodule(mod).register_forward_pre_hook(keep_x))
+        if layer_f is not None:
+            handles.append(layer_f.get_submodule(mod).register_forward_hook(keep_y))
+        if mod in stage:
+            handles.append(layer_q.get_submodule(mod).register_forward_pre_hook(keep_x))
     outs = []
     try:
-        for a in range(0, len(h_f), WINDOWS_PER_PASS):
-            out = layer_f(h_f[a:a + WINDOWS_PER_PASS], **extra)
-            if keep_output:
-                outs.append(out)
+        for g, a in enumerate(range(0, len(h_q), WINDOWS_PER_PASS)):
+            if layer_f is not None:
+                outs.append(layer_f(h_f[a:a + WINDOWS_PER_PASS], **extra))
+                for mod in keep:
+                    kept[mod].append(seen[mod].pop("y"))
             layer_q(h_q[a:a + WINDOWS_PER_PASS], **extra)
             for mod in stage:
-                acc[mod].add(seen[mod].pop("y"), seen[mod].pop("x"))
+                acc[mod].add(seen[mod].pop("y") if layer_f is not None else given[mod][g], seen[mod].pop("x"))
     finally:
         for h in handles:
             h.remove()
     qkv = (lambda x: deinterleave_qkv(x, args))
     moms = {mod: acc[mod].moments(rows=qkv if mod == STAGES[0][0] else None) for mod in stage}
-    return moms, (torch.cat(outs) if keep_output else None)
+    return moms, (torch.cat(outs) if outs else None), kept
+
+
+ACC_BLOCK_BYTES = 64 << 20
 
 
 class _Accumulator:
@@ -156,18 +165,23 @@ class _Accumulator:
     def add(self, y, x) -> None:
         import torch
 
-        y, x = y.reshape(-1, y.shape[-1]).double(), x.reshape(-1, x.shape[-1]).double()
+        y, x = y.reshape(-1, y.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
         if self.t is None:
             z = torch.zeros
             self.t = {"hq": z(x.shape[1], x.shape[1], dtype=torch.float64), "yx": z(y.shape[1], x.shape[1], dtype=torch.float64),
                       "sum_y": z(y.shape[1], dtype=torch.float64), "yy": z(y.shape[1], dtype=torch.float64),
                       "sum_q": z(x.shape[1], dtype=torch.float64)}
         t = self.t
-        t["hq"].addmm_(x.T, x)
-        t["yx"].addmm_(y.T, x)
-        t["sum_y"] += y.sum(0)
-        t["yy"] += (y * y).sum(0)
-        t["sum_q"] += x.sum(0)
+        # products of one window group in float32 (half float64's time), summed into float64, a
+        # column block at a time (a float32 temporary of at most ACC_BLOCK_BYTES)
+        step = max(1, ACC_BLOCK_BYTES // (4 * max(x.shape[1], y.shape[1])))
+        for c0 in range(0, x.shape[1], step):
+            xc = x[:, c0:c0 + step]
+            t["hq"][:, c0:c0 + step] += (x.T @ xc).double()
+            t["yx"][:, c0:c0 + step] += (y.T @ xc).double()
+        t["sum_y"] += y.double().sum(0)
+        t["yy"] += (y.double() ** 2).sum(0)
+        t["sum_q"] += x.double().sum(0)
         self.n += len(x)
 
     def moments(self, rows=None) -> Moments:

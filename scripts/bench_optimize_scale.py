@@ -7,12 +7,16 @@ random fp16 weights and the 50k vocabulary:
         the time grows by layer): `--optimize --max-memory 8GB`. Peak RSS against the budget and
         the preflight's estimate (neoxq.preflight.optimize_plan), whether the first pass streamed,
         seconds per layer and their extrapolation to 32 layers.
+  probe the same 6.9B-wide cut: one --mix sensitivity probe (one MLP down projection at Q4_K, every
+        other matrix F16) as a folder of GGUF splits (neoxq.runtime.probe_files) against the former
+        whole probe file written by llama.cpp's quantizer: bytes written, seconds to write and to
+        score, and their extrapolation to 32 layers and the ~64 probes of a mix.
   410m  Pythia-410M's shape: `neoxq quantize --optimize` (the F16 file already converted) against a
         plain `neoxq report --types T --imatrix none` from the checkpoint, both on --windows windows
         of 512 (calibration and scored text of the same length): the ratio of their wall times
         (goal: at most 3).
 
-    .venv/bin/python scripts/bench_optimize_scale.py [--parts big,410m] [--layers 2] [--windows 4]
+    .venv/bin/python scripts/bench_optimize_scale.py [--parts big,probe,410m] [--layers 2] [--windows 4]
                                                      [--type Q4_K_M] [--budget 8GB] [--json out.json]
 """
 
@@ -97,6 +101,66 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
     return row
 
 
+PROBE_CHILD = r"""
+import json, shutil, sys, time
+from pathlib import Path
+from neoxq.core.machine import default_threads, init_process
+init_process()
+from neoxq.core.gguf_info import read_info
+from neoxq.runtime import capi
+from neoxq.runtime.mix import KLDProbe, quantizable
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
+f16, calib, ctx, windows, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+info = read_info(f16)
+with NeoxModel(f16, RuntimeOptions(n_ctx=ctx)) as m:
+    ids = m.tokenize(open(calib, encoding="utf-8").read())[:ctx * windows]
+t0 = time.perf_counter()
+probe = KLDProbe(info, ids, ctx, cache, None, default_threads())  # scores the F16 file once, writes its splits
+setup, base = time.perf_counter() - t0, probe.bytes_written
+mats = [t.name for t in quantizable(info)]
+name = next(n for n in mats if n.endswith("ffn_down.weight"))
+t0 = time.perf_counter()
+probe.kld({name: "Q4_K"})
+split_s, split_bytes = time.perf_counter() - t0, probe.bytes_written - base
+probe.close()
+call = capi.QuantizeCall(ftype=7, nthread=default_threads())
+call.tensor_types = {n: ("Q4_K" if n == name else "F16") for n in mats}
+whole = cache / "whole-probe.gguf"
+t0 = time.perf_counter()
+rc, _ = capi.quantize(f16, str(whole), call)
+whole_write_s, whole_bytes = time.perf_counter() - t0, whole.stat().st_size
+whole.unlink()
+print(json.dumps({"setup_s": setup, "base_bytes": base, "split_probe_s": split_s, "split_probe_bytes": split_bytes,
+                  "whole_write_s": whole_write_s, "whole_bytes": whole_bytes, "tokens": len(ids)}))
+"""
+
+
+def probe_cost(work: Path, layers: int, windows: int) -> dict:
+    folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
+    f16 = benchlib.convert_f16(folder, work)
+    calib, _ = texts(work, windows)
+    cache = work / "probe-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir()
+    r = benchlib.run_child([PY, "-c", PROBE_CHILD, f16, calib, CTX, windows, cache])
+    d = json.loads(r["stdout"].strip().splitlines()[-1])
+    full = benchlib.checkpoint_bytes(BIG)  # the 32-layer F16 model's bytes
+    scale = full / f16.stat().st_size
+    score_s = d["split_probe_s"]  # quantize one matrix, link, load, score: scoring dominates
+    row = {**d, "layers": layers, "windows": windows, "peak_rss_MiB": r["peak_rss_MiB"],
+           "at_32_layers": {"f16_bytes": full, "whole_file_probe_bytes": d["whole_bytes"] * scale,
+                            "split_probe_bytes": d["split_probe_bytes"], "whole_write_s": d["whole_write_s"] * scale,
+                            "score_s": score_s * scale, "mix_64_probes_bytes_whole": 64 * d["whole_bytes"] * scale,
+                            "mix_64_probes_bytes_split": full + 64 * d["split_probe_bytes"]}}
+    a = row["at_32_layers"]
+    print(f"--mix probe, 6.9B-wide, {layers} layers, {d['tokens']} tokens: split probe writes {d['split_probe_bytes'] / 2**20:.0f} MiB "
+          f"and takes {d['split_probe_s']:.1f} s; the whole probe file wrote {d['whole_bytes'] / 2**30:.2f} GiB in {d['whole_write_s']:.1f} s "
+          f"(F16 splits once: {d['base_bytes'] / 2**30:.2f} GiB). At 32 layers: a mix of 64 probes writes "
+          f"{a['mix_64_probes_bytes_split'] / 2**30:.0f} GiB instead of {a['mix_64_probes_bytes_whole'] / 2**30:.0f} GiB; "
+          f"each probe scores for ~{a['score_s'] / 60:.0f} min on this machine")
+    return row
+
+
 def shape_410m(work: Path, windows: int, qtype: str) -> dict:
     folder = benchlib.random_checkpoint("410m")
     f16 = benchlib.convert_f16(folder, work)
@@ -129,6 +193,8 @@ def main() -> None:
     out = {}
     if "big" in a.parts:
         out["big"] = big(work, a.layers, a.windows, a.type, a.budget)
+    if "probe" in a.parts:
+        out["probe"] = probe_cost(work, a.layers, a.windows)
     if "410m" in a.parts:
         out["410m"] = shape_410m(work, a.windows, a.type)
     if a.json:
