@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from neoxq import __version__
+from neoxq.core.atomic import output_in
 from neoxq.core.errors import CorruptFileError, UnsupportedModelError, UsageError
 from neoxq.core.naming import gguf_name
 from neoxq.core.qtypes import CONVERT_OUTTYPES, QuantType
@@ -202,5 +203,5 @@ def convert(
     outtype = QuantType.parse(outtype) if isinstance(outtype, str) else outtype
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     plan = plan_conversion(ckpt, outtype)
-    path = Path(output) if output else Path(out_dir or ".") / default_output_name(ckpt, outtype)
-    return write_gguf(path, ARCH, _metadata(plan), plan.tensors, _produce(plan), force=force)
+    path = output_in(output, Path(out_dir or ".") / default_output_name(ckpt, outtype))
+    return write_gguf(path, ARCH, _metadata(plan), plan.tensors, _produce(plan), force=force, inputs=ckpt.weight_files)

@@ -149,7 +149,7 @@ def make_imatrix(src: str, text_file: Path | str, output: Path | str, ctx: int =
     from neoxq.core.atomic import check_output
     from neoxq.core.textfile import read_text
 
-    check_output(Path(output), force)
+    check_output(Path(output), force, inputs=[text_file])
     text = read_text(text_file)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     name = f"{Path(text_file).name} sha256:{digest}"

@@ -97,11 +97,12 @@ def write_gguf(
     plan: list[PlannedTensor],
     produce: Callable[[list[PlannedTensor]], Iterable[tuple[PlannedTensor, np.ndarray]]],
     force: bool = False,
+    inputs: Iterable[Path] = (),
 ) -> Path:
     """Write `plan`'s tensors (arrays yielded by `produce`, in plan order) with the metadata."""
     import gguf
 
-    with atomic_output(path, force, need_bytes=sum(t.nbytes for t in plan)) as tmp:
+    with atomic_output(path, force, need_bytes=sum(t.nbytes for t in plan), inputs=inputs) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         add_metadata(writer)
         for t in plan:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxq.core.atomic import atomic_output
+from neoxq.core.atomic import atomic_output, check_output, output_in
 from neoxq.core.cache import cache_root
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo, TensorInfo, read_info
@@ -222,13 +222,14 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
     src = src if isinstance(src, GGUFInfo) else read_info(src)
     label = f"{qtype.value}-opt" + ("-mix" if opts.mix else "")
     check_quantizable(src, qtype, has_imatrix=opts.imatrix is not None)
-    out = Path(output) if output else default_output(src, label)
+    out = output_in(output, default_output(src, label))
+    check_output(out, force, inputs=[src.path])
     ckpt = reference_checkpoint(src, opts.reference, opts.revision)
     windows = calibration_windows(ckpt, opts.calib, opts.ctx)
     plan = _preflight(ckpt, opts, len(windows))
     t0 = time.perf_counter()
     job = ResumeState(cache_root() / "optimize", _job_inputs(src, ckpt, qtype, opts))
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, inputs=[src.path]) as tmp:
         try:
             state = job.load()
             resumed = state["layers_done"] if state else None
@@ -404,10 +405,10 @@ def mix_with_imatrix(src: GGUFInfo, qtype: QuantType, opts, output, imatrix, ref
 
     if imatrix is not None:
         return quantize_mix(src, qtype, opts, output=output, imatrix=None if str(imatrix).lower() == "none" else imatrix, force=force)
-    from neoxq.core.atomic import check_output
     from neoxq.runtime.quantize import default_output
 
-    check_output(Path(output) if output else default_output(src, f"{qtype.value}-mix"), force)
+    output = output_in(output, default_output(src, f"{qtype.value}-mix"))
+    check_output(output, force, inputs=[src.path])
     with tempfile.TemporaryDirectory(prefix="neoxq-mix-") as scratch:
         im = calibration_imatrix(src, opts.calib_text, Path(scratch), reference, ctx=opts.ctx)
         return quantize_mix(src, qtype, opts, output=output, imatrix=im, force=force)

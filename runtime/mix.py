@@ -240,7 +240,7 @@ def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, i
         s.fit()
     probes = sum(len(_measure_types(g[0], im is not None, two)) for g in groups)
     Path(cache).mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, force=True) as tmp:
+    with atomic_output(path, force=True, lock=False) as tmp:
         tmp.write_text(json.dumps({"version": MIX_VERSION, "probes": probes, "probe_bytes_written": written,
                                    "groups": [[t.name for t in g] for g in groups],
                                    "tensors": {n: {"err": s.err, "measured": s.measured} for n, s in out.items()}}, indent=1))
@@ -416,7 +416,7 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
                  force: bool = False):
     """Write `<base>-mix`: no larger than the target (default: stock `base` from the same input),
     each tensor's type chosen from measured sensitivity; return the read-back QuantResult."""
-    from neoxq.core.atomic import check_output
+    from neoxq.core.atomic import check_output, output_in
     from neoxq.core.gguf_info import read_info
     from neoxq.core.qtypes import QuantType
 
@@ -425,8 +425,8 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
     base = QuantType.parse(base) if isinstance(base, str) else base
     info = inp if isinstance(inp, GGUFInfo) else read_info(inp)
     rq.check_quantizable(info, base, bool(imatrix))
-    out = Path(output) if output else rq.default_output(info, f"{base.value}-mix")
-    check_output(out, force)
+    out = output_in(output, rq.default_output(info, f"{base.value}-mix"))
+    check_output(out, force, inputs=[info.path, *([imatrix] if imatrix else [])])
     plan = plan_mix(info, base, opts, imatrix, out.parent if str(out.parent) else Path("."))
     result = rq.quantize(info, base, output=out, imatrix=imatrix, force=force, tensor_types=plan.types, kv=plan.kv,
                          label=f"{base.value}-mix")

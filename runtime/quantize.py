@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neoxq.core.atomic import atomic_output
+from neoxq.core.atomic import atomic_output, output_in
 from neoxq.core.errors import CorruptFileError, UsageError
 from neoxq.core.gguf_info import GGUFInfo, read_info
 from neoxq.core.imatrix_io import IMatrix, check_fits, file_sha256, read_imatrix
@@ -87,7 +87,7 @@ def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | 
     src = inp if isinstance(inp, GGUFInfo) else read_info(inp)
     check_quantizable(src, qtype, bool(imatrix))
     im = load_imatrix(imatrix, src)
-    out = Path(output) if output else default_output(src, label or qtype.value, out_dir)
+    out = output_in(output, default_output(src, label or qtype.value, out_dir))
     call = capi.QuantizeCall(ftype=qtype.ftype, nthread=nthread or default_threads(),
                              kv={"neoxq.quant_type": label or qtype.value, **(kv or {})})
     if im is not None:
@@ -97,7 +97,7 @@ def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | 
     if tensor_types:
         call.tensor_types = dict(tensor_types)
     t0 = time.perf_counter()
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, inputs=[src.path, *([imatrix] if imatrix else [])]) as tmp:
         say(f"quantizing {src.path.name} to {label or qtype.value} on {call.nthread} threads ...")
         rc, errors = capi.quantize(str(src.path), str(tmp), call)
         if rc != 0:

@@ -116,7 +116,7 @@ class ReferenceCache:
             for arr in out.values():
                 arr.flush()
             del out
-        with atomic_output(self.meta, force=True) as tmp:
+        with atomic_output(self.meta, force=True, lock=False) as tmp:
             tmp.write_text(json.dumps({"reference": reference.description, "ctx": w.ctx, "top_k": k, "tokens_scored": n}, indent=1))
         return self.load()
 
@@ -131,7 +131,7 @@ class _atomic_many:
         from contextlib import ExitStack
 
         self.stack = ExitStack()
-        return [self.stack.enter_context(atomic_output(p, force=True)) for p in self.paths]
+        return [self.stack.enter_context(atomic_output(p, force=True, lock=False)) for p in self.paths]
 
     def __exit__(self, *exc):
         return self.stack.__exit__(*exc)

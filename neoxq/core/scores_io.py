@@ -29,7 +29,7 @@ def save_scores(path: Path | str, s: TokenScores) -> dict:
               "kld": np.asarray(s.kld, np.float32), "same_top": np.asarray(s.same_top, bool),
               "model_top": s.model_top, "ref_top": s.ref_top, "per_window": np.int64(s.per_window)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, force=True) as tmp:
+    with atomic_output(path, force=True, lock=False) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **{k: v for k, v in arrays.items() if v is not None})
     return {"file": path.name, "sha256": file_sha256(path), "tokens": s.n}
