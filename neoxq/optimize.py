@@ -401,8 +401,9 @@ def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, s
 def mix_with_imatrix(src: GGUFInfo, qtype: QuantType, opts, output, imatrix, reference: str | None = None, force: bool = False):
     """`--mix`: the importance matrix is computed from the calibration text unless `imatrix` names a
     file or says none (the best file by default, issue 26 item 5)."""
-    from neoxq.runtime.mix import quantize_mix
+    from neoxq.runtime.mix import check_budget, quantize_mix
 
+    check_budget(src, opts)
     if imatrix is not None:
         return quantize_mix(src, qtype, opts, output=output, imatrix=None if str(imatrix).lower() == "none" else imatrix, force=force)
     from neoxq.runtime.quantize import default_output

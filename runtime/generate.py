@@ -6,7 +6,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from neoxq.core.errors import UsageError
+from neoxq.core.numbers import check_number
+
 from .model import NeoxModel
+
+# Each sampling setting's accepted values (low, high, integer), the one statement of them: `run`'s
+# options and the server's request fields are both checked here.
+SAMPLING_LIMITS = {"max_tokens": (0, None, True), "temperature": (0.0, None, False), "top_k": (0, None, True),
+                   "top_p": (0.0, 1.0, False), "min_p": (0.0, 1.0, False), "repeat_penalty": (0.0, None, False),
+                   "frequency_penalty": (-2.0, 2.0, False), "presence_penalty": (-2.0, 2.0, False),
+                   "seed": (0, 2**32 - 1, True)}
 
 
 @dataclass
@@ -17,8 +27,22 @@ class SamplingOptions:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+
+    def checked(self, as_flags: bool = False) -> "SamplingOptions":
+        """These options, or one UsageError naming the first bad one as a request field (top_p) or,
+        `as_flags`, as `neoxq run`'s option (--top-p: every field is also spelled as a flag)."""
+        def spell(name: str) -> str:
+            return "--" + name.replace("_", "-") if as_flags else name
+
+        for name, (lo, hi, integer) in SAMPLING_LIMITS.items():
+            check_number(getattr(self, name), spell(name), lo, hi, integer)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UsageError(f"{spell('stop')} strings must be non-empty text (an empty one would stop before the first token)")
+        return self
 
 
 @dataclass
@@ -41,29 +65,79 @@ class GenerationStats:
                 f"generation: {self.generated_tokens} tokens, {self.generation_tps:.1f} tok/s")
 
 
+@dataclass
+class Completion:
+    """A completion as it grows: its token ids, its text (cut at a stop string), why it ended."""
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None  # None while growing; then "stop" or "length"
+
+
+def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, cancel=None,
+                     logits_processor=None) -> Iterator[Completion]:
+    """The one sampling loop (`run` and the server): token by token through llama-cpp-python's
+    sampler, the same Completion yielded after each token and once more when it ends (at EOS, a
+    stop string, max_tokens clamped to the context asked for, or `cancel` being set: checked before
+    every token, so a cancelled generation stops within one)."""
+    llm, c = model.llm, Completion()
+    opts.checked()
+    budget = min(opts.max_tokens, model.n_ctx - len(ids))  # llama.cpp pads n_ctx to 256s: clamp here
+    if budget <= 0:
+        c.finish = "length"
+        yield c
+        return
+    if opts.seed is not None:
+        llm.set_seed(opts.seed)
+    llm.reset()
+    eos = llm.token_eos()
+    for tok in llm.generate(ids, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p, temp=opts.temperature,
+                            repeat_penalty=opts.repeat_penalty, frequency_penalty=opts.frequency_penalty,
+                            presence_penalty=opts.presence_penalty, logits_processor=logits_processor):
+        if tok == eos or (cancel is not None and cancel.is_set()):
+            c.finish = "stop"
+            break
+        c.ids.append(tok)
+        c.text = model.detokenize(c.ids)
+        hit = min((c.text.index(s) for s in opts.stop if s in c.text), default=None)
+        if hit is not None:
+            c.text, c.finish = c.text[:hit], "stop"
+            break
+        if len(c.ids) >= budget:
+            c.finish = "length"
+            break
+        yield c
+    c.finish = c.finish or "stop"
+    yield c
+
+
+def _safe_end(text: str, stops: list[str]) -> int:
+    """How much of a growing text can be shown: not a trailing partial UTF-8 character (decoded as
+    U+FFFD) nor a tail that may still become a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return end
+
+
 def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None) -> Iterator[str]:
     """Yield text pieces as they are sampled from `prompt` (text, or token ids as they are); fill
     `stats` with prompt/generation speed."""
-    ids = model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = model.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(ids)
-    if opts.seed is not None:
-        model.llm.set_seed(opts.seed)
-    model.llm.reset()
     t0 = time.perf_counter()
-    t_first = None
-    for chunk in model.llm.create_completion(
-        ids, max_tokens=opts.max_tokens, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-        min_p=opts.min_p, repeat_penalty=opts.repeat_penalty, stop=opts.stop or None, stream=True,
-        seed=opts.seed,
-    ):
-        choice = chunk["choices"][0]
-        if choice.get("finish_reason") and not choice["text"]:
-            break  # the closing chunk carries no token
+    t_first, shown = None, 0
+    for c in completion_steps(model, ids, opts):
         now = time.perf_counter()
-        if t_first is None:
+        if c.ids and t_first is None:
             t_first = now
             stats.prompt_seconds = now - t0
-        stats.generated_tokens += 1
-        stats.generation_seconds = now - t_first
-        yield choice["text"]
+        stats.generated_tokens = len(c.ids)
+        stats.generation_seconds = now - (t_first or now)
+        end = len(c.text) if c.finish else _safe_end(c.text, opts.stop)
+        if end > shown:
+            yield c.text[shown:end]
+            shown = end

@@ -403,6 +403,19 @@ def plan_mix(info: GGUFInfo, base, opts: MixOptions, imatrix: Path | str | None,
     return MixPlan(base, plan, kv, extra)
 
 
+def check_budget(info: GGUFInfo, opts: MixOptions) -> None:
+    """Before any work: a budget at or above every quantizable tensor in F16 has nothing to choose,
+    and is refused instead of written as an F16 file labelled a mix."""
+    target = opts.target_bytes or (int(opts.target_bpw * info.n_params / 8) if opts.target_bpw else None)
+    quantized = quantizable(info)
+    names = {t.name for t in quantized}
+    largest = info.data_offset + sum(tensor_bytes(t, "F16") for t in quantized) + sum(t.n_bytes for t in info.tensors if t.name not in names)
+    if target is not None and target >= largest:
+        given = f"--target-size {format_bytes(target)}" if opts.target_bytes else f"--target-bpw {opts.target_bpw:g}"
+        raise UsageError(f"{given} is at least the whole model in F16 ({format_bytes(largest)}), so there is nothing to choose; "
+                         "pass a smaller budget, or convert with --outtype f16")
+
+
 def check_written(result, plan: MixPlan, out: Path) -> None:
     """llama.cpp must have written the planned types (else the file is removed)."""
     written = {t["name"]: t["type"] for t in result.tensors}
@@ -425,6 +438,7 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
     base = QuantType.parse(base) if isinstance(base, str) else base
     info = inp if isinstance(inp, GGUFInfo) else read_info(inp)
     rq.check_quantizable(info, base, bool(imatrix))
+    check_budget(info, opts)
     out = output_in(output, rq.default_output(info, f"{base.value}-mix"))
     check_output(out, force, inputs=[info.path, *([imatrix] if imatrix else [])])
     plan = plan_mix(info, base, opts, imatrix, out.parent if str(out.parent) else Path("."))

@@ -87,6 +87,16 @@ class NeoxModel:
         and special tokens written in the text (<|endoftext|>) recognised, as HF's tokenizer does."""
         return self.llm.tokenize(unicodedata.normalize("NFC", text).encode("utf-8"), add_bos=False, special=True)
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's tokens; an empty prompt starts after the start-of-text token (GPT-NeoX's
+        <|endoftext|>, which separates its training documents), as HF's generate does with no input.
+        A prompt that leaves no room in the context is refused in one line."""
+        ids = self.tokenize(text) or [self.llm.token_bos() if self.llm.token_bos() >= 0 else self.llm.token_eos()]
+        if len(ids) >= self.n_ctx:
+            raise UsageError(f"the prompt has {len(ids)} tokens and the context holds {self.n_ctx}; "
+                             f"pass a shorter prompt or a larger --ctx (up to the model's {self.info.context_length or 2048})")
+        return ids
+
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
 

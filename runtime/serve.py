@@ -5,10 +5,14 @@ What clients that score text rely on, done right: prompts tokenised as the GPT-N
 generating (computed in one pass, first token null as OpenAI does); `max_tokens` is clamped to the
 context left (`finish_reason: "length"`), a prompt that does not fit is a 400. One model, one request
 at a time, waiting requests queued (a full queue is a 503 with Retry-After); SIGTERM stops a running
-generation at the next token and the server within seconds; `--api-key` requires a bearer token.
+generation at the next token and the server within seconds; a client that disconnects stops its
+generation at the next token (or, queued, before it starts); `--api-key` requires a bearer token.
+Requests are validated in completion_request.py: every OpenAI parameter honoured or refused by name.
 """
 
 import asyncio
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -17,13 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
-from neoxq.core.errors import MissingExtraError
+from neoxq.core.errors import MissingExtraError, UsageError
 from neoxq.core.gguf_info import read_info
+from neoxq.core.progress import info
 
+from .generate import completion_steps
 from .model import NeoxModel, RuntimeOptions
 from .score import log_softmax
 
 MAX_QUEUE = 64
+_BUSY = object()  # Engine.run's answer when the queue is full
+
+
+class _Either:
+    """Set when any of the events is: a generation ends when its client leaves or the server stops."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
 
 
 class Engine:
@@ -36,11 +53,13 @@ class Engine:
         self.waiting = 0
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.generated = 0  # tokens generated, all requests
+        self.cancelled = 0  # requests stopped or skipped because their client left
 
     async def run(self, fn, *args):
         with self.lock:
             if self.waiting >= MAX_QUEUE:
-                return None
+                return _BUSY
             self.waiting += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -63,79 +82,73 @@ class Engine:
             pos += len(t)
         return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top, "text_offset": offsets}
 
-    def _generate(self, ids: list[int], req: dict, max_tokens: int) -> tuple[list[int], str, str]:
-        """Token by token through llama-cpp-python's sampler; stops at a stop string, EOS,
-        max_tokens, or server shutdown. Returns (token ids, text, finish reason)."""
-        m = self.model
-        llm = m.llm
-        if req["seed"] is not None:
-            llm.set_seed(req["seed"])
-        llm.reset()
-        gen: list[int] = []
-        text = ""
-        eos = llm.token_eos()
-        for tok in llm.generate(ids, top_k=req["top_k"], top_p=req["top_p"], min_p=0.0, temp=req["temperature"], repeat_penalty=1.0):
-            if tok == eos or self.stopping.is_set():
-                return gen, text, "stop"
-            gen.append(tok)
-            text = m.detokenize(gen)
-            for stop in req["stop"]:
-                if stop and stop in text:
-                    return gen, text[: text.index(stop)], "stop"
-            if len(gen) >= max_tokens:
-                return gen, text, "length"
-        return gen, text, "stop"
-
-    def complete(self, req: dict, ids: list[int]) -> dict:
-        """The completion of req's prompt, already tokenised as `ids`."""
-        m = self.model
-        max_tokens = min(req["max_tokens"], max(m.n_ctx - len(ids), 0))
-        gen, text, finish = self._generate(ids, req, max_tokens) if max_tokens > 0 else ([], "", "length")
+    def complete(self, req: "Request", ids: list[int], cancel: threading.Event) -> dict | None:
+        """The completion of req's prompt, already tokenised as `ids`; None when its client left
+        (a queued request whose client is gone never starts)."""
+        if cancel.is_set():
+            self.cancelled += 1
+            return None
+        for c in completion_steps(self.model, ids, req.sampling, _Either(cancel, self.stopping), req.logits_processor()):
+            pass
+        self.generated += len(c.ids)
+        gen, text, finish = c.ids, c.text, c.finish
+        if cancel.is_set():
+            self.cancelled += 1
+            return None
         logprobs = None
-        if req["logprobs"] is not None:
-            logprobs = self.logprobs(ids + gen, 0 if req["echo"] else len(ids), req["logprobs"])
-        return {"text": (req["prompt"] if req["echo"] else "") + text, "logprobs": logprobs, "finish_reason": finish,
+        if req.logprobs is not None:
+            start = (0 if req.prompt else len(ids)) if req.echo else len(ids)  # an empty prompt's start token is not echoed
+            logprobs = self.logprobs(ids + gen, start, req.logprobs)
+        return {"text": (req.prompt if req.echo else "") + text, "logprobs": logprobs, "finish_reason": finish,
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": len(gen), "total_tokens": len(ids) + len(gen)}}
 
 
 def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
               flash_attn: str = "auto", api_key: str | None = None):
-    info = read_info(model)  # one clear error for a missing/corrupt/non-NeoX file, before the server starts
+    found = read_info(model)  # one clear error for a missing/corrupt/non-NeoX file, before the server starts
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
+
+        from .completion_request import parse_request
     except ImportError as exc:
         raise MissingExtraError(f"the server needs extra packages ({exc.name} is missing); install them with: pip install 'neoxq[server]'") from exc
-    engine = Engine(info.path, RuntimeOptions(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+    engine = Engine(found.path, RuntimeOptions(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                                               repack=None))  # generation: llama.cpp's default (repacked weights decode ~10% faster)
     app = FastAPI(title="neoxq", docs_url=None, redoc_url=None)
     app.state.engine = engine
-
-    def error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
-        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            return error(401, "missing or wrong API key (Authorization: Bearer …)", "authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_BearerKey, key=api_key)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "neoxq", "context_length": engine.model.n_ctx}]}
 
+    @app.get("/health")
+    async def health():
+        """Counters a client or a test can read: requests waiting, tokens generated, generations
+        cancelled because their client left."""
+        return {"status": "ok", "waiting": engine.waiting, "generated_tokens": engine.generated, "cancelled": engine.cancelled}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         try:
-            req = _parse(await request.json())
-        except ValueError as exc:
-            return error(400, str(exc))
-        ids = engine.model.tokenize(req["prompt"])
-        if len(ids) >= engine.model.n_ctx:
-            return error(400, f"the prompt has {len(ids)} tokens; the context holds {engine.model.n_ctx}, so at most {engine.model.n_ctx - 1} fit")
-        out = await engine.run(engine.complete, req, ids)
-        if out is None:
-            return error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
+            req = parse_request(await request.json(), engine.model.n_vocab)
+            ids = engine.model.prompt_ids(req.prompt)
+        except ValueError as exc:  # the body is not JSON
+            return _error(400, f"the request body is not JSON ({exc})")
+        except UsageError as exc:
+            return _error(400, str(exc))
+        cancel = threading.Event()
+        watcher = asyncio.ensure_future(_set_on_disconnect(request, cancel))
+        try:
+            out = await engine.run(engine.complete, req, ids, cancel)
+        finally:
+            watcher.cancel()
+        if out is _BUSY:
+            return _error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
+        if out is None:  # the client left; nobody reads this
+            return _error(499, "client closed the request", "cancelled")
         choice = {"index": 0, "text": out["text"], "logprobs": out["logprobs"], "finish_reason": out["finish_reason"]}
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": engine.name,
                 "choices": [choice], "usage": out["usage"]}
@@ -143,44 +156,66 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
     return app
 
 
-def _parse(body) -> dict:
-    """The completion request's fields we honour, validated (anything wrong is a 400 with a reason)."""
-    if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ValueError("prompt must be a string (one prompt per request)")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    logprobs = body.get("logprobs")
-    req = {"prompt": prompt, "max_tokens": body.get("max_tokens", 16), "temperature": body.get("temperature", 1.0),
-           "top_p": body.get("top_p", 1.0), "top_k": body.get("top_k", 0), "seed": body.get("seed"), "stop": stop,
-           "echo": bool(body.get("echo", False)), "logprobs": logprobs}
-    for key, lo in (("max_tokens", 0), ("top_k", 0)):
-        if not isinstance(req[key], int) or isinstance(req[key], bool) or req[key] < lo:
-            raise ValueError(f"{key} must be an integer ≥ {lo}")
-    for key in ("temperature", "top_p"):
-        if not isinstance(req[key], (int, float)) or req[key] < 0:
-            raise ValueError(f"{key} must be a number ≥ 0")
-    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
-        raise ValueError("logprobs must be an integer from 0 to 20")
-    if not all(isinstance(s, str) for s in stop):
-        raise ValueError("stop must be a string or a list of strings")
-    if body.get("stream"):
-        raise ValueError("stream is not supported; ask without it")
-    return req
+def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+
+
+async def _set_on_disconnect(request, cancel: threading.Event) -> None:
+    """Set `cancel` the moment the client's connection closes (the ASGI server sends
+    http.disconnect), so the engine stops at its next token instead of finishing for nobody."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+class _BearerKey:
+    """`--api-key`: every request needs `Authorization: Bearer KEY`. A plain ASGI middleware (not
+    FastAPI's http middleware, which wraps the request's receive channel and hides disconnects)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self.want:
+            await _error(401, "missing or wrong API key (Authorization: Bearer …)", "authentication_error")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything else so a port in use or a host that does not
+    resolve is one line (uvicorn would log its own and exit 3)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: cannot resolve it ({exc.strerror}); pass an address such as 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror}); pass --port with a free port or another --host") from None
+    return sock
 
 
 def serve(model: Path | str, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
     import uvicorn
 
+    sock = listen(host, port)
+    if host not in ("127.0.0.1", "localhost", "::1") and not kw.get("api_key"):
+        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
     app = build_app(model, **kw)
+    info(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops it)")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             app.state.engine.stopping.set()  # a running generation ends at its next token
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)).run()
+    Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)).run(sockets=[sock])

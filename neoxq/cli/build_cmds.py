@@ -11,7 +11,7 @@ import typer
 
 from neoxq.core.qtypes import CONVERT_OUTTYPES, QUANTIZED, QuantType, types_table
 
-from .options import Force, Json, MaxMemory, Output, Quiet, Revision, Source, Text
+from .options import number, Force, Json, MaxMemory, Output, Quiet, Revision, Source, Text
 from .say import result_line
 
 OutType = Enum("OutType", {t.value.lower(): t.value.lower() for t in CONVERT_OUTTYPES}, type=str)
@@ -61,7 +61,7 @@ def quantize(
     mix: Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity (needs --calib).")] = False,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix (never scored).")] = None,
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")] = None,
-    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", min=1.0, max=32.0, help="--mix budget in bits per weight.")] = None,
+    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", callback=number(1.0, 32.0), help="--mix budget in bits per weight.")] = None,
     optimize: Annotated[bool, typer.Option("--optimize", help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.")] = False,
     reference: Annotated[Optional[str], typer.Option("--reference", help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
@@ -88,7 +88,7 @@ def quantize(
         from neoxq.optimize import OptimizeOptions, quantize_optimized
 
         im = "auto" if imatrix is None else (None if str(imatrix).lower() == "none" else str(imatrix))
-        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib), reference=reference, imatrix=im, ctx=ctx, mix=mix,
+        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib, "--calib"), reference=reference, imatrix=im, ctx=ctx, mix=mix,
                                                                 max_memory=max_memory),
                                     output=output, force=force)
     elif mix:
@@ -97,7 +97,7 @@ def quantize(
         from neoxq.optimize import mix_with_imatrix
         from neoxq.runtime.mix import MixOptions
 
-        opts = MixOptions(read_text(calib), target_bytes=parse_size(target_size, "--target-size") if target_size else None,
+        opts = MixOptions(read_text(calib, "--calib"), target_bytes=parse_size(target_size, "--target-size") if target_size else None,
                           target_bpw=target_bpw, ctx=ctx)
         result = mix_with_imatrix(info, qt, opts, output, imatrix, reference, force)
     else:

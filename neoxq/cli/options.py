@@ -18,6 +18,17 @@ def _quiet(value: bool) -> bool:
     return value
 
 
+def number(lo: float | None = None, hi: float | None = None, integer: bool = False):
+    """A callback for a numeric option: finite and within [lo, hi] (click's ranges let NaN through),
+    checked by the one rule in neoxq.core.numbers and named as the user spelled the option."""
+    def check(ctx: typer.Context, param: typer.CallbackParam, value):
+        from neoxq.core.numbers import check_number
+
+        return check_number(value, param.opts[0], lo, hi, integer)
+
+    return check
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", callback=_quiet, help="Print nothing but errors.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]

@@ -16,10 +16,12 @@ def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str 
                     repack: bool | None = False):
     """The flags every model-loading command shares, as RuntimeOptions (the library owns defaults)."""
     from neoxq.core.errors import UsageError
+    from neoxq.core.machine import check_threads
     from neoxq.runtime.model import RuntimeOptions
 
     if device not in ("auto", "cpu", "gpu"):
         raise UsageError(f"--device {device!r}: use auto, gpu or cpu")
+    check_threads(threads)
     if device == "cpu":
         if gpu_layers not in (None, 0):
             raise UsageError("--device cpu and --n-gpu-layers > 0 contradict each other; pass one")
@@ -52,13 +54,14 @@ def run(
     model: Model,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text (else --prompt-file, or stdin).")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", "-f")] = None,
-    n: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 128,
-    temperature: Annotated[float, typer.Option("--temp", "--temperature", min=0.0)] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", min=0.0)] = 1.1,
-    seed: Annotated[Optional[int], typer.Option("--seed", min=0)] = None,
+    # the accepted ranges are SamplingOptions' (one statement for run and the server)
+    n: Annotated[int, typer.Option("--max-tokens", "-n", help="Tokens to generate (clamped to the context left).")] = 128,
+    temperature: Annotated[float, typer.Option("--temp", "--temperature")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p")] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty")] = 1.1,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read prompts line by line; each gets a completion.")] = False,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
@@ -68,8 +71,8 @@ def run(
     from neoxq.runtime.generate import SamplingOptions
 
     opts = SamplingOptions(max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or []))
-    text = None if interactive else (prompt if prompt is not None else _read_prompt(prompt_file))
+                           repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or [])).checked(as_flags=True)
+    text = None if interactive else _read_prompt(prompt, prompt_file)
     with _open(model, ctx, threads, gpu_layers, flash_attn=flash_attn, device=device, repack=None) as m:
         if not interactive:
             _complete(m, text, opts)
@@ -77,9 +80,14 @@ def run(
         while True:
             if sys.stdin.isatty():
                 print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
-            if not line:
+            raw = sys.stdin.buffer.readline()
+            if not raw:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                print("error: that line is not UTF-8 text; skipped (type or pipe UTF-8)", file=sys.stderr)
+                continue
             if line.strip():
                 _complete(m, line.rstrip("\n"), opts)
 
@@ -88,24 +96,32 @@ def _complete(m, text: str, opts) -> None:
     from neoxq.runtime.generate import GenerationStats, generate
 
     stats = GenerationStats()
+    ids = m.prompt_ids(text)  # a prompt that does not fit is refused before anything is printed
     sys.stdout.write(text)
     sys.stdout.flush()
-    for piece in generate(m, text, opts, stats):
+    for piece in generate(m, ids, opts, stats):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(stats.line(), file=sys.stderr)
 
 
-def _read_prompt(path: Optional[Path]) -> str:
+def _read_prompt(prompt: Optional[str], path: Optional[Path]) -> str:
     from neoxq.core.errors import UsageError
     from neoxq.core.textfile import read_text
 
+    if prompt is not None and path is not None:
+        raise UsageError("-p and --prompt-file both give a prompt; pass one")
+    if prompt is not None:
+        return prompt
     if path is not None:
-        return read_text(path)
+        return read_text(path, "--prompt-file", allow_empty=True)
     if sys.stdin.isatty():
         raise UsageError("no prompt; pass -p TEXT, --prompt-file FILE, or pipe text on stdin")
-    return sys.stdin.read()
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError("the prompt on stdin is not UTF-8 text; convert it to UTF-8 first") from exc
 
 
 def tokenize(
@@ -225,14 +241,10 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NEOXQ_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
 ):
     """OpenAI-compatible completions server, on localhost by default (one request at a time, others queued)."""
-    from neoxq.core.progress import info
     from neoxq.runtime.serve import serve as do_serve
 
     o = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
     _preflight(model, ctx)  # the server loads the model itself; a load failure there is one line too
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
-    info(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops it)")
     do_serve(model, host=host, port=port, n_ctx=o.n_ctx, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, flash_attn=o.flash_attn,
              api_key=api_key)
 

@@ -183,6 +183,8 @@ def _parse(buf, size: int) -> tuple[dict[str, Any], dict[str, int], list[TensorI
 
 def read_info(path: Path | str, require_arch: str | None = "gptneox") -> GGUFInfo:
     path = Path(path)
+    if path.is_dir():
+        raise SourceError(f"{path} is a folder; pass the path of a .gguf file in it")
     if not path.is_file():
         raise SourceError(f"{path}: no such file; pass the path of a .gguf file")
     size = path.stat().st_size
