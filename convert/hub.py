@@ -75,8 +75,13 @@ def _offline() -> bool:
 
 def _cached_repo(repo_id: str):
     from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
-    for repo in scan_cache_dir().repos:
+    try:
+        repos = scan_cache_dir().repos
+    except CacheNotFound:  # no cache folder at all: the same answer as a cache without this repo
+        repos = ()
+    for repo in repos:
         if repo.repo_id == repo_id and repo.repo_type == "model":
             return repo
     raise SourceError(f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE=1); "
@@ -130,11 +135,15 @@ def parse_spec(spec: str, refs: list[str], repo_id: str) -> list[str]:
     out: list[str] = []
     steps = sorted((step_of(r), r) for r in refs if STEP.match(r))
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        m = re.fullmatch(r"step(\d+)\.\.step(\d+)(?:/(\d+))?", part)
+        m = re.fullmatch(r"step(\d+)\.\.step(\d+)(?:/(-?\d+))?", part)
         if m:
             a, b, k = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+            if k < 1:
+                raise UsageError(f"{part}: /{k} would take every {k}th branch; write /K with K = 1 or more (step0..step5000/2 takes every other)")
+            if a > b:
+                raise UsageError(f"{part}: the range runs backwards; write the lower step first (step{b}..step{a})")
             found = [r for s, r in steps if a <= s <= b]
-            if not found or k < 1:
+            if not found:
                 have = ", ".join(r for _, r in steps[:12]) + (" …" if len(steps) > 12 else "")
                 raise UsageError(f"{part} matches no branch of {repo_id}; its step branches: {have or 'none'}")
             out += found[::k]

@@ -18,19 +18,22 @@ from .calibrate import LAYER_MODULES, accumulate, sampled_log_likelihood
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
                     include_output: bool = False, dataset_name: str = "text") -> IMatrix:
-    sums, counts, n_chunks = second_moments(src, text, ctx, revision, include_output, full=False)
+    from .checkpoint import Checkpoint, open_checkpoint
+
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
+    sums, counts, n_chunks = second_moments(ckpt, text, ctx, revision, include_output, full=False)
     return IMatrix({k: v.float().numpy() for k, v in sums.items()}, {k: float(v) for k, v in counts.items()},
-                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
+                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx, source_fingerprint=ckpt.fingerprint())
 
 
-def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, dataset_name: str) -> IMatrix:
+def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, dataset_name: str, fingerprint: str | None = None) -> IMatrix:
     """The importance matrix is the diagonal of the second moments (full [in, in] matrices or their
     diagonals), so one calibration pass serves both."""
     import numpy as np
 
     diag = {k: np.asarray(v) for k, v in sums.items()}
     return IMatrix({k: (np.diagonal(v) if v.ndim == 2 else v).astype(np.float32).copy() for k, v in diag.items()}, {k: float(v) for k, v in counts.items()},
-                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx)
+                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx, source_fingerprint=fingerprint)
 
 
 EMBEDDING = "token_embd.weight"

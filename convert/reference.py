@@ -84,7 +84,7 @@ def plan_reference(ckpt, ctx: int, n_windows: int, max_memory: int | None, mode:
     if budget < fixed + first:
         raise UsageError(f"the streamed fp32 reference needs at least {format_bytes(fixed + first)} (one layer and one window) "
                          f"but its memory budget is {format_bytes(budget)}; free memory or pass --max-memory "
-                         f"{format_bytes(fixed + first)} or more, or use --reference f16")
+                         f"{format_bytes(fixed + first)} or more (report and sweep also take --reference f16)")
     group = int(min(n_windows, 1 + max(0, (budget - fixed - first) // max(per_window, 1))))
     why = (f"the fp32 model needs {format_bytes(in_memory)}, above the budget of {format_bytes(budget)}"
            if mode == "auto" else "streaming was asked for")

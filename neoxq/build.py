@@ -127,7 +127,8 @@ def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix
     without --force); the report owns its folder and replaces such files."""
     for t in types:
         if t.needs_imatrix and imatrix is None:
-            raise UsageError(f"{t.value} needs an importance matrix; use --imatrix auto or --imatrix FILE")
+            raise UsageError(f"{t.value} needs an importance matrix; pass --imatrix FILE (make one with "
+                             "`neoxq imatrix CHECKPOINT --text calib.txt -o model.imatrix`; `neoxq report` also takes --imatrix auto)")
     im_sha = file_sha256(imatrix) if imatrix else None
     out: dict[QuantType, Built] = {}
     order = [base_type] + [t for t in types if t != base_type]

@@ -34,8 +34,11 @@ def _cached_manager(include_path: str | None):
 
 
 def parse_tasks(spec: str) -> list[str]:
-    """`a, b,c` → ["a", "b", "c"]."""
-    return [t.strip() for t in spec.split(",") if t.strip()]
+    """`a, b,c` → ["a", "b", "c"]; no name at all is one line, not lm-eval's ValueError."""
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError(f"--tasks {spec!r} names no task; pass comma-separated names such as lambada_openai,piqa")
+    return tasks
 
 
 def check_tasks(tasks: list[str], manager) -> None:

@@ -270,7 +270,8 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
         im = opts.imatrix
         if im == "auto":
             im = write_imatrix(Path(scratch) / "calibration.imatrix",
-                               imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}"))
+                               imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}",
+                                                    ckpt.fingerprint()))
         plan = _mix_plan(src, qtype, opts, im, Path(scratch)) if opts.mix else None
         written = quantize(src, qtype, output=work, imatrix=im, force=True, kv={**kv, **(plan.kv if plan else {})}, label=label,
                            tensor_types=plan.types if plan else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neoxq.core.gguf_info import read_info
 from neoxq.core.machine import available_memory
 from neoxq.runtime.score import GGUFReference, Reference
 
@@ -31,11 +32,48 @@ def open_reference(spec: str | Path, revision: str | None = None, options=None, 
         raise UsageError("--reference f16 belongs to report and sweep (which build the F16 file); pass the F16 GGUF's path here")
     path = Path(spec).expanduser()
     if path.is_file():
+        if model_info is not None:
+            check_gguf_belongs(read_info(path), model_info)
         return GGUFReference(path, options)
     from neoxq.convert.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(str(spec), revision)
+    if model_info is not None:
+        check_checkpoint_belongs(ckpt, model_info)
     return hf_reference(ckpt, max_memory, reserved)
+
+
+def _refuse(what: str, model, why: str):
+    from neoxq.core.errors import UsageError
+
+    return UsageError(f"--reference {what} does not belong to {model.path.name} ({why}); "
+                      "pass the F16/F32 GGUF or the checkpoint this file was made from")
+
+
+def check_gguf_belongs(ref, model) -> None:
+    """A GGUF reference must be the same model: the same source fingerprint where both record one,
+    the same tensors with the same shapes, the same vocabulary size."""
+    fp_ref, fp_model = ref.metadata.get("neoxq.source.fingerprint"), model.metadata.get("neoxq.source.fingerprint")
+    if fp_ref and fp_model and fp_ref != fp_model:
+        raise _refuse(ref.path.name, model, "converted from other weights: the source fingerprints differ")
+    shapes = {t.name: t.shape for t in ref.tensors}
+    for t in model.tensors:
+        if shapes.get(t.name) != t.shape:
+            raise _refuse(ref.path.name, model, f"{t.name} is {shapes.get(t.name, 'missing')} there, {t.shape} here")
+    n_ref, n_model = ref.array_lengths.get("tokenizer.ggml.tokens"), model.array_lengths.get("tokenizer.ggml.tokens")
+    if n_ref != n_model:
+        raise _refuse(ref.path.name, model, f"its vocabulary has {n_ref} tokens, this file's {n_model}")
+
+
+def check_checkpoint_belongs(ckpt, model) -> None:
+    """A checkpoint reference: the fingerprint the file records (when it does), else the shapes."""
+    want = model.metadata.get("neoxq.source.fingerprint")
+    if want and ckpt.fingerprint() != want:
+        raise _refuse(str(ckpt.folder), model, "not the checkpoint it was converted from: the weights' fingerprint differs")
+    embd = next((t for t in model.tensors if t.name == "token_embd.weight"), None)
+    vocab, width = ckpt.config.get("vocab_size"), ckpt.config.get("hidden_size")
+    if embd is not None and tuple(embd.shape) != (vocab, width):
+        raise _refuse(str(ckpt.folder), model, f"its embedding is {vocab}x{width}, this file's {embd.shape[0]}x{embd.shape[1]}")
 
 
 def _source_of(info) -> tuple[str, str | None]:

@@ -207,6 +207,8 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
 
     opts = opts or ReportOptions()
     types = QuantType.parse_list(opts.types)
+    if opts.imatrix not in (None, "auto"):
+        read_imatrix(opts.imatrix, option="--imatrix", choices="auto, none, or an imatrix file")  # before any work
     text = read_text(text_file)
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, opts.revision)
     out = _report_folder(out_dir, ckpt)

@@ -3,6 +3,7 @@ nonsense numbers are refused by the one rule in neoxq.core.numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -64,3 +65,43 @@ def test_other_mistakes_are_one_line(small, tmp_path):
     empty.write_text("")
     assert_one_line_error(run_cli("perplexity", small, "--text", empty), "--text", "empty")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_a_reference_or_imatrix_of_another_model_is_refused(ckpt, small, corpus, tmp_path):
+    """Issue 25 item 2: the twin has the same shapes and vocabulary, other weights; only the source
+    fingerprint tells them apart (negative control: the model's own imatrix and reference pass)."""
+    from neoxq.convert.converter import convert
+    from neoxq.convert.tiny import TinySpec, build_random
+
+    twin = build_random(tmp_path / "twin", TinySpec(config_style="hf4", use_parallel_residual=True, rotary_pct=0.25, seed=7), corpus)
+    twin_f16 = convert(str(twin), "f16", output=tmp_path / "twin-F16.gguf")
+    text = tmp_path / "t.txt"
+    text.write_text(corpus[:6000])
+    for src, name in ((twin, "twin.imatrix"), (ckpt, "own.imatrix")):
+        assert run_cli("imatrix", src, "--text", text, "-o", tmp_path / name, "--ctx", "64").returncode == 0
+    assert_one_line_error(run_cli("quantize", small, "--type", "Q4_0", "--imatrix", tmp_path / "twin.imatrix", "-o", tmp_path / "q.gguf"),
+                          "another checkpoint")
+    proc = run_cli("quantize", small, "--type", "Q4_0", "--imatrix", tmp_path / "own.imatrix", "-o", tmp_path / "q.gguf")
+    assert proc.returncode == 0, proc.stderr
+    for ref in (twin_f16, twin):
+        assert_one_line_error(run_cli("kld", tmp_path / "q.gguf", "--reference", ref, "--text", text, "--ctx", "64"), "does not belong")
+    proc = run_cli("kld", tmp_path / "q.gguf", "--reference", small, "--text", text, "--ctx", "64", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["kld_mean"] > 0, proc.stderr
+
+
+def test_nan_weights_are_named_not_scored(small, corpus, tmp_path):
+    import numpy as np
+
+    from neoxq.core.gguf_info import read_info
+
+    info = read_info(small)
+    t = next(t for t in info.tensors if t.name == "blk.0.attn_qkv.weight")
+    bad = tmp_path / "nan.gguf"
+    data = bytearray(small.read_bytes())
+    at = info.data_offset + t.offset
+    data[at:at + t.n_bytes] = np.full(t.n_bytes // 2, np.nan, np.float16).tobytes()
+    bad.write_bytes(bytes(data))
+    text = tmp_path / "t.txt"
+    text.write_text(corpus[:20000])
+    assert_one_line_error(run_cli("perplexity", bad, "--text", text, "--ctx", "64"), "non-finite", "NaN")
+    assert run_cli("perplexity", small, "--text", text, "--ctx", "64").returncode == 0  # negative control

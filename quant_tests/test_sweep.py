@@ -69,6 +69,9 @@ def test_refs_spec_and_identity(offline):
         parse_spec("step19", refs, REPO)
     with pytest.raises(UsageError, match="matches no branch.*step0"):
         parse_spec("step200..step900", refs, REPO)
+    for spec, why in (("step0..step60/0", "K = 1 or more"), ("step0..step60/-2", "K = 1 or more"), ("step60..step0", "lower step first")):
+        with pytest.raises(UsageError, match=why):
+            parse_spec(spec, refs, REPO)
 
 
 @pytest.fixture(scope="module")

@@ -186,6 +186,17 @@ def window_logits(model: NeoxModel, w: Windows, label: str = "scoring") -> Itera
             progress.update(w.per_window)
 
 
+def check_finite(reduced: np.ndarray, model: NeoxModel, window: int) -> None:
+    """A NaN or infinite log-sum-exp means the model's logits are: its weights hold NaN or inf (a
+    damaged or badly made file). One line, instead of a "perplexity nan ± nan" that looks like a
+    result. Checked on the reduced rows, so it costs nothing next to the logits."""
+    if not np.isfinite(reduced).all():
+        from neoxq.core.errors import CorruptFileError
+
+        raise CorruptFileError(f"{model.info.path.name} gives non-finite logits (window {window + 1}): its weights hold NaN or "
+                               "infinity; re-create it with `neoxq convert`/`neoxq quantize` from a sound checkpoint")
+
+
 def target_nll(model: NeoxModel, w: Windows) -> np.ndarray:
     """−log p(target) at every scored position, float64 from float32 logits."""
     nll = np.empty(w.tokens_scored, dtype=np.float64)
@@ -194,7 +205,9 @@ def target_nll(model: NeoxModel, w: Windows) -> np.ndarray:
         for c, row, view in window_logits(model, w):
             t = w.targets(c)[row:row + len(view)]
             at = c * w.per_window + row
-            nll[at:at + len(view)] = reducer(view, shift_at=t)[0] - view[np.arange(len(view)), t]
+            lse = reducer(view, shift_at=t)[0]
+            check_finite(lse, model, c)
+            nll[at:at + len(view)] = lse - view[np.arange(len(view)), t]
     finally:
         reducer.close()
     return nll
@@ -317,6 +330,7 @@ def kld_scores(model: NeoxModel, ref, w: Windows) -> TokenScores:
                 kl[at + lo:at + hi] = ref.kl_rows(slice(at + lo, at + hi), top, shift, sums)
 
             lse, _, arg = reducer(view, shift_at=top_idx[:, 0], gather=top_idx, argmax=True, after=after)
+            check_finite(lse, model, c)
             model_top[at:at + n] = arg
             lq_t[at:at + n] = view[np.arange(n), w.targets(c)[row:row + n]] - lse
     finally:

@@ -14,6 +14,7 @@ from .atomic import atomic_output
 from .errors import CorruptFileError, SourceError, UsageError
 
 SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
+FINGERPRINT_KEY = "neoxq.source.fingerprint"  # the same key converted GGUF files carry
 
 
 @dataclass
@@ -23,6 +24,9 @@ class IMatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    # the checkpoint it was computed on (Checkpoint.fingerprint, the key converted GGUFs record as
+    # neoxq.source.fingerprint); None for llama-imatrix's files and older ones
+    source_fingerprint: str | None = None
 
     def values(self, name: str) -> np.ndarray:
         """Mean squared activation per column: what llama.cpp's quantizer takes."""
@@ -38,10 +42,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_imatrix(path: Path | str) -> IMatrix:
+def read_imatrix(path: Path | str, option: str = "imatrix", choices: str | None = None) -> IMatrix:
     path = Path(path)
     if not path.is_file():
-        raise SourceError(f"imatrix {path}: no such file; make one with `neoxq imatrix SRC --text FILE -o {path.name}`")
+        alt = f"pass {choices}, or " if choices else ""
+        raise SourceError(f"{option} {path}: no such file; {alt}make one with `neoxq imatrix SRC --text FILE -o {path.name}`")
     with open(path, "rb") as f:
         magic = f.read(4)
     return _read_gguf(path) if magic == b"GGUF" else _read_legacy(path)
@@ -68,7 +73,8 @@ def _read_gguf(path: Path) -> IMatrix:
         f = r.fields.get(key)
         return f.contents() if f is not None else default
 
-    return IMatrix(sums, counts, list(field("imatrix.datasets", [])), int(field("imatrix.chunk_count", 0)), int(field("imatrix.chunk_size", 0)))
+    return IMatrix(sums, counts, list(field("imatrix.datasets", [])), int(field("imatrix.chunk_count", 0)), int(field("imatrix.chunk_size", 0)),
+                   field(FINGERPRINT_KEY, None))
 
 
 def _read_legacy(path: Path) -> IMatrix:
@@ -118,6 +124,8 @@ def write_imatrix(path: Path | str, im: IMatrix, force: bool = False) -> Path:
         w.add_array("imatrix.datasets", im.datasets or ["unknown"])
         w.add_uint32("imatrix.chunk_count", im.chunk_count)
         w.add_uint32("imatrix.chunk_size", im.chunk_size)
+        if im.source_fingerprint:
+            w.add_string(FINGERPRINT_KEY, im.source_fingerprint)
         for name in sorted(im.sums):
             w.add_tensor(name + SUM_SUFFIX, im.sums[name].astype(np.float32).reshape(1, -1))
             w.add_tensor(name + COUNT_SUFFIX, np.array([[im.counts[name]]], dtype=np.float32))
@@ -128,8 +136,12 @@ def write_imatrix(path: Path | str, im: IMatrix, force: bool = False) -> Path:
     return path
 
 
-def check_fits(im: IMatrix, tensors: list, source: Path) -> None:
-    """Refuse an imatrix made for another model: every entry must name a tensor of this width."""
+def check_fits(im: IMatrix, tensors: list, source: Path, fingerprint: str | None = None) -> None:
+    """Refuse an imatrix made for another model: every entry must name a tensor of this width, and
+    where both record the checkpoint they come from (`fingerprint`: the model's), it must be one."""
+    if im.source_fingerprint and fingerprint and im.source_fingerprint != fingerprint:
+        raise UsageError(f"imatrix {source.name} was computed on another checkpoint than this file was converted from "
+                         "(their source fingerprints differ); compute one for this model with `neoxq imatrix`")
     cols = {t.name: t.shape[-1] for t in tensors if len(t.shape) == 2}
     for name, arr in im.sums.items():
         if name not in cols:
