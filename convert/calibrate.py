@@ -21,8 +21,10 @@ import numpy as np
 from neoxq.core.gptq import Moments
 from neoxq.core.progress import Progress
 
-LAYER_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+# A layer's matmuls in two stages: the first two read the layer's (normed) input, the second two
+# read what the first produce; LAYER_MODULES is every one, in the layer's own order.
 STAGES = (("attention.query_key_value", "mlp.dense_h_to_4h"), ("attention.dense", "mlp.dense_4h_to_h"))
+LAYER_MODULES = tuple(m for pair in zip(*STAGES) for m in pair)
 WINDOWS_PER_PASS = 4  # bounds eager attention's ctx × ctx scores; the result does not depend on it
 
 # requantize(gguf name, moments) → the rounded weight and its new bias (GGUF layout), for the layers after it
@@ -151,7 +153,6 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
     return moms, (torch.cat(outs) if outs else None), kept
 
 
-ACC_BLOCK_BYTES = 64 << 20
 
 
 class _Accumulator:
@@ -174,7 +175,7 @@ class _Accumulator:
         t = self.t
         # products of one window group in float32 (half float64's time), summed into float64, a
         # column block at a time (a float32 temporary of at most ACC_BLOCK_BYTES)
-        step = max(1, ACC_BLOCK_BYTES // (4 * max(x.shape[1], y.shape[1])))
+        step = rows_per_chunk(max(x.shape[1], y.shape[1]), 4)
         for c0 in range(0, x.shape[1], step):
             xc = x[:, c0:c0 + step]
             t["hq"][:, c0:c0 + step] += (x.T @ xc).double()

@@ -189,19 +189,10 @@ def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_o
             raw = np.frombuffer(fh.read(t.n_bytes), np.uint8).reshape(-1, fmt.size).copy()
             w = source_weights(src, t.name)
             h = moments[t.name] / max(counts[t.name], 1)
-            factor = None if dynamic else gptq.compensation(h, act_order, damp)
+            factor = gptq.compensation(h, act_order and not dynamic, damp)  # a re-chosen grid keeps the columns in order
             errors = np.zeros(2)
-            step = gptq.row_chunk(w.shape[1])
-            for r0 in range(0, len(w), step):
-                rows = slice(r0, r0 + step)
-                wr, chunk = w[rows], raw[_block_rows(rows, w.shape[1] // fmt.block, len(w))]
-                stock = blocks.values(fmt, chunk).reshape(wr.shape)
-                regrid = _regridder(fmt, chunk, wr.shape, np.diag(h)) if dynamic else None
-                a, m = (g.reshape(wr.shape) for g in blocks.grid(fmt, chunk))
-                lv = gptq.gptq_levels(wr, h, a, m, fmt.lmin, fmt.lmax, act_order=act_order, damp=damp, regrid=regrid,
-                                      group=fmt.block, factor=factor)
-                chunk[:] = blocks.with_levels(fmt, chunk, lv.reshape(-1, fmt.block))
-                errors += [gptq.output_error(wr, stock, h), gptq.output_error(wr, blocks.values(fmt, chunk).reshape(wr.shape), h)]
+            for _, wr, before, chunk in rounded_chunks(fmt, raw, w, factor, np.diag(h) if dynamic else None):
+                errors += [gptq.output_error(wr, blocks.values(fmt, q).reshape(wr.shape), h) for q in (before, chunk)]
                 bar.update(wr.size, note=t.name)
             fh.seek(info.data_offset + t.offset)
             fh.write(raw.tobytes())
@@ -355,20 +346,33 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
     return done
 
 
-def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor) -> np.ndarray:
-    """GPTQ levels for `target` [rows, cols] on the grids of `raw` (its blocks, rewritten in place), a
-    row chunk at a time against one factor (gptq.compensation); returns the values, float32."""
+def rounded_chunks(fmt, raw: np.ndarray, target, factor, importance: np.ndarray | None = None):
+    """The one rounding loop: GPTQ levels for `target` ([rows, cols], an array or RowChunks) on the
+    grids of `raw` (its blocks [n, size], rewritten in place), a row chunk at a time against one
+    factor (gptq.compensation). With `importance`, llama.cpp's own importance-weighted search
+    re-chooses each block column's grid as GPTQ reaches it. Yields, per chunk, (rows, the target's
+    rows, the chunk's blocks before, the chunk's blocks now)."""
     from neoxq.core import blocks, gptq
 
-    q = np.empty(target.shape, np.float32)
-    per_row = target.shape[1] // fmt.block
-    step = gptq.row_chunk(target.shape[1])
-    for r0 in range(0, len(target), step):
-        rows = slice(r0, r0 + step)
-        chunk = raw[_block_rows(rows, per_row, len(target))]
-        a, m = (g.reshape(-1, target.shape[1]) for g in blocks.grid(fmt, chunk))
-        lv = gptq.gptq_levels(target[rows], None, a, m, fmt.lmin, fmt.lmax, factor=factor)
+    n, cols = target.shape
+    step = gptq.row_chunk(cols)
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(r0 + step, n))
+        wr, chunk = target[rows], raw[_block_rows(rows, cols // fmt.block, n)]
+        before = chunk.copy()
+        regrid = None if importance is None else _regridder(fmt, chunk, wr.shape, importance)
+        a, m = (g.reshape(wr.shape) for g in blocks.grid(fmt, chunk))
+        lv = gptq.gptq_levels(wr, None, a, m, fmt.lmin, fmt.lmax, regrid=regrid, group=fmt.block, factor=factor)
         chunk[:] = blocks.with_levels(fmt, chunk, lv.reshape(-1, fmt.block))
+        yield rows, wr, before, chunk
+
+
+def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor) -> np.ndarray:
+    """rounded_chunks for a matrix held whole; returns its new values, float32."""
+    from neoxq.core import blocks
+
+    q = np.empty(target.shape, np.float32)
+    for rows, _, _, chunk in rounded_chunks(fmt, raw, target, factor):
         q[rows] = blocks.values(fmt, chunk).reshape(-1, target.shape[1])
     return q
 

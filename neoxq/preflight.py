@@ -83,7 +83,7 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
     3. The output matrix: both final streams, the fp32 output matrix, a chunk of float64 logits, its
        moments ([vocab, h]), work matrix, target, values and row chunks."""
     from neoxq.convert.calibrate import HEAD_TOKENS, WINDOWS_PER_PASS
-    from neoxq.core.gptq import CHUNK_BYTES
+    from neoxq.core.sizes import CHUNK_BYTES
 
     h, f, n, v = args.hidden_size, args.intermediate_size, args.num_hidden_layers, args.vocab_size
     layer = 4 * (4 * h * h + 2 * h * f)

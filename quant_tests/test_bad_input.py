@@ -80,7 +80,7 @@ def test_a_reference_or_imatrix_of_another_model_is_refused(ckpt, small, corpus,
     for src, name in ((twin, "twin.imatrix"), (ckpt, "own.imatrix")):
         assert run_cli("imatrix", src, "--text", text, "-o", tmp_path / name, "--ctx", "64").returncode == 0
     assert_one_line_error(run_cli("quantize", small, "--type", "Q4_0", "--imatrix", tmp_path / "twin.imatrix", "-o", tmp_path / "q.gguf"),
-                          "another checkpoint")
+                          "another model", "fingerprints")
     proc = run_cli("quantize", small, "--type", "Q4_0", "--imatrix", tmp_path / "own.imatrix", "-o", tmp_path / "q.gguf")
     assert proc.returncode == 0, proc.stderr
     for ref in (twin_f16, twin):

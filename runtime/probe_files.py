@@ -21,8 +21,8 @@ import numpy as np
 
 from neoxq.core.gguf_info import GGUFInfo, TensorInfo
 from neoxq.core.imatrix_io import IMatrix
+from neoxq.core.sizes import rows_per_chunk
 
-ROWS_BYTES = 64 << 20  # float32 rows quantized at a time: bounds a large matrix's working copy
 
 
 def split_name(prefix: str, no: int, count: int) -> str:
@@ -118,6 +118,6 @@ def quantized(info: GGUFInfo, t: TensorInfo, type_name: str, importance: np.ndar
 
     ggml_type = int(gguf.GGMLQuantizationType[type_name])
     rows, cols = t.shape
-    step = max(1, ROWS_BYTES // (4 * cols))
+    step = rows_per_chunk(cols, 4)  # float32 rows quantized at a time
     return np.concatenate([capi.quantize_rows(float_rows(info, t, slice(r0, r0 + step)), ggml_type, importance)
                            for r0 in range(0, rows, step)])

@@ -20,13 +20,14 @@ import numpy as np
 
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
 BLOCK = 128  # columns compensated inside a block before the rest is updated at once (lazy batches)
-CHUNK_BYTES = 64 << 20  # one float64 copy of a row chunk; GPTQ holds about six (weights, grids, permuted copies)
 
 
 def row_chunk(cols: int) -> int:
     """Rows at a time for a matrix `cols` wide: rows are independent in GPTQ and in the target, so
     this bounds the working copies without changing the result (2048 rows at 4096 columns)."""
-    return max(1, CHUNK_BYTES // (8 * cols))
+    from .sizes import rows_per_chunk
+
+    return rows_per_chunk(cols, 8)  # float64 copies; GPTQ holds about six (weights, grids, permuted copies)
 
 
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:

@@ -140,8 +140,8 @@ def check_fits(im: IMatrix, tensors: list, source: Path, fingerprint: str | None
     """Refuse an imatrix made for another model: every entry must name a tensor of this width, and
     where both record the checkpoint they come from (`fingerprint`: the model's), it must be one."""
     if im.source_fingerprint and fingerprint and im.source_fingerprint != fingerprint:
-        raise UsageError(f"imatrix {source.name} was computed on another checkpoint than this file was converted from "
-                         "(their source fingerprints differ); compute one for this model with `neoxq imatrix`")
+        raise UsageError(f"imatrix {source.name} was made for another model: it was computed on other weights than this file "
+                         "was converted from (their source fingerprints differ); compute one for this model with `neoxq imatrix`")
     cols = {t.name: t.shape[-1] for t in tensors if len(t.shape) == 2}
     for name, arr in im.sums.items():
         if name not in cols:

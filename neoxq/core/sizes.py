@@ -10,6 +10,16 @@ _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+# One working copy of a row chunk of a large matrix (GPTQ's float64 rows, calibration products,
+# probe rows): bounds the memory a 50k × 4096 matrix needs without changing any result.
+CHUNK_BYTES = 64 << 20
+
+
+def rows_per_chunk(cols: int, itemsize: int) -> int:
+    """Rows of a `cols`-wide matrix of `itemsize`-byte values that fit one CHUNK_BYTES copy."""
+    return max(1, CHUNK_BYTES // (itemsize * cols))
+
+
 def parse_size(text: str, option: str = "size") -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else None
