@@ -20,6 +20,7 @@ import numpy as np
 
 from neoxq.core.gptq import Moments
 from neoxq.core.progress import Progress
+from neoxq.core.sizes import rows_per_chunk
 
 # A layer's matmuls in two stages: the first two read the layer's (normed) input, the second two
 # read what the first produce; LAYER_MODULES is every one, in the layer's own order.

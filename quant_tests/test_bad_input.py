@@ -105,3 +105,40 @@ def test_nan_weights_are_named_not_scored(small, corpus, tmp_path):
     text.write_text(corpus[:20000])
     assert_one_line_error(run_cli("perplexity", bad, "--text", text, "--ctx", "64"), "non-finite", "NaN")
     assert run_cli("perplexity", small, "--text", text, "--ctx", "64").returncode == 0  # negative control
+
+
+def _advice(proc) -> str:
+    """The command a one-line error tells the user to run (between backticks)."""
+    import re
+
+    line = proc.stderr.strip().splitlines()[-1]
+    m = re.search(r"`(neoxq [^`]+)`", line)
+    assert m, line
+    return m.group(1)
+
+
+def test_following_the_advice_works(ckpt, small, corpus, tmp_path):
+    """Issue 25: advice in a message must work when followed; each case runs what the line says."""
+    import shlex
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(corpus[:8000])
+    out = tmp_path / "q.gguf"
+    # an IQ type without an importance matrix → the `neoxq imatrix …` it names, then --imatrix
+    proc = run_cli("quantize", small, "--type", "IQ2_XXS", "-o", out)
+    cmd = shlex.split(_advice(proc).replace("CHECKPOINT", str(ckpt)))[1:]
+    assert run_cli(*cmd, "--ctx", "64", cwd=tmp_path).returncode == 0
+    assert run_cli("quantize", small, "--type", "IQ2_XXS", "--imatrix", tmp_path / "model.imatrix", "-o", out).returncode == 0
+    # a float type given to quantize → the convert command it names
+    proc = run_cli("quantize", small, "--type", "F16", "-o", tmp_path / "f.gguf")
+    cmd = shlex.split(_advice(proc))[1:]
+    assert cmd[:2] == ["convert", "--outtype"]
+    assert run_cli(cmd[0], ckpt, *cmd[1:], "-o", tmp_path / "f.gguf").returncode == 0
+    # an existing output → --force; too many threads → the largest number it names
+    assert "--force" in run_cli("quantize", small, "--type", "Q4_0", "-o", out).stderr
+    assert run_cli("quantize", small, "--type", "Q4_0", "-o", out, "--force").returncode == 0
+    proc = run_cli("run", small, "-p", "hi", "-n", "1", "--threads", "1000")
+    most = proc.stderr.strip().rsplit(" ", 1)[-1]
+    assert run_cli("run", small, "-p", "hi", "-n", "1", "--threads", most).returncode == 0
+    # --max-memory without --optimize → "drop it"
+    assert "drop it" in run_cli("quantize", small, "--type", "Q4_0", "-o", out, "--force", "--max-memory", "8GB").stderr

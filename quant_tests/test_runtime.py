@@ -186,7 +186,9 @@ def test_runtime_bad_input(trained_f16, texts, tmp_path):
     assert_one_line_error(run_cli("run", trunc, "-p", "x"), "truncated")
     assert_one_line_error(run_cli("kld", trained_f16, "--reference", trained_f16, "--text", short), "fewer than two windows")
     empty = tmp_path / "empty.txt"
-    empty.write_text("   \n")
+    empty.write_text("   \n")  # whitespace is text (it tokenises), just too little of it
+    assert_one_line_error(run_cli("perplexity", trained_f16, "--text", empty), "fewer than two windows")
+    empty.write_text("")
     assert_one_line_error(run_cli("perplexity", trained_f16, "--text", empty), "empty")
 
 
