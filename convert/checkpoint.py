@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from neoxq.core.errors import CorruptFileError, SourceError, UnsafeCheckpointError, require_convert_extra
+from neoxq.core.errors import CorruptFileError, SourceError, UnsafeCheckpointError, UsageError, require_convert_extra
 
 from . import hub
 
@@ -123,6 +123,9 @@ def open_checkpoint(src: str, revision: str | None = None) -> Checkpoint:
         path, commit = hub.fetch(repo, revision)
     elif not path.is_dir():
         raise SourceError(f"{src} is a file; pass the checkpoint's folder (with config.json and the weights)")
+    elif revision:
+        raise UsageError(f"--revision {revision} picks a hub branch, but {src} is a local folder (one version); "
+                         "drop --revision, or pass the hub repo id (e.g. EleutherAI/pythia-70m)")
     config = read_config(path)
     return Checkpoint(folder=path, config=config, weight_files=find_weight_files(path),
                       repo_id=repo_id, revision=revision, commit=commit)

@@ -32,6 +32,10 @@ def open_reference(spec: str | Path, revision: str | None = None, options=None, 
         raise UsageError("--reference f16 belongs to report and sweep (which build the F16 file); pass the F16 GGUF's path here")
     path = Path(spec).expanduser()
     if path.is_file():
+        if max_memory is not None:
+            from neoxq.core.errors import UsageError
+
+            raise UsageError(f"--max-memory bounds the fp32 checkpoint reference; {path.name} is a GGUF scored by llama.cpp: drop --max-memory")
         if model_info is not None:
             check_gguf_belongs(read_info(path), model_info)
         return GGUFReference(path, options)

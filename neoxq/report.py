@@ -63,9 +63,16 @@ class _Run:
 
 
 def _report_folder(out_dir, ckpt) -> Path:
+    """The report's folder, named but not yet made: a mistake found before any work leaves nothing."""
     from neoxq.core.naming import gguf_name
 
     out = Path(out_dir) if out_dir else Path("report-" + gguf_name(ckpt.name, ckpt.revision, "x")[: -len("-x.gguf")])
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"report folder {out} is a file; pass -o with a folder")
+    return out
+
+
+def _make_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -73,7 +80,6 @@ def _report_folder(out_dir, ckpt) -> Path:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"cannot write to report folder {out} ({exc.strerror}); pass -o with a writable folder") from exc
-    return out
 
 
 def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
@@ -220,6 +226,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
 
         check_tasks(parse_tasks(opts.tasks), task_manager(opts.include_path))
     _preflight(run, n_windows)
+    _make_folder(out)
     n_extra = sum(not t.is_float for t in types) * (opts.mix + opts.optimize * (1 + opts.mix))
     with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_extra, "steps") as bar:
         files, im_info, base = _build(run, bar)

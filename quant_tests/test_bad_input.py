@@ -64,7 +64,29 @@ def test_other_mistakes_are_one_line(small, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert_one_line_error(run_cli("perplexity", small, "--text", empty), "--text", "empty")
+    assert_one_line_error(run_cli("kld", small, "--reference", small, "--text", calib, "--max-memory", "1KB"), "drop --max-memory")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_mistakes_found_before_work_leave_nothing(ckpt, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    assert_one_line_error(run_cli("report", ckpt, "--text", text, "-o", tmp_path / "rep"), "fewer than two windows")
+    assert_one_line_error(run_cli("report", ckpt, "--text", text, "-o", tmp_path / "rep", "--imatrix", "sometimes"), "auto, none")
+    assert not (tmp_path / "rep").exists()  # the report folder is made only once the checks pass
+    assert_one_line_error(run_cli("convert", ckpt, "--revision", "step1000", "-o", tmp_path / "x.gguf"), "local folder", "drop --revision")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_hostile_script_runs_clean():
+    """scripts/hostile.py on a slice of its cases (the README's count comes from the whole run)."""
+    import subprocess
+    import sys
+
+    from .helpers import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "hostile.py"), "--only", "info"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "6 of 6 cases clean" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_a_reference_or_imatrix_of_another_model_is_refused(ckpt, small, corpus, tmp_path):

@@ -62,9 +62,10 @@ def build_fixtures(d: Path) -> dict[str, str]:
     f16 = convert(str(ck), "f16", output=d / "m-F16.gguf")
     twin_f16 = convert(str(twin), "f16", output=d / "twin-F16.gguf")
     q8 = quantize(f16, "Q8_0", output=d / "m-Q8_0.gguf").path
+    q4 = quantize(f16, "Q4_0", output=d / "m-Q4_0.gguf").path
     text = d / "t.txt"
     text.write_text(corpus[:20_000])
-    files = {"CK": ck, "TWIN": twin, "F16": f16, "TWINF16": twin_f16, "Q8": q8, "T": text}
+    files = {"CK": ck, "TWIN": twin, "F16": f16, "TWINF16": twin_f16, "Q8": q8, "Q4": q4, "T": text}
     for name, content in {"EMPTY": b"", "WS": b"   \n\t\n", "NONUTF8": b"caf\xe9 \xff\xfe", "SHORT": b"hello world",
                           "TXTGGUF": b"this is not a gguf"}.items():
         p = d / f"{name.lower()}.{'gguf' if name == 'TXTGGUF' else 'txt'}"
@@ -134,7 +135,7 @@ def cli_cases(f: dict[str, str], out: str) -> list[Case]:
     cases += [Case("kld ok", [*kld, "--reference", F], ok=True), Case("kld checkpoint ok", [*kld, "--reference", CK], ok=True)]
     cases += [Case("compare no text", ["compare", Q, F, "--reference", F]), Case("compare no reference", ["compare", Q, F, "--text", T]),
               Case("compare MISSING", ["compare", f["MISSING"], Q, "--reference", F, "--text", T]),
-              Case("compare ok", ["compare", Q, F, "--reference", F, "--text", T, "--ctx", "64"], ok=True)]
+              Case("compare ok", ["compare", Q, f["Q4"], "--reference", F, "--text", T, "--ctx", "64"], ok=True)]
     # quantize
     qz = ["quantize", F, "--type", "Q4_0", "-o", o]
     cases += [Case(f"quantize --type {t}", ["quantize", F, "--type", t, "-o", o]) for t in ("Q3_K_XL", "F16", "", "IQ2_XXS")]
