@@ -11,12 +11,16 @@ import math
 from .errors import UsageError
 
 
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
 def _range(lo: float | None, hi: float | None) -> str:
     if lo is not None and hi is not None:
-        return f"from {lo:g} to {hi:g}"
+        return f"from {_num(lo)} to {_num(hi)}"
     if lo is not None:
-        return f"of {lo:g} or more"
-    return f"of {hi:g} or less" if hi is not None else ""
+        return f"of {_num(lo)} or more"
+    return f"of {_num(hi)} or less" if hi is not None else ""
 
 
 def check_number(value, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False):
