@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_only_regular_files_and_never_an_input(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(OutputError, match="is a FIFO"):
         check_output(fifo, force=True)
+    with pytest.raises(OutputError, match="character device"):  # refused before anything is opened
+        check_output(Path(os.devnull), force=True)
     with pytest.raises(OutputError, match="is a folder.*inside it"):
         check_output(tmp_path, force=True)
     src = tmp_path / "in.gguf"
