@@ -18,7 +18,7 @@ from pathlib import Path
 
 from neoxq.core.atomic import atomic_output
 from neoxq.core.errors import UsageError
-from neoxq.core.progress import Progress
+from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.textfile import read_text, text_sha256
 
 ROW_KEYS = ("type", "size_bytes", "bpw", "ppl", "ppl_se", "dppl_pct", "dppl_pct_se", "dppl_pct_se_window", "kld_mean",
@@ -41,8 +41,10 @@ class SweepOptions:
     reference: str = "auto"  # auto | hf | f16 (per revision: its own fp32 model, or its own F16 file)
 
 
-def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, threads: int) -> dict:
-    """One revision's report (in a worker, a Ray task, or this process); returns its report.json."""
+def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, threads: int, quiet: bool = False) -> dict:
+    """One revision's report (in a worker, a Ray task, or this process); returns its report.json.
+    `quiet` is the driver's --quiet: a spawned worker or Ray task starts with the module default."""
+    set_quiet(quiet)
     _pin(threads)
     from neoxq.convert.checkpoint import open_checkpoint
     from neoxq.report import ReportOptions, run_report
@@ -185,14 +187,15 @@ def _run_local(todo, args, finished) -> None:
     repo, text, out, opts = args
     if opts.workers <= 1 or len(todo) <= 1:
         for rid in todo:
-            finished(rid, _task(repo, rid.revision, text, str(out / rid.revision), asdict(opts), _cores()))
+            finished(rid, _task(repo, rid.revision, text, str(out / rid.revision), asdict(opts), _cores(), is_quiet()))
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, _cores() // opts.workers)
     with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_task, repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads): rid for rid in todo}
+        futures = {pool.submit(_task, repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads, is_quiet()): rid
+                   for rid in todo}
         for f in as_completed(futures):
             finished(futures[f], f.result())
 
@@ -238,7 +241,7 @@ def _run_ray(todo, args, finished) -> None:
             # the streamed reference and the llama.cpp side hold about twice the checkpoint, plus libraries
             need = min(2 * rid.weights_bytes + (1 << 30), int(0.8 * node_memory)) if node_memory else None
             task = ray.remote(num_cpus=threads, num_gpus=1 if supports_gpu_offload() else 0, **({"memory": need} if need else {}))(_task)
-            pending[task.remote(repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads)] = rid
+            pending[task.remote(repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads, is_quiet())] = rid
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             rid = pending.pop(done[0])

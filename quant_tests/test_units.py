@@ -416,3 +416,45 @@ def test_network_failure_found_by_type_not_text():
     requests = pytest.importorskip("requests")
     err = requests.ConnectionError("Max retries exceeded")
     assert network_failure(err) is err
+
+
+def test_importing_neoxq_changes_nothing_outside_it(tmp_path):
+    """Issue 22 item 3: in a clean interpreter, importing every neoxq module leaves os.environ and
+    llama.cpp's log callback as they were; a library model load installs neoxq's callback only for
+    the load and puts the caller's back. Negative control: the CLI's init_process does change both."""
+    code = r'''
+import ctypes, importlib, os, pkgutil, sys
+import llama_cpp
+
+def callback():
+    cb, user = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(cb), ctypes.byref(user))
+    return ctypes.cast(cb, ctypes.c_void_p).value
+
+import lm_eval  # sets HF_XET_HIGH_PERFORMANCE in its own __init__: its doing, so measured before ours
+env, before = dict(os.environ), callback()
+import neoxq
+names = [m.name for m in pkgutil.walk_packages(neoxq.__path__, "neoxq.") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())
+assert callback() == before, "import installed a log callback"
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
+with NeoxModel(sys.argv[1], RuntimeOptions(n_ctx=64)):
+    pass
+assert callback() == before, "a library load left its callback installed"
+from neoxq.core.machine import init_process
+init_process()
+with NeoxModel(sys.argv[1], RuntimeOptions(n_ctx=64)):
+    pass
+assert callback() != before and os.environ.get("GOMP_SPINCOUNT"), "init_process changed nothing"
+print(len(names), "modules")
+'''
+    from neoxq.convert.converter import convert
+    from neoxq.convert.tiny import TinySpec, build_random
+
+    ck = build_random(tmp_path / "ck", TinySpec(), "hello world " * 400)
+    f16 = convert(str(ck), "f16", output=tmp_path / "m.gguf")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    proc = subprocess.run([sys.executable, "-c", code, str(f16)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "modules" in proc.stdout, proc.stderr[-3000:]

@@ -34,13 +34,14 @@ class LogLevel(IntEnum):
 
 
 class _Log:
-    """One callback for the whole process: silent unless NEOXQ_LLAMA_LOG=1; errors are collected
-    while a `captured_errors()` block is open, so a failure can be explained in our own words."""
+    """neoxq's llama.cpp log callback: silent unless NEOXQ_LLAMA_LOG=1 (read when it is installed,
+    never at import); errors are collected while a `captured_errors()` block is open, so a failure
+    can be explained in our own words."""
 
     def __init__(self):
         self.last = LogLevel.NONE
         self.captures: list[list[str]] = []
-        self.echo = os.environ.get("NEOXQ_LLAMA_LOG") == "1"
+        self.echo = False
         self.callback = llama_cpp.llama_log_callback(self._on_log)  # kept alive: C holds the pointer
 
     def _on_log(self, level: int, text: bytes, _user) -> None:
@@ -53,19 +54,48 @@ class _Log:
             print(msg, end="", file=sys.stderr, flush=True)
 
 
-_LOG = _Log()
-llama_cpp.llama_log_set(_LOG.callback, ctypes.c_void_p(0))
+    def install(self) -> None:
+        self.echo = os.environ.get("NEOXQ_LLAMA_LOG") == "1"
+        llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
+
+
+_LOG = _Log()  # made at import, installed only by a call: importing neoxq leaves llama.cpp's log as it was
+_process_wide = False  # installed for the rest of the process (after init_process)
+
+
+def current_log_callback() -> tuple[object, ctypes.c_void_p]:
+    """llama.cpp's log callback and user data as they are now (to restore them later)."""
+    cb, user = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(cb), ctypes.byref(user))
+    return cb, user
 
 
 @contextlib.contextmanager
 def captured_errors() -> Iterator[list[str]]:
-    """Yield the list that llama.cpp's error lines are appended to during the block."""
+    """Yield the list that llama.cpp's error lines are appended to during the block.
+
+    In a process that called neoxq.core.machine.init_process() (the CLI does, first), neoxq's
+    callback is installed for the rest of the process, so llama.cpp never prints past our one-line
+    errors. Elsewhere (a library user, lm-eval, a notebook) it is installed for the outermost block
+    only and the caller's callback is put back afterwards."""
+    from neoxq.core.machine import process_initialised
+
+    global _process_wide
+    restore = None
+    if not _process_wide and not _LOG.captures:  # the outermost block installs ours
+        if process_initialised():
+            _process_wide = True
+        else:
+            restore = current_log_callback()
+        _LOG.install()
     lines: list[str] = []
     _LOG.captures.append(lines)
     try:
         yield lines
     finally:
         _LOG.captures.remove(lines)
+        if restore is not None:
+            llama_cpp.llama_log_set(*restore)
 
 
 def error_text(lines: list[str], limit: int = 300) -> str:

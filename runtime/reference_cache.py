@@ -22,7 +22,12 @@ import numpy as np
 from neoxq.core.atomic import atomic_output
 from neoxq.core.errors import UsageError
 
-TOP_K = int(os.environ.get("NEOXQ_REFERENCE_TOP_K", "1024"))
+TOP_K = 1024  # the reference's most likely tokens kept per position (the rest merged): NEOXQ_REFERENCE_TOP_K overrides
+
+
+def top_k() -> int:
+    """The table width: NEOXQ_REFERENCE_TOP_K, read when tables are made (never at import)."""
+    return int(os.environ.get("NEOXQ_REFERENCE_TOP_K", TOP_K))
 ARRAYS = ("top_idx", "top_lp", "rest_lp", "target_lp")
 
 
@@ -137,6 +142,6 @@ class _atomic_many:
         return self.stack.__exit__(*exc)
 
 
-def reference_tables(reference, w, n_vocab: int, cache_dir: Path | None = None, k: int = TOP_K) -> ReferenceTables:
-    cache = ReferenceCache(cache_dir or default_cache_dir(), reference, w, k)
+def reference_tables(reference, w, n_vocab: int, cache_dir: Path | None = None, k: int | None = None) -> ReferenceTables:
+    cache = ReferenceCache(cache_dir or default_cache_dir(), reference, w, k or top_k())
     return cache.load() or cache.store(reference, n_vocab)

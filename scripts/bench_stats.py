@@ -175,7 +175,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="full-vocabulary tables: 100 KB… per token, ~0.4 GB a window")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    from neoxq.runtime.reference_cache import TOP_K
+    from neoxq.runtime.reference_cache import top_k
+
+    TOP_K = top_k()
 
     tools = benchlib.build_llama_tools()
     work = benchlib.cache_dir() / "stats-work"

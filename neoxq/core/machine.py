@@ -67,10 +67,19 @@ def available_memory() -> int:
 GOMP_SPINCOUNT = "30000"  # libgomp's idle spins: measured 3.2 vs 4.5 ms per scored 512-token window (neoxq.runtime's docstring)
 
 
+_process = {"initialised": False}
+
+
 def init_process() -> None:
-    """Process-wide settings neoxq's commands want, made explicitly (never at import): llama.cpp's
-    OpenMP workers spin less after each graph, unless the user set GOMP_SPINCOUNT. Must run before
-    llama.cpp (libgomp) is loaded."""
+    """Process-wide settings neoxq's commands want, made explicitly by the CLI (never at import):
+    llama.cpp's OpenMP workers spin less after each graph, unless the user set GOMP_SPINCOUNT (must
+    run before llama.cpp's libgomp loads), and neoxq's llama.cpp log callback, once installed, stays
+    for the whole process (neoxq.runtime.capi.captured_errors; without this call it is scoped)."""
     import os
 
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    _process["initialised"] = True
+
+
+def process_initialised() -> bool:
+    return _process["initialised"]
