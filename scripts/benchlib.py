@@ -237,3 +237,27 @@ def eval_windows(f16: Path, text: Path, windows: int, work: Path, ctx: int = 512
     out = work / f"ids-{windows}.npy"
     np.save(out, np.asarray(ids, dtype=np.int32))
     return out, cut
+
+
+def start_server(model, ctx: int = 256) -> tuple[subprocess.Popen, str]:
+    """`neoxq serve` on a free local port, waited for until it answers; (process, base URL)."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "neoxq", "serve", str(model), "--port", str(port), "--ctx", str(ctx)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            httpx.get(f"{base}/v1/models", timeout=1)
+            return proc, base
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server did not start: {proc.stderr.read().decode(errors='replace')[-500:]}")
+            time.sleep(0.25)
+    proc.kill()
+    raise SystemExit("the server did not answer within 60 s")

@@ -253,19 +253,10 @@ SERVER_OK = [("empty prompt", {"prompt": ""}), ("n=1 and user", {"n": 1, "user":
 
 def server_cases(f16: str, work: Path) -> list[Result]:
     import httpx
+    from benchlib import start_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "neoxq", "serve", f16, "--port", str(port), "--ctx", "256"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            httpx.get(f"{base}/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.25)
+    proc, base = start_server(f16, ctx=256)
+    port = int(base.rsplit(":", 1)[1])
     out = []
     try:
         for (name, body), ok in [(c, False) for c in SERVER_BAD] + [(c, True) for c in SERVER_OK]:

@@ -9,13 +9,12 @@ none may be lost (time out or fail otherwise); the server's resident memory must
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+from benchlib import start_server
 
 
 def rss_mib(pid: int) -> float:
@@ -34,18 +33,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--ctx", type=int, default=256)
     a = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "neoxq", "serve", str(a.model), "--port", str(port), "--ctx", str(a.ctx)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    for _ in range(240):
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.25)
+    server, base = start_server(a.model, a.ctx)
+    url = f"{base}/v1/completions"
     httpx.post(url, json={"prompt": "warm up", "max_tokens": 4}, timeout=60)
     rss0 = rss_mib(server.pid)
     counts, latencies, lock = Counter(), [], threading.Lock()
