@@ -9,7 +9,7 @@ NVCC   ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/
 # e.g. "9.0" → "90"; several GPUs: the first one's.
 CUDA_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast lint venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest quant_tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check neoxq convert runtime quant_tests scripts
 
 test-fast: $(STAMP)
 	$(PY) -m pytest quant_tests -m "not slow"

@@ -149,7 +149,9 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
     finally:
         for h in handles:
             h.remove()
-    qkv = (lambda x: deinterleave_qkv(x, args))
+    def qkv(x):
+        return deinterleave_qkv(x, args)
+
     moms = {mod: acc[mod].moments(rows=qkv if mod == STAGES[0][0] else None) for mod in stage}
     return moms, (torch.cat(outs) if outs else None), kept
 

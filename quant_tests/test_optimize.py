@@ -78,7 +78,9 @@ def test_asymmetric_target_reproduces_fp32_outputs_from_perturbed_inputs():
     w, b = rng.standard_normal((8, 32)), rng.standard_normal(8)
     mom = _moments(xf, xq, w, b)
     wt, bt = gptq.asymmetric_target(w, b, mom, damp=1e-9, chunk=3)
-    direct = lambda q, bq: float(np.sum((xf @ w.T + b - xq @ q.T - bq) ** 2)) / len(xf)
+    def direct(q, bq):
+        return float(np.sum((xf @ w.T + b - xq @ q.T - bq) ** 2)) / len(xf)
+
     assert np.isclose(gptq.asymmetric_error(wt, bt, mom, chunk=3), direct(wt, bt), rtol=1e-5, atol=1e-9)
     assert np.isclose(gptq.asymmetric_error(w, b, mom), direct(w, b), rtol=1e-9)
     assert direct(wt, bt) < 1e-8 * direct(w, b)

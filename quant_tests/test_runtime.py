@@ -14,7 +14,6 @@ import unicodedata
 import numpy as np
 import pytest
 
-from neoxq.convert.converter import convert
 from neoxq.runtime.model import NeoxModel, RuntimeOptions, gpu_offload_supported
 from neoxq.runtime.score import perplexity
 

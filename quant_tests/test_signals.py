@@ -4,7 +4,6 @@ full disk without root."""
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import subprocess

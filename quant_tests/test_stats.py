@@ -40,13 +40,21 @@ def _llama(lp, lq, targets):
     same, klds, dps = 0, [], []
     for i in range(n):
         nll, nllb = -lq[i, targets[i]], -lp[i, targets[i]]
-        acc["nll"] += nll; acc["nll2"] += nll * nll; acc["nllb"] += nllb; acc["nllb2"] += nllb * nllb
+        acc["nll"] += nll
+        acc["nll2"] += nll * nll
+        acc["nllb"] += nllb
+        acc["nllb2"] += nllb * nllb
         acc["nllnllb"] += nll * nllb
         k = float(np.sum(np.exp(lp[i]) * (lp[i] - lq[i])))
-        acc["kld"] += k; acc["kld2"] += k * k; klds.append(k)
+        acc["kld"] += k
+        acc["kld2"] += k * k
+        klds.append(k)
         same += int(np.argmax(lq[i]) == np.argmax(lp[i]))
         d = math.exp(-nll) - math.exp(-nllb)
-        acc["dp"] += d; acc["dp2"] += d * d; acc["dp4"] += d ** 4; dps.append(d)
+        acc["dp"] += d
+        acc["dp2"] += d * d
+        acc["dp4"] += d ** 4
+        dps.append(d)
 
     def mu(s, s2):
         f = s / n

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -77,7 +75,6 @@ def test_refs_spec_and_identity(offline):
 @pytest.fixture(scope="module")
 def local_sweep(hub_cache, texts, tmp_path_factory):
     """The sweep run once in this process (module-scoped: the slow part)."""
-    import os
 
     from neoxq.demo import use_local_hub_cache
     from neoxq.sweep import run_sweep

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,7 +298,6 @@ def test_single_import_root_and_layers():
     """One top-level package; base imports nothing above it; convert and runtime never import each
     other; runtime and base import no torch. Checked on the source (every module)."""
     import ast
-    from pathlib import Path
 
     from .helpers import REPO
 
@@ -458,3 +458,12 @@ print(len(names), "modules")
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     proc = subprocess.run([sys.executable, "-c", code, str(f16)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "modules" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "scripts").glob("*.py")))
+def test_every_script_answers_help(script):
+    """Issue 24 item 6: a benchmark that no longer runs is found here, not by its next user."""
+    from .helpers import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

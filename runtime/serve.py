@@ -18,6 +18,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from neoxq.core.progress import info
 from .generate import completion_steps
 from .model import NeoxModel, RuntimeOptions
 from .score import log_softmax
+
+if TYPE_CHECKING:
+    from .completion_request import Request
 
 MAX_QUEUE = 64
 _BUSY = object()  # Engine.run's answer when the queue is full
@@ -108,7 +112,6 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
     found = read_info(model)  # one clear error for a missing/corrupt/non-NeoX file, before the server starts
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse
 
         from .completion_request import parse_request
     except ImportError as exc:

@@ -99,7 +99,7 @@ def child(code: str, *args) -> dict:
 
 
 def main() -> None:
-    from bench_convert import SHAPES, build
+    from benchlib import SHAPES, random_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=list(SHAPES), default="70m")
@@ -113,7 +113,7 @@ def main() -> None:
     from neoxq.core.qtypes import QuantType
 
     root = a.keep or Path(tempfile.mkdtemp(prefix="neoxq-rt-"))
-    folder = build(root / a.model, SHAPES[a.model])
+    folder = random_checkpoint(a.model)  # random fp16 weights of Pythia's shape, kept in the bench cache
     f16 = root / f"{a.model}-F16.gguf"
     if not f16.is_file():
         convert(str(folder), "f16", output=f16)
