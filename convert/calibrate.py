@@ -158,6 +158,9 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
 
 
 
+HQ_BLOCKS = 8  # column blocks of Σ x xᵀ: 8 computes (1 + … + 8) / 64 = 56 % of the full product
+
+
 class _Accumulator:
     """Moments summed in place, in float64 (no full-size temporary per batch: at a 6.9B model's MLP
     down, Σ x_q x_qᵀ alone is 2.1 GB)."""
@@ -177,12 +180,17 @@ class _Accumulator:
                       "sum_q": z(x.shape[1], dtype=torch.float64)}
         t = self.t
         # products of one window group in float32 (half float64's time), summed into float64, a
-        # column block at a time (a float32 temporary of at most ACC_BLOCK_BYTES)
-        step = rows_per_chunk(max(x.shape[1], y.shape[1]), 4)
-        for c0 in range(0, x.shape[1], step):
-            xc = x[:, c0:c0 + step]
-            t["hq"][:, c0:c0 + step] += (x.T @ xc).double()
-            t["yx"][:, c0:c0 + step] += (y.T @ xc).double()
+        # column block at a time (a float32 temporary of at most CHUNK_BYTES). Σ x xᵀ is symmetric:
+        # only the blocks on and above the diagonal are computed (mirrored in moments()), with at
+        # least HQ_BLOCKS blocks so that this saves about 40 % of its products
+        cols = x.shape[1]
+        step = min(rows_per_chunk(max(cols, y.shape[1]), 4), -(-cols // HQ_BLOCKS))
+        for c0 in range(0, cols, step):
+            c1 = min(c0 + step, cols)
+            xc = x[:, c0:c1]
+            t["hq"][:c1, c0:c1] += (x[:, :c1].T @ xc).double()
+            t["yx"][:, c0:c1] += (y.T @ xc).double()
+        self.step = step
         t["sum_y"] += y.double().sum(0)
         t["yy"] += (y.double() ** 2).sum(0)
         t["sum_q"] += x.double().sum(0)
@@ -192,6 +200,10 @@ class _Accumulator:
         """As numpy (shared memory); rows(x) reorders the output rows (attention QKV: HF's per-head
         order to the GGUF's)."""
         t = {k: v.numpy() for k, v in self.t.items()}
+        hq, n = t["hq"], len(t["hq"])
+        for c0 in range(0, n, self.step):  # the lower blocks from the upper ones, a block at a time
+            c1 = min(c0 + self.step, n)
+            hq[c1:, c0:c1] = hq[c0:c1, c1:].T
         if rows is not None:
             t.update({k: rows(t[k]) for k in ("yx", "sum_y", "yy")})
         self.t = None

@@ -165,7 +165,7 @@ def _regridder(fmt, raw: np.ndarray, shape: tuple[int, int], importance: np.ndar
     imp = np.ascontiguousarray(importance, dtype=np.float32)
 
     def regrid(rows: slice, col: int, wcur: np.ndarray):
-        new = capi.quantize_rows(wcur.astype(np.float32), fmt.ggml_type, imp[col:col + fmt.block])
+        new = capi.quantize_rows(np.ascontiguousarray(wcur, dtype=np.float32), fmt.ggml_type, imp[col:col + fmt.block])
         per_row[rows, col // fmt.block] = new
         return blocks.grid(fmt, new)
 

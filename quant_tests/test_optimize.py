@@ -332,3 +332,46 @@ def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(t
     stopped = run_cli(*base, "-o", tmp_path / "c.gguf", env={**env, "PYTHONPATH": _kill_at_layer(tmp_path / "c", 1, "SIGINT")})
     assert stopped.returncode == 130 and not (tmp_path / "c.gguf").exists()
     assert not any(work.iterdir()) and not list(tmp_path.glob(".*.partial"))
+
+
+def test_gptq_sweep_equals_the_textbook_column_loop():
+    """The blocked, transposed sweep against GPTQ written plainly (one column at a time, the whole
+    rest of the row updated each time): the same levels, up to rare ties of float rounding."""
+    from neoxq.runtime import capi
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2048, 512)) @ (np.eye(512) + 0.2 * rng.standard_normal((512, 512)))
+    h = x.T @ x / len(x)
+    w = (0.05 * rng.standard_normal((48, 512))).astype(np.float32)
+    fmt = blocks.Q4_K
+    raw = capi.quantize_rows(w, fmt.ggml_type, np.diag(h).astype(np.float32)).reshape(-1, fmt.size)
+    a, m = (g.reshape(w.shape).astype(np.float64) for g in blocks.grid(fmt, raw))
+    perm, u = gptq.compensation(h, True)
+    wp, ap, mp = (np.asarray(z, np.float64)[:, perm].copy() for z in (w, a, m))
+    plain = np.empty(w.shape, np.int16)
+    for j in range(w.shape[1]):
+        li = gptq.nearest(wp[:, j], ap[:, j], mp[:, j], fmt.lmin, fmt.lmax)
+        e = (wp[:, j] - (ap[:, j] * li - mp[:, j])) / u[j, j]
+        wp[:, j + 1:] -= np.outer(e, u[j, j + 1:])
+        plain[:, perm[j]] = li
+    ours = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax)
+    assert (ours == plain).mean() > 0.999 and not np.array_equal(ours, gptq.nearest(w, a, m, fmt.lmin, fmt.lmax))
+
+
+def test_accumulated_moments_equal_the_direct_products():
+    """The sequential pass's sums (float32 products per group, only the upper blocks of Σ x xᵀ
+    computed and mirrored) against numpy's float64 products of the same rows."""
+    import torch
+
+    from neoxq.convert.calibrate import _Accumulator
+
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((3, 40, 100)).astype(np.float32) for _ in range(2)]
+    ys = [rng.standard_normal((3, 40, 30)).astype(np.float32) for _ in range(2)]
+    acc = _Accumulator()
+    for x, y in zip(xs, ys):
+        acc.add(torch.from_numpy(y), torch.from_numpy(x))
+    mom = acc.moments()
+    x, y = (np.concatenate([z.reshape(-1, z.shape[-1]) for z in zs]).astype(np.float64) for zs in (xs, ys))
+    assert np.allclose(mom.hq, x.T @ x, rtol=1e-5, atol=1e-3) and np.allclose(mom.hq, mom.hq.T)
+    assert np.allclose(mom.yx, y.T @ x, rtol=1e-5, atol=1e-3) and mom.n == len(x)

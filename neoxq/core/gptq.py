@@ -113,24 +113,27 @@ def _unpermute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
 
 def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int,
                block: int = BLOCK, regrid=None, group: int = 0) -> np.ndarray:
+    """GPTQ's lazy-batch sweep. Each block of columns is worked on transposed ([columns, rows]), so
+    that the column being rounded and its grid are contiguous: a column of a [rows, cols] array is
+    read with a stride of a whole row, which on the 410M shape made this loop a fifth of --optimize."""
     cols = w.shape[1]
     lv = np.empty(w.shape, np.int16)
     for c0 in range(0, cols, block):
         c1 = min(c0 + block, cols)
-        wb, err = w[:, c0:c1].copy(), np.empty((len(w), c1 - c0))
+        wb, ab, mb = (np.ascontiguousarray(x[:, c0:c1].T) for x in (w, a, m))
+        err, lvb = np.empty(wb.shape), np.empty(wb.shape, np.int16)
         ub = u[c0:c1, c0:c1]
         for i in range(c1 - c0):
             if regrid is not None and (c0 + i) % group == 0:
-                ga, gm = regrid(c0 + i, wb[:, i:i + group])
+                ga, gm = regrid(c0 + i, wb[i:i + group].T)
+                ab[i:i + group], mb[i:i + group] = np.asarray(ga).T, np.asarray(gm).T
                 a[:, c0 + i:c0 + i + group], m[:, c0 + i:c0 + i + group] = ga, gm
-            col = wb[:, i]
-            li = nearest(col, a[:, c0 + i], m[:, c0 + i], lmin, lmax)
-            q = a[:, c0 + i] * li - m[:, c0 + i]
-            e = (col - q) / ub[i, i]
-            wb[:, i:] -= np.outer(e, ub[i, i:])
-            err[:, i] = e
-            lv[:, c0 + i] = li
-        w[:, c1:] -= err @ u[c0:c1, c1:]
+            li = nearest(wb[i], ab[i], mb[i], lmin, lmax)
+            err[i] = e = (wb[i] - (ab[i] * li - mb[i])) / ub[i, i]
+            wb[i + 1:] -= ub[i, i + 1:, None] * e
+            lvb[i] = li
+        lv[:, c0:c1] = lvb.T
+        w[:, c1:] -= err.T @ u[c0:c1, c1:]
     return lv
 
 
