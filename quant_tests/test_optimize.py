@@ -14,16 +14,24 @@ from neoxq.core import blocks, gptq
 from .helpers import assert_one_line_error, run_cli
 
 
-def test_gptq_lowers_output_error_on_correlated_inputs_and_is_rtn_on_diagonal_ones():
+def _correlated_problem(seed: int, tokens: int, cols: int, rows: int, mix: float):
+    """Inputs with correlated columns (H), weights, and llama.cpp's Q4_K grids for them."""
     from neoxq.runtime import capi
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((4096, 256)) @ (np.eye(256) + 0.3 * rng.standard_normal((256, 256)))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + mix * rng.standard_normal((cols, cols)))
     h = x.T @ x / len(x)
-    w = (0.05 * rng.standard_normal((64, 256))).astype(np.float32)
+    w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
     fmt = blocks.Q4_K
     raw = capi.quantize_rows(w, fmt.ggml_type, np.diag(h).astype(np.float32)).reshape(-1, fmt.size)
     a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
+    return h, w, fmt, raw, a, m
+
+
+def test_gptq_lowers_output_error_on_correlated_inputs_and_is_rtn_on_diagonal_ones():
+    from neoxq.runtime import capi
+
+    h, w, fmt, raw, a, m = _correlated_problem(0, 4096, 256, 64, 0.3)
     stock = blocks.values(fmt, raw).reshape(w.shape)
     lv = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax)
     ours = capi.dequantize(blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block)), fmt.ggml_type, w.size).reshape(w.shape)
@@ -337,15 +345,7 @@ def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(t
 def test_gptq_sweep_equals_the_textbook_column_loop():
     """The blocked, transposed sweep against GPTQ written plainly (one column at a time, the whole
     rest of the row updated each time): the same levels, up to rare ties of float rounding."""
-    from neoxq.runtime import capi
-
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((2048, 512)) @ (np.eye(512) + 0.2 * rng.standard_normal((512, 512)))
-    h = x.T @ x / len(x)
-    w = (0.05 * rng.standard_normal((48, 512))).astype(np.float32)
-    fmt = blocks.Q4_K
-    raw = capi.quantize_rows(w, fmt.ggml_type, np.diag(h).astype(np.float32)).reshape(-1, fmt.size)
-    a, m = (g.reshape(w.shape).astype(np.float64) for g in blocks.grid(fmt, raw))
+    h, w, fmt, _, a, m = _correlated_problem(3, 2048, 512, 48, 0.2)
     perm, u = gptq.compensation(h, True)
     wp, ap, mp = (np.asarray(z, np.float64)[:, perm].copy() for z in (w, a, m))
     plain = np.empty(w.shape, np.int16)
