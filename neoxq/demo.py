@@ -6,8 +6,10 @@ library's docstrings (text every machine has), then the full report runs on held
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from neoxq.core.progress import info, interactive
 from .report import ReportOptions, run_report
@@ -54,18 +56,25 @@ DEMO_REPO = "neoxq-demo/tiny-neox"
 SWEEP_STEPS = [0, 10, 25, 50, 100, 200]
 
 
-def use_local_hub_cache(cache: Path) -> None:
-    """Point huggingface_hub at `cache`, offline (its constants are read at call time)."""
+@contextlib.contextmanager
+def local_hub_cache(cache: Path) -> Iterator[None]:
+    """huggingface_hub pointed at `cache`, offline, for the block: the environment (which spawned
+    sweep workers read) and its constants (which it reads at call time); both put back afterwards,
+    so a test or a library caller is left as it was."""
     import os
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_HUB_CACHE"] = str(cache)
-    import sys
+    from huggingface_hub import constants
 
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub import constants
-
-        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(cache)
+    keys = ("HF_HUB_OFFLINE", "HF_HUB_CACHE")
+    env, consts = {k: os.environ.get(k) for k in keys}, {k: getattr(constants, k) for k in keys}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(cache)
+    try:
+        yield
+    finally:
+        for k in keys:
+            os.environ.pop(k, None) if env[k] is None else os.environ.__setitem__(k, env[k])
+            setattr(constants, k, consts[k])
 
 
 def build_demo_hub(out: Path) -> Path:
@@ -90,12 +99,12 @@ def run_demo_sweep(out: Path | str = "demo-out") -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    use_local_hub_cache(out / "hub-cache")
-    build_demo_hub(out)
-    if interactive():
-        print(file=sys.stderr)
-    eval_file = out / "stdlib-heldout-sweep.txt"
-    eval_file.write_text(stdlib_text(TRAIN_CHARS + 40_000)[TRAIN_CHARS:], encoding="utf-8")
-    info(f"sweeping {DEMO_REPO} (local cache {out / 'hub-cache'}) on {eval_file}")
-    opts = SweepOptions(types="Q8_0,Q4_K_M,Q2_K", ctx=128, imatrix=None)
-    return run_sweep(DEMO_REPO, f"step0..step{max(SWEEP_STEPS)},main", eval_file, out / "sweep", opts)
+    with local_hub_cache(out / "hub-cache"):
+        build_demo_hub(out)
+        if interactive():
+            print(file=sys.stderr)
+        eval_file = out / "stdlib-heldout-sweep.txt"
+        eval_file.write_text(stdlib_text(TRAIN_CHARS + 40_000)[TRAIN_CHARS:], encoding="utf-8")
+        info(f"sweeping {DEMO_REPO} (local cache {out / 'hub-cache'}) on {eval_file}")
+        opts = SweepOptions(types="Q8_0,Q4_K_M,Q2_K", ctx=128, imatrix=None)
+        return run_sweep(DEMO_REPO, f"step0..step{max(SWEEP_STEPS)},main", eval_file, out / "sweep", opts)

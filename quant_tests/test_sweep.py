@@ -5,7 +5,6 @@ interrupted and resumed, and on a real local Ray cluster with identical numbers.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -33,12 +32,11 @@ def hub_cache(tmp_path_factory, texts):
 
 @pytest.fixture()
 def offline(hub_cache, monkeypatch, tmp_path):
-    from neoxq.demo import use_local_hub_cache
+    from neoxq.demo import local_hub_cache
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
-    use_local_hub_cache(hub_cache)
-    yield {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(tmp_path / "hfhome")}
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with local_hub_cache(hub_cache):  # everything it sets is put back after the test
+        yield {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "HF_HOME": str(tmp_path / "hfhome")}
 
 
 @pytest.fixture()
@@ -76,18 +74,15 @@ def test_refs_spec_and_identity(offline):
 def local_sweep(hub_cache, texts, tmp_path_factory):
     """The sweep run once in this process (module-scoped: the slow part)."""
 
-    from neoxq.demo import use_local_hub_cache
+    from neoxq.demo import local_hub_cache
     from neoxq.sweep import run_sweep
 
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
-    use_local_hub_cache(hub_cache)
     out = tmp_path_factory.mktemp("sweep")
     text = out / "eval.txt"
     text.write_text(texts["eval"][:24000])
-    path = run_sweep(REPO, "step0..step150,main", text, out / "s", _opts())
-    yield json.loads(path.read_text()), out / "s", text
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with local_hub_cache(hub_cache):  # for the tests that use this sweep; put back after the module
+        path = run_sweep(REPO, "step0..step150,main", text, out / "s", _opts())
+        yield json.loads(path.read_text()), out / "s", text
 
 
 @pytest.mark.slow
@@ -163,3 +158,17 @@ def test_sweep_evict_and_keep_files(hub_cache, eval_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in snapshots.iterdir()} == before - {commit}
     assert list((tmp_path / "o" / "step20").glob("*.gguf"))
+
+
+def test_local_hub_cache_puts_everything_back(tmp_path):
+    """Issue 24 item 5: pointing huggingface_hub at a local cache leaks nothing into later tests."""
+    import os
+
+    from huggingface_hub import constants
+
+    from neoxq.demo import local_hub_cache
+
+    before = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_HUB_CACHE"), constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE)
+    with local_hub_cache(tmp_path):
+        assert constants.HF_HUB_OFFLINE and constants.HF_HUB_CACHE == str(tmp_path) == os.environ["HF_HUB_CACHE"]
+    assert (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_HUB_CACHE"), constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE) == before
