@@ -12,6 +12,7 @@ import numpy as np
 from neoxq import __version__
 from neoxq.core.atomic import output_in
 from neoxq.core.errors import CorruptFileError, UnsupportedModelError, UsageError
+from neoxq.core.gguf_info import FINGERPRINT_KEY
 from neoxq.core.naming import gguf_name
 from neoxq.core.qtypes import CONVERT_OUTTYPES, QuantType
 
@@ -172,7 +173,7 @@ def _add_provenance(w, plan: ConversionPlan) -> None:
 def source_keys(ck: Checkpoint) -> dict[str, str]:
     """The metadata that identifies a file's source: repo, revision, commit, weights fingerprint."""
     keys = {"neoxq.source.revision": ck.revision or "", "neoxq.source.commit": ck.commit or "",
-            "neoxq.source.fingerprint": ck.fingerprint()}
+            FINGERPRINT_KEY: ck.fingerprint()}
     if ck.repo_id:
         keys["neoxq.source.repo"] = ck.repo_id
     return keys

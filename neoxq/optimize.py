@@ -64,19 +64,12 @@ def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | N
     """The fp32 checkpoint the calibration activations come from: --reference, else the hub source
     recorded in the file; it must be the checkpoint the file was converted from (fingerprint)."""
     from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.reference import check_checkpoint_belongs, source_of
 
-    meta = src.metadata
     if reference is None:
-        repo = meta.get("neoxq.source.repo")
-        if not repo:
-            raise UsageError(f"{src.path.name} does not record a hub source (converted from a local folder); "
-                             "pass --reference with the checkpoint folder it was converted from")
-        reference, revision = repo, meta.get("neoxq.source.commit") or meta.get("neoxq.source.revision") or None
+        reference, revision = source_of(src, "the checkpoint folder it was converted from")
     ckpt = open_checkpoint(str(reference), revision)
-    want = meta.get("neoxq.source.fingerprint")
-    if want and ckpt.fingerprint() != want:
-        raise UsageError(f"--reference {reference} is not the checkpoint {src.path.name} was converted from "
-                         "(its weights differ); pass that checkpoint")
+    check_checkpoint_belongs(ckpt, src)
     return ckpt
 
 
@@ -408,11 +401,11 @@ def mix_with_imatrix(src: GGUFInfo, qtype: QuantType, opts, output, imatrix, ref
     file or says none (the best file by default, issue 26 item 5)."""
     from neoxq.runtime.mix import check_budget, quantize_mix
 
-    check_budget(src, opts)
     if imatrix is not None:
         return quantize_mix(src, qtype, opts, output=output, imatrix=None if str(imatrix).lower() == "none" else imatrix, force=force)
     from neoxq.runtime.quantize import default_output
 
+    check_budget(src, opts)  # quantize_mix checks it too, but only after the imatrix below is computed
     output = output_in(output, default_output(src, f"{qtype.value}-mix"))
     check_output(output, force, inputs=[src.path])
     with tempfile.TemporaryDirectory(prefix="neoxq-mix-") as scratch:

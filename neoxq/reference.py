@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.machine import available_memory
 from neoxq.runtime.score import GGUFReference, Reference
@@ -25,16 +26,12 @@ def open_reference(spec: str | Path, revision: str | None = None, options=None, 
     """`spec`: a GGUF or checkpoint path / hub id, or auto|hf = the checkpoint the scored file was
     converted from (its repo and commit are in the file's metadata)."""
     if str(spec) in ("auto", "hf"):
-        spec, revision = _source_of(model_info)
+        spec, revision = source_of(model_info)
     elif str(spec) == "f16":
-        from neoxq.core.errors import UsageError
-
         raise UsageError("--reference f16 belongs to report and sweep (which build the F16 file); pass the F16 GGUF's path here")
     path = Path(spec).expanduser()
     if path.is_file():
         if max_memory is not None:
-            from neoxq.core.errors import UsageError
-
             raise UsageError(f"--max-memory bounds the fp32 checkpoint reference; {path.name} is a GGUF scored by llama.cpp: drop --max-memory")
         if model_info is not None:
             check_gguf_belongs(read_info(path), model_info)
@@ -47,9 +44,7 @@ def open_reference(spec: str | Path, revision: str | None = None, options=None, 
     return hf_reference(ckpt, max_memory, reserved)
 
 
-def _refuse(what: str, model, why: str):
-    from neoxq.core.errors import UsageError
-
+def _refuse(what: str, model, why: str) -> UsageError:
     return UsageError(f"--reference {what} does not belong to {model.path.name} ({why}); "
                       "pass the F16/F32 GGUF or the checkpoint this file was made from")
 
@@ -57,8 +52,7 @@ def _refuse(what: str, model, why: str):
 def check_gguf_belongs(ref, model) -> None:
     """A GGUF reference must be the same model: the same source fingerprint where both record one,
     the same tensors with the same shapes, the same vocabulary size."""
-    fp_ref, fp_model = ref.metadata.get("neoxq.source.fingerprint"), model.metadata.get("neoxq.source.fingerprint")
-    if fp_ref and fp_model and fp_ref != fp_model:
+    if ref.source_fingerprint and model.source_fingerprint and ref.source_fingerprint != model.source_fingerprint:
         raise _refuse(ref.path.name, model, "converted from other weights: the source fingerprints differ")
     shapes = {t.name: t.shape for t in ref.tensors}
     for t in model.tensors:
@@ -70,9 +64,9 @@ def check_gguf_belongs(ref, model) -> None:
 
 
 def check_checkpoint_belongs(ckpt, model) -> None:
-    """A checkpoint reference: the fingerprint the file records (when it does), else the shapes."""
-    want = model.metadata.get("neoxq.source.fingerprint")
-    if want and ckpt.fingerprint() != want:
+    """A checkpoint reference (for kld/compare, and --optimize's calibration): the fingerprint the
+    file records (when it does), and the embedding's shape."""
+    if model.source_fingerprint and ckpt.fingerprint() != model.source_fingerprint:
         raise _refuse(str(ckpt.folder), model, "not the checkpoint it was converted from: the weights' fingerprint differs")
     embd = next((t for t in model.tensors if t.name == "token_embd.weight"), None)
     vocab, width = ckpt.config.get("vocab_size"), ckpt.config.get("hidden_size")
@@ -80,12 +74,12 @@ def check_checkpoint_belongs(ckpt, model) -> None:
         raise _refuse(str(ckpt.folder), model, f"its embedding is {vocab}x{width}, this file's {embd.shape[0]}x{embd.shape[1]}")
 
 
-def _source_of(info) -> tuple[str, str | None]:
-    from neoxq.core.errors import UsageError
-
+def source_of(info, accepts: str = "the checkpoint folder or an F16/F32 GGUF") -> tuple[str, str | None]:
+    """(hub repo, commit or revision) a file records as its source; one line when it records none
+    (converted from a local folder), naming what --reference `accepts` instead."""
     meta = info.metadata if info is not None else {}
     repo = meta.get("neoxq.source.repo")
     if not repo:
-        raise UsageError("this file does not record a hub source (it was converted from a local folder); "
-                         "pass --reference with the checkpoint folder or an F16/F32 GGUF")
+        name = f"{info.path.name}" if info is not None else "this file"
+        raise UsageError(f"{name} does not record a hub source (it was converted from a local folder); pass --reference with {accepts}")
     return repo, meta.get("neoxq.source.commit") or meta.get("neoxq.source.revision") or None

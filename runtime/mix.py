@@ -182,7 +182,7 @@ MIX_VERSION = 1
 
 
 def sensitivity_key(info: GGUFInfo, calib_ids: list[int], ctx: int, im_sha: str | None, two: bool) -> str:
-    ident = info.metadata.get("neoxq.source.fingerprint") or f"{info.path.resolve()}:{info.path.stat().st_mtime_ns}"
+    ident = info.source_fingerprint or f"{info.path.resolve()}:{info.path.stat().st_mtime_ns}"
     parts = [str(MIX_VERSION), ident, str(info.metadata.get("neoxq.source.commit") or ""), str(sum(t.n_bytes for t in info.tensors)),
              hashlib.sha256(np.asarray(calib_ids, dtype=np.int32).tobytes()).hexdigest(), str(ctx), im_sha or "", str(two)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]

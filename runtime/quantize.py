@@ -73,7 +73,7 @@ def load_imatrix(imatrix: Path | str | None, src: GGUFInfo) -> IMatrix | None:
     if not imatrix:
         return None
     im = read_imatrix(imatrix)
-    check_fits(im, src.tensors, Path(imatrix), src.metadata.get("neoxq.source.fingerprint"))
+    check_fits(im, src.tensors, Path(imatrix), src.source_fingerprint)
     return im
 
 

@@ -28,6 +28,8 @@ TOP_K = 1024  # the reference's most likely tokens kept per position (the rest m
 def top_k() -> int:
     """The table width: NEOXQ_REFERENCE_TOP_K, read when tables are made (never at import)."""
     return int(os.environ.get("NEOXQ_REFERENCE_TOP_K", TOP_K))
+
+
 ARRAYS = ("top_idx", "top_lp", "rest_lp", "target_lp")
 
 

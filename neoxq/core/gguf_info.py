@@ -45,6 +45,11 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+# The weights a file was converted from (convert.checkpoint.Checkpoint.fingerprint), recorded in
+# converted GGUFs and in the imatrix files neoxq makes: what "made from the same model" compares.
+FINGERPRINT_KEY = "neoxq.source.fingerprint"
+
+
 @dataclass
 class GGUFInfo:
     path: Path
@@ -64,6 +69,10 @@ class GGUFInfo:
                 pass  # a mix or a future type: fall back to llama.cpp's own id
         ft = self.metadata.get("general.file_type")
         return QuantType.from_ftype(int(ft)) if isinstance(ft, int) else None
+
+    @property
+    def source_fingerprint(self) -> str | None:
+        return self.metadata.get(FINGERPRINT_KEY) or None
 
     @property
     def n_params(self) -> int:

@@ -12,9 +12,9 @@ import numpy as np
 
 from .atomic import atomic_output
 from .errors import CorruptFileError, SourceError, UsageError
+from .gguf_info import FINGERPRINT_KEY
 
 SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
-FINGERPRINT_KEY = "neoxq.source.fingerprint"  # the same key converted GGUF files carry
 
 
 @dataclass

@@ -17,12 +17,9 @@ def check_threads(threads: int | None) -> int | None:
     """--threads within the cores this process may use: llama.cpp's threads spin-wait for each
     other, so oversubscribing stalls them (--threads 1000 on 2 cores: 13.4 s against 0.6-2.2 s,
     measured in issue 25)."""
-    from .errors import UsageError
+    from .numbers import check_number
 
-    cores = default_threads()
-    if threads is not None and not 1 <= threads <= cores:
-        raise UsageError(f"--threads {threads}: this process may use {cores} core(s); pass a number from 1 to {cores}")
-    return threads
+    return check_number(threads, "--threads", 1, default_threads(), integer=True)  # the upper bound: the cores this process may use
 
 
 def describe() -> dict:
