@@ -59,11 +59,12 @@ def is_valid(path: Path, want: dict[str, str | None]) -> bool:
 def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
                 imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None) -> dict[QuantType, Built]:
     """`<TYPE>-mix` for every quantized type: no larger than the stock file, per-tensor types from
-    measured sensitivity on `calib_text` (neoxq.runtime.mix); reused while source, imatrix and
+    measured sensitivity on `calib_text` (neoxq.mix); reused while source, imatrix and
     calibration text are unchanged."""
     import hashlib
 
-    from neoxq.runtime.mix import MixOptions, quantize_mix
+    from neoxq.core.mix_plan import MixOptions
+    from neoxq.mix import quantize_mix
 
     im_sha = file_sha256(imatrix) if imatrix else None
     calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()

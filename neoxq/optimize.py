@@ -51,7 +51,7 @@ class OptimizeOptions:
     ctx: int = 512
     act_order: bool = True
     damp: float = DAMP
-    mix: bool = False  # the tensor types of a measured mix (neoxq.runtime.mix) instead of stock's: <T>-opt-mix
+    mix: bool = False  # the tensor types of a measured mix (neoxq.mix) instead of stock's: <T>-opt-mix
     # Re-choose each block's scales from the error-compensated weights (natural column order, so no
     # act order). Off: on the 31M benchmark model it measured 0.96x the fixed-grid KLD at Q2_K_S but
     # 1.24x at Q4_K_M, where losing act order costs more than the new grids gain.
@@ -256,11 +256,11 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
             im = write_imatrix(Path(scratch) / "calibration.imatrix",
                                imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}",
                                                     ckpt.fingerprint()))
-        plan = _mix_plan(src, qtype, opts, im, Path(scratch)) if opts.mix else None
+        plan = _mix_plan(src, qtype, opts, im, label, kv) if opts.mix else None
         written = quantize(src, qtype, output=work, imatrix=im, force=True, kv={**kv, **(plan.kv if plan else {})}, label=label,
                            tensor_types=plan.types if plan else None)
         if plan:
-            from neoxq.runtime.mix import check_written
+            from neoxq.mix import check_written
 
             check_written(written, plan, work)
     fisher = {k: np.asarray(v) for k, v in moments.items() if k == EMBEDDING}
@@ -385,29 +385,12 @@ def _preflight(ckpt, opts: OptimizeOptions, windows: int):
     return plan
 
 
-def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, scratch: Path):
+def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, label: str, kv: dict[str, str]):
     """The measured mix's types for this file (its sensitivities measured with the same imatrix),
     chosen among the types neoxq re-rounds (measured on the 31M benchmark model at Q3_K_M: with
     llama.cpp's IQ4_XS embedding left as it was, opt-mix had 2.1× opt's KLD)."""
-    from neoxq.runtime.mix import MixOptions, plan_mix
-
     from neoxq.core.blocks import FORMATS
+    from neoxq.core.mix_plan import MixOptions
+    from neoxq.mix import plan_mix
 
-    return plan_mix(src, qtype, MixOptions(opts.calib, ctx=opts.ctx, types=("F16", *FORMATS)), imatrix, scratch)
-
-
-def mix_with_imatrix(src: GGUFInfo, qtype: QuantType, opts, output, imatrix, reference: str | None = None, force: bool = False):
-    """`--mix`: the importance matrix is computed from the calibration text unless `imatrix` names a
-    file or says none (the best file by default, issue 26 item 5)."""
-    from neoxq.runtime.mix import check_budget, quantize_mix
-
-    if imatrix is not None:
-        return quantize_mix(src, qtype, opts, output=output, imatrix=None if str(imatrix).lower() == "none" else imatrix, force=force)
-    from neoxq.runtime.quantize import default_output
-
-    check_budget(src, opts)  # quantize_mix checks it too, but only after the imatrix below is computed
-    output = output_in(output, default_output(src, f"{qtype.value}-mix"))
-    check_output(output, force, inputs=[src.path])
-    with tempfile.TemporaryDirectory(prefix="neoxq-mix-") as scratch:
-        im = calibration_imatrix(src, opts.calib_text, Path(scratch), reference, ctx=opts.ctx)
-        return quantize_mix(src, qtype, opts, output=output, imatrix=im, force=force)
+    return plan_mix(src, qtype, MixOptions(opts.calib, ctx=opts.ctx, types=("F16", *FORMATS)), imatrix, label, kv)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from neoxq.core.gguf_info import TensorInfo
-from neoxq.runtime.mix import Sensitivity, _hull, allocate
+from neoxq.core.mix_plan import Sensitivity, allocate, hull
 
 from .helpers import assert_one_line_error, run_cli
 
@@ -16,7 +16,7 @@ from .helpers import assert_one_line_error, run_cli
 def test_hull_drops_dominated_and_concave_points():
     pts = [(100, 1.0, "a"), (150, 0.9, "b"), (200, 0.2, "c"), (250, 0.3, "d"), (400, 0.1, "e")]
     # b lies above the chord a–c (saves little per byte), d is dominated by c.
-    assert [p[2] for p in _hull(pts)] == ["a", "c", "e"]
+    assert [p[2] for p in hull(pts)] == ["a", "c", "e"]
 
 
 def test_allocate_spends_bytes_where_kld_falls_most():
@@ -24,7 +24,7 @@ def test_allocate_spends_bytes_where_kld_falls_most():
     b = TensorInfo("b.weight", "F16", (256, 256), 0, 0)
     sens = {"a.weight": Sensitivity({}, {}, {"Q2_K": 1.0, "Q4_K": 0.1, "Q8_0": 0.01, "F16": 0.0}),
             "b.weight": Sensitivity({}, {}, {"Q2_K": 0.05, "Q4_K": 0.02, "Q8_0": 0.001, "F16": 0.0})}
-    from neoxq.runtime.mix import tensor_bytes
+    from neoxq.core.mix_plan import tensor_bytes
 
     cost = lambda t: tensor_bytes(a, t)  # noqa: E731 (same shape for both)
     plan = allocate([a, b], sens, cost("Q4_K") + cost("Q2_K"))
@@ -43,10 +43,94 @@ def test_sensitivity_fit_through_measured_points():
     assert 0 < s.kld["Q8_0"] < s.kld["Q4_K"] / 10
 
 
+def test_probe_groups_and_the_split_of_a_group_probe():
+    """Single tensors while they fit; else alike tensors of consecutive layers share a probe, and its
+    KLD is shared in proportion to their proxy errors (pure: no llama.cpp)."""
+    from neoxq.core.mix_plan import measure_types, probe_groups, split_measured
+
+    ts = [TensorInfo(f"blk.{i}.{k}.weight", "F16", (256, 256), 0, 0) for i in range(6) for k in ("attn_qkv", "ffn_up")]
+    assert probe_groups(ts, 64) == [[t] for t in ts]
+    groups = probe_groups(ts + [TensorInfo("output.weight", "F16", (512, 256), 0, 0)], 5)
+    assert len(groups) <= 5 and sorted(t.name for g in groups for t in g) == sorted([t.name for t in ts] + ["output.weight"])
+    assert all(len({t.name.split(".", 2)[-1] for t in g}) == 1 for g in groups)  # one kind per group
+    errs = {"a": {"Q2_K": 3.0}, "b": {"Q2_K": 1.0}}
+    a, b = (TensorInfo(n, "F16", (256, 256), 0, 0) for n in "ab")
+    assert split_measured([a, b], 0.4, errs, "Q2_K") == pytest.approx({"a": 0.3, "b": 0.1})
+    assert measure_types(a, False, True) == ["Q2_K", "Q4_K"] and measure_types(TensorInfo("c", "F16", (4, 64), 0, 0), False, False) == ["Q4_0"]
+
+
+def test_tensor_budget_counts_the_header_and_the_kept_tensors():
+    """The bytes left for the matrices: the target less the header (the call's keys and the mix's own
+    at their widest) and the tensors that stay as they are. Pure: a GGUFInfo made by hand."""
+    from pathlib import Path
+
+    from neoxq.core.gguf_info import GGUFInfo
+    from neoxq.core.gguf_layout import string_kv_bytes
+    from neoxq.core.mix_plan import tensor_budget
+
+    mats = [TensorInfo("blk.0.attn_qkv.weight", "F16", (768, 256), 0, 0), TensorInfo("output.weight", "F16", (1000, 256), 0, 0)]
+    norm = TensorInfo("blk.0.attn_norm.weight", "F32", (250,), 1000, 0)
+    info = GGUFInfo(Path("x.gguf"), "gptneox", {"general.quantization_version": 2, "general.file_type": 1}, [*mats, norm], {},
+                    data_offset=4096, header_bytes=4090)
+    call_kv = {"neoxq.quant_type": "Q4_K_M-mix"}
+    got = tensor_budget(info, 10**6, call_kv, "Q4_K_M", 900_000, "0" * 64)
+    mix_keys = (string_kv_bytes("neoxq.mix.base", "Q4_K_M") + string_kv_bytes("neoxq.mix.target_bytes", "1000000")
+                + string_kv_bytes("neoxq.mix.stock_bytes", "900000") + string_kv_bytes("neoxq.mix.calib_sha256", "0" * 64)
+                + string_kv_bytes("neoxq.mix.predicted_kld", "-1.23457e-300")
+                + sum(string_kv_bytes(f"neoxq.mix.type.{t.name}", "IQ4_XS") for t in mats))
+    header = -(-(4090 + string_kv_bytes("neoxq.quant_type", "Q4_K_M-mix") + mix_keys) // 32) * 32
+    assert got == 10**6 - header - 1024  # the F32 norm: 1000 bytes padded to 1024
+
+
+def test_override_strings_keep_llama_cpps_limit_visibly():
+    """llama.cpp's override struct holds 127 bytes: a longer value is cut at a character boundary and
+    says so; a longer key is refused (a bug, not data)."""
+    from neoxq.core.gguf_layout import override_key, override_value
+
+    assert override_value("short") == b"short"
+    cut = override_value("é" * 100)  # 200 bytes of two-byte characters
+    assert len(cut) <= 127 and cut.endswith(b"...") and cut.decode("utf-8")
+    with pytest.raises(ValueError, match="127"):
+        override_key("k" * 128)
+
+
+def test_dry_run_gives_llama_cpps_types_and_the_exact_size(trained, trained_f16, texts, tmp_path):
+    """llama.cpp's dry run (nothing written) names the types its quantizer writes, and the size they
+    give (neoxq.core.gguf_layout) equals the written file byte for byte, with an imatrix and with
+    per-tensor overrides too. Negative control: another type plans other types and another size."""
+    from neoxq.core.gguf_info import read_info
+    from neoxq.runtime.quantize import plan_quantize, quantize
+
+    info = read_info(trained_f16)
+    im = tmp_path / "c.imatrix"
+    _calibration_imatrix(trained, texts, im)
+    sizes = {}
+    for t, kw in (("Q4_K_M", {}), ("Q2_K", {}), ("Q8_0", {}), ("IQ2_XS", {"imatrix": im}),
+                  ("Q3_K_M", {"tensor_types": {"blk.0.ffn_down.weight": "Q8_0"}, "kv": {"neoxq.mix.base": "Q3_K_M"}, "label": "x" * 200})):
+        plan = plan_quantize(info, t, kw.get("imatrix"), **{k: v for k, v in kw.items() if k != "imatrix"})
+        assert list(tmp_path.iterdir()) == [im]  # the dry run wrote nothing
+        r = quantize(info, t, output=tmp_path / "out.gguf", **kw)
+        assert plan.types == {x["name"]: x["type"] for x in r.tensors}, t
+        assert plan.size == r.size_bytes, t
+        sizes[t] = plan.size
+        label = read_info(r.path).metadata["neoxq.quant_type"]
+        r.path.unlink()
+    assert len(set(sizes.values())) == len(sizes)
+    assert label == "x" * 124 + "..."
+
+
+def _calibration_imatrix(checkpoint, texts, path):
+    from neoxq.convert.imatrix import compute_imatrix
+    from neoxq.core.imatrix_io import write_imatrix
+
+    write_imatrix(path, compute_imatrix(str(checkpoint), texts["calib"][:4000], ctx=64, include_output=True))
+
+
 @pytest.fixture(scope="module")
 def mix_run(trained_f16, texts, tmp_path_factory):
     """Stock and mix at the Q4_K_M and Q2_K sizes, scored on held-out text (never the calibration)."""
-    from neoxq.runtime.mix import MixOptions, quantize_mix
+    from neoxq.core.mix_plan import MixOptions
+    from neoxq.mix import quantize_mix
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.quantize import quantize
     from neoxq.runtime.score import GGUFReference, kld
@@ -68,7 +152,7 @@ def mix_run(trained_f16, texts, tmp_path_factory):
 def test_mix_beats_stock_at_its_size(mix_run, qtype):
     stock, mix, k_stock, k_mix = mix_run[qtype]
     print(f"{qtype}: stock {stock.size_bytes} B KLD {k_stock.kld_mean:.5f}; mix {mix.size_bytes} B KLD {k_mix.kld_mean:.5f}")
-    assert mix.size_bytes <= stock.size_bytes
+    assert mix.size_bytes <= stock.size_bytes and mix.extra["mix"]["stock_bytes"] == stock.size_bytes  # from the dry run
     # Lower by more than the combined standard error (measured: 0.45x at Q4_K_M, 0.06x at Q2_K).
     assert k_mix.kld_mean + 2 * (k_mix.kld_mean_se + k_stock.kld_mean_se) < k_stock.kld_mean
     assert k_mix.top1 > k_stock.top1
@@ -157,7 +241,7 @@ def test_split_probe_equals_llama_cpps_whole_probe_file_and_writes_only_what_it_
     from neoxq.convert.imatrix import compute_imatrix
     from neoxq.core.gguf_info import read_info
     from neoxq.runtime import capi
-    from neoxq.runtime.mix import quantizable
+    from neoxq.core.mix_plan import quantizable
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.probe_files import SplitModel
 

@@ -284,7 +284,8 @@ def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path
     from neoxq.core.imatrix_io import write_imatrix
     from neoxq.core.stats import compare
     from neoxq.optimize import OptimizeOptions, quantize_optimized
-    from neoxq.runtime.mix import MixOptions, quantize_mix
+    from neoxq.core.mix_plan import MixOptions
+    from neoxq.mix import quantize_mix
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.score import GGUFReference, kld
 

@@ -40,7 +40,7 @@ class _Log:
 
     def __init__(self):
         self.last = LogLevel.NONE
-        self.captures: list[list[str]] = []
+        self.captures: list[tuple[LogLevel, list[str]]] = []  # open blocks: (lowest level kept, lines)
         self.echo = False
         self.callback = llama_cpp.llama_log_callback(self._on_log)  # kept alive: C holds the pointer
 
@@ -48,8 +48,9 @@ class _Log:
         lvl = self.last if level == LogLevel.CONT else LogLevel(level) if level in LogLevel._value2member_map_ else LogLevel.INFO
         self.last = lvl
         msg = text.decode("utf-8", errors="replace")
-        if lvl >= LogLevel.ERROR and self.captures:
-            self.captures[-1].append(msg)
+        for least, lines in self.captures:
+            if lvl >= least:
+                lines.append(msg)
         if self.echo:
             print(msg, end="", file=sys.stderr, flush=True)
 
@@ -71,8 +72,9 @@ def current_log_callback() -> tuple[object, ctypes.c_void_p]:
 
 
 @contextlib.contextmanager
-def captured_errors() -> Iterator[list[str]]:
-    """Yield the list that llama.cpp's error lines are appended to during the block.
+def captured_errors(level: LogLevel = LogLevel.ERROR) -> Iterator[list[str]]:
+    """Yield the list that llama.cpp's log lines at `level` or above (default: errors) are appended
+    to during the block.
 
     In a process that called neoxq.core.machine.init_process() (the CLI does, first), neoxq's
     callback is installed for the rest of the process, so llama.cpp never prints past our one-line
@@ -89,11 +91,12 @@ def captured_errors() -> Iterator[list[str]]:
             restore = current_log_callback()
         _LOG.install()
     lines: list[str] = []
-    _LOG.captures.append(lines)
+    entry = (level, lines)
+    _LOG.captures.append(entry)
     try:
         yield lines
     finally:
-        _LOG.captures.remove(lines)
+        _LOG.captures.remove(entry)
         if restore is not None:
             llama_cpp.llama_log_set(*restore)
 
@@ -173,11 +176,13 @@ class QuantizeCall:
 
 
 def _kv_array(kv: dict[str, str]):
+    from neoxq.core.gguf_layout import override_key, override_value
+
     arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
     for i, (k, v) in enumerate(kv.items()):
-        arr[i].key = k.encode()[:127]
+        arr[i].key = override_key(k)
         arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-        arr[i].value.val_str = v.encode()[:127]
+        arr[i].value.val_str = override_value(v)
     arr[len(kv)].key = b""  # an empty key ends the list
     return arr
 
@@ -233,6 +238,30 @@ def quantize(inp: str, out: str, call: QuantizeCall) -> tuple[int, list[str]]:
         rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(params))
     del keep
     return rc, errors
+
+
+def quantize_dry_run(inp: str, call: QuantizeCall) -> tuple[int, list[str], dict[str, str]]:
+    """llama.cpp's quantizer with `dry_run`: nothing is written; returns (return code, error lines,
+    tensor name → the ggml type it would write), read from its per-tensor log lines."""
+    with captured_errors(LogLevel.INFO) as lines:
+        rc, errors = quantize(inp, "", QuantizeCall(**{**call.__dict__, "dry_run": True}))
+    return rc, errors, _planned_types(lines)
+
+
+def _planned_types(lines: list[str]) -> dict[str, str]:
+    """llama-quant.cpp logs one line per tensor, `[  i/  n] NAME - [shape], type = SRC, size = A MiB`
+    followed by ` -> B MiB (NEW)` when it changes the type (pieces may arrive as separate log calls)."""
+    import re
+
+    from neoxq.core.ggml_types import BY_NAME
+
+    upper = {name.upper(): name for name in BY_NAME}
+    out = {}
+    for m in re.finditer(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+)([^\[]*)", "".join(lines)):
+        name, src, rest = m.groups()
+        new = re.search(r"->\s*[\d.]+\s*MiB\s*\((\w+)\)", rest)
+        out[name] = upper[(new.group(1) if new else src).upper()]
+    return out
 
 
 # ggml's own quantizers, for measuring what a type does to one tensor -------------------------------

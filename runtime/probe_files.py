@@ -1,4 +1,4 @@
-"""Probe files for --mix's sensitivity measurements (neoxq.runtime.mix) that write only what they
+"""Probe files for --mix's sensitivity measurements (neoxq.runtime.sensitivity) that write only what they
 change.
 
 A probe is the F16 model with a few matrices quantized. Written whole by llama.cpp's quantizer,

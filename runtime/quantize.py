@@ -77,17 +77,13 @@ def load_imatrix(imatrix: Path | str | None, src: GGUFInfo) -> IMatrix | None:
     return im
 
 
-def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | str | None = None,
-             imatrix: Path | str | None = None, force: bool = False, nthread: int | None = None,
-             out_dir: Path | None = None, tensor_types: dict[str, str] | None = None,
-             kv: dict[str, str] | None = None, label: str | None = None) -> QuantResult:
-    """Quantize `inp` to `qtype` (optionally overriding single tensors' ggml types); return the
-    per-tensor result read back from the written file."""
+def quantize_call(src: GGUFInfo, qtype: QuantType | str, imatrix: Path | str | None = None, nthread: int | None = None,
+                  tensor_types: dict[str, str] | None = None, kv: dict[str, str] | None = None,
+                  label: str | None = None) -> capi.QuantizeCall:
+    """The one llama.cpp quantize call for these inputs (checked), as written or as a dry run."""
     qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
-    src = inp if isinstance(inp, GGUFInfo) else read_info(inp)
     check_quantizable(src, qtype, bool(imatrix))
     im = load_imatrix(imatrix, src)
-    out = output_in(output, default_output(src, label or qtype.value, out_dir))
     call = capi.QuantizeCall(ftype=qtype.ftype, nthread=nthread or default_threads(),
                              kv={"neoxq.quant_type": label or qtype.value, **(kv or {})})
     if im is not None:
@@ -96,6 +92,41 @@ def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | 
                     "quantize.imatrix.dataset": im.datasets[0] if im.datasets else "unknown"}
     if tensor_types:
         call.tensor_types = dict(tensor_types)
+    return call
+
+
+@dataclass
+class PlannedFile:
+    """What llama.cpp's quantizer would write, learned from its dry run: each tensor's type, and the
+    file's size those give (neoxq.core.gguf_layout)."""
+
+    types: dict[str, str]
+    size: int
+    call: capi.QuantizeCall
+
+
+def plan_quantize(src: GGUFInfo, qtype: QuantType | str, imatrix: Path | str | None = None, **call_args) -> PlannedFile:
+    """llama.cpp's own type choices for `qtype` (its dry run: nothing written, no disk needed)."""
+    from neoxq.core.gguf_layout import quantized_size
+
+    call = quantize_call(src, qtype, imatrix, **call_args)
+    rc, errors, types = capi.quantize_dry_run(str(src.path), call)
+    if rc != 0 or set(types) != {t.name for t in src.tensors}:
+        detail = capi.error_text(errors) or (f"code {rc}" if rc else f"its dry run named {len(types)} of {len(src.tensors)} tensors")
+        raise CorruptFileError(f"llama.cpp could not plan {src.path.name} as {call.kv['neoxq.quant_type']} ({detail}); check the input with `neoxq convert` again")
+    return PlannedFile(types, quantized_size(src, types, call.kv), call)
+
+
+def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | str | None = None,
+             imatrix: Path | str | None = None, force: bool = False, nthread: int | None = None,
+             out_dir: Path | None = None, tensor_types: dict[str, str] | None = None,
+             kv: dict[str, str] | None = None, label: str | None = None) -> QuantResult:
+    """Quantize `inp` to `qtype` (optionally overriding single tensors' ggml types); return the
+    per-tensor result read back from the written file."""
+    qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
+    src = inp if isinstance(inp, GGUFInfo) else read_info(inp)
+    call = quantize_call(src, qtype, imatrix, nthread, tensor_types, kv, label)
+    out = output_in(output, default_output(src, label or qtype.value, out_dir))
     t0 = time.perf_counter()
     with atomic_output(out, force, inputs=[src.path, *([imatrix] if imatrix else [])]) as tmp:
         say(f"quantizing {src.path.name} to {label or qtype.value} on {call.nthread} threads ...")

@@ -51,7 +51,8 @@ def compare(model: Path, types: list[str], ctx: int, work: Path) -> list[dict]:
     from neoxq.convert.converter import convert
     from neoxq.convert.imatrix import compute_imatrix
     from neoxq.core.imatrix_io import write_imatrix
-    from neoxq.runtime.mix import MixOptions, quantize_mix
+    from neoxq.core.mix_plan import MixOptions
+    from neoxq.mix import quantize_mix
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.quantize import quantize
     from neoxq.runtime.score import GGUFReference, kld
@@ -87,7 +88,8 @@ def proxy_quality(model: Path, ctx: int, work: Path) -> dict:
     import numpy as np
 
     from neoxq.core.gguf_info import read_info
-    from neoxq.runtime.mix import KLDProbe, quantizable, sensitivities
+    from neoxq.core.mix_plan import quantizable
+    from neoxq.runtime.sensitivity import KLDProbe, sensitivities
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
 
     calib, _ = texts(model)
@@ -114,7 +116,8 @@ def proxy_quality(model: Path, ctx: int, work: Path) -> dict:
 
 def cost_410m(work: Path) -> dict:
     from neoxq.convert.converter import convert
-    from neoxq.runtime.mix import MixOptions, quantize_mix
+    from neoxq.core.mix_plan import MixOptions
+    from neoxq.mix import quantize_mix
 
     folder = benchlib.random_checkpoint("410m")
     f16 = work / "410m-F16.gguf"

@@ -108,7 +108,8 @@ from neoxq.core.machine import default_threads, init_process
 init_process()
 from neoxq.core.gguf_info import read_info
 from neoxq.runtime import capi
-from neoxq.runtime.mix import KLDProbe, quantizable
+from neoxq.core.mix_plan import quantizable
+from neoxq.runtime.sensitivity import KLDProbe
 from neoxq.runtime.model import NeoxModel, RuntimeOptions
 f16, calib, ctx, windows, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 info = read_info(f16)

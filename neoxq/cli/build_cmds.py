@@ -94,8 +94,8 @@ def quantize(
     elif mix:
         from neoxq.core.sizes import parse_size
         from neoxq.core.textfile import read_text
-        from neoxq.optimize import mix_with_imatrix
-        from neoxq.runtime.mix import MixOptions
+        from neoxq.core.mix_plan import MixOptions
+        from neoxq.mix import mix_with_imatrix
 
         opts = MixOptions(read_text(calib, "--calib"), target_bytes=parse_size(target_size, "--target-size") if target_size else None,
                           target_bpw=target_bpw, ctx=ctx)

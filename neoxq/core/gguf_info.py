@@ -58,6 +58,7 @@ class GGUFInfo:
     tensors: list[TensorInfo]
     array_lengths: dict[str, int]  # skipped arrays (tokenizer.ggml.*) → element count
     data_offset: int = 0
+    header_bytes: int = 0  # where the tensor infos end (data_offset is that, padded to the alignment)
 
     @property
     def quant_type(self) -> QuantType | None:
@@ -186,8 +187,7 @@ def _parse(buf, size: int) -> tuple[dict[str, Any], dict[str, int], list[TensorI
         type_name, block, type_size = GGML_TYPES[ttype]
         tensors.append(TensorInfo(name, type_name, tuple(reversed(dims)), math.prod(dims) // block * type_size, offset))
     align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
-    data_offset = -(-c.off // align) * align
-    return meta, lengths, tensors, data_offset
+    return meta, lengths, tensors, c.off, -(-c.off // align) * align
 
 
 def read_info(path: Path | str, require_arch: str | None = "gptneox") -> GGUFInfo:
@@ -202,7 +202,7 @@ def read_info(path: Path | str, require_arch: str | None = "gptneox") -> GGUFInf
             raise CorruptFileError(f"{path} is not a GGUF file (bad magic); pass a .gguf made by neoxq or llama.cpp")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                meta, lengths, tensors, data_offset = _parse(buf, size)
+                meta, lengths, tensors, header_bytes, data_offset = _parse(buf, size)
             except (struct.error, ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
                 raise CorruptFileError(f"{path} is truncated or corrupt ({type(exc).__name__}); re-create or re-download it") from exc
     end = max((data_offset + t.offset + t.n_bytes for t in tensors), default=0)
@@ -211,7 +211,7 @@ def read_info(path: Path | str, require_arch: str | None = "gptneox") -> GGUFInf
     arch = str(meta.get("general.architecture", ""))
     if require_arch and arch != require_arch:
         raise UnsupportedModelError(f"{path} is a {arch or 'non-model'} GGUF; neoxq runs GPT-NeoX (gptneox) models — convert one with `neoxq convert`")
-    return GGUFInfo(path, arch, meta, tensors, lengths, data_offset)
+    return GGUFInfo(path, arch, meta, tensors, lengths, data_offset, header_bytes)
 
 
 FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # the float tensor types, as stored
