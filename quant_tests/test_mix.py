@@ -240,8 +240,9 @@ def test_split_probe_equals_llama_cpps_whole_probe_file_and_writes_only_what_it_
 
     from neoxq.convert.imatrix import compute_imatrix
     from neoxq.core.gguf_info import read_info
-    from neoxq.runtime import capi
     from neoxq.core.mix_plan import quantizable
+    from neoxq.core.qtypes import QuantType
+    from neoxq.runtime import capi
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.probe_files import SplitModel
 
@@ -255,7 +256,7 @@ def test_split_probe_equals_llama_cpps_whole_probe_file_and_writes_only_what_it_
     probe = splits.probe(types, im, tmp_path / "probe")
     assert splits.bytes_written - f16_bytes < sum(t.n_bytes for t in info.tensors if t.name in types)
 
-    call = capi.QuantizeCall(ftype=7, nthread=2)
+    call = capi.QuantizeCall(ftype=QuantType.Q8_0.ftype, nthread=2)  # every matrix overridden below
     call.tensor_types = {n: types.get(n, "F16") for n in mats}
     call.imatrix = {n: im.values(n) for n in im.sums}
     whole = tmp_path / "whole.gguf"

@@ -109,6 +109,7 @@ init_process()
 from neoxq.core.gguf_info import read_info
 from neoxq.runtime import capi
 from neoxq.core.mix_plan import quantizable
+from neoxq.core.qtypes import QuantType
 from neoxq.runtime.sensitivity import KLDProbe
 from neoxq.runtime.model import NeoxModel, RuntimeOptions
 f16, calib, ctx, windows, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
@@ -124,7 +125,7 @@ t0 = time.perf_counter()
 probe.kld({name: "Q4_K"})
 split_s, split_bytes = time.perf_counter() - t0, probe.bytes_written - base
 probe.close()
-call = capi.QuantizeCall(ftype=7, nthread=default_threads())
+call = capi.QuantizeCall(ftype=QuantType.Q8_0.ftype, nthread=default_threads())  # every matrix overridden below
 call.tensor_types = {n: ("Q4_K" if n == name else "F16") for n in mats}
 whole = cache / "whole-probe.gguf"
 t0 = time.perf_counter()
