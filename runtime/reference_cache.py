@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from neoxq.core.atomic import atomic_output
+from neoxq.core.cache import cache_root, mark_used, trim
 from neoxq.core.errors import UsageError
 
 TOP_K = 1024  # the reference's most likely tokens kept per position (the rest merged): NEOXQ_REFERENCE_TOP_K overrides
@@ -83,8 +84,6 @@ def _ids_hash(ids: list[int]) -> str:
 
 
 def default_cache_dir() -> Path:
-    from neoxq.core.cache import cache_root
-
     return cache_root() / "reference"
 
 
@@ -106,6 +105,7 @@ class ReferenceCache:
             return None  # missing or damaged: rebuilt, never trusted
         if meta.get("tokens_scored") != self.w.tokens_scored or any(len(a) != self.w.tokens_scored for a in arrays.values()):
             return None
+        mark_used(self.meta)
         return ReferenceTables(**arrays)
 
     def store(self, reference, n_vocab: int) -> ReferenceTables:
@@ -125,6 +125,7 @@ class ReferenceCache:
             del out
         with atomic_output(self.meta, force=True, lock=False) as tmp:
             tmp.write_text(json.dumps({"reference": reference.description, "ctx": w.ctx, "top_k": k, "tokens_scored": n}, indent=1))
+        trim(keep=(self.meta, *self.files.values()))
         return self.load()
 
 

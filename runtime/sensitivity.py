@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from neoxq.core.atomic import atomic_output
+from neoxq.core.cache import mark_used, scratch_prefix, trim
 from neoxq.core.errors import UsageError
 from neoxq.core.ggml_types import BY_NAME
 from neoxq.core.gguf_info import GGUFInfo, TensorInfo, float_rows, read_info
@@ -69,7 +70,7 @@ class KLDProbe:
         self.opts = RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads)
         with NeoxModel(info.path, self.opts, info=info) as m:
             self.tables = reference_tables(GGUFReference(info.path, self.opts), self.windows, m.n_vocab, cache)
-        self.tmp = Path(tempfile.mkdtemp(prefix="neoxq-mix-", dir=cache))
+        self.tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix("mix"), dir=cache))
         try:
             self.splits = SplitModel(info, [t.name for t in quantizable(info)], self.tmp / "f16")
         except OSError as exc:
@@ -136,6 +137,7 @@ def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, i
         tmp.write_text(json.dumps({"version": MIX_VERSION, "probes": len(plan), "probe_bytes_written": written,
                                    "groups": [[t.name for t in g] for g in groups],
                                    "tensors": {n: {"err": errs[n], "measured": measured[n]} for n in errs}}, indent=1))
+    trim(keep=(path,))
     return fitted(errs, measured), len(plan)
 
 
@@ -147,6 +149,7 @@ def _load_sensitivities(path: Path) -> tuple[dict[str, Sensitivity], int] | None
         probes = int(data["probes"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None  # missing or damaged: measured again
+    mark_used(path)
     return fitted(errs, measured), probes
 
 

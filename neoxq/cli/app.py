@@ -21,7 +21,7 @@ import typer
 from neoxq import __version__
 from neoxq.core.errors import NeoxqError
 
-from . import build_cmds, report_cmds, run_cmds
+from . import build_cmds, cache_cmds, report_cmds, run_cmds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="GPT-NeoX / Pythia checkpoints → GGUF, run on llama.cpp, and measure what quantization costs.")
@@ -30,6 +30,7 @@ for module, names in ((build_cmds, ("convert", "quantize", "imatrix", "types")),
                       (report_cmds, ("report", "sweep", "evaluate", "demo"))):
     for name in names:
         app.command("eval" if name == "evaluate" else name)(getattr(module, name))
+app.add_typer(cache_cmds.app, name="cache")
 
 
 def _version(value: bool) -> None:

@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .cache import OWNER_FILE, mark_used, trim
+
 
 def job_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -35,13 +37,21 @@ class ResumeState:
             return None
         if state.get("inputs") != json.loads(json.dumps(self.inputs, default=str)) or not self.file.is_file():
             return None
+        self._own()
+        mark_used(self._state)
         return state
 
     def start(self) -> Path:
         """A fresh work folder (anything older there removed); returns the work file's path."""
         self.clear()
         self.folder.mkdir(parents=True)
+        self._own()
+        trim(keep=(self.folder,))
         return self.file
+
+    def _own(self) -> None:
+        """The pid working in the folder: `neoxq cache prune` leaves a live run's work alone."""
+        (self.folder / OWNER_FILE).write_text(str(os.getpid()))
 
     def save(self, progress: dict) -> None:
         with open(self.file, "rb+") as fh:
