@@ -481,3 +481,20 @@ def test_every_script_answers_help(script):
 
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_readme_names_every_environment_variable():
+    """Every NEOXQ_* variable the code reads is documented (issue 22 item 2). Negative control: a
+    name the README lacks is found missing."""
+    import re
+
+    from .helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    used = set()
+    for folder in ("neoxq", "runtime", "convert", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            used |= set(re.findall(r"""(?:environ(?:\.get)?\(|getenv\(|environ\[)\s*["'](NEOXQ_[A-Z_]+)""", path.read_text()))
+    assert {"NEOXQ_CACHE", "NEOXQ_CACHE_MAX_SIZE", "NEOXQ_DEBUG"} <= used
+    assert [v for v in sorted(used) if f"`{v}" not in readme] == []  # `NAME` or `NAME=1`
+    assert "`NEOXQ_NOT_A_VARIABLE" not in readme
