@@ -108,15 +108,19 @@ def test_malformed_requests_are_400_and_serving_goes_on(server):
 
 
 def test_sigterm_stops_mid_generation(trained_f32):
+    """A streamed generation is known to be running once its first chunk arrives (no sleep): SIGTERM
+    then ends it at its next token, the stream closes, and the server exits within seconds."""
     proc, base = start(trained_f32, ctx=512)
-    t = threading.Thread(target=lambda: _quiet(lambda: client(base).completions.create(model="x", prompt="The", max_tokens=500, temperature=0.8)))
-    t.start()
-    time.sleep(1.0)
+    stream = client(base).completions.create(model="x", prompt="The", max_tokens=500, temperature=0.8, stream=True)
+    chunks = iter(stream)
+    assert next(chunks).choices[0].text is not None
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=15)
     assert time.time() - t0 < 10 and proc.returncode in (0, 143)
-    t.join(timeout=30)
+    rest = []
+    _quiet(lambda: rest.extend(chunks))
+    assert len(rest) < 499  # stopped, not run to max_tokens
 
 
 def _quiet(fn):
@@ -168,7 +172,7 @@ def test_every_openai_parameter_honoured_or_refused_by_name(small_server):
     def post(**body):  # json.dumps writes NaN as JavaScript does, as a careless client would
         return httpx.post(f"{small_server}/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
 
-    refused = {"n": 5, "best_of": 3, "suffix": "x", "stream": True, "foo": 1, "temperature": float("nan"), "top_p": 2,
+    refused = {"n": 5, "best_of": 3, "suffix": "x", "stream": "yes", "foo": 1, "temperature": float("nan"), "top_p": 2,
                "max_tokens": "5", "logprobs": 50, "logit_bias": {"999999": 1}, "stop": [""], "prompt": ["a", "b"]}
     for key, value in refused.items():
         r = post(**{"prompt": "hi", key: value})
@@ -203,6 +207,69 @@ def test_a_client_that_leaves_stops_its_generation(small_server):
     assert after["cancelled"] - before["cancelled"] == 12
     # every one finished would be 12 × 500; measured 12-20 in all on two cores
     assert after["generated_tokens"] - before["generated_tokens"] - 2 < 500
+
+
+def _streamed(base, **body):
+    out = list(client(base).completions.create(model="x", stream=True, **body))
+    return out, "".join(c.choices[0].text for c in out if c.choices)
+
+
+def test_streaming_equals_the_plain_answer(small_server):
+    """`stream: true` through the official client's streaming API: the pieces join into the plain
+    answer's text, the last piece says why it ended, the usage chunk counts the same tokens, and the
+    streamed log-probs (from the logits each token was sampled from) equal the plain answer's (one
+    pass over the finished text). Echo streams the prompt first. Negative control: another seed
+    samples another text."""
+    body = {"prompt": "The quick", "max_tokens": 24, "temperature": 0.9, "seed": 7, "logprobs": 2}
+    plain = client(small_server).completions.create(model="x", **body)
+    chunks, text = _streamed(small_server, **body, stream_options={"include_usage": True})
+    assert text == plain.choices[0].text and len(chunks) > 3
+    ends = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert ends[-1] == plain.choices[0].finish_reason and all(e is None for e in ends[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    lp = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    toks = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.tokens]
+    assert toks == plain.choices[0].logprobs.tokens
+    np.testing.assert_allclose(lp, plain.choices[0].logprobs.token_logprobs, atol=2e-3)
+    offsets = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.text_offset]
+    assert offsets == plain.choices[0].logprobs.text_offset
+    echoed, etext = _streamed(small_server, prompt="The quick", max_tokens=4, temperature=0, echo=True)
+    assert echoed[0].choices[0].text == "The quick" and etext.startswith("The quick") and len(etext) > len("The quick")
+    _, other = _streamed(small_server, **{**body, "seed": 8})
+    assert other != text
+
+
+def test_streaming_client_that_leaves_stops_its_generation(small_server):
+    """A streamed request whose client hangs up after its first piece: cancelled (counted by the
+    server), its generation stopped at its next token rather than run to max_tokens."""
+    import httpx
+
+    before = httpx.get(f"{small_server}/health").json()
+    with httpx.stream("POST", f"{small_server}/v1/completions", json={"prompt": "The", "max_tokens": 500, "temperature": 0.8,
+                                                                     "stream": True}, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        first = next(r.iter_lines())
+        assert first.startswith("data: {")
+    for _ in range(200):  # the server notices the hang-up asynchronously: wait for its count, not a time
+        after = httpx.get(f"{small_server}/health").json()
+        if after["cancelled"] > before["cancelled"] and after["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert after["cancelled"] - before["cancelled"] == 1
+    assert after["generated_tokens"] - before["generated_tokens"] < 500
+    done = httpx.post(f"{small_server}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=60)
+    assert done.status_code == 200  # serving goes on
+
+
+def test_stream_options_and_models(small_server):
+    import httpx
+
+    bad = httpx.post(f"{small_server}/v1/completions", json={"prompt": "a", "stream_options": {"include_usage": True}})
+    assert bad.status_code == 400 and "stream_options" in bad.json()["error"]["message"]
+    bad = httpx.post(f"{small_server}/v1/completions", json={"prompt": "a", "stream": True, "stream_options": {"chunked": 1}})
+    assert bad.status_code == 400 and "include_usage" in bad.json()["error"]["message"]
+    m = client(small_server).models.list().data[0].model_dump()
+    assert m["type"] == "F16" and m["context_length"] == 512 and m["size_bytes"] > 10**5 and m["n_ctx_train"] > 0
 
 
 def test_startup_failures_are_one_line(small_server, ckpt, tmp_path):

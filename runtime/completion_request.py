@@ -3,9 +3,10 @@ with a 400 naming it (never silently ignored), numbers are checked by SamplingOp
 statement of their ranges, shared with `neoxq run`), and text must be valid Unicode.
 
 Honoured: prompt (one), max_tokens, temperature, top_p, frequency_penalty, presence_penalty, seed,
-stop, echo, logprobs, logit_bias, n = 1, best_of = 1; `model` and `user` are accepted (one model
-is served; `user` is a label). llama.cpp's extensions top_k, min_p and repeat_penalty are honoured.
-Refused: n or best_of above 1, suffix, stream (not yet); any other key is unknown.
+stop, echo, logprobs, logit_bias, stream (server-sent events) with stream_options.include_usage,
+n = 1, best_of = 1; `model` and `user` are accepted (one model is served; `user` is a label).
+llama.cpp's extensions top_k, min_p and repeat_penalty are honoured. Refused: n or best_of above 1,
+suffix, stream_options without stream or with another key; any other key is unknown.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ REFUSED = {
     "n": lambda v: v not in (None, 1) and "n={v}: this server returns one choice per request; send n=1 (or none) and repeat the request",
     "best_of": lambda v: v not in (None, 1) and "best_of={v}: this server samples one completion; send best_of=1 (or none)",
     "suffix": lambda v: v is not None and "suffix: a left-to-right model cannot insert text before a suffix; leave it out",
-    "stream": lambda v: bool(v) and "stream: not supported yet; ask without it",
-    "stream_options": lambda v: v is not None and "stream_options: streaming is not supported yet; leave it out",
+    "stream_options": lambda v: v is not None and set(v) - {"include_usage"} and
+    "stream_options={v}: the one option is include_usage; leave the others out",
 }
 
 
@@ -63,21 +64,29 @@ class Request:
     logprobs: int | None
     sampling: SamplingOptions
     logit_bias: dict[int, float] = field(default_factory=dict)
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
-    def logits_processor(self):
-        """OpenAI's logit_bias, added to the logits before sampling (None when there is none)."""
-        if not self.logit_bias:
+    def logits_processor(self, seen: list | None = None):
+        """OpenAI's logit_bias, added to the logits before sampling; with `seen`, each step's logits
+        as the model gave them (before the bias) are appended to it first, for streamed log-probs.
+        None when there is nothing to do."""
+        if not self.logit_bias and seen is None:
             return None
         from llama_cpp import LogitsProcessorList
 
         idx = np.fromiter(self.logit_bias, dtype=np.int64)
         add = np.fromiter(self.logit_bias.values(), dtype=np.float32)
 
+        def keep(_ids, scores):
+            seen.append(np.array(scores, dtype=np.float32))
+            return scores
+
         def bias(_ids, scores):
             scores[idx] += add
             return scores
 
-        return LogitsProcessorList([bias])
+        return LogitsProcessorList(([keep] if seen is not None else []) + ([bias] if self.logit_bias else []))
 
 
 def parse_request(body, n_vocab: int) -> Request:
@@ -100,6 +109,11 @@ def parse_request(body, n_vocab: int) -> Request:
     stop = [b.stop] if isinstance(b.stop, str) else list(b.stop or [])
     for name, text in [("prompt", prompt)] + [("stop", s) for s in stop]:
         _check_unicode(name, text)
+    if b.stream_options is not None and not b.stream:
+        raise UsageError("stream_options: only with stream: true; leave it out or ask for a stream")
+    include_usage = (b.stream_options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise UsageError(f"stream_options.include_usage: must be true or false (got {include_usage!r})")
     if b.logprobs is not None and not 0 <= b.logprobs <= 20:
         raise UsageError(f"logprobs {b.logprobs} is out of range; pass an integer from 0 to 20")
     sampling = SamplingOptions(max_tokens=16 if b.max_tokens is None else b.max_tokens,
@@ -107,7 +121,7 @@ def parse_request(body, n_vocab: int) -> Request:
                                top_p=1.0 if b.top_p is None else b.top_p, min_p=b.min_p, repeat_penalty=b.repeat_penalty,
                                frequency_penalty=b.frequency_penalty or 0.0, presence_penalty=b.presence_penalty or 0.0,
                                seed=b.seed, stop=stop).checked()
-    return Request(prompt, bool(b.echo), b.logprobs, sampling, _logit_bias(b.logit_bias or {}, n_vocab))
+    return Request(prompt, bool(b.echo), b.logprobs, sampling, _logit_bias(b.logit_bias or {}, n_vocab), bool(b.stream), include_usage)
 
 
 def _logit_bias(raw: dict[str, float], n_vocab: int) -> dict[int, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from neoxq.core.errors import UsageError
 from neoxq.core.numbers import check_number
@@ -122,6 +122,18 @@ def _safe_end(text: str, stops: list[str]) -> int:
     return end
 
 
+def pieces(steps: Iterable[Completion], stops: list[str]) -> Iterator[tuple[str, list[int], Completion]]:
+    """A growing completion as it may be shown: (new text, the token ids added since the last piece,
+    the completion), whenever text can be shown and once at the end (`c.finish` set). Text that
+    may still become a stop string or is half a UTF-8 character waits (_safe_end)."""
+    shown, sent = 0, 0
+    for c in steps:
+        end = len(c.text) if c.finish else _safe_end(c.text, stops)
+        if end > shown or c.finish:
+            yield c.text[shown:end], c.ids[sent:], c
+            shown, sent = max(shown, end), len(c.ids)
+
+
 def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None) -> Iterator[str]:
     """Yield text pieces as they are sampled from `prompt` (text, or token ids as they are); fill
     `stats` with prompt/generation speed."""
@@ -129,15 +141,13 @@ def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, s
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(ids)
     t0 = time.perf_counter()
-    t_first, shown = None, 0
-    for c in completion_steps(model, ids, opts):
+    t_first = None
+    for piece, _, c in pieces(completion_steps(model, ids, opts), opts.stop):
         now = time.perf_counter()
         if c.ids and t_first is None:
             t_first = now
             stats.prompt_seconds = now - t0
         stats.generated_tokens = len(c.ids)
         stats.generation_seconds = now - (t_first or now)
-        end = len(c.text) if c.finish else _safe_end(c.text, opts.stop)
-        if end > shown:
-            yield c.text[shown:end]
-            shown = end
+        if piece:
+            yield piece

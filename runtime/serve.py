@@ -6,7 +6,8 @@ generating (computed in one pass, first token null as OpenAI does); `max_tokens`
 context left (`finish_reason: "length"`), a prompt that does not fit is a 400. One model, one request
 at a time, waiting requests queued (a full queue is a 503 with Retry-After); SIGTERM stops a running
 generation at the next token and the server within seconds; a client that disconnects stops its
-generation at the next token (or, queued, before it starts); `--api-key` requires a bearer token.
+generation at the next token (or, queued, before it starts); `stream: true` sends server-sent events
+as OpenAI does, under the same queue, cancellation and shutdown rules; `--api-key` requires a bearer token.
 Requests are validated in completion_request.py: every OpenAI parameter honoured or refused by name.
 """
 
@@ -26,7 +27,7 @@ from neoxq.core.errors import MissingExtraError, UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.progress import info
 
-from .generate import completion_steps
+from .generate import completion_steps, pieces
 from .model import NeoxModel, RuntimeOptions
 from .score import log_softmax
 
@@ -60,16 +61,23 @@ class Engine:
         self.generated = 0  # tokens generated, all requests
         self.cancelled = 0  # requests stopped or skipped because their client left
 
-    async def run(self, fn, *args):
+    def submit(self, fn, *args):
+        """`fn(*args)` queued for the model's one worker thread: its future, or _BUSY when the queue is full."""
         with self.lock:
             if self.waiting >= MAX_QUEUE:
                 return _BUSY
             self.waiting += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-        finally:
-            with self.lock:
-                self.waiting -= 1
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        fut.add_done_callback(lambda _: self._left())
+        return fut
+
+    def _left(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+    async def run(self, fn, *args):
+        fut = self.submit(fn, *args)
+        return _BUSY if fut is _BUSY else await fut
 
     def logprobs(self, ids: list[int], start: int, k: int) -> dict:
         """OpenAI-style log-probs of ids[start:] given what precedes them (ids[0] has none)."""
@@ -104,7 +112,51 @@ class Engine:
             start = (0 if req.prompt else len(ids)) if req.echo else len(ids)  # an empty prompt's start token is not echoed
             logprobs = self.logprobs(ids + gen, start, req.logprobs)
         return {"text": (req.prompt if req.echo else "") + text, "logprobs": logprobs, "finish_reason": finish,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(gen), "total_tokens": len(ids) + len(gen)}}
+                "usage": _usage(ids, gen)}
+
+    def stream(self, req: "Request", ids: list[int], cancel: threading.Event, emit) -> None:
+        """The completion of req's prompt as pieces, each passed to `emit` as it can be shown (the
+        echoed prompt first), the last with its finish_reason and the usage; then `emit(None)`.
+        Log-probs come from the logits each token was sampled from (before any logit_bias)."""
+        try:
+            if cancel.is_set():
+                self.cancelled += 1
+                return
+            offset = 0
+            if req.echo:
+                lp = self.logprobs(ids, 0 if req.prompt else len(ids), req.logprobs) if req.logprobs is not None else None
+                emit({"text": req.prompt, "logprobs": lp, "finish_reason": None})
+                offset = len(req.prompt)
+            seen = [] if req.logprobs is not None else None
+            steps = completion_steps(self.model, ids, req.sampling, _Either(cancel, self.stopping), req.logits_processor(seen))
+            for piece, new, c in pieces(steps, req.sampling.stop):
+                lp = None
+                if seen is not None:
+                    lp = self._step_logprobs(new, seen[: len(new)], offset, req.logprobs)
+                    del seen[: len(new)]
+                emit({"text": piece, "logprobs": lp, "finish_reason": c.finish, "usage": _usage(ids, c.ids) if c.finish else None})
+                offset += len(piece)
+            self.generated += len(c.ids)
+            if cancel.is_set():
+                self.cancelled += 1
+        finally:
+            emit(None)
+
+    def _step_logprobs(self, new: list[int], rows: list[np.ndarray], offset: int, k: int) -> dict:
+        m = self.model
+        tokens, token_lp, top, offsets = [], [], [], []
+        for tok, row in zip(new, rows):
+            lp = log_softmax(row[None, :])[0]
+            tokens.append(m.detokenize([tok]))
+            token_lp.append(float(lp[tok]))
+            top.append({m.detokenize([int(j)]): float(lp[j]) for j in np.argsort(-lp)[:k]} if k else None)
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top if k else None, "text_offset": offsets}
+
+
+def _usage(ids: list[int], gen: list[int]) -> dict:
+    return {"prompt_tokens": len(ids), "completion_tokens": len(gen), "total_tokens": len(ids) + len(gen)}
 
 
 def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None = None, n_gpu_layers: int | None = None,
@@ -125,7 +177,11 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "neoxq", "context_length": engine.model.n_ctx}]}
+        """The one model: OpenAI's fields, and what the file is (type, context, size)."""
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "neoxq", "created": int(found.path.stat().st_mtime),
+                                            "type": found.metadata.get("neoxq.quant_type") or (found.quant_type.value if found.quant_type else None),
+                                            "context_length": engine.model.n_ctx, "n_ctx_train": found.context_length,
+                                            "size_bytes": found.path.stat().st_size}]}
 
     @app.get("/health")
     async def health():
@@ -142,6 +198,8 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
             return _error(400, f"the request body is not JSON ({exc})")
         except UsageError as exc:
             return _error(400, str(exc))
+        if req.stream:
+            return _stream(engine, req, ids)
         cancel = threading.Event()
         watcher = asyncio.ensure_future(_set_on_disconnect(request, cancel))
         try:
@@ -157,6 +215,42 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
                 "choices": [choice], "usage": out["usage"]}
 
     return app
+
+
+def _stream(engine: Engine, req: "Request", ids: list[int]):
+    """`stream: true`: server-sent events as OpenAI's API sends them (a `data:` line per chunk, then
+    `data: [DONE]`). A client that leaves cancels this response (Starlette listens for the
+    disconnect), which stops the generation at its next token."""
+    import json
+
+    from fastapi.responses import StreamingResponse
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    fut = engine.submit(engine.stream, req, ids, cancel, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+    if fut is _BUSY:
+        return _error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": engine.name}
+
+    def event(choices: list, usage=None) -> str:
+        extra = {"usage": usage} if req.include_usage else {}
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    async def events():
+        try:
+            usage = None
+            while (item := await queue.get()) is not None:
+                usage = item.pop("usage", None) or usage
+                yield event([{"index": 0, **item}])
+            await fut  # the worker's exception, if any, ends the stream here
+            if req.include_usage and usage:
+                yield event([], usage)
+            yield "data: [DONE]\n\n"
+        finally:
+            cancel.set()  # ended early (the client left): the generation stops at its next token
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None):

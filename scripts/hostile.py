@@ -232,7 +232,8 @@ def _listing(root: Path) -> set[str]:
 SERVER_BAD = [
     ("not JSON", b"{nope"), ("a JSON array", b"[1, 2]"), ("a JSON string", b'"hi"'), ("surrogate in prompt", b'{"prompt": "\\ud800x"}'),
     ("surrogate in stop", b'{"prompt": "x", "stop": "\\udfff"}'), ("n=5", {"n": 5}), ("best_of=3", {"best_of": 3}),
-    ("suffix", {"suffix": "end"}), ("stream", {"stream": True}), ("stream_options", {"stream_options": {}}),
+    ("suffix", {"suffix": "end"}), ("stream 'yes'", {"stream": "yes"}), ("stream_options without stream", {"stream_options": {}}),
+    ("stream_options unknown key", {"stream": True, "stream_options": {"chunks": 2}}),
     ("unknown key", {"foo": 1}), ("functions", {"functions": []}), ("temperature NaN", b'{"prompt": "x", "temperature": NaN}'),
     ("temperature -1", {"temperature": -1}), ("temperature text", {"temperature": "hot"}), ("temperature Infinity", b'{"prompt": "x", "temperature": Infinity}'),
     ("top_p 2", {"top_p": 2}), ("top_p NaN", b'{"prompt": "x", "top_p": NaN}'), ("top_k -1", {"top_k": -1}), ("min_p 3", {"min_p": 3}),
