@@ -257,3 +257,77 @@ def test_runtime_only_install(trained_f16, trained, texts, tmp_path):
     assert_one_line_error(cli("convert", trained, "-o", tmp_path / "x.gguf"), "neoxq[convert]")
     assert_one_line_error(cli("kld", trained_f16, "--reference", trained, "--text", tmp_path / "t.txt", "--ctx", "128",
                               "--cache-dir", tmp_path / "c2"), "neoxq[convert]")
+
+
+def test_prompt_loop_ctrl_c_stops_only_the_generation(trained_f16, monkeypatch, capsys):
+    """A real SIGINT, sent the moment the first generated piece is written (no race with a fast
+    model): that generation stops within a token, the loop goes on and completes the next line in
+    full. Negative control: the second line, never interrupted, runs to max_tokens."""
+    import io
+    import os
+    import signal
+
+    from neoxq.runtime.generate import SamplingOptions
+    from neoxq.runtime.interactive import prompt_loop
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+
+    class Out(io.StringIO):
+        sent = False
+
+        def write(self, s):
+            if s.strip() and not self.sent and self.getvalue().endswith("The"):
+                Out.sent = True
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next bytecode: mid-generation
+            return super().write(s)
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"The\nHello\n")))
+    out = Out()
+    monkeypatch.setattr("sys.stdout", out)
+    before = signal.getsignal(signal.SIGINT)
+    with NeoxModel(trained_f16, RuntimeOptions(n_ctx=512)) as m:
+        prompt_loop(m, SamplingOptions(max_tokens=300, temperature=0.8, seed=1))
+    err = capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # put back
+    first, second = [line for line in err.splitlines() if "generation:" in line]
+    assert first.startswith("[stopped]") and int(first.split("generation: ")[1].split()[0]) < 10
+    assert not second.startswith("[stopped]") and "generation: 300 tokens" in second
+    assert out.getvalue().startswith("The") and out.getvalue().split("\n", 1)[1].startswith("Hello")  # stopped, then the next line
+
+
+def test_run_without_prompt_on_a_terminal(trained_f16, tmp_path):
+    """On a terminal with no -p: a `> ` prompt, Ctrl-C at the prompt clears it, a line is completed,
+    Ctrl-D exits 0, and the line is in the history file for next time (readline's)."""
+    import os
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: neoxq on the pty
+        os.environ["NEOXQ_CACHE"] = str(tmp_path / "c")
+        os.execv(sys.executable, [sys.executable, "-m", "neoxq", "run", str(trained_f16), "-n", "8", "--ctx", "128"])
+    seen = b""
+
+    def until(marker: bytes, timeout: float = 120):
+        nonlocal seen
+        end = time.time() + timeout
+        while marker not in seen:
+            assert time.time() < end, seen[-500:]
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        found, seen = seen, seen[seen.index(marker) + len(marker):] if marker in seen else b""
+        return found
+
+    until(b"> ")
+    os.write(fd, b"\x03")
+    until(b"(Ctrl-D exits)")
+    until(b"> ")
+    os.write(fd, b"Once upon a time\r")
+    assert b"generation: 8 tokens" in until(b"generation:") + until(b"> ")
+    os.write(fd, b"\x04")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert "Once upon a time" in (tmp_path / "c" / "run_history").read_text()

@@ -134,15 +134,16 @@ def pieces(steps: Iterable[Completion], stops: list[str]) -> Iterator[tuple[str,
             shown, sent = max(shown, end), len(c.ids)
 
 
-def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None) -> Iterator[str]:
+def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None,
+             cancel=None) -> Iterator[str]:
     """Yield text pieces as they are sampled from `prompt` (text, or token ids as they are); fill
-    `stats` with prompt/generation speed."""
+    `stats` with prompt/generation speed; stop within one token of `cancel` being set."""
     ids = model.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(ids)
     t0 = time.perf_counter()
     t_first = None
-    for piece, _, c in pieces(completion_steps(model, ids, opts), opts.stop):
+    for piece, _, c in pieces(completion_steps(model, ids, opts, cancel), opts.stop):
         now = time.perf_counter()
         if c.ids and t_first is None:
             t_first = now

@@ -63,47 +63,29 @@ def run(
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty")] = 1.1,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read prompts line by line; each gets a completion.")] = False,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read prompts line by line, each completed (the default on a terminal without -p).")] = False,
     ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
     flash_attn: FlashAttn = "auto", device: Device = "auto",
 ):
-    """Stream a completion token by token; prompt and generation tokens/s on stderr."""
+    """Stream a completion token by token; prompt and generation tokens/s on stderr. Without a
+    prompt on a terminal: a prompt loop (Ctrl-C stops a generation, Ctrl-D exits)."""
+    from neoxq.core.cache import cache_root
     from neoxq.runtime.generate import SamplingOptions
+    from neoxq.runtime.interactive import print_completion, prompt_loop
 
     opts = SamplingOptions(max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                            repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or [])).checked(as_flags=True)
-    text = None if interactive else _read_prompt(prompt, prompt_file)
+    if interactive and (prompt is not None or prompt_file is not None):
+        from neoxq.core.errors import UsageError
+
+        raise UsageError("-i reads its prompts from the input, line by line; drop -p/--prompt-file, or -i")
+    loop = interactive or (prompt is None and prompt_file is None and sys.stdin.isatty())
+    text = None if loop else _read_prompt(prompt, prompt_file)
     with _open(model, ctx, threads, gpu_layers, flash_attn=flash_attn, device=device, repack=None) as m:
-        if not interactive:
-            _complete(m, text, opts)
-            return
-        while True:
-            if sys.stdin.isatty():
-                print("> ", end="", file=sys.stderr, flush=True)
-            raw = sys.stdin.buffer.readline()
-            if not raw:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                print("error: that line is not UTF-8 text; skipped (type or pipe UTF-8)", file=sys.stderr)
-                continue
-            if line.strip():
-                _complete(m, line.rstrip("\n"), opts)
-
-
-def _complete(m, text: str, opts) -> None:
-    from neoxq.runtime.generate import GenerationStats, generate
-
-    stats = GenerationStats()
-    ids = m.prompt_ids(text)  # a prompt that does not fit is refused before anything is printed
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    for piece in generate(m, ids, opts, stats):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    print(stats.line(), file=sys.stderr)
+        if loop:
+            prompt_loop(m, opts, cache_root() / "run_history")
+        else:
+            print_completion(m, text, opts)
 
 
 def _read_prompt(prompt: Optional[str], path: Optional[Path]) -> str:
@@ -116,8 +98,6 @@ def _read_prompt(prompt: Optional[str], path: Optional[Path]) -> str:
         return prompt
     if path is not None:
         return read_text(path, "--prompt-file", allow_empty=True)
-    if sys.stdin.isatty():
-        raise UsageError("no prompt; pass -p TEXT, --prompt-file FILE, or pipe text on stdin")
     try:
         return sys.stdin.buffer.read().decode("utf-8")
     except UnicodeDecodeError as exc:
