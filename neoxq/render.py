@@ -66,7 +66,14 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _se_note(report: dict) -> str:
+def results_table(report: dict, leave_out: tuple[str, ...] = ()) -> list[str]:
+    """report.md's table (Markdown lines): one row per file, values with their window errors."""
+    cols = [c for c in _columns(report) if c[1] not in leave_out]
+    out = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+    return out + ["| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |" for r in report["results"]]
+
+
+def se_note(report: dict) -> str:
     """One line: which error is which, and how far apart they are on this text."""
     f = [r["kld_mean_se_window"] / r["kld_mean_se"] for r in report["results"]
          if r.get("kld_mean_se") and r.get("kld_mean_se_window") is not None]
@@ -125,11 +132,7 @@ def markdown(report: dict) -> str:
     v = report["versions"]
     out.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     out.append(f"- Machine: {report['machine']['processor']}, {report['machine']['cores']} threads, {report['machine']['platform']}")
-    cols = _columns(report)
-    out += ["", "| " + " | ".join(h for h, _, _ in cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
-    for r in report["results"]:
-        out.append("| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |")
-    out += ["", _se_note(report)] + _tail_note(report)
+    out += ["", *results_table(report), "", se_note(report)] + _tail_note(report)
     task_cols = sorted({(t, k) for r in report["results"] for t, ms in r.get("tasks", {}).items() for k in ms})
     if task_cols:
         out += ["", "| type | " + " | ".join(f"{t}: {k}" for t, k in task_cols) + " |", "|---|" + "---:|" * len(task_cols)]

@@ -119,14 +119,14 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
     res_file = run.out / "results" / f"{built.label}.json"
     cached = _cached_row(run, res_file, stamp)
     if cached:
-        return cached
+        return {**cached, "sha256": cached.get("sha256") or file_sha256(built.path)}  # rows made before sha256 was recorded
     info = read_info(built.path)
     with NeoxModel(built.path, RuntimeOptions(n_ctx=run.opts.ctx, n_batch=run.opts.ctx), info=info) as m:
         k = kld(m, reference, run.scored, run.opts.ctx, cache_dir=cache)
         speed = measure(m, m.tokenize(run.scored[:20000]), run.opts.speed_prompt, run.opts.speed_tokens)
     tokens = save_scores(run.out / TOKENS_DIR / f"{built.label}.npz", k.tokens)
     s = k.stats
-    row = {"type": built.label, "file": built.path.name, "size_bytes": st.st_size, "bpw": round(info.bpw, 4),
+    row = {"type": built.label, "file": built.path.name, "size_bytes": st.st_size, "sha256": file_sha256(built.path), "bpw": round(info.bpw, 4),
            "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "dppl_pct_se": 100 * s["ppl_ratio"]["se"],
            "dppl_pct_se_window": 100 * s["ppl_ratio"]["se_window"], "kld_mean": k.kld_mean, "kld_mean_se": k.kld_mean_se,
            "kld_mean_se_window": s["kld"]["se_window"], "kld_median": k.kld_median, "kld_p99": k.kld_p99,

@@ -145,3 +145,131 @@ def test_report_statistics_token_files_and_most_hurt(report):
     assert "tokens Q2_K hurt most" in md and "means of the scored windows" in md
     assert value_pm(worst['kld_mean'], worst['kld_mean_se_window']) in md
     assert (out / "report-kld-cdf.png").read_bytes()[:4] == b"\x89PNG" and "report-kld-cdf.png" in md
+
+
+# Publishing (issue 23 items 1-3) ----------------------------------------------------------------
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records the calls publish makes (the one untested part
+    is HfApi itself, which needs the network)."""
+
+    def __init__(self, exists=False):
+        self.exists, self.calls = exists, []
+
+    def repo_exists(self, repo_id):
+        return self.exists
+
+    def create_repo(self, repo_id, private, exist_ok):
+        self.calls.append(("create_repo", repo_id, private))
+
+    def create_branch(self, repo_id, branch, exist_ok):
+        self.calls.append(("create_branch", branch))
+
+    def create_commit(self, repo_id, operations, revision, commit_message):
+        self.calls.append(("commit", revision, {op.path_in_repo: op for op in operations}))
+
+
+def test_publish_dry_run_card_and_modelfiles(report, tmp_path):
+    """--dry-run writes exactly the upload: the measured files (hard links, same bytes), report.json
+    and plots, a card whose YAML huggingface_hub parses back to what neoxq set and whose table is the
+    report's, and a Modelfile per file with the file's context and end-of-text token."""
+    from huggingface_hub import ModelCard
+
+    from neoxq.core.imatrix_io import file_sha256
+    from neoxq.render import results_table
+
+    data, out = report
+    dest = tmp_path / "pub"
+    proc = run_cli("publish", out, "me/tiny-GGUF", "--dry-run", dest, "--ollama")
+    assert proc.returncode == 0, proc.stderr
+    files = {p.name for p in dest.iterdir()}
+    ggufs = {r["file"] for r in data["results"]}
+    assert files == ggufs | {"report.json", "README.md", data["imatrix"]["file"]} | {p for p in ("report.png", "report-kld-cdf.png") if (out / p).exists()} \
+        | {f"{g[:-5]}.Modelfile" for g in ggufs}
+    assert all(file_sha256(dest / r["file"]) == r["sha256"] for r in data["results"])
+    card = ModelCard.load(dest / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "gguf" and meta["quantized_by"] == "neoxq" and set(meta["tags"]) == {"gguf", "gpt-neox", "pythia", "quantized"}
+    assert "base_model" not in meta  # a local checkpoint: no hub id to name
+    assert "\n".join(results_table(data, leave_out=("pp_tps", "tg_tps"))) in card.text
+    assert data["text"]["sha256"] in card.text and "ollama create" in card.text and "Llama.from_pretrained" in card.text
+    from neoxq.core.gguf_info import read_info
+
+    last = data["results"][-1]["file"]
+    mf = (dest / f"{last[:-5]}.Modelfile").read_text().splitlines()
+    n_ctx = read_info(out / last).context_length
+    assert mf[0] == f"FROM ./{last}" and mf[1] == f"PARAMETER num_ctx {n_ctx}" and mf[2] == 'PARAMETER stop "<|endoftext|>"'
+    # the same folder again is refused without --force
+    assert_one_line_error(run_cli("publish", out, "me/tiny-GGUF", "--dry-run", dest), "not empty", "--force")
+
+
+def test_publish_card_names_the_hub_source(report):
+    """A report of a hub checkpoint names it as base_model with its revision and licence."""
+    from huggingface_hub import ModelCard
+
+    from neoxq.publish import PublishOptions, model_card
+
+    data, out = report
+    hub = {**data, "source": {**data["source"], "repo": "EleutherAI/pythia-160m", "revision": "step3000", "commit": "abc"}}
+    meta = ModelCard(model_card(hub, out, PublishOptions("me/p-GGUF"))).data.to_dict()
+    assert meta["base_model"] == "EleutherAI/pythia-160m" and meta["base_model_relation"] == "quantized"
+    assert meta["base_model_revision"] == "step3000"
+
+
+def test_publish_uploads_one_commit_and_refuses_bad_folders(report, tmp_path):
+    """Up to the hub call: one commit with every file, an existing repo refused without --force, no
+    token refused in one line; a modified or missing file refused naming it (sha256 against report.json)."""
+    import shutil
+
+    from neoxq.core.errors import UsageError
+    from neoxq.publish import PublishOptions, publish
+
+    data, out = report
+    hub = FakeHub()
+    branches = publish(out, PublishOptions("me/tiny-GGUF", private=True), api=hub)
+    assert hub.calls[0] == ("create_repo", "me/tiny-GGUF", True)
+    kind, revision, ops = hub.calls[1]
+    assert kind == "commit" and revision == "main" and set(ops) == set(branches["main"]) and len(hub.calls) == 2
+    with pytest.raises(UsageError, match="exists on the hub"):
+        publish(out, PublishOptions("me/tiny-GGUF"), api=FakeHub(exists=True))
+    publish(out, PublishOptions("me/tiny-GGUF", force=True, revision="v1"), api=(h := FakeHub(exists=True)))
+    assert [c[:2] for c in h.calls] == [("create_repo", "me/tiny-GGUF"), ("create_branch", "v1"), ("commit", "v1")]
+    assert_one_line_error(run_cli("publish", out, "me/tiny-GGUF", env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "nohome")}), "token", "--dry-run")
+    assert_one_line_error(run_cli("publish", out, "not a repo id", "--dry-run", tmp_path / "x"), "OWNER/NAME")
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    victim = bad / data["results"][1]["file"]
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 1
+    victim.write_bytes(bytes(raw))
+    assert_one_line_error(run_cli("publish", bad, "me/x", "--dry-run", tmp_path / "d1"), victim.name, "sha256")
+    victim.unlink()
+    assert_one_line_error(run_cli("publish", bad, "me/x", "--dry-run", tmp_path / "d2"), victim.name, "missing")
+    assert_one_line_error(run_cli("publish", tmp_path, "me/x", "--dry-run", tmp_path / "d3"), "report.json")
+    assert not any((tmp_path / d).exists() for d in ("d1", "d2", "d3", "x"))
+
+
+def test_publish_sweep_is_a_branch_per_revision(report, tmp_path):
+    """A sweep folder: one branch per revision holding that revision's files and card, a duplicate
+    revision skipped, and main with the sweep's card."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    data, out = report
+    sweep = tmp_path / "s"
+    revs = []
+    for step in (10, 20):
+        shutil.copytree(out, sweep / f"step{step}")
+        revs.append({"revision": f"step{step}", "step": step, "duplicate_of": None, "results": data["results"], "reference": data["reference"]})
+    revs.append({"revision": "main", "step": 20, "duplicate_of": "step20", "results": data["results"], "reference": data["reference"]})
+    (sweep / "sweep.json").write_text(json.dumps({"repo": "EleutherAI/tiny", "text": {**data["text"]}, "revisions": revs}))
+    dest = tmp_path / "pub"
+    proc = run_cli("publish", sweep, "me/tiny-sweep", "--dry-run", dest)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in dest.iterdir()} == {"step10", "step20", "main"}
+    assert {p.name for p in (dest / "main").iterdir()} == {"sweep.json", "README.md"}
+    assert ModelCard.load(dest / "main" / "README.md").data.to_dict()["base_model"] == "EleutherAI/tiny"
+    assert {r["file"] for r in data["results"]} <= {p.name for p in (dest / "step10").iterdir()}
+    assert "Branch `step20`" in (dest / "step20" / "README.md").read_text()
+    assert_one_line_error(run_cli("publish", sweep, "me/tiny-sweep", "--dry-run", tmp_path / "p2", "--revision", "x"), "--revision")

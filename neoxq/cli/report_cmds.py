@@ -132,3 +132,24 @@ def evaluate(
     combined = run_eval(models, parse_tasks(tasks), include_path, num_fewshot, limit, output)
     if not quiet:
         print(eval_table(combined))
+
+
+def publish(
+    folder: Annotated[Path, typer.Argument(help="A folder `neoxq report` (or `neoxq sweep`) wrote.")],
+    repo_id: Annotated[str, typer.Argument(help="The hub repository, OWNER/NAME.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", "-r", help="The branch (default main; a sweep makes one per revision).")] = None,
+    dry_run: Annotated[Optional[Path], typer.Option("--dry-run", help="Write exactly what would be uploaded into this folder; upload nothing.")] = None,
+    ollama: Annotated[bool, typer.Option("--ollama", help="Add an Ollama Modelfile per GGUF.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Publish into a repository that exists (or over a --dry-run folder).")] = False,
+    quiet: Quiet = False,
+):
+    """Upload a report's GGUF files, plots and a model card carrying the measurements to the hub."""
+    from neoxq.publish import PublishOptions
+    from neoxq.publish import publish as run_publish
+
+    from .say import result_line
+
+    branches = run_publish(folder, PublishOptions(repo_id, private, revision, dry_run, ollama, force))
+    where = f"wrote {dry_run}" if dry_run is not None else f"published https://huggingface.co/{repo_id}"
+    result_line(f"{where}: " + "; ".join(f"{b}: {len(c)} files" for b, c in branches.items()))
