@@ -180,16 +180,17 @@ def source_keys(ck: Checkpoint) -> dict[str, str]:
 
 
 def _license(folder: Path) -> str | None:
-    """The `license:` line of a hub model card's YAML header, when present."""
+    """The licence in a hub model card's metadata (huggingface_hub's own parser), when there is one."""
+    from huggingface_hub import ModelCard
+
     card = folder / "README.md"
-    if not card.is_file():
+    if not card.is_file() or not card.read_bytes().startswith(b"---"):
+        return None  # no metadata block (huggingface_hub would log a warning saying so)
+    try:
+        lic = ModelCard.load(card).data.license
+    except Exception:  # noqa: BLE001 - a malformed card is no licence, never a failed conversion
         return None
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return None
-    header = text.split("---", 2)[1]
-    m = re.search(r"^license:\s*(\S+)", header, re.M)
-    return m.group(1).strip("'\"") if m else None
+    return lic if isinstance(lic, str) and lic else None
 
 
 def convert(
