@@ -281,3 +281,22 @@ def test_startup_failures_are_one_line(small_server, ckpt, tmp_path):
     port = small_server.rsplit(":", 1)[1]
     assert_one_line_error(run_cli("serve", f16, "--port", port), "cannot listen", "--port")
     assert_one_line_error(run_cli("serve", f16, "--host", "no.such.host.invalid", "--api-key", "k"), "cannot resolve")
+
+
+def test_a_full_queue_refuses_streamed_and_plain_requests_alike(ckpt, tmp_path, monkeypatch):
+    """With no room in the queue, a streamed request is refused like a plain one (503, Retry-After)
+    before any event is sent; with room, the same requests are answered (negative control)."""
+    from fastapi.testclient import TestClient
+
+    from neoxq.convert.converter import convert
+    from neoxq.runtime import serve
+
+    f16 = convert(str(ckpt), "f16", output=tmp_path / "q.gguf")
+    app = serve.build_app(f16, n_ctx=128)
+    with TestClient(app) as c:
+        for body in ({"prompt": "a", "max_tokens": 2}, {"prompt": "a", "max_tokens": 2, "stream": True}):
+            assert c.post("/v1/completions", json=body).status_code == 200
+        monkeypatch.setattr(serve, "MAX_QUEUE", 0)
+        for body in ({"prompt": "a", "max_tokens": 2}, {"prompt": "a", "max_tokens": 2, "stream": True}):
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "2" and "busy" in r.json()["error"]["message"]
