@@ -67,6 +67,8 @@ def _check_repo_id(repo_id: str) -> None:
 def load_report(folder: Path) -> dict:
     """report.json, and every file it names present with the sha256 it records."""
     rj = folder / "report.json"
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder; pass the folder `neoxq report` wrote")
     if not rj.is_file():
         raise UsageError(f"{folder} has no report.json; pass the folder `neoxq report` wrote")
     try:

@@ -111,7 +111,7 @@ def cli_cases(f: dict[str, str], out: str) -> list[Case]:
     cases += numeric(run, "--n-gpu-layers", ["-5", "x"]) + numeric(run, "--device", ["tpu"]) + numeric(run, "--flash-attn", ["maybe"])
     cases += [Case("run --stop ''", [*run, "--stop", ""]), Case("run -p and -f", [*run, "-f", T]),
               Case("run long prompt --ctx 16", ["run", F, "-f", T, "--ctx", "16", "-n", "2"]),
-              Case("run --device cpu -ngl 3", [*run, "--device", "cpu", "-ngl", "3"])]
+              Case("run --device cpu -ngl 3", [*run, "--device", "cpu", "-ngl", "3"]), Case("run -i and -p", [*run, "-i"])]
     cases += [Case(f"run -f {b}", ["run", F, "-f", f[b], "-n", "2"]) for b in BAD_TEXTS]
     cases += [Case("run -p ''", ["run", F, "-p", "", "-n", "2"], ok=True), Case("run -f EMPTY", ["run", F, "-f", f["EMPTY"], "-n", "2"], ok=True),
               Case("run -f WS", ["run", F, "-f", f["WS"], "-n", "2"], ok=True), Case("run -n 0", ["run", F, "-p", "hi", "-n", "0"], ok=True),
@@ -194,6 +194,17 @@ def cli_cases(f: dict[str, str], out: str) -> list[Case]:
     cases += numeric([*sw, "--revisions", "step0"], "--workers", ["0", "x"]) + [Case("sweep --imatrix FILE", [*sw, "--revisions", "step0", "--imatrix", f["IM"]])]
     cases += [Case("eval --tasks ','", ["eval", Q, "--tasks", ","]), Case("eval --tasks nosuchtask", ["eval", Q, "--tasks", "nosuchtask"]),
               Case("eval MISSING", ["eval", f["MISSING"], "--tasks", "lambada_openai"]), Case("eval --limit 0", ["eval", Q, "--tasks", "piqa", "--limit", "0"])]
+    cache = {"NEOXQ_CACHE": f"{out}/cache"}
+    cases += [Case("cache prune (nothing said)", ["cache", "prune"], env=cache),
+              Case("cache prune --older-than soon", ["cache", "prune", "--older-than", "soon"], env=cache),
+              Case("cache prune --max-size lots", ["cache", "prune", "--max-size", "lots"], env=cache),
+              Case("cache frob", ["cache", "frob"], env=cache), Case("cache list ok", ["cache", "list"], ok=True, env=cache),
+              Case("cache prune --all ok", ["cache", "prune", "--all"], ok=True, env=cache)]
+    pub = {"HF_TOKEN": "", "HF_HOME": f"{out}/hfhome"}
+    cases += [Case("publish MISSING", ["publish", f["MISSING"], "me/x", "--dry-run", f"{out}/pub"], env=pub),
+              Case("publish a folder without report.json", ["publish", f["DIR"], "me/x", "--dry-run", f"{out}/pub"], env=pub),
+              Case("publish bad repo id", ["publish", f["DIR"], "not a repo", "--dry-run", f"{out}/pub"], env=pub),
+              Case("publish without a token", ["publish", f["DIR"], "me/x"], env=pub)]
     cases += [Case("serve MISSING", ["serve", f["MISSING"]]), Case("serve --port 0", ["serve", F, "--port", "0"]),
               Case("serve --port 70000", ["serve", F, "--port", "70000"]),
               Case("serve unresolvable --host", ["serve", F, "--host", "no.such.host.invalid", "--api-key", "k"])]
