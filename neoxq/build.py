@@ -17,6 +17,7 @@ from typing import Callable
 
 from neoxq.convert.checkpoint import Checkpoint
 from neoxq.convert.converter import convert, source_keys
+from neoxq.core.cache_key import changed
 from neoxq.core.errors import NeoxqError, OutputError, UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.imatrix_io import file_sha256
@@ -46,14 +47,14 @@ def expected_metadata(ckpt: Checkpoint, qtype: QuantType, imatrix_sha: str | Non
 
 
 def is_valid(path: Path, want: dict[str, str | None]) -> bool:
+    """A built file records its inputs in its metadata: reused only when every one is `want`'s."""
     if not path.is_file():
         return False
     try:
         meta = read_info(path).metadata
     except NeoxqError:
         return False
-    # gguf-py does not write empty strings, so missing and "" are the same value.
-    return all((meta.get(k) or None) == (v or None) for k, v in want.items())
+    return not changed({k: meta.get(k) for k in want}, want)
 
 
 def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
@@ -72,7 +73,7 @@ def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: 
     for t in (t for t in types if not t.is_float):
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-mix")
         want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-mix", "neoxq.imatrix.sha256": im_sha,
-                "neoxq.mix.calib_sha256": calib_sha}
+                "neoxq.mix.calib_sha256": calib_sha, "neoxq.mix.ctx": str(ctx)}
         make = lambda t=t, path=path: quantize_mix(base.path, t, MixOptions(calib_text, ctx=ctx), output=path,  # noqa: E731
                                                    imatrix=imatrix, force=True)
         out[t] = _made_or_reused(t, path, want, make, variant="mix")
@@ -98,7 +99,7 @@ def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_d
         variant = "opt-mix" if mix else "opt"
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-{variant}")
         want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-{variant}", "neoxq.optimize.method": METHOD,
-                "neoxq.optimize.calibration.sha256": calib_sha}
+                "neoxq.optimize.calibration.sha256": calib_sha, "neoxq.optimize.ctx": str(ctx)}
         if imatrix:
             want["neoxq.imatrix.sha256"] = file_sha256(imatrix)
         opts = OptimizeOptions(calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix,

@@ -39,7 +39,7 @@ def plan_mix(info: GGUFInfo, base: QuantType, opts: MixOptions, imatrix: Path | 
     target = target_bytes(info, opts, stock.size)
     calib_sha = hashlib.sha256(opts.calib_text.encode("utf-8")).hexdigest()
     call_kv = rq.quantize_call(info, base, imatrix, kv=kv, label=label).kv
-    budget = tensor_budget(info, target, call_kv, base.value, stock.size, calib_sha)
+    budget = tensor_budget(info, target, call_kv, base.value, stock.size, calib_sha, opts.ctx)
     tensors = quantizable(info)
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir().parent / "mix"
     sens, probes = sensitivities(info, ids, ctx, cache, im, file_sha256(Path(imatrix)) if imatrix else None, opts.threads)
@@ -52,7 +52,7 @@ def plan_mix(info: GGUFInfo, base: QuantType, opts: MixOptions, imatrix: Path | 
     extra = {"base": base.value, "target_bytes": target, "stock_bytes": stock.size, "predicted_kld": predicted,
              "stock_predicted_kld": predicted_kld(sens, stock_types), "probes": probes + 2, "calibration_tokens": len(ids),
              "calibration_check": check, "types": plan}
-    return MixPlan(base, plan, mix_kv(base.value, target, stock.size, calib_sha, predicted, plan), extra)
+    return MixPlan(base, plan, mix_kv(base.value, target, stock.size, calib_sha, opts.ctx, predicted, plan), extra)
 
 
 def _fits(tensors, types: dict[str, str], budget: int) -> bool:

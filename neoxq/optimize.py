@@ -249,7 +249,8 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     calib_sha = text_sha256(opts.calib)
     kv = {"neoxq.optimize.method": METHOD, "neoxq.optimize.calibration.sha256": calib_sha,
           "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx), "neoxq.optimize.damp": f"{opts.damp:g}",
-          "neoxq.optimize.act_order": str(opts.act_order).lower(), "neoxq.optimize.reference": ckpt.name}
+          "neoxq.optimize.act_order": str(opts.act_order).lower(), "neoxq.optimize.reference": ckpt.name,
+          "neoxq.optimize.ctx": str(opts.ctx)}
     with tempfile.TemporaryDirectory(prefix="neoxq-opt-") as scratch:
         im = opts.imatrix
         if im == "auto":

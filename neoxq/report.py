@@ -13,6 +13,7 @@ from pathlib import Path
 
 from neoxq.core.atomic import atomic_output
 from neoxq.core.errors import NeoxqError, UsageError
+from neoxq.core.cache_key import changed
 from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
 from neoxq.core.progress import Progress
 from neoxq.core.qtypes import QuantType
@@ -91,16 +92,19 @@ def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
         return path, {"file": path.name, "calibration": ", ".join(read_imatrix(path).datasets) or "unknown"}
     from neoxq.convert.imatrix import compute_imatrix
 
-    path = run.out / "imatrix.gguf"
+    path, record = run.out / "imatrix.gguf", run.out / "imatrix.inputs.json"
     calib_sha = text_sha256(run.calib)
+    inputs = {"source": run.ckpt.commit or run.ckpt.fingerprint(), "calibration_sha256": calib_sha, "ctx": run.opts.ctx}
     try:
-        ok = path.is_file() and calib_sha[:16] in " ".join(read_imatrix(path).datasets)
-    except NeoxqError:
+        ok = path.is_file() and not changed(json.loads(record.read_text()), inputs) and bool(read_imatrix(path).sums)
+    except (NeoxqError, OSError, ValueError):
         ok = False
     if not ok:
         im = compute_imatrix(run.ckpt, run.calib, ctx=run.opts.ctx,
                              dataset_name=f"{run.text_file.name}[calibration part] sha256:{calib_sha[:16]}")
         write_imatrix(path, im, force=True)
+        with atomic_output(record, force=True) as tmp:
+            tmp.write_text(json.dumps(inputs))
     return path, {"file": path.name, "calibration": f"first {int(CALIBRATION_SHARE * 100)}% of {run.text_file.name} "
                   f"({len(run.calib)} chars, sha256 {calib_sha[:16]}…), not scored"}
 
@@ -114,19 +118,21 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
     from neoxq.runtime.score import kld
     from neoxq.runtime.speed import measure
 
-    st = built.path.stat()
-    stamp = f"{st.st_size}:{st.st_mtime_ns}:{text_sha256(run.scored)}:{run.opts.ctx}:{reference.identity()}:{run.opts.tasks}"
+    st, sha = built.path.stat(), file_sha256(built.path)
+    inputs = {"file_sha256": sha, "scored_sha256": text_sha256(run.scored), "ctx": run.opts.ctx,
+              "reference": reference.identity(), "tasks": run.opts.tasks, "include_path": run.opts.include_path,
+              "speed": [run.opts.speed_prompt, run.opts.speed_tokens]}
     res_file = run.out / "results" / f"{built.label}.json"
-    cached = _cached_row(run, res_file, stamp)
+    cached = _cached_row(run, res_file, inputs)
     if cached:
-        return {**cached, "sha256": cached.get("sha256") or file_sha256(built.path)}  # rows made before sha256 was recorded
+        return {**cached, "sha256": sha, "reused": True}
     info = read_info(built.path)
     with NeoxModel(built.path, RuntimeOptions(n_ctx=run.opts.ctx, n_batch=run.opts.ctx), info=info) as m:
         k = kld(m, reference, run.scored, run.opts.ctx, cache_dir=cache)
         speed = measure(m, m.tokenize(run.scored[:20000]), run.opts.speed_prompt, run.opts.speed_tokens)
     tokens = save_scores(run.out / TOKENS_DIR / f"{built.label}.npz", k.tokens)
     s = k.stats
-    row = {"type": built.label, "file": built.path.name, "size_bytes": st.st_size, "sha256": file_sha256(built.path), "bpw": round(info.bpw, 4),
+    row = {"type": built.label, "file": built.path.name, "size_bytes": st.st_size, "sha256": sha, "bpw": round(info.bpw, 4),
            "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "dppl_pct_se": 100 * s["ppl_ratio"]["se"],
            "dppl_pct_se_window": 100 * s["ppl_ratio"]["se_window"], "kld_mean": k.kld_mean, "kld_mean_se": k.kld_mean_se,
            "kld_mean_se_window": s["kld"]["se_window"], "kld_median": k.kld_median, "kld_p99": k.kld_p99,
@@ -135,17 +141,18 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
            "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
            ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
            "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info), **_opt_json(info), **_tasks_json(run, built.path),
-           "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_stamp": stamp}
+           "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_inputs": inputs}
     res_file.parent.mkdir(exist_ok=True)
     with atomic_output(res_file, force=True) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
-    return row
+    return {**row, "reused": False}
 
 
-def _cached_row(run: _Run, res_file: Path, stamp: str) -> dict | None:
+def _cached_row(run: _Run, res_file: Path, inputs: dict) -> dict | None:
+    """The row scored before, when every input that made it is the same and its per-token file is intact."""
     try:
         cached = json.loads(res_file.read_text())
-        ok = cached.get("_stamp") == stamp and file_sha256(run.out / cached["tokens"]["file"]) == cached["tokens"]["sha256"]
+        ok = not changed(cached.get("_inputs"), inputs) and file_sha256(run.out / cached["tokens"]["file"]) == cached["tokens"]["sha256"]
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return None
     return cached if ok else None
@@ -179,11 +186,34 @@ def _opt_json(info) -> dict:
                          "calibration_tokens": int(meta["neoxq.optimize.calibration.tokens"])}}
 
 
+def source_identity(ckpt) -> str:
+    """What names a checkpoint's weights: its commit on the hub, else their fingerprint."""
+    return ckpt.commit or ckpt.fingerprint()
+
+
+def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
+    """Everything that decides a report: a finished report.json is reused whole (by the sweep) only
+    when all of it is the same; otherwise the report reruns, and its own parts (built files, rows,
+    reference tables, imatrix) are reused where their own inputs are."""
+    from neoxq import __version__
+
+    ref = opts.reference
+    if ref not in ("auto", "hf", "f16") and Path(ref).exists():
+        ref = f"{Path(ref).resolve()}:{Path(ref).stat().st_mtime_ns}"
+    return {"source": source, "text_sha256": text_sha, "types": [t.value for t in QuantType.parse_list(opts.types)], "ctx": opts.ctx,
+            "imatrix": opts.imatrix if opts.imatrix in (None, "auto") else file_sha256(Path(opts.imatrix)), "reference": ref,
+            "mix": opts.mix, "optimize": opts.optimize, "tasks": opts.tasks, "include_path": opts.include_path,
+            "max_memory": opts.max_memory, "speed": [opts.speed_prompt, opts.speed_tokens], "neoxq": __version__}
+
+
 def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
     from neoxq.core.machine import describe, versions
 
     ck = run.ckpt
     return {
+        "inputs": report_inputs(source_identity(ck), text_sha256(run.text), run.opts),
+        "reuse": {"files_reused": sum(r["file_reused"] for r in rows), "files_made": sum(not r["file_reused"] for r in rows),
+                  "rows_reused": sum(r["reused"] for r in rows), "rows_scored": sum(not r["reused"] for r in rows)},
         "source": {"name": ck.name, "path": str(ck.folder), "repo": ck.repo_id, "revision": ck.revision,
                    "commit": ck.commit, "format": ck.format},
         "text": {"file": run.text_file.name, "sha256": text_sha256(run.text), "scored_sha256": text_sha256(run.scored),
@@ -234,7 +264,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
         _reference_first(run, reference, base.path)
         rows = []
         for built in files:
-            rows.append(_score(run, built, reference, out / "cache"))
+            rows.append({**_score(run, built, reference, out / "cache"), "file_reused": built.reused})
             bar.update(1, note=f"{built.label} scored")
         compare_rows(rows, out)
         report = _assemble(run, rows, im_info, reference)

@@ -13,32 +13,32 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from neoxq.core.atomic import atomic_output
 from neoxq.core.errors import UsageError
 from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.textfile import read_text, text_sha256
+from neoxq.report import ReportOptions
 
 ROW_KEYS = ("type", "size_bytes", "bpw", "ppl", "ppl_se", "dppl_pct", "dppl_pct_se", "dppl_pct_se_window", "kld_mean",
             "kld_mean_se", "kld_mean_se_window", "kld_p99", "top1", "top1_se", "vs_stock")
 
 
 @dataclass
-class SweepOptions:
+class SweepOptions(ReportOptions):
+    """A report's options (each revision runs one) and how the sweep runs them."""
+
     types: str = "Q8_0,Q4_K_M,Q2_K"
-    ctx: int = 512
-    imatrix: str | None = "auto"
-    mix: bool = False
     workers: int = 1
     ray: str | None = None  # None: no Ray; "local": a local Ray for the run; else a cluster address
     keep_files: bool = False
     evict: bool = False
-    max_memory: int | None = None
-    tasks: str | None = None
-    include_path: str | None = None
-    reference: str = "auto"  # auto | hf | f16 (per revision: its own fp32 model, or its own F16 file)
+
+    def report(self, revision: str | None = None) -> ReportOptions:
+        """The options each revision's report runs with."""
+        return ReportOptions(**{**{f.name: getattr(self, f.name) for f in fields(ReportOptions)}, "revision": revision})
 
 
 def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, threads: int, quiet: bool = False) -> dict:
@@ -47,13 +47,11 @@ def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, thr
     set_quiet(quiet)
     _pin(threads)
     from neoxq.convert.checkpoint import open_checkpoint
-    from neoxq.report import ReportOptions, run_report
+    from neoxq.report import run_report
 
     o = SweepOptions(**opts)
-    ro = ReportOptions(types=o.types, imatrix=o.imatrix, ctx=o.ctx, revision=revision, mix=o.mix, max_memory=o.max_memory,
-                       tasks=o.tasks, include_path=o.include_path, reference=o.reference)
     ckpt = open_checkpoint(repo, revision)
-    rj = run_report(ckpt, text_file, folder, ro)
+    rj = run_report(ckpt, text_file, folder, o.report(revision))
     report = json.loads(Path(rj).read_text())
     if not o.keep_files:
         for p in Path(folder).glob("*.gguf"):
@@ -86,18 +84,16 @@ def _evict(commit: str | None) -> None:
 
 
 def _reusable(folder: Path, text_sha: str, opts: SweepOptions, commit: str) -> dict | None:
-    """A finished revision's report.json, when it scored the same text, context, types and commit."""
-    from neoxq.core.qtypes import QuantType
+    """A finished revision's report.json, when every input of its report is the same now
+    (neoxq.core.cache_key); else the revision's report reruns and reuses what its parts can."""
+    from neoxq.core.cache_key import changed
+    from neoxq.report import report_inputs
 
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    types = [t.value for t in QuantType.parse_list(opts.types)]
-    same = (report["text"]["sha256"] == text_sha and report["text"]["ctx"] == opts.ctx
-            and [r["type"] for r in report["results"]][: len(types)] == types
-            and (report["source"].get("commit") or "") == (commit or ""))
-    return report if same else None
+    return None if changed(report.get("inputs"), report_inputs(commit, text_sha, opts.report())) else report
 
 
 def _entry(rid, step, dup: str | None, report: dict | None) -> dict:

@@ -73,9 +73,10 @@ def test_tensor_budget_counts_the_header_and_the_kept_tensors():
     info = GGUFInfo(Path("x.gguf"), "gptneox", {"general.quantization_version": 2, "general.file_type": 1}, [*mats, norm], {},
                     data_offset=4096, header_bytes=4090)
     call_kv = {"neoxq.quant_type": "Q4_K_M-mix"}
-    got = tensor_budget(info, 10**6, call_kv, "Q4_K_M", 900_000, "0" * 64)
+    got = tensor_budget(info, 10**6, call_kv, "Q4_K_M", 900_000, "0" * 64, 128)
     mix_keys = (string_kv_bytes("neoxq.mix.base", "Q4_K_M") + string_kv_bytes("neoxq.mix.target_bytes", "1000000")
                 + string_kv_bytes("neoxq.mix.stock_bytes", "900000") + string_kv_bytes("neoxq.mix.calib_sha256", "0" * 64)
+                + string_kv_bytes("neoxq.mix.ctx", "128")
                 + string_kv_bytes("neoxq.mix.predicted_kld", "-1.23457e-300")
                 + sum(string_kv_bytes(f"neoxq.mix.type.{t.name}", "IQ4_XS") for t in mats))
     header = -(-(4090 + string_kv_bytes("neoxq.quant_type", "Q4_K_M-mix") + mix_keys) // 32) * 32

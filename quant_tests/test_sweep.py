@@ -120,6 +120,23 @@ def test_sweep_resumes_only_what_is_missing(local_sweep):
 
 
 @pytest.mark.slow
+def test_sweep_rerun_with_a_changed_option_reruns_each_report_and_reuses_its_rows(local_sweep):
+    """Issue 22 item 1: a rerun with an option that used to be ignored (--max-memory here) is no
+    longer served the old report.json: every revision's report reruns (its report records the new
+    inputs), and its rows are reused because their own inputs (file sha256, text, reference) are
+    unchanged, although the sweep had deleted and now remakes the files. Counted, not timed."""
+    from neoxq.sweep import run_sweep
+
+    data, out, text = local_sweep
+    again = json.loads(run_sweep(REPO, "step0..step150,main", text, out, _opts(max_memory=8 << 30)).read_text())
+    for rev in ("step0", "step20", "step60", "step150"):
+        report = json.loads((out / rev / "report.json").read_text())
+        assert report["inputs"]["max_memory"] == 8 << 30 and report["reuse"]["rows_scored"] == 0, (rev, report["reuse"])
+        assert report["reuse"]["files_made"] == 2  # both scored files, deleted after the first run, made again
+    assert again["revisions"] == data["revisions"]
+
+
+@pytest.mark.slow
 def test_sweep_on_a_local_ray_cluster_gives_identical_numbers(local_sweep, offline, tmp_path):
     pytest.importorskip("ray")
     data, _, text = local_sweep

@@ -21,6 +21,7 @@ import numpy as np
 
 from neoxq.core.atomic import atomic_output
 from neoxq.core.cache import cache_root, mark_used, trim
+from neoxq.core.cache_key import key as inputs_key
 from neoxq.core.errors import UsageError
 
 TOP_K = 1024  # the reference's most likely tokens kept per position (the rest merged): NEOXQ_REFERENCE_TOP_K overrides
@@ -93,7 +94,7 @@ class ReferenceCache:
 
     def __init__(self, folder: Path, reference, w, k: int):
         self.folder, self.w, self.k = Path(folder), w, k
-        key = hashlib.sha256(f"{reference.identity()}|{w.ctx}|{_ids_hash(w.ids)}|{k}".encode()).hexdigest()[:24]
+        key = inputs_key("reference-tables", {"reference": reference.identity(), "ctx": w.ctx, "tokens_sha256": _ids_hash(w.ids), "top_k": k})
         self.meta = self.folder / f"{key}.json"
         self.files = {name: self.folder / f"{key}.{name}.npy" for name in ARRAYS}
 

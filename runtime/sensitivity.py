@@ -17,6 +17,7 @@ import numpy as np
 
 from neoxq.core.atomic import atomic_output
 from neoxq.core.cache import mark_used, scratch_prefix, trim
+from neoxq.core.cache_key import key
 from neoxq.core.errors import UsageError
 from neoxq.core.ggml_types import BY_NAME
 from neoxq.core.gguf_info import GGUFInfo, TensorInfo, float_rows, read_info
@@ -101,10 +102,11 @@ class KLDProbe:
 
 
 def sensitivity_key(info: GGUFInfo, calib_ids: list[int], ctx: int, im_sha: str | None, two: bool) -> str:
-    ident = info.source_fingerprint or f"{info.path.resolve()}:{info.path.stat().st_mtime_ns}"
-    parts = [str(MIX_VERSION), ident, str(info.metadata.get("neoxq.source.commit") or ""), str(sum(t.n_bytes for t in info.tensors)),
-             hashlib.sha256(np.asarray(calib_ids, dtype=np.int32).tobytes()).hexdigest(), str(ctx), im_sha or "", str(two)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    return key("mix-sensitivity", {
+        "version": MIX_VERSION, "model": info.source_fingerprint or f"{info.path.resolve()}:{info.path.stat().st_mtime_ns}",
+        "commit": info.metadata.get("neoxq.source.commit"), "bytes": sum(t.n_bytes for t in info.tensors),
+        "tokens_sha256": hashlib.sha256(np.asarray(calib_ids, dtype=np.int32).tobytes()).hexdigest(), "ctx": ctx,
+        "imatrix_sha256": im_sha, "two_points": two})
 
 
 def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, im: IMatrix | None = None,

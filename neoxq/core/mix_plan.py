@@ -234,11 +234,12 @@ def check_budget(info: GGUFInfo, opts: MixOptions) -> None:
                          "pass a smaller budget, or convert with --outtype f16")
 
 
-def mix_kv(base_name: str, target: int, stock_bytes: int, calib_sha: str, predicted: float | None,
+def mix_kv(base_name: str, target: int, stock_bytes: int, calib_sha: str, ctx: int, predicted: float | None,
            types: dict[str, str]) -> dict[str, str]:
-    """The metadata a mix file records (every value a string: llama.cpp's overrides)."""
+    """The metadata a mix file records (every value a string: llama.cpp's overrides); the
+    calibration text and its windows are among the inputs a rebuild compares."""
     return {"neoxq.mix.base": base_name, "neoxq.mix.target_bytes": str(target), "neoxq.mix.stock_bytes": str(stock_bytes),
-            "neoxq.mix.calib_sha256": calib_sha, "neoxq.mix.predicted_kld": f"{predicted or 0.0:.6g}",
+            "neoxq.mix.calib_sha256": calib_sha, "neoxq.mix.ctx": str(ctx), "neoxq.mix.predicted_kld": f"{predicted or 0.0:.6g}",
             **{f"neoxq.mix.type.{n}": t for n, t in types.items()}}
 
 
@@ -247,12 +248,12 @@ _WIDEST_TYPE = max(K_TYPES + BLOCK32_TYPES + IQ_TYPES + ["F16"], key=len)
 _WIDEST_FLOAT = -1.23457e-300
 
 
-def tensor_budget(info: GGUFInfo, target: int, kv: dict[str, str], base_name: str, stock_bytes: int, calib_sha: str) -> int:
+def tensor_budget(info: GGUFInfo, target: int, kv: dict[str, str], base_name: str, stock_bytes: int, calib_sha: str, ctx: int) -> int:
     """Bytes left for the quantizable tensors in a file of `target` bytes: the header (with `kv`, what
     the quantize call adds, and the mix's own keys at their widest) and the tensors that stay as they
     are come first."""
     tensors = quantizable(info)
     names = {t.name for t in tensors}
-    widest = mix_kv(base_name, target, stock_bytes, calib_sha, _WIDEST_FLOAT, {t.name: _WIDEST_TYPE for t in tensors})
+    widest = mix_kv(base_name, target, stock_bytes, calib_sha, ctx, _WIDEST_FLOAT, {t.name: _WIDEST_TYPE for t in tensors})
     kept = sum(_padded_bytes(t.n_elements, t.type) for t in info.tensors if t.name not in names)
     return target - header_size(info, {**kv, **widest}) - kept

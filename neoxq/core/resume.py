@@ -9,22 +9,18 @@ loss) leaves it, and that is what it is for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from .cache import OWNER_FILE, mark_used, trim
-
-
-def job_key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:24]
+from .cache_key import changed, key
 
 
 class ResumeState:
     def __init__(self, folder: Path, inputs: dict):
-        self.folder = Path(folder) / job_key(inputs)
+        self.folder = Path(folder) / key("optimize-job", inputs)
         self.inputs = inputs
         self.file = self.folder / "work.gguf"
         self._state = self.folder / "state.json"
@@ -35,7 +31,7 @@ class ResumeState:
             state = json.loads(self._state.read_text())
         except (OSError, ValueError):
             return None
-        if state.get("inputs") != json.loads(json.dumps(self.inputs, default=str)) or not self.file.is_file():
+        if changed(state.get("inputs"), self.inputs) or not self.file.is_file():
             return None
         self._own()
         mark_used(self._state)
