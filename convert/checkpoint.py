@@ -135,10 +135,15 @@ def read_config(folder: Path) -> dict[str, Any]:
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise SourceError(f"{folder} has no config.json; pass the folder of a Hugging Face checkpoint")
+    return parse_config(cfg.read_bytes(), cfg)
+
+
+def parse_config(raw: bytes, where: Path) -> dict[str, Any]:
+    """config.json's bytes as the dict GPTNeoXArgs reads (what the fuzzer feeds); one line when broken."""
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{cfg} is not valid JSON ({exc}); re-download the checkpoint") from exc
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptFileError(f"{where} is not valid JSON ({type(exc).__name__}); re-download the checkpoint") from exc
 
 
 def find_weight_files(folder: Path) -> list[Path]:

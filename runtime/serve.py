@@ -194,8 +194,8 @@ def build_app(model: Path | str, n_ctx: int | None = None, n_threads: int | None
         try:
             req = parse_request(await request.json(), engine.model.n_vocab)
             ids = engine.model.prompt_ids(req.prompt)
-        except ValueError as exc:  # the body is not JSON
-            return _error(400, f"the request body is not JSON ({exc})")
+        except (ValueError, RecursionError) as exc:  # the body is not JSON (or nested past Python's recursion limit)
+            return _error(400, f"the request body is not JSON ({type(exc).__name__}: {str(exc)[:80]})")
         except UsageError as exc:
             return _error(400, str(exc))
         if req.stream:

@@ -241,7 +241,7 @@ def _listing(root: Path) -> set[str]:
 # The server ---------------------------------------------------------------------------------------
 
 SERVER_BAD = [
-    ("not JSON", b"{nope"), ("a JSON array", b"[1, 2]"), ("a JSON string", b'"hi"'), ("surrogate in prompt", b'{"prompt": "\\ud800x"}'),
+    ("not JSON", b"{nope"), ("JSON nested 100000 deep", b"[" * 100000 + b"]" * 100000), ("a JSON array", b"[1, 2]"), ("a JSON string", b'"hi"'), ("surrogate in prompt", b'{"prompt": "\\ud800x"}'),
     ("surrogate in stop", b'{"prompt": "x", "stop": "\\udfff"}'), ("n=5", {"n": 5}), ("best_of=3", {"best_of": 3}),
     ("suffix", {"suffix": "end"}), ("stream 'yes'", {"stream": "yes"}), ("stream_options without stream", {"stream_options": {}}),
     ("stream_options unknown key", {"stream": True, "stream_options": {"chunks": 2}}),

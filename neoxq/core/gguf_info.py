@@ -196,15 +196,23 @@ def read_info(path: Path | str, require_arch: str | None = "gptneox") -> GGUFInf
         raise SourceError(f"{path} is a folder; pass the path of a .gguf file in it")
     if not path.is_file():
         raise SourceError(f"{path}: no such file; pass the path of a .gguf file")
-    size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise CorruptFileError(f"{path} is not a GGUF file (bad magic); pass a .gguf made by neoxq or llama.cpp")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                meta, lengths, tensors, header_bytes, data_offset = _parse(buf, size)
-            except (struct.error, ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
-                raise CorruptFileError(f"{path} is truncated or corrupt ({type(exc).__name__}); re-create or re-download it") from exc
+            return info_from_buffer(buf, path, require_arch)
+
+
+def info_from_buffer(buf, path: Path, require_arch: str | None = "gptneox") -> GGUFInfo:
+    """The metadata of the GGUF whose bytes are `buf` (a memory map, or bytes: what the fuzzer feeds
+    it); anything wrong is one CorruptFileError naming `path`."""
+    size = len(buf)
+    if buf[:4] != GGUF_MAGIC:
+        raise CorruptFileError(f"{path} is not a GGUF file (bad magic); pass a .gguf made by neoxq or llama.cpp")
+    try:
+        meta, lengths, tensors, header_bytes, data_offset = _parse(buf, size)
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+        raise CorruptFileError(f"{path} is truncated or corrupt ({type(exc).__name__}); re-create or re-download it") from exc
     end = max((data_offset + t.offset + t.n_bytes for t in tensors), default=0)
     if end > size:
         raise CorruptFileError(f"{path} is truncated ({size} of {end} bytes); re-create or re-download it")

@@ -53,28 +53,36 @@ def read_imatrix(path: Path | str, option: str = "imatrix", choices: str | None 
 
 
 def _read_gguf(path: Path) -> IMatrix:
-    import gguf
+    """Through neoxq's own bounds-checked GGUF parser (gguf-py's reader loops for hours over a
+    damaged array count: found by scripts/fuzz.py), then the F32 tensors by memory map."""
+    from .gguf_info import read_info
 
     try:
-        r = gguf.GGUFReader(path)
-    except Exception as exc:
+        info = read_info(path, require_arch=None)
+    except CorruptFileError as exc:
         raise CorruptFileError(f"imatrix {path} is truncated or corrupt; re-create it with `neoxq imatrix`") from exc
+    bad = f"{path} is not an importance matrix (needs matching non-empty F32 .in_sum2/.counts tensors); pass a file from `neoxq imatrix` or llama-imatrix"
     sums, counts = {}, {}
-    for t in r.tensors:
-        arr = np.array(t.data, dtype=np.float32).reshape(-1)
+    for t in info.tensors:
+        if not t.name.endswith((SUM_SUFFIX, COUNT_SUFFIX)):
+            continue
+        if t.type != "F32" or t.n_elements == 0:
+            raise CorruptFileError(bad)
+        arr = np.fromfile(path, dtype="<f4", count=t.n_elements, offset=info.data_offset + t.offset)
         if t.name.endswith(SUM_SUFFIX):
             sums[t.name[: -len(SUM_SUFFIX)]] = arr
-        elif t.name.endswith(COUNT_SUFFIX):
+        else:
             counts[t.name[: -len(COUNT_SUFFIX)]] = float(arr[0])
     if not sums or set(sums) != set(counts):
-        raise CorruptFileError(f"{path} is not an importance matrix (needs matching .in_sum2/.counts tensors); pass a file from `neoxq imatrix` or llama-imatrix")
-
-    def field(key, default):
-        f = r.fields.get(key)
-        return f.contents() if f is not None else default
-
-    return IMatrix(sums, counts, list(field("imatrix.datasets", [])), int(field("imatrix.chunk_count", 0)), int(field("imatrix.chunk_size", 0)),
-                   field(FINGERPRINT_KEY, None))
+        raise CorruptFileError(bad)
+    meta = info.metadata
+    datasets, fingerprint = meta.get("imatrix.datasets", []), meta.get(FINGERPRINT_KEY)
+    try:
+        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets) or not isinstance(fingerprint, (str, type(None))):
+            raise TypeError("metadata of the wrong type")
+        return IMatrix(sums, counts, datasets, int(meta.get("imatrix.chunk_count", 0)), int(meta.get("imatrix.chunk_size", 0)), fingerprint)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CorruptFileError(f"{path}: its imatrix metadata is damaged ({exc}); re-create it with `neoxq imatrix`") from exc
 
 
 def _read_legacy(path: Path) -> IMatrix:
