@@ -498,3 +498,38 @@ def test_readme_names_every_environment_variable():
     assert {"NEOXQ_CACHE", "NEOXQ_CACHE_MAX_SIZE", "NEOXQ_DEBUG"} <= used
     assert [v for v in sorted(used) if f"`{v}" not in readme] == []  # `NAME` or `NAME=1`
     assert "`NEOXQ_NOT_A_VARIABLE" not in readme
+
+
+def test_model_defaults_patch_is_one_load_at_a_time():
+    """Issue 22 item 3: the llama_model_default_params patch is held by one load at a time: a second
+    thread's block waits for the first to end, then sees only its own fields; the original is back
+    after both."""
+    import threading
+
+    import llama_cpp.llama_cpp as lib
+
+    from neoxq.runtime import capi
+
+    original = lib.llama_model_default_params
+    a_in, a_go, b_in, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def a():
+        with capi.model_defaults(vocab_only=True):
+            a_in.set()
+            a_go.wait(30)
+            seen["a"] = lib.llama_model_default_params().vocab_only
+
+    def b():
+        a_in.wait(30)
+        with capi.model_defaults(check_tensors=True):
+            b_in.set()
+            seen["b"] = (lib.llama_model_default_params().vocab_only, lib.llama_model_default_params().check_tensors)
+
+    ta, tb = threading.Thread(target=a), threading.Thread(target=b)
+    ta.start()
+    tb.start()
+    assert a_in.wait(30) and not b_in.wait(0.3)  # b waits while a holds the patch
+    a_go.set()
+    ta.join(30)
+    tb.join(30)
+    assert seen == {"a": True, "b": (original().vocab_only, True)} and lib.llama_model_default_params is original

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterator
@@ -388,22 +389,28 @@ def devices() -> list[dict]:
     return out
 
 
+_DEFAULTS_LOCK = threading.Lock()  # one model load at a time may see patched defaults
+
+
 @contextlib.contextmanager
 def model_defaults(**fields) -> Iterator[None]:
     """Load a model with some llama_model_params fields changed: llama-cpp-python's `Llama` starts
-    from llama_model_default_params() and exposes no argument for e.g. `use_extra_bufts`."""
+    from llama_model_default_params() and exposes no argument for e.g. `use_extra_bufts`. The
+    function is patched module-wide, so loads in other threads wait for the block to end (every
+    neoxq model load goes through here) rather than pick up this load's fields."""
     import llama_cpp.llama_cpp as lib
 
-    original = lib.llama_model_default_params
+    with _DEFAULTS_LOCK:
+        original = lib.llama_model_default_params
 
-    def patched():
-        params = original()
-        for k, v in fields.items():
-            setattr(params, k, v)
-        return params
+        def patched():
+            params = original()
+            for k, v in fields.items():
+                setattr(params, k, v)
+            return params
 
-    lib.llama_model_default_params = patched
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = original
+        lib.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = original
