@@ -227,16 +227,21 @@ def _run_ray(todo, args, finished) -> None:
         raise UsageError(f"cannot reach the Ray cluster at {opts.ray} ({str(exc).splitlines()[0][:120]}); start one with "
                          "`ray start --head`, or pass --ray alone for a local one") from exc
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # a task runs on one node: its share of the largest node's cores and memory (the cluster's
+        # totals would ask for more than any node has once there are several)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        cpus = int(max((n.get("CPU", 1) for n in nodes), default=1))
         threads = max(1, cpus // max(1, opts.workers))
         from neoxq.runtime.capi import supports_gpu_offload
 
-        node_memory = ray.cluster_resources().get("memory", 0)
+        node_memory = max((n.get("memory", 0) for n in nodes), default=0)
         pending = {}
         for rid in todo:
             # the streamed reference and the llama.cpp side hold about twice the checkpoint, plus libraries
             need = min(2 * rid.weights_bytes + (1 << 30), int(0.8 * node_memory)) if node_memory else None
-            task = ray.remote(num_cpus=threads, num_gpus=1 if supports_gpu_offload() else 0, **({"memory": need} if need else {}))(_task)
+            # a task whose node dies is rerun elsewhere (Ray's retries); only this driver writes sweep.json
+            task = ray.remote(num_cpus=threads, num_gpus=1 if supports_gpu_offload() else 0, max_retries=3,
+                              **({"memory": need} if need else {}))(_task)
             pending[task.remote(repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads, is_quiet())] = rid
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

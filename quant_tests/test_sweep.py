@@ -5,6 +5,10 @@ interrupted and resumed, and on a real local Ray cluster with identical numbers.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -145,6 +149,36 @@ def test_sweep_on_a_local_ray_cluster_gives_identical_numbers(local_sweep, offli
     assert proc.returncode == 0, proc.stderr
     ray_data = json.loads((tmp_path / "ray" / "sweep.json").read_text())
     assert ray_data["revisions"] == data["revisions"]
+
+
+@pytest.mark.slow
+def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path):
+    """Issue 22 item 5: a two-node Ray cluster on this machine (ray.cluster_utils.Cluster, one CPU
+    per node, so two revisions run at once, one on each). The worker node is removed once a
+    revision is in flight; its task is retried on the head (Ray's task retries) and the sweep ends
+    with the local run's numbers."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    data, _, text = local_sweep
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        out = tmp_path / "ray"
+        proc = subprocess.Popen([sys.executable, "-m", "neoxq", "sweep", REPO, "--revisions", "step0..step150,main", "--text", str(text),
+                                 "--types", "Q8_0,Q2_K", "--ctx", "64", "--imatrix", "none", "--ray", cluster.address, "-o", str(out),
+                                 "--quiet"], env={**os.environ, **offline}, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while not any((out / r).is_dir() for r in ("step0", "step20", "step60", "step150")) and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.2)  # polling for the first revision folder (a state), not waiting a fixed time
+        cluster.remove_node(worker)
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err
+        assert json.loads((out / "sweep.json").read_text())["revisions"] == data["revisions"]
+    finally:
+        cluster.shutdown()
 
 
 @pytest.mark.slow

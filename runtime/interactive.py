@@ -45,14 +45,20 @@ def prompt_loop(model: NeoxModel, opts: SamplingOptions, history: Path | None = 
     cancel = threading.Event()
     generating = threading.Event()
 
-    def on_sigint(_signum, _frame):
+    def on_sigint(signum, frame):
         if generating.is_set():
             cancel.set()  # completion_steps checks it before every token
+        elif tty or not callable(old):
+            raise KeyboardInterrupt  # at a terminal's prompt: clears the line (_lines)
         else:
-            raise KeyboardInterrupt
+            old(signum, frame)  # fed by a pipe: Ctrl-C ends the program as everywhere else (exit 130)
 
     tty = sys.stdin.isatty()
-    old = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+    else:
+        old = None
     try:
         with _history(history if tty else None):
             for line in _lines(tty):
