@@ -48,12 +48,13 @@ def build(d: Path) -> tuple[list[Writer], dict]:
     from neoxq.convert.tiny import TinySpec, build_random, build_training_run, stdlib_text
 
     corpus = stdlib_text(80_000)
-    ck = build_random(d / "ckpt", TinySpec(config_style="hf4", use_parallel_residual=True, rotary_pct=0.25), corpus)
+    # small shapes: each kill point reruns the writer, so its run time is the script's
+    spec = TinySpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, scale=1.0, vocab_pad=0,
+                    max_position_embeddings=128)
+    ck = build_random(d / "ckpt", spec, corpus)
     f16 = convert(str(ck), "f16", output=d / "in-F16.gguf")
     text = d / "t.txt"
     text.write_text(corpus[:24_000])
-    spec = TinySpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, scale=1.0, vocab_pad=0,
-                    max_position_embeddings=128)
     saved = build_training_run(d / "run", spec, corpus[:60_000], [0, 10])
     for step, folder in saved.items():
         write_snapshot(d / "hub", REPO, f"step{step}", folder)

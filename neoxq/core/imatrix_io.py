@@ -98,14 +98,18 @@ def _read_legacy(path: Path) -> IMatrix:
             return vals
 
         (n,) = take("<i")
-        if n < 1:
-            raise ValueError("no entries")
+        if not 1 <= n <= len(data) // 12:  # an entry is at least 12 bytes
+            raise ValueError(f"{n} entries in {len(data)} bytes")
         sums, counts = {}, {}
         for _ in range(n):
             (ln,) = take("<i")
+            if not 0 <= ln <= len(data) - off:  # a negative length would walk the reader backwards (found by scripts/fuzz.py)
+                raise ValueError(f"a name of {ln} bytes")
             name = data[off:off + ln].decode("utf-8")
             off += ln
             ncall, nval = take("<ii")
+            if nval < 0 or 4 * nval > len(data) - off:
+                raise ValueError(f"{nval} values")
             arr = np.frombuffer(data, dtype="<f4", count=nval, offset=off).astype(np.float32)
             off += 4 * nval
             sums[name], counts[name] = arr, float(ncall)
