@@ -45,6 +45,14 @@ class Checkpoint:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weight_files)
 
+    @property
+    def bytes_per_param(self) -> int:
+        """Bytes per stored parameter (2 for fp16/bf16, 4 for fp32), from the files' size and the
+        config's parameter count."""
+        from .neox import GPTNeoXArgs
+
+        return max(self.size_bytes // max(GPTNeoXArgs.from_config(self.config).param_count(), 1), 2)
+
     def tensor_names(self) -> list[str]:
         self._scan()
         return list(self._shapes)

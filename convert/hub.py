@@ -124,9 +124,16 @@ def _combine(pairs: list[tuple[str, str]]) -> str:
     return hashlib.sha256("|".join(f"{n}:{h}" for n, h in pairs).encode()).hexdigest()
 
 
-def step_of(revision: str) -> int | None:
+# EleutherAI's Pythia repos: `main` is the final checkpoint, step143000 (their model cards).
+PYTHIA_PREFIX, PYTHIA_MAIN_STEP = "EleutherAI/pythia", 143000
+
+
+def step_of(revision: str, repo_id: str | None = None) -> int | None:
+    """The training step a branch names: `stepN` → N; `main` of a Pythia repo → 143000."""
     m = STEP.match(revision)
-    return int(m.group(1)) if m else (143000 if revision == "main" else None)
+    if m:
+        return int(m.group(1))
+    return PYTHIA_MAIN_STEP if revision == "main" and (repo_id or "").startswith(PYTHIA_PREFIX) else None
 
 
 def parse_spec(spec: str, refs: list[str], repo_id: str) -> list[str]:
@@ -155,7 +162,7 @@ def parse_spec(spec: str, refs: list[str], repo_id: str) -> list[str]:
 
 
 def _nearest(name: str, refs: list[str], steps: list[tuple[int, str]]) -> list[str]:
-    s = step_of(name)
+    s = step_of(name, PYTHIA_PREFIX)  # a misspelt `main` is near the last step
     if s is not None and steps:
         return [r for _, r in sorted(steps, key=lambda x: abs(x[0] - s))[:3]]
     import difflib

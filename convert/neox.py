@@ -113,11 +113,15 @@ class GPTNeoXArgs:
             raise CorruptFileError(f"config.json lacks {', '.join(missing)}; re-download the checkpoint's config")
         return cls(**{k: v for k, v in config.items() if k in names})
 
+    def layer_params(self) -> int:
+        """One layer's parameters: two norms, QKV, attention output, the MLP (weights and biases)."""
+        h, f = self.hidden_size, self.intermediate_size
+        return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+
     def param_count(self) -> int:
         """Parameters as the checkpoint stores them (untied output counted), for the size label."""
-        h, f, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
-        per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
-        return v * h * (1 if self.tie_word_embeddings else 2) + n * per_layer + 2 * h
+        h, v = self.hidden_size, self.vocab_size
+        return v * h * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * self.layer_params() + 2 * h
 
 
 def tensor_name_map(n_layers: int):

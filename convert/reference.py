@@ -50,10 +50,7 @@ def _sizes(ckpt) -> dict:
     from .neox import GPTNeoXArgs
 
     a = GPTNeoXArgs.from_config(ckpt.config)
-    h, f, v = a.hidden_size, a.intermediate_size, a.vocab_size
-    layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
-    src = max(ckpt.size_bytes // max(a.param_count(), 1), 2)  # bytes per stored parameter
-    return {"args": a, "layer": layer, "embed": v * h, "params": a.param_count(), "src": src}
+    return {"args": a, "layer": a.layer_params(), "embed": a.vocab_size * a.hidden_size, "params": a.param_count(), "src": ckpt.bytes_per_param}
 
 
 def activation_bytes(args, ctx: int, windows: int) -> int:

@@ -20,12 +20,18 @@ BASE = 150 << 20  # Python, numpy, llama-cpp-python, gguf imported
 
 
 def llama_bytes(info: GGUFInfo, n_ctx: int, n_batch: int = 512) -> int:
-    """Weights (the file's tensors) + KV cache (f16 K and V per layer) + logits and compute buffers."""
+    """What llama.cpp holds for this file (llama_estimate)."""
     layers = int(info.metadata.get(f"{info.arch}.block_count", 0))
     hidden = int(info.metadata.get(f"{info.arch}.embedding_length", 0))
+    return llama_estimate(sum(t.n_bytes for t in info.tensors), layers, hidden, info.n_vocab or 50304, n_ctx, n_batch)
+
+
+def llama_estimate(weight_bytes: int, layers: int, hidden: int, vocab: int, n_ctx: int, n_batch: int) -> int:
+    """The one estimate of a llama.cpp model's memory: weights + KV cache (f16 K and V per layer) +
+    logits and compute buffers + the libraries."""
     kv = 2 * layers * n_ctx * hidden * 2
-    compute = n_batch * (info.n_vocab or 50304) * 4 * 2 + n_batch * hidden * 4 * 16
-    return sum(t.n_bytes for t in info.tensors) + kv + compute + BASE
+    compute = n_batch * vocab * 4 * 2 + n_batch * hidden * 4 * 16
+    return weight_bytes + kv + compute + BASE
 
 
 def convert_bytes(ckpt) -> int:
@@ -34,9 +40,7 @@ def convert_bytes(ckpt) -> int:
     from neoxq.convert.neox import GPTNeoXArgs
 
     a = GPTNeoXArgs.from_config(ckpt.config)
-    largest = a.vocab_size * a.hidden_size
-    src = max(ckpt.size_bytes // max(a.param_count(), 1), 2)
-    return BASE + largest * (src + 4 + 2)
+    return BASE + a.vocab_size * a.hidden_size * (ckpt.bytes_per_param + 4 + 2)
 
 
 def quantize_bytes(info: GGUFInfo) -> int:

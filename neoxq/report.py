@@ -372,8 +372,7 @@ def _llama_f16_bytes(run: _Run) -> int:
     from neoxq.convert.neox import GPTNeoXArgs
 
     a = GPTNeoXArgs.from_config(run.ckpt.config)
-    kv = 2 * a.num_hidden_layers * run.opts.ctx * a.hidden_size * 2
-    return a.param_count() * 2 + kv + run.opts.ctx * a.vocab_size * 8 + preflight.BASE
+    return preflight.llama_estimate(a.param_count() * 2, a.num_hidden_layers, a.hidden_size, a.vocab_size, run.opts.ctx, run.opts.ctx)
 
 
 def _hf_choice(run: _Run) -> bool:

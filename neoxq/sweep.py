@@ -105,15 +105,14 @@ def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
 
 
 def _step(repo: str, revision: str, dup: str | None) -> int | None:
-    """stepN → N; a duplicate takes its original's step (`main` = the last step branch); Pythia's
-    `main` is step143000."""
-    from neoxq.convert.hub import STEP
+    """The revision's step (neoxq.convert.hub.step_of); a duplicate takes its original's when it
+    names none itself (`main` = the last step branch)."""
+    from neoxq.convert.hub import step_of
 
-    for name in (revision, dup or ""):
-        m = STEP.match(name)
-        if m:
-            return int(m.group(1))
-    return 143000 if revision == "main" and repo.startswith("EleutherAI/pythia") else None
+    for name in (revision, dup):
+        if name and step_of(name) is not None:
+            return step_of(name)
+    return step_of(revision, repo)
 
 
 def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, results: dict) -> Path:

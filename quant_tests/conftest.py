@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from neoxq.demo import demo_spec
 from neoxq.convert.tiny import TinySpec, build_random, stdlib_text
 
 
@@ -49,8 +50,7 @@ def sample_ids(ckpt, corpus) -> list[int]:
 
 # A briefly trained model, for tests where quality must mean something (issues 3-5). Rows are 256
 # wide so k-/i-quants apply without fallbacks; outlier activation channels as in real LLMs.
-TRAINED_SPEC = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                        scale=1.0, vocab_pad=0)
+TRAINED_SPEC = demo_spec()  # the demo model's shape (one statement of it, in neoxq.demo)
 
 
 @pytest.fixture(scope="session")

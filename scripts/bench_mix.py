@@ -27,12 +27,12 @@ TYPES = "Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q6_K"
 
 
 def demo_model() -> Path:
-    from neoxq.convert.tiny import TinySpec, build_trained, stdlib_text
+    from neoxq.convert.tiny import build_trained, stdlib_text
+    from neoxq.demo import demo_spec
 
     folder = benchlib.cache_dir() / "demo-model"
     if not (folder / "model.safetensors").is_file():
-        spec = TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
-        build_trained(folder, spec, stdlib_text(400_000), steps=200)
+        build_trained(folder, demo_spec(), stdlib_text(400_000), steps=200)
     return folder
 
 
