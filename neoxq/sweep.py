@@ -4,7 +4,7 @@ Per revision: its commit and weights hash (neoxq.convert.hub); a revision whose 
 earlier one's is not recomputed but marked `duplicate_of`; the others run the whole report (convert
 once, quantize each type, score against that revision's own fp32 reference on the same windows).
 Revisions run one after another, in local worker processes (--workers N, each pinned to its share
-of the cores) or as Ray tasks (--ray [ADDRESS]); only this driver writes results: sweep.json
+of the cores) or as Ray tasks (--ray, --ray-address ADDRESS); only this driver writes results: sweep.json
 (atomically, after every revision, so an interruption loses at most the revisions in flight), then
 sweep.md and sweep.png rendered from it.
 """
@@ -205,7 +205,7 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start one with `ray start --head`, "
-                         "or pass --ray alone for a local one") from exc
+                         "or pass --ray without --ray-address for a local one") from exc
 
 
 def _run_ray(todo, args, finished) -> None:
@@ -224,7 +224,7 @@ def _run_ray(todo, args, finished) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UsageError(f"cannot reach the Ray cluster at {opts.ray} ({str(exc).splitlines()[0][:120]}); start one with "
-                         "`ray start --head`, or pass --ray alone for a local one") from exc
+                         "`ray start --head`, or pass --ray without --ray-address for a local one") from exc
     try:
         # a task runs on one node: its share of the largest node's cores and memory (the cluster's
         # totals would ask for more than any node has once there are several)

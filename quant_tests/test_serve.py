@@ -292,7 +292,9 @@ def test_a_full_queue_refuses_streamed_and_plain_requests_alike(ckpt, tmp_path, 
     from neoxq.runtime import serve
 
     f16 = convert(str(ckpt), "f16", output=tmp_path / "q.gguf")
-    app = serve.build_app(f16, n_ctx=128)
+    from neoxq.runtime.model import RuntimeOptions
+
+    app = serve.build_app(f16, RuntimeOptions(n_ctx=128))
     with TestClient(app) as c:
         for body in ({"prompt": "a", "max_tokens": 2}, {"prompt": "a", "max_tokens": 2, "stream": True}):
             assert c.post("/v1/completions", json=body).status_code == 200

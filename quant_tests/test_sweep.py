@@ -167,7 +167,7 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
         cluster.wait_for_nodes()
         out = tmp_path / "ray"
         proc = subprocess.Popen([sys.executable, "-m", "neoxq", "sweep", REPO, "--revisions", "step0..step150,main", "--text", str(text),
-                                 "--types", "Q8_0,Q2_K", "--ctx", "64", "--imatrix", "none", "--ray", cluster.address, "-o", str(out),
+                                 "--types", "Q8_0,Q2_K", "--ctx", "64", "--imatrix", "none", "--ray-address", cluster.address, "-o", str(out),
                                  "--quiet"], env={**os.environ, **offline}, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 600
         while not any((out / r).is_dir() for r in ("step0", "step20", "step60", "step150")) and proc.poll() is None:
@@ -186,7 +186,7 @@ def test_sweep_bad_input(offline, eval_file, tmp_path):
     base = ("sweep", REPO, "--text", eval_file, "--types", "Q8_0", "--ctx", "64", "--imatrix", "none", "-o", tmp_path / "o")
     assert_one_line_error(run_cli(*base, "--revisions", "step7", env=offline), "step7", "nearest")
     assert_one_line_error(run_cli(*base, "--revisions", "step500..step900", env=offline), "matches no branch")
-    assert_one_line_error(run_cli(*base, "--revisions", "step0", "--ray", "127.0.0.1:1", env=offline, timeout=300), "ray cluster")
+    assert_one_line_error(run_cli(*base, "--revisions", "step0", "--ray-address", "127.0.0.1:1", env=offline, timeout=300), "ray cluster")
     short = tmp_path / "short.txt"
     short.write_text("too short")
     args = [a if a != eval_file else short for a in base]

@@ -386,9 +386,8 @@ def test_context_parameters_for_the_cpu_switch(checkpoints, tmp_path):
     """--device cpu / -ngl 0: no layers and no op offload; flash attention follows the setting."""
     import llama_cpp
 
-    from neoxq.cli.run_cmds import runtime_options
     from neoxq.convert.converter import convert
-    from neoxq.runtime.model import NeoxModel
+    from neoxq.runtime.model import NeoxModel, runtime_options
 
     path = convert(str(checkpoints["hf4-parallel-rot025-safetensors"]), "f16", output=tmp_path / "m.gguf")
     for opts, fa in ((runtime_options(64, 1, None, 64, "off", "cpu"), False), (runtime_options(64, 1, 0, 64, "auto", "auto"), True)):

@@ -48,6 +48,25 @@ class RuntimeOptions:
     repack: bool | None = False
 
 
+def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto",
+                    repack: bool | None = False):
+    """The flags every model-loading command shares (--ctx, --threads, -ngl, --flash-attn, --device),
+    as RuntimeOptions; --device is the policy: cpu → no layers offloaded, gpu → all of them, auto →
+    llama.cpp's own choice (all on a GPU build)."""
+    from neoxq.core.machine import check_threads
+
+    if device not in ("auto", "cpu", "gpu"):
+        raise UsageError(f"--device {device!r}: use auto, gpu or cpu")
+    check_threads(threads)
+    if device == "cpu":
+        if gpu_layers not in (None, 0):
+            raise UsageError("--device cpu and --n-gpu-layers > 0 contradict each other; pass one")
+        gpu_layers = 0
+    elif device == "gpu" and gpu_layers is None:
+        gpu_layers = -1
+    return RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn, repack=repack)
+
+
 class NeoxModel:
     """A loaded GGUF. `eval_logits` runs tokens through llama.cpp's batch API (one sequence)."""
 

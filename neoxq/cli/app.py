@@ -44,8 +44,7 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors (or set NEOXQ_DEBUG=1).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ):
-    if debug:
-        os.environ["NEOXQ_DEBUG"] = "1"
+    _flags["debug"] = debug
 
 
 class Interrupted(BaseException):
@@ -60,8 +59,11 @@ def _on_signal(signum, _frame):
     raise Interrupted(signum)
 
 
+_flags = {"debug": False}  # set by the root callback for this process; never written into the environment
+
+
 def _debug() -> bool:
-    return os.environ.get("NEOXQ_DEBUG") == "1" or "--debug" in sys.argv[1:2]
+    return _flags["debug"] or os.environ.get("NEOXQ_DEBUG") == "1" or "--debug" in sys.argv[1:2]
 
 
 def _usage_error_types() -> tuple[type, ...]:
@@ -97,20 +99,9 @@ def main() -> None:
     sys.exit(_run())
 
 
-def _optional_values(argv: list[str]) -> list[str]:
-    """`--ray` takes an optional ADDRESS; click would swallow a following option (`--ray -o DIR`) as
-    that value, so an `--ray` followed by an option or nothing gets its default spelled out."""
-    out = []
-    for i, a in enumerate(argv):
-        out.append(a)
-        if a == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-            out.append("local")
-    return out
-
-
 def _run() -> int:
     try:
-        rv = app(args=_optional_values(sys.argv[1:]), prog_name="neoxq", standalone_mode=False)
+        rv = app(args=sys.argv[1:], prog_name="neoxq", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except Interrupted as exc:
         print("interrupted" if exc.signum == signal.SIGINT else "terminated", file=sys.stderr)

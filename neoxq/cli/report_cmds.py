@@ -78,8 +78,8 @@ def sweep(
     mix: Annotated[bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type.")] = False,
     output: Output = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Revisions at once in local processes (cores shared).")] = 1,
-    ray: Annotated[Optional[str], typer.Option("--ray", is_flag=False, flag_value="local",
-                                               help="Run each revision as a Ray task: --ray (a local Ray) or --ray ADDRESS.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run each revision as a Ray task on a local Ray (or the cluster of --ray-address).")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="A Ray cluster's address (HOST:PORT, or auto); implies --ray.")] = None,
     keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep each revision's GGUF files.")] = False,
     evict: Annotated[bool, typer.Option("--evict", help="Remove each revision's checkpoint from the HF cache after use.")] = False,
     max_memory: MaxMemory = None,
@@ -96,7 +96,8 @@ def sweep(
         raise UsageError(f"--imatrix {imatrix!r}: a sweep computes one per revision (auto) or uses none")
     if reference not in ("auto", "hf", "f16"):
         raise UsageError(f"--reference {reference!r}: a sweep scores each revision against its own model: auto, hf or f16")
-    opts = SweepOptions(types=qtypes, ctx=ctx, imatrix=None if imatrix == "none" else "auto", mix=mix, workers=workers, ray=ray,
+    opts = SweepOptions(types=qtypes, ctx=ctx, imatrix=None if imatrix == "none" else "auto", mix=mix, workers=workers,
+                        ray=ray_address or ("local" if ray else None),
                         keep_files=keep_files, evict=evict, max_memory=max_memory, tasks=tasks, reference=reference,
                         include_path=str(include_path) if include_path else None)
     path = run_sweep(repo, revisions, text, output, opts)

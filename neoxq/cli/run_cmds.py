@@ -12,28 +12,9 @@ import typer
 from .options import CacheDir, Ctx, Device, FlashAttn, GpuLayers, Json, MaxMemory, Model, Quiet, Revision, Text, Threads
 
 
-def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto",
-                    repack: bool | None = False):
-    """The flags every model-loading command shares, as RuntimeOptions (the library owns defaults)."""
-    from neoxq.core.errors import UsageError
-    from neoxq.core.machine import check_threads
-    from neoxq.runtime.model import RuntimeOptions
-
-    if device not in ("auto", "cpu", "gpu"):
-        raise UsageError(f"--device {device!r}: use auto, gpu or cpu")
-    check_threads(threads)
-    if device == "cpu":
-        if gpu_layers not in (None, 0):
-            raise UsageError("--device cpu and --n-gpu-layers > 0 contradict each other; pass one")
-        gpu_layers = 0
-    elif device == "gpu" and gpu_layers is None:
-        gpu_layers = -1
-    return RuntimeOptions(n_ctx=ctx, n_batch=batch, n_threads=threads, n_gpu_layers=gpu_layers, flash_attn=flash_attn, repack=repack)
-
-
 def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512,
           flash_attn: str = "auto", device: str = "auto", repack: bool | None = False):
-    from neoxq.runtime.model import NeoxModel
+    from neoxq.runtime.model import NeoxModel, runtime_options
 
     opts = runtime_options(ctx, threads, gpu_layers, batch, flash_attn, device, repack)
     return NeoxModel(model, opts, info=_preflight(model, ctx, batch))
@@ -110,7 +91,9 @@ def tokenize(
     as_json: Json = False,
 ):
     """Print the token ids of TEXT."""
-    with _open(model, 64, None, 0, batch=64) as m:
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+
+    with NeoxModel(model, RuntimeOptions(vocab_only=True)) as m:  # the vocabulary only: no weights, no context
         ids = m.tokenize(text)
         if as_json:
             print(json.dumps(ids))
@@ -161,6 +144,7 @@ def kld(
     the memory available), streamed layer by layer otherwise."""
     from neoxq.core.textfile import read_text
     from neoxq.reference import open_reference
+    from neoxq.runtime.model import runtime_options
     from neoxq.runtime.score import kld as do_kld
 
     body = read_text(text)
@@ -193,6 +177,7 @@ def compare(
     """Is A better than B? A paired test on the same tokens: the ratio of mean KLDs and of
     perplexities, each with a 95 % interval from per-window errors, and a verdict."""
     from neoxq.compare import compare_files
+    from neoxq.runtime.model import runtime_options
 
     r = compare_files(a, b, reference, text, ctx, cache_dir, runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
                       revision=revision, max_memory=max_memory)
@@ -221,12 +206,12 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NEOXQ_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
 ):
     """OpenAI-compatible completions server, on localhost by default (one request at a time, others queued)."""
+    from neoxq.runtime.model import runtime_options
     from neoxq.runtime.serve import serve as do_serve
 
-    o = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
+    options = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
     _preflight(model, ctx)  # the server loads the model itself; a load failure there is one line too
-    do_serve(model, host=host, port=port, n_ctx=o.n_ctx, n_threads=o.n_threads, n_gpu_layers=o.n_gpu_layers, flash_attn=o.flash_attn,
-             api_key=api_key)
+    do_serve(model, host=host, port=port, options=options, api_key=api_key)
 
 
 def info(
