@@ -114,12 +114,3 @@ def run_eval(models: list[Path], tasks: list[str], include_path=None, num_fewsho
         with atomic_output(Path(output), force=True) as tmp:
             tmp.write_text(json.dumps(combined, indent=1, default=str))
     return combined
-
-
-def eval_table(combined: dict) -> str:
-    rows = [(m, d["type"], metrics({"results": d["results"]})) for m, d in combined["models"].items()]
-    cols = sorted({(t, k) for _, _, ms in rows for t, v in ms.items() for k in v})
-    head = ["file", "type"] + [f"{t}:{k}" for t, k in cols]
-    lines = [head] + [[Path(m).name, ty] + [f"{ms.get(t, {}).get(k, float('nan')):.4f}" for t, k in cols] for m, ty, ms in rows]
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines)

@@ -57,13 +57,11 @@ def _columns(report: dict) -> list:
 
 
 def table(report: dict) -> str:
-    """A fixed-width table for the terminal."""
+    """The report's rows for the terminal (neoxq.tables)."""
+    from neoxq.tables import render as draw
+
     cols = _columns(report)
-    rows = [[h for h, _, _ in cols]] + [[_cell(r, k, f) for _, k, f in cols] for r in report["results"]]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return draw([(h, "right" if i else "left") for i, (h, _, _) in enumerate(cols)], [[_cell(r, k, f) for _, k, f in cols] for r in report["results"]])
 
 
 def results_table(report: dict, leave_out: tuple[str, ...] = ()) -> list[str]:

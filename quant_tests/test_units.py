@@ -229,7 +229,9 @@ def test_render_from_canned_report(tmp_path):
     from neoxq.render import markdown, render, table
 
     t = table(CANNED)
-    assert "Q2_K" in t.splitlines()[3] and "busy" in t.splitlines()[3] and "6401" in t
+    lines = t.splitlines()
+    assert lines[0].split()[:2] == ["type", "size"] and len(lines) == 1 + len(CANNED["results"])
+    assert "Q2_K" in lines[-1] and "busy" in lines[-1] and "6401" in t
     md = markdown(CANNED)
     assert "| Q2_K |" in md and "load average 5.1" in md and CANNED["text"]["sha256"] in md and "35.000 ± 0.400" in md
     (tmp_path / "report.json").write_text(json.dumps(CANNED))

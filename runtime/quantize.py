@@ -31,19 +31,6 @@ class QuantResult:
     seconds: float
     extra: dict = field(default_factory=dict)  # e.g. the mix plan
 
-    def table(self) -> str:
-        rows = [f"{'tensor':<28} {'type':<8} {'shape':<14} {'bytes':>10}  note"]
-        for t in self.tensors:
-            shape = "x".join(map(str, t["shape"]))
-            rows.append(f"{t['name']:<28} {t['type']:<8} {shape:<14} {t['bytes']:>10}  {t['note']}")
-        rows.append(f"{self.label}: {self.size_bytes / 1e6:.2f} MB, {self.bpw:.2f} bits/weight, {self.seconds:.1f} s")
-        mix = self.extra.get("mix")
-        if mix:
-            rows.append(f"mix: budget {mix['target_bytes'] / 1e6:.2f} MB (stock {mix['base']} {mix['stock_bytes'] / 1e6:.2f} MB); "
-                        f"predicted KLD {mix['predicted_kld']:.5f}" + (f" vs stock {mix['stock_predicted_kld']:.5f}" if mix.get("stock_predicted_kld") else "")
-                        + f"; {mix['probes']} measured probes")
-        return "\n".join(rows)
-
     @property
     def label(self) -> str:
         return self.extra.get("label", self.qtype.value)

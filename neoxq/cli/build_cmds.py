@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from neoxq.core.qtypes import CONVERT_OUTTYPES, QUANTIZED, QuantType, types_table
+from neoxq.core.qtypes import CONVERT_OUTTYPES, QUANTIZED, QuantType
 
 from .options import number, Force, Json, MaxMemory, Output, Quiet, Revision, Source, Text
 from .say import result_line
@@ -105,7 +105,9 @@ def quantize(
     if as_json:
         print(json.dumps(result.as_json(), indent=1))
     elif not quiet:
-        print(result.table())
+        from neoxq.tables import quant_result_table
+
+        print(quant_result_table(result))
 
 
 def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool = False, reference=None, max_memory=None) -> None:
@@ -147,4 +149,6 @@ def imatrix(
 
 def types():
     """List the quant types with their nominal bits per weight."""
+    from neoxq.tables import types_table
+
     print(types_table())

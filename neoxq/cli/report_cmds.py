@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from neoxq.tables import sweep_table
+
 from .options import Ctx, IncludePath, MaxMemory, Output, Quiet, ReferenceOpt, Revision, Source, Tasks
 
 
@@ -60,7 +62,7 @@ def demo(
 
         path = run_demo_sweep(output)
         if not quiet:
-            print(_sweep_table(json.loads(path.read_text())))
+            print(sweep_table(json.loads(path.read_text())))
             print(f"\nsweep: {path} (+ sweep.md, sweep.png)")
         return
     from neoxq.demo import run_demo
@@ -102,20 +104,8 @@ def sweep(
                         include_path=str(include_path) if include_path else None)
     path = run_sweep(repo, revisions, text, output, opts)
     if not quiet:
-        print(_sweep_table(json.loads(path.read_text())))
+        print(sweep_table(json.loads(path.read_text())))
         print(f"\nsweep: {path} (+ sweep.md, sweep.png)")
-
-
-def _sweep_table(data: dict) -> str:
-    types = sorted({r["type"] for rev in data["revisions"] for r in rev["results"]}, key=lambda t: data["types"].index(t.split("-")[0]) if t.split("-")[0] in data["types"] else 99)
-    lines = [f"{'revision':<14} {'step':>7} {'ref ppl':>9} " + " ".join(f"{'KLD ' + t:>16}" for t in types)]
-    for rev in data["revisions"]:
-        kl = {r["type"]: r["kld_mean"] for r in rev["results"]}
-        dup = "=" + rev["duplicate_of"] if rev["duplicate_of"] else ""
-        ref = rev["reference"]["ppl"] if rev["reference"] else float("nan")
-        lines.append(f"{rev['revision']:<14} {rev['step'] if rev['step'] is not None else '-':>7} {ref:>9.3f} "
-                     + " ".join(f"{kl.get(t, float('nan')):>16.5f}" for t in types) + f" {dup}")
-    return "\n".join(lines)
 
 
 def evaluate(
@@ -128,11 +118,12 @@ def evaluate(
     quiet: Quiet = False,
 ):
     """lm-evaluation-harness tasks on GGUF files through neoxq's runtime (lm-eval's JSON in -o)."""
-    from neoxq.evaluate import eval_table, parse_tasks, run_eval
+    from neoxq.evaluate import parse_tasks, run_eval
+    from neoxq.tables import evaluation_table
 
     combined = run_eval(models, parse_tasks(tasks), include_path, num_fewshot, limit, output)
     if not quiet:
-        print(eval_table(combined))
+        print(evaluation_table(combined))
 
 
 def publish(

@@ -121,9 +121,3 @@ QUANTIZED = [t for t in QuantType if not t.is_float]
 # The types the converter writes directly (gguf-py does the packing).
 CONVERT_OUTTYPES = [QuantType.F32, QuantType.F16, QuantType.BF16, QuantType.Q8_0]
 
-
-def types_table() -> str:
-    lines = [f"{'type':<8} {'bpw':>6}  imatrix"]
-    for t in QuantType:
-        lines.append(f"{t.value:<8} {t.nominal_bpw:>6.2f}  {'required' if t.needs_imatrix else 'optional' if not t.is_float else '-'}")
-    return "\n".join(lines)
