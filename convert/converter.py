@@ -42,7 +42,7 @@ def plan_conversion(ckpt: Checkpoint, outtype: QuantType) -> ConversionPlan:
     if outtype not in CONVERT_OUTTYPES:
         raise UsageError(f"convert writes {', '.join(t.value for t in CONVERT_OUTTYPES)}; for {outtype.value} use --quant {outtype.value} (or `neoxq quantize`)")
     args = neox.GPTNeoXArgs.from_config(ckpt.config)
-    vocab = load_vocab(ckpt.folder, args.vocab_size, ckpt.config)
+    vocab = load_vocab(ckpt.folder, args.vocab_size)
     name_map = neox.tensor_name_map(args.num_hidden_layers)
     planned: list[PlannedTensor] = []
     for name in ckpt.tensor_names():
@@ -144,13 +144,7 @@ def _add_tokenizer(w, voc: Vocab) -> None:
     w.add_tokenizer_pre(PRE_TOKENIZER)
     w.add_token_list(voc.tokens)
     w.add_token_types(voc.types)
-    w.add_token_merges(voc.merges)
-    for kind in ("bos", "eos", "unk", "pad"):
-        tid = getattr(voc, f"{kind}_id")
-        if tid is not None:
-            getattr(w, f"add_{kind}_token_id")(tid)
-    w.add_add_bos_token(False)  # GPT-NeoX prepends nothing
-    w.add_add_eos_token(False)
+    voc.special.add_to_gguf(w, quiet=True)  # merges, special ids, add_bos/add_eos = false (GPT-NeoX prepends nothing)
 
 
 def _add_provenance(w, plan: ConversionPlan) -> None:
