@@ -36,6 +36,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check neoxq convert runtime quant_tests scripts
+	$(VENV)/bin/ruff format --check neoxq convert runtime quant_tests scripts
 
 test-fast: $(STAMP)
 	$(PY) -m pytest quant_tests -m "not slow"

@@ -32,9 +32,16 @@ WINDOWS_PER_PASS = 4  # bounds eager attention's ctx × ctx scores; the result d
 Requantize = Callable[[str, Moments], tuple[np.ndarray, np.ndarray | None]]
 
 
-def sequential_calibration(ckpt, windows: np.ndarray, inputs_q: np.ndarray, requantize: Requantize,
-                           with_head: bool = True, start_layer: int = 0, restore: Callable | None = None,
-                           on_layer: Callable[[int], None] | None = None) -> None:
+def sequential_calibration(
+    ckpt,
+    windows: np.ndarray,
+    inputs_q: np.ndarray,
+    requantize: Requantize,
+    with_head: bool = True,
+    start_layer: int = 0,
+    restore: Callable | None = None,
+    on_layer: Callable[[int], None] | None = None,
+) -> None:
     """Round every layer matmul (and the output matrix) in order through `requantize`.
     windows: int [n, ctx] token ids; inputs_q: the quantized token embedding's rows for them
     [n, ctx, hidden] (the quantized model's input; the whole embedding is not needed).
@@ -96,7 +103,7 @@ def _head_moments(ckpt, config, head: str, h_f, h_q) -> Moments:
     acc = _Accumulator()
     x_f, x_q = h_f.reshape(-1, h_f.shape[-1]), h_q.reshape(-1, h_q.shape[-1])
     for a in range(0, len(x_f), HEAD_TOKENS):
-        acc.add(torch.nn.functional.linear(norm(x_f[a:a + HEAD_TOKENS]), w), norm(x_q[a:a + HEAD_TOKENS]))
+        acc.add(torch.nn.functional.linear(norm(x_f[a : a + HEAD_TOKENS]), w), norm(x_q[a : a + HEAD_TOKENS]))
     return acc.moments()
 
 
@@ -110,7 +117,7 @@ def _run(layer, h, extra):
 def _batched(fn, h):
     import torch
 
-    return torch.cat([fn(h[a:a + WINDOWS_PER_PASS]) for a in range(0, len(h), WINDOWS_PER_PASS)])
+    return torch.cat([fn(h[a : a + WINDOWS_PER_PASS]) for a in range(0, len(h), WINDOWS_PER_PASS)])
 
 
 def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=None, keep=()) -> tuple[dict, object, dict]:
@@ -127,11 +134,13 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
     kept: dict[str, list] = {mod: [] for mod in keep}
     handles = []
     for mod in seen:
+
         def keep_y(module, inputs, output, mod=mod):
             seen[mod]["y"] = output.detach()
 
         def keep_x(module, inputs, mod=mod):
             seen[mod]["x"] = inputs[0].detach()
+
         if layer_f is not None:
             handles.append(layer_f.get_submodule(mod).register_forward_hook(keep_y))
         if mod in stage:
@@ -140,22 +149,21 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
     try:
         for g, a in enumerate(range(0, len(h_q), WINDOWS_PER_PASS)):
             if layer_f is not None:
-                outs.append(layer_f(h_f[a:a + WINDOWS_PER_PASS], **extra))
+                outs.append(layer_f(h_f[a : a + WINDOWS_PER_PASS], **extra))
                 for mod in keep:
                     kept[mod].append(seen[mod].pop("y"))
-            layer_q(h_q[a:a + WINDOWS_PER_PASS], **extra)
+            layer_q(h_q[a : a + WINDOWS_PER_PASS], **extra)
             for mod in stage:
                 acc[mod].add(seen[mod].pop("y") if layer_f is not None else given[mod][g], seen[mod].pop("x"))
     finally:
         for h in handles:
             h.remove()
+
     def qkv(x):
         return deinterleave_qkv(x, args)
 
     moms = {mod: acc[mod].moments(rows=qkv if mod == STAGES[0][0] else None) for mod in stage}
     return moms, (torch.cat(outs) if outs else None), kept
-
-
 
 
 HQ_BLOCKS = 8  # column blocks of Σ x xᵀ: 8 computes (1 + … + 8) / 64 = 56 % of the full product
@@ -175,9 +183,13 @@ class _Accumulator:
         y, x = y.reshape(-1, y.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
         if self.t is None:
             z = torch.zeros
-            self.t = {"hq": z(x.shape[1], x.shape[1], dtype=torch.float64), "yx": z(y.shape[1], x.shape[1], dtype=torch.float64),
-                      "sum_y": z(y.shape[1], dtype=torch.float64), "yy": z(y.shape[1], dtype=torch.float64),
-                      "sum_q": z(x.shape[1], dtype=torch.float64)}
+            self.t = {
+                "hq": z(x.shape[1], x.shape[1], dtype=torch.float64),
+                "yx": z(y.shape[1], x.shape[1], dtype=torch.float64),
+                "sum_y": z(y.shape[1], dtype=torch.float64),
+                "yy": z(y.shape[1], dtype=torch.float64),
+                "sum_q": z(x.shape[1], dtype=torch.float64),
+            }
         t = self.t
         # products of one window group in float32 (half float64's time), summed into float64, a
         # column block at a time (a float32 temporary of at most CHUNK_BYTES). Σ x xᵀ is symmetric:
@@ -224,8 +236,7 @@ def _assign(module, q: np.ndarray, bias: np.ndarray | None, args, qkv: bool) -> 
         module.bias.copy_(hf(bias))
 
 
-def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, embedding_fisher: bool,
-                     gen) -> tuple[dict, dict]:
+def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, embedding_fisher: bool, gen) -> tuple[dict, dict]:
     """second_moments' sums and counts with one fp32 layer in memory at a time (a model larger than
     the memory budget): each window goes forward layer by layer (the matmuls' inputs summed by hooks,
     every layer's input kept), through the head to the sampled labels' log-likelihood, and back
@@ -252,9 +263,12 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
             with torch.no_grad():
                 for i in range(args.num_hidden_layers):
                     layer = load_layer(ckpt, config, i, names)
-                    handles = [layer.get_submodule(m).register_forward_pre_hook(
-                        lambda mod, inp, n=gguf_name(f"gpt_neox.layers.{i}.{m}.weight", gguf_names): add(n, inp[0]))
-                        for m in LAYER_MODULES]
+                    handles = [
+                        layer.get_submodule(m).register_forward_pre_hook(
+                            lambda mod, inp, n=gguf_name(f"gpt_neox.layers.{i}.{m}.weight", gguf_names): add(n, inp[0])
+                        )
+                        for m in LAYER_MODULES
+                    ]
                     kept.append(h)
                     h = layer(h, **extra)
                     for hd in handles:
@@ -296,6 +310,6 @@ def sampled_log_likelihood(logits, gen):
 def accumulate(sums: dict, counts: dict, name: str, x, full: bool) -> None:
     """Add Σ x xᵀ (full) or Σ x² per column of x's rows, in float64, and their number."""
     x = x.detach().reshape(-1, x.shape[-1]).double()
-    add = x.T @ x if full else (x ** 2).sum(0)
+    add = x.T @ x if full else (x**2).sum(0)
     sums[name] = sums[name] + add if name in sums else add
     counts[name] = counts.get(name, 0) + x.shape[0]

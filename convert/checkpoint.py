@@ -110,7 +110,9 @@ class Checkpoint:
             with _open_weights(path) as reader:
                 for n, shape, dtype in reader.headers():
                     if n in self._shapes:
-                        raise CorruptFileError(f"tensor {n} appears in two shards ({self._shapes[n][2].name}, {path.name}); re-download the checkpoint")
+                        raise CorruptFileError(
+                            f"tensor {n} appears in two shards ({self._shapes[n][2].name}, {path.name}); re-download the checkpoint"
+                        )
                     self._shapes[n] = (shape, dtype, path)
         if not self._shapes:
             raise CorruptFileError(f"{self.weight_files[0]} holds no tensors; re-download the checkpoint")
@@ -132,11 +134,12 @@ def open_checkpoint(src: str, revision: str | None = None) -> Checkpoint:
     elif not path.is_dir():
         raise SourceError(f"{src} is a file; pass the checkpoint's folder (with config.json and the weights)")
     elif revision:
-        raise UsageError(f"--revision {revision} picks a hub branch, but {src} is a local folder (one version); "
-                         "drop --revision, or pass the hub repo id (e.g. EleutherAI/pythia-70m)")
+        raise UsageError(
+            f"--revision {revision} picks a hub branch, but {src} is a local folder (one version); "
+            "drop --revision, or pass the hub repo id (e.g. EleutherAI/pythia-70m)"
+        )
     config = read_config(path)
-    return Checkpoint(folder=path, config=config, weight_files=find_weight_files(path),
-                      repo_id=repo_id, revision=revision, commit=commit)
+    return Checkpoint(folder=path, config=config, weight_files=find_weight_files(path), repo_id=repo_id, revision=revision, commit=commit)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -162,10 +165,7 @@ def find_weight_files(folder: Path) -> list[Path]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
             return [folder / single]
-    raise SourceError(
-        f"{folder} has no weights (model.safetensors, pytorch_model.bin, or a sharded index); "
-        "download them or pass the right folder"
-    )
+    raise SourceError(f"{folder} has no weights (model.safetensors, pytorch_model.bin, or a sharded index); download them or pass the right folder")
 
 
 def _files_from_index(index: Path) -> list[Path]:
@@ -200,7 +200,9 @@ class _SafetensorsReader(_Reader):
         try:
             self._f = safe_open(str(path), framework="numpy")
         except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
-            raise CorruptFileError(f"{path.name} is not a valid safetensors file ({_short(exc)}); it is truncated or corrupt, re-download it") from exc
+            raise CorruptFileError(
+                f"{path.name} is not a valid safetensors file ({_short(exc)}); it is truncated or corrupt, re-download it"
+            ) from exc
 
     def headers(self) -> Iterator[tuple[str, tuple[int, ...], str]]:
         for n in self._f.keys():
@@ -242,7 +244,9 @@ class _BinReader(_Reader):
                 "refused. Use a safetensors checkpoint, or convert this one yourself if you trust its source"
             ) from exc
         except (EOFError, RuntimeError, ValueError, OSError) as exc:
-            raise CorruptFileError(f"{path.name} cannot be read as a PyTorch checkpoint ({_short(exc)}); it is truncated or corrupt, re-download it") from exc
+            raise CorruptFileError(
+                f"{path.name} cannot be read as a PyTorch checkpoint ({_short(exc)}); it is truncated or corrupt, re-download it"
+            ) from exc
         if not isinstance(self._sd, dict):
             raise CorruptFileError(f"{path.name} does not hold a state dict; pass a model checkpoint")
 

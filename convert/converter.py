@@ -40,7 +40,9 @@ def default_output_name(ckpt: Checkpoint, outtype: QuantType) -> str:
 
 def plan_conversion(ckpt: Checkpoint, outtype: QuantType) -> ConversionPlan:
     if outtype not in CONVERT_OUTTYPES:
-        raise UsageError(f"convert writes {', '.join(t.value for t in CONVERT_OUTTYPES)}; for {outtype.value} use --quant {outtype.value} (or `neoxq quantize`)")
+        raise UsageError(
+            f"convert writes {', '.join(t.value for t in CONVERT_OUTTYPES)}; for {outtype.value} use --quant {outtype.value} (or `neoxq quantize`)"
+        )
     args = neox.GPTNeoXArgs.from_config(ckpt.config)
     vocab = load_vocab(ckpt.folder, args.vocab_size)
     name_map = neox.tensor_name_map(args.num_hidden_layers)
@@ -50,7 +52,9 @@ def plan_conversion(ckpt: Checkpoint, outtype: QuantType) -> ConversionPlan:
             continue
         target = neox.gguf_name(name, name_map)
         if target is None:
-            raise UnsupportedModelError(f"checkpoint tensor {name!r} has no GPT-NeoX GGUF counterpart; this is not a plain GPTNeoXForCausalLM checkpoint")
+            raise UnsupportedModelError(
+                f"checkpoint tensor {name!r} has no GPT-NeoX GGUF counterpart; this is not a plain GPTNeoXForCausalLM checkpoint"
+            )
         planned.append(PlannedTensor(target, ckpt.shape(name), _out_qtype(ckpt.shape(name), outtype), name))
     names = {t.name for t in planned}
     if "output.weight" not in names:
@@ -94,6 +98,7 @@ def _produce(plan: ConversionPlan):
         for t, (_, data) in zip(tensors, plan.ckpt.iter_tensors([t.source for t in tensors])):
             yield t, _as_numpy(data, t.qtype, reorder=bool(QKV.search(t.source)), args=plan.args)
             del data
+
     return gen
 
 
@@ -115,6 +120,7 @@ def _metadata(plan: ConversionPlan):
         _add_hparams(w, plan)
         _add_tokenizer(w, plan.vocab)
         _add_provenance(w, plan)
+
     return add
 
 
@@ -166,8 +172,7 @@ def _add_provenance(w, plan: ConversionPlan) -> None:
 
 def source_keys(ck: Checkpoint) -> dict[str, str]:
     """The metadata that identifies a file's source: repo, revision, commit, weights fingerprint."""
-    keys = {"neoxq.source.revision": ck.revision or "", "neoxq.source.commit": ck.commit or "",
-            FINGERPRINT_KEY: ck.fingerprint()}
+    keys = {"neoxq.source.revision": ck.revision or "", "neoxq.source.commit": ck.commit or "", FINGERPRINT_KEY: ck.fingerprint()}
     if ck.repo_id:
         keys["neoxq.source.repo"] = ck.repo_id
     return keys

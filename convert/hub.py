@@ -47,8 +47,7 @@ def fetch(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
         raise SourceError(f"hub repo {repo_id!r} not found; check the name, or log in with `hf auth login` if it is gated") from exc
     except LocalEntryNotFoundError as exc:
         raise SourceError(
-            f"{repo_id}@{rev} is not in the local cache and the hub cannot be reached; "
-            "connect once without HF_HUB_OFFLINE=1, or pass a local folder"
+            f"{repo_id}@{rev} is not in the local cache and the hub cannot be reached; connect once without HF_HUB_OFFLINE=1, or pass a local folder"
         ) from exc
     # The snapshot folder is named by the commit hash it holds.
     return folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
@@ -84,8 +83,10 @@ def _cached_repo(repo_id: str):
     for repo in repos:
         if repo.repo_id == repo_id and repo.repo_type == "model":
             return repo
-    raise SourceError(f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE=1); "
-                      "download it once online, or point HF_HUB_CACHE at a cache that has it")
+    raise SourceError(
+        f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE=1); "
+        "download it once online, or point HF_HUB_CACHE at a cache that has it"
+    )
 
 
 def list_refs(repo_id: str) -> list[str]:

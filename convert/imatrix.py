@@ -16,14 +16,19 @@ from neoxq.core.progress import Progress
 from .calibrate import LAYER_MODULES, accumulate, sampled_log_likelihood
 
 
-def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None,
-                    include_output: bool = False, dataset_name: str = "text") -> IMatrix:
+def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:
     from .checkpoint import Checkpoint, open_checkpoint
 
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     sums, counts, n_chunks = second_moments(ckpt, text, ctx, revision, include_output, full=False)
-    return IMatrix({k: v.float().numpy() for k, v in sums.items()}, {k: float(v) for k, v in counts.items()},
-                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx, source_fingerprint=ckpt.fingerprint())
+    return IMatrix(
+        {k: v.float().numpy() for k, v in sums.items()},
+        {k: float(v) for k, v in counts.items()},
+        datasets=[dataset_name],
+        chunk_count=n_chunks,
+        chunk_size=ctx,
+        source_fingerprint=ckpt.fingerprint(),
+    )
 
 
 def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, dataset_name: str, fingerprint: str | None = None) -> IMatrix:
@@ -32,15 +37,29 @@ def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, data
     import numpy as np
 
     diag = {k: np.asarray(v) for k, v in sums.items()}
-    return IMatrix({k: (np.diagonal(v) if v.ndim == 2 else v).astype(np.float32).copy() for k, v in diag.items()}, {k: float(v) for k, v in counts.items()},
-                   datasets=[dataset_name], chunk_count=n_chunks, chunk_size=ctx, source_fingerprint=fingerprint)
+    return IMatrix(
+        {k: (np.diagonal(v) if v.ndim == 2 else v).astype(np.float32).copy() for k, v in diag.items()},
+        {k: float(v) for k, v in counts.items()},
+        datasets=[dataset_name],
+        chunk_count=n_chunks,
+        chunk_size=ctx,
+        source_fingerprint=fingerprint,
+    )
 
 
 EMBEDDING = "token_embd.weight"
 
 
-def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False,
-                   full: bool = False, embedding_fisher: bool = False, streamed: bool = False) -> tuple[dict, dict, int]:
+def second_moments(
+    src,
+    text: str,
+    ctx: int = 512,
+    revision: str | None = None,
+    include_output: bool = False,
+    full: bool = False,
+    embedding_fisher: bool = False,
+    streamed: bool = False,
+) -> tuple[dict, dict, int]:
     """Per matmul weight (GGUF name): Σ x² per input column (full=False, torch float64 vectors) or
     Σ x xᵀ (full=True, numpy float64 [in, in]: the layer's Hessian up to a factor), and the tokens
     counted, over non-overlapping windows of `ctx` tokens of the text, with the fp32 model.
@@ -80,6 +99,7 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     def hook(name):
         def fn(module, inputs):
             accumulate(sums, counts, name, inputs[0], full)
+
         return fn
 
     from .neox import gguf_name, tensor_name_map
@@ -95,7 +115,7 @@ def second_moments(src, text: str, ctx: int = 512, revision: str | None = None, 
     progress = Progress("calibration" if full else "imatrix", n_chunks, "chunks")
     try:
         for c in range(n_chunks):
-            window = torch.tensor([ids[c * ctx:(c + 1) * ctx]])
+            window = torch.tensor([ids[c * ctx : (c + 1) * ctx]])
             if embedding_fisher:
                 accumulate(sums, counts, EMBEDDING, _embedding_gradient(model, window, gen), full=True)
             else:
@@ -125,7 +145,7 @@ def calibration_windows(ckpt, text: str, ctx: int):
     if len(ids) < ctx:
         raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than one window of {ctx}; pass a longer --text or a smaller --ctx")
     n = len(ids) // ctx
-    return np.asarray(ids[:n * ctx], dtype=np.int64).reshape(n, ctx)
+    return np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)
 
 
 def _embedding_gradient(model, window, gen):
@@ -149,8 +169,15 @@ def _embedding_gradient(model, window, gen):
     return grad[0].detach().double()
 
 
-def make_imatrix(src: str, text_file: Path | str, output: Path | str, ctx: int = 512, revision: str | None = None,
-                 include_output: bool = False, force: bool = False) -> Path:
+def make_imatrix(
+    src: str,
+    text_file: Path | str,
+    output: Path | str,
+    ctx: int = 512,
+    revision: str | None = None,
+    include_output: bool = False,
+    force: bool = False,
+) -> Path:
     from neoxq.core.atomic import check_output
     from neoxq.core.textfile import read_text
 

@@ -22,8 +22,7 @@ IGNORED_TENSORS = (
 )
 
 
-POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
-                 "max_position_embeddings")
+POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size", "max_position_embeddings")
 
 
 @dataclass
@@ -69,12 +68,18 @@ class GPTNeoXArgs:
         rope_type = rope.get("rope_type") or (self.rope_scaling or {}).get("type") or (self.rope_scaling or {}).get("rope_type")
         if rope_type not in (None, "default"):
             raise UnsupportedModelError(f"rope scaling {rope_type!r} is not supported for GPT-NeoX; convert a checkpoint without rope scaling")
-        self.rotary_fraction = _number("partial_rotary_factor", _first(rope.get("partial_rotary_factor"), self.partial_rotary_factor, self.rotary_pct, 1.0))
+        self.rotary_fraction = _number(
+            "partial_rotary_factor", _first(rope.get("partial_rotary_factor"), self.partial_rotary_factor, self.rotary_pct, 1.0)
+        )
         self.rope_base = _number("rope_theta", _first(rope.get("rope_theta"), self.rope_theta, self.rotary_emb_base, 10000.0))
         if not 0 < self.rotary_fraction <= 1:
-            raise CorruptFileError(f"config.json: the rotary fraction must be in (0, 1], got {self.rotary_fraction}; fix rotary_pct/partial_rotary_factor")
+            raise CorruptFileError(
+                f"config.json: the rotary fraction must be in (0, 1], got {self.rotary_fraction}; fix rotary_pct/partial_rotary_factor"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise CorruptFileError(f"config.json: hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}; the config is invalid")
+            raise CorruptFileError(
+                f"config.json: hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}; the config is invalid"
+            )
         self.head_dim = self.hidden_size // self.num_attention_heads
         self.n_rot = int(self.head_dim * self.rotary_fraction)
         self.weights_dtype = self.dtype or self.torch_dtype
@@ -88,7 +93,9 @@ class GPTNeoXArgs:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise CorruptFileError(f"config.json: {name} must be a positive integer, got {v!r}; fix or re-download the config")
         if not isinstance(self.layer_norm_eps, (int, float)) or isinstance(self.layer_norm_eps, bool) or self.layer_norm_eps <= 0:
-            raise CorruptFileError(f"config.json: layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}; fix or re-download the config")
+            raise CorruptFileError(
+                f"config.json: layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}; fix or re-download the config"
+            )
         for name in ("rotary_pct", "partial_rotary_factor", "rotary_emb_base", "rope_theta"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
@@ -106,7 +113,9 @@ class GPTNeoXArgs:
             raise CorruptFileError(f"config.json: architectures must be a list of names, got {archs!r}; fix or re-download the config")
         if config.get("model_type") != "gpt_neox" and not set(archs) & set(SUPPORTED_ARCHITECTURES):
             got = ", ".join(archs) or config.get("model_type") or "unknown"
-            raise UnsupportedModelError(f"architecture {got} is not supported; neoxq converts {', '.join(SUPPORTED_ARCHITECTURES)} (model_type gpt_neox: Pythia, GPT-NeoX-20B)")
+            raise UnsupportedModelError(
+                f"architecture {got} is not supported; neoxq converts {', '.join(SUPPORTED_ARCHITECTURES)} (model_type gpt_neox: Pythia, GPT-NeoX-20B)"
+            )
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         missing = [n for n in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size") if n not in config]
         if missing:
@@ -139,10 +148,15 @@ def required_tensors(args: GPTNeoXArgs) -> dict[str, tuple[int, ...]]:
     T = gguf.MODEL_TENSOR
     h, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
     shapes = {
-        T.TOKEN_EMBD: {"weight": (v, h)}, T.OUTPUT_NORM: {"weight": (h,), "bias": (h,)}, T.OUTPUT: {"weight": (v, h)},
-        T.ATTN_NORM: {"weight": (h,), "bias": (h,)}, T.ATTN_QKV: {"weight": (3 * h, h), "bias": (3 * h,)},
-        T.ATTN_OUT: {"weight": (h, h), "bias": (h,)}, T.FFN_NORM: {"weight": (h,), "bias": (h,)},
-        T.FFN_UP: {"weight": (f, h), "bias": (f,)}, T.FFN_DOWN: {"weight": (h, f), "bias": (h,)},
+        T.TOKEN_EMBD: {"weight": (v, h)},
+        T.OUTPUT_NORM: {"weight": (h,), "bias": (h,)},
+        T.OUTPUT: {"weight": (v, h)},
+        T.ATTN_NORM: {"weight": (h,), "bias": (h,)},
+        T.ATTN_QKV: {"weight": (3 * h, h), "bias": (3 * h,)},
+        T.ATTN_OUT: {"weight": (h, h), "bias": (h,)},
+        T.FFN_NORM: {"weight": (h,), "bias": (h,)},
+        T.FFN_UP: {"weight": (f, h), "bias": (f,)},
+        T.FFN_DOWN: {"weight": (h, f), "bias": (h,)},
     }
     assert set(shapes) <= set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH.GPTNEOX])
     out = {}

@@ -79,12 +79,15 @@ def plan_reference(ckpt, ctx: int, n_windows: int, max_memory: int | None, mode:
     first = activation_bytes(s["args"], ctx, 1)
     budget = max_memory if max_memory is not None else fixed + first + per_window * n_windows
     if budget < fixed + first:
-        raise UsageError(f"the streamed fp32 reference needs at least {format_bytes(fixed + first)} (one layer and one window) "
-                         f"but its memory budget is {format_bytes(budget)}; free memory or pass --max-memory "
-                         f"{format_bytes(fixed + first)} or more (report and sweep also take --reference f16)")
+        raise UsageError(
+            f"the streamed fp32 reference needs at least {format_bytes(fixed + first)} (one layer and one window) "
+            f"but its memory budget is {format_bytes(budget)}; free memory or pass --max-memory "
+            f"{format_bytes(fixed + first)} or more (report and sweep also take --reference f16)"
+        )
     group = int(min(n_windows, 1 + max(0, (budget - fixed - first) // max(per_window, 1))))
-    why = (f"the fp32 model needs {format_bytes(in_memory)}, above the budget of {format_bytes(budget)}"
-           if mode == "auto" else "streaming was asked for")
+    why = (
+        f"the fp32 model needs {format_bytes(in_memory)}, above the budget of {format_bytes(budget)}" if mode == "auto" else "streaming was asked for"
+    )
     return ReferencePlan("streamed", group, fixed + activation_bytes(s["args"], ctx, group), why)
 
 
@@ -149,7 +152,7 @@ def _module(cls_factory, state: dict, prefix: str):
 
     with torch.device("meta"):
         mod = cls_factory()
-    mod.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, assign=True)
+    mod.load_state_dict({k[len(prefix) :]: v for k, v in state.items()}, assign=True)
     return mod.eval()
 
 
@@ -231,8 +234,8 @@ def _head(ckpt, name: str, h):
     weight = ckpt.read(name)
     out = torch.empty(h.shape[0], h.shape[1], weight.shape[0])
     for a in range(0, weight.shape[0], HEAD_CHUNK):
-        block = torch.from_numpy(np.array(weight[a:a + HEAD_CHUNK], dtype=np.float32))  # a copy: maps are read-only
-        out[..., a:a + HEAD_CHUNK] = torch.nn.functional.linear(h, block)
+        block = torch.from_numpy(np.array(weight[a : a + HEAD_CHUNK], dtype=np.float32))  # a copy: maps are read-only
+        out[..., a : a + HEAD_CHUNK] = torch.nn.functional.linear(h, block)
     return out
 
 

@@ -48,17 +48,28 @@ def train_tokenizer(folder: Path, text: str, vocab_size: int = 512) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(text.split("\n\n"), trainer)
     tok.add_tokens(ADDED)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPTNeoXTokenizer", "bos_token": SPECIAL[0], "eos_token": SPECIAL[0],
-        "unk_token": SPECIAL[0], "add_bos_token": False, "add_eos_token": False,
-        "model_max_length": 2048, "clean_up_tokenization_spaces": False,
-    }, indent=1))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "GPTNeoXTokenizer",
+                "bos_token": SPECIAL[0],
+                "eos_token": SPECIAL[0],
+                "unk_token": SPECIAL[0],
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "model_max_length": 2048,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=1,
+        )
+    )
     return tok.get_vocab_size(with_added_tokens=True)
 
 
@@ -85,12 +96,21 @@ def build_config(spec: TinySpec, vocab_size: int):
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads, intermediate_size=spec.intermediate_size,
-        max_position_embeddings=spec.max_position_embeddings, rotary_pct=spec.rotary_pct,
-        partial_rotary_factor=spec.rotary_pct, rotary_emb_base=10000,
-        use_parallel_residual=spec.use_parallel_residual, tie_word_embeddings=spec.tie_word_embeddings,
-        bos_token_id=0, eos_token_id=0, hidden_act="gelu", attn_implementation="eager",
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        rotary_pct=spec.rotary_pct,
+        partial_rotary_factor=spec.rotary_pct,
+        rotary_emb_base=10000,
+        use_parallel_residual=spec.use_parallel_residual,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        hidden_act="gelu",
+        attn_implementation="eager",
     )
 
 
@@ -157,15 +177,18 @@ def _save_bin(model, folder: Path, sharded: bool) -> None:
 def rewrite_config(path: Path, spec: TinySpec) -> None:
     """Write exactly one config style, whatever the installed transformers produced."""
     cfg = json.loads(path.read_text())
-    for k in ("rotary_pct", "rotary_emb_base", "rope_theta", "rope_parameters", "partial_rotary_factor",
-              "torch_dtype", "dtype", "rope_scaling"):
+    for k in ("rotary_pct", "rotary_emb_base", "rope_theta", "rope_parameters", "partial_rotary_factor", "torch_dtype", "dtype", "rope_scaling"):
         cfg.pop(k, None)
     if spec.config_style == "hf4":
-        cfg |= {"rotary_pct": spec.rotary_pct, "rotary_emb_base": 10000, "torch_dtype": spec.dtype,
-                "rope_scaling": None, "transformers_version": "4.24.0"}
+        cfg |= {
+            "rotary_pct": spec.rotary_pct,
+            "rotary_emb_base": 10000,
+            "torch_dtype": spec.dtype,
+            "rope_scaling": None,
+            "transformers_version": "4.24.0",
+        }
     else:
-        cfg |= {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": spec.rotary_pct},
-                "dtype": spec.dtype}
+        cfg |= {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": spec.rotary_pct}, "dtype": spec.dtype}
     cfg |= spec.extra
     path.write_text(json.dumps(cfg, indent=2))
 
@@ -187,17 +210,24 @@ def add_outlier_channels(model, n: int = 4, scale: float = 24.0, seed: int = 0) 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.gpt_neox.layers:
-            for norm, linear in ((layer.input_layernorm, layer.attention.query_key_value),
-                                 (layer.post_attention_layernorm, layer.mlp.dense_h_to_4h)):
+            for norm, linear in ((layer.input_layernorm, layer.attention.query_key_value), (layer.post_attention_layernorm, layer.mlp.dense_h_to_4h)):
                 ch = torch.randperm(norm.weight.numel(), generator=g)[:n]
                 norm.weight[ch] *= scale
                 norm.bias[ch] *= scale
                 linear.weight[:, ch] /= scale
 
 
-def build_trained(folder: Path, spec: TinySpec | None = None, text: str | None = None,
-                  steps: int = 200, ctx: int = 128, batch: int = 16, lr: float = 3e-3, log=None,
-                  outliers: bool = True) -> Path:
+def build_trained(
+    folder: Path,
+    spec: TinySpec | None = None,
+    text: str | None = None,
+    steps: int = 200,
+    ctx: int = 128,
+    batch: int = 16,
+    lr: float = 3e-3,
+    log=None,
+    outliers: bool = True,
+) -> Path:
     """A briefly trained model (seconds to a minute on 2 cores): quality numbers mean something."""
     import torch
 
@@ -222,8 +252,9 @@ def build_trained(folder: Path, spec: TinySpec | None = None, text: str | None =
     return save_checkpoint(model, folder, spec)
 
 
-def build_training_run(root: Path, spec: TinySpec, text: str, save_steps: list[int], ctx: int = 64, batch: int = 8,
-                       lr: float = 3e-3, log=None) -> dict[int, Path]:
+def build_training_run(
+    root: Path, spec: TinySpec, text: str, save_steps: list[int], ctx: int = 64, batch: int = 8, lr: float = 3e-3, log=None
+) -> dict[int, Path]:
     """One training run saving checkpoints at `save_steps` (0 = the initialisation), each a complete
     checkpoint folder sharing one tokenizer: a Pythia-like training dimension, in seconds."""
     import shutil
@@ -265,7 +296,7 @@ def _train_step(model, opt, ids, ctx: int, batch: int, gen) -> float:
     import torch
 
     starts = torch.randint(0, len(ids) - ctx - 1, (batch,), generator=gen)
-    x = torch.stack([ids[s:s + ctx] for s in starts])
+    x = torch.stack([ids[s : s + ctx] for s in starts])
     loss = model(input_ids=x, labels=x).loss
     opt.zero_grad()
     loss.backward()

@@ -54,7 +54,9 @@ def load_vocab(folder: Path, vocab_size: int) -> Vocab:
         types[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
     n_real = max(by_id) + 1
     if n_real > vocab_size:
-        raise CorruptFileError(f"the tokenizer has {n_real} tokens but the model only {vocab_size} embedding rows; the tokenizer belongs to another model")
+        raise CorruptFileError(
+            f"the tokenizer has {n_real} tokens but the model only {vocab_size} embedding rows; the tokenizer belongs to another model"
+        )
 
     tokens, tok_types = [], []
     for i in range(vocab_size):
@@ -74,8 +76,9 @@ def _special(folder: Path, n_vocab: int) -> SpecialVocab:
         with _quiet_gguf():
             special = SpecialVocab(folder, load_merges=True, special_token_types=SPECIAL_TYPES, n_vocab=n_vocab)
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise CorruptFileError(f"{folder}: a tokenizer file is not valid ({type(exc).__name__}: {str(exc)[:80]}); re-download the "
-                               "tokenizer files") from exc
+        raise CorruptFileError(
+            f"{folder}: a tokenizer file is not valid ({type(exc).__name__}: {str(exc)[:80]}); re-download the tokenizer files"
+        ) from exc
     special.add_special_token.update(bos=False, eos=False)
     return special
 

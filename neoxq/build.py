@@ -57,8 +57,16 @@ def is_valid(path: Path, want: dict[str, str | None]) -> bool:
     return not changed({k: meta.get(k) for k in want}, want)
 
 
-def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
-                imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None) -> dict[QuantType, Built]:
+def build_mixes(
+    ckpt: Checkpoint,
+    base: Built,
+    types: list[QuantType],
+    out_dir: Path,
+    calib_text: str,
+    imatrix: Path | None = None,
+    ctx: int = 512,
+    on_step: Callable[[Built], None] | None = None,
+) -> dict[QuantType, Built]:
     """`<TYPE>-mix` for every quantized type: no larger than the stock file, per-tensor types from
     measured sensitivity on `calib_text` (neoxq.mix); reused while source, imatrix and
     calibration text are unchanged."""
@@ -72,19 +80,35 @@ def build_mixes(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: 
     out: dict[QuantType, Built] = {}
     for t in (t for t in types if not t.is_float):
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-mix")
-        want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-mix", "neoxq.imatrix.sha256": im_sha,
-                "neoxq.mix.calib_sha256": calib_sha, "neoxq.mix.ctx": str(ctx)}
-        make = lambda t=t, path=path: quantize_mix(base.path, t, MixOptions(calib_text, ctx=ctx), output=path,  # noqa: E731
-                                                   imatrix=imatrix, force=True)
+        want = {
+            **source_keys(ckpt),
+            "neoxq.quant_type": f"{t.value}-mix",
+            "neoxq.imatrix.sha256": im_sha,
+            "neoxq.mix.calib_sha256": calib_sha,
+            "neoxq.mix.ctx": str(ctx),
+        }
+
+        def make(t=t, path=path):
+            return quantize_mix(base.path, t, MixOptions(calib_text, ctx=ctx), output=path, imatrix=imatrix, force=True)
+
         out[t] = _made_or_reused(t, path, want, make, variant="mix")
         if on_step:
             on_step(out[t])
     return out
 
 
-def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_dir: Path, calib_text: str,
-                    imatrix: Path | None = None, ctx: int = 512, on_step: Callable[[Built], None] | None = None,
-                    mix: bool = False, max_memory: int | None = None) -> dict[QuantType, Built]:
+def build_optimized(
+    ckpt: Checkpoint,
+    base: Built,
+    types: list[QuantType],
+    out_dir: Path,
+    calib_text: str,
+    imatrix: Path | None = None,
+    ctx: int = 512,
+    on_step: Callable[[Built], None] | None = None,
+    mix: bool = False,
+    max_memory: int | None = None,
+) -> dict[QuantType, Built]:
     """`<TYPE>-opt` for every quantized type: the stock type map and size, levels chosen against each
     layer's output on `calib_text` (neoxq.optimize); with `mix`, `<TYPE>-opt-mix`: a measured mix's
     types. Reused while source, method, imatrix and calibration text are unchanged. Without an
@@ -98,12 +122,18 @@ def build_optimized(ckpt: Checkpoint, base: Built, types: list[QuantType], out_d
     for t in (t for t in types if not t.is_float):
         variant = "opt-mix" if mix else "opt"
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-{variant}")
-        want = {**source_keys(ckpt), "neoxq.quant_type": f"{t.value}-{variant}", "neoxq.optimize.method": METHOD,
-                "neoxq.optimize.calibration.sha256": calib_sha, "neoxq.optimize.ctx": str(ctx)}
+        want = {
+            **source_keys(ckpt),
+            "neoxq.quant_type": f"{t.value}-{variant}",
+            "neoxq.optimize.method": METHOD,
+            "neoxq.optimize.calibration.sha256": calib_sha,
+            "neoxq.optimize.ctx": str(ctx),
+        }
         if imatrix:
             want["neoxq.imatrix.sha256"] = file_sha256(imatrix)
-        opts = OptimizeOptions(calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix,
-                               max_memory=max_memory)
+        opts = OptimizeOptions(
+            calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix, max_memory=max_memory
+        )
         make = lambda t=t, path=path, opts=opts: quantize_optimized(base.path, t, opts, output=path, force=True)  # noqa: E731
         out[t] = _made_or_reused(t, path, want, make, variant=variant)
         if on_step:
@@ -120,17 +150,25 @@ def _made_or_reused(t: QuantType, path: Path, want: dict, make: Callable[[], obj
     return Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused, variant=variant)
 
 
-def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix: Path | None = None,
-                base_type: QuantType = QuantType.F16, replace_invalid: bool = True,
-                on_step: Callable[[Built], None] | None = None) -> dict[QuantType, Built]:
+def build_types(
+    ckpt: Checkpoint,
+    types: list[QuantType],
+    out_dir: Path,
+    imatrix: Path | None = None,
+    base_type: QuantType = QuantType.F16,
+    replace_invalid: bool = True,
+    on_step: Callable[[Built], None] | None = None,
+) -> dict[QuantType, Built]:
     """Make (or reuse) one file per type in `out_dir`; return them by type, base first.
 
     `replace_invalid=False` refuses to overwrite an existing file that is not valid (the CLI
     without --force); the report owns its folder and replaces such files."""
     for t in types:
         if t.needs_imatrix and imatrix is None:
-            raise UsageError(f"{t.value} needs an importance matrix; pass --imatrix FILE (make one with "
-                             "`neoxq imatrix CHECKPOINT --text calib.txt -o model.imatrix`; `neoxq report` also takes --imatrix auto)")
+            raise UsageError(
+                f"{t.value} needs an importance matrix; pass --imatrix FILE (make one with "
+                "`neoxq imatrix CHECKPOINT --text calib.txt -o model.imatrix`; `neoxq report` also takes --imatrix auto)"
+            )
     im_sha = file_sha256(imatrix) if imatrix else None
     out: dict[QuantType, Built] = {}
     order = [base_type] + [t for t in types if t != base_type]
@@ -140,7 +178,9 @@ def build_types(ckpt: Checkpoint, types: list[QuantType], out_dir: Path, imatrix
 
         def make(t=t, path=path):
             if path.exists() and not replace_invalid:
-                raise OutputError(f"{path} already exists and was made from another source or type; pass --force to overwrite it or -o to choose another folder")
+                raise OutputError(
+                    f"{path} already exists and was made from another source or type; pass --force to overwrite it or -o to choose another folder"
+                )
             if t.is_float:
                 convert(ckpt, t, output=path, force=True)
             else:

@@ -46,8 +46,17 @@ def _scores(path: Path, reference, text: str, ctx: int, cache_dir, runtime) -> T
         return kld(m, reference, text, ctx, cache_dir=cache_dir).tokens
 
 
-def compare_files(a: Path, b: Path, reference: str | None = None, text_file: Path | None = None, ctx: int = 512,
-                  cache_dir=None, runtime=None, revision: str | None = None, max_memory: int | None = None) -> dict:
+def compare_files(
+    a: Path,
+    b: Path,
+    reference: str | None = None,
+    text_file: Path | None = None,
+    ctx: int = 512,
+    cache_dir=None,
+    runtime=None,
+    revision: str | None = None,
+    max_memory: int | None = None,
+) -> dict:
     """Score A and B on the same tokens against one reference (GGUF files) or read their per-token
     .npz files; return the paired statistics of A against B."""
     from neoxq.core.gguf_info import read_info
@@ -82,10 +91,17 @@ def most_hurt(s: TokenScores, windows, detokenize, n: int = 20, context_tokens: 
         c, j = divmod(int(i), windows.per_window)
         pos = windows.first + j  # the logits at this position predict the token after it
         chunk = windows.chunk(c)
-        out.append({"window": c, "position": pos + 1, "kld": float(s.kld[i]),
-                    "context": detokenize(chunk[max(0, pos + 1 - context_tokens):pos + 1]),
-                    "target": detokenize([chunk[pos + 1]]),
-                    "p_reference": float(np.exp(s.lp[i])), "p_model": float(np.exp(s.lq[i])),
-                    "reference_top": detokenize([int(s.ref_top[i])]) if s.ref_top is not None else None,
-                    "model_top": detokenize([int(s.model_top[i])]) if s.model_top is not None else None})
+        out.append(
+            {
+                "window": c,
+                "position": pos + 1,
+                "kld": float(s.kld[i]),
+                "context": detokenize(chunk[max(0, pos + 1 - context_tokens) : pos + 1]),
+                "target": detokenize([chunk[pos + 1]]),
+                "p_reference": float(np.exp(s.lp[i])),
+                "p_model": float(np.exp(s.lq[i])),
+                "reference_top": detokenize([int(s.ref_top[i])]) if s.ref_top is not None else None,
+                "model_top": detokenize([int(s.model_top[i])]) if s.model_top is not None else None,
+            }
+        )
     return out

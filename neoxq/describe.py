@@ -27,18 +27,26 @@ def describe_file(path: Path) -> dict:
 
     info = read_info(path)
     m = info.metadata
-    mix = {k[len("neoxq.mix.type."):]: v for k, v in m.items() if k.startswith("neoxq.mix.type.")}
+    mix = {k[len("neoxq.mix.type.") :]: v for k, v in m.items() if k.startswith("neoxq.mix.type.")}
     return {
-        "path": str(info.path), "architecture": info.arch, "type": m.get("neoxq.quant_type") or (info.quant_type.value if info.quant_type else "unknown"),
-        "size_bytes": info.path.stat().st_size, "bits_per_weight": round(info.bpw, 3), "parameters": info.n_params,
-        "context_length": info.context_length, "vocabulary": info.n_vocab,
+        "path": str(info.path),
+        "architecture": info.arch,
+        "type": m.get("neoxq.quant_type") or (info.quant_type.value if info.quant_type else "unknown"),
+        "size_bytes": info.path.stat().st_size,
+        "bits_per_weight": round(info.bpw, 3),
+        "parameters": info.n_params,
+        "context_length": info.context_length,
+        "vocabulary": info.n_vocab,
         "source": " ".join(str(m[k]) for k in ("neoxq.source.repo", "neoxq.source.revision", "neoxq.source.commit") if m.get(k)) or "unknown",
         "imatrix": m.get("quantize.imatrix.file") or "none",
         "mix": f"{len(mix)} tensors, budget {m.get('neoxq.mix.target_bytes')} bytes" if mix else "no",
-        "optimized": (f"{m['neoxq.optimize.method']} on {m.get('neoxq.optimize.calibration.tokens')} calibration tokens "
-                      f"(sha256 {str(m.get('neoxq.optimize.calibration.sha256'))[:16]}…) from {m.get('neoxq.optimize.reference')}, "
-                      f"damp {m.get('neoxq.optimize.damp')}, act order {m.get('neoxq.optimize.act_order')}")
-                     if m.get("neoxq.optimize.method") else "no",
+        "optimized": (
+            f"{m['neoxq.optimize.method']} on {m.get('neoxq.optimize.calibration.tokens')} calibration tokens "
+            f"(sha256 {str(m.get('neoxq.optimize.calibration.sha256'))[:16]}…) from {m.get('neoxq.optimize.reference')}, "
+            f"damp {m.get('neoxq.optimize.damp')}, act order {m.get('neoxq.optimize.act_order')}"
+        )
+        if m.get("neoxq.optimize.method")
+        else "no",
         "tensor_types": ", ".join(f"{t}: {n}" for t, n in sorted(_count(info).items())),
     }
 

@@ -46,12 +46,16 @@ def check_tasks(tasks: list[str], manager) -> None:
     for t in tasks:
         if t not in known:
             near = difflib.get_close_matches(t, known, n=3, cutoff=0.5)
-            raise UsageError(f"unknown task {t!r}" + (f"; close names: {', '.join(near)}" if near else "")
-                             + "; list them with `lm_eval ls tasks`, or pass --include-path DIR for your own YAML tasks")
+            raise UsageError(
+                f"unknown task {t!r}"
+                + (f"; close names: {', '.join(near)}" if near else "")
+                + "; list them with `lm_eval ls tasks`, or pass --include-path DIR for your own YAML tasks"
+            )
 
 
-def evaluate_file(path: Path | str, tasks: list[str], manager, num_fewshot: int | None = None, limit: int | None = None,
-                  ctx: int | None = None) -> dict:
+def evaluate_file(
+    path: Path | str, tasks: list[str], manager, num_fewshot: int | None = None, limit: int | None = None, ctx: int | None = None
+) -> dict:
     """lm-eval's `simple_evaluate` on one GGUF; network failures while offline become one line."""
     from lm_eval import simple_evaluate
 
@@ -59,15 +63,18 @@ def evaluate_file(path: Path | str, tasks: list[str], manager, num_fewshot: int 
 
     lm = NeoxqLM(str(path), ctx=ctx)
     try:
-        return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                               log_samples=False, bootstrap_iters=0)
+        return simple_evaluate(
+            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0
+        )
     except Exception as exc:
         cause = network_failure(exc)
         if cause is None:
             raise
         text = f"{type(cause).__name__}: {cause}".splitlines()[0][:160]
-        raise UsageError(f"a task's data needs the network, which cannot be reached ({text}); "
-                         "run once online to fill the datasets cache, or use local task files with --include-path") from exc
+        raise UsageError(
+            f"a task's data needs the network, which cannot be reached ({text}); "
+            "run once online to fill the datasets cache, or use local task files with --include-path"
+        ) from exc
     finally:
         lm.model.close()
 
@@ -97,8 +104,9 @@ def metrics(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_eval(models: list[Path], tasks: list[str], include_path=None, num_fewshot: int | None = None, limit: int | None = None,
-             output: Path | None = None) -> dict:
+def run_eval(
+    models: list[Path], tasks: list[str], include_path=None, num_fewshot: int | None = None, limit: int | None = None, output: Path | None = None
+) -> dict:
     from neoxq.core.atomic import atomic_output
     from neoxq.core.gguf_info import read_info
 
@@ -108,8 +116,13 @@ def run_eval(models: list[Path], tasks: list[str], include_path=None, num_fewsho
     combined = {"models": {}}
     for m in models:
         r = evaluate_file(m, tasks, manager, num_fewshot, limit)
-        combined["models"][str(m)] = {"type": labels[str(m)], "results": r["results"], "configs": r.get("configs"),
-                                      "n-samples": r.get("n-samples"), "versions": r.get("versions")}
+        combined["models"][str(m)] = {
+            "type": labels[str(m)],
+            "results": r["results"],
+            "configs": r.get("configs"),
+            "n-samples": r.get("n-samples"),
+            "versions": r.get("versions"),
+        }
     if output:
         with atomic_output(Path(output), force=True) as tmp:
             tmp.write_text(json.dumps(combined, indent=1, default=str))

@@ -31,16 +31,18 @@ class NeoxqLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, model: str, ctx: int | None = None, threads: int | None = None, n_gpu_layers: int | None = None,
-                 max_gen_toks: int = 256, **kwargs):
+    def __init__(
+        self, model: str, ctx: int | None = None, threads: int | None = None, n_gpu_layers: int | None = None, max_gen_toks: int = 256, **kwargs
+    ):
         super().__init__()
         self.path = str(model)
         from neoxq.core.gguf_info import read_info
 
         info = read_info(self.path)
         self._max_length = int(ctx or info.context_length or 2048)
-        self.model = NeoxModel(self.path, RuntimeOptions(n_ctx=self._max_length, n_batch=self._max_length, n_threads=threads,
-                                                         n_gpu_layers=n_gpu_layers), info=info)
+        self.model = NeoxModel(
+            self.path, RuntimeOptions(n_ctx=self._max_length, n_batch=self._max_length, n_threads=threads, n_gpu_layers=n_gpu_layers), info=info
+        )
         eos = info.metadata.get("tokenizer.ggml.eos_token_id")
         self._eot = int(eos) if eos is not None else 0
         self.max_gen_toks = int(max_gen_toks)
@@ -62,7 +64,7 @@ class NeoxqLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None) -> list[tuple[float, bool]]:
         out = []
         for _, context_enc, continuation_enc in requests:
-            whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            whole = (context_enc + continuation_enc)[-(self.max_length + 1) :]
             inp, n_cont = whole[:-1], len(continuation_enc)
             targets = np.asarray(whole[-n_cont:])
             positions = range(len(inp) - n_cont, len(inp))
@@ -76,8 +78,12 @@ class NeoxqLM(TemplateLM):
 
         out = []
         for (string,) in (r.args for r in requests):
-            windows = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1))
+            windows = map(
+                utils.make_disjoint_window,
+                utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1
+                ),
+            )
             out.append(sum(ll for ll, _ in self._loglikelihood_tokens([(None, c, t) for c, t in windows])))
         return out
 
@@ -89,7 +95,7 @@ class NeoxqLM(TemplateLM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             n = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = self.tok_encode(context)[-(self.max_length - n):]
+            ids = self.tok_encode(context)[-(self.max_length - n) :]
             opts = SamplingOptions(max_tokens=n, temperature=0.0, top_k=1, repeat_penalty=1.0, stop=until)
             text = "".join(generate(self.model, ids, opts))  # the truncated tokens as they are, as HFLM does
             for stop in until:

@@ -19,16 +19,27 @@ from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo, read_info
 from neoxq.core.imatrix_io import file_sha256
 from neoxq.core.machine import default_threads
-from neoxq.core.mix_plan import (MixOptions, MixPlan, allocate, check_budget, mix_kv, predicted_kld, quantizable, target_bytes,
-                                 tensor_budget, tensor_bytes)
+from neoxq.core.mix_plan import (
+    MixOptions,
+    MixPlan,
+    allocate,
+    check_budget,
+    mix_kv,
+    predicted_kld,
+    quantizable,
+    target_bytes,
+    tensor_budget,
+    tensor_bytes,
+)
 from neoxq.core.qtypes import QuantType
 from neoxq.runtime import quantize as rq
 from neoxq.runtime.reference_cache import default_cache_dir
 from neoxq.runtime.sensitivity import KLDProbe, calibration_ids, sensitivities
 
 
-def plan_mix(info: GGUFInfo, base: QuantType, opts: MixOptions, imatrix: Path | str | None, label: str | None = None,
-             kv: dict[str, str] | None = None) -> MixPlan:
+def plan_mix(
+    info: GGUFInfo, base: QuantType, opts: MixOptions, imatrix: Path | str | None, label: str | None = None, kv: dict[str, str] | None = None
+) -> MixPlan:
     """Measure sensitivities on the calibration text and allocate the budget (default: the stock
     `base` file's size, from llama.cpp's dry run). `label` and `kv` are what the file will be
     written with (they count in its header)."""
@@ -49,9 +60,17 @@ def plan_mix(info: GGUFInfo, base: QuantType, opts: MixOptions, imatrix: Path | 
     plan = allocate(tensors, sens, budget)
     plan, check = _checked(info, ids, ctx, cache, im, opts, plan, stock_types if _fits(tensors, stock_types, budget) else None)
     predicted = predicted_kld(sens, plan)
-    extra = {"base": base.value, "target_bytes": target, "stock_bytes": stock.size, "predicted_kld": predicted,
-             "stock_predicted_kld": predicted_kld(sens, stock_types), "probes": probes + 2, "calibration_tokens": len(ids),
-             "calibration_check": check, "types": plan}
+    extra = {
+        "base": base.value,
+        "target_bytes": target,
+        "stock_bytes": stock.size,
+        "predicted_kld": predicted,
+        "stock_predicted_kld": predicted_kld(sens, stock_types),
+        "probes": probes + 2,
+        "calibration_tokens": len(ids),
+        "calibration_check": check,
+        "types": plan,
+    }
     return MixPlan(base, plan, mix_kv(base.value, target, stock.size, calib_sha, opts.ctx, predicted, plan), extra)
 
 
@@ -85,8 +104,7 @@ def check_written(result, plan: MixPlan, out: Path) -> None:
         raise UsageError(f"llama.cpp wrote other types than planned for {len(wrong)} tensor(s), e.g. {next(iter(wrong.items()))}")
 
 
-def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, imatrix: Path | str | None = None,
-                 force: bool = False):
+def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, imatrix: Path | str | None = None, force: bool = False):
     """Write `<base>-mix`: no larger than the target (default: stock `base` from the same input),
     each tensor's type chosen from measured sensitivity; return the read-back QuantResult."""
     base = QuantType.parse(base) if isinstance(base, str) else base
@@ -103,8 +121,7 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
     return result
 
 
-def mix_with_imatrix(src: GGUFInfo, qtype: QuantType, opts: MixOptions, output, imatrix, reference: str | None = None,
-                     force: bool = False):
+def mix_with_imatrix(src: GGUFInfo, qtype: QuantType, opts: MixOptions, output, imatrix, reference: str | None = None, force: bool = False):
     """`--mix`: the importance matrix is computed from the calibration text unless `imatrix` names a
     file or says none (the best file by default, issue 26 item 5)."""
     from neoxq.optimize import calibration_imatrix

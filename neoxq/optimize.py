@@ -73,8 +73,7 @@ def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | N
     return ckpt
 
 
-def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str | None = None, revision: str | None = None,
-                        ctx: int = 512) -> Path:
+def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str | None = None, revision: str | None = None, ctx: int = 512) -> Path:
     """An importance matrix from the calibration text (the fp32 checkpoint the file was converted
     from; --reference or the recorded hub source), written into `folder`: what --mix uses when no
     --imatrix is named (measured: a mix with it reaches 0.58x stock's KLD at Q4_K_M, 0.95x without)."""
@@ -82,8 +81,9 @@ def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str 
     from neoxq.core.imatrix_io import write_imatrix
 
     ckpt = reference_checkpoint(src, reference, revision)
-    im = compute_imatrix(ckpt, calib, ctx=min(ctx, src.context_length or ctx), include_output=True,
-                         dataset_name=f"calibration sha256:{text_sha256(calib)[:16]}")
+    im = compute_imatrix(
+        ckpt, calib, ctx=min(ctx, src.context_length or ctx), include_output=True, dataset_name=f"calibration sha256:{text_sha256(calib)[:16]}"
+    )
     return write_imatrix(Path(folder) / "calibration.imatrix", im, force=True)
 
 
@@ -158,15 +158,16 @@ def _regridder(fmt, raw: np.ndarray, shape: tuple[int, int], importance: np.ndar
     imp = np.ascontiguousarray(importance, dtype=np.float32)
 
     def regrid(rows: slice, col: int, wcur: np.ndarray):
-        new = capi.quantize_rows(np.ascontiguousarray(wcur, dtype=np.float32), fmt.ggml_type, imp[col:col + fmt.block])
+        new = capi.quantize_rows(np.ascontiguousarray(wcur, dtype=np.float32), fmt.ggml_type, imp[col : col + fmt.block])
         per_row[rows, col // fmt.block] = new
         return blocks.grid(fmt, new)
 
     return regrid
 
 
-def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_order: bool = True,
-                   damp: float = DAMP, dynamic: bool = False) -> list[dict]:
+def rewrite_levels(
+    path: Path, src: GGUFInfo, moments: dict, counts: dict, act_order: bool = True, damp: float = DAMP, dynamic: bool = False
+) -> list[dict]:
     """GPTQ every matmul of the quantized file at `path` whose block format neoxq encodes and whose
     calibration inputs were collected (here: the embedding, in its Fisher metric); write the levels
     in place, a row chunk at a time. Returns one line per tensor."""
@@ -193,8 +194,9 @@ def rewrite_levels(path: Path, src: GGUFInfo, moments: dict, counts: dict, act_o
     return done
 
 
-def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts: OptimizeOptions,
-                       output: Path | str | None = None, force: bool = False):
+def quantize_optimized(
+    src: GGUFInfo | Path | str, qtype: QuantType | str, opts: OptimizeOptions, output: Path | str | None = None, force: bool = False
+):
     """The stock `qtype` file (or the measured mix's) with every quantized weight's level re-chosen;
     its label is `<T>-opt` (`<T>-opt-mix`). A run killed outright resumes from its last finished
     layer (neoxq.core.resume); Ctrl-C, SIGTERM and errors leave nothing behind."""
@@ -221,16 +223,27 @@ def quantize_optimized(src: GGUFInfo | Path | str, qtype: QuantType | str, opts:
                 state = _first_stage(src, ckpt, qtype, opts, label, job, plan.streamed)
             else:
                 say(f"resuming --optimize from layer {state['layers_done']} (a killed run's work in {job.folder})")
-            state["tensors"] += rewrite_sequential(job.file, src, ckpt, windows, opts, state["layers_done"],
-                                                   on_layer=lambda k: job.save({**state, "layers_done": k}))
+            state["tensors"] += rewrite_sequential(
+                job.file, src, ckpt, windows, opts, state["layers_done"], on_layer=lambda k: job.save({**state, "layers_done": k})
+            )
             shutil.move(job.file, tmp)
         finally:
             job.clear()
     result = summarize(out, qtype, time.perf_counter() - t0)
-    result.extra.update({"label": label, "optimize": {"method": METHOD, "calibration_sha256": text_sha256(opts.calib),
-                                                      "calibration_tokens": windows.size, "tensors": state["tensors"],
-                                                      "resumed_from_layer": resumed, "first_pass": "streamed" if plan.streamed else "in memory",
-                                                      "memory_estimate_bytes": plan.peak}})
+    result.extra.update(
+        {
+            "label": label,
+            "optimize": {
+                "method": METHOD,
+                "calibration_sha256": text_sha256(opts.calib),
+                "calibration_tokens": windows.size,
+                "tensors": state["tensors"],
+                "resumed_from_layer": resumed,
+                "first_pass": "streamed" if plan.streamed else "in memory",
+                "memory_estimate_bytes": plan.peak,
+            },
+        }
+    )
     if state.get("mix"):
         result.extra["mix"] = {**state["mix"], "size_bytes": result.size_bytes}
     return result
@@ -247,26 +260,43 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     work = job.start()
     moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, embedding_fisher=True, streamed=streamed)
     calib_sha = text_sha256(opts.calib)
-    kv = {"neoxq.optimize.method": METHOD, "neoxq.optimize.calibration.sha256": calib_sha,
-          "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx), "neoxq.optimize.damp": f"{opts.damp:g}",
-          "neoxq.optimize.act_order": str(opts.act_order).lower(), "neoxq.optimize.reference": ckpt.name,
-          "neoxq.optimize.ctx": str(opts.ctx)}
+    kv = {
+        "neoxq.optimize.method": METHOD,
+        "neoxq.optimize.calibration.sha256": calib_sha,
+        "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx),
+        "neoxq.optimize.damp": f"{opts.damp:g}",
+        "neoxq.optimize.act_order": str(opts.act_order).lower(),
+        "neoxq.optimize.reference": ckpt.name,
+        "neoxq.optimize.ctx": str(opts.ctx),
+    }
     with tempfile.TemporaryDirectory(prefix="neoxq-opt-") as scratch:
         im = opts.imatrix
         if im == "auto":
-            im = write_imatrix(Path(scratch) / "calibration.imatrix",
-                               imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}",
-                                                    ckpt.fingerprint()))
+            im = write_imatrix(
+                Path(scratch) / "calibration.imatrix",
+                imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}", ckpt.fingerprint()),
+            )
         plan = _mix_plan(src, qtype, opts, im, label, kv) if opts.mix else None
-        written = quantize(src, qtype, output=work, imatrix=im, force=True, kv={**kv, **(plan.kv if plan else {})}, label=label,
-                           tensor_types=plan.types if plan else None)
+        written = quantize(
+            src,
+            qtype,
+            output=work,
+            imatrix=im,
+            force=True,
+            kv={**kv, **(plan.kv if plan else {})},
+            label=label,
+            tensor_types=plan.types if plan else None,
+        )
         if plan:
             from neoxq.mix import check_written
 
             check_written(written, plan, work)
     fisher = {k: np.asarray(v) for k, v in moments.items() if k == EMBEDDING}
-    state = {"layers_done": 0, "tensors": rewrite_levels(work, src, fisher, counts, opts.act_order, opts.damp, opts.dynamic_grids),
-             "mix": plan.extra if plan else None}
+    state = {
+        "layers_done": 0,
+        "tensors": rewrite_levels(work, src, fisher, counts, opts.act_order, opts.damp, opts.dynamic_grids),
+        "mix": plan.extra if plan else None,
+    }
     job.save(state)
     return state
 
@@ -279,13 +309,25 @@ def _job_inputs(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions) ->
     im = opts.imatrix
     if im not in (None, "auto"):
         im = hashlib.sha256(Path(im).read_bytes()).hexdigest()
-    return {"source": [str(src.path.resolve()), st.st_size, st.st_mtime_ns], "reference": ckpt.fingerprint(), "type": qtype.value,
-            "calibration": text_sha256(opts.calib), "imatrix": im, "ctx": opts.ctx, "act_order": opts.act_order, "damp": opts.damp,
-            "mix": opts.mix, "dynamic_grids": opts.dynamic_grids, "method": METHOD, "neoxq": __version__}
+    return {
+        "source": [str(src.path.resolve()), st.st_size, st.st_mtime_ns],
+        "reference": ckpt.fingerprint(),
+        "type": qtype.value,
+        "calibration": text_sha256(opts.calib),
+        "imatrix": im,
+        "ctx": opts.ctx,
+        "act_order": opts.act_order,
+        "damp": opts.damp,
+        "mix": opts.mix,
+        "dynamic_grids": opts.dynamic_grids,
+        "method": METHOD,
+        "neoxq": __version__,
+    }
 
 
-def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts: OptimizeOptions, start_layer: int = 0,
-                       on_layer=None) -> list[dict]:
+def rewrite_sequential(
+    path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts: OptimizeOptions, start_layer: int = 0, on_layer=None
+) -> list[dict]:
     """Every layer matmul and the output matrix of the file at `path`, rounded in order on the
     quantized model's own inputs against the fp32 outputs (neoxq.convert.calibrate), their F32 biases
     re-solved; levels and biases written in place. Layers below `start_layer` are taken as written
@@ -298,6 +340,7 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
     by_name = {t.name: t for t in info.tensors}
     done: list[dict] = []
     with open(path, "r+b") as fh:
+
         def read(t):
             fh.seek(info.data_offset + t.offset)
             return np.frombuffer(fh.read(t.n_bytes), np.uint8)
@@ -335,8 +378,9 @@ def rewrite_sequential(path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opt
                 on_layer(k)
 
         inputs_q = current(EMBEDDING)[0][windows]  # the quantized model's inputs; the whole embedding is let go
-        sequential_calibration(ckpt, windows, inputs_q, requantize, with_head="output.weight" in by_name, start_layer=start_layer,
-                               restore=current, on_layer=finished)
+        sequential_calibration(
+            ckpt, windows, inputs_q, requantize, with_head="output.weight" in by_name, start_layer=start_layer, restore=current, on_layer=finished
+        )
     return done
 
 
@@ -381,8 +425,12 @@ def _preflight(ckpt, opts: OptimizeOptions, windows: int):
 
     budget = opts.max_memory if opts.max_memory is not None else available_memory()
     plan = preflight.optimize_plan(GPTNeoXArgs.from_config(ckpt.config), opts.ctx, windows, budget, opts.first_pass)
-    preflight.check(f"--optimize on {ckpt.name} ({windows} calibration windows of {opts.ctx})", plan.peak,
-                    "pass a shorter --calib or a smaller --ctx, or a larger --max-memory", available=budget)
+    preflight.check(
+        f"--optimize on {ckpt.name} ({windows} calibration windows of {opts.ctx})",
+        plan.peak,
+        "pass a shorter --calib or a smaller --ctx, or a larger --max-memory",
+        available=budget,
+    )
     return plan
 
 

@@ -101,8 +101,7 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
     # the layer's one fp32 pass: both layers, fp32 input and output, quantized input, the fp32
     # outputs of attention-output and MLP-down kept for the second stage, the first stage's moments
     # (Σ y xᵀ of QKV and MLP up, Σ x xᵀ of their common input); then without the fp32 layer
-    collect = max(2 * layer + 5 * hidden + group + 8 * (h * h + 3 * h * h + f * h),
-                  layer + 4 * hidden + group + moments)
+    collect = max(2 * layer + 5 * hidden + group + 8 * (h * h + 3 * h * h + f * h), layer + 4 * hidden + group + moments)
     rounding = layer + 2 * hidden + moments + 8 * f * f + 8 * h * f + 6 * CHUNK_BYTES
     head = 2 * hidden + 4 * v * h + 8 * HEAD_TOKENS * v * 2 + 8 * (2 * h * h + v * h) + 8 * v * h + 6 * CHUNK_BYTES
     sequential = int(SEQUENTIAL_SLACK * max(collect, rounding, head))

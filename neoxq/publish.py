@@ -81,8 +81,10 @@ def load_report(folder: Path) -> dict:
         if not path.is_file():
             raise UsageError(f"{path} is missing; report.json names it: rerun `neoxq report` into {folder}")
         if sha is None:
-            raise UsageError(f"report.json records no sha256 for {name} (made by an older neoxq); rerun `neoxq report` with the same "
-                             "arguments (it reuses what it built and scored)")
+            raise UsageError(
+                f"report.json records no sha256 for {name} (made by an older neoxq); rerun `neoxq report` with the same "
+                "arguments (it reuses what it built and scored)"
+            )
         if file_sha256(path) != sha:
             raise UsageError(f"{path} is not the file that was measured (its sha256 differs from report.json's); rerun `neoxq report`")
     missing = [p for p in PLOTS[:1] if not (folder / p).is_file()]
@@ -131,12 +133,19 @@ def _sweep_branches(folder: Path, opts: PublishOptions) -> dict[str, Contents]:
 
 # The card --------------------------------------------------------------------------------------
 
+
 def _card_data(meta: dict, report_source: dict):
     from huggingface_hub import ModelCardData
 
     repo = report_source.get("repo") or meta.get("neoxq.source.repo")
-    data = ModelCardData(license=meta.get("general.license"), library_name="gguf", tags=list(TAGS), base_model=repo,
-                         base_model_relation="quantized" if repo else None, quantized_by="neoxq")
+    data = ModelCardData(
+        license=meta.get("general.license"),
+        library_name="gguf",
+        tags=list(TAGS),
+        base_model=repo,
+        base_model_relation="quantized" if repo else None,
+        quantized_by="neoxq",
+    )
     if repo and report_source.get("revision"):
         data.base_model_revision = report_source["revision"]
     return data
@@ -152,24 +161,38 @@ def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: st
     data = _card_data(first.metadata, src)
     name = src.get("repo") or src["name"]
     at = f" at revision `{src['revision']}`" + (f" (commit `{src['commit']}`)" if src.get("commit") else "") if src.get("revision") else ""
-    body = [f"# {name.split('/')[-1]} GGUF, measured", "",
-            (f"GGUF files of [{name}](https://huggingface.co/{name}){at}" if src.get("repo") else f"GGUF files of `{name}`{at}")
-            + ", converted and quantized by [neoxq](https://pypi.org/project/neoxq/) with llama.cpp's own quantizer, each "
-            "scored against the fp32 model on the same tokens.", ""]
+    body = [
+        f"# {name.split('/')[-1]} GGUF, measured",
+        "",
+        (f"GGUF files of [{name}](https://huggingface.co/{name}){at}" if src.get("repo") else f"GGUF files of `{name}`{at}")
+        + ", converted and quantized by [neoxq](https://pypi.org/project/neoxq/) with llama.cpp's own quantizer, each "
+        "scored against the fp32 model on the same tokens.",
+        "",
+    ]
     if branch_note:
         body += [branch_note, ""]
     body += ["## What quantization costs", "", *results_table(report, leave_out=("pp_tps", "tg_tps")), "", se_note(report), ""]
     if (folder / "report.png").is_file():
         body += ["![size vs quality](report.png)", ""]
-    body += ["## How each file was made", "", *_made_table(report, folder), "",
-             f"llama.cpp as vendored by llama-cpp-python {report['versions'].get('llama-cpp-python', '?')}; "
-             f"gguf {report['versions'].get('gguf', '?')}; neoxq {report['versions'].get('neoxq', '?')}.", "",
-             "## What was scored", "",
-             f"`{text['file']}` (sha256 `{text['sha256']}`): {text['tokens_scored']} tokens scored in windows of {text['ctx']} "
-             f"(the second half of each, as llama-perplexity), against {report['reference']['kind']} "
-             f"(perplexity {report['reference']['ppl']:.3f} ± {report['reference']['ppl_se']:.3f})."
-             + (f" Calibration text: {text['calibration']}." if text.get("calibration") else ""), "",
-             "## Use", "", *_usage(report, opts)]
+    body += [
+        "## How each file was made",
+        "",
+        *_made_table(report, folder),
+        "",
+        f"llama.cpp as vendored by llama-cpp-python {report['versions'].get('llama-cpp-python', '?')}; "
+        f"gguf {report['versions'].get('gguf', '?')}; neoxq {report['versions'].get('neoxq', '?')}.",
+        "",
+        "## What was scored",
+        "",
+        f"`{text['file']}` (sha256 `{text['sha256']}`): {text['tokens_scored']} tokens scored in windows of {text['ctx']} "
+        f"(the second half of each, as llama-perplexity), against {report['reference']['kind']} "
+        f"(perplexity {report['reference']['ppl']:.3f} ± {report['reference']['ppl_se']:.3f})."
+        + (f" Calibration text: {text['calibration']}." if text.get("calibration") else ""),
+        "",
+        "## Use",
+        "",
+        *_usage(report, opts),
+    ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
 
 
@@ -179,29 +202,56 @@ def _made_table(report: dict, folder: Path) -> list[str]:
         m = read_info(folder / r["file"]).metadata
         im = m.get("neoxq.imatrix.sha256")
         calib = m.get("neoxq.optimize.calibration.sha256") or m.get("neoxq.mix.calib_sha256")
-        lines.append(f"| {r['file']} | {r['type']} | {('sha256 `' + im[:16] + '…`') if im else '-'} | "
-                     f"{'measured mix (≤ stock ' + m['neoxq.mix.base'] + ' size)' if m.get('neoxq.mix.base') else 'llama.cpp stock'} | "
-                     f"{m.get('neoxq.optimize.method') or ('-' if r['type'] in ('F32', 'F16', 'BF16') else 'llama.cpp')} | "
-                     f"{('`' + calib[:16] + '…`') if calib else '-'} |")
+        lines.append(
+            f"| {r['file']} | {r['type']} | {('sha256 `' + im[:16] + '…`') if im else '-'} | "
+            f"{'measured mix (≤ stock ' + m['neoxq.mix.base'] + ' size)' if m.get('neoxq.mix.base') else 'llama.cpp stock'} | "
+            f"{m.get('neoxq.optimize.method') or ('-' if r['type'] in ('F32', 'F16', 'BF16') else 'llama.cpp')} | "
+            f"{('`' + calib[:16] + '…`') if calib else '-'} |"
+        )
     return lines
 
 
 def _usage(report: dict, opts: PublishOptions) -> list[str]:
     row = next((r for r in report["results"] if r["type"] == "Q4_K_M"), report["results"][-1])
     file, base = row["file"], Path(row["file"]).stem
-    out = ["llama.cpp:", "", "```sh", f"llama-cli -m {file} -p \"The capital of France is\" -n 64 -no-cnv",
-           f"llama-perplexity -m {file} -f wiki.test.raw", "```", "",
-           "llama-cpp-python:", "", "```python", "from llama_cpp import Llama", "",
-           f"llm = Llama.from_pretrained(repo_id=\"{opts.repo_id}\", filename=\"{file}\")",
-           "print(llm(\"The capital of France is\", max_tokens=64)[\"choices\"][0][\"text\"])", "```", "",
-           "Ollama:", "", "```sh"]
+    out = [
+        "llama.cpp:",
+        "",
+        "```sh",
+        f'llama-cli -m {file} -p "The capital of France is" -n 64 -no-cnv',
+        f"llama-perplexity -m {file} -f wiki.test.raw",
+        "```",
+        "",
+        "llama-cpp-python:",
+        "",
+        "```python",
+        "from llama_cpp import Llama",
+        "",
+        f'llm = Llama.from_pretrained(repo_id="{opts.repo_id}", filename="{file}")',
+        'print(llm("The capital of France is", max_tokens=64)["choices"][0]["text"])',
+        "```",
+        "",
+        "Ollama:",
+        "",
+        "```sh",
+    ]
     if opts.ollama:
-        out += [f"ollama create {base.lower()} -f {base}.Modelfile   # in a folder with {file} and its Modelfile",
-                f"ollama run {base.lower()} \"The capital of France is\""]
+        out += [
+            f"ollama create {base.lower()} -f {base}.Modelfile   # in a folder with {file} and its Modelfile",
+            f'ollama run {base.lower()} "The capital of France is"',
+        ]
     else:
         out += [f"ollama run hf.co/{opts.repo_id}:{row['type']}"]
-    out += ["```", "", "neoxq (measure it yourself):", "", "```sh", f"neoxq run {file} -p \"The capital of France is\"",
-            f"neoxq kld {file} --reference {report['source'].get('repo') or 'CHECKPOINT'} --text wiki.test.raw", "```"]
+    out += [
+        "```",
+        "",
+        "neoxq (measure it yourself):",
+        "",
+        "```sh",
+        f'neoxq run {file} -p "The capital of France is"',
+        f"neoxq kld {file} --reference {report['source'].get('repo') or 'CHECKPOINT'} --text wiki.test.raw",
+        "```",
+    ]
     return out
 
 
@@ -210,11 +260,14 @@ def sweep_card(sweep: dict, folder: Path, branches: list[str]) -> str:
 
     from neoxq.render import sweep_markdown
 
-    data = ModelCardData(library_name="gguf", tags=list(TAGS), base_model=sweep["repo"], base_model_relation="quantized",
-                         quantized_by="neoxq")
+    data = ModelCardData(library_name="gguf", tags=list(TAGS), base_model=sweep["repo"], base_model_relation="quantized", quantized_by="neoxq")
     body = sweep_markdown(sweep).splitlines()
-    body[1:1] = ["", "One branch per training step, as the source is laid out: " + ", ".join(f"`{b}`" for b in branches)
-                 + ". Each branch holds that step's GGUF files and its own measured card."]
+    body[1:1] = [
+        "",
+        "One branch per training step, as the source is laid out: "
+        + ", ".join(f"`{b}`" for b in branches)
+        + ". Each branch holds that step's GGUF files and its own measured card.",
+    ]
     if (folder / "sweep.png").is_file():
         body += ["", "![across training](sweep.png)"]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
@@ -245,6 +298,7 @@ def _token_text(gguf: Path, token_id) -> str | None:
 
 
 # Writing and uploading -------------------------------------------------------------------------
+
 
 def write_folders(branches: dict[str, Contents], target: Path, force: bool) -> None:
     """--dry-run: exactly what would be uploaded; one branch in `target` itself, several in
@@ -292,6 +346,8 @@ def upload(branches: dict[str, Contents], opts: PublishOptions, api=None) -> Non
     for branch, contents in sorted(branches.items(), key=lambda kv: kv[0] != "main"):
         if branch != "main":
             api.create_branch(opts.repo_id, branch=branch, exist_ok=True)
-        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=src.encode("utf-8") if isinstance(src, str) else str(src))
-               for name, src in contents.items()]
+        ops = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=src.encode("utf-8") if isinstance(src, str) else str(src))
+            for name, src in contents.items()
+        ]
         api.create_commit(opts.repo_id, operations=ops, revision=branch, commit_message=f"neoxq publish: {len(ops)} files")

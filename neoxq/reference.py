@@ -21,8 +21,9 @@ def hf_reference(ckpt, max_memory: int | None, reserved: int = 0):
     return HFReference(ckpt, max_memory=budget)
 
 
-def open_reference(spec: str | Path, revision: str | None = None, options=None, max_memory: int | None = None,
-                   reserved: int = 0, model_info=None) -> Reference:
+def open_reference(
+    spec: str | Path, revision: str | None = None, options=None, max_memory: int | None = None, reserved: int = 0, model_info=None
+) -> Reference:
     """`spec`: a GGUF or checkpoint path / hub id, or auto|hf = the checkpoint the scored file was
     converted from (its repo and commit are in the file's metadata)."""
     if str(spec) in ("auto", "hf"):
@@ -45,8 +46,9 @@ def open_reference(spec: str | Path, revision: str | None = None, options=None, 
 
 
 def _refuse(what: str, model, why: str) -> UsageError:
-    return UsageError(f"--reference {what} does not belong to {model.path.name} ({why}); "
-                      "pass the F16/F32 GGUF or the checkpoint this file was made from")
+    return UsageError(
+        f"--reference {what} does not belong to {model.path.name} ({why}); pass the F16/F32 GGUF or the checkpoint this file was made from"
+    )
 
 
 def check_gguf_belongs(ref, model) -> None:

@@ -7,10 +7,17 @@ import json
 from pathlib import Path
 
 COLUMNS = [
-    ("type", "type", "{}"), ("size MB", "size_bytes", "{:.2f}"), ("bpw", "bpw", "{:.2f}"),
-    ("ppl", "ppl", "{:.3f}"), ("Δppl % ± se", "dppl_pct", "{:+.2f}"),
-    ("KLD mean ± se", "kld_mean", "{:.5f}"), ("KLD p99", "kld_p99", "{:.4f}"), ("top-1 %", "top1", "{:.2f}"),
-    ("vs stock: KLD ratio [95 %]", "vs_stock", ""), ("pp tok/s", "pp_tps", "{:.0f}"), ("tg tok/s", "tg_tps", "{:.1f}"),
+    ("type", "type", "{}"),
+    ("size MB", "size_bytes", "{:.2f}"),
+    ("bpw", "bpw", "{:.2f}"),
+    ("ppl", "ppl", "{:.3f}"),
+    ("Δppl % ± se", "dppl_pct", "{:+.2f}"),
+    ("KLD mean ± se", "kld_mean", "{:.5f}"),
+    ("KLD p99", "kld_p99", "{:.4f}"),
+    ("top-1 %", "top1", "{:.2f}"),
+    ("vs stock: KLD ratio [95 %]", "vs_stock", ""),
+    ("pp tok/s", "pp_tps", "{:.0f}"),
+    ("tg tok/s", "tg_tps", "{:.1f}"),
 ]
 # The ± beside a value: its standard error from per-window means (see neoxq.core.stats).
 WITH_SE = {"dppl_pct": ("dppl_pct_se_window",), "kld_mean": ("kld_mean_se_window",)}
@@ -61,7 +68,9 @@ def table(report: dict) -> str:
     from neoxq.tables import render as draw
 
     cols = _columns(report)
-    return draw([(h, "right" if i else "left") for i, (h, _, _) in enumerate(cols)], [[_cell(r, k, f) for _, k, f in cols] for r in report["results"]])
+    return draw(
+        [(h, "right" if i else "left") for i, (h, _, _) in enumerate(cols)], [[_cell(r, k, f) for _, k, f in cols] for r in report["results"]]
+    )
 
 
 def results_table(report: dict, leave_out: tuple[str, ...] = ()) -> list[str]:
@@ -73,15 +82,19 @@ def results_table(report: dict, leave_out: tuple[str, ...] = ()) -> list[str]:
 
 def se_note(report: dict) -> str:
     """One line: which error is which, and how far apart they are on this text."""
-    f = [r["kld_mean_se_window"] / r["kld_mean_se"] for r in report["results"]
-         if r.get("kld_mean_se") and r.get("kld_mean_se_window") is not None]
+    f = [r["kld_mean_se_window"] / r["kld_mean_se"] for r in report["results"] if r.get("kld_mean_se") and r.get("kld_mean_se_window") is not None]
     spread = f" (here {min(f):.1f}–{max(f):.1f}× the per-token ones)" if f else ""
-    return ("± is the standard error from the means of the scored windows: the tokens of one window share their "
-            "context, so their errors are correlated and llama-perplexity's per-token errors (`se` in report.json, "
-            f"every token taken as independent) are too small; the window errors are larger{spread}."
-            + (" The vs-stock column is a paired test on the same tokens: the ratio of mean KLDs with its 95 % interval "
-               "(per-window errors) and whether the file is better, worse or not distinguishable."
-               if any("vs_stock" in r for r in report["results"]) else ""))
+    return (
+        "± is the standard error from the means of the scored windows: the tokens of one window share their "
+        "context, so their errors are correlated and llama-perplexity's per-token errors (`se` in report.json, "
+        f"every token taken as independent) are too small; the window errors are larger{spread}."
+        + (
+            " The vs-stock column is a paired test on the same tokens: the ratio of mean KLDs with its 95 % interval "
+            "(per-window errors) and whether the file is better, worse or not distinguishable."
+            if any("vs_stock" in r for r in report["results"])
+            else ""
+        )
+    )
 
 
 TAIL_NOTE_ABOVE = 0.01  # mean mass outside the reference tables' top tokens above which report.md warns
@@ -92,11 +105,14 @@ def _tail_note(report: dict) -> list[str]:
     if not tails or max(t["mass_outside_mean"] for t in tails) <= TAIL_NOTE_ABOVE:
         return []
     t = max(tails, key=lambda t: t["mass_outside_mean"])
-    return ["", f"Note: the reference's top {t['top_k']} tokens per position leave {100 * t['mass_outside_mean']:.1f} % of its "
-            "probability outside them on this text (a broad model); the KLD merges that rest into one outcome and reads low "
-            "(−6 to −13 % at 11 % outside, measured by scripts/bench_stats.py). Ratios between files on the same tokens are "
-            "affected far less. For exact values set NEOXQ_REFERENCE_TOP_K to the vocabulary size (tables then take "
-            "~8 bytes × vocabulary per scored token)."]
+    return [
+        "",
+        f"Note: the reference's top {t['top_k']} tokens per position leave {100 * t['mass_outside_mean']:.1f} % of its "
+        "probability outside them on this text (a broad model); the KLD merges that rest into one outcome and reads low "
+        "(−6 to −13 % at 11 % outside, measured by scripts/bench_stats.py). Ratios between files on the same tokens are "
+        "affected far less. For exact values set NEOXQ_REFERENCE_TOP_K to the vocabulary size (tables then take "
+        "~8 bytes × vocabulary per scored token).",
+    ]
 
 
 def _md_escape(text: str) -> str:
@@ -106,27 +122,38 @@ def _md_escape(text: str) -> str:
 def _most_hurt_md(mh: dict | None) -> list[str]:
     if not mh:
         return []
-    out = ["", f"## The {len(mh['tokens'])} tokens {mh['type']} hurt most", "",
-           "| # | KLD | context → target | p ref. | p model | ref. top | model top |", "|---:|---:|---|---:|---:|---|---|"]
+    out = [
+        "",
+        f"## The {len(mh['tokens'])} tokens {mh['type']} hurt most",
+        "",
+        "| # | KLD | context → target | p ref. | p model | ref. top | model top |",
+        "|---:|---:|---|---:|---:|---|---|",
+    ]
     for i, t in enumerate(mh["tokens"], 1):
-        out.append(f"| {i} | {t['kld']:.3f} | …{_md_escape(t['context'])} → **{_md_escape(t['target'])}** | "
-                   f"{t['p_reference']:.3f} | {t['p_model']:.3f} | `{_md_escape(t['reference_top'] or '')}` | "
-                   f"`{_md_escape(t['model_top'] or '')}` |")
+        out.append(
+            f"| {i} | {t['kld']:.3f} | …{_md_escape(t['context'])} → **{_md_escape(t['target'])}** | "
+            f"{t['p_reference']:.3f} | {t['p_model']:.3f} | `{_md_escape(t['reference_top'] or '')}` | "
+            f"`{_md_escape(t['model_top'] or '')}` |"
+        )
     return out
 
 
 def markdown(report: dict) -> str:
     src, text, ref = report["source"], report["text"], report["reference"]
     out = [f"# Quantization report: {src['name']}", ""]
-    out.append(f"- Source: `{src.get('repo') or src['path']}`" + (f" @ `{src['revision']}`" if src.get("revision") else "")
-               + (f" (commit `{src['commit']}`)" if src.get("commit") else ""))
-    out.append(f"- Evaluation text: `{text['file']}`, sha256 `{text['sha256']}`; {text['tokens_scored']} tokens scored, "
-               f"context {text['ctx']} (second half of each window, as llama-perplexity)")
+    out.append(
+        f"- Source: `{src.get('repo') or src['path']}`"
+        + (f" @ `{src['revision']}`" if src.get("revision") else "")
+        + (f" (commit `{src['commit']}`)" if src.get("commit") else "")
+    )
+    out.append(
+        f"- Evaluation text: `{text['file']}`, sha256 `{text['sha256']}`; {text['tokens_scored']} tokens scored, "
+        f"context {text['ctx']} (second half of each window, as llama-perplexity)"
+    )
     if report.get("imatrix"):
         im = report["imatrix"]
         out.append(f"- Importance matrix: `{im['file']}` (sha256 `{im['sha256'][:16]}…`), calibration: {im['calibration']}")
-    out.append(f"- Reference: {ref['kind']}, perplexity {ref['ppl']:.3f} ± {ref['ppl_se']:.3f}"
-               + (f" (why: {ref['why']})" if ref.get("why") else ""))
+    out.append(f"- Reference: {ref['kind']}, perplexity {ref['ppl']:.3f} ± {ref['ppl_se']:.3f}" + (f" (why: {ref['why']})" if ref.get("why") else ""))
     v = report["versions"]
     out.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     out.append(f"- Machine: {report['machine']['processor']}, {report['machine']['cores']} threads, {report['machine']['platform']}")
@@ -138,13 +165,21 @@ def markdown(report: dict) -> str:
             out.append(f"| {r['type']} | " + " | ".join(f"{r.get('tasks', {}).get(t, {}).get(k, float('nan')):.4f}" for t, k in task_cols) + " |")
     busy = [r for r in report["results"] if not r.get("speed", {}).get("reliable", True)]
     if busy:
-        out += ["", "Speed columns marked *busy* were measured while the machine was busy ("
-                + "; ".join(sorted({r["speed"]["why"] for r in busy})) + "); their figures are in report.json "
-                "but are not reliable."]
-    out += ["", "Columns: size and bits/weight of the file; perplexity on the text; Δppl relative to the "
-            "reference (paired, same tokens); KL divergence of the token distributions from the reference (mean and 99th "
-            "percentile); how often the most likely token agrees with the reference; prompt and generation "
-            "speed (tokens/s) on this machine, the median of 3 runs after a warm-up.", ""]
+        out += [
+            "",
+            "Speed columns marked *busy* were measured while the machine was busy ("
+            + "; ".join(sorted({r["speed"]["why"] for r in busy}))
+            + "); their figures are in report.json "
+            "but are not reliable.",
+        ]
+    out += [
+        "",
+        "Columns: size and bits/weight of the file; perplexity on the text; Δppl relative to the "
+        "reference (paired, same tokens); KL divergence of the token distributions from the reference (mean and 99th "
+        "percentile); how often the most likely token agrees with the reference; prompt and generation "
+        "speed (tokens/s) on this machine, the median of 3 runs after a warm-up.",
+        "",
+    ]
     if report.get("plot"):
         out.append(f"![size vs quality]({report['plot']})")
     if report.get("cdf_plot"):
@@ -155,29 +190,44 @@ def markdown(report: dict) -> str:
 
 def kld_text(st: dict) -> str:
     """The statistics as llama-perplexity --kl-divergence prints them; [± …] is the per-window error."""
+
     def est(e, scale=1.0, fmt="{:10.6f}"):
-        return (f"{fmt.format(scale * e['value'])} ± {fmt.format(scale * e['se']).strip()}"
-                f"  [± {fmt.format(scale * e['se_window']).strip()} per window]")
+        return (
+            f"{fmt.format(scale * e['value'])} ± {fmt.format(scale * e['se']).strip()}  [± {fmt.format(scale * e['se_window']).strip()} per window]"
+        )
 
     k, dp = st["kld"], st["dp"]
-    lines = ["====== Perplexity statistics ======",
-             f"Mean PPL(Q)                   : {est(st['ppl'])}",
-             f"Mean PPL(base)                : {est(st['ppl_base'])}",
-             f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * st['cor_ln_ppl']:6.2f}%  [{100 * st['cor_ln_ppl_window']:.2f}% of window means]",
-             f"Mean ln(PPL(Q)/PPL(base))     : {est(st['ln_ppl_ratio'])}",
-             f"Mean PPL(Q)/PPL(base)         : {est(st['ppl_ratio'])}",
-             f"Mean PPL(Q)-PPL(base)         : {est(st['ppl_diff'])}", "",
-             "====== KL divergence statistics ======", f"Mean    KLD: {est(k)}", f"Maximum KLD: {k['max']:10.6f}"]
+    lines = [
+        "====== Perplexity statistics ======",
+        f"Mean PPL(Q)                   : {est(st['ppl'])}",
+        f"Mean PPL(base)                : {est(st['ppl_base'])}",
+        f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * st['cor_ln_ppl']:6.2f}%  [{100 * st['cor_ln_ppl_window']:.2f}% of window means]",
+        f"Mean ln(PPL(Q)/PPL(base))     : {est(st['ln_ppl_ratio'])}",
+        f"Mean PPL(Q)/PPL(base)         : {est(st['ppl_ratio'])}",
+        f"Mean PPL(Q)-PPL(base)         : {est(st['ppl_diff'])}",
+        "",
+        "====== KL divergence statistics ======",
+        f"Mean    KLD: {est(k)}",
+        f"Maximum KLD: {k['max']:10.6f}",
+    ]
     lines += [f"{q:<5}   KLD: {k['p' + q[:-1]]:10.6f}" for q in ("99.9%", "99%", "95%", "90%")]
     lines += [f"Median  KLD: {k['median']:10.6f}"] + [f"{q:<5}   KLD: {k['p' + q[:-1]]:10.6f}" for q in ("10%", "5%", "1%", "0.1%")]
-    lines += [f"Minimum KLD: {k['min']:10.6f}", "", "====== Token probability statistics ======",
-              f"Mean    Δp: {est(dp, 100, '{:6.3f}')} %", f"Maximum Δp: {100 * dp['max']:6.3f}%"]
+    lines += [
+        f"Minimum KLD: {k['min']:10.6f}",
+        "",
+        "====== Token probability statistics ======",
+        f"Mean    Δp: {est(dp, 100, '{:6.3f}')} %",
+        f"Maximum Δp: {100 * dp['max']:6.3f}%",
+    ]
     lines += [f"{q:<5}   Δp: {100 * dp['p' + q[:-1]]:6.3f}%" for q in ("99.9%", "99%", "95%", "90%", "75%")]
     lines += [f"Median  Δp: {100 * dp['median']:6.3f}%"]
     lines += [f"{q:<5}   Δp: {100 * dp['p' + q[:-1]]:6.3f}%" for q in ("25%", "10%", "5%", "1%", "0.1%")]
-    lines += [f"Minimum Δp: {100 * dp['min']:6.3f}%", f"RMS Δp    : {est(st['rms_dp'], 100, '{:6.3f}')} %",
-              f"Same top p: {est(st['same_top'], 100, '{:6.3f}')} %",
-              f"({st['tokens']} tokens in {st['windows']} windows; ± per token as llama-perplexity, [± per window] from window means)"]
+    lines += [
+        f"Minimum Δp: {100 * dp['min']:6.3f}%",
+        f"RMS Δp    : {est(st['rms_dp'], 100, '{:6.3f}')} %",
+        f"Same top p: {est(st['same_top'], 100, '{:6.3f}')} %",
+        f"({st['tokens']} tokens in {st['windows']} windows; ± per token as llama-perplexity, [± per window] from window means)",
+    ]
     return "\n".join(lines)
 
 
@@ -230,8 +280,11 @@ def plot(report: dict, path: Path) -> Path | None:
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{report['source']['name']}: size vs quality ({report['text']['tokens_scored']} tokens, ctx {report['text']['ctx']}; "
-                 "bars: 95 % from per-window errors)", fontsize=10)
+    fig.suptitle(
+        f"{report['source']['name']}: size vs quality ({report['text']['tokens_scored']} tokens, ctx {report['text']['ctx']}; "
+        "bars: 95 % from per-window errors)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -296,6 +349,7 @@ def render(report_json: Path) -> tuple[Path, Path | None]:
 
 # Sweeps -------------------------------------------------------------------------------------------
 
+
 def _sweep_series(data: dict) -> dict[str, list[tuple[int, dict]]]:
     """type → [(step, row)] over revisions with a step, in step order."""
     out: dict[str, list] = {}
@@ -306,10 +360,14 @@ def _sweep_series(data: dict) -> dict[str, list[tuple[int, dict]]]:
 
 
 def sweep_markdown(data: dict) -> str:
-    out = [f"# Quantization across training: {data['repo']}", "",
-           f"- Text sha256 `{data['text']['sha256']}`, {data['text']['tokens_scored']} tokens scored, context {data['text']['ctx']}",
-           "- Each revision scored against its own fp32 transformers reference on the same windows; revisions whose "
-           "weights equal an earlier one's (same sha256) are marked and not recomputed.", ""]
+    out = [
+        f"# Quantization across training: {data['repo']}",
+        "",
+        f"- Text sha256 `{data['text']['sha256']}`, {data['text']['tokens_scored']} tokens scored, context {data['text']['ctx']}",
+        "- Each revision scored against its own fp32 transformers reference on the same windows; revisions whose "
+        "weights equal an earlier one's (same sha256) are marked and not recomputed.",
+        "",
+    ]
     dups = [r for r in data["revisions"] if r["duplicate_of"]]
     if dups:
         out += ["Duplicates: " + ", ".join(f"`{r['revision']}` = `{r['duplicate_of']}`" for r in dups), ""]
@@ -318,11 +376,12 @@ def sweep_markdown(data: dict) -> str:
         for step, row, rev in points:
             ref = rev["reference"] or {}
             dup = f" (= {rev['duplicate_of']})" if rev["duplicate_of"] else ""
-            out.append(f"| {step} | {rev['revision']}{dup} | {ref.get('ppl', 0):.3f} | {_cell(row, 'kld_mean', '{:.5f}')} | "
-                       f"{_cell(row, 'dppl_pct', '{:+.2f}')} | {100 * row['top1']:.2f} |")
+            out.append(
+                f"| {step} | {rev['revision']}{dup} | {ref.get('ppl', 0):.3f} | {_cell(row, 'kld_mean', '{:.5f}')} | "
+                f"{_cell(row, 'dppl_pct', '{:+.2f}')} | {100 * row['top1']:.2f} |"
+            )
         out.append("")
-    out.append("± is the standard error from per-window means (the tokens of one window are correlated); "
-               "sweep.png draws 95 % bands from it.")
+    out.append("± is the standard error from per-window means (the tokens of one window are correlated); sweep.png draws 95 % bands from it.")
     return "\n".join(out) + "\n"
 
 
@@ -340,7 +399,7 @@ def sweep_plot(data: dict, path: Path) -> None:
         for ax, key, floor in ((axes[0], "kld_mean", 1e-7), (axes[1], "dppl_pct", None)):
             ys = np.array([r[key] if floor is None else max(r[key], floor) for _, r, _ in points])
             err = np.array([1.96 * (r.get(WITH_SE[key][0]) or 0.0) for _, r, _ in points])
-            line, = ax.plot(xs, ys, "o-", label=qtype)
+            (line,) = ax.plot(xs, ys, "o-", label=qtype)
             lo = ys - err if floor is None else np.maximum(ys - err, floor)
             ax.fill_between(xs, lo, ys + err, color=line.get_color(), alpha=0.2, lw=0)
     first = next(iter(series.values()), [])

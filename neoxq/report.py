@@ -100,13 +100,15 @@ def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
     except (NeoxqError, OSError, ValueError):
         ok = False
     if not ok:
-        im = compute_imatrix(run.ckpt, run.calib, ctx=run.opts.ctx,
-                             dataset_name=f"{run.text_file.name}[calibration part] sha256:{calib_sha[:16]}")
+        im = compute_imatrix(run.ckpt, run.calib, ctx=run.opts.ctx, dataset_name=f"{run.text_file.name}[calibration part] sha256:{calib_sha[:16]}")
         write_imatrix(path, im, force=True)
         with atomic_output(record, force=True) as tmp:
             tmp.write_text(json.dumps(inputs))
-    return path, {"file": path.name, "calibration": f"first {int(CALIBRATION_SHARE * 100)}% of {run.text_file.name} "
-                  f"({len(run.calib)} chars, sha256 {calib_sha[:16]}…), not scored"}
+    return path, {
+        "file": path.name,
+        "calibration": f"first {int(CALIBRATION_SHARE * 100)}% of {run.text_file.name} "
+        f"({len(run.calib)} chars, sha256 {calib_sha[:16]}…), not scored",
+    }
 
 
 def _score(run: _Run, built, reference, cache: Path) -> dict:
@@ -119,9 +121,15 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
     from neoxq.runtime.speed import measure
 
     st, sha = built.path.stat(), file_sha256(built.path)
-    inputs = {"file_sha256": sha, "scored_sha256": text_sha256(run.scored), "ctx": run.opts.ctx,
-              "reference": reference.identity(), "tasks": run.opts.tasks, "include_path": run.opts.include_path,
-              "speed": [run.opts.speed_prompt, run.opts.speed_tokens]}
+    inputs = {
+        "file_sha256": sha,
+        "scored_sha256": text_sha256(run.scored),
+        "ctx": run.opts.ctx,
+        "reference": reference.identity(),
+        "tasks": run.opts.tasks,
+        "include_path": run.opts.include_path,
+        "speed": [run.opts.speed_prompt, run.opts.speed_tokens],
+    }
     res_file = run.out / "results" / f"{built.label}.json"
     cached = _cached_row(run, res_file, inputs)
     if cached:
@@ -132,16 +140,40 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
         speed = measure(m, m.tokenize(run.scored[:20000]), run.opts.speed_prompt, run.opts.speed_tokens)
     tokens = save_scores(run.out / TOKENS_DIR / f"{built.label}.npz", k.tokens)
     s = k.stats
-    row = {"type": built.label, "file": built.path.name, "size_bytes": st.st_size, "sha256": sha, "bpw": round(info.bpw, 4),
-           "ppl": k.ppl, "ppl_se": k.ppl_se, "dppl_pct": k.dppl_pct, "dppl_pct_se": 100 * s["ppl_ratio"]["se"],
-           "dppl_pct_se_window": 100 * s["ppl_ratio"]["se_window"], "kld_mean": k.kld_mean, "kld_mean_se": k.kld_mean_se,
-           "kld_mean_se_window": s["kld"]["se_window"], "kld_median": k.kld_median, "kld_p99": k.kld_p99,
-           "kld_max": k.kld_max, "top1": k.top1, "top1_se": k.top1_se, "rms_dp": k.rms_dp, "stats": s,
-           "tokens": {**tokens, "file": f"{TOKENS_DIR}/{tokens['file']}"},
-           "pp_tps": speed.pp_tps, "tg_tps": speed.tg_tps, "speed": speed.as_json(),
-           ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
-           "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")), **_mix_json(info), **_opt_json(info), **_tasks_json(run, built.path),
-           "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, "_tokens": k.tokens_scored, "_inputs": inputs}
+    row = {
+        "type": built.label,
+        "file": built.path.name,
+        "size_bytes": st.st_size,
+        "sha256": sha,
+        "bpw": round(info.bpw, 4),
+        "ppl": k.ppl,
+        "ppl_se": k.ppl_se,
+        "dppl_pct": k.dppl_pct,
+        "dppl_pct_se": 100 * s["ppl_ratio"]["se"],
+        "dppl_pct_se_window": 100 * s["ppl_ratio"]["se_window"],
+        "kld_mean": k.kld_mean,
+        "kld_mean_se": k.kld_mean_se,
+        "kld_mean_se_window": s["kld"]["se_window"],
+        "kld_median": k.kld_median,
+        "kld_p99": k.kld_p99,
+        "kld_max": k.kld_max,
+        "top1": k.top1,
+        "top1_se": k.top1_se,
+        "rms_dp": k.rms_dp,
+        "stats": s,
+        "tokens": {**tokens, "file": f"{TOKENS_DIR}/{tokens['file']}"},
+        "pp_tps": speed.pp_tps,
+        "tg_tps": speed.tg_tps,
+        "speed": speed.as_json(),
+        ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
+        "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")),
+        **_mix_json(info),
+        **_opt_json(info),
+        **_tasks_json(run, built.path),
+        "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se},
+        "_tokens": k.tokens_scored,
+        "_inputs": inputs,
+    }
     res_file.parent.mkdir(exist_ok=True)
     with atomic_output(res_file, force=True) as tmp:
         tmp.write_text(json.dumps(row, indent=1))
@@ -173,8 +205,14 @@ def _mix_json(info) -> dict:
     meta = info.metadata
     if "neoxq.mix.base" not in meta:
         return {}
-    return {"mix": {"base": meta["neoxq.mix.base"], "target_bytes": int(meta["neoxq.mix.target_bytes"]),
-                    "stock_bytes": int(meta["neoxq.mix.stock_bytes"]), "predicted_kld": float(meta["neoxq.mix.predicted_kld"])}}
+    return {
+        "mix": {
+            "base": meta["neoxq.mix.base"],
+            "target_bytes": int(meta["neoxq.mix.target_bytes"]),
+            "stock_bytes": int(meta["neoxq.mix.stock_bytes"]),
+            "predicted_kld": float(meta["neoxq.mix.predicted_kld"]),
+        }
+    }
 
 
 def _opt_json(info) -> dict:
@@ -182,8 +220,13 @@ def _opt_json(info) -> dict:
     meta = info.metadata
     if "neoxq.optimize.method" not in meta:
         return {}
-    return {"optimize": {"method": meta["neoxq.optimize.method"], "calibration_sha256": meta["neoxq.optimize.calibration.sha256"],
-                         "calibration_tokens": int(meta["neoxq.optimize.calibration.tokens"])}}
+    return {
+        "optimize": {
+            "method": meta["neoxq.optimize.method"],
+            "calibration_sha256": meta["neoxq.optimize.calibration.sha256"],
+            "calibration_tokens": int(meta["neoxq.optimize.calibration.tokens"]),
+        }
+    }
 
 
 def source_identity(ckpt) -> str:
@@ -200,10 +243,21 @@ def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
     ref = opts.reference
     if ref not in ("auto", "hf", "f16") and Path(ref).exists():
         ref = f"{Path(ref).resolve()}:{Path(ref).stat().st_mtime_ns}"
-    return {"source": source, "text_sha256": text_sha, "types": [t.value for t in QuantType.parse_list(opts.types)], "ctx": opts.ctx,
-            "imatrix": opts.imatrix if opts.imatrix in (None, "auto") else file_sha256(Path(opts.imatrix)), "reference": ref,
-            "mix": opts.mix, "optimize": opts.optimize, "tasks": opts.tasks, "include_path": opts.include_path,
-            "max_memory": opts.max_memory, "speed": [opts.speed_prompt, opts.speed_tokens], "neoxq": __version__}
+    return {
+        "source": source,
+        "text_sha256": text_sha,
+        "types": [t.value for t in QuantType.parse_list(opts.types)],
+        "ctx": opts.ctx,
+        "imatrix": opts.imatrix if opts.imatrix in (None, "auto") else file_sha256(Path(opts.imatrix)),
+        "reference": ref,
+        "mix": opts.mix,
+        "optimize": opts.optimize,
+        "tasks": opts.tasks,
+        "include_path": opts.include_path,
+        "max_memory": opts.max_memory,
+        "speed": [opts.speed_prompt, opts.speed_tokens],
+        "neoxq": __version__,
+    }
 
 
 def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
@@ -212,14 +266,26 @@ def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> d
     ck = run.ckpt
     return {
         "inputs": report_inputs(source_identity(ck), text_sha256(run.text), run.opts),
-        "reuse": {"files_reused": sum(r["file_reused"] for r in rows), "files_made": sum(not r["file_reused"] for r in rows),
-                  "rows_reused": sum(r["reused"] for r in rows), "rows_scored": sum(not r["reused"] for r in rows)},
-        "source": {"name": ck.name, "path": str(ck.folder), "repo": ck.repo_id, "revision": ck.revision,
-                   "commit": ck.commit, "format": ck.format},
-        "text": {"file": run.text_file.name, "sha256": text_sha256(run.text), "scored_sha256": text_sha256(run.scored),
-                 "ctx": run.opts.ctx, "tokens_scored": rows[0]["_tokens"], "calibration_excluded": _calibrates(run.opts),
-                 "calibration": (f"first {int(CALIBRATION_SHARE * 100)}% ({len(run.calib)} chars), for the imatrix, mixes and optimised rounding; "
-                                 "never scored") if _calibrates(run.opts) else None},
+        "reuse": {
+            "files_reused": sum(r["file_reused"] for r in rows),
+            "files_made": sum(not r["file_reused"] for r in rows),
+            "rows_reused": sum(r["reused"] for r in rows),
+            "rows_scored": sum(not r["reused"] for r in rows),
+        },
+        "source": {"name": ck.name, "path": str(ck.folder), "repo": ck.repo_id, "revision": ck.revision, "commit": ck.commit, "format": ck.format},
+        "text": {
+            "file": run.text_file.name,
+            "sha256": text_sha256(run.text),
+            "scored_sha256": text_sha256(run.scored),
+            "ctx": run.opts.ctx,
+            "tokens_scored": rows[0]["_tokens"],
+            "calibration_excluded": _calibrates(run.opts),
+            "calibration": (
+                f"first {int(CALIBRATION_SHARE * 100)}% ({len(run.calib)} chars), for the imatrix, mixes and optimised rounding; never scored"
+            )
+            if _calibrates(run.opts)
+            else None,
+        },
         "reference": {"kind": reference.description, "choice": run.opts.reference, **_plan_json(reference), **rows[0]["_ref"]},
         "imatrix": im_info,
         "machine": describe(),
@@ -349,8 +415,18 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
         files += list(mixes.values())
     if run.opts.optimize:
         for mix in (False, True) if run.opts.mix else (False,):
-            opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step, mix=mix,
-                                  max_memory=run.opts.max_memory)
+            opt = build_optimized(
+                run.ckpt,
+                base,
+                run.types,
+                run.out,
+                run.calib,
+                imatrix=im_path,
+                ctx=run.opts.ctx,
+                on_step=step,
+                mix=mix,
+                max_memory=run.opts.max_memory,
+            )
             files += list(opt.values())
     return files, im_info, base
 
@@ -389,8 +465,11 @@ def _preflight(run: _Run, n_windows: int) -> None:
         return
     run.reference = _hf_for(run, llama)
     plan = run.reference.prepare(run.opts.ctx, n_windows)
-    preflight.check(f"the report ({plan.mode} fp32 reference + llama.cpp)", plan.peak_bytes + llama,
-                    "pass --max-memory SIZE so the reference streams layer by layer, or --reference f16")
+    preflight.check(
+        f"the report ({plan.mode} fp32 reference + llama.cpp)",
+        plan.peak_bytes + llama,
+        "pass --max-memory SIZE so the reference streams layer by layer, or --reference f16",
+    )
 
 
 def _hf_for(run: _Run, reserved: int):

@@ -22,8 +22,23 @@ from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.textfile import read_text, text_sha256
 from neoxq.report import ReportOptions
 
-ROW_KEYS = ("type", "size_bytes", "bpw", "ppl", "ppl_se", "dppl_pct", "dppl_pct_se", "dppl_pct_se_window", "kld_mean",
-            "kld_mean_se", "kld_mean_se_window", "kld_p99", "top1", "top1_se", "vs_stock")
+ROW_KEYS = (
+    "type",
+    "size_bytes",
+    "bpw",
+    "ppl",
+    "ppl_se",
+    "dppl_pct",
+    "dppl_pct_se",
+    "dppl_pct_se_window",
+    "kld_mean",
+    "kld_mean_se",
+    "kld_mean_se_window",
+    "kld_p99",
+    "top1",
+    "top1_se",
+    "vs_stock",
+)
 
 
 @dataclass
@@ -99,9 +114,15 @@ def _reusable(folder: Path, text_sha: str, opts: SweepOptions, commit: str) -> d
 def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
     rows = [{**{k: r.get(k) for k in ROW_KEYS}, **({"tasks": r["tasks"]} if "tasks" in r else {})} for r in (report or {}).get("results", [])]
     ref = (report or {}).get("reference", {})
-    return {"revision": rid.revision, "step": step, "commit": rid.commit, "weights_sha256": rid.weights_sha256,
-            "duplicate_of": dup, "reference": {"ppl": ref.get("ppl"), "ppl_se": ref.get("ppl_se")} if report else None,
-            "results": rows}
+    return {
+        "revision": rid.revision,
+        "step": step,
+        "commit": rid.commit,
+        "weights_sha256": rid.weights_sha256,
+        "duplicate_of": dup,
+        "reference": {"ppl": ref.get("ppl"), "ppl_se": ref.get("ppl_se")} if report else None,
+        "results": rows,
+    }
 
 
 def _step(repo: str, revision: str, dup: str | None) -> int | None:
@@ -127,9 +148,14 @@ def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, result
             continue
         tokens = report["text"]["tokens_scored"]
         entries.append(_entry(rid, _step(repo, rid.revision, dup), dup, report))
-    data = {"repo": repo, "types": [t.value for t in QuantType.parse_list(opts.types)] + (["mix"] if opts.mix else []),
-            "text": {"sha256": text_sha, "ctx": opts.ctx, "tokens_scored": tokens}, "versions": versions(), "machine": describe(),
-            "revisions": entries}
+    data = {
+        "repo": repo,
+        "types": [t.value for t in QuantType.parse_list(opts.types)] + (["mix"] if opts.mix else []),
+        "text": {"sha256": text_sha, "ctx": opts.ctx, "tokens_scored": tokens},
+        "versions": versions(),
+        "machine": describe(),
+        "revisions": entries,
+    }
     path = out / "sweep.json"
     with atomic_output(path, force=True) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
@@ -160,6 +186,7 @@ def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions 
             todo += [] if done else [rid]
     args = (repo, str(Path(text_file).resolve()), out, opts)
     with Progress("sweep", len(todo), "revisions") as bar:
+
         def finished(rid, report):
             results[rid.revision] = report
             _write(out, repo, opts, text_sha, plan, results)
@@ -189,8 +216,7 @@ def _run_local(todo, args, finished) -> None:
 
     threads = max(1, _cores() // opts.workers)
     with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_task, repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads, is_quiet()): rid
-                   for rid in todo}
+        futures = {pool.submit(_task, repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads, is_quiet()): rid for rid in todo}
         for f in as_completed(futures):
             finished(futures[f], f.result())
 
@@ -204,8 +230,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start one with `ray start --head`, "
-                         "or pass --ray without --ray-address for a local one") from exc
+        raise UsageError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start one with `ray start --head`, "
+            "or pass --ray without --ray-address for a local one"
+        ) from exc
 
 
 def _run_ray(todo, args, finished) -> None:
@@ -223,8 +251,10 @@ def _run_ray(todo, args, finished) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"cannot reach the Ray cluster at {opts.ray} ({str(exc).splitlines()[0][:120]}); start one with "
-                         "`ray start --head`, or pass --ray without --ray-address for a local one") from exc
+        raise UsageError(
+            f"cannot reach the Ray cluster at {opts.ray} ({str(exc).splitlines()[0][:120]}); start one with "
+            "`ray start --head`, or pass --ray without --ray-address for a local one"
+        ) from exc
     try:
         # a task runs on one node: its share of the largest node's cores and memory (the cluster's
         # totals would ask for more than any node has once there are several)
@@ -239,8 +269,9 @@ def _run_ray(todo, args, finished) -> None:
             # the streamed reference and the llama.cpp side hold about twice the checkpoint, plus libraries
             need = min(2 * rid.weights_bytes + (1 << 30), int(0.8 * node_memory)) if node_memory else None
             # a task whose node dies is rerun elsewhere (Ray's retries); only this driver writes sweep.json
-            task = ray.remote(num_cpus=threads, num_gpus=1 if supports_gpu_offload() else 0, max_retries=3,
-                              **({"memory": need} if need else {}))(_task)
+            task = ray.remote(num_cpus=threads, num_gpus=1 if supports_gpu_offload() else 0, max_retries=3, **({"memory": need} if need else {}))(
+                _task
+            )
             pending[task.remote(repo, rid.revision, text, str(out / rid.revision), asdict(opts), threads, is_quiet())] = rid
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

@@ -35,18 +35,23 @@ def types_table() -> str:
 def quant_result_table(result) -> str:
     """A quantized file's tensors (type, shape, bytes, llama.cpp's fallbacks), then its size line."""
     rows = [[t["name"], t["type"], "x".join(map(str, t["shape"])), str(t["bytes"]), t["note"]] for t in result.tensors]
-    out = [render([("tensor", "left"), ("type", "left"), ("shape", "left"), ("bytes", "right"), ("note", "left")], rows),
-           f"{result.label}: {result.size_bytes / 1e6:.2f} MB, {result.bpw:.2f} bits/weight, {result.seconds:.1f} s"]
+    out = [
+        render([("tensor", "left"), ("type", "left"), ("shape", "left"), ("bytes", "right"), ("note", "left")], rows),
+        f"{result.label}: {result.size_bytes / 1e6:.2f} MB, {result.bpw:.2f} bits/weight, {result.seconds:.1f} s",
+    ]
     mix = result.extra.get("mix")
     if mix:
         stock = f" vs stock {mix['stock_predicted_kld']:.5f}" if mix.get("stock_predicted_kld") else ""
-        out.append(f"mix: budget {mix['target_bytes'] / 1e6:.2f} MB (stock {mix['base']} {mix['stock_bytes'] / 1e6:.2f} MB); "
-                   f"predicted KLD {mix['predicted_kld']:.5f}{stock}; {mix['probes']} measured probes")
+        out.append(
+            f"mix: budget {mix['target_bytes'] / 1e6:.2f} MB (stock {mix['base']} {mix['stock_bytes'] / 1e6:.2f} MB); "
+            f"predicted KLD {mix['predicted_kld']:.5f}{stock}; {mix['probes']} measured probes"
+        )
     return "\n".join(out)
 
 
 def sweep_table(data: dict) -> str:
     """KLD per revision and type, with each revision's reference perplexity."""
+
     def order(t: str) -> int:
         base = t.split("-")[0]
         return data["types"].index(base) if base in data["types"] else 99
@@ -56,8 +61,15 @@ def sweep_table(data: dict) -> str:
     for rev in data["revisions"]:
         kl = {r["type"]: r["kld_mean"] for r in rev["results"]}
         ref = rev["reference"]["ppl"] if rev["reference"] else float("nan")
-        rows.append([rev["revision"], "-" if rev["step"] is None else str(rev["step"]), f"{ref:.3f}",
-                     *[f"{kl.get(t, float('nan')):.5f}" for t in types], f"= {rev['duplicate_of']}" if rev["duplicate_of"] else ""])
+        rows.append(
+            [
+                rev["revision"],
+                "-" if rev["step"] is None else str(rev["step"]),
+                f"{ref:.3f}",
+                *[f"{kl.get(t, float('nan')):.5f}" for t in types],
+                f"= {rev['duplicate_of']}" if rev["duplicate_of"] else "",
+            ]
+        )
     cols = [("revision", "left"), ("step", "right"), ("ref ppl", "right"), *[(f"KLD {t}", "right") for t in types], ("", "left")]
     return render(cols, rows)
 

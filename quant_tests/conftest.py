@@ -18,9 +18,13 @@ from neoxq.convert.tiny import TinySpec, build_random, stdlib_text
 # The converter's checkpoint matrix (issue 2, item 2/5): config styles, residual, rotary, formats, dtypes.
 CASES = {
     "hf4-parallel-rot025-safetensors": TinySpec(config_style="hf4", use_parallel_residual=True, rotary_pct=0.25, weights="safetensors"),
-    "hf5-sequential-rot1-sharded-tied": TinySpec(config_style="hf5", use_parallel_residual=False, rotary_pct=1.0, weights="sharded", tie_word_embeddings=True, seed=1),
+    "hf5-sequential-rot1-sharded-tied": TinySpec(
+        config_style="hf5", use_parallel_residual=False, rotary_pct=1.0, weights="sharded", tie_word_embeddings=True, seed=1
+    ),
     "hf4-bin-fp16": TinySpec(config_style="hf4", weights="bin", dtype="float16", rotary_pct=0.25, seed=2),
-    "hf5-sharded-bin-bf16-rot1": TinySpec(config_style="hf5", weights="sharded-bin", dtype="bfloat16", rotary_pct=1.0, use_parallel_residual=False, seed=3),
+    "hf5-sharded-bin-bf16-rot1": TinySpec(
+        config_style="hf5", weights="sharded-bin", dtype="bfloat16", rotary_pct=1.0, use_parallel_residual=False, seed=3
+    ),
 }
 
 

@@ -26,6 +26,7 @@ def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
 
 def kl_stats(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     """(mean KL(ref || test), top-1 agreement) over positions."""
+
     def log_softmax(x):
         x = x.astype(np.float64)
         x = x - x.max(-1, keepdims=True)
@@ -38,8 +39,9 @@ def kl_stats(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
 
 def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, input=stdin, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, input=stdin, timeout=timeout
+    )
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:

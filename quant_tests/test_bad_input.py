@@ -35,8 +35,12 @@ def test_run_mistakes_are_one_line(small, tmp_path):
     long = tmp_path / "long.txt"
     long.write_text("the cat sat on the mat. " * 40)
     cases = [
-        (["--temp", "nan"], "--temperature"), (["--top-p", "nan"], "--top-p"), (["--repeat-penalty", "inf"], "--repeat-penalty"),
-        (["--threads", "1000"], "--threads"), (["--stop", ""], "stop"), (["-f", long, "-p", "hi"], "--prompt-file"),
+        (["--temp", "nan"], "--temperature"),
+        (["--top-p", "nan"], "--top-p"),
+        (["--repeat-penalty", "inf"], "--repeat-penalty"),
+        (["--threads", "1000"], "--threads"),
+        (["--stop", ""], "stop"),
+        (["-f", long, "-p", "hi"], "--prompt-file"),
         (["-f", tmp_path], "folder"),
     ]
     for extra, needle in cases:
@@ -57,10 +61,15 @@ def test_other_mistakes_are_one_line(small, tmp_path):
     calib = tmp_path / "c.txt"
     calib.write_text("x " * 500)
     assert_one_line_error(run_cli("info", tmp_path), "folder")
-    assert_one_line_error(run_cli("quantize", small, "--type", "Q4_0", "--mix", "--calib", calib, "--target-size", "5TB",
-                                  "--imatrix", "none", "-o", tmp_path / "x.gguf"), "nothing to choose")
-    assert_one_line_error(run_cli("quantize", small, "--type", "Q4_0", "--mix", "--calib", calib, "--target-bpw", "nan",
-                                  "-o", tmp_path / "x.gguf"), "--target-bpw")
+    assert_one_line_error(
+        run_cli(
+            "quantize", small, "--type", "Q4_0", "--mix", "--calib", calib, "--target-size", "5TB", "--imatrix", "none", "-o", tmp_path / "x.gguf"
+        ),
+        "nothing to choose",
+    )
+    assert_one_line_error(
+        run_cli("quantize", small, "--type", "Q4_0", "--mix", "--calib", calib, "--target-bpw", "nan", "-o", tmp_path / "x.gguf"), "--target-bpw"
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert_one_line_error(run_cli("perplexity", small, "--text", empty), "--text", "empty")
@@ -101,8 +110,11 @@ def test_a_reference_or_imatrix_of_another_model_is_refused(ckpt, small, corpus,
     text.write_text(corpus[:6000])
     for src, name in ((twin, "twin.imatrix"), (ckpt, "own.imatrix")):
         assert run_cli("imatrix", src, "--text", text, "-o", tmp_path / name, "--ctx", "64").returncode == 0
-    assert_one_line_error(run_cli("quantize", small, "--type", "Q4_0", "--imatrix", tmp_path / "twin.imatrix", "-o", tmp_path / "q.gguf"),
-                          "another model", "fingerprints")
+    assert_one_line_error(
+        run_cli("quantize", small, "--type", "Q4_0", "--imatrix", tmp_path / "twin.imatrix", "-o", tmp_path / "q.gguf"),
+        "another model",
+        "fingerprints",
+    )
     proc = run_cli("quantize", small, "--type", "Q4_0", "--imatrix", tmp_path / "own.imatrix", "-o", tmp_path / "q.gguf")
     assert proc.returncode == 0, proc.stderr
     for ref in (twin_f16, twin):
@@ -121,7 +133,7 @@ def test_nan_weights_are_named_not_scored(small, corpus, tmp_path):
     bad = tmp_path / "nan.gguf"
     data = bytearray(small.read_bytes())
     at = info.data_offset + t.offset
-    data[at:at + t.n_bytes] = np.full(t.n_bytes // 2, np.nan, np.float16).tobytes()
+    data[at : at + t.n_bytes] = np.full(t.n_bytes // 2, np.nan, np.float16).tobytes()
     bad.write_bytes(bytes(data))
     text = tmp_path / "t.txt"
     text.write_text(corpus[:20000])

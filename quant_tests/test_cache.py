@@ -73,8 +73,15 @@ def _listed(root):
 
 def test_cache_list_names_every_entry_and_what_made_it(root):
     e = _listed(root)
-    assert set(e) == {"old", "new", "sensitivity-abc", f"neoxq-mix-{os.getpid()}-x1", *[k for k in e if k.startswith("neoxq-mix-") and k.endswith("x2")],
-                      "live", "killed"}
+    assert set(e) == {
+        "old",
+        "new",
+        "sensitivity-abc",
+        f"neoxq-mix-{os.getpid()}-x1",
+        *[k for k in e if k.startswith("neoxq-mix-") and k.endswith("x2")],
+        "live",
+        "killed",
+    }
     assert e["old"]["size_bytes"] == 2000 + len((root / "reference" / "old.json").read_bytes()) and e["old"]["kind"] == "reference"
     assert e["old"]["what"].startswith("reference table: ref old, ctx 64")
     assert e["sensitivity-abc"]["what"] == "mix sensitivities: 2 tensors, 4 probes"

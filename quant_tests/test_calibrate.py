@@ -20,8 +20,9 @@ def test_streamed_moments_equal_the_in_memory_pass(trained, texts):
     # negative control: another window length gives other sums, so the check can fail
     other = second_moments(str(trained), text, 32, include_output=True, embedding_fisher=True, streamed=True)
     fisher = "token_embd.weight"
-    assert np.linalg.norm(np.asarray(other[0][fisher]) / other[1][fisher] - np.asarray(mem[0][fisher]) / mem[1][fisher]) > \
-        1e-3 * np.linalg.norm(np.asarray(mem[0][fisher]) / mem[1][fisher])
+    assert np.linalg.norm(np.asarray(other[0][fisher]) / other[1][fisher] - np.asarray(mem[0][fisher]) / mem[1][fisher]) > 1e-3 * np.linalg.norm(
+        np.asarray(mem[0][fisher]) / mem[1][fisher]
+    )
 
 
 def test_sequential_pass_rounds_every_matmul_in_order_on_the_rounded_inputs(trained, texts):
@@ -44,7 +45,11 @@ def test_sequential_pass_rounds_every_matmul_in_order_on_the_rounded_inputs(trai
 
         def requantize(name, mom):
             hf = name.replace("blk.", "gpt_neox.layers.").replace(".attn_qkv.", ".attention.query_key_value.")
-            hf = hf.replace(".attn_output.", ".attention.dense.").replace(".ffn_up.", ".mlp.dense_h_to_4h.").replace(".ffn_down.", ".mlp.dense_4h_to_h.")
+            hf = (
+                hf.replace(".attn_output.", ".attention.dense.")
+                .replace(".ffn_up.", ".mlp.dense_h_to_4h.")
+                .replace(".ffn_down.", ".mlp.dense_4h_to_h.")
+            )
             w = np.array(ckpt.read(head_name(set(ckpt.tensor_names())) if name == "output.weight" else hf), dtype=np.float64)
             b = None if name == "output.weight" else np.array(ckpt.read(hf.replace(".weight", ".bias")), dtype=np.float64)
             if "attn_qkv" in name:

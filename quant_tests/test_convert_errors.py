@@ -23,8 +23,7 @@ def test_unsupported_architecture(ckpt, tmp_path):
     assert no_gguf_left(tmp_path)
 
 
-@pytest.mark.parametrize("remove,needle", [("config.json", "config.json"), ("tokenizer.json", "tokenizer.json"),
-                                           ("model.safetensors", "no weights")])
+@pytest.mark.parametrize("remove,needle", [("config.json", "config.json"), ("tokenizer.json", "tokenizer.json"), ("model.safetensors", "no weights")])
 def test_missing_files(ckpt, tmp_path, remove, needle):
     bad = copy_ckpt(ckpt, tmp_path / "ck")
     (bad / remove).unlink()
@@ -219,8 +218,12 @@ def test_progress_on_a_terminal(ckpt, tmp_path):
 
     def run(*extra):
         master, slave = pty.openpty()
-        proc = subprocess.run([sys.executable, "-m", "neoxq", "convert", str(ckpt), "-o", str(tmp_path / "p.gguf"), "--force", *extra],
-                              stdout=slave, stderr=slave, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "neoxq", "convert", str(ckpt), "-o", str(tmp_path / "p.gguf"), "--force", *extra],
+            stdout=slave,
+            stderr=slave,
+            timeout=300,
+        )
         os.close(slave)
         out = b""
         while True:

@@ -54,11 +54,11 @@ def tasks_dir(texts, tmp_path_factory):
     items = []
     for i, p in enumerate(paras[:40]):
         w = p.split()
-        choices = [" " + " ".join(w[12:16])] + [" " + " ".join(words[j:j + 4]) for j in rng.sample(range(len(words) - 4), 3)]
+        choices = [" " + " ".join(w[12:16])] + [" " + " ".join(words[j : j + 4]) for j in rng.sample(range(len(words) - 4), 3)]
         order = rng.sample(range(4), 4)
         items.append({"context": " ".join(w[:12]), "choices": [choices[k] for k in order], "label": order.index(0)})
     (d / "mc.jsonl").write_text("\n".join(json.dumps(x) for x in items))
-    docs = [{"text": "\n\n".join(paras[i:i + 3])} for i in range(0, 24, 3)] + [{"text": texts["eval"][:9000]}]
+    docs = [{"text": "\n\n".join(paras[i : i + 3])} for i in range(0, 24, 3)] + [{"text": texts["eval"][:9000]}]
     (d / "ppl.jsonl").write_text("\n".join(json.dumps(x) for x in docs))
     (d / "neoxq_mc.yaml").write_text(MC_YAML.format(data=d / "mc.jsonl"))
     (d / "neoxq_ppl.yaml").write_text(PPL_YAML.format(data=d / "ppl.jsonl"))
@@ -70,14 +70,19 @@ def hf_results(trained, tasks_dir):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    r = simple_evaluate(model="hf", model_args=f"pretrained={trained},dtype=float32,device=cpu", tasks=["neoxq_mc", "neoxq_ppl"],
-                        task_manager=TaskManager(include_path=str(tasks_dir)), batch_size=1, bootstrap_iters=0)
+    r = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={trained},dtype=float32,device=cpu",
+        tasks=["neoxq_mc", "neoxq_ppl"],
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+        batch_size=1,
+        bootstrap_iters=0,
+    )
     return r["results"]
 
 
 def test_equal_to_lm_eval_hf_backend(trained_f32, tasks_dir, hf_results, tmp_path):
-    proc = run_cli("eval", trained_f32, "--tasks", "neoxq_mc,neoxq_ppl", "--include-path", tasks_dir, "-o", tmp_path / "r.json",
-                   timeout=900)
+    proc = run_cli("eval", trained_f32, "--tasks", "neoxq_mc,neoxq_ppl", "--include-path", tasks_dir, "-o", tmp_path / "r.json", timeout=900)
     assert proc.returncode == 0, proc.stderr
     ours = json.loads((tmp_path / "r.json").read_text())["models"][str(trained_f32)]["results"]
     print("neoxq:", {t: {k: v for k, v in m.items() if "stderr" not in k} for t, m in ours.items()})
@@ -105,22 +110,60 @@ def test_lm_eval_cli_knows_the_model(trained_f16, tasks_dir, tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "neoxq.lmeval", "run", "--model", "neoxq", "--model_args", f"model={trained_f16}",
-                           "--tasks", "neoxq_mc", "--include_path", str(tasks_dir), "--limit", "4"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "neoxq.lmeval",
+            "run",
+            "--model",
+            "neoxq",
+            "--model_args",
+            f"model={trained_f16}",
+            "--tasks",
+            "neoxq_mc",
+            "--include_path",
+            str(tasks_dir),
+            "--limit",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "neoxq_mc" in proc.stdout and "acc" in proc.stdout
 
 
 def test_eval_bad_input(trained_f16, tasks_dir):
     assert_one_line_error(run_cli("eval", trained_f16, "--tasks", "neoxq_mcq", "--include-path", tasks_dir), "neoxq_mc")
-    assert_one_line_error(run_cli("eval", trained_f16, "--tasks", "arc_easy", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-                                  timeout=600), "network")
+    assert_one_line_error(
+        run_cli("eval", trained_f16, "--tasks", "arc_easy", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=600), "network"
+    )
 
 
 def test_report_tasks_in_json_and_markdown(trained, tasks_dir, texts, tmp_path):
     (tmp_path / "t.txt").write_text(texts["eval"][:20000])
-    proc = run_cli("report", trained, "--text", tmp_path / "t.txt", "--ctx", "128", "--types", "Q8_0,Q2_K", "--imatrix", "none",
-                   "--tasks", "neoxq_mc", "--include-path", tasks_dir, "-o", tmp_path / "r", "--quiet", timeout=900)
+    proc = run_cli(
+        "report",
+        trained,
+        "--text",
+        tmp_path / "t.txt",
+        "--ctx",
+        "128",
+        "--types",
+        "Q8_0,Q2_K",
+        "--imatrix",
+        "none",
+        "--tasks",
+        "neoxq_mc",
+        "--include-path",
+        tasks_dir,
+        "-o",
+        tmp_path / "r",
+        "--quiet",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     accs = {r["type"]: r["tasks"]["neoxq_mc"]["acc"] for r in data["results"]}
@@ -140,9 +183,10 @@ def test_generate_until_equals_hf_backend(trained, trained_f32, texts):
 
     from neoxq.lmeval import NeoxqLM
 
-    prompts = [texts["eval"][i:i + 300] for i in (0, 2000, 5000)]
-    reqs = [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": 24}), idx=i)
-            for i, p in enumerate(prompts)]
+    prompts = [texts["eval"][i : i + 300] for i in (0, 2000, 5000)]
+    reqs = [
+        Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"], "max_gen_toks": 24}), idx=i) for i, p in enumerate(prompts)
+    ]
     ours = NeoxqLM(str(trained_f32)).generate_until(reqs)
     theirs = HFLM(pretrained=str(trained), dtype="float32", device="cpu", batch_size=1).generate_until(reqs)
     print(ours, theirs)

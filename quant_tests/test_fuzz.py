@@ -32,9 +32,9 @@ def mutate(data: bytes, kind: str, rng: random.Random, table_end: int) -> bytes:
             b[rng.randrange(table_end // 2, table_end)] = rng.randrange(256)
     elif kind == "huge_count":
         at = rng.choice([8, 16] + [rng.randrange(24, table_end - 8) for _ in range(3)])
-        b[at:at + 8] = struct.pack("<Q", rng.choice([2**63 - 1, 2**32 + 1, 2**40, 10**12]))
+        b[at : at + 8] = struct.pack("<Q", rng.choice([2**63 - 1, 2**32 + 1, 2**40, 10**12]))
     else:
-        del b[rng.randrange(0, len(b)):]
+        del b[rng.randrange(0, len(b)) :]
     return bytes(b)
 
 
@@ -67,10 +67,13 @@ def _case(i: int, seeds, tmp: Path) -> tuple[list, str]:
     target = im if command == "imatrix" else f16
     bad = tmp / f"case{i}{target.suffix}"
     bad.write_bytes(mutate(target.read_bytes(), kind, rng, _table_end(target)))
-    args = {"info": ["info", bad], "run": ["run", bad, "-p", "x", "-n", "1", "--ctx", "32"],
-            "quantize": ["quantize", bad, "--type", "Q8_0", "-o", tmp / f"out{i}.gguf"],
-            "perplexity": ["perplexity", bad, "--text", d / "text.txt", "--ctx", "16"],
-            "imatrix": ["quantize", f16, "--type", "Q4_0", "--imatrix", bad, "-o", tmp / f"out{i}.gguf"]}[command]
+    args = {
+        "info": ["info", bad],
+        "run": ["run", bad, "-p", "x", "-n", "1", "--ctx", "32"],
+        "quantize": ["quantize", bad, "--type", "Q8_0", "-o", tmp / f"out{i}.gguf"],
+        "perplexity": ["perplexity", bad, "--text", d / "text.txt", "--ctx", "16"],
+        "imatrix": ["quantize", f16, "--type", "Q4_0", "--imatrix", bad, "-o", tmp / f"out{i}.gguf"],
+    }[command]
     return args, f"{command}/{kind}"
 
 
@@ -96,11 +99,28 @@ def test_fuzz_full(i, seeds, tmp_path):
 
 
 CONFIG_MUTATIONS = [
-    {"hidden_size": -64}, {"hidden_size": "64"}, {"hidden_size": 0}, {"num_attention_heads": 0}, {"num_attention_heads": 7},
-    {"num_hidden_layers": -1}, {"num_hidden_layers": 1.5}, {"num_hidden_layers": 99}, {"intermediate_size": None},
-    {"vocab_size": 3}, {"vocab_size": [1]}, {"rotary_pct": 2}, {"rotary_pct": "x"}, {"rotary_emb_base": None, "rope_parameters": 5},
-    {"layer_norm_eps": "tiny"}, {"architectures": "GPTNeoXForCausalLM"}, {"architectures": [3]}, {"model_type": None, "architectures": None},
-    {"hidden_act": 7}, {"use_parallel_residual": "yes"}, {"max_position_embeddings": -1}, {"rope_scaling": {"type": "linear"}},
+    {"hidden_size": -64},
+    {"hidden_size": "64"},
+    {"hidden_size": 0},
+    {"num_attention_heads": 0},
+    {"num_attention_heads": 7},
+    {"num_hidden_layers": -1},
+    {"num_hidden_layers": 1.5},
+    {"num_hidden_layers": 99},
+    {"intermediate_size": None},
+    {"vocab_size": 3},
+    {"vocab_size": [1]},
+    {"rotary_pct": 2},
+    {"rotary_pct": "x"},
+    {"rotary_emb_base": None, "rope_parameters": 5},
+    {"layer_norm_eps": "tiny"},
+    {"architectures": "GPTNeoXForCausalLM"},
+    {"architectures": [3]},
+    {"model_type": None, "architectures": None},
+    {"hidden_act": 7},
+    {"use_parallel_residual": "yes"},
+    {"max_position_embeddings": -1},
+    {"rope_scaling": {"type": "linear"}},
 ]
 
 
@@ -129,8 +149,12 @@ def test_coverage_guided_fuzzing_short_run(target, tmp_path):
     pytest.importorskip("atheris")
     from .helpers import REPO
 
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fuzz.py"), target, "--runs", "3000", "--findings", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fuzz.py"), target, "--runs", "3000", "--findings", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3,000 executions" in proc.stdout and "no finding" in proc.stdout and not list(tmp_path.iterdir())
 
@@ -140,7 +164,11 @@ def test_fuzzing_reports_a_planted_bug(tmp_path):
     pytest.importorskip("atheris")
     from .helpers import REPO
 
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fuzz.py"), "canary", "--runs", "100", "--findings", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fuzz.py"), "canary", "--runs", "100", "--findings", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1 and "FINDING" in proc.stdout
     assert [p.read_bytes()[:5] for p in tmp_path.iterdir()] == [b"neoxq"]

@@ -22,8 +22,10 @@ def test_hull_drops_dominated_and_concave_points():
 def test_allocate_spends_bytes_where_kld_falls_most():
     a = TensorInfo("a.weight", "F16", (256, 256), 0, 0)
     b = TensorInfo("b.weight", "F16", (256, 256), 0, 0)
-    sens = {"a.weight": Sensitivity({}, {}, {"Q2_K": 1.0, "Q4_K": 0.1, "Q8_0": 0.01, "F16": 0.0}),
-            "b.weight": Sensitivity({}, {}, {"Q2_K": 0.05, "Q4_K": 0.02, "Q8_0": 0.001, "F16": 0.0})}
+    sens = {
+        "a.weight": Sensitivity({}, {}, {"Q2_K": 1.0, "Q4_K": 0.1, "Q8_0": 0.01, "F16": 0.0}),
+        "b.weight": Sensitivity({}, {}, {"Q2_K": 0.05, "Q4_K": 0.02, "Q8_0": 0.001, "F16": 0.0}),
+    }
     from neoxq.core.mix_plan import tensor_bytes
 
     cost = lambda t: tensor_bytes(a, t)  # noqa: E731 (same shape for both)
@@ -70,15 +72,20 @@ def test_tensor_budget_counts_the_header_and_the_kept_tensors():
 
     mats = [TensorInfo("blk.0.attn_qkv.weight", "F16", (768, 256), 0, 0), TensorInfo("output.weight", "F16", (1000, 256), 0, 0)]
     norm = TensorInfo("blk.0.attn_norm.weight", "F32", (250,), 1000, 0)
-    info = GGUFInfo(Path("x.gguf"), "gptneox", {"general.quantization_version": 2, "general.file_type": 1}, [*mats, norm], {},
-                    data_offset=4096, header_bytes=4090)
+    info = GGUFInfo(
+        Path("x.gguf"), "gptneox", {"general.quantization_version": 2, "general.file_type": 1}, [*mats, norm], {}, data_offset=4096, header_bytes=4090
+    )
     call_kv = {"neoxq.quant_type": "Q4_K_M-mix"}
     got = tensor_budget(info, 10**6, call_kv, "Q4_K_M", 900_000, "0" * 64, 128)
-    mix_keys = (string_kv_bytes("neoxq.mix.base", "Q4_K_M") + string_kv_bytes("neoxq.mix.target_bytes", "1000000")
-                + string_kv_bytes("neoxq.mix.stock_bytes", "900000") + string_kv_bytes("neoxq.mix.calib_sha256", "0" * 64)
-                + string_kv_bytes("neoxq.mix.ctx", "128")
-                + string_kv_bytes("neoxq.mix.predicted_kld", "-1.23457e-300")
-                + sum(string_kv_bytes(f"neoxq.mix.type.{t.name}", "IQ4_XS") for t in mats))
+    mix_keys = (
+        string_kv_bytes("neoxq.mix.base", "Q4_K_M")
+        + string_kv_bytes("neoxq.mix.target_bytes", "1000000")
+        + string_kv_bytes("neoxq.mix.stock_bytes", "900000")
+        + string_kv_bytes("neoxq.mix.calib_sha256", "0" * 64)
+        + string_kv_bytes("neoxq.mix.ctx", "128")
+        + string_kv_bytes("neoxq.mix.predicted_kld", "-1.23457e-300")
+        + sum(string_kv_bytes(f"neoxq.mix.type.{t.name}", "IQ4_XS") for t in mats)
+    )
     header = -(-(4090 + string_kv_bytes("neoxq.quant_type", "Q4_K_M-mix") + mix_keys) // 32) * 32
     assert got == 10**6 - header - 1024  # the F32 norm: 1000 bytes padded to 1024
 
@@ -106,8 +113,13 @@ def test_dry_run_gives_llama_cpps_types_and_the_exact_size(trained, trained_f16,
     im = tmp_path / "c.imatrix"
     _calibration_imatrix(trained, texts, im)
     sizes = {}
-    for t, kw in (("Q4_K_M", {}), ("Q2_K", {}), ("Q8_0", {}), ("IQ2_XS", {"imatrix": im}),
-                  ("Q3_K_M", {"tensor_types": {"blk.0.ffn_down.weight": "Q8_0"}, "kv": {"neoxq.mix.base": "Q3_K_M"}, "label": "x" * 200})):
+    for t, kw in (
+        ("Q4_K_M", {}),
+        ("Q2_K", {}),
+        ("Q8_0", {}),
+        ("IQ2_XS", {"imatrix": im}),
+        ("Q3_K_M", {"tensor_types": {"blk.0.ffn_down.weight": "Q8_0"}, "kv": {"neoxq.mix.base": "Q3_K_M"}, "label": "x" * 200}),
+    ):
         plan = plan_quantize(info, t, kw.get("imatrix"), **{k: v for k, v in kw.items() if k != "imatrix"})
         assert list(tmp_path.iterdir()) == [im]  # the dry run wrote nothing
         r = quantize(info, t, output=tmp_path / "out.gguf", **kw)
@@ -168,7 +180,7 @@ def test_mix_types_written_equal_the_plan(mix_run):
     written = {t.name: t.tensor_type.name for t in r.tensors}
     assert {n: written[n] for n in plan} == plan
     meta = {k: f.contents() for k, f in r.fields.items() if k.startswith("neoxq.mix.type.")}
-    assert {k[len("neoxq.mix.type."):]: v for k, v in meta.items()} == plan
+    assert {k[len("neoxq.mix.type.") :]: v for k, v in meta.items()} == plan
     assert r.fields["neoxq.quant_type"].contents() == "Q4_K_M-mix" and len(set(plan.values())) > 1
 
 
@@ -176,22 +188,62 @@ def test_mix_bad_input(trained_f16, texts, tmp_path):
     out = tmp_path / "m.gguf"
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "-o", out), "--calib")
     (tmp_path / "short.txt").write_text("a few words only")
-    assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "short.txt",
-                                  "--imatrix", "none", "--ctx", "128", "-o", out), "calibration text", "two windows")
+    assert_one_line_error(
+        run_cli(
+            "quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "short.txt", "--imatrix", "none", "--ctx", "128", "-o", out
+        ),
+        "calibration text",
+        "two windows",
+    )
     (tmp_path / "calib.txt").write_text(texts["calib"][:20000])
-    assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt",
-                                  "--imatrix", "none", "--ctx", "128", "--target-size", "100KB", "-o", out), "smallest mix needs")
+    assert_one_line_error(
+        run_cli(
+            "quantize",
+            trained_f16,
+            "--type",
+            "Q4_K_M",
+            "--mix",
+            "--calib",
+            tmp_path / "calib.txt",
+            "--imatrix",
+            "none",
+            "--ctx",
+            "128",
+            "--target-size",
+            "100KB",
+            "-o",
+            out,
+        ),
+        "smallest mix needs",
+    )
     # the imatrix is computed from --calib by default: a local conversion needs --reference for that
-    assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt",
-                                  "--ctx", "128", "-o", out), "--reference")
+    assert_one_line_error(
+        run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt", "--ctx", "128", "-o", out), "--reference"
+    )
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--target-bpw", "4", "-o", out), "--mix")
     assert not out.exists() and not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".neoxq-stock-*"))
 
 
 def test_mix_cli_json_and_target_bpw(trained, trained_f16, texts, tmp_path):
     (tmp_path / "calib.txt").write_text(texts["calib"][:20000])
-    proc = run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt", "--ctx", "128",
-                   "--target-bpw", "5.0", "--json", "-o", tmp_path / "m.gguf", "--reference", trained)
+    proc = run_cli(
+        "quantize",
+        trained_f16,
+        "--type",
+        "Q4_K_M",
+        "--mix",
+        "--calib",
+        tmp_path / "calib.txt",
+        "--ctx",
+        "128",
+        "--target-bpw",
+        "5.0",
+        "--json",
+        "-o",
+        tmp_path / "m.gguf",
+        "--reference",
+        trained,
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["type"] == "Q4_K_M-mix" and r["mix"]["target_bytes"] >= r["size_bytes"]
@@ -265,8 +317,10 @@ def test_split_probe_equals_llama_cpps_whole_probe_file_and_writes_only_what_it_
     a, b = read_info(probe.parent / f"model-{mats.index('blk.0.ffn_down.weight') + 2:05d}-of-{len(mats) + 1:05d}.gguf"), read_info(whole)
     ta, tb = a.tensors[0], b.tensor("blk.0.ffn_down.weight")
     assert ta.type == tb.type == "Q2_K"
-    assert np.array_equal(np.fromfile(a.path, np.uint8, ta.n_bytes, offset=a.data_offset + ta.offset),
-                          np.fromfile(b.path, np.uint8, tb.n_bytes, offset=b.data_offset + tb.offset))
+    assert np.array_equal(
+        np.fromfile(a.path, np.uint8, ta.n_bytes, offset=a.data_offset + ta.offset),
+        np.fromfile(b.path, np.uint8, tb.n_bytes, offset=b.data_offset + tb.offset),
+    )
 
     def logits(path):
         with NeoxModel(path, RuntimeOptions(n_ctx=64, n_batch=64)) as m:

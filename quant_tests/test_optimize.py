@@ -66,7 +66,7 @@ def test_dynamic_grids_rechoose_each_block_from_compensated_weights():
     assert asked == [0, 32]
     vals = capi.dequantize(blocks.with_levels(fmt, raw.reshape(-1, fmt.size), lv.reshape(-1, 32)), fmt.ggml_type, w.size).reshape(w.shape)
     for col, (ga, gm) in grids.items():
-        assert np.allclose(vals[:, col:col + 32], ga * lv[:, col:col + 32] - gm)
+        assert np.allclose(vals[:, col : col + 32], ga * lv[:, col : col + 32] - gm)
 
 
 def _moments(xf, xq, w, b):
@@ -86,6 +86,7 @@ def test_asymmetric_target_reproduces_fp32_outputs_from_perturbed_inputs():
     w, b = rng.standard_normal((8, 32)), rng.standard_normal(8)
     mom = _moments(xf, xq, w, b)
     wt, bt = gptq.asymmetric_target(w, b, mom, damp=1e-9, chunk=3)
+
     def direct(q, bq):
         return float(np.sum((xf @ w.T + b - xq @ q.T - bq) ** 2)) / len(xf)
 
@@ -147,8 +148,25 @@ def optimized(trained, trained_f16, texts, tmp_path_factory):
     (d / "calib.txt").write_text(texts["calib"])
     im = write_imatrix(d / "im.gguf", compute_imatrix(str(trained), texts["calib"], ctx=128, include_output=True))
     # the same imatrix for both files, so their grids (llama.cpp's search) must be identical
-    proc = run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--optimize", "--calib", d / "calib.txt", "--reference", trained,
-                   "--imatrix", im, "--ctx", "128", "-o", d / "opt.gguf", "--json", "--quiet")
+    proc = run_cli(
+        "quantize",
+        trained_f16,
+        "--type",
+        "Q4_K_M",
+        "--optimize",
+        "--calib",
+        d / "calib.txt",
+        "--reference",
+        trained,
+        "--imatrix",
+        im,
+        "--ctx",
+        "128",
+        "-o",
+        d / "opt.gguf",
+        "--json",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["optimize"]["first_pass"] == "in memory"
     stock = quantize(trained_f16, "Q4_K_M", output=d / "stock-im.gguf", imatrix=im)
@@ -226,8 +244,9 @@ def test_optimize_default_imatrix_comes_from_the_calibration_pass(trained, train
 
     # the first pass layer by layer, as when the fp32 model does not fit --max-memory (its sums equal
     # the in-memory pass's: test_calibrate)
-    r = quantize_optimized(trained_f16, "Q3_K_M", OptimizeOptions(texts["calib"], reference=str(trained), ctx=128, first_pass="streamed"),
-                           output=tmp_path / "o.gguf")
+    r = quantize_optimized(
+        trained_f16, "Q3_K_M", OptimizeOptions(texts["calib"], reference=str(trained), ctx=128, first_pass="streamed"), output=tmp_path / "o.gguf"
+    )
     assert r.extra["optimize"]["first_pass"] == "streamed" and all(x["output_error_ratio"] < 1 for x in r.extra["optimize"]["tensors"])
     meta = read_info(r.path).metadata
     assert meta["neoxq.quant_type"] == "Q3_K_M-opt" and meta.get("neoxq.imatrix.sha256")
@@ -241,16 +260,22 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
     assert_one_line_error(run_cli(*base, "-o", tmp_path / "a.gguf"), "--calib")
     assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "-o", tmp_path / "b.gguf"), "--reference")
     other = next(iter(checkpoints.values()))
-    assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", other, "-o", tmp_path / "c.gguf"),
-                          "not the checkpoint")
+    assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", other, "-o", tmp_path / "c.gguf"), "not the checkpoint")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--reference", trained, "-o", tmp_path / "d.gguf"), "--optimize")
     shim = tmp_path / "sim" / "sitecustomize.py"  # too little memory: refused before any work
     shim.parent.mkdir()
     shim.write_text("import neoxq.core.machine as m\nm.available_memory = lambda: 400 << 20\n")
-    assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", trained, "-o", tmp_path / "e.gguf",
-                                  env={"PYTHONPATH": str(shim.parent)}), "--optimize on", "calibration windows", "available")
-    assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", trained, "--max-memory", "200MB", "-o", tmp_path / "f.gguf"),
-                          "--optimize on", "--max-memory")
+    assert_one_line_error(
+        run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", trained, "-o", tmp_path / "e.gguf", env={"PYTHONPATH": str(shim.parent)}),
+        "--optimize on",
+        "calibration windows",
+        "available",
+    )
+    assert_one_line_error(
+        run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", trained, "--max-memory", "200MB", "-o", tmp_path / "f.gguf"),
+        "--optimize on",
+        "--max-memory",
+    )
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--max-memory", "8GB", "-o", tmp_path / "g.gguf"), "--optimize")
     assert not list(tmp_path.glob("*.gguf"))
 
@@ -290,9 +315,15 @@ def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path
     from neoxq.runtime.score import GGUFReference, kld
 
     im = write_imatrix(tmp_path / "im.gguf", compute_imatrix(str(trained), texts["calib"], ctx=128, include_output=True))
-    mix = quantize_mix(trained_f16, "Q4_K_M", MixOptions(texts["calib"], ctx=128, cache_dir=tmp_path / "mc"), output=tmp_path / "mix.gguf", imatrix=im)
-    om = quantize_optimized(trained_f16, "Q4_K_M", OptimizeOptions(texts["calib"], reference=str(trained), imatrix=str(im), ctx=128, mix=True),
-                            output=tmp_path / "om.gguf")
+    mix = quantize_mix(
+        trained_f16, "Q4_K_M", MixOptions(texts["calib"], ctx=128, cache_dir=tmp_path / "mc"), output=tmp_path / "mix.gguf", imatrix=im
+    )
+    om = quantize_optimized(
+        trained_f16,
+        "Q4_K_M",
+        OptimizeOptions(texts["calib"], reference=str(trained), imatrix=str(im), ctx=128, mix=True),
+        output=tmp_path / "om.gguf",
+    )
     assert om.label == "Q4_K_M-opt-mix"
     # the plan may only choose types neoxq re-rounds (an IQ tensor would keep llama.cpp's error)
     assert set(om.extra["mix"]["types"].values()) <= {"F16", *blocks.FORMATS}
@@ -316,7 +347,8 @@ def _kill_at_layer(folder, layer: int, sig: str):
         "import os, signal\nimport neoxq.core.resume as r\n_save = r.ResumeState.save\n"
         "def save(self, progress):\n    _save(self, progress)\n"
         f"    if progress.get('layers_done') == {layer}:\n        os.kill(os.getpid(), signal.{sig})\n"
-        "r.ResumeState.save = save\n")
+        "r.ResumeState.save = save\n"
+    )
     return str(folder)
 
 
@@ -353,7 +385,7 @@ def test_gptq_sweep_equals_the_textbook_column_loop():
     for j in range(w.shape[1]):
         li = gptq.nearest(wp[:, j], ap[:, j], mp[:, j], fmt.lmin, fmt.lmax)
         e = (wp[:, j] - (ap[:, j] * li - mp[:, j])) / u[j, j]
-        wp[:, j + 1:] -= np.outer(e, u[j, j + 1:])
+        wp[:, j + 1 :] -= np.outer(e, u[j, j + 1 :])
         plain[:, perm[j]] = li
     ours = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax)
     assert (ours == plain).mean() > 0.999 and not np.array_equal(ours, gptq.nearest(w, a, m, fmt.lmin, fmt.lmax))

@@ -78,8 +78,12 @@ def test_quantize_output_policy_from_the_cli(ckpt, tmp_path):
     assert [p.name for p in folder.iterdir()] == [p.name for p in folder.glob("*-Q8_0.gguf")] != []
     # Two writers of one file started together: exactly one succeeds, whichever order they run in.
     same = tmp_path / "same.gguf"
-    procs = [subprocess.Popen([sys.executable, "-m", "neoxq", "quantize", str(f16), "--type", t, "-o", str(same), "--quiet"],
-                              stderr=subprocess.PIPE, text=True) for t in ("Q8_0", "Q4_0")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "neoxq", "quantize", str(f16), "--type", t, "-o", str(same), "--quiet"], stderr=subprocess.PIPE, text=True
+        )
+        for t in ("Q8_0", "Q4_0")
+    ]
     codes = [p.wait(timeout=300) for p in procs]
     assert sorted(codes) == [0, 1], [p.stderr.read() for p in procs]
     assert not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".*.lock"))

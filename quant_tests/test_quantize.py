@@ -66,8 +66,9 @@ def test_imatrix_lowers_kld(trained_f16, trained_imatrix, tmp_path, texts):
     from neoxq.core.imatrix_io import IMatrix, write_imatrix
 
     im = read_imatrix(trained_imatrix)
-    uniform = write_imatrix(tmp_path / "uniform.imatrix", IMatrix({k: np.ones_like(v) for k, v in im.sums.items()},
-                                                                  {k: 1.0 for k in im.counts}, ["uniform"]))
+    uniform = write_imatrix(
+        tmp_path / "uniform.imatrix", IMatrix({k: np.ones_like(v) for k, v in im.sums.items()}, {k: 1.0 for k in im.counts}, ["uniform"])
+    )
     cache = tmp_path / "cache"
     q2_plain = _kld(quantize(trained_f16, "Q2_K", output=tmp_path / "a.gguf").path, trained_f16, texts["eval"], cache)
     q2_im = _kld(quantize(trained_f16, "Q2_K", output=tmp_path / "b.gguf", imatrix=trained_imatrix).path, trained_f16, texts["eval"], cache)

@@ -65,8 +65,21 @@ def test_budget_between_layer_and_model_streams(trained, trained_f32, texts, tmp
     budget = (whole + floor) // 2
     assert floor < budget < whole
     (tmp_path / "t.txt").write_text(texts["eval"][:12000])
-    proc = run_cli("kld", trained_f32, "--reference", trained, "--text", tmp_path / "t.txt", "--ctx", "128", "--json",
-                   "--max-memory", str(budget), "--cache-dir", tmp_path / "c")
+    proc = run_cli(
+        "kld",
+        trained_f32,
+        "--reference",
+        trained,
+        "--text",
+        tmp_path / "t.txt",
+        "--ctx",
+        "128",
+        "--json",
+        "--max-memory",
+        str(budget),
+        "--cache-dir",
+        tmp_path / "c",
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert "streamed" in r["reference"] and r["kld_mean"] < 1e-4 and r["top1"] > 0.99
@@ -74,15 +87,14 @@ def test_budget_between_layer_and_model_streams(trained, trained_f32, texts, tmp
 
 def test_max_memory_below_one_layer_is_refused(trained, trained_f32, texts, tmp_path):
     (tmp_path / "t.txt").write_text(texts["eval"][:12000])
-    proc = run_cli("kld", trained_f32, "--reference", trained, "--text", tmp_path / "t.txt", "--ctx", "128",
-                   "--max-memory", "1MB", "--cache-dir", tmp_path / "c")
+    proc = run_cli(
+        "kld", trained_f32, "--reference", trained, "--text", tmp_path / "t.txt", "--ctx", "128", "--max-memory", "1MB", "--cache-dir", tmp_path / "c"
+    )
     assert_one_line_error(proc, "one layer", "--max-memory")
-    proc = run_cli("report", trained, "--text", tmp_path / "t.txt", "--ctx", "128", "--types", "Q8_0", "--max-memory", "1MB",
-                   "-o", tmp_path / "r")
+    proc = run_cli("report", trained, "--text", tmp_path / "t.txt", "--ctx", "128", "--types", "Q8_0", "--max-memory", "1MB", "-o", tmp_path / "r")
     assert_one_line_error(proc, "one layer")
     assert not list((tmp_path / "r").glob("*.gguf"))  # refused before any work
-    assert_one_line_error(run_cli("kld", trained_f32, "--reference", trained, "--text", tmp_path / "t.txt", "--max-memory", "lots"),
-                          "not a size")
+    assert_one_line_error(run_cli("kld", trained_f32, "--reference", trained, "--text", tmp_path / "t.txt", "--max-memory", "lots"), "not a size")
 
 
 def test_preflight_refuses_what_cannot_fit(ckpt, tmp_path):
@@ -104,7 +116,7 @@ def test_kld_reference_auto_needs_a_recorded_source(trained_f16, texts, tmp_path
     """--reference auto/hf = the checkpoint the file came from: refused in one line for a file
     converted from a local folder (nothing recorded to find it by)."""
     (tmp_path / "t.txt").write_text(texts["eval"][:12000])
-    assert_one_line_error(run_cli("kld", trained_f16, "--reference", "auto", "--text", tmp_path / "t.txt", "--ctx", "128"),
-                          "local folder", "--reference")
-    assert_one_line_error(run_cli("kld", trained_f16, "--reference", "f16", "--text", tmp_path / "t.txt", "--ctx", "128"),
-                          "F16 GGUF")
+    assert_one_line_error(
+        run_cli("kld", trained_f16, "--reference", "auto", "--text", tmp_path / "t.txt", "--ctx", "128"), "local folder", "--reference"
+    )
+    assert_one_line_error(run_cli("kld", trained_f16, "--reference", "f16", "--text", tmp_path / "t.txt", "--ctx", "128"), "F16 GGUF")

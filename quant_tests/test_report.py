@@ -143,11 +143,12 @@ def test_report_statistics_token_files_and_most_hurt(report):
     assert all(t["context"] and t["target"] and t["model_top"] is not None for t in mh["tokens"])
     md = (out / "report.md").read_text()
     assert "tokens Q2_K hurt most" in md and "means of the scored windows" in md
-    assert value_pm(worst['kld_mean'], worst['kld_mean_se_window']) in md
+    assert value_pm(worst["kld_mean"], worst["kld_mean_se_window"]) in md
     assert (out / "report-kld-cdf.png").read_bytes()[:4] == b"\x89PNG" and "report-kld-cdf.png" in md
 
 
 # Publishing (issue 23 items 1-3) ----------------------------------------------------------------
+
 
 class FakeHub:
     """Stands in for huggingface_hub.HfApi: records the calls publish makes (the one untested part
@@ -184,8 +185,9 @@ def test_publish_dry_run_card_and_modelfiles(report, tmp_path):
     assert proc.returncode == 0, proc.stderr
     files = {p.name for p in dest.iterdir()}
     ggufs = {r["file"] for r in data["results"]}
-    assert files == ggufs | {"report.json", "README.md", data["imatrix"]["file"]} | {p for p in ("report.png", "report-kld-cdf.png") if (out / p).exists()} \
-        | {f"{g[:-5]}.Modelfile" for g in ggufs}
+    assert files == ggufs | {"report.json", "README.md", data["imatrix"]["file"]} | {
+        p for p in ("report.png", "report-kld-cdf.png") if (out / p).exists()
+    } | {f"{g[:-5]}.Modelfile" for g in ggufs}
     assert all(file_sha256(dest / r["file"]) == r["sha256"] for r in data["results"])
     card = ModelCard.load(dest / "README.md")
     meta = card.data.to_dict()

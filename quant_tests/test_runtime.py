@@ -36,7 +36,7 @@ def hf_perplexity(folder, ids, ctx):
     nll = []
     with torch.no_grad():
         for c in range(len(ids) // ctx):
-            w = torch.tensor([ids[c * ctx:(c + 1) * ctx]])
+            w = torch.tensor([ids[c * ctx : (c + 1) * ctx]])
             lp = torch.log_softmax(model(w).logits[0].double(), -1)
             for j in range(ctx // 2, ctx - 1):
                 nll.append(-lp[j, w[0, j + 1]].item())
@@ -55,14 +55,17 @@ def test_perplexity_matches_transformers(trained, trained_f32, texts, hf_tok):
     assert 1 < ours.ppl < 200 and ours.ppl_se > 0
 
 
-@pytest.mark.parametrize("text", [
-    "Hello world, the quick brown fox.",
-    "café naïve résumé",  # precomposed
-    unicodedata.normalize("NFD", "café naïve résumé Ångström"),  # decomposed accents: NFC first
-    "def f(x):\n        return x  # four/eight-space runs are added tokens",
-    "end of text<|endoftext|>next document",
-    "emoji 🦙 and 中文 and tabs\t\tand\r\nnewlines",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello world, the quick brown fox.",
+        "café naïve résumé",  # precomposed
+        unicodedata.normalize("NFD", "café naïve résumé Ångström"),  # decomposed accents: NFC first
+        "def f(x):\n        return x  # four/eight-space runs are added tokens",
+        "end of text<|endoftext|>next document",
+        "emoji 🦙 and 中文 and tabs\t\tand\r\nnewlines",
+    ],
+)
 def test_tokenize_equals_hf(trained_f16, hf_tok, text):
     with NeoxModel(trained_f16, RuntimeOptions(n_ctx=64)) as m:
         assert m.tokenize(text) == hf_tok.encode(text).ids
@@ -83,11 +86,11 @@ def test_greedy_generation_matches_transformers(trained, trained_f32, hf_tok, te
     prompt = texts["eval"][1000:1200]
     ids = hf_tok.encode(prompt).ids
     with torch.no_grad():
-        ref = load_reference(trained).generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        ref = load_reference(trained).generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
     proc = run_cli("run", trained_f32, "-p", prompt, "-n", "24", "--temp", "0", "--repeat-penalty", "1", "--ctx", "256")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(prompt)
-    assert proc.stdout[len(prompt):].rstrip("\n") == hf_tok.decode(ref)
+    assert proc.stdout[len(prompt) :].rstrip("\n") == hf_tok.decode(ref)
     assert "tok/s" in proc.stderr and "generation: 24 tokens" in proc.stderr
 
 
@@ -97,7 +100,7 @@ def test_run_reads_stdin_seed_and_stop(trained_f16):
     b = run_cli(*args, stdin="The function returns")
     assert a.returncode == 0 and a.stdout == b.stdout  # same seed, same text
     stop = run_cli("run", trained_f16, "-p", "The", "-n", "64", "--temp", "0", "--stop", " ", "--ctx", "128")
-    assert stop.returncode == 0 and " " not in stop.stdout[len("The"):].strip("\n")
+    assert stop.returncode == 0 and " " not in stop.stdout[len("The") :].strip("\n")
     inter = run_cli("run", trained_f16, "-i", "-n", "4", "--ctx", "128", stdin="first\nsecond\n")
     assert inter.returncode == 0 and inter.stdout.count("\n") >= 2 and inter.stderr.count("generation:") == 2
 
@@ -106,8 +109,7 @@ def test_kld_cli_against_hf_and_cached_reference(trained, trained_f16, trained_f
     (tmp_path / "eval.txt").write_text(texts["eval"][:12000])
     cache = tmp_path / "cache"
     # F32 GGUF against the HF checkpoint: the conversion is exact, so KLD ~ 0.
-    proc = run_cli("kld", trained_f32, "--reference", trained, "--text", tmp_path / "eval.txt", "--ctx", "128",
-                   "--json", "--cache-dir", cache)
+    proc = run_cli("kld", trained_f32, "--reference", trained, "--text", tmp_path / "eval.txt", "--ctx", "128", "--json", "--cache-dir", cache)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["kld_mean"] < 1e-4 and r["top1"] > 0.99 and abs(r["dppl_pct"]) < 0.1
@@ -147,8 +149,11 @@ def test_server_completions(trained_f16):
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "neoxq", "serve", str(trained_f16), "--port", str(port), "--ctx", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neoxq", "serve", str(trained_f16), "--port", str(port), "--ctx", "256"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):
@@ -218,11 +223,13 @@ def test_gpu_logits_match_transformers(trained, trained_f32, texts, hf_tok):
 
 def test_runtime_imports_no_torch():
     """Every module of neoxq.runtime and neoxq.core, and the CLI, imported: no torch/transformers."""
-    code = ("import importlib, pkgutil, sys, neoxq.runtime, neoxq.core, neoxq.cli\n"
-            "for pkg in (neoxq.runtime, neoxq.core):\n"
-            "    for m in pkgutil.iter_modules(pkg.__path__):\n"
-            "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
-            "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    code = (
+        "import importlib, pkgutil, sys, neoxq.runtime, neoxq.core, neoxq.cli\n"
+        "for pkg in (neoxq.runtime, neoxq.core):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+        "print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -243,6 +250,7 @@ main()
 def test_runtime_only_install(trained_f16, trained, texts, tmp_path):
     """With torch/transformers/safetensors unimportable (a `pip install .` laptop), the runtime
     commands work and the converter names the extra to install."""
+
     def cli(*args):
         return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *map(str, args)], capture_output=True, text=True, timeout=300)
 
@@ -255,8 +263,10 @@ def test_runtime_only_install(trained_f16, trained, texts, tmp_path):
     k = cli("kld", tmp_path / "q.gguf", "--reference", trained_f16, "--text", tmp_path / "t.txt", "--ctx", "128", "--cache-dir", tmp_path / "c")
     assert k.returncode == 0, k.stderr
     assert_one_line_error(cli("convert", trained, "-o", tmp_path / "x.gguf"), "neoxq[convert]")
-    assert_one_line_error(cli("kld", trained_f16, "--reference", trained, "--text", tmp_path / "t.txt", "--ctx", "128",
-                              "--cache-dir", tmp_path / "c2"), "neoxq[convert]")
+    assert_one_line_error(
+        cli("kld", trained_f16, "--reference", trained, "--text", tmp_path / "t.txt", "--ctx", "128", "--cache-dir", tmp_path / "c2"),
+        "neoxq[convert]",
+    )
 
 
 def test_prompt_loop_ctrl_c_stops_only_the_generation(trained_f16, monkeypatch, capsys):
@@ -317,7 +327,7 @@ def test_run_without_prompt_on_a_terminal(trained_f16, tmp_path):
                     seen += os.read(fd, 4096)
                 except OSError:
                     break
-        found, seen = seen, seen[seen.index(marker) + len(marker):] if marker in seen else b""
+        found, seen = seen, seen[seen.index(marker) + len(marker) :] if marker in seen else b""
         return found
 
     until(b"> ")

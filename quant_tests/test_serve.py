@@ -28,8 +28,12 @@ def start(model, *extra, ctx=128):
     import httpx
 
     port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "neoxq", "serve", str(model), "--port", str(port), "--ctx", str(ctx), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neoxq", "serve", str(model), "--port", str(port), "--ctx", str(ctx), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -172,8 +176,20 @@ def test_every_openai_parameter_honoured_or_refused_by_name(small_server):
     def post(**body):  # json.dumps writes NaN as JavaScript does, as a careless client would
         return httpx.post(f"{small_server}/v1/completions", content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
 
-    refused = {"n": 5, "best_of": 3, "suffix": "x", "stream": "yes", "foo": 1, "temperature": float("nan"), "top_p": 2,
-               "max_tokens": "5", "logprobs": 50, "logit_bias": {"999999": 1}, "stop": [""], "prompt": ["a", "b"]}
+    refused = {
+        "n": 5,
+        "best_of": 3,
+        "suffix": "x",
+        "stream": "yes",
+        "foo": 1,
+        "temperature": float("nan"),
+        "top_p": 2,
+        "max_tokens": "5",
+        "logprobs": 50,
+        "logit_bias": {"999999": 1},
+        "stop": [""],
+        "prompt": ["a", "b"],
+    }
     for key, value in refused.items():
         r = post(**{"prompt": "hi", key: value})
         assert r.status_code == 400 and key.split("_")[0] in r.json()["error"]["message"], (key, r.text)
@@ -245,8 +261,9 @@ def test_streaming_client_that_leaves_stops_its_generation(small_server):
     import httpx
 
     before = httpx.get(f"{small_server}/health").json()
-    with httpx.stream("POST", f"{small_server}/v1/completions", json={"prompt": "The", "max_tokens": 500, "temperature": 0.8,
-                                                                     "stream": True}, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{small_server}/v1/completions", json={"prompt": "The", "max_tokens": 500, "temperature": 0.8, "stream": True}, timeout=60
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         first = next(r.iter_lines())
         assert first.startswith("data: {")

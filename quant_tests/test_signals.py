@@ -23,8 +23,9 @@ def small_gguf(ckpt, tmp_path_factory):
 
 
 def _start(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "neoxq", *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "neoxq", *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
@@ -32,7 +33,7 @@ def test_signal_while_waiting_exits_with_its_code(small_gguf, sig, code, word):
     proc = _start("run", small_gguf, "-i", "-n", "2", "--ctx", "64")
     proc.stdin.write("first\n")
     proc.stdin.flush()
-    time.sleep(4)  # loaded, answered the first line, now blocked on stdin
+    assert proc.stdout.readline().startswith("first")  # loaded and answered the first line: now waiting for the next
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
@@ -47,19 +48,30 @@ def test_help_and_usage_codes_reach_the_shell():
 def _fsize_limit(nbytes):
     def apply():
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
     return apply
 
 
 def test_convert_over_file_size_limit(ckpt, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "neoxq", "convert", ckpt, "-o", tmp_path / "x.gguf"], capture_output=True,
-                          text=True, preexec_fn=_fsize_limit(100_000), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "neoxq", "convert", ckpt, "-o", tmp_path / "x.gguf"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_fsize_limit(100_000),
+        timeout=300,
+    )
     assert_one_line_error(proc, "x.gguf", "file-size limit")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.partial"))
 
 
 def test_quantize_over_file_size_limit(small_gguf, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "neoxq", "quantize", small_gguf, "--type", "Q8_0", "-o", tmp_path / "q.gguf"],
-                          capture_output=True, text=True, preexec_fn=_fsize_limit(50_000), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "neoxq", "quantize", small_gguf, "--type", "Q8_0", "-o", tmp_path / "q.gguf"],
+        capture_output=True,
+        text=True,
+        preexec_fn=_fsize_limit(50_000),
+        timeout=300,
+    )
     assert_one_line_error(proc, "q.gguf", "file-size limit")
     assert "check the input" not in proc.stderr  # a good input is not blamed
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.partial"))
@@ -84,11 +96,19 @@ def test_sigkill_at_sampled_points_leaves_nothing_or_the_previous_file():
     every writer at 20 points)."""
     from .helpers import REPO
 
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "kill_writers.py"), "--points", "2", "--only", "convert,quantize",
-                           "--seed", "1"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "kill_writers.py"), "--points", "2", "--only", "convert,quantize", "--seed", "1"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("all clean") == 2
     # negative control: a writer that writes in place is caught with its half-written file
-    canary = subprocess.run([sys.executable, str(REPO / "scripts" / "kill_writers.py"), "--points", "2", "--only", "canary", "--seed", "3"],
-                            capture_output=True, text=True, timeout=900)
+    canary = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "kill_writers.py"), "--points", "2", "--only", "canary", "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert canary.returncode == 1 and "after the kill the output is neither" in canary.stdout, canary.stdout + canary.stderr

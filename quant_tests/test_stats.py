@@ -27,9 +27,16 @@ def _scores(rng, windows=12, per=40, vocab=60, noise=0.3, window_effect=0.0):
     targets = np.array([rng.choice(vocab, p=np.exp(r)) for r in lp])
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     rows = np.arange(len(lp))
-    s = TokenScores(kld=kl, lq=lq[rows, targets], lp=lp[rows, targets], same_top=lq.argmax(-1) == lp.argmax(-1),
-                    per_window=per, targets=targets.astype(np.int32), model_top=lq.argmax(-1).astype(np.int32),
-                    ref_top=lp.argmax(-1).astype(np.int32))
+    s = TokenScores(
+        kld=kl,
+        lq=lq[rows, targets],
+        lp=lp[rows, targets],
+        same_top=lq.argmax(-1) == lp.argmax(-1),
+        per_window=per,
+        targets=targets.astype(np.int32),
+        model_top=lq.argmax(-1).astype(np.int32),
+        ref_top=lp.argmax(-1).astype(np.int32),
+    )
     return s, lp, lq, targets
 
 
@@ -53,7 +60,7 @@ def _llama(lp, lq, targets):
         d = math.exp(-nll) - math.exp(-nllb)
         acc["dp"] += d
         acc["dp2"] += d * d
-        acc["dp4"] += d ** 4
+        acc["dp4"] += d**4
         dps.append(d)
 
     def mu(s, s2):
@@ -72,23 +79,43 @@ def _llama(lp, lq, targets):
     lb_m, lb_s = mu(acc["nllb"], acc["nllb2"])
     cov = (acc["nllnllb"] / n - lq_m * lb_m) / (n - 1)
     ppl, pplb = math.exp(lq_m), math.exp(lb_m)
-    ratio_unc = math.sqrt(lq_s ** 2 + lb_s ** 2 - 2 * cov)
+    ratio_unc = math.sqrt(lq_s**2 + lb_s**2 - 2 * cov)
     kl_m, kl_s = mu(acc["kld"], acc["kld2"])
     mse, mse_s = mu(acc["dp2"], acc["dp4"])
     top = same / n
-    return {"ppl": (ppl, ppl * lq_s), "ppl_base": (pplb, pplb * lb_s), "cor": cov / (lq_s * lb_s),
-            "ln_ratio": (lq_m - lb_m, ratio_unc), "ratio": (math.exp(lq_m - lb_m), math.exp(lq_m - lb_m) * ratio_unc),
-            "diff": (ppl - pplb, math.sqrt((ppl * lq_s) ** 2 + (pplb * lb_s) ** 2 - 2 * ppl * pplb * cov)),
-            "kld": (kl_m, kl_s), "kld_p99": pct(klds, 0.99), "kld_p0.1": pct(klds, 0.001), "kld_median": pct(klds, 0.5),
-            "kld_max": max(klds), "dp": mu(acc["dp"], acc["dp2"]), "dp_p75": pct(dps, 0.75),
-            "rms": (math.sqrt(mse), 0.5 / math.sqrt(mse) * mse_s), "top": (top, math.sqrt(top * (1 - top) / (n - 1)))}
+    return {
+        "ppl": (ppl, ppl * lq_s),
+        "ppl_base": (pplb, pplb * lb_s),
+        "cor": cov / (lq_s * lb_s),
+        "ln_ratio": (lq_m - lb_m, ratio_unc),
+        "ratio": (math.exp(lq_m - lb_m), math.exp(lq_m - lb_m) * ratio_unc),
+        "diff": (ppl - pplb, math.sqrt((ppl * lq_s) ** 2 + (pplb * lb_s) ** 2 - 2 * ppl * pplb * cov)),
+        "kld": (kl_m, kl_s),
+        "kld_p99": pct(klds, 0.99),
+        "kld_p0.1": pct(klds, 0.001),
+        "kld_median": pct(klds, 0.5),
+        "kld_max": max(klds),
+        "dp": mu(acc["dp"], acc["dp2"]),
+        "dp_p75": pct(dps, 0.75),
+        "rms": (math.sqrt(mse), 0.5 / math.sqrt(mse) * mse_s),
+        "top": (top, math.sqrt(top * (1 - top) / (n - 1))),
+    }
 
 
 def test_summary_equals_llama_perplexity_formulas():
     s, lp, lq, targets = _scores(np.random.default_rng(0))
     got, ref = summarize(s), _llama(lp, lq, targets)
-    pairs = {"ppl": "ppl", "ppl_base": "ppl_base", "ln_ppl_ratio": "ln_ratio", "ppl_ratio": "ratio", "ppl_diff": "diff",
-             "kld": "kld", "dp": "dp", "rms_dp": "rms", "same_top": "top"}
+    pairs = {
+        "ppl": "ppl",
+        "ppl_base": "ppl_base",
+        "ln_ppl_ratio": "ln_ratio",
+        "ppl_ratio": "ratio",
+        "ppl_diff": "diff",
+        "kld": "kld",
+        "dp": "dp",
+        "rms_dp": "rms",
+        "same_top": "top",
+    }
     for ours, theirs in pairs.items():
         assert got[ours]["value"] == pytest.approx(ref[theirs][0], rel=1e-9, abs=1e-12), ours
         assert got[ours]["se"] == pytest.approx(ref[theirs][1], rel=1e-6), ours
@@ -175,13 +202,34 @@ def test_markdown_shows_uncertainty_and_the_vs_stock_column(tmp_path):
 
     stock, *_ = _scores(np.random.default_rng(8), noise=0.3)
     mix, *_ = _scores(np.random.default_rng(8), noise=0.1)
-    row = lambda t, s: {"type": t, "size_bytes": 1e6, "bpw": 4.5, "ppl": 10.0, "dppl_pct": 1.234, "dppl_pct_se_window": 0.0567,  # noqa: E731
-                        "kld_mean": float(s.kld.mean()), "kld_mean_se": 1e-3, "kld_mean_se_window": 2e-3, "kld_p99": 0.1,
-                        "top1": 0.9, "pp_tps": 1.0, "tg_tps": 1.0, "stats": summarize(s)}
+
+    def row(t, s):
+        return {
+            "type": t,
+            "size_bytes": 1e6,
+            "bpw": 4.5,
+            "ppl": 10.0,
+            "dppl_pct": 1.234,
+            "dppl_pct_se_window": 0.0567,
+            "kld_mean": float(s.kld.mean()),
+            "kld_mean_se": 1e-3,
+            "kld_mean_se_window": 2e-3,
+            "kld_p99": 0.1,
+            "top1": 0.9,
+            "pp_tps": 1.0,
+            "tg_tps": 1.0,
+            "stats": summarize(s),
+        }
+
     rows = [row("Q4_K_M", stock), {**row("Q4_K_M-mix", mix), "vs_stock": paired(mix, stock)}]
-    report = {"source": {"name": "m", "path": "p"}, "text": {"file": "t", "sha256": "x", "tokens_scored": mix.n, "ctx": 80},
-              "reference": {"kind": "k", "ppl": 1.0, "ppl_se": 0.1}, "versions": {}, "machine": {"processor": "p", "cores": 2, "platform": "l"},
-              "results": rows}
+    report = {
+        "source": {"name": "m", "path": "p"},
+        "text": {"file": "t", "sha256": "x", "tokens_scored": mix.n, "ctx": 80},
+        "reference": {"kind": "k", "ppl": 1.0, "ppl_se": 0.1},
+        "versions": {},
+        "machine": {"processor": "p", "cores": 2, "platform": "l"},
+        "results": rows,
+    }
     md = markdown(report)
     v = rows[1]["vs_stock"]["kld"]
     assert f"{v['ratio']:.3f}× [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] better" in md and "vs stock" in md

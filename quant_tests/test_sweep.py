@@ -24,8 +24,9 @@ def hub_cache(tmp_path_factory, texts):
     from neoxq.convert.tiny import TinySpec, build_training_run
 
     root = tmp_path_factory.mktemp("run")
-    spec = TinySpec(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, scale=1.0, vocab_pad=0,
-                    max_position_embeddings=256)
+    spec = TinySpec(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, scale=1.0, vocab_pad=0, max_position_embeddings=256
+    )
     saved = build_training_run(root, spec, texts["train"][:200_000], STEPS)
     cache = root / "hub"
     for step, folder in saved.items():
@@ -106,7 +107,7 @@ def test_sweep_json_duplicates_and_trend(local_sweep):
     row = revs["step150"]["results"][1]
     from neoxq.render import value_pm
 
-    assert value_pm(row['kld_mean'], row['kld_mean_se_window']) in (out / "sweep.md").read_text()
+    assert value_pm(row["kld_mean"], row["kld_mean_se_window"]) in (out / "sweep.md").read_text()
     assert not list(out.rglob("*.gguf"))  # scratch files deleted without --keep-files
 
 
@@ -144,8 +145,26 @@ def test_sweep_rerun_with_a_changed_option_reruns_each_report_and_reuses_its_row
 def test_sweep_on_a_local_ray_cluster_gives_identical_numbers(local_sweep, offline, tmp_path):
     pytest.importorskip("ray")
     data, _, text = local_sweep
-    proc = run_cli("sweep", REPO, "--revisions", "step0..step150,main", "--text", text, "--types", "Q8_0,Q2_K", "--ctx", "64",
-                   "--imatrix", "none", "--ray", "-o", tmp_path / "ray", "--quiet", env=offline, timeout=900)
+    proc = run_cli(
+        "sweep",
+        REPO,
+        "--revisions",
+        "step0..step150,main",
+        "--text",
+        text,
+        "--types",
+        "Q8_0,Q2_K",
+        "--ctx",
+        "64",
+        "--imatrix",
+        "none",
+        "--ray",
+        "-o",
+        tmp_path / "ray",
+        "--quiet",
+        env=offline,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
     ray_data = json.loads((tmp_path / "ray" / "sweep.json").read_text())
     assert ray_data["revisions"] == data["revisions"]
@@ -166,9 +185,33 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
         worker = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "ray"
-        proc = subprocess.Popen([sys.executable, "-m", "neoxq", "sweep", REPO, "--revisions", "step0..step150,main", "--text", str(text),
-                                 "--types", "Q8_0,Q2_K", "--ctx", "64", "--imatrix", "none", "--ray-address", cluster.address, "-o", str(out),
-                                 "--quiet"], env={**os.environ, **offline}, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "neoxq",
+                "sweep",
+                REPO,
+                "--revisions",
+                "step0..step150,main",
+                "--text",
+                str(text),
+                "--types",
+                "Q8_0,Q2_K",
+                "--ctx",
+                "64",
+                "--imatrix",
+                "none",
+                "--ray-address",
+                cluster.address,
+                "-o",
+                str(out),
+                "--quiet",
+            ],
+            env={**os.environ, **offline},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 600
         while not any((out / r).is_dir() for r in ("step0", "step20", "step60", "step150")) and proc.poll() is None:
             assert time.time() < deadline
@@ -204,8 +247,26 @@ def test_sweep_evict_and_keep_files(hub_cache, eval_file, tmp_path):
     snapshots = cache / f"models--{REPO.replace('/', '--')}" / "snapshots"
     before = {p.name for p in snapshots.iterdir()}
     commit = (cache / f"models--{REPO.replace('/', '--')}" / "refs" / "step20").read_text()
-    proc = run_cli("sweep", REPO, "--revisions", "step20", "--text", eval_file, "--types", "Q8_0", "--ctx", "64", "--imatrix", "none",
-                   "--evict", "--keep-files", "-o", tmp_path / "o", "--quiet", env=env)
+    proc = run_cli(
+        "sweep",
+        REPO,
+        "--revisions",
+        "step20",
+        "--text",
+        eval_file,
+        "--types",
+        "Q8_0",
+        "--ctx",
+        "64",
+        "--imatrix",
+        "none",
+        "--evict",
+        "--keep-files",
+        "-o",
+        tmp_path / "o",
+        "--quiet",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in snapshots.iterdir()} == before - {commit}
     assert list((tmp_path / "o" / "step20").glob("*.gguf"))

@@ -16,11 +16,22 @@ from neoxq.core.errors import CorruptFileError, UnsupportedModelError, UsageErro
 from neoxq.core.naming import gguf_name
 from neoxq.core.qtypes import QUANTIZED, QuantType
 
-HF4 = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4,
-       "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 512, "rotary_pct": 0.25, "rotary_emb_base": 10000,
-       "torch_dtype": "float16"}
+HF4 = {
+    "architectures": ["GPTNeoXForCausalLM"],
+    "model_type": "gpt_neox",
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "intermediate_size": 256,
+    "vocab_size": 512,
+    "rotary_pct": 0.25,
+    "rotary_emb_base": 10000,
+    "torch_dtype": "float16",
+}
 HF5 = {k: v for k, v in HF4.items() if k not in ("rotary_pct", "rotary_emb_base", "torch_dtype")} | {
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, "dtype": "float16"}
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    "dtype": "float16",
+}
 
 
 def test_config_styles_agree():
@@ -30,13 +41,21 @@ def test_config_styles_agree():
     assert (a.n_rot, a.head_dim, a.rope_base) == (4, 16, 10000.0)
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"num_hidden_layers": -2}, "num_hidden_layers"), ({"hidden_size": 0}, "hidden_size"),
-    ({"vocab_size": "512"}, "vocab_size"), ({"intermediate_size": 2.5}, "intermediate_size"),
-    ({"num_attention_heads": 5}, "num_attention_heads"), ({"rotary_pct": 0}, "rotary"),
-    ({"rotary_pct": 1.5}, "rotary"), ({"layer_norm_eps": -1}, "layer_norm_eps"),
-    ({"rotary_emb_base": "big"}, "rotary_emb_base"), ({"num_hidden_layers": True}, "num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"num_hidden_layers": -2}, "num_hidden_layers"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"vocab_size": "512"}, "vocab_size"),
+        ({"intermediate_size": 2.5}, "intermediate_size"),
+        ({"num_attention_heads": 5}, "num_attention_heads"),
+        ({"rotary_pct": 0}, "rotary"),
+        ({"rotary_pct": 1.5}, "rotary"),
+        ({"layer_norm_eps": -1}, "layer_norm_eps"),
+        ({"rotary_emb_base": "big"}, "rotary_emb_base"),
+        ({"num_hidden_layers": True}, "num_hidden_layers"),
+    ],
+)
 def test_config_field_validation_names_the_field(change, field):
     with pytest.raises(CorruptFileError, match=field):
         GPTNeoXArgs.from_config(HF4 | change)
@@ -148,8 +167,9 @@ def test_compact_reference_kl_exact_and_bounded():
     for k, tol in ((400, 2e-5), (128, 0.05)):  # K = V: exact but for float32 storage (~1e-6 absolute)
         t = ReferenceTables(**compact(lp, targets, k))
         parts = []
-        RowReducer(400, threads=1)(test_logits, shift_at=t.top_idx[:, 0], gather=t.top_idx,
-                                   after=lambda lo, hi, shift, sums, top: parts.append((shift, sums, top)))
+        RowReducer(400, threads=1)(
+            test_logits, shift_at=t.top_idx[:, 0], gather=t.top_idx, after=lambda lo, hi, shift, sums, top: parts.append((shift, sums, top))
+        )
         shift, sums, top = parts[0]  # as scoring has them
         assert np.array_equal(top, np.take_along_axis(test_logits, t.top_idx.astype(np.int64), 1))
         assert np.allclose(shift + np.log(sums), logsumexp(test_logits))
@@ -217,10 +237,34 @@ CANNED = {
     "machine": {"platform": "Linux", "processor": "x86_64", "cores": 2, "python": "3.11"},
     "versions": {"neoxq": "0.2.0", "llama-cpp-python": "0.3.36"},
     "results": [
-        {"type": "F16", "size_bytes": 6_890_000, "bpw": 16.06, "ppl": 35.49, "ppl_se": 0.39, "dppl_pct": 0.0, "kld_mean": 1e-6,
-         "kld_p99": 1e-5, "top1": 0.999, "pp_tps": 6401, "tg_tps": 1404.7, "speed": {"reliable": True, "why": ""}},
-        {"type": "Q2_K", "size_bytes": 1_470_000, "bpw": 3.39, "ppl": 36.04, "ppl_se": 0.40, "dppl_pct": 1.56, "kld_mean": 0.018,
-         "kld_p99": 0.09, "top1": 0.84, "pp_tps": 9815, "tg_tps": 2.0, "speed": {"reliable": False, "why": "load average 5.1 above 2 cores"}},
+        {
+            "type": "F16",
+            "size_bytes": 6_890_000,
+            "bpw": 16.06,
+            "ppl": 35.49,
+            "ppl_se": 0.39,
+            "dppl_pct": 0.0,
+            "kld_mean": 1e-6,
+            "kld_p99": 1e-5,
+            "top1": 0.999,
+            "pp_tps": 6401,
+            "tg_tps": 1404.7,
+            "speed": {"reliable": True, "why": ""},
+        },
+        {
+            "type": "Q2_K",
+            "size_bytes": 1_470_000,
+            "bpw": 3.39,
+            "ppl": 36.04,
+            "ppl_se": 0.40,
+            "dppl_pct": 1.56,
+            "kld_mean": 0.018,
+            "kld_p99": 0.09,
+            "top1": 0.84,
+            "pp_tps": 9815,
+            "tg_tps": 2.0,
+            "speed": {"reliable": False, "why": "load average 5.1 above 2 cores"},
+        },
     ],
 }
 
@@ -260,8 +304,9 @@ def test_gguf_info_matches_gguf_reader_and_skips_vocab(tmp_path):
     info, ref = read_info(path), gguf.GGUFReader(path)
     assert info.n_vocab == 50_000 and "tokenizer.ggml.tokens" not in info.metadata
     assert info.metadata["imatrix.datasets"] == ["x", "y"] and info.quant_type == QuantType.F16
-    assert [(t.name, t.type, t.shape, t.n_bytes) for t in info.tensors] == \
-        [(t.name, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)), int(t.n_bytes)) for t in ref.tensors]
+    assert [(t.name, t.type, t.shape, t.n_bytes) for t in info.tensors] == [
+        (t.name, t.tensor_type.name, tuple(int(x) for x in reversed(t.shape)), int(t.n_bytes)) for t in ref.tensors
+    ]
     assert info.data_offset + info.tensors[0].offset == int(ref.tensors[0].data_offset)
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(CorruptFileError, match="truncated"):
@@ -269,15 +314,22 @@ def test_gguf_info_matches_gguf_reader_and_skips_vocab(tmp_path):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("run", "x.gguf", "-n", "-5"), "--max-tokens"), (("perplexity", "x.gguf", "--text", "t", "--ctx", "2"), "--ctx"),
-    (("quantize", "x.gguf", "--type", "Q9_K"), "Q9_K"), (("run", "missing.gguf", "-p", "x"), "no such file"),
-    (("serve", "x.gguf", "--port", "70000"), "--port"), (("run", "x.gguf", "-t", "0", "-p", "x"), "--threads"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("run", "x.gguf", "-n", "-5"), "--max-tokens"),
+        (("perplexity", "x.gguf", "--text", "t", "--ctx", "2"), "--ctx"),
+        (("quantize", "x.gguf", "--type", "Q9_K"), "Q9_K"),
+        (("run", "missing.gguf", "-p", "x"), "no such file"),
+        (("serve", "x.gguf", "--port", "70000"), "--port"),
+        (("run", "x.gguf", "-t", "0", "-p", "x"), "--threads"),
+    ],
+)
 def test_cli_bad_values_one_line(args, needle):
     from .helpers import assert_one_line_error
 
@@ -340,8 +392,13 @@ def test_single_import_root_and_layers():
 def test_works_beside_a_stray_convert_py(tmp_path):
     (tmp_path / "convert.py").write_text("raise SystemExit('the stray convert.py was imported')\n")
     (tmp_path / "runtime.py").write_text("raise SystemExit('the stray runtime.py was imported')\n")
-    proc = subprocess.run([sys.executable, "-c", "import neoxq.convert.converter, neoxq.runtime.model, neoxq.cli; print('ok')"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import neoxq.convert.converter, neoxq.runtime.model, neoxq.cli; print('ok')"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
@@ -351,8 +408,12 @@ def test_wheel_has_one_import_root(tmp_path):
 
     from .helpers import REPO
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(tmp_path.glob("neoxq-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
@@ -361,8 +422,14 @@ def test_wheel_has_one_import_root(tmp_path):
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     (tmp_path / "convert.py").write_text("raise SystemExit('stray')\n")
-    proc = subprocess.run([sys.executable, "-c", "import neoxq.convert.converter as c, neoxq.runtime.model; print(c.__file__)"],
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import neoxq.convert.converter as c, neoxq.runtime.model; print(c.__file__)"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and proc.stdout.startswith(str(target)), proc.stderr
 
 
@@ -437,7 +504,7 @@ def test_importing_neoxq_changes_nothing_outside_it(tmp_path):
     """Issue 22 item 3: in a clean interpreter, importing every neoxq module leaves os.environ and
     llama.cpp's log callback as they were; a library model load installs neoxq's callback only for
     the load and puts the caller's back. Negative control: the CLI's init_process does change both."""
-    code = r'''
+    code = r"""
 import ctypes, importlib, os, pkgutil, sys
 import llama_cpp
 
@@ -464,7 +531,7 @@ with NeoxModel(sys.argv[1], RuntimeOptions(n_ctx=64)):
     pass
 assert callback() != before and os.environ.get("GOMP_SPINCOUNT"), "init_process changed nothing"
 print(len(names), "modules")
-'''
+"""
     from neoxq.convert.converter import convert
     from neoxq.convert.tiny import TinySpec, build_random
 

@@ -55,7 +55,6 @@ class _Log:
         if self.echo:
             print(msg, end="", file=sys.stderr, flush=True)
 
-
     def install(self) -> None:
         self.echo = os.environ.get("NEOXQ_LLAMA_LOG") == "1"
         llama_cpp.llama_log_set(self.callback, ctypes.c_void_p(0))
@@ -116,6 +115,7 @@ def system_info() -> str:
 
 # Decoding -----------------------------------------------------------------------------------------
 
+
 class WindowDecoder:
     """Decodes one window of tokens from an empty KV cache, asking logits only at wanted positions.
 
@@ -148,8 +148,10 @@ class WindowDecoder:
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
         if rc != 0:
             # llama.h: 1 = no KV slot for the batch, 2 = aborted, < 0 = error.
-            raise LlamaError(f"llama.cpp could not decode a batch of {n} tokens at position {start} (llama_decode returned {rc}); "
-                             "try a smaller --ctx, or check the model file with `neoxq convert` again")
+            raise LlamaError(
+                f"llama.cpp could not decode a batch of {n} tokens at position {start} (llama_decode returned {rc}); "
+                "try a smaller --ctx, or check the model file with `neoxq convert` again"
+            )
         k = int(wanted.sum())
         if not k:
             return np.empty((0, self.n_vocab), dtype=np.float32)
@@ -163,6 +165,7 @@ class WindowDecoder:
 
 
 # Quantization -------------------------------------------------------------------------------------
+
 
 @dataclass
 class QuantizeCall:
@@ -267,10 +270,17 @@ def _planned_types(lines: list[str]) -> dict[str, str]:
 
 # ggml's own quantizers, for measuring what a type does to one tensor -------------------------------
 
+
 class _TypeTraits(ctypes.Structure):
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
-                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                ("from_float_ref", ctypes.c_void_p)]
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
@@ -290,8 +300,15 @@ def _libggml():
     if _ggml is None:
         lib = _bundled_lib("libggml-base.so")
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_float)]
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_float),
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_float),
+        ]
         lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
         lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
         _ggml = lib
@@ -384,8 +401,15 @@ def devices() -> list[dict]:
         dev = ggml.ggml_backend_dev_get(i)
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append({"name": base.ggml_backend_dev_name(dev).decode(), "description": base.ggml_backend_dev_description(dev).decode(),
-                    "type": DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "other"), "free_bytes": free.value, "total_bytes": total.value})
+        out.append(
+            {
+                "name": base.ggml_backend_dev_name(dev).decode(),
+                "description": base.ggml_backend_dev_description(dev).decode(),
+                "type": DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "other"),
+                "free_bytes": free.value,
+                "total_bytes": total.value,
+            }
+        )
     return out
 
 

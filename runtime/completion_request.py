@@ -52,8 +52,9 @@ REFUSED = {
     "n": lambda v: v not in (None, 1) and "n={v}: this server returns one choice per request; send n=1 (or none) and repeat the request",
     "best_of": lambda v: v not in (None, 1) and "best_of={v}: this server samples one completion; send best_of=1 (or none)",
     "suffix": lambda v: v is not None and "suffix: a left-to-right model cannot insert text before a suffix; leave it out",
-    "stream_options": lambda v: v is not None and set(v) - {"include_usage"} and
-    "stream_options={v}: the one option is include_usage; leave the others out",
+    "stream_options": lambda v: (
+        v is not None and set(v) - {"include_usage"} and "stream_options={v}: the one option is include_usage; leave the others out"
+    ),
 }
 
 
@@ -116,11 +117,18 @@ def parse_request(body, n_vocab: int) -> Request:
         raise UsageError(f"stream_options.include_usage: must be true or false (got {include_usage!r})")
     if b.logprobs is not None and not 0 <= b.logprobs <= 20:
         raise UsageError(f"logprobs {b.logprobs} is out of range; pass an integer from 0 to 20")
-    sampling = SamplingOptions(max_tokens=16 if b.max_tokens is None else b.max_tokens,
-                               temperature=1.0 if b.temperature is None else b.temperature, top_k=b.top_k,
-                               top_p=1.0 if b.top_p is None else b.top_p, min_p=b.min_p, repeat_penalty=b.repeat_penalty,
-                               frequency_penalty=b.frequency_penalty or 0.0, presence_penalty=b.presence_penalty or 0.0,
-                               seed=b.seed, stop=stop).checked()
+    sampling = SamplingOptions(
+        max_tokens=16 if b.max_tokens is None else b.max_tokens,
+        temperature=1.0 if b.temperature is None else b.temperature,
+        top_k=b.top_k,
+        top_p=1.0 if b.top_p is None else b.top_p,
+        min_p=b.min_p,
+        repeat_penalty=b.repeat_penalty,
+        frequency_penalty=b.frequency_penalty or 0.0,
+        presence_penalty=b.presence_penalty or 0.0,
+        seed=b.seed,
+        stop=stop,
+    ).checked()
     return Request(prompt, bool(b.echo), b.logprobs, sampling, _logit_bias(b.logit_bias or {}, n_vocab), bool(b.stream), include_usage)
 
 

@@ -13,10 +13,17 @@ from .model import NeoxModel
 
 # Each sampling setting's accepted values (low, high, integer), the one statement of them: `run`'s
 # options and the server's request fields are both checked here.
-SAMPLING_LIMITS = {"max_tokens": (0, None, True), "temperature": (0.0, None, False), "top_k": (0, None, True),
-                   "top_p": (0.0, 1.0, False), "min_p": (0.0, 1.0, False), "repeat_penalty": (0.0, None, False),
-                   "frequency_penalty": (-2.0, 2.0, False), "presence_penalty": (-2.0, 2.0, False),
-                   "seed": (0, 2**32 - 1, True)}
+SAMPLING_LIMITS = {
+    "max_tokens": (0, None, True),
+    "temperature": (0.0, None, False),
+    "top_k": (0, None, True),
+    "top_p": (0.0, 1.0, False),
+    "min_p": (0.0, 1.0, False),
+    "repeat_penalty": (0.0, None, False),
+    "frequency_penalty": (-2.0, 2.0, False),
+    "presence_penalty": (-2.0, 2.0, False),
+    "seed": (0, 2**32 - 1, True),
+}
 
 
 @dataclass
@@ -35,6 +42,7 @@ class SamplingOptions:
     def checked(self, as_flags: bool = False) -> "SamplingOptions":
         """These options, or one UsageError naming the first bad one as a request field (top_p) or,
         `as_flags`, as `neoxq run`'s option (--top-p: every field is also spelled as a flag)."""
+
         def spell(name: str) -> str:
             return "--" + name.replace("_", "-") if as_flags else name
 
@@ -61,20 +69,22 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.generation_seconds if self.generation_seconds and self.generated_tokens > 1 else 0.0
 
     def line(self) -> str:
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generated_tokens} tokens, {self.generation_tps:.1f} tok/s")
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+            f"generation: {self.generated_tokens} tokens, {self.generation_tps:.1f} tok/s"
+        )
 
 
 @dataclass
 class Completion:
     """A completion as it grows: its token ids, its text (cut at a stop string), why it ended."""
+
     ids: list[int] = field(default_factory=list)
     text: str = ""
     finish: str | None = None  # None while growing; then "stop" or "length"
 
 
-def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, cancel=None,
-                     logits_processor=None) -> Iterator[Completion]:
+def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, cancel=None, logits_processor=None) -> Iterator[Completion]:
     """The one sampling loop (`run` and the server): token by token through llama-cpp-python's
     sampler, the same Completion yielded after each token and once more when it ends (at EOS, a
     stop string, max_tokens clamped to the context asked for, or `cancel` being set: checked before
@@ -90,9 +100,17 @@ def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, ca
         llm.set_seed(opts.seed)
     llm.reset()
     eos = llm.token_eos()
-    for tok in llm.generate(ids, top_k=opts.top_k, top_p=opts.top_p, min_p=opts.min_p, temp=opts.temperature,
-                            repeat_penalty=opts.repeat_penalty, frequency_penalty=opts.frequency_penalty,
-                            presence_penalty=opts.presence_penalty, logits_processor=logits_processor):
+    for tok in llm.generate(
+        ids,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        min_p=opts.min_p,
+        temp=opts.temperature,
+        repeat_penalty=opts.repeat_penalty,
+        frequency_penalty=opts.frequency_penalty,
+        presence_penalty=opts.presence_penalty,
+        logits_processor=logits_processor,
+    ):
         if tok == eos or (cancel is not None and cancel.is_set()):
             c.finish = "stop"
             break
@@ -134,8 +152,7 @@ def pieces(steps: Iterable[Completion], stops: list[str]) -> Iterator[tuple[str,
             shown, sent = max(shown, end), len(c.ids)
 
 
-def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None,
-             cancel=None) -> Iterator[str]:
+def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None, cancel=None) -> Iterator[str]:
     """Yield text pieces as they are sampled from `prompt` (text, or token ids as they are); fill
     `stats` with prompt/generation speed; stop within one token of `cancel` being set."""
     ids = model.prompt_ids(prompt) if isinstance(prompt, str) else list(prompt)

@@ -48,8 +48,7 @@ class RuntimeOptions:
     repack: bool | None = False
 
 
-def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto",
-                    repack: bool | None = False):
+def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto", repack: bool | None = False):
     """The flags every model-loading command shares (--ctx, --threads, -ngl, --flash-attn, --device),
     as RuntimeOptions; --device is the policy: cpu → no layers offloaded, gpu → all of them, auto →
     llama.cpp's own choice (all on a GPU build)."""
@@ -88,10 +87,21 @@ class NeoxModel:
             try:
                 # n_gpu_layers 0 means the CPU: llama.cpp would otherwise still offload the heavy ops
                 # of a CUDA build (op_offload), so the "CPU" run would use the GPU.
-                self.llm = Llama(model_path=str(self.info.path), n_ctx=n_ctx, n_batch=self.n_batch,
-                                 n_ubatch=self.n_batch, n_threads=threads, n_threads_batch=threads,
-                                 n_gpu_layers=n_gpu, seed=o.seed, logits_all=False, vocab_only=o.vocab_only,
-                                 flash_attn=self.flash_attn, op_offload=n_gpu != 0, verbose=False)
+                self.llm = Llama(
+                    model_path=str(self.info.path),
+                    n_ctx=n_ctx,
+                    n_batch=self.n_batch,
+                    n_ubatch=self.n_batch,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    n_gpu_layers=n_gpu,
+                    seed=o.seed,
+                    logits_all=False,
+                    vocab_only=o.vocab_only,
+                    flash_attn=self.flash_attn,
+                    op_offload=n_gpu != 0,
+                    verbose=False,
+                )
             except ValueError as exc:
                 detail = capi.error_text(errors) or str(exc)
                 raise CorruptFileError(f"llama.cpp could not load {self.info.path} ({detail}); re-create the file with `neoxq convert`") from exc
@@ -112,8 +122,10 @@ class NeoxModel:
         A prompt that leaves no room in the context is refused in one line."""
         ids = self.tokenize(text) or [self.llm.token_bos() if self.llm.token_bos() >= 0 else self.llm.token_eos()]
         if len(ids) >= self.n_ctx:
-            raise UsageError(f"the prompt has {len(ids)} tokens and the context holds {self.n_ctx}; "
-                             f"pass a shorter prompt or a larger --ctx (up to the model's {self.info.context_length or 2048})")
+            raise UsageError(
+                f"the prompt has {len(ids)} tokens and the context holds {self.n_ctx}; "
+                f"pass a shorter prompt or a larger --ctx (up to the model's {self.info.context_length or 2048})"
+            )
         return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:

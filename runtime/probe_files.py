@@ -24,7 +24,6 @@ from neoxq.core.imatrix_io import IMatrix
 from neoxq.core.sizes import rows_per_chunk
 
 
-
 def split_name(prefix: str, no: int, count: int) -> str:
     """llama.cpp's llama_split_path: the name it looks for, split `no` (0-based) of `count`."""
     return f"{prefix}-{no + 1:05d}-of-{count:05d}.gguf"
@@ -73,8 +72,9 @@ class SplitModel:
         data = np.memmap(self.info.path, np.uint8, "r", offset=self.info.data_offset + t.offset, shape=(t.n_bytes,))
         return data.reshape(*t.shape[:-1], -1)
 
-    def _write(self, folder: Path, no: int, tensors: list[tuple[TensorInfo, np.ndarray]], metadata: bool = False,
-               ggml_type: str | None = None) -> int:
+    def _write(
+        self, folder: Path, no: int, tensors: list[tuple[TensorInfo, np.ndarray]], metadata: bool = False, ggml_type: str | None = None
+    ) -> int:
         import gguf
 
         path = folder / split_name(self.PREFIX, no, self.count)
@@ -97,8 +97,12 @@ def _copy_metadata(src: Path, w) -> None:
     """Every key of the source file but the ones the writer and the split set own."""
     import gguf
 
-    skip = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
-            gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT}
+    skip = {
+        gguf.Keys.General.ARCHITECTURE,
+        gguf.Keys.Split.LLM_KV_SPLIT_NO,
+        gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+        gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT,
+    }
     for key, field in gguf.GGUFReader(str(src)).fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
@@ -119,5 +123,4 @@ def quantized(info: GGUFInfo, t: TensorInfo, type_name: str, importance: np.ndar
     ggml_type = int(gguf.GGMLQuantizationType[type_name])
     rows, cols = t.shape
     step = rows_per_chunk(cols, 4)  # float32 rows quantized at a time
-    return np.concatenate([capi.quantize_rows(float_rows(info, t, slice(r0, r0 + step)), ggml_type, importance)
-                           for r0 in range(0, rows, step)])
+    return np.concatenate([capi.quantize_rows(float_rows(info, t, slice(r0, r0 + step)), ggml_type, importance) for r0 in range(0, rows, step)])

@@ -36,8 +36,15 @@ class QuantResult:
         return self.extra.get("label", self.qtype.value)
 
     def as_json(self) -> dict:
-        return {"path": str(self.path), "type": self.label, "size_bytes": self.size_bytes,
-                "bpw": round(self.bpw, 4), "seconds": round(self.seconds, 3), "tensors": self.tensors, **self.extra}
+        return {
+            "path": str(self.path),
+            "type": self.label,
+            "size_bytes": self.size_bytes,
+            "bpw": round(self.bpw, 4),
+            "seconds": round(self.seconds, 3),
+            "tensors": self.tensors,
+            **self.extra,
+        }
 
 
 def default_output(src: GGUFInfo, label: str, out_dir: Path | None = None) -> Path:
@@ -48,12 +55,18 @@ def default_output(src: GGUFInfo, label: str, out_dir: Path | None = None) -> Pa
 
 def check_quantizable(src: GGUFInfo, qtype: QuantType, has_imatrix: bool) -> None:
     if qtype not in QUANTIZED:
-        raise UsageError(f"{qtype.value} is not a quantized type; use `neoxq convert --outtype {qtype.value.lower()}`; quantized types: {', '.join(t.value for t in QUANTIZED)}")
+        raise UsageError(
+            f"{qtype.value} is not a quantized type; use `neoxq convert --outtype {qtype.value.lower()}`; quantized types: {', '.join(t.value for t in QUANTIZED)}"
+        )
     src_type = src.quant_type
     if src.metadata.get("neoxq.mix") or (src_type is not None and not src_type.is_float):
-        raise UsageError(f"{src.path.name} is already quantized ({src.metadata.get('neoxq.quant_type') or src_type.value}); quantize from the F32/F16/BF16 file instead")
+        raise UsageError(
+            f"{src.path.name} is already quantized ({src.metadata.get('neoxq.quant_type') or src_type.value}); quantize from the F32/F16/BF16 file instead"
+        )
     if qtype.needs_imatrix and not has_imatrix:
-        raise UsageError(f"{qtype.value} needs an importance matrix; make one with `neoxq imatrix CHECKPOINT --text calibration.txt -o model.imatrix` and pass --imatrix model.imatrix")
+        raise UsageError(
+            f"{qtype.value} needs an importance matrix; make one with `neoxq imatrix CHECKPOINT --text calibration.txt -o model.imatrix` and pass --imatrix model.imatrix"
+        )
 
 
 def load_imatrix(imatrix: Path | str | None, src: GGUFInfo) -> IMatrix | None:
@@ -64,19 +77,27 @@ def load_imatrix(imatrix: Path | str | None, src: GGUFInfo) -> IMatrix | None:
     return im
 
 
-def quantize_call(src: GGUFInfo, qtype: QuantType | str, imatrix: Path | str | None = None, nthread: int | None = None,
-                  tensor_types: dict[str, str] | None = None, kv: dict[str, str] | None = None,
-                  label: str | None = None) -> capi.QuantizeCall:
+def quantize_call(
+    src: GGUFInfo,
+    qtype: QuantType | str,
+    imatrix: Path | str | None = None,
+    nthread: int | None = None,
+    tensor_types: dict[str, str] | None = None,
+    kv: dict[str, str] | None = None,
+    label: str | None = None,
+) -> capi.QuantizeCall:
     """The one llama.cpp quantize call for these inputs (checked), as written or as a dry run."""
     qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
     check_quantizable(src, qtype, bool(imatrix))
     im = load_imatrix(imatrix, src)
-    call = capi.QuantizeCall(ftype=qtype.ftype, nthread=nthread or default_threads(),
-                             kv={"neoxq.quant_type": label or qtype.value, **(kv or {})})
+    call = capi.QuantizeCall(ftype=qtype.ftype, nthread=nthread or default_threads(), kv={"neoxq.quant_type": label or qtype.value, **(kv or {})})
     if im is not None:
         call.imatrix = {n: im.values(n) for n in im.sums}
-        call.kv |= {"quantize.imatrix.file": Path(imatrix).name, "neoxq.imatrix.sha256": file_sha256(Path(imatrix)),
-                    "quantize.imatrix.dataset": im.datasets[0] if im.datasets else "unknown"}
+        call.kv |= {
+            "quantize.imatrix.file": Path(imatrix).name,
+            "neoxq.imatrix.sha256": file_sha256(Path(imatrix)),
+            "quantize.imatrix.dataset": im.datasets[0] if im.datasets else "unknown",
+        }
     if tensor_types:
         call.tensor_types = dict(tensor_types)
     return call
@@ -100,14 +121,24 @@ def plan_quantize(src: GGUFInfo, qtype: QuantType | str, imatrix: Path | str | N
     rc, errors, types = capi.quantize_dry_run(str(src.path), call)
     if rc != 0 or set(types) != {t.name for t in src.tensors}:
         detail = capi.error_text(errors) or (f"code {rc}" if rc else f"its dry run named {len(types)} of {len(src.tensors)} tensors")
-        raise CorruptFileError(f"llama.cpp could not plan {src.path.name} as {call.kv['neoxq.quant_type']} ({detail}); check the input with `neoxq convert` again")
+        raise CorruptFileError(
+            f"llama.cpp could not plan {src.path.name} as {call.kv['neoxq.quant_type']} ({detail}); check the input with `neoxq convert` again"
+        )
     return PlannedFile(types, quantized_size(src, types, call.kv), call)
 
 
-def quantize(inp: Path | str | GGUFInfo, qtype: QuantType | str, output: Path | str | None = None,
-             imatrix: Path | str | None = None, force: bool = False, nthread: int | None = None,
-             out_dir: Path | None = None, tensor_types: dict[str, str] | None = None,
-             kv: dict[str, str] | None = None, label: str | None = None) -> QuantResult:
+def quantize(
+    inp: Path | str | GGUFInfo,
+    qtype: QuantType | str,
+    output: Path | str | None = None,
+    imatrix: Path | str | None = None,
+    force: bool = False,
+    nthread: int | None = None,
+    out_dir: Path | None = None,
+    tensor_types: dict[str, str] | None = None,
+    kv: dict[str, str] | None = None,
+    label: str | None = None,
+) -> QuantResult:
     """Quantize `inp` to `qtype` (optionally overriding single tensors' ggml types); return the
     per-tensor result read back from the written file."""
     qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype

@@ -55,8 +55,7 @@ class ReferenceTables:
         t = np.subtract(top_logits, shift[:, None].astype(np.float32))
         p = np.exp(lp)
         log_s = np.log(sums)
-        kl = (np.einsum("ij,ij->i", p, lp, dtype=np.float64) - np.einsum("ij,ij->i", p, t, dtype=np.float64)
-              + log_s * p.sum(-1, dtype=np.float64))
+        kl = np.einsum("ij,ij->i", p, lp, dtype=np.float64) - np.einsum("ij,ij->i", p, t, dtype=np.float64) + log_s * p.sum(-1, dtype=np.float64)
         rest_lp = np.asarray(self.rest_lp[sl], dtype=np.float64)
         has_rest = np.isfinite(rest_lp)
         if has_rest.any():
@@ -76,8 +75,12 @@ def compact(lp: np.ndarray, targets: np.ndarray, k: int = TOP_K) -> dict[str, np
     idx, top = np.take_along_axis(idx, order, axis=1), np.take_along_axis(top, order, axis=1)
     with np.errstate(divide="ignore"):
         rest = np.log(np.clip(np.exp(lp).sum(-1) - np.exp(top).sum(-1), 0.0, None)) if k < v else np.full(len(lp), -np.inf)
-    return {"top_idx": idx.astype(np.int32), "top_lp": top.astype(np.float32), "rest_lp": rest.astype(np.float32),
-            "target_lp": lp[np.arange(len(lp)), targets].astype(np.float32)}
+    return {
+        "top_idx": idx.astype(np.int32),
+        "top_lp": top.astype(np.float32),
+        "rest_lp": rest.astype(np.float32),
+        "target_lp": lp[np.arange(len(lp)), targets].astype(np.float32),
+    }
 
 
 def _ids_hash(ids: list[int]) -> str:
@@ -120,7 +123,7 @@ class ReferenceCache:
                 if lp.shape[1] != n_vocab:
                     raise UsageError(f"the reference has {lp.shape[1]} tokens, the model {n_vocab}: they are different models")
                 for name, arr in compact(lp, w.targets(c), k).items():
-                    out[name][c * per:(c + 1) * per] = arr
+                    out[name][c * per : (c + 1) * per] = arr
             for arr in out.values():
                 arr.flush()
             del out

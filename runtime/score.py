@@ -50,10 +50,10 @@ class Windows:
         return self.n_chunks * self.per_window
 
     def chunk(self, c: int) -> list[int]:
-        return self.ids[c * self.ctx:(c + 1) * self.ctx]
+        return self.ids[c * self.ctx : (c + 1) * self.ctx]
 
     def targets(self, c: int) -> np.ndarray:
-        return np.asarray(self.chunk(c)[self.first + 1:self.ctx], dtype=np.int64)
+        return np.asarray(self.chunk(c)[self.first + 1 : self.ctx], dtype=np.int64)
 
 
 class RowReducer:
@@ -87,10 +87,10 @@ class RowReducer:
         with np.errstate(over="ignore", invalid="ignore"):
             if not capi.exp_sums(xs, shift, self.scratch[k, 0], sums):
                 for a in range(0, len(xs), self.BLOCK):
-                    buf = self.scratch[k, :len(xs[a:a + self.BLOCK])]
-                    np.subtract(xs[a:a + self.BLOCK], shift[a:a + self.BLOCK, None], out=buf)
+                    buf = self.scratch[k, : len(xs[a : a + self.BLOCK])]
+                    np.subtract(xs[a : a + self.BLOCK], shift[a : a + self.BLOCK, None], out=buf)
                     np.exp(buf, out=buf)
-                    sums[a:a + self.BLOCK] = buf.sum(-1)
+                    sums[a : a + self.BLOCK] = buf.sum(-1)
         return sums
 
     def _part(self, k: int, x: np.ndarray, lo: int, hi: int, job: dict) -> None:
@@ -102,30 +102,34 @@ class RowReducer:
             b = min(a + step, hi - lo)
             sums[a:b] = self._sums(k, xs[a:b], shift[a:b])
             if gather is not None:  # while these rows are in this core's cache
-                idx = gather[lo + a:lo + b] + (np.arange(b - a) * v)[:, None]
-                job["gathered"][lo + a:lo + b] = np.take(xs[a:b].reshape(-1), idx)
+                idx = gather[lo + a : lo + b] + (np.arange(b - a) * v)[:, None]
+                job["gathered"][lo + a : lo + b] = np.take(xs[a:b].reshape(-1), idx)
             if job["arg"] is not None:
-                job["arg"][lo + a:lo + b] = xs[a:b].argmax(-1)
+                job["arg"][lo + a : lo + b] = xs[a:b].argmax(-1)
         redo = ~(np.isfinite(sums) & (sums >= 1.0 - 1e-6))  # exp overflowed (or NaN logits: stay NaN)
         if redo.any():
             shift = shift.astype(np.float32, copy=True)
             shift[redo] = xs[redo].max(-1)
             for r in np.flatnonzero(redo):
-                sums[r] = self._sums(k, xs[r:r + 1], shift[r:r + 1])[0]
+                sums[r] = self._sums(k, xs[r : r + 1], shift[r : r + 1])[0]
         job["lse"][lo:hi] = np.log(sums) + shift
         if job["after"] is not None:
             job["after"](lo, hi, shift, sums, None if gather is None else job["gathered"][lo:hi])
 
-    def __call__(self, x: np.ndarray, shift_at: np.ndarray | None = None, gather: np.ndarray | None = None,
-                 argmax: bool = False, after=None):
+    def __call__(self, x: np.ndarray, shift_at: np.ndarray | None = None, gather: np.ndarray | None = None, argmax: bool = False, after=None):
         """(log-sum-exp as float64, gathered or None, argmax or None) for the rows of x (C-contiguous
         float32). `shift_at`: per row, a token whose logit is near the max (the target); `gather`:
         [rows, K] token ids whose logits to return; `after(lo, hi, shift, sums, gathered)`: more
         work on a share of the rows (log-sum-exp = shift + log sums), run in that share's thread."""
         n = len(x)
-        job = {"shift_at": shift_at, "lse": np.empty(n), "after": after, "arg": np.empty(n, dtype=np.int64) if argmax else None,
-               "gather": None if gather is None else np.asarray(gather, dtype=np.intp),
-               "gathered": None if gather is None else np.empty(np.shape(gather), dtype=np.float32)}
+        job = {
+            "shift_at": shift_at,
+            "lse": np.empty(n),
+            "after": after,
+            "arg": np.empty(n, dtype=np.int64) if argmax else None,
+            "gather": None if gather is None else np.asarray(gather, dtype=np.intp),
+            "gathered": None if gather is None else np.empty(np.shape(gather), dtype=np.float32),
+        }
         if self.pool is None or n < 2 * self.threads:
             self._part(0, x, 0, n, job)
         else:
@@ -193,8 +197,10 @@ def check_finite(reduced: np.ndarray, model: NeoxModel, window: int) -> None:
     if not np.isfinite(reduced).all():
         from neoxq.core.errors import CorruptFileError
 
-        raise CorruptFileError(f"{model.info.path.name} gives non-finite logits (window {window + 1}): its weights hold NaN or "
-                               "infinity; re-create it with `neoxq convert`/`neoxq quantize` from a sound checkpoint")
+        raise CorruptFileError(
+            f"{model.info.path.name} gives non-finite logits (window {window + 1}): its weights hold NaN or "
+            "infinity; re-create it with `neoxq convert`/`neoxq quantize` from a sound checkpoint"
+        )
 
 
 def target_nll(model: NeoxModel, w: Windows) -> np.ndarray:
@@ -203,11 +209,11 @@ def target_nll(model: NeoxModel, w: Windows) -> np.ndarray:
     reducer = RowReducer(model.n_vocab)
     try:
         for c, row, view in window_logits(model, w):
-            t = w.targets(c)[row:row + len(view)]
+            t = w.targets(c)[row : row + len(view)]
             at = c * w.per_window + row
             lse = reducer(view, shift_at=t)[0]
             check_finite(lse, model, c)
-            nll[at:at + len(view)] = lse - view[np.arange(len(view)), t]
+            nll[at : at + len(view)] = lse - view[np.arange(len(view)), t]
     finally:
         reducer.close()
     return nll
@@ -221,6 +227,7 @@ def perplexity(model: NeoxModel, text: str, ctx: int = 512) -> PerplexityResult:
 
 
 # KL divergence against a reference ---------------------------------------------------------------
+
 
 class Reference(Protocol):
     """What a KLD is measured against: an F16/F32 GGUF (here) or the transformers fp32 checkpoint
@@ -324,29 +331,54 @@ def kld_scores(model: NeoxModel, ref, w: Windows) -> TokenScores:
     try:
         for c, row, view in window_logits(model, w):
             at, n = c * w.per_window + row, len(view)
-            top_idx = np.asarray(ref.top_idx[at:at + n])
+            top_idx = np.asarray(ref.top_idx[at : at + n])
 
             def after(lo, hi, shift, sums, top, at=at):
-                kl[at + lo:at + hi] = ref.kl_rows(slice(at + lo, at + hi), top, shift, sums)
+                kl[at + lo : at + hi] = ref.kl_rows(slice(at + lo, at + hi), top, shift, sums)
 
             lse, _, arg = reducer(view, shift_at=top_idx[:, 0], gather=top_idx, argmax=True, after=after)
             check_finite(lse, model, c)
-            model_top[at:at + n] = arg
-            lq_t[at:at + n] = view[np.arange(n), w.targets(c)[row:row + n]] - lse
+            model_top[at : at + n] = arg
+            lq_t[at : at + n] = view[np.arange(n), w.targets(c)[row : row + n]] - lse
     finally:
         reducer.close()
     ref_top = np.asarray(ref.top_idx[:, 0], dtype=np.int32)
     targets = np.concatenate([w.targets(c) for c in range(w.n_chunks)]).astype(np.int32)
-    return TokenScores(kld=kl, lq=lq_t, lp=np.asarray(ref.target_lp, dtype=np.float64), same_top=model_top == ref_top,
-                       per_window=w.per_window, targets=targets, model_top=model_top, ref_top=ref_top)
+    return TokenScores(
+        kld=kl,
+        lq=lq_t,
+        lp=np.asarray(ref.target_lp, dtype=np.float64),
+        same_top=model_top == ref_top,
+        per_window=w.per_window,
+        targets=targets,
+        model_top=model_top,
+        ref_top=ref_top,
+    )
 
 
 def _kld_result(s: TokenScores, w: Windows, text: str, model, reference) -> KLDResult:
     st = summarize(s)
     ppl, ref = st["ppl"], st["ppl_base"]
     return KLDResult(
-        kld_mean=st["kld"]["value"], kld_mean_se=st["kld"]["se"], kld_median=st["kld"]["median"],
-        kld_p99=st["kld"]["p99"], kld_max=st["kld"]["max"], top1=st["same_top"]["value"], top1_se=st["same_top"]["se"],
-        rms_dp=st["rms_dp"]["value"], ppl=ppl["value"], ppl_se=ppl["se"], ppl_ref=ref["value"], ppl_ref_se=ref["se"],
-        dppl=st["ppl_diff"]["value"], dppl_pct=100 * st["ppl_diff"]["value"] / ref["value"], tokens_scored=s.n, ctx=w.ctx,
-        text_sha256=text_sha256(text), model=str(model.info.path), reference=reference.description, stats=st, tokens=s)
+        kld_mean=st["kld"]["value"],
+        kld_mean_se=st["kld"]["se"],
+        kld_median=st["kld"]["median"],
+        kld_p99=st["kld"]["p99"],
+        kld_max=st["kld"]["max"],
+        top1=st["same_top"]["value"],
+        top1_se=st["same_top"]["se"],
+        rms_dp=st["rms_dp"]["value"],
+        ppl=ppl["value"],
+        ppl_se=ppl["se"],
+        ppl_ref=ref["value"],
+        ppl_ref_se=ref["se"],
+        dppl=st["ppl_diff"]["value"],
+        dppl_pct=100 * st["ppl_diff"]["value"] / ref["value"],
+        tokens_scored=s.n,
+        ctx=w.ctx,
+        text_sha256=text_sha256(text),
+        model=str(model.info.path),
+        reference=reference.description,
+        stats=st,
+        tokens=s,
+    )

@@ -102,15 +102,31 @@ class KLDProbe:
 
 
 def sensitivity_key(info: GGUFInfo, calib_ids: list[int], ctx: int, im_sha: str | None, two: bool) -> str:
-    return key("mix-sensitivity", {
-        "version": MIX_VERSION, "model": info.source_fingerprint or f"{info.path.resolve()}:{info.path.stat().st_mtime_ns}",
-        "commit": info.metadata.get("neoxq.source.commit"), "bytes": sum(t.n_bytes for t in info.tensors),
-        "tokens_sha256": hashlib.sha256(np.asarray(calib_ids, dtype=np.int32).tobytes()).hexdigest(), "ctx": ctx,
-        "imatrix_sha256": im_sha, "two_points": two})
+    return key(
+        "mix-sensitivity",
+        {
+            "version": MIX_VERSION,
+            "model": info.source_fingerprint or f"{info.path.resolve()}:{info.path.stat().st_mtime_ns}",
+            "commit": info.metadata.get("neoxq.source.commit"),
+            "bytes": sum(t.n_bytes for t in info.tensors),
+            "tokens_sha256": hashlib.sha256(np.asarray(calib_ids, dtype=np.int32).tobytes()).hexdigest(),
+            "ctx": ctx,
+            "imatrix_sha256": im_sha,
+            "two_points": two,
+        },
+    )
 
 
-def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, im: IMatrix | None = None,
-                  im_sha: str | None = None, threads: int | None = None, max_evals: int = 64) -> tuple[dict[str, Sensitivity], int]:
+def sensitivities(
+    info: GGUFInfo,
+    calib_ids: list[int],
+    ctx: int,
+    cache: Path,
+    im: IMatrix | None = None,
+    im_sha: str | None = None,
+    threads: int | None = None,
+    max_evals: int = 64,
+) -> tuple[dict[str, Sensitivity], int]:
     """Measured (and cached) KLD per tensor and type, and the number of probes it took: two measured
     types per tensor while that stays within `max_evals` probes, one while single tensors fit, else
     grouped probes."""
@@ -136,9 +152,18 @@ def sensitivities(info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, i
         probe.close()
     Path(cache).mkdir(parents=True, exist_ok=True)
     with atomic_output(path, force=True, lock=False) as tmp:
-        tmp.write_text(json.dumps({"version": MIX_VERSION, "probes": len(plan), "probe_bytes_written": written,
-                                   "groups": [[t.name for t in g] for g in groups],
-                                   "tensors": {n: {"err": errs[n], "measured": measured[n]} for n in errs}}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "version": MIX_VERSION,
+                    "probes": len(plan),
+                    "probe_bytes_written": written,
+                    "groups": [[t.name for t in g] for g in groups],
+                    "tensors": {n: {"err": errs[n], "measured": measured[n]} for n in errs},
+                },
+                indent=1,
+            )
+        )
     trim(keep=(path,))
     return fitted(errs, measured), len(plan)
 
@@ -163,6 +188,7 @@ def calibration_ids(info: GGUFInfo, text: str, ctx: int, max_windows: int) -> tu
     with NeoxModel(info.path, RuntimeOptions(n_ctx=64, n_gpu_layers=0), info=info) as m:
         ids = m.tokenize(text)
     if len(ids) < 2 * ctx:
-        raise UsageError(f"the calibration text has {len(ids)} tokens, fewer than two windows of {ctx}; "
-                         "pass a longer --calib text or a smaller --ctx")
+        raise UsageError(
+            f"the calibration text has {len(ids)} tokens, fewer than two windows of {ctx}; pass a longer --calib text or a smaller --ctx"
+        )
     return ids[: min(len(ids) // ctx, max_windows) * ctx], ctx

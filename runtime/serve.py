@@ -86,8 +86,7 @@ class Engine:
         lp = log_softmax(m.eval_logits(ids, want)) if want else np.zeros((0, m.n_vocab))
         tokens = [m.detokenize([t]) for t in ids[start:]]
         token_lp = ([None] if start == 0 else []) + [float(lp[i, ids[p + 1]]) for i, p in enumerate(want)]
-        top = ([None] if start == 0 else []) + [
-            {m.detokenize([int(j)]): float(row[j]) for j in np.argsort(-row)[:k]} for row in lp] if k else None
+        top = ([None] if start == 0 else []) + [{m.detokenize([int(j)]): float(row[j]) for j in np.argsort(-row)[:k]} for row in lp] if k else None
         offsets, pos = [], 0
         for t in tokens:
             offsets.append(pos)
@@ -111,8 +110,7 @@ class Engine:
         if req.logprobs is not None:
             start = (0 if req.prompt else len(ids)) if req.echo else len(ids)  # an empty prompt's start token is not echoed
             logprobs = self.logprobs(ids + gen, start, req.logprobs)
-        return {"text": (req.prompt if req.echo else "") + text, "logprobs": logprobs, "finish_reason": finish,
-                "usage": _usage(ids, gen)}
+        return {"text": (req.prompt if req.echo else "") + text, "logprobs": logprobs, "finish_reason": finish, "usage": _usage(ids, gen)}
 
     def stream(self, req: "Request", ids: list[int], cancel: threading.Event, emit) -> None:
         """The completion of req's prompt as pieces, each passed to `emit` as it can be shown (the
@@ -180,10 +178,21 @@ def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key:
     @app.get("/v1/models")
     async def models():
         """The one model: OpenAI's fields, and what the file is (type, context, size)."""
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "neoxq", "created": int(found.path.stat().st_mtime),
-                                            "type": found.metadata.get("neoxq.quant_type") or (found.quant_type.value if found.quant_type else None),
-                                            "context_length": engine.model.n_ctx, "n_ctx_train": found.context_length,
-                                            "size_bytes": found.path.stat().st_size}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.name,
+                    "object": "model",
+                    "owned_by": "neoxq",
+                    "created": int(found.path.stat().st_mtime),
+                    "type": found.metadata.get("neoxq.quant_type") or (found.quant_type.value if found.quant_type else None),
+                    "context_length": engine.model.n_ctx,
+                    "n_ctx_train": found.context_length,
+                    "size_bytes": found.path.stat().st_size,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():
@@ -213,8 +222,14 @@ def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key:
         if out is None:  # the client left; nobody reads this
             return _error(499, "client closed the request", "cancelled")
         choice = {"index": 0, "text": out["text"], "logprobs": out["logprobs"], "finish_reason": out["finish_reason"]}
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": engine.name,
-                "choices": [choice], "usage": out["usage"]}
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": engine.name,
+            "choices": [choice],
+            "usage": out["usage"],
+        }
 
     return app
 
@@ -303,8 +318,7 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: Path | str, host: str = "127.0.0.1", port: int = 8000, options: RuntimeOptions | None = None,
-          api_key: str | None = None) -> None:
+def serve(model: Path | str, host: str = "127.0.0.1", port: int = 8000, options: RuntimeOptions | None = None, api_key: str | None = None) -> None:
     import uvicorn
 
     sock = listen(host, port)

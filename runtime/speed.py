@@ -43,7 +43,7 @@ def _generation_tps(model: NeoxModel, prompt: list[int], n: int) -> float:
 
 
 def measure(model: NeoxModel, ids: list[int], prompt_tokens: int = 128, gen_tokens: int = 32, runs: int = 3) -> Speed:
-    prompt = ids[:min(prompt_tokens, model.n_ctx)]
+    prompt = ids[: min(prompt_tokens, model.n_ctx)]
     gen_prompt = prompt[:16]
     gen_tokens = max(1, min(gen_tokens, model.n_ctx - len(gen_prompt) - 1))
     model.eval_logits(prompt, [len(prompt) - 1])  # warm-up: caches, thread pool, pages
@@ -67,5 +67,4 @@ def _summarize(pp: list[float], tg: list[float]) -> Speed:
     worst = max(spread(pp), spread(tg))
     if worst > MAX_SPREAD:
         why.append(f"runs spread {100 * worst:.0f}% (> {100 * MAX_SPREAD:.0f}%)")
-    return Speed(statistics.median(pp), statistics.median(tg), spread(pp), spread(tg), len(pp), load,
-                 not why, "; ".join(why))
+    return Speed(statistics.median(pp), statistics.median(tg), spread(pp), spread(tg), len(pp), load, not why, "; ".join(why))

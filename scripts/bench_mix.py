@@ -72,14 +72,27 @@ def compare(model: Path, types: list[str], ctx: int, work: Path) -> list[dict]:
         mix = quantize_mix(f16, t, MixOptions(calib, ctx=ctx, cache_dir=work / "mixcache"), output=work / f"{t}-mix.gguf", imatrix=im, force=True)
         secs = time.perf_counter() - t0
         a, b = score(stock.path), score(mix.path)
-        row = {"model": model.name, "type": t, "stock_MB": stock.size_bytes / 1e6, "stock_kld": a.kld_mean, "stock_top1": a.top1,
-               "mix_MB": mix.size_bytes / 1e6, "mix_kld": b.kld_mean, "mix_top1": b.top1, "kld_ratio": b.kld_mean / a.kld_mean,
-               "predicted_mix_kld": mix.extra["mix"]["predicted_kld"], "predicted_stock_kld": mix.extra["mix"]["stock_predicted_kld"],
-               "probes": mix.extra["mix"]["probes"], "mix_seconds": secs}
+        row = {
+            "model": model.name,
+            "type": t,
+            "stock_MB": stock.size_bytes / 1e6,
+            "stock_kld": a.kld_mean,
+            "stock_top1": a.top1,
+            "mix_MB": mix.size_bytes / 1e6,
+            "mix_kld": b.kld_mean,
+            "mix_top1": b.top1,
+            "kld_ratio": b.kld_mean / a.kld_mean,
+            "predicted_mix_kld": mix.extra["mix"]["predicted_kld"],
+            "predicted_stock_kld": mix.extra["mix"]["stock_predicted_kld"],
+            "probes": mix.extra["mix"]["probes"],
+            "mix_seconds": secs,
+        }
         rows.append(row)
-        print(f"{model.name:<16} {t:<7} stock {row['stock_MB']:7.2f} MB KLD {a.kld_mean:.5f} top1 {100 * a.top1:5.2f}% | "
-              f"mix {row['mix_MB']:7.2f} MB KLD {b.kld_mean:.5f} top1 {100 * b.top1:5.2f}% | ratio {row['kld_ratio']:.2f} | "
-              f"predicted {row['predicted_mix_kld']:.5f} | {secs:.0f} s")
+        print(
+            f"{model.name:<16} {t:<7} stock {row['stock_MB']:7.2f} MB KLD {a.kld_mean:.5f} top1 {100 * a.top1:5.2f}% | "
+            f"mix {row['mix_MB']:7.2f} MB KLD {b.kld_mean:.5f} top1 {100 * b.top1:5.2f}% | ratio {row['kld_ratio']:.2f} | "
+            f"predicted {row['predicted_mix_kld']:.5f} | {secs:.0f} s"
+        )
     return rows
 
 
@@ -109,8 +122,10 @@ def proxy_quality(model: Path, ctx: int, work: Path) -> dict:
         probe.close()
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
     rho = float(np.corrcoef(rank(pred), rank(meas))[0, 1])
-    print(f"sensitivity model on {model.name}: Spearman rho {rho:.3f} over {len(pred)} unmeasured (tensor, type) pairs "
-          f"(Q3_K, Q5_K, Q6_K: predicted from the Q2_K and Q4_K probes)")
+    print(
+        f"sensitivity model on {model.name}: Spearman rho {rho:.3f} over {len(pred)} unmeasured (tensor, type) pairs "
+        f"(Q3_K, Q5_K, Q6_K: predicted from the Q2_K and Q4_K probes)"
+    )
     return {"spearman": rho, "pairs": len(pred)}
 
 
@@ -127,8 +142,7 @@ def cost_410m(work: Path) -> dict:
     t0 = time.perf_counter()
     r = quantize_mix(f16, "Q4_K_M", MixOptions(calib, ctx=512, cache_dir=work / "mixcache-410m"), output=work / "410m-mix.gguf", force=True)
     secs = time.perf_counter() - t0
-    print(f"--mix on a 410M-shaped model (24 layers, 50k vocab, 2 cores): {secs / 60:.1f} min, {r.extra['mix']['probes']} probes "
-          f"(goal ≤ 20 min)")
+    print(f"--mix on a 410M-shaped model (24 layers, 50k vocab, 2 cores): {secs / 60:.1f} min, {r.extra['mix']['probes']} probes (goal ≤ 20 min)")
     return {"seconds": secs, "probes": r.extra["mix"]["probes"]}
 
 

@@ -39,15 +39,27 @@ PY = sys.executable
 CTX = 512
 CALIB_CHARS = 60_000
 AR_PATCHES = [  # (file under auto_round/, old, new)
-    ("export/export_to_gguf/conversion/gptneox.py", 'self.hparams["rotary_pct"]',
-     'self.hparams.get("rotary_pct", (self.hparams.get("rope_parameters") or {}).get("partial_rotary_factor", '
-     'self.hparams.get("partial_rotary_factor", 1.0)))'),
-    ("utils/model.py", 'return tensor_name in index_mapping["weight_map"]',
-     'return tensor_name in index_mapping["weight_map"] or (tensor_name == "lm_head.weight" and "embed_out.weight" in index_mapping["weight_map"])'),
-    ("utils/model.py", "return tensor_name in f.keys()\n",
-     'return tensor_name in f.keys() or (tensor_name == "lm_head.weight" and "embed_out.weight" in f.keys())\n'),
-    ("export/export_to_gguf/conversion/base.py", 'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")',
-     'res = "olmo"  # neoxq benchmark patch: a BPE trained with GPT-NeoX-20B\'s pre-tokenizer'),
+    (
+        "export/export_to_gguf/conversion/gptneox.py",
+        'self.hparams["rotary_pct"]',
+        'self.hparams.get("rotary_pct", (self.hparams.get("rope_parameters") or {}).get("partial_rotary_factor", '
+        'self.hparams.get("partial_rotary_factor", 1.0)))',
+    ),
+    (
+        "utils/model.py",
+        'return tensor_name in index_mapping["weight_map"]',
+        'return tensor_name in index_mapping["weight_map"] or (tensor_name == "lm_head.weight" and "embed_out.weight" in index_mapping["weight_map"])',
+    ),
+    (
+        "utils/model.py",
+        "return tensor_name in f.keys()\n",
+        'return tensor_name in f.keys() or (tensor_name == "lm_head.weight" and "embed_out.weight" in f.keys())\n',
+    ),
+    (
+        "export/export_to_gguf/conversion/base.py",
+        'raise NotImplementedError("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")',
+        'res = "olmo"  # neoxq benchmark patch: a BPE trained with GPT-NeoX-20B\'s pre-tokenizer',
+    ),
 ]
 
 
@@ -59,8 +71,11 @@ def autoround_venv() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([py, "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
         subprocess.run([py, "-m", "pip", "install", "-q", "auto-round", "gguf"], check=True)
-    site = Path(subprocess.run([py, "-c", "import auto_round, os; print(os.path.dirname(auto_round.__file__))"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [py, "-c", "import auto_round, os; print(os.path.dirname(auto_round.__file__))"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     for rel, old, new in AR_PATCHES:
         f = site / rel
         s = f.read_text()
@@ -90,14 +105,55 @@ def make_stock(f16: Path, qtype: str, out: Path, imatrix: Path | None) -> dict:
 
 
 def make_opt(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, mix: bool = False) -> dict:
-    return benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--optimize", "--calib", calib,
-                               "--reference", ckpt, "--ctx", CTX, "-o", out, "--force", "--quiet"] + (["--mix"] if mix else []))
+    return benchlib.run_child(
+        [
+            PY,
+            "-m",
+            "neoxq",
+            "quantize",
+            f16,
+            "--type",
+            qtype,
+            "--optimize",
+            "--calib",
+            calib,
+            "--reference",
+            ckpt,
+            "--ctx",
+            CTX,
+            "-o",
+            out,
+            "--force",
+            "--quiet",
+        ]
+        + (["--mix"] if mix else [])
+    )
 
 
 def make_mix(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path) -> dict:
     """`--mix --calib`: the importance matrix from the calibration text (the default)."""
-    return benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--mix", "--calib", calib,
-                               "--reference", ckpt, "--ctx", CTX, "-o", out, "--force", "--quiet"])
+    return benchlib.run_child(
+        [
+            PY,
+            "-m",
+            "neoxq",
+            "quantize",
+            f16,
+            "--type",
+            qtype,
+            "--mix",
+            "--calib",
+            calib,
+            "--reference",
+            ckpt,
+            "--ctx",
+            CTX,
+            "-o",
+            out,
+            "--force",
+            "--quiet",
+        ]
+    )
 
 
 def make_autoround(ar: Path, ckpt: Path, qtype: str, iters: int, calib_jsonl: Path, n: int, work: Path) -> tuple[dict, Path | None]:
@@ -108,8 +164,28 @@ def make_autoround(ar: Path, ckpt: Path, qtype: str, iters: int, calib_jsonl: Pa
     done = sorted(out_dir.rglob("*.gguf"))
     if done and (out_dir / "run.json").is_file():
         return json.loads((out_dir / "run.json").read_text()), done[-1]
-    r = benchlib.run_child([ar, "--model", ckpt, "--format", f"gguf:{qtype.lower()}", "--iters", iters, "--dataset", calib_jsonl,
-                            "--seqlen", CTX, "--nsamples", n, "--device", "cpu", "--output_dir", out_dir], check=False)
+    r = benchlib.run_child(
+        [
+            ar,
+            "--model",
+            ckpt,
+            "--format",
+            f"gguf:{qtype.lower()}",
+            "--iters",
+            iters,
+            "--dataset",
+            calib_jsonl,
+            "--seqlen",
+            CTX,
+            "--nsamples",
+            n,
+            "--device",
+            "cpu",
+            "--output_dir",
+            out_dir,
+        ],
+        check=False,
+    )
     files = sorted(out_dir.rglob("*.gguf"))
     if r["rc"] or not files:
         err = [line for line in (r["stderr"] + r["stdout"]).splitlines() if line.strip()][-3:]
@@ -137,18 +213,19 @@ def _made(out: Path, make, again: bool) -> dict:
     return r
 
 
-def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: bool, with_mix: bool = True,
-                remake: set[str] | None = None) -> list[dict]:
+def bench_model(
+    name: str, ckpt: Path, heldout: str, types: list[str], with_ar: bool, with_mix: bool = True, remake: set[str] | None = None
+) -> list[dict]:
     from neoxq.core.stats import compare
 
     work = benchlib.cache_dir() / "optimize-work" / name
     work.mkdir(parents=True, exist_ok=True)
-    calib, scored = heldout[:CALIB_CHARS], heldout[CALIB_CHARS + 20_000:]
+    calib, scored = heldout[:CALIB_CHARS], heldout[CALIB_CHARS + 20_000 :]
     (work / "calib.txt").write_text(calib, encoding="utf-8")
     chunk = max(len(calib) // 24, 1)
     with open(work / "calib.jsonl", "w", encoding="utf-8") as f:
         for i in range(0, len(calib), chunk):
-            f.write(json.dumps({"text": calib[i:i + chunk]}) + "\n")
+            f.write(json.dumps({"text": calib[i : i + chunk]}) + "\n")
     f16 = benchlib.convert_f16(ckpt, work)
     im = work / "calib.imatrix"
     if not im.is_file():
@@ -157,12 +234,18 @@ def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: 
     rows = []
     for qtype in types:
         print(f"\n{name} {qtype}:")
-        recipes = {"stock": (f"{qtype}.gguf", lambda o: make_stock(f16, qtype, o, im if qtype == "Q2_K_S" else None)),
-                   "stock+im": (f"{qtype}-im.gguf", lambda o: make_stock(f16, qtype, o, im)),
-                   "opt": (f"{qtype}-opt.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt"))}
+        recipes = {
+            "stock": (f"{qtype}.gguf", lambda o: make_stock(f16, qtype, o, im if qtype == "Q2_K_S" else None)),
+            "stock+im": (f"{qtype}-im.gguf", lambda o: make_stock(f16, qtype, o, im)),
+            "opt": (f"{qtype}-opt.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt")),
+        }
         if with_mix:
-            recipes.update({"mix": (f"{qtype}-mix.gguf", lambda o: make_mix(f16, qtype, o, ckpt, work / "calib.txt")),
-                            "opt-mix": (f"{qtype}-opt-mix.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt", mix=True))})
+            recipes.update(
+                {
+                    "mix": (f"{qtype}-mix.gguf", lambda o: make_mix(f16, qtype, o, ckpt, work / "calib.txt")),
+                    "opt-mix": (f"{qtype}-opt-mix.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt", mix=True)),
+                }
+            )
         made, paths = {}, {}
         for kind, (fname, make) in recipes.items():
             paths[kind] = work / fname
@@ -178,10 +261,20 @@ def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: 
             c = compare(s.tokens, base) if k != "stock" else None
             vs_ar = compare(s.tokens, scores["ar200"].tokens) if k == "opt" and "ar200" in scores else None
             vs_mix = compare(s.tokens, scores["mix"].tokens) if k == "opt-mix" else None
-            row = {"model": name, "type": qtype, "file": k, "size_bytes": paths[k].stat().st_size, "kld": s.kld_mean,
-                   "kld_se_window": s.stats["kld"]["se_window"], "top1": s.top1, "seconds": made[k]["wall_s"],
-                   "peak_rss_MiB": made[k]["peak_rss_MiB"], "vs_stock": c and c["kld"], "vs_ar200": vs_ar and vs_ar["kld"],
-                   "vs_mix": vs_mix and vs_mix["kld"]}
+            row = {
+                "model": name,
+                "type": qtype,
+                "file": k,
+                "size_bytes": paths[k].stat().st_size,
+                "kld": s.kld_mean,
+                "kld_se_window": s.stats["kld"]["se_window"],
+                "top1": s.top1,
+                "seconds": made[k]["wall_s"],
+                "peak_rss_MiB": made[k]["peak_rss_MiB"],
+                "vs_stock": c and c["kld"],
+                "vs_ar200": vs_ar and vs_ar["kld"],
+                "vs_mix": vs_mix and vs_mix["kld"],
+            }
             rows.append(row)
             print(_line(row))
     return rows
@@ -190,31 +283,43 @@ def bench_model(name: str, ckpt: Path, heldout: str, types: list[str], with_ar: 
 def _line(r: dict) -> str:
     vs = r["vs_stock"]
     rel = f"{vs['ratio']:.3f}× [{vs['ci95'][0]:.3f}, {vs['ci95'][1]:.3f}]" if vs else "1 (baseline)"
-    ar_s = "".join(f"  vs {name} {x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}] {x['verdict']}"
-                   for name, x in (("ar200", r["vs_ar200"]), ("mix", r.get("vs_mix"))) if x)
+    ar_s = "".join(
+        f"  vs {name} {x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}] {x['verdict']}"
+        for name, x in (("ar200", r["vs_ar200"]), ("mix", r.get("vs_mix")))
+        if x
+    )
     from neoxq.render import value_pm
 
-    return (f"  {r['file']:<9} {r['size_bytes'] / 1e6:8.3f} MB  KLD {value_pm(r['kld'], r['kld_se_window']):<22}  vs stock {rel:<26} "
-            f"top-1 {100 * r['top1']:.2f} %  {r['seconds']:6.1f} s  {r['peak_rss_MiB']:6.0f} MiB{ar_s}")
+    return (
+        f"  {r['file']:<9} {r['size_bytes'] / 1e6:8.3f} MB  KLD {value_pm(r['kld'], r['kld_se_window']):<22}  vs stock {rel:<26} "
+        f"top-1 {100 * r['top1']:.2f} %  {r['seconds']:6.1f} s  {r['peak_rss_MiB']:6.0f} MiB{ar_s}"
+    )
 
 
 def markdown(rows: list[dict]) -> str:
     """The README's table per model: KLD of stock, then every file's ratio to stock, and opt's
     (opt-mix's) ratio to AutoRound 200 (the mix), each with its paired 95 % interval."""
+
     def ratio(x):
         return f"{x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x else "–"
 
     cols = ["stock+im", "mix", "ar0", "ar200", "opt", "opt-mix"]
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        out += [f"\n{model}:\n", "| type | stock KLD | " + " | ".join(cols) + " | opt vs AutoRound 200 | opt-mix vs mix | opt s / AR200 s |",
-                "|---|---:|" + "---:|" * (len(cols) + 3)]
+        out += [
+            f"\n{model}:\n",
+            "| type | stock KLD | " + " | ".join(cols) + " | opt vs AutoRound 200 | opt-mix vs mix | opt s / AR200 s |",
+            "|---|---:|" + "---:|" * (len(cols) + 3),
+        ]
         for qtype in dict.fromkeys(r["type"] for r in rows if r["model"] == model):
             by = {r["file"]: r for r in rows if r["model"] == model and r["type"] == qtype}
             cells = [ratio(by[c]["vs_stock"]) if c in by else "–" for c in cols]
             t = f"{by['opt']['seconds']:.0f} / {by['ar200']['seconds']:.0f}" if "opt" in by and "ar200" in by else "–"
-            out.append(f"| {qtype} | {by['stock']['kld']:.3g} | " + " | ".join(cells) +
-                       f" | {ratio(by.get('opt', {}).get('vs_ar200'))} | {ratio(by.get('opt-mix', {}).get('vs_mix'))} | {t} |")
+            out.append(
+                f"| {qtype} | {by['stock']['kld']:.3g} | "
+                + " | ".join(cells)
+                + f" | {ratio(by.get('opt', {}).get('vs_ar200'))} | {ratio(by.get('opt-mix', {}).get('vs_mix'))} | {t} |"
+            )
     return "\n".join(out)
 
 
@@ -234,8 +339,7 @@ def main() -> None:
     t0 = time.time()
     rows = []
     for name, (ckpt, heldout) in models(a.models.split(",")).items():
-        rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix,
-                            set(a.remake.split(",")) if a.remake else None)
+        rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix, set(a.remake.split(",")) if a.remake else None)
         if a.json:
             a.json.write_text(json.dumps(rows, indent=1))
     print(markdown(rows))

@@ -60,9 +60,14 @@ def speeds(paths: dict[str, Path], text: str) -> dict[str, dict]:
     finally:
         for m in models.values():
             m.close()
-    return {k: {"tg_tps": statistics.median(s.tg_tps for s in r), "pp_tps": statistics.median(s.pp_tps for s in r),
-                "tg_spread": (max(s.tg_tps for s in r) - min(s.tg_tps for s in r)) / statistics.median(s.tg_tps for s in r)}
-            for k, r in runs.items()}
+    return {
+        k: {
+            "tg_tps": statistics.median(s.tg_tps for s in r),
+            "pp_tps": statistics.median(s.pp_tps for s in r),
+            "tg_spread": (max(s.tg_tps for s in r) - min(s.tg_tps for s in r)) / statistics.median(s.tg_tps for s in r),
+        }
+        for k, r in runs.items()
+    }
 
 
 def main() -> None:
@@ -76,7 +81,7 @@ def main() -> None:
     for name in a.models.split(","):
         work = benchlib.cache_dir() / "optimize-work" / name
         heldout = benchlib.eval_text().read_text(encoding="utf-8") if name != "demo" else bench_optimize.models(["demo"])["demo"][1]
-        text = heldout[bench_optimize.CALIB_CHARS + 20_000:][:CHARS]
+        text = heldout[bench_optimize.CALIB_CHARS + 20_000 :][:CHARS]
         if len(text) < CHARS // 2:
             print(f"{name}: its held-out text leaves only {len(text)} characters after the calibration part; skipped")
             continue
@@ -88,11 +93,21 @@ def main() -> None:
                 continue
             sp = speeds(paths, text)
             for k, p in paths.items():
-                row = {"model": name, "type": qtype, "file": k, "llama_perplexity_ppl": llama_ppl(tools, p, work / "runtime-text.txt"),
-                       "neoxq_ppl": neoxq_ppl(p, text), **sp[k], "tg_vs_stock": sp[k]["tg_tps"] / sp["stock"]["tg_tps"]}
+                row = {
+                    "model": name,
+                    "type": qtype,
+                    "file": k,
+                    "llama_perplexity_ppl": llama_ppl(tools, p, work / "runtime-text.txt"),
+                    "neoxq_ppl": neoxq_ppl(p, text),
+                    **sp[k],
+                    "tg_vs_stock": sp[k]["tg_tps"] / sp["stock"]["tg_tps"],
+                }
                 rows.append(row)
-                print(f"{name} {qtype} {k:5s} llama-perplexity PPL {row['llama_perplexity_ppl']:.4f}  neoxq PPL {row['neoxq_ppl']:.4f}  "
-                      f"generation {row['tg_tps']:.1f} tok/s (spread {100 * row['tg_spread']:.0f} %)  vs stock {row['tg_vs_stock']:.3f}×", flush=True)
+                print(
+                    f"{name} {qtype} {k:5s} llama-perplexity PPL {row['llama_perplexity_ppl']:.4f}  neoxq PPL {row['neoxq_ppl']:.4f}  "
+                    f"generation {row['tg_tps']:.1f} tok/s (spread {100 * row['tg_spread']:.0f} %)  vs stock {row['tg_vs_stock']:.3f}×",
+                    flush=True,
+                )
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
 

@@ -46,7 +46,7 @@ def texts(work: Path, windows: int) -> tuple[Path, Path]:
     n = windows * CTX * 4 + 4000
     calib, scored = work / f"calib-{windows}.txt", work / f"scored-{windows}.txt"
     calib.write_text(body[:n], encoding="utf-8")
-    scored.write_text(body[n:2 * n], encoding="utf-8")
+    scored.write_text(body[n : 2 * n], encoding="utf-8")
     return calib, scored
 
 
@@ -89,14 +89,25 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
     out = work / f"big-{layers}-{qtype}-opt.gguf"
     r = benchlib.run_child([PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX, out])
     res = json.loads(r["stdout"].strip().splitlines()[-1])
-    row = {"layers": layers, "windows": windows, "type": qtype, "budget": budget, "peak_rss_MiB": r["peak_rss_MiB"],
-           "estimate_MiB": plan.peak / 2**20, "first_pass_streamed": plan.streamed, "wall_s": r["wall_s"],
-           "size_bytes": res["size_bytes"], "estimate_32_layers_32_windows_MiB": plan32.peak / 2**20}
+    row = {
+        "layers": layers,
+        "windows": windows,
+        "type": qtype,
+        "budget": budget,
+        "peak_rss_MiB": r["peak_rss_MiB"],
+        "estimate_MiB": plan.peak / 2**20,
+        "first_pass_streamed": plan.streamed,
+        "wall_s": r["wall_s"],
+        "size_bytes": res["size_bytes"],
+        "estimate_32_layers_32_windows_MiB": plan32.peak / 2**20,
+    }
     row["per_layer_s"] = r["wall_s"] / layers  # an upper bound: the embedding and output matrix are included
     row["extrapolated_32_layers_h"] = row["per_layer_s"] * BIG[1] / 3600
-    print(f"6.9B-shaped, {layers} layers, {windows} windows of {CTX}, {qtype}, --max-memory {budget}: peak RSS "
-          f"{row['peak_rss_MiB']:.0f} MiB (estimate {row['estimate_MiB']:.0f}, first pass {'streamed' if plan.streamed else 'in memory'}), "
-          f"{r['wall_s']:.0f} s ({row['per_layer_s']:.0f} s per layer: ~{row['extrapolated_32_layers_h']:.1f} h at 32 layers)")
+    print(
+        f"6.9B-shaped, {layers} layers, {windows} windows of {CTX}, {qtype}, --max-memory {budget}: peak RSS "
+        f"{row['peak_rss_MiB']:.0f} MiB (estimate {row['estimate_MiB']:.0f}, first pass {'streamed' if plan.streamed else 'in memory'}), "
+        f"{r['wall_s']:.0f} s ({row['per_layer_s']:.0f} s per layer: ~{row['extrapolated_32_layers_h']:.1f} h at 32 layers)"
+    )
     out.unlink(missing_ok=True)
     return row
 
@@ -149,17 +160,29 @@ def probe_cost(work: Path, layers: int, windows: int) -> dict:
     full = benchlib.checkpoint_bytes(BIG)  # the 32-layer F16 model's bytes
     scale = full / f16.stat().st_size
     score_s = d["split_probe_s"]  # quantize one matrix, link, load, score: scoring dominates
-    row = {**d, "layers": layers, "windows": windows, "peak_rss_MiB": r["peak_rss_MiB"],
-           "at_32_layers": {"f16_bytes": full, "whole_file_probe_bytes": d["whole_bytes"] * scale,
-                            "split_probe_bytes": d["split_probe_bytes"], "whole_write_s": d["whole_write_s"] * scale,
-                            "score_s": score_s * scale, "mix_64_probes_bytes_whole": 64 * d["whole_bytes"] * scale,
-                            "mix_64_probes_bytes_split": full + 64 * d["split_probe_bytes"]}}
+    row = {
+        **d,
+        "layers": layers,
+        "windows": windows,
+        "peak_rss_MiB": r["peak_rss_MiB"],
+        "at_32_layers": {
+            "f16_bytes": full,
+            "whole_file_probe_bytes": d["whole_bytes"] * scale,
+            "split_probe_bytes": d["split_probe_bytes"],
+            "whole_write_s": d["whole_write_s"] * scale,
+            "score_s": score_s * scale,
+            "mix_64_probes_bytes_whole": 64 * d["whole_bytes"] * scale,
+            "mix_64_probes_bytes_split": full + 64 * d["split_probe_bytes"],
+        },
+    }
     a = row["at_32_layers"]
-    print(f"--mix probe, 6.9B-wide, {layers} layers, {d['tokens']} tokens: split probe writes {d['split_probe_bytes'] / 2**20:.0f} MiB "
-          f"and takes {d['split_probe_s']:.1f} s; the whole probe file wrote {d['whole_bytes'] / 2**30:.2f} GiB in {d['whole_write_s']:.1f} s "
-          f"(F16 splits once: {d['base_bytes'] / 2**30:.2f} GiB). At 32 layers: a mix of 64 probes writes "
-          f"{a['mix_64_probes_bytes_split'] / 2**30:.0f} GiB instead of {a['mix_64_probes_bytes_whole'] / 2**30:.0f} GiB; "
-          f"each probe scores for ~{a['score_s'] / 60:.0f} min on this machine")
+    print(
+        f"--mix probe, 6.9B-wide, {layers} layers, {d['tokens']} tokens: split probe writes {d['split_probe_bytes'] / 2**20:.0f} MiB "
+        f"and takes {d['split_probe_s']:.1f} s; the whole probe file wrote {d['whole_bytes'] / 2**30:.2f} GiB in {d['whole_write_s']:.1f} s "
+        f"(F16 splits once: {d['base_bytes'] / 2**30:.2f} GiB). At 32 layers: a mix of 64 probes writes "
+        f"{a['mix_64_probes_bytes_split'] / 2**30:.0f} GiB instead of {a['mix_64_probes_bytes_whole'] / 2**30:.0f} GiB; "
+        f"each probe scores for ~{a['score_s'] / 60:.0f} min on this machine"
+    )
     return row
 
 
@@ -168,15 +191,62 @@ def shape_410m(work: Path, windows: int, qtype: str) -> dict:
     f16 = benchlib.convert_f16(folder, work)
     calib, scored = texts(work, windows)
     shutil.rmtree(work / "report-410m", ignore_errors=True)  # a fresh report: nothing reused
-    rep = benchlib.run_child([PY, "-m", "neoxq", "report", folder, "--text", scored, "--types", qtype, "--imatrix", "none",
-                              "--ctx", CTX, "-o", work / "report-410m", "--quiet"])
+    rep = benchlib.run_child(
+        [
+            PY,
+            "-m",
+            "neoxq",
+            "report",
+            folder,
+            "--text",
+            scored,
+            "--types",
+            qtype,
+            "--imatrix",
+            "none",
+            "--ctx",
+            CTX,
+            "-o",
+            work / "report-410m",
+            "--quiet",
+        ]
+    )
     out = work / f"410m-{qtype}-opt.gguf"
-    opt = benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--optimize", "--calib", calib, "--reference", folder,
-                              "--ctx", CTX, "-o", out, "--force", "--quiet"])
-    row = {"windows": windows, "type": qtype, "report_s": rep["wall_s"], "optimize_s": opt["wall_s"],
-           "ratio": opt["wall_s"] / rep["wall_s"], "optimize_peak_rss_MiB": opt["peak_rss_MiB"], "report_peak_rss_MiB": rep["peak_rss_MiB"]}
-    print(f"410M-shaped, {windows} windows of {CTX}, {qtype}: plain report {rep['wall_s']:.0f} s, --optimize {opt['wall_s']:.0f} s: "
-          f"{row['ratio']:.2f}x (goal ≤ 3x); peak RSS {opt['peak_rss_MiB']:.0f} MiB")
+    opt = benchlib.run_child(
+        [
+            PY,
+            "-m",
+            "neoxq",
+            "quantize",
+            f16,
+            "--type",
+            qtype,
+            "--optimize",
+            "--calib",
+            calib,
+            "--reference",
+            folder,
+            "--ctx",
+            CTX,
+            "-o",
+            out,
+            "--force",
+            "--quiet",
+        ]
+    )
+    row = {
+        "windows": windows,
+        "type": qtype,
+        "report_s": rep["wall_s"],
+        "optimize_s": opt["wall_s"],
+        "ratio": opt["wall_s"] / rep["wall_s"],
+        "optimize_peak_rss_MiB": opt["peak_rss_MiB"],
+        "report_peak_rss_MiB": rep["peak_rss_MiB"],
+    }
+    print(
+        f"410M-shaped, {windows} windows of {CTX}, {qtype}: plain report {rep['wall_s']:.0f} s, --optimize {opt['wall_s']:.0f} s: "
+        f"{row['ratio']:.2f}x (goal ≤ 3x); peak RSS {opt['peak_rss_MiB']:.0f} MiB"
+    )
     out.unlink(missing_ok=True)
     return row
 

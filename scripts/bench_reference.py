@@ -69,12 +69,21 @@ def one(shape: str, windows: int, work: Path) -> list[dict]:
             p.unlink()
         r = benchlib.run_child([PY, "-c", CHILD, folder, q8, text, mode, budget, cache])
         d = json.loads(r["stdout"].strip().splitlines()[-1])
-        row = {"shape": shape, "mode": mode, "peak_rss_MiB": r["peak_rss_MiB"], "tok_s": d["tokens"] / d["seconds"], "kld_q8": d["kld"],
-               "group": d["group"], "estimate_MiB": (d["plan_peak"] + q8.stat().st_size) / 2**20}
+        row = {
+            "shape": shape,
+            "mode": mode,
+            "peak_rss_MiB": r["peak_rss_MiB"],
+            "tok_s": d["tokens"] / d["seconds"],
+            "kld_q8": d["kld"],
+            "group": d["group"],
+            "estimate_MiB": (d["plan_peak"] + q8.stat().st_size) / 2**20,
+        }
         row["estimate_vs_measured"] = row["estimate_MiB"] / row["peak_rss_MiB"]
         rows.append(row)
-        print(f"{shape} {mode:<8} peak {row['peak_rss_MiB']:7.0f} MiB (estimate {row['estimate_MiB']:6.0f}, {row['estimate_vs_measured']:.2f}x), "
-              f"{row['tok_s']:6.1f} tok/s, KLD(Q8_0) {row['kld_q8']:.6f}")
+        print(
+            f"{shape} {mode:<8} peak {row['peak_rss_MiB']:7.0f} MiB (estimate {row['estimate_MiB']:6.0f}, {row['estimate_vs_measured']:.2f}x), "
+            f"{row['tok_s']:6.1f} tok/s, KLD(Q8_0) {row['kld_q8']:.6f}"
+        )
     return rows
 
 
@@ -82,11 +91,14 @@ def big(work: Path) -> dict:
     folder = benchlib.random_checkpoint("6.9b", shards=2)
     text = text_windows(4)
     out = work / "report-6.9b"
-    r = benchlib.run_child([PY, "-m", "neoxq", "report", folder, "--text", text, "--types", "Q4_K_M", "--imatrix", "none",
-                            "--ctx", CTX, "-o", out, "--quiet"])
+    r = benchlib.run_child(
+        [PY, "-m", "neoxq", "report", folder, "--text", text, "--types", "Q4_K_M", "--imatrix", "none", "--ctx", CTX, "-o", out, "--quiet"]
+    )
     rep = json.loads((out / "report.json").read_text())
-    print(f"6.9b report (Q4_K_M, {rep['text']['tokens_scored']} tokens): {r['wall_s'] / 60:.1f} min, peak RSS {r['peak_rss_MiB']:.0f} MiB "
-          f"(goal ≤ 6144); reference: {rep['reference']['kind']}")
+    print(
+        f"6.9b report (Q4_K_M, {rep['text']['tokens_scored']} tokens): {r['wall_s'] / 60:.1f} min, peak RSS {r['peak_rss_MiB']:.0f} MiB "
+        f"(goal ≤ 6144); reference: {rep['reference']['kind']}"
+    )
     return {"minutes": r["wall_s"] / 60, "peak_rss_MiB": r["peak_rss_MiB"], "reference": rep["reference"]}
 
 

@@ -121,13 +121,18 @@ def main() -> None:
     import llama_cpp
 
     print(f"model {a.model} ({a.type}), prompt {a.prompt} tokens, generate {a.gen}; GPU offload: {llama_cpp.llama_supports_gpu_offload()}")
-    runs = {"raw llama-cpp-python": child(RAW, gguf, a.prompt, a.gen), "neoxq": child(NEOXQ, gguf, a.prompt, a.gen),
-            "transformers fp32": child(HF, folder, a.prompt, a.gen)}
+    runs = {
+        "raw llama-cpp-python": child(RAW, gguf, a.prompt, a.gen),
+        "neoxq": child(NEOXQ, gguf, a.prompt, a.gen),
+        "transformers fp32": child(HF, folder, a.prompt, a.gen),
+    }
     base = runs["raw llama-cpp-python"]
     print(f"\n{'runtime':<22} {'pp tok/s':>9} {'tg tok/s':>9} {'peak RSS MiB':>13} {'pp ratio':>9} {'tg ratio':>9} {'RSS ratio':>10}")
     for name, r in runs.items():
-        print(f"{name:<22} {r['pp']:>9.1f} {r['tg']:>9.1f} {r['rss'] / 2**20:>13.0f} {r['pp'] / base['pp']:>9.2f} "
-              f"{r['tg'] / base['tg']:>9.2f} {r['rss'] / base['rss']:>10.2f}")
+        print(
+            f"{name:<22} {r['pp']:>9.1f} {r['tg']:>9.1f} {r['rss'] / 2**20:>13.0f} {r['pp'] / base['pp']:>9.2f} "
+            f"{r['tg'] / base['tg']:>9.2f} {r['rss'] / base['rss']:>10.2f}"
+        )
     print("(ratios: against raw llama-cpp-python measured in this run)")
 
 

@@ -161,8 +161,23 @@ def _llama_perplexity(f16: Path, text: Path, windows: int) -> dict | None:
     tools = _tools()
     if not tools:
         return None
-    r = benchlib.run_child([tools / "llama-perplexity", "-m", f16, "-f", text, "-c", CTX, "-b", CTX, "--chunks", windows,
-                            "-t", str(len(__import__("os").sched_getaffinity(0)))])
+    r = benchlib.run_child(
+        [
+            tools / "llama-perplexity",
+            "-m",
+            f16,
+            "-f",
+            text,
+            "-c",
+            CTX,
+            "-b",
+            CTX,
+            "--chunks",
+            windows,
+            "-t",
+            str(len(__import__("os").sched_getaffinity(0))),
+        ]
+    )
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", r["stdout"] + r["stderr"])
     return {"ppl": float(m.group(1)) if m else None, "wall_s": r["wall_s"]}
 
@@ -179,30 +194,54 @@ def _alternating(rounds: int, *runs) -> list[dict]:
     for results in got:
         med = sorted(results, key=lambda r: r["tokens"] / r["seconds"])[len(results) // 2]
         ratios = [(r["tokens"] / r["seconds"]) / (b["tokens"] / b["seconds"]) for r, b in zip(results, got[0])]
-        out.append({**med, "tok_s_all": [round(r["tokens"] / r["seconds"]) for r in results],
-                    "ratio_median": statistics.median(ratios), "ratios": [round(x, 3) for x in ratios]})
+        out.append(
+            {
+                **med,
+                "tok_s_all": [round(r["tokens"] / r["seconds"]) for r in results],
+                "ratio_median": statistics.median(ratios),
+                "ratios": [round(x, 3) for x in ratios],
+            }
+        )
     return out
 
 
 def bench_ppl(f16: Path, ids: Path, text: Path, windows: int, rounds: int = 5) -> dict:
-    bare, ours, math = _alternating(rounds, lambda: _child_json(BARE_LOOP, f16, ids, CTX),
-                                    lambda: _child_json(NEOXQ_LOOP, f16, ids, CTX, "ppl"),
-                                    lambda: _child_json(BARE_LOOP, f16, ids, CTX, "math"))
+    bare, ours, math = _alternating(
+        rounds,
+        lambda: _child_json(BARE_LOOP, f16, ids, CTX),
+        lambda: _child_json(NEOXQ_LOOP, f16, ids, CTX, "ppl"),
+        lambda: _child_json(BARE_LOOP, f16, ids, CTX, "math"),
+    )
     cli = benchlib.run_child([PY, "-m", "neoxq", "perplexity", f16, "--text", text, "--ctx", CTX, "--json"])
     lp = _llama_perplexity(f16, text, windows)
-    row = {"bare_tok_s": bare["tokens"] / bare["seconds"], "neoxq_tok_s": ours["tokens"] / ours["seconds"],
-           "neoxq_ppl": ours["ppl"], "tokens": ours["tokens"], "neoxq_cli_wall_s": cli["wall_s"]}
+    row = {
+        "bare_tok_s": bare["tokens"] / bare["seconds"],
+        "neoxq_tok_s": ours["tokens"] / ours["seconds"],
+        "neoxq_ppl": ours["ppl"],
+        "tokens": ours["tokens"],
+        "neoxq_cli_wall_s": cli["wall_s"],
+    }
     row["ratio_vs_bare"], row["ratios"] = ours["ratio_median"], ours["ratios"]
-    print(f"ppl: neoxq {row['neoxq_tok_s']:.0f} tok/s {ours['tok_s_all']} vs bare C-API loop {row['bare_tok_s']:.0f} tok/s "
-          f"{bare['tok_s_all']}: {row['ratio_vs_bare']:.3f}x (median of paired rounds {ours['ratios']}; goal ≥ 0.95), {row['tokens']} tokens")
+    print(
+        f"ppl: neoxq {row['neoxq_tok_s']:.0f} tok/s {ours['tok_s_all']} vs bare C-API loop {row['bare_tok_s']:.0f} tok/s "
+        f"{bare['tok_s_all']}: {row['ratio_vs_bare']:.3f}x (median of paired rounds {ours['ratios']}; goal ≥ 0.95), {row['tokens']} tokens"
+    )
     row |= {"bare_math_tok_s": math["tokens"] / math["seconds"], "ratio_vs_bare_math": ours["ratio_median"] / math["ratio_median"]}
-    print(f"     the same bare loop computing the perplexity in numpy (float32 log-softmax, one thread): {row['bare_math_tok_s']:.0f} tok/s "
-          f"(ppl {math['ppl']:.4f}); neoxq {row['ratio_vs_bare_math']:.2f}x its speed")
+    print(
+        f"     the same bare loop computing the perplexity in numpy (float32 log-softmax, one thread): {row['bare_math_tok_s']:.0f} tok/s "
+        f"(ppl {math['ppl']:.4f}); neoxq {row['ratio_vs_bare_math']:.2f}x its speed"
+    )
     if lp:
-        row |= {"llama_perplexity_ppl": lp["ppl"], "llama_perplexity_wall_s": lp["wall_s"],
-                "ppl_rel_diff": abs(ours["ppl"] - lp["ppl"]) / lp["ppl"], "cli_wall_ratio": cli["wall_s"] / lp["wall_s"]}
-        print(f"     perplexity {ours['ppl']:.4f} vs llama-perplexity {lp['ppl']:.4f} (rel. diff {row['ppl_rel_diff']:.1e}, "
-              f"goal ≤ 1e-4); whole command {cli['wall_s']:.1f} s vs {lp['wall_s']:.1f} s ({row['cli_wall_ratio']:.2f}x)")
+        row |= {
+            "llama_perplexity_ppl": lp["ppl"],
+            "llama_perplexity_wall_s": lp["wall_s"],
+            "ppl_rel_diff": abs(ours["ppl"] - lp["ppl"]) / lp["ppl"],
+            "cli_wall_ratio": cli["wall_s"] / lp["wall_s"],
+        }
+        print(
+            f"     perplexity {ours['ppl']:.4f} vs llama-perplexity {lp['ppl']:.4f} (rel. diff {row['ppl_rel_diff']:.1e}, "
+            f"goal ≤ 1e-4); whole command {cli['wall_s']:.1f} s vs {lp['wall_s']:.1f} s ({row['cli_wall_ratio']:.2f}x)"
+        )
     return row
 
 
@@ -214,24 +253,36 @@ def bench_kld(f16: Path, ids: Path, work: Path, label: str = "") -> dict:
         benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", q, "--quiet"])
     cache = work / f"refcache{tag}"
     _child_json(NEOXQ_LOOP, q, ids, CTX, "kld", f16, cache)  # builds the reference tables once
-    bare, ours, floor = _alternating(5, lambda: _child_json(BARE_LOOP, q, ids, CTX),
-                                     lambda: _child_json(NEOXQ_LOOP, q, ids, CTX, "kld", f16, cache),
-                                     lambda: _child_json(BARE_LOOP, q, ids, CTX, "floor"))
+    bare, ours, floor = _alternating(
+        5,
+        lambda: _child_json(BARE_LOOP, q, ids, CTX),
+        lambda: _child_json(NEOXQ_LOOP, q, ids, CTX, "kld", f16, cache),
+        lambda: _child_json(BARE_LOOP, q, ids, CTX, "floor"),
+    )
     entry = max(cache.glob("*.json"), key=lambda p: p.stat().st_mtime).stem  # the entry these windows use
     stored = sum(p.stat().st_size for p in cache.glob(f"{entry}.*.npy"))
     from neoxq.core.gguf_info import read_info
 
     full = ours["tokens"] * read_info(f16).n_vocab * 2  # the former float16 rows
-    row = {"bare_tok_s": bare["tokens"] / bare["seconds"], "neoxq_tok_s": ours["tokens"] / ours["seconds"],
-           "kld_mean": ours["kld"], "table_bytes_per_token": stored / ours["tokens"], "full_rows_bytes_per_token": full / ours["tokens"]}
+    row = {
+        "bare_tok_s": bare["tokens"] / bare["seconds"],
+        "neoxq_tok_s": ours["tokens"] / ours["seconds"],
+        "kld_mean": ours["kld"],
+        "table_bytes_per_token": stored / ours["tokens"],
+        "full_rows_bytes_per_token": full / ours["tokens"],
+    }
     row["ratio_vs_bare"], row["ratios"] = ours["ratio_median"], ours["ratios"]
-    print(f"kld{' ' + label if label else ''}: neoxq {row['neoxq_tok_s']:.0f} tok/s vs bare loop {row['bare_tok_s']:.0f} tok/s: "
-          f"{row['ratio_vs_bare']:.3f}x (median of paired rounds {ours['ratios']}); "
-          f"reference {row['table_bytes_per_token'] / 1e3:.1f} KB/token vs {row['full_rows_bytes_per_token'] / 1e3:.1f} KB/token "
-          f"({row['full_rows_bytes_per_token'] / row['table_bytes_per_token']:.1f}x smaller)")
+    print(
+        f"kld{' ' + label if label else ''}: neoxq {row['neoxq_tok_s']:.0f} tok/s vs bare loop {row['bare_tok_s']:.0f} tok/s: "
+        f"{row['ratio_vs_bare']:.3f}x (median of paired rounds {ours['ratios']}); "
+        f"reference {row['table_bytes_per_token'] / 1e3:.1f} KB/token vs {row['full_rows_bytes_per_token'] / 1e3:.1f} KB/token "
+        f"({row['full_rows_bytes_per_token'] / row['table_bytes_per_token']:.1f}x smaller)"
+    )
     row |= {"floor_tok_s": floor["tokens"] / floor["seconds"], "floor_ratio_vs_bare": floor["ratio_median"], "floor_ratios": floor["ratios"]}
-    print(f"     floor for any exact KLD: the bare loop plus only one exp over every logit (ggml's SIMD exp, all cores) "
-          f"{row['floor_tok_s']:.0f} tok/s: {row['floor_ratio_vs_bare']:.3f}x (rounds {floor['ratios']})")
+    print(
+        f"     floor for any exact KLD: the bare loop plus only one exp over every logit (ggml's SIMD exp, all cores) "
+        f"{row['floor_tok_s']:.0f} tok/s: {row['floor_ratio_vs_bare']:.3f}x (rounds {floor['ratios']})"
+    )
     return row
 
 
@@ -247,9 +298,10 @@ def bench_kld_shapes(shapes: list[str], ids: Path, work: Path) -> list[dict]:
 
 def bench_quantize(f16: Path, work: Path, rounds: int = 3) -> dict:
     ftype = "15"  # Q4_K_M
-    runs = {"bare": lambda: benchlib.run_child([PY, "-c", BARE_QUANTIZE, f16, work / "bare.gguf", ftype]),
-            "neoxq": lambda: benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", work / "nq.gguf",
-                                                 "--force", "--quiet"])}
+    runs = {
+        "bare": lambda: benchlib.run_child([PY, "-c", BARE_QUANTIZE, f16, work / "bare.gguf", ftype]),
+        "neoxq": lambda: benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", "Q4_K_M", "-o", work / "nq.gguf", "--force", "--quiet"]),
+    }
     if _tools():
         runs["llama-quantize"] = lambda: benchlib.run_child([_tools() / "llama-quantize", f16, work / "lq.gguf", "Q4_K_M"])
     times = {k: [] for k in runs}
@@ -258,8 +310,11 @@ def bench_quantize(f16: Path, work: Path, rounds: int = 3) -> dict:
             times[k].append(run()["wall_s"])
     rows = {k: statistics.median(v) for k, v in times.items()}
     same = _same_tensors(work / "bare.gguf", work / "nq.gguf")
-    print("quantize: " + ", ".join(f"{k} {v:.2f} s" for k, v in rows.items())
-          + f" (medians of {rounds}); neoxq/bare {rows['neoxq'] / rows['bare']:.2f}x (goal ≤ 1.2); tensors identical: {same}")
+    print(
+        "quantize: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in rows.items())
+        + f" (medians of {rounds}); neoxq/bare {rows['neoxq'] / rows['bare']:.2f}x (goal ≤ 1.2); tensors identical: {same}"
+    )
     return {**rows, "all": times, "ratio_vs_bare": rows["neoxq"] / rows["bare"], "identical_tensors": same}
 
 
@@ -274,8 +329,9 @@ def _same_tensors(a: Path, b: Path) -> bool:
 def bench_run(f16: Path) -> dict:
     prompt = "def parse(self, text):\n    "
     bare = statistics.median(benchlib.run_child([PY, "-c", BARE_FIRST_TOKEN, f16, prompt])["wall_s"] for _ in range(3))
-    ours = statistics.median(benchlib.run_child([PY, "-m", "neoxq", "run", f16, "-p", prompt, "-n", "1", "--temp", "0",
-                                                 "--ctx", "512"])["wall_s"] for _ in range(3))
+    ours = statistics.median(
+        benchlib.run_child([PY, "-m", "neoxq", "run", f16, "-p", prompt, "-n", "1", "--temp", "0", "--ctx", "512"])["wall_s"] for _ in range(3)
+    )
     print(f"run: first token after {ours:.2f} s vs bare llama-cpp-python {bare:.2f} s (+{ours - bare:.2f} s; goal ≤ +0.1 s)")
     return {"neoxq_s": ours, "bare_s": bare, "extra_s": ours - bare}
 
@@ -334,24 +390,38 @@ def bench_convert(shapes: list[str], work: Path, rounds: int = 3) -> list[dict]:
         for _ in range(rounds):
             ours.append(_convert_once(shape, folder, work, "neoxq"))
             theirs.append(_convert_once(shape, folder, work, "llama"))
-        row = {"shape": shape, "checkpoint_MB": benchlib.checkpoint_bytes(shape) / 1e6,
-               "neoxq_s": statistics.median(r["wall_s"] for r in ours), "neoxq_all_s": [round(r["wall_s"], 2) for r in ours],
-               "neoxq_rss_MiB": max(r["peak_rss_MiB"] for r in ours)}
+        row = {
+            "shape": shape,
+            "checkpoint_MB": benchlib.checkpoint_bytes(shape) / 1e6,
+            "neoxq_s": statistics.median(r["wall_s"] for r in ours),
+            "neoxq_all_s": [round(r["wall_s"], 2) for r in ours],
+            "neoxq_rss_MiB": max(r["peak_rss_MiB"] for r in ours),
+        }
         if theirs[0]:
-            row |= {"llama_s": statistics.median(r["wall_s"] for r in theirs), "llama_all_s": [round(r["wall_s"], 2) for r in theirs],
-                    "llama_rss_MiB": max(r["peak_rss_MiB"] for r in theirs),
-                    "time_ratio": statistics.median(o["wall_s"] / t["wall_s"] for o, t in zip(ours, theirs))}
+            row |= {
+                "llama_s": statistics.median(r["wall_s"] for r in theirs),
+                "llama_all_s": [round(r["wall_s"], 2) for r in theirs],
+                "llama_rss_MiB": max(r["peak_rss_MiB"] for r in theirs),
+                "time_ratio": statistics.median(o["wall_s"] / t["wall_s"] for o, t in zip(ours, theirs)),
+            }
         rows.append(row)
-        print(f"convert {shape}: neoxq {row['neoxq_s']:.1f} s {row['neoxq_all_s']}, {row['neoxq_rss_MiB']:.0f} MiB peak"
-              + (f" vs convert_hf_to_gguf.py {row['llama_s']:.1f} s {row['llama_all_s']}, {row['llama_rss_MiB']:.0f} MiB → "
-                 f"{row['time_ratio']:.2f}x time (median of paired rounds; goal ≤ 0.5)"
-                 if theirs[0] else " (llama.cpp's converter not built: scripts/build_llama_tools.sh)"))
+        print(
+            f"convert {shape}: neoxq {row['neoxq_s']:.1f} s {row['neoxq_all_s']}, {row['neoxq_rss_MiB']:.0f} MiB peak"
+            + (
+                f" vs convert_hf_to_gguf.py {row['llama_s']:.1f} s {row['llama_all_s']}, {row['llama_rss_MiB']:.0f} MiB → "
+                f"{row['time_ratio']:.2f}x time (median of paired rounds; goal ≤ 0.5)"
+                if theirs[0]
+                else " (llama.cpp's converter not built: scripts/build_llama_tools.sh)"
+            )
+        )
     return rows
 
 
 def bench_big(work: Path) -> dict:
     need = benchlib.checkpoint_bytes("6.9b") * 2.05
-    free = shutil.disk_usage(benchlib.cache_dir()).free + (benchlib.checkpoint_bytes("6.9b") if (benchlib.cache_dir() / "ckpt-6.9b-2shards").is_dir() else 0)
+    free = shutil.disk_usage(benchlib.cache_dir()).free + (
+        benchlib.checkpoint_bytes("6.9b") if (benchlib.cache_dir() / "ckpt-6.9b-2shards").is_dir() else 0
+    )
     if free < need:
         print(f"convert 6.9b: skipped, {free / 1e9:.0f} GB free but about {need / 1e9:.0f} GB needed (checkpoint + output)")
         return {"skipped": True, "free_GB": free / 1e9, "need_GB": need / 1e9}
@@ -359,8 +429,10 @@ def bench_big(work: Path) -> dict:
     out = work / "6.9b.gguf"
     r = benchlib.run_child([PY, "-m", "neoxq", "convert", folder, "-o", out, "--force", "--quiet"])
     out.unlink()
-    print(f"convert 6.9b ({benchlib.checkpoint_bytes('6.9b') / 1e9:.1f} GB fp16, 2 shards): {r['wall_s']:.0f} s, "
-          f"peak RSS {r['peak_rss_MiB']:.0f} MiB (goal ≤ 1536 MiB)")
+    print(
+        f"convert 6.9b ({benchlib.checkpoint_bytes('6.9b') / 1e9:.1f} GB fp16, 2 shards): {r['wall_s']:.0f} s, "
+        f"peak RSS {r['peak_rss_MiB']:.0f} MiB (goal ≤ 1536 MiB)"
+    )
     return {"wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"]}
 
 
@@ -383,9 +455,13 @@ def main() -> None:
     if only & {"meta", "ppl", "kld", "quantize", "run"}:
         f16 = _f16(benchlib.trained_50k(), work)
         ids, text = _ids(f16, benchlib.eval_text(), a.windows, work)
-        for name, fn in (("meta", lambda: bench_meta(f16)), ("ppl", lambda: bench_ppl(f16, ids, text, a.windows)),
-                         ("kld", lambda: bench_kld(f16, ids, work)), ("quantize", lambda: bench_quantize(f16, work)),
-                         ("run", lambda: bench_run(f16))):
+        for name, fn in (
+            ("meta", lambda: bench_meta(f16)),
+            ("ppl", lambda: bench_ppl(f16, ids, text, a.windows)),
+            ("kld", lambda: bench_kld(f16, ids, work)),
+            ("quantize", lambda: bench_quantize(f16, work)),
+            ("run", lambda: bench_run(f16)),
+        ):
             if name in only:
                 results[name] = fn()
         if "kld" in only and a.kld_shapes:

@@ -43,20 +43,40 @@ VALUE_TOL, SE_TOL = 1e-3, 0.05  # the issue's bounds
 LLAMA_STORAGE = 0.5 * 16 / 65535
 # llama-perplexity's printed line → (our summary key, sub-key, scale of the printed number)
 FIGURES = {
-    r"Mean PPL\(Q\)": ("ppl", "value", 1), r"Mean PPL\(base\)": ("ppl_base", "value", 1),
+    r"Mean PPL\(Q\)": ("ppl", "value", 1),
+    r"Mean PPL\(base\)": ("ppl_base", "value", 1),
     r"Cor\(ln\(PPL\(Q\)\), ln\(PPL\(base\)\)\)": ("cor_ln_ppl", None, 100),
-    r"Mean ln\(PPL\(Q\)/PPL\(base\)\)": ("ln_ppl_ratio", "value", 1), r"Mean PPL\(Q\)/PPL\(base\)": ("ppl_ratio", "value", 1),
-    r"Mean PPL\(Q\)-PPL\(base\)": ("ppl_diff", "value", 1), r"Mean    KLD": ("kld", "value", 1),
-    r"Maximum KLD": ("kld", "max", 1), r"99\.9%   KLD": ("kld", "p99.9", 1), r"99\.0%   KLD": ("kld", "p99", 1),
-    r"95\.0%   KLD": ("kld", "p95", 1), r"90\.0%   KLD": ("kld", "p90", 1), r"Median  KLD": ("kld", "median", 1),
-    r"10\.0%   KLD": ("kld", "p10", 1), r" 5\.0%   KLD": ("kld", "p5", 1), r" 1\.0%   KLD": ("kld", "p1", 1),
-    r" 0\.1%   KLD": ("kld", "p0.1", 1), r"Minimum KLD": ("kld", "min", 1),
-    r"Mean    Δp": ("dp", "value", 100), r"Maximum Δp": ("dp", "max", 100), r"99\.9%   Δp": ("dp", "p99.9", 100),
-    r"99\.0%   Δp": ("dp", "p99", 100), r"95\.0%   Δp": ("dp", "p95", 100), r"90\.0%   Δp": ("dp", "p90", 100),
-    r"75\.0%   Δp": ("dp", "p75", 100), r"Median  Δp": ("dp", "median", 100), r"25\.0%   Δp": ("dp", "p25", 100),
-    r"10\.0%   Δp": ("dp", "p10", 100), r" 5\.0%   Δp": ("dp", "p5", 100), r" 1\.0%   Δp": ("dp", "p1", 100),
-    r" 0\.1%   Δp": ("dp", "p0.1", 100), r"Minimum Δp": ("dp", "min", 100),
-    r"RMS Δp    ": ("rms_dp", "value", 100), r"Same top p": ("same_top", "value", 100),
+    r"Mean ln\(PPL\(Q\)/PPL\(base\)\)": ("ln_ppl_ratio", "value", 1),
+    r"Mean PPL\(Q\)/PPL\(base\)": ("ppl_ratio", "value", 1),
+    r"Mean PPL\(Q\)-PPL\(base\)": ("ppl_diff", "value", 1),
+    r"Mean    KLD": ("kld", "value", 1),
+    r"Maximum KLD": ("kld", "max", 1),
+    r"99\.9%   KLD": ("kld", "p99.9", 1),
+    r"99\.0%   KLD": ("kld", "p99", 1),
+    r"95\.0%   KLD": ("kld", "p95", 1),
+    r"90\.0%   KLD": ("kld", "p90", 1),
+    r"Median  KLD": ("kld", "median", 1),
+    r"10\.0%   KLD": ("kld", "p10", 1),
+    r" 5\.0%   KLD": ("kld", "p5", 1),
+    r" 1\.0%   KLD": ("kld", "p1", 1),
+    r" 0\.1%   KLD": ("kld", "p0.1", 1),
+    r"Minimum KLD": ("kld", "min", 1),
+    r"Mean    Δp": ("dp", "value", 100),
+    r"Maximum Δp": ("dp", "max", 100),
+    r"99\.9%   Δp": ("dp", "p99.9", 100),
+    r"99\.0%   Δp": ("dp", "p99", 100),
+    r"95\.0%   Δp": ("dp", "p95", 100),
+    r"90\.0%   Δp": ("dp", "p90", 100),
+    r"75\.0%   Δp": ("dp", "p75", 100),
+    r"Median  Δp": ("dp", "median", 100),
+    r"25\.0%   Δp": ("dp", "p25", 100),
+    r"10\.0%   Δp": ("dp", "p10", 100),
+    r" 5\.0%   Δp": ("dp", "p5", 100),
+    r" 1\.0%   Δp": ("dp", "p1", 100),
+    r" 0\.1%   Δp": ("dp", "p0.1", 100),
+    r"Minimum Δp": ("dp", "min", 100),
+    r"RMS Δp    ": ("rms_dp", "value", 100),
+    r"Same top p": ("same_top", "value", 100),
 }
 BASE_PPL = r"Mean PPL\(base\)"
 NUM = r"\s*:\s*(-?[0-9.]+)\s*(?:%\s*)?(?:±\s*(-?[0-9.]+))?"
@@ -75,10 +95,10 @@ def parse_llama(out: str) -> dict:
 def llama_kld(tools: Path, f16: Path, q: Path, text: Path, base: Path) -> dict:
     threads = str(len(os.sched_getaffinity(0)))
     if not base.is_file():
-        benchlib.run_child([tools / "llama-perplexity", "-m", f16, "-f", text, "-c", CTX, "-b", CTX, "-t", threads,
-                            "--kl-divergence-base", base])
-    r = benchlib.run_child([tools / "llama-perplexity", "-m", q, "-c", CTX, "-b", CTX, "-t", threads,
-                            "--kl-divergence-base", base, "--kl-divergence"])
+        benchlib.run_child([tools / "llama-perplexity", "-m", f16, "-f", text, "-c", CTX, "-b", CTX, "-t", threads, "--kl-divergence-base", base])
+    r = benchlib.run_child(
+        [tools / "llama-perplexity", "-m", q, "-c", CTX, "-b", CTX, "-t", threads, "--kl-divergence-base", base, "--kl-divergence"]
+    )
     return parse_llama(r["stdout"] + r["stderr"])
 
 
@@ -139,14 +159,14 @@ def compare_one(qtype: str, llama: dict, ours: dict) -> dict:
         lv, lse, decimals = llama[pat]
         fig = ours[key] if sub is None else ours[key][sub]
         ov = scale * fig
-        resolution = 0.5 * 10 ** -decimals  # the last printed digit
+        resolution = 0.5 * 10**-decimals  # the last printed digit
         if sub not in (None, "value"):  # a per-token order statistic: llama's storage rounding
             resolution = max(resolution, scale * LLAMA_STORAGE)
         ok_v = abs(ov - lv) <= max(VALUE_TOL * abs(lv), resolution)
         row = {"figure": pat.replace("\\", ""), "llama": lv, "neoxq": ov, "value_ok": ok_v}
         if lse is not None:
             ose, osw = scale * ours[key]["se"], scale * ours[key]["se_window"]
-            ok_s = abs(ose - lse) <= max(SE_TOL * lse, 0.5 * 10 ** -decimals)
+            ok_s = abs(ose - lse) <= max(SE_TOL * lse, 0.5 * 10**-decimals)
             row |= {"llama_se": lse, "neoxq_se": ose, "neoxq_se_window": osw, "se_ok": ok_s}
             if not ok_s:
                 fails.append(f"{row['figure']}: se {ose:.6g} vs {lse:.6g}")
@@ -200,22 +220,33 @@ def main() -> None:
         ex = summarize(exact)
         default, dtables, _ = neoxq_scores(f16, q, text, work, TOP_K)
         dk, rest = summarize(default), float(np.exp(np.asarray(dtables.rest_lp, dtype=np.float64)).mean())
-        row |= {"exact": {"ppl_base": ex["ppl_base"]["value"], "kld": ex["kld"]["value"], "kld_p99.9": ex["kld"]["p99.9"]},
-                f"top{TOP_K}_kld": dk["kld"]["value"], "top_k_rest_mass": rest,
-                "top_k_kld_bias": dk["kld"]["value"] / ex["kld"]["value"] - 1,
-                "llama_kld_bias": -float(cost.mean()) / ex["kld"]["value"]}
-        print("  (neoxq's exact per-token values with llama-perplexity's storage of the base — clipped 16 below the max, "
-              "uint16 — and its dropping of KLD terms with base log-prob ≤ −16 put back)")
-        print(f"  exact, as neoxq reports: PPL(base) {ex['ppl_base']['value']:.4f}, mean KLD {ex['kld']['value']:.6g} "
-              f"(llama-perplexity's definition reads {100 * row['llama_kld_bias']:+.2f} % of it more), "
-              f"KLD 99.9 % {ex['kld']['p99.9']:.6g}")
-        print(f"  neoxq's default reference tables (top {TOP_K} tokens + the rest merged): mean KLD {dk['kld']['value']:.6g} "
-              f"({100 * row['top_k_kld_bias']:+.2f} % against full rows); the reference left {100 * rest:.2f} % of its mass "
-              f"outside its top {TOP_K} on average")
+        row |= {
+            "exact": {"ppl_base": ex["ppl_base"]["value"], "kld": ex["kld"]["value"], "kld_p99.9": ex["kld"]["p99.9"]},
+            f"top{TOP_K}_kld": dk["kld"]["value"],
+            "top_k_rest_mass": rest,
+            "top_k_kld_bias": dk["kld"]["value"] / ex["kld"]["value"] - 1,
+            "llama_kld_bias": -float(cost.mean()) / ex["kld"]["value"],
+        }
+        print(
+            "  (neoxq's exact per-token values with llama-perplexity's storage of the base — clipped 16 below the max, "
+            "uint16 — and its dropping of KLD terms with base log-prob ≤ −16 put back)"
+        )
+        print(
+            f"  exact, as neoxq reports: PPL(base) {ex['ppl_base']['value']:.4f}, mean KLD {ex['kld']['value']:.6g} "
+            f"(llama-perplexity's definition reads {100 * row['llama_kld_bias']:+.2f} % of it more), "
+            f"KLD 99.9 % {ex['kld']['p99.9']:.6g}"
+        )
+        print(
+            f"  neoxq's default reference tables (top {TOP_K} tokens + the rest merged): mean KLD {dk['kld']['value']:.6g} "
+            f"({100 * row['top_k_kld_bias']:+.2f} % against full rows); the reference left {100 * rest:.2f} % of its mass "
+            f"outside its top {TOP_K} on average"
+        )
         results.append(row)
     bad = sum(len(r["failures"]) for r in results)
-    print(f"\n{'all figures within the bounds' if not bad else f'{bad} figures outside the bounds'} "
-          f"({len(results)} types, {a.windows} windows of {CTX})")
+    print(
+        f"\n{'all figures within the bounds' if not bad else f'{bad} figures outside the bounds'} "
+        f"({len(results)} types, {a.windows} windows of {CTX})"
+    )
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
 

@@ -17,7 +17,11 @@ import numpy as np
 
 VOCAB = 50304  # Pythia's padded embedding rows
 SHAPES = {  # Pythia's own sizes (hidden, layers, heads); intermediate = 4 × hidden
-    "70m": (512, 6, 8), "160m": (768, 12, 12), "410m": (1024, 24, 16), "1.4b": (2048, 24, 16), "6.9b": (4096, 32, 32),
+    "70m": (512, 6, 8),
+    "160m": (768, 12, 12),
+    "410m": (1024, 24, 16),
+    "1.4b": (2048, 24, 16),
+    "6.9b": (4096, 32, 32),
 }
 
 
@@ -57,11 +61,26 @@ def tokenizer_50k() -> Path:
 
 def config_for(shape: str, n_tok: int, max_pos: int = 2048) -> dict:
     h, layers, heads = SHAPES[shape] if shape in SHAPES else shape
-    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": h,
-            "num_attention_heads": heads, "num_hidden_layers": layers, "intermediate_size": 4 * h,
-            "vocab_size": VOCAB, "max_position_embeddings": max_pos, "rotary_pct": 0.25, "rotary_emb_base": 10000,
-            "use_parallel_residual": True, "tie_word_embeddings": False, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
-            "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float16", "transformers_version": "4.24.0"}
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "hidden_size": h,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "intermediate_size": 4 * h,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": max_pos,
+        "rotary_pct": 0.25,
+        "rotary_emb_base": 10000,
+        "use_parallel_residual": True,
+        "tie_word_embeddings": False,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "torch_dtype": "float16",
+        "transformers_version": "4.24.0",
+    }
 
 
 def _tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -69,12 +88,20 @@ def _tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     out = {"gpt_neox.embed_in.weight": (v, h)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"gpt_neox.layers.{i}."
-        out |= {p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
-                p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
-                p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
-                p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
-                p + "mlp.dense_h_to_4h.weight": (f, h), p + "mlp.dense_h_to_4h.bias": (f,),
-                p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,)}
+        out |= {
+            p + "input_layernorm.weight": (h,),
+            p + "input_layernorm.bias": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "post_attention_layernorm.bias": (h,),
+            p + "attention.query_key_value.weight": (3 * h, h),
+            p + "attention.query_key_value.bias": (3 * h,),
+            p + "attention.dense.weight": (h, h),
+            p + "attention.dense.bias": (h,),
+            p + "mlp.dense_h_to_4h.weight": (f, h),
+            p + "mlp.dense_h_to_4h.bias": (f,),
+            p + "mlp.dense_4h_to_h.weight": (h, f),
+            p + "mlp.dense_4h_to_h.bias": (h,),
+        }
     out |= {"gpt_neox.final_layer_norm.weight": (h,), "gpt_neox.final_layer_norm.bias": (h,), "embed_out.weight": (v, h)}
     return out
 
@@ -147,15 +174,23 @@ def trained_50k(steps: int = 120, shape: str | None = None) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, folder / f)
     hidden, layers, heads = SHAPES[shape] if shape else (256, 4, 4)
-    spec = TinySpec(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
-                    scale=1.0, vocab_pad=0, max_position_embeddings=2048, dtype="float32")
+    spec = TinySpec(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        scale=1.0,
+        vocab_pad=0,
+        max_position_embeddings=2048,
+        dtype="float32",
+    )
     ids = torch.tensor(Tokenizer.from_file(str(tok / "tokenizer.json")).encode(stdlib_source(3_000_000)).ids)
     model = random_model(spec, VOCAB).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
         starts = torch.randint(0, len(ids) - 129, (8,), generator=gen)
-        x = torch.stack([ids[s:s + 128] for s in starts])
+        x = torch.stack([ids[s : s + 128] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
@@ -192,8 +227,9 @@ print("\\n" + json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall_s": tim
 
 def run_child(cmd: list, env: dict | None = None, cwd=None, check: bool = True) -> dict:
     """Run a command; return its wall seconds, its own peak RSS (MiB), stdout and stderr."""
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *map(str, cmd)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *map(str, cmd)], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd
+    )
     *lines, last = proc.stderr.rstrip("\n").split("\n")
     out = json.loads(last)
     if check and out["rc"]:
@@ -210,8 +246,9 @@ def llama_tools() -> Path | None:
 def build_llama_tools() -> Path:
     """Build them now when missing (several minutes the first time)."""
     if not llama_tools():
-        subprocess.run(["bash", str(Path(__file__).resolve().parent / "build_llama_tools.sh")], check=True,
-                       env={**os.environ, "PYTHON": sys.executable})
+        subprocess.run(
+            ["bash", str(Path(__file__).resolve().parent / "build_llama_tools.sh")], check=True, env={**os.environ, "PYTHON": sys.executable}
+        )
     return llama_tools()
 
 
@@ -248,8 +285,11 @@ def start_server(model, ctx: int = 256) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "neoxq", "serve", str(model), "--port", str(port), "--ctx", str(ctx)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neoxq", "serve", str(model), "--port", str(port), "--ctx", str(ctx)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:

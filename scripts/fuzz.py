@@ -40,6 +40,7 @@ def _target(name: str):
 
     with atheris.instrument_imports(include=["neoxq"]):
         from neoxq.core.errors import NeoxqError
+
         if name == "gguf":
             from neoxq.core.gguf_info import info_from_buffer
         elif name == "imatrix":
@@ -50,9 +51,11 @@ def _target(name: str):
         else:
             from neoxq.runtime.completion_request import parse_request
     if name == CANARY:
+
         def canary(data: bytes) -> None:
             if data.startswith(b"neoxq"):
                 raise IndexError("the planted bug")
+
         return canary
     scratch = Path(tempfile.gettempdir() if not Path("/dev/shm").is_dir() else "/dev/shm") / f"neoxq-fuzz-{os.getpid()}.imatrix"
 
@@ -106,9 +109,18 @@ def run(name: str, runs: int | None, seconds: int | None, findings: Path) -> dic
         finding = proc.returncode != 0 or bool(crashes)
         tail = "\n".join(proc.stderr.splitlines()[-30:]) if finding else ""
         done = int(stats.get("number_of_executed_units", 0))
-        return {"target": name, "executions": done, "seconds": round(wall, 1), "execs_per_second": done / wall if wall else 0.0,
-                "new_units": int(stats.get("new_units_added", 0)), "peak_rss_mb": stats.get("peak_rss_mb", 0),
-                "corpus_files": len(list(corpus.iterdir())), "finding": finding, "crash_files": crashes, "tail": tail}
+        return {
+            "target": name,
+            "executions": done,
+            "seconds": round(wall, 1),
+            "execs_per_second": done / wall if wall else 0.0,
+            "new_units": int(stats.get("new_units_added", 0)),
+            "peak_rss_mb": stats.get("peak_rss_mb", 0),
+            "corpus_files": len(list(corpus.iterdir())),
+            "finding": finding,
+            "crash_files": crashes,
+            "tail": tail,
+        }
 
 
 def make_seeds() -> None:
@@ -136,34 +148,68 @@ def make_seeds() -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    im = IMatrix({"blk.0.ffn_up.weight": np.ones(32, np.float32), "output.weight": np.full(32, 2.0, np.float32)},
-                 {"blk.0.ffn_up.weight": 4.0, "output.weight": 4.0}, ["seed text"], 4, 64)
+    im = IMatrix(
+        {"blk.0.ffn_up.weight": np.ones(32, np.float32), "output.weight": np.full(32, 2.0, np.float32)},
+        {"blk.0.ffn_up.weight": 4.0, "output.weight": 4.0},
+        ["seed text"],
+        4,
+        64,
+    )
     write_imatrix(CORPUS / "imatrix" / "tiny.imatrix", im)
     legacy = bytearray((1).to_bytes(4, "little", signed=True))
     name = b"blk.0.ffn_up.weight"
     legacy += len(name).to_bytes(4, "little") + name + (4).to_bytes(4, "little") + (8).to_bytes(4, "little")
     legacy += np.ones(8, "<f4").tobytes() + (4).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"seed"
     (CORPUS / "imatrix" / "legacy.dat").write_bytes(bytes(legacy))
-    pythia = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 512, "num_attention_heads": 8,
-              "num_hidden_layers": 6, "intermediate_size": 2048, "vocab_size": 50304, "max_position_embeddings": 2048,
-              "rotary_pct": 0.25, "rotary_emb_base": 10000, "use_parallel_residual": True, "layer_norm_eps": 1e-5,
-              "hidden_act": "gelu", "tie_word_embeddings": False, "torch_dtype": "float16", "bos_token_id": 0, "eos_token_id": 0}
-    hf5 = {**{k: v for k, v in pythia.items() if k not in ("rotary_pct", "rotary_emb_base", "torch_dtype")},
-           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}, "dtype": "float16"}
+    pythia = {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "hidden_size": 512,
+        "num_attention_heads": 8,
+        "num_hidden_layers": 6,
+        "intermediate_size": 2048,
+        "vocab_size": 50304,
+        "max_position_embeddings": 2048,
+        "rotary_pct": 0.25,
+        "rotary_emb_base": 10000,
+        "use_parallel_residual": True,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    hf5 = {
+        **{k: v for k, v in pythia.items() if k not in ("rotary_pct", "rotary_emb_base", "torch_dtype")},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        "dtype": "float16",
+    }
     for n, cfg in (("pythia.json", pythia), ("hf5.json", hf5)):
         (CORPUS / "config" / n).write_text(json.dumps(cfg))
-    bodies = [{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0.7, "stop": ["\n"]},
-              {"prompt": "a", "max_tokens": 0, "echo": True, "logprobs": 5},
-              {"prompt": ["x"], "logit_bias": {"12": -100}, "seed": 3, "top_k": 40, "stream": True, "stream_options": {"include_usage": True}},
-              {"prompt": "", "n": 1, "best_of": 1, "user": "u", "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.1,
-               "frequency_penalty": 0.5, "presence_penalty": -0.5}]
+    bodies = [
+        {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0.7, "stop": ["\n"]},
+        {"prompt": "a", "max_tokens": 0, "echo": True, "logprobs": 5},
+        {"prompt": ["x"], "logit_bias": {"12": -100}, "seed": 3, "top_k": 40, "stream": True, "stream_options": {"include_usage": True}},
+        {
+            "prompt": "",
+            "n": 1,
+            "best_of": 1,
+            "user": "u",
+            "top_p": 0.9,
+            "min_p": 0.05,
+            "repeat_penalty": 1.1,
+            "frequency_penalty": 0.5,
+            "presence_penalty": -0.5,
+        },
+    ]
     for i, b in enumerate(bodies):
         (CORPUS / "request" / f"body{i}.json").write_text(json.dumps(b))
 
 
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], sys.argv[sys.argv.index("--") + 1:])
+        _worker(sys.argv[2], sys.argv[sys.argv.index("--") + 1 :])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("target", nargs="?", choices=(*TARGETS, "all", CANARY), default="all")
@@ -180,9 +226,12 @@ def main() -> int:
     for name in TARGETS if a.target == "all" else (a.target,):
         r = run(name, a.runs, a.seconds, a.findings.resolve())
         results.append(r)
-        print(f"{name:8} {r['executions']:>10,} executions in {r['seconds']:7.0f} s ({r['execs_per_second']:,.0f}/s), "
-              f"corpus {r['corpus_files']} files, peak RSS {r['peak_rss_mb']:.0f} MB: "
-              + ("FINDING " + " ".join(r["crash_files"]) + "\n" + r["tail"] if r["finding"] else "no finding"), flush=True)
+        print(
+            f"{name:8} {r['executions']:>10,} executions in {r['seconds']:7.0f} s ({r['execs_per_second']:,.0f}/s), "
+            f"corpus {r['corpus_files']} files, peak RSS {r['peak_rss_mb']:.0f} MB: "
+            + ("FINDING " + " ".join(r["crash_files"]) + "\n" + r["tail"] if r["finding"] else "no finding"),
+            flush=True,
+        )
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
     return 1 if any(r["finding"] for r in results) else 0

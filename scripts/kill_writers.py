@@ -49,8 +49,9 @@ def build(d: Path) -> tuple[list[Writer], dict]:
 
     corpus = stdlib_text(80_000)
     # small shapes: each kill point reruns the writer, so its run time is the script's
-    spec = TinySpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, scale=1.0, vocab_pad=0,
-                    max_position_embeddings=128)
+    spec = TinySpec(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, scale=1.0, vocab_pad=0, max_position_embeddings=128
+    )
     ck = build_random(d / "ckpt", spec, corpus)
     f16 = convert(str(ck), "f16", output=d / "in-F16.gguf")
     text = d / "t.txt"
@@ -65,12 +66,55 @@ def build(d: Path) -> tuple[list[Writer], dict]:
         Writer("convert", ["convert", str(ck), "-o", str(out / "c-F16.gguf"), *q], out / "c-F16.gguf", "file"),
         Writer("quantize", ["quantize", str(f16), "--type", "Q4_K_M", "-o", str(out / "q.gguf"), *q], out / "q.gguf", "file"),
         Writer("imatrix", ["imatrix", str(ck), "--text", str(text), "--ctx", "64", "-o", str(out / "m.imatrix"), *q], out / "m.imatrix", "file"),
-        Writer("mix", ["quantize", str(f16), "--type", "Q4_K_M", "--mix", "--calib", str(text), "--imatrix", "none", "--ctx", "64",
-                       "-o", str(out / "mix.gguf"), *q], out / "mix.gguf", "file"),
-        Writer("report", ["report", str(ck), "--text", str(text), "--ctx", "64", "--types", "F16,Q4_0", "--imatrix", "none",
-                          "-o", str(out / "rep"), "--quiet"], out / "rep", "report"),
-        Writer("sweep", ["sweep", REPO, "--revisions", "step0,step10", "--text", str(text), "--ctx", "64", "--types", "Q8_0",
-                         "--imatrix", "none", "-o", str(out / "sw"), "--quiet"], out / "sw", "sweep"),
+        Writer(
+            "mix",
+            [
+                "quantize",
+                str(f16),
+                "--type",
+                "Q4_K_M",
+                "--mix",
+                "--calib",
+                str(text),
+                "--imatrix",
+                "none",
+                "--ctx",
+                "64",
+                "-o",
+                str(out / "mix.gguf"),
+                *q,
+            ],
+            out / "mix.gguf",
+            "file",
+        ),
+        Writer(
+            "report",
+            ["report", str(ck), "--text", str(text), "--ctx", "64", "--types", "F16,Q4_0", "--imatrix", "none", "-o", str(out / "rep"), "--quiet"],
+            out / "rep",
+            "report",
+        ),
+        Writer(
+            "sweep",
+            [
+                "sweep",
+                REPO,
+                "--revisions",
+                "step0,step10",
+                "--text",
+                str(text),
+                "--ctx",
+                "64",
+                "--types",
+                "Q8_0",
+                "--imatrix",
+                "none",
+                "-o",
+                str(out / "sw"),
+                "--quiet",
+            ],
+            out / "sw",
+            "sweep",
+        ),
     ]
     naive = out / "naive.bin"  # the negative control: a writer that writes in place, not through a temporary file
     code = f"import time; f = open({str(naive)!r}, 'wb'); f.write(b'x' * 1000); f.flush(); time.sleep(1.0); f.write(b'y' * 1000)"
@@ -97,8 +141,7 @@ def debris(root: Path) -> list[str]:
 
 def start(w: Writer, env: dict, cwd: Path) -> subprocess.Popen:
     cmd = [sys.executable, *w.argv] if w.name == "canary" else [sys.executable, "-m", "neoxq", *w.argv]
-    return subprocess.Popen(cmd, env={**os.environ, **env}, cwd=cwd, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, env={**os.environ, **env}, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def complete(w: Writer, env: dict, cwd: Path) -> float:
@@ -141,7 +184,9 @@ def check_writer(w: Writer, env: dict, d: Path, points: int, rng: random.Random)
             problems.append(f"point {k} ({at:.2f} s): unreadable output after the kill ({exc})")
             after = "unreadable"
         if after not in ({ref} if had else {None, ref}):
-            problems.append(f"point {k} ({at:.2f} s): after the kill the output is neither {'the previous artifact' if had else 'absent nor complete'}")
+            problems.append(
+                f"point {k} ({at:.2f} s): after the kill the output is neither {'the previous artifact' if had else 'absent nor complete'}"
+            )
         complete(w, env, d)
         if digest(w) != ref:
             problems.append(f"point {k} ({at:.2f} s): the rerun differs from the clean run")
@@ -170,8 +215,11 @@ def main() -> int:
                 continue
             r = check_writer(w, env, d, a.points, rng)
             results.append(r)
-            print(f"{w.name:9} clean run {r['seconds']:6.1f} s, {r['points']} SIGKILLs: "
-                  + ("all clean" if not r["problems"] else "\n  " + "\n  ".join(r["problems"])), flush=True)
+            print(
+                f"{w.name:9} clean run {r['seconds']:6.1f} s, {r['points']} SIGKILLs: "
+                + ("all clean" if not r["problems"] else "\n  " + "\n  ".join(r["problems"])),
+                flush=True,
+            )
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
     return 1 if any(r["problems"] for r in results) else 0

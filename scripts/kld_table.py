@@ -38,8 +38,9 @@ def main() -> None:
     f16 = convert(a.checkpoint, "f16", output=work / "F16.gguf", force=True)
     im = compute_imatrix(a.checkpoint, calib, ctx=a.ctx)
     real = write_imatrix(work / "real.imatrix", im, force=True)
-    uniform = write_imatrix(work / "uniform.imatrix", IMatrix({k: np.ones_like(v) for k, v in im.sums.items()},
-                                                             {k: 1.0 for k in im.counts}, ["uniform"]), force=True)
+    uniform = write_imatrix(
+        work / "uniform.imatrix", IMatrix({k: np.ones_like(v) for k, v in im.sums.items()}, {k: 1.0 for k in im.counts}, ["uniform"]), force=True
+    )
 
     def score(t, imatrix, tag):
         r = quantize(f16, t, output=work / f"{t.value}-{tag}.gguf", imatrix=imatrix, force=True)
@@ -53,8 +54,10 @@ def main() -> None:
         bpw, without = score(t, uniform if t.needs_imatrix else None, "none")
         _, with_im = score(t, real, "im")
         mark = "*" if t.needs_imatrix else " "
-        print(f"{t.value:<8} {bpw:>5.2f}  {without.kld_mean:>13.5f}{mark}  {with_im.kld_mean:>17.5f}  "
-              f"{100 * (with_im.kld_mean / without.kld_mean - 1):>+6.0f}%  {with_im.tokens_scored}")
+        print(
+            f"{t.value:<8} {bpw:>5.2f}  {without.kld_mean:>13.5f}{mark}  {with_im.kld_mean:>17.5f}  "
+            f"{100 * (with_im.kld_mean / without.kld_mean - 1):>+6.0f}%  {with_im.tokens_scored}"
+        )
     print("* llama.cpp refuses this type without an imatrix: 'without' is a uniform imatrix")
 
 

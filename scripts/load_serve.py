@@ -92,21 +92,33 @@ def main() -> None:
     total = sum(counts.values())
     lat = sorted(latencies)
     print(f"{a.clients} clients for {a.seconds:.0f} s: {total} requests: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    print(f"latency median {1e3 * lat[len(lat) // 2]:.0f} ms, p99 {1e3 * lat[int(0.99 * (len(lat) - 1))]:.0f} ms; "
-          f"server RSS {rss0:.0f} → {rss1:.0f} MiB ({rss1 - rss0:+.0f})")
+    print(
+        f"latency median {1e3 * lat[len(lat) // 2]:.0f} ms, p99 {1e3 * lat[int(0.99 * (len(lat) - 1))]:.0f} ms; "
+        f"server RSS {rss0:.0f} → {rss1:.0f} MiB ({rss1 - rss0:+.0f})"
+    )
     lost = sum(v for k, v in counts.items() if k.startswith(("lost", "bad")))
     print("every request answered or refused with Retry-After: " + ("yes" if lost == 0 else f"NO, {lost} lost"))
-    out = {"clients": a.clients, "seconds": a.seconds, "counts": dict(counts), "lost": lost, "rss_mib": rss_samples + [(a.seconds, rss1)],
-           "p50_ms": 1e3 * lat[len(lat) // 2], "p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))]}
+    out = {
+        "clients": a.clients,
+        "seconds": a.seconds,
+        "counts": dict(counts),
+        "lost": lost,
+        "rss_mib": rss_samples + [(a.seconds, rss1)],
+        "p50_ms": 1e3 * lat[len(lat) // 2],
+        "p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))],
+    }
     if a.window:
         first = _p99([r for r in records if r[0] < a.window])
         last = _p99([r for r in records if r[0] >= a.seconds - a.window])
         base = next(v for t, v in rss_samples if t >= min(60.0, a.seconds / 2)) if len(rss_samples) > 1 else rss0
         growth = (rss1 - base) / base
-        out.update({"p99_first_window_ms": first, "p99_last_window_ms": last, "p99_ratio": last / first, "rss_after_1min_mib": base,
-                    "rss_growth": growth})
-        print(f"soak: p99 of answered requests, first {a.window:.0f} s {first:.0f} ms, last {a.window:.0f} s {last:.0f} ms "
-              f"({last / first:.2f}x); RSS after 1 min {base:.0f} MiB, at the end {rss1:.0f} MiB ({100 * growth:+.1f} %)")
+        out.update(
+            {"p99_first_window_ms": first, "p99_last_window_ms": last, "p99_ratio": last / first, "rss_after_1min_mib": base, "rss_growth": growth}
+        )
+        print(
+            f"soak: p99 of answered requests, first {a.window:.0f} s {first:.0f} ms, last {a.window:.0f} s {last:.0f} ms "
+            f"({last / first:.2f}x); RSS after 1 min {base:.0f} MiB, at the end {rss1:.0f} MiB ({100 * growth:+.1f} %)"
+        )
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
 

@@ -23,11 +23,17 @@ from neoxq.core.errors import NeoxqError
 
 from . import build_cmds, cache_cmds, report_cmds, run_cmds
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="GPT-NeoX / Pythia checkpoints → GGUF, run on llama.cpp, and measure what quantization costs.")
-for module, names in ((build_cmds, ("convert", "quantize", "imatrix", "types")),
-                      (run_cmds, ("run", "tokenize", "perplexity", "kld", "compare", "serve", "info")),
-                      (report_cmds, ("report", "sweep", "evaluate", "demo", "publish"))):
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="GPT-NeoX / Pythia checkpoints → GGUF, run on llama.cpp, and measure what quantization costs.",
+)
+for module, names in (
+    (build_cmds, ("convert", "quantize", "imatrix", "types")),
+    (run_cmds, ("run", "tokenize", "perplexity", "kld", "compare", "serve", "info")),
+    (report_cmds, ("report", "sweep", "evaluate", "demo", "publish")),
+):
     for name in names:
         app.command("eval" if name == "evaluate" else name)(getattr(module, name))
 app.add_typer(cache_cmds.app, name="cache")

@@ -16,7 +16,13 @@ from .say import result_line
 
 OutType = Enum("OutType", {t.value.lower(): t.value.lower() for t in CONVERT_OUTTYPES}, type=str)
 QUANT_HELP = "Types (nominal bpw): " + ", ".join(f"{t.value} ({t.nominal_bpw:g})" for t in QUANTIZED)
-IMatrixFile = Annotated[Optional[Path], typer.Option("--imatrix", help="Importance matrix (neoxq or llama-imatrix GGUF, or legacy .dat); with --mix/--optimize, 'none' for none (default: computed from --calib).")]
+IMatrixFile = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--imatrix",
+        help="Importance matrix (neoxq or llama-imatrix GGUF, or legacy .dat); with --mix/--optimize, 'none' for none (default: computed from --calib).",
+    ),
+]
 
 
 def convert(
@@ -38,8 +44,7 @@ def convert(
     from neoxq import preflight
 
     ckpt = open_checkpoint(src, revision)
-    preflight.check(f"converting {ckpt.name}", preflight.convert_bytes(ckpt),
-                    "free memory (the converter already holds only one tensor at a time)")
+    preflight.check(f"converting {ckpt.name}", preflight.convert_bytes(ckpt), "free memory (the converter already holds only one tensor at a time)")
     if quant:
         from neoxq.build import build_types
 
@@ -60,10 +65,24 @@ def quantize(
     imatrix: IMatrixFile = None,
     mix: Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity (needs --calib).")] = False,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix (never scored).")] = None,
-    target_size: Annotated[Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")] = None,
+    target_size: Annotated[
+        Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")
+    ] = None,
     target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", callback=number(1.0, 32.0), help="--mix budget in bits per weight.")] = None,
-    optimize: Annotated[bool, typer.Option("--optimize", help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.")] = False,
-    reference: Annotated[Optional[str], typer.Option("--reference", help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).")] = None,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize",
+            help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.",
+        ),
+    ] = False,
+    reference: Annotated[
+        Optional[str],
+        typer.Option(
+            "--reference",
+            help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).",
+        ),
+    ] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
     max_memory: MaxMemory = None,
     output: Output = None,
@@ -88,17 +107,25 @@ def quantize(
         from neoxq.optimize import OptimizeOptions, quantize_optimized
 
         im = "auto" if imatrix is None else (None if str(imatrix).lower() == "none" else str(imatrix))
-        result = quantize_optimized(info, qt, OptimizeOptions(read_text(calib, "--calib"), reference=reference, imatrix=im, ctx=ctx, mix=mix,
-                                                                max_memory=max_memory),
-                                    output=output, force=force)
+        result = quantize_optimized(
+            info,
+            qt,
+            OptimizeOptions(read_text(calib, "--calib"), reference=reference, imatrix=im, ctx=ctx, mix=mix, max_memory=max_memory),
+            output=output,
+            force=force,
+        )
     elif mix:
         from neoxq.core.sizes import parse_size
         from neoxq.core.textfile import read_text
         from neoxq.core.mix_plan import MixOptions
         from neoxq.mix import mix_with_imatrix
 
-        opts = MixOptions(read_text(calib, "--calib"), target_bytes=parse_size(target_size, "--target-size") if target_size else None,
-                          target_bpw=target_bpw, ctx=ctx)
+        opts = MixOptions(
+            read_text(calib, "--calib"),
+            target_bytes=parse_size(target_size, "--target-size") if target_size else None,
+            target_bpw=target_bpw,
+            ctx=ctx,
+        )
         result = mix_with_imatrix(info, qt, opts, output, imatrix, reference, force)
     else:
         result = do_quantize(info, qt, output=output, imatrix=imatrix, force=force)
@@ -115,7 +142,9 @@ def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool
 
     if optimize:
         if calib is None:
-            raise UsageError("--optimize chooses the rounding against each layer's output on a calibration text; pass --calib FILE (a text not used for scoring)")
+            raise UsageError(
+                "--optimize chooses the rounding against each layer's output on a calibration text; pass --calib FILE (a text not used for scoring)"
+            )
         if target_size or target_bpw:
             raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
         return

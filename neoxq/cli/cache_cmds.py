@@ -42,8 +42,11 @@ def prune(
 
     if not (older_than or max_size or everything):
         raise UsageError("say what to remove: --older-than AGE, --max-size SIZE or --all (`neoxq cache list` shows the entries)")
-    gone = prune_cache(older_than=0.0 if everything else (parse_age(older_than) if older_than else None),
-                       max_bytes=parse_size(max_size, "--max-size") if max_size and not everything else None, dry_run=dry_run)
+    gone = prune_cache(
+        older_than=0.0 if everything else (parse_age(older_than) if older_than else None),
+        max_bytes=parse_size(max_size, "--max-size") if max_size and not everything else None,
+        dry_run=dry_run,
+    )
     if as_json:
         print(json.dumps({"dry_run": dry_run, "removed": [e.as_json() for e in gone]}, indent=1))
     elif not quiet:

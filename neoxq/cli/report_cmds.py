@@ -17,14 +17,20 @@ def report(
     src: Source,
     text: Annotated[Path, typer.Option("--text", help="Evaluation text (UTF-8), e.g. wikitext-2's wiki.test.raw.")],
     qtypes: Annotated[Optional[str], typer.Option("--types", help="Comma-separated types (default F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K).")] = None,
-    imatrix: Annotated[Optional[str], typer.Option("--imatrix", help="'auto' (from the text's first quarter, which is then not scored), 'none', or a file.")] = None,
+    imatrix: Annotated[
+        Optional[str], typer.Option("--imatrix", help="'auto' (from the text's first quarter, which is then not scored), 'none', or a file.")
+    ] = None,
     ctx: Ctx = None,
     output: Output = None,
     revision: Revision = None,
     reference: ReferenceOpt = None,
     max_memory: MaxMemory = None,
-    mix: Annotated[bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type: no larger, per-tensor types from measured sensitivity.")] = False,
-    optimize: Annotated[bool, typer.Option("--optimize", help="Also <TYPE>-opt per quantized type: stock types and size, levels chosen against each layer's output.")] = False,
+    mix: Annotated[
+        bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type: no larger, per-tensor types from measured sensitivity.")
+    ] = False,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="Also <TYPE>-opt per quantized type: stock types and size, levels chosen against each layer's output.")
+    ] = False,
     tasks: Tasks = None,
     include_path: IncludePath = None,
     quiet: Quiet = False,
@@ -34,9 +40,21 @@ def report(
     -o is the report folder (default report-<name>[-<revision>])."""
     from neoxq.report import ReportOptions, run_report
 
-    kw = {k: v for k, v in dict(types=qtypes, ctx=ctx, revision=revision, reference=reference, max_memory=max_memory, mix=mix or None, optimize=optimize or None,
-                                       tasks=tasks, include_path=str(include_path) if include_path else None).items()
-          if v is not None}
+    kw = {
+        k: v
+        for k, v in dict(
+            types=qtypes,
+            ctx=ctx,
+            revision=revision,
+            reference=reference,
+            max_memory=max_memory,
+            mix=mix or None,
+            optimize=optimize or None,
+            tasks=tasks,
+            include_path=str(include_path) if include_path else None,
+        ).items()
+        if v is not None
+    }
     if imatrix is not None:
         kw["imatrix"] = None if imatrix.lower() == "none" else imatrix
     _print_report(run_report(src, text, output, ReportOptions(**kw)), quiet)
@@ -85,7 +103,9 @@ def sweep(
     keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep each revision's GGUF files.")] = False,
     evict: Annotated[bool, typer.Option("--evict", help="Remove each revision's checkpoint from the HF cache after use.")] = False,
     max_memory: MaxMemory = None,
-    reference: Annotated[str, typer.Option("--reference", help="auto/hf: each revision's own fp32 transformers model; f16: its own F16 GGUF.")] = "auto",
+    reference: Annotated[
+        str, typer.Option("--reference", help="auto/hf: each revision's own fp32 transformers model; f16: its own F16 GGUF.")
+    ] = "auto",
     tasks: Tasks = None,
     include_path: IncludePath = None,
     quiet: Quiet = False,
@@ -98,10 +118,20 @@ def sweep(
         raise UsageError(f"--imatrix {imatrix!r}: a sweep computes one per revision (auto) or uses none")
     if reference not in ("auto", "hf", "f16"):
         raise UsageError(f"--reference {reference!r}: a sweep scores each revision against its own model: auto, hf or f16")
-    opts = SweepOptions(types=qtypes, ctx=ctx, imatrix=None if imatrix == "none" else "auto", mix=mix, workers=workers,
-                        ray=ray_address or ("local" if ray else None),
-                        keep_files=keep_files, evict=evict, max_memory=max_memory, tasks=tasks, reference=reference,
-                        include_path=str(include_path) if include_path else None)
+    opts = SweepOptions(
+        types=qtypes,
+        ctx=ctx,
+        imatrix=None if imatrix == "none" else "auto",
+        mix=mix,
+        workers=workers,
+        ray=ray_address or ("local" if ray else None),
+        keep_files=keep_files,
+        evict=evict,
+        max_memory=max_memory,
+        tasks=tasks,
+        reference=reference,
+        include_path=str(include_path) if include_path else None,
+    )
     path = run_sweep(repo, revisions, text, output, opts)
     if not quiet:
         print(sweep_table(json.loads(path.read_text())))
@@ -131,7 +161,9 @@ def publish(
     repo_id: Annotated[str, typer.Argument(help="The hub repository, OWNER/NAME.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
     revision: Annotated[Optional[str], typer.Option("--revision", "-r", help="The branch (default main; a sweep makes one per revision).")] = None,
-    dry_run: Annotated[Optional[Path], typer.Option("--dry-run", help="Write exactly what would be uploaded into this folder; upload nothing.")] = None,
+    dry_run: Annotated[
+        Optional[Path], typer.Option("--dry-run", help="Write exactly what would be uploaded into this folder; upload nothing.")
+    ] = None,
     ollama: Annotated[bool, typer.Option("--ollama", help="Add an Ollama Modelfile per GGUF.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Publish into a repository that exists (or over a --dry-run folder).")] = False,
     quiet: Quiet = False,

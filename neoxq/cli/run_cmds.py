@@ -12,8 +12,16 @@ import typer
 from .options import CacheDir, Ctx, Device, FlashAttn, GpuLayers, Json, MaxMemory, Model, Quiet, Revision, Text, Threads
 
 
-def _open(model: Path, ctx: Optional[int], threads: Optional[int], gpu_layers: Optional[int], batch: int = 512,
-          flash_attn: str = "auto", device: str = "auto", repack: bool | None = False):
+def _open(
+    model: Path,
+    ctx: Optional[int],
+    threads: Optional[int],
+    gpu_layers: Optional[int],
+    batch: int = 512,
+    flash_attn: str = "auto",
+    device: str = "auto",
+    repack: bool | None = False,
+):
     from neoxq.runtime.model import NeoxModel, runtime_options
 
     opts = runtime_options(ctx, threads, gpu_layers, batch, flash_attn, device, repack)
@@ -44,9 +52,14 @@ def run(
     repeat_penalty: Annotated[float, typer.Option("--repeat-penalty")] = 1.1,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Read prompts line by line, each completed (the default on a terminal without -p).")] = False,
-    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
-    flash_attn: FlashAttn = "auto", device: Device = "auto",
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Read prompts line by line, each completed (the default on a terminal without -p).")
+    ] = False,
+    ctx: Ctx = None,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto",
+    device: Device = "auto",
 ):
     """Stream a completion token by token; prompt and generation tokens/s on stderr. Without a
     prompt on a terminal: a prompt loop (Ctrl-C stops a generation, Ctrl-D exits)."""
@@ -54,8 +67,9 @@ def run(
     from neoxq.runtime.generate import SamplingOptions
     from neoxq.runtime.interactive import print_completion, prompt_loop
 
-    opts = SamplingOptions(max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or [])).checked(as_flags=True)
+    opts = SamplingOptions(
+        max_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=list(stop or [])
+    ).checked(as_flags=True)
     if interactive and (prompt is not None or prompt_file is not None):
         from neoxq.core.errors import UsageError
 
@@ -107,8 +121,10 @@ def perplexity(
     text: Text,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="Window size; the second half of each window is scored.")] = 512,
     as_json: Json = False,
-    threads: Threads = None, gpu_layers: GpuLayers = None,
-    flash_attn: FlashAttn = "auto", device: Device = "auto",
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto",
+    device: Device = "auto",
     quiet: Quiet = False,
 ):
     """Perplexity as llama-perplexity computes it, with its standard error."""
@@ -126,16 +142,23 @@ def perplexity(
 
 def kld(
     model: Annotated[Path, typer.Argument(help="GGUF file to evaluate.")],
-    reference: Annotated[str, typer.Option("--reference", help="F16/F32 GGUF, an HF checkpoint (folder or repo id), or auto/hf: "
-                                                               "the checkpoint this file was converted from (fp32 transformers).")],
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference",
+            help="F16/F32 GGUF, an HF checkpoint (folder or repo id), or auto/hf: the checkpoint this file was converted from (fp32 transformers).",
+        ),
+    ],
     text: Text,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
     revision: Revision = None,
     max_memory: MaxMemory = None,
     cache_dir: CacheDir = None,
     as_json: Json = False,
-    threads: Threads = None, gpu_layers: GpuLayers = None,
-    flash_attn: FlashAttn = "auto", device: Device = "auto",
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto",
+    device: Device = "auto",
     quiet: Quiet = False,
 ):
     """KL divergence, top-1 agreement, RMS Δp and Δppl against a reference.
@@ -149,8 +172,14 @@ def kld(
 
     body = read_text(text)
     with _open(model, ctx, threads, gpu_layers, batch=ctx, flash_attn=flash_attn, device=device) as m:
-        ref = open_reference(reference, revision, runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
-                             max_memory=max_memory, reserved=preflight_bytes(m), model_info=m.info)
+        ref = open_reference(
+            reference,
+            revision,
+            runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
+            max_memory=max_memory,
+            reserved=preflight_bytes(m),
+            model_info=m.info,
+        )
         r = do_kld(m, ref, body, ctx, cache_dir=cache_dir)
     if as_json:
         print(json.dumps(r.as_json(), indent=1))
@@ -163,15 +192,19 @@ def kld(
 def compare(
     a: Annotated[Path, typer.Argument(help="GGUF file (or the per-token .npz a report wrote for it).")],
     b: Annotated[Path, typer.Argument(help="GGUF file (or .npz) A is compared with.")],
-    reference: Annotated[Optional[str], typer.Option("--reference", help="F16/F32 GGUF, an HF checkpoint, or auto/hf (needed for GGUF files).")] = None,
+    reference: Annotated[
+        Optional[str], typer.Option("--reference", help="F16/F32 GGUF, an HF checkpoint, or auto/hf (needed for GGUF files).")
+    ] = None,
     text: Annotated[Optional[Path], typer.Option("--text", help="UTF-8 text both files are scored on (needed for GGUF files).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
     revision: Revision = None,
     max_memory: MaxMemory = None,
     cache_dir: CacheDir = None,
     as_json: Json = False,
-    threads: Threads = None, gpu_layers: GpuLayers = None,
-    flash_attn: FlashAttn = "auto", device: Device = "auto",
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto",
+    device: Device = "auto",
     quiet: Quiet = False,
 ):
     """Is A better than B? A paired test on the same tokens: the ratio of mean KLDs and of
@@ -179,15 +212,26 @@ def compare(
     from neoxq.compare import compare_files
     from neoxq.runtime.model import runtime_options
 
-    r = compare_files(a, b, reference, text, ctx, cache_dir, runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
-                      revision=revision, max_memory=max_memory)
+    r = compare_files(
+        a,
+        b,
+        reference,
+        text,
+        ctx,
+        cache_dir,
+        runtime_options(ctx, threads, gpu_layers, ctx, flash_attn, device),
+        revision=revision,
+        max_memory=max_memory,
+    )
     if as_json:
         print(json.dumps(r, indent=1))
         return
     k, p = r["kld"], r["ppl"]
     print(f"{r['tokens']} tokens in {r['windows']} windows; A = {a.name}, B = {b.name}")
-    print(f"KLD  A/B {k['ratio']:.4f}×  95 % [{k['ci95'][0]:.4f}, {k['ci95'][1]:.4f}]  A is {k['verdict']}  "
-          f"(A {k['a']:.6f}, B {k['b']:.6f}; A lower on {100 * r['share_of_tokens_a_lower']:.1f} % of tokens)")
+    print(
+        f"KLD  A/B {k['ratio']:.4f}×  95 % [{k['ci95'][0]:.4f}, {k['ci95'][1]:.4f}]  A is {k['verdict']}  "
+        f"(A {k['a']:.6f}, B {k['b']:.6f}; A lower on {100 * r['share_of_tokens_a_lower']:.1f} % of tokens)"
+    )
     print(f"PPL  A/B {p['ratio']:.5f}×  95 % [{p['ci95'][0]:.5f}, {p['ci95'][1]:.5f}]  A is {p['verdict']}")
 
 
@@ -201,8 +245,11 @@ def serve(
     model: Model,
     host: Annotated[str, typer.Option("--host", help="Address to bind (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
-    ctx: Ctx = None, threads: Threads = None, gpu_layers: GpuLayers = None,
-    flash_attn: FlashAttn = "auto", device: Device = "auto",
+    ctx: Ctx = None,
+    threads: Threads = None,
+    gpu_layers: GpuLayers = None,
+    flash_attn: FlashAttn = "auto",
+    device: Device = "auto",
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NEOXQ_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
 ):
     """OpenAI-compatible completions server, on localhost by default (one request at a time, others queued)."""

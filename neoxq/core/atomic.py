@@ -27,8 +27,13 @@ _LOCK = re.compile(r"^\..+\.lock$")
 
 
 def _kind(st: os.stat_result) -> str:
-    for test, word in ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+    for test, word in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(st.st_mode):
             return word
     return "not a regular file"
@@ -124,7 +129,9 @@ def _writer_lock(path: Path) -> Iterator[None]:
         except FileExistsError:
             owner = _lock_owner(lock)
             if owner is not None and (owner == os.getpid() or _alive(owner)):
-                raise OutputError(f"{path} is being written by another neoxq run (pid {owner}); wait for it to finish or pass -o with another name") from None
+                raise OutputError(
+                    f"{path} is being written by another neoxq run (pid {owner}); wait for it to finish or pass -o with another name"
+                ) from None
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
     else:
@@ -143,8 +150,9 @@ def out_of_space(path: Path, need_bytes: int | None = None, too_large: bool = Fa
     free = shutil.disk_usage(folder).free if folder.is_dir() else 0
     need = f"about {need_bytes / 1e6:.0f} MB needed, " if need_bytes else ""
     if too_large:
-        return OutputError(f"file too large while writing {path}: {need}over this process's file-size limit (ulimit -f); "
-                           "raise the limit or pass -o on another disk")
+        return OutputError(
+            f"file too large while writing {path}: {need}over this process's file-size limit (ulimit -f); raise the limit or pass -o on another disk"
+        )
     return OutputError(f"disk full while writing {path}: {need}{free / 1e6:.0f} MB free; free space or pass -o on another disk")
 
 
@@ -155,8 +163,9 @@ def _fsize_limited() -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path, force: bool = False, need_bytes: int | None = None, inputs: Iterable[Path | str] = (),
-                  lock: bool = True) -> Iterator[Path]:
+def atomic_output(
+    path: Path, force: bool = False, need_bytes: int | None = None, inputs: Iterable[Path | str] = (), lock: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path; rename it onto `path` only if the block finishes without error.
 
     The output policy is `check_output`'s; with `lock` (every user-facing output) a second

@@ -56,7 +56,7 @@ class BlockFormat:
 
 
 def _f16(raw: np.ndarray, at: int) -> np.ndarray:
-    return raw[:, at:at + 2].copy().view(np.float16)[:, 0].astype(np.float32)
+    return raw[:, at : at + 2].copy().view(np.float16)[:, 0].astype(np.float32)
 
 
 def _field(weights, bytes_, shift, width, pos=0) -> Field:
@@ -64,6 +64,7 @@ def _field(weights, bytes_, shift, width, pos=0) -> Field:
 
 
 # Block-of-32 formats ------------------------------------------------------------------------------
+
 
 def _h_d_only(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = _f16(raw, 0)[:, None]
@@ -73,14 +74,24 @@ def _h_d_only(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _l16 = np.arange(16)
 Q4_0 = BlockFormat("Q4_0", 2, 32, 18, 32, (_field(_l16, 2 + _l16, 0, 4), _field(16 + _l16, 2 + _l16, 4, 4)), 8, 16, _h_d_only)
 # q5_0: the 5th bit of weight k is bit k of the little-endian uint32 qh (bytes 2..5)
-Q5_0 = BlockFormat("Q5_0", 6, 32, 22, 32,
-                   (_field(_l16, 6 + _l16, 0, 4), _field(16 + _l16, 6 + _l16, 4, 4))
-                   + tuple(_field(np.arange(b, 32, 8), 2 + np.arange(4), b, 1, 4) for b in range(8)), 16, 32, _h_d_only)
+Q5_0 = BlockFormat(
+    "Q5_0",
+    6,
+    32,
+    22,
+    32,
+    (_field(_l16, 6 + _l16, 0, 4), _field(16 + _l16, 6 + _l16, 4, 4))
+    + tuple(_field(np.arange(b, 32, 8), 2 + np.arange(4), b, 1, 4) for b in range(8)),
+    16,
+    32,
+    _h_d_only,
+)
 # q8_0 stores int8 levels (two's complement, not offset): levels() and with_levels() special-case it
 Q8_0 = BlockFormat("Q8_0", 8, 32, 34, 32, (_field(np.arange(32), 2 + np.arange(32), 0, 8),), 128, 256, _h_d_only)
 
 
 # k-quants (super-blocks of 256) -------------------------------------------------------------------
+
 
 def _low2_fields(qs_at: int) -> tuple[Field, ...]:
     """q2_K / q3_K: weight 128h + 32j + 16s + l holds bits 2j..2j+1 of qs[32h + 16s + l]."""
@@ -106,8 +117,15 @@ def _q3k_scales(raw: np.ndarray) -> np.ndarray:
     aux = raw[:, 96:108].copy().view("<u4").astype(np.uint32)
     a0, a1, tmp = aux[:, 0], aux[:, 1], aux[:, 2]
     k1, k2 = np.uint32(0x03030303), np.uint32(0x0F0F0F0F)
-    words = np.stack([(a0 & k2) | (((tmp >> 0) & k1) << 4), (a1 & k2) | (((tmp >> 2) & k1) << 4),
-                      ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4), ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4)], 1)
+    words = np.stack(
+        [
+            (a0 & k2) | (((tmp >> 0) & k1) << 4),
+            (a1 & k2) | (((tmp >> 2) & k1) << 4),
+            ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+            ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+        ],
+        1,
+    )
     return words.astype("<u4").view(np.int8).astype(np.int32)
 
 
@@ -118,9 +136,17 @@ def _h_q3k(raw):
 
 
 # hmask: weight 128h + 32j + 16s + l has its high bit (set = no −4) at bit 4h + j of hmask[16s + l]
-_Q3_HM = tuple(_field(np.array([128 * h + 32 * j + 16 * s + l for s in range(2) for l in range(16)]),
-                      np.array([16 * s + l for s in range(2) for l in range(16)]), 4 * h + j, 1, 2)
-               for h in range(2) for j in range(4))
+_Q3_HM = tuple(
+    _field(
+        np.array([128 * h + 32 * j + 16 * s + l for s in range(2) for l in range(16)]),
+        np.array([16 * s + l for s in range(2) for l in range(16)]),
+        4 * h + j,
+        1,
+        2,
+    )
+    for h in range(2)
+    for j in range(4)
+)
 Q3_K = BlockFormat("Q3_K", 11, QK_K, 110, 16, _low2_fields(32) + _Q3_HM, 4, 8, _h_q3k)
 
 
@@ -177,6 +203,7 @@ BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 # Reading and writing levels -----------------------------------------------------------------------
 
+
 def levels(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:
     """The level L of every weight: raw [n, size] uint8 → int16 [n, block]."""
     v = np.zeros((len(raw), fmt.block), np.int32)
@@ -198,7 +225,7 @@ def with_levels(fmt: BlockFormat, raw: np.ndarray, lv: np.ndarray) -> np.ndarray
     for f in fmt.fields:
         mask = ((1 << f.width) - 1) << f.shift
         out[:, f.bytes] &= np.uint8(0xFF ^ mask)
-        out[:, f.bytes] |= ((((v[:, f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift)).astype(np.uint8)
+        out[:, f.bytes] |= (((v[:, f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
     return out
 
 

@@ -69,8 +69,15 @@ class CacheEntry:
     in_use: bool = False
 
     def as_json(self) -> dict:
-        return {"kind": self.kind, "key": self.key, "size_bytes": self.size, "last_used": self.last_used, "what": self.what,
-                "in_use": self.in_use, "paths": [str(p) for p in self.paths]}
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "size_bytes": self.size,
+            "last_used": self.last_used,
+            "what": self.what,
+            "in_use": self.in_use,
+            "paths": [str(p) for p in self.paths],
+        }
 
 
 def entries(root: Path | None = None) -> list[CacheEntry]:
@@ -141,7 +148,11 @@ def _describe(e: CacheEntry) -> str:
     if e.kind == "optimize":
         inputs = data.get("inputs") or {}
         src = (inputs.get("source") or ["?"])[0]
-        return f"--optimize {inputs.get('type', '?')} of {Path(src).name}: {data.get('layers_done', 0)} layers done" if data else "--optimize work (no progress saved)"
+        return (
+            f"--optimize {inputs.get('type', '?')} of {Path(src).name}: {data.get('layers_done', 0)} layers done"
+            if data
+            else "--optimize work (no progress saved)"
+        )
     if "tensors" in data:
         return f"mix sensitivities: {len(data['tensors'])} tensors, {data.get('probes', '?')} probes"
     if "reference" in data:
@@ -158,8 +169,9 @@ def remove(e: CacheEntry) -> None:
                 p.unlink()
 
 
-def prune(root: Path | None = None, older_than: float | None = None, max_bytes: int | None = None,
-          keep: tuple[Path, ...] = (), dry_run: bool = False) -> list[CacheEntry]:
+def prune(
+    root: Path | None = None, older_than: float | None = None, max_bytes: int | None = None, keep: tuple[Path, ...] = (), dry_run: bool = False
+) -> list[CacheEntry]:
     """Remove entries unused for `older_than` seconds, then the least recently used until the rest
     fit `max_bytes`; never an entry in use or one holding a path in `keep`. Returns what went."""
     now = time.time()
@@ -188,8 +200,10 @@ def trim(keep: tuple[Path, ...] = ()) -> list[CacheEntry]:
     cap = max_cache_bytes()
     gone = prune(max_bytes=cap, keep=keep) if cap is not None else []
     if gone:
-        info(f"cache: removed {len(gone)} least recently used entries ({format_bytes(sum(e.size for e in gone))}) "
-             f"to stay under {format_bytes(cap)} (NEOXQ_CACHE_MAX_SIZE; `neoxq cache list` shows what is kept)")
+        info(
+            f"cache: removed {len(gone)} least recently used entries ({format_bytes(sum(e.size for e in gone))}) "
+            f"to stay under {format_bytes(cap)} (NEOXQ_CACHE_MAX_SIZE; `neoxq cache list` shows what is kept)"
+        )
     return gone
 
 

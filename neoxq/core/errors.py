@@ -44,6 +44,5 @@ class MissingExtraError(NeoxqError):
 def require_convert_extra(exc: ImportError) -> MissingExtraError:
     """The message for a runtime-only install that reached a torch-needing command."""
     return MissingExtraError(
-        f"this command needs the converter's dependencies ({exc.name or exc} is missing); "
-        "install them with: pip install 'neoxq[convert]'"
+        f"this command needs the converter's dependencies ({exc.name or exc} is missing); install them with: pip install 'neoxq[convert]'"
     )

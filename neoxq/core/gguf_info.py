@@ -27,8 +27,19 @@ DEFAULT_ALIGNMENT = 32
 SKIPPED_ARRAYS = ("tokenizer.ggml.",)
 
 # GGUF value types: (struct format, size) for scalars; 8 = string, 9 = array.
-_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_SCALARS = {
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -122,7 +133,7 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.count()
-        s = bytes(self.buf[self.off:self.off + n]).decode("utf-8")
+        s = bytes(self.buf[self.off : self.off + n]).decode("utf-8")
         self.off += n
         return s
 
@@ -218,7 +229,9 @@ def info_from_buffer(buf, path: Path, require_arch: str | None = "gptneox") -> G
         raise CorruptFileError(f"{path} is truncated ({size} of {end} bytes); re-create or re-download it")
     arch = str(meta.get("general.architecture", ""))
     if require_arch and arch != require_arch:
-        raise UnsupportedModelError(f"{path} is a {arch or 'non-model'} GGUF; neoxq runs GPT-NeoX (gptneox) models — convert one with `neoxq convert`")
+        raise UnsupportedModelError(
+            f"{path} is a {arch or 'non-model'} GGUF; neoxq runs GPT-NeoX (gptneox) models — convert one with `neoxq convert`"
+        )
     return GGUFInfo(path, arch, meta, tensors, lengths, data_offset, header_bytes)
 
 

@@ -48,8 +48,11 @@ def _inverse_cholesky_inplace(h: np.ndarray, damp: float) -> None:
     diag[dead] = 1.0
     diag += damp * float(np.mean(diag))
     f = h.T
-    for step, kw in ((lapack.dpotrf, {"overwrite_a": 1, "clean": 0}), (lapack.dpotri, {"overwrite_c": 1}),
-                     (lapack.dpotrf, {"overwrite_a": 1, "clean": 0})):
+    for step, kw in (
+        (lapack.dpotrf, {"overwrite_a": 1, "clean": 0}),
+        (lapack.dpotri, {"overwrite_c": 1}),
+        (lapack.dpotrf, {"overwrite_a": 1, "clean": 0}),
+    ):
         out, info = step(f, lower=1, **kw)
         if info != 0 or not np.shares_memory(out, h):
             raise np.linalg.LinAlgError(f"{step.__name__} failed (info {info})")
@@ -58,7 +61,7 @@ def _inverse_cholesky_inplace(h: np.ndarray, damp: float) -> None:
 
 def _zero_strict_lower(a: np.ndarray, rows: int = 1024) -> None:
     for r0 in range(0, len(a), rows):
-        blk = a[r0:r0 + rows, :r0 + rows]
+        blk = a[r0 : r0 + rows, : r0 + rows]
         blk[np.tril(np.ones(blk.shape, bool), k=r0 - 1)] = 0.0
 
 
@@ -76,13 +79,24 @@ def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP) -> t
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
     u = np.empty((len(h), len(h)))
     for r0 in range(0, len(h), 1024):  # permuted copy in row blocks: no second full-size temporary
-        u[r0:r0 + 1024] = np.asarray(h[perm[r0:r0 + 1024]], np.float64)[:, perm]
+        u[r0 : r0 + 1024] = np.asarray(h[perm[r0 : r0 + 1024]], np.float64)[:, perm]
     _inverse_cholesky_inplace(u, damp)
     return perm, u
 
 
-def gptq_levels(w: np.ndarray, h: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int,
-                act_order: bool = True, damp: float = DAMP, regrid=None, group: int = 0, factor=None) -> np.ndarray:
+def gptq_levels(
+    w: np.ndarray,
+    h: np.ndarray,
+    a: np.ndarray,
+    m: np.ndarray,
+    lmin: int,
+    lmax: int,
+    act_order: bool = True,
+    damp: float = DAMP,
+    regrid=None,
+    group: int = 0,
+    factor=None,
+) -> np.ndarray:
     """Levels int16 [rows, cols] for weights w [rows, cols] on grids (a, m) [rows, cols], chosen to
     minimise Σ_rows (w − q)ᵀ H (w − q). factor: compensation(h, …) when the caller already has it
     (rows of one matrix rounded in chunks).
@@ -111,8 +125,9 @@ def _unpermute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int,
-               block: int = BLOCK, regrid=None, group: int = 0) -> np.ndarray:
+def _gptq_rows(
+    w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, block: int = BLOCK, regrid=None, group: int = 0
+) -> np.ndarray:
     """GPTQ's lazy-batch sweep. Each block of columns is worked on transposed ([columns, rows]), so
     that the column being rounded and its grid are contiguous: a column of a [rows, cols] array is
     read with a stride of a whole row, which on the 410M shape made this loop a fifth of --optimize."""
@@ -125,12 +140,12 @@ def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin:
         ub = u[c0:c1, c0:c1]
         for i in range(c1 - c0):
             if regrid is not None and (c0 + i) % group == 0:
-                ga, gm = regrid(c0 + i, wb[i:i + group].T)
-                ab[i:i + group], mb[i:i + group] = np.asarray(ga).T, np.asarray(gm).T
-                a[:, c0 + i:c0 + i + group], m[:, c0 + i:c0 + i + group] = ga, gm
+                ga, gm = regrid(c0 + i, wb[i : i + group].T)
+                ab[i : i + group], mb[i : i + group] = np.asarray(ga).T, np.asarray(gm).T
+                a[:, c0 + i : c0 + i + group], m[:, c0 + i : c0 + i + group] = ga, gm
             li = nearest(wb[i], ab[i], mb[i], lmin, lmax)
             err[i] = e = (wb[i] - (ab[i] * li - mb[i])) / ub[i, i]
-            wb[i + 1:] -= ub[i, i + 1:, None] * e
+            wb[i + 1 :] -= ub[i, i + 1 :, None] * e
             lvb[i] = li
         lv[:, c0:c1] = lvb.T
         w[:, c1:] -= err.T @ u[c0:c1, c1:]
@@ -188,8 +203,9 @@ def _ridge(mom: Moments, damp: float, bias: bool) -> float:
     return damp * ((tr + 1.0) / (len(mom.hq) + 1) if bias else tr / len(mom.hq))
 
 
-def asymmetric_target(w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: float = DAMP,
-                      chunk: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def asymmetric_target(
+    w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: float = DAMP, chunk: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The unquantized (W′, b′) that best reproduces the fp32 outputs from the quantized inputs,
     ridge-regularised toward (W, b) with GPTQ's damping: [W′ b′] (E[x̃_q x̃_qᵀ] + λI) = E[y_f x̃_qᵀ] + λ[W b].
     One Cholesky of H_q/n + λI (in one [in, in] buffer); the bias's row and column by their Schur

@@ -105,7 +105,7 @@ def _read_legacy(path: Path) -> IMatrix:
             (ln,) = take("<i")
             if not 0 <= ln <= len(data) - off:  # a negative length would walk the reader backwards (found by scripts/fuzz.py)
                 raise ValueError(f"a name of {ln} bytes")
-            name = data[off:off + ln].decode("utf-8")
+            name = data[off : off + ln].decode("utf-8")
             off += ln
             ncall, nval = take("<ii")
             if nval < 0 or 4 * nval > len(data) - off:
@@ -118,7 +118,7 @@ def _read_legacy(path: Path) -> IMatrix:
             (chunks,) = take("<i")
             if off < len(data):
                 (ln,) = take("<i")
-                datasets = [data[off:off + ln].decode("utf-8", errors="replace")]
+                datasets = [data[off : off + ln].decode("utf-8", errors="replace")]
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{path} is neither a GGUF imatrix nor a valid legacy .dat ({exc}); re-create it with `neoxq imatrix`") from exc
     return IMatrix(sums, counts, datasets, chunks, 0)
@@ -152,11 +152,17 @@ def check_fits(im: IMatrix, tensors: list, source: Path, fingerprint: str | None
     """Refuse an imatrix made for another model: every entry must name a tensor of this width, and
     where both record the checkpoint they come from (`fingerprint`: the model's), it must be one."""
     if im.source_fingerprint and fingerprint and im.source_fingerprint != fingerprint:
-        raise UsageError(f"imatrix {source.name} was made for another model: it was computed on other weights than this file "
-                         "was converted from (their source fingerprints differ); compute one for this model with `neoxq imatrix`")
+        raise UsageError(
+            f"imatrix {source.name} was made for another model: it was computed on other weights than this file "
+            "was converted from (their source fingerprints differ); compute one for this model with `neoxq imatrix`"
+        )
     cols = {t.name: t.shape[-1] for t in tensors if len(t.shape) == 2}
     for name, arr in im.sums.items():
         if name not in cols:
-            raise UsageError(f"imatrix {source.name} has an entry for {name}, which this model lacks: it was made for another model; compute one for this model with `neoxq imatrix`")
+            raise UsageError(
+                f"imatrix {source.name} has an entry for {name}, which this model lacks: it was made for another model; compute one for this model with `neoxq imatrix`"
+            )
         if arr.size != cols[name]:
-            raise UsageError(f"imatrix {source.name} has {arr.size} values for {name}, the model's rows have {cols[name]}: it was made for another model; compute one for this model with `neoxq imatrix`")
+            raise UsageError(
+                f"imatrix {source.name} has {arr.size} values for {name}, the model's rows have {cols[name]}: it was made for another model; compute one for this model with `neoxq imatrix`"
+            )

@@ -23,8 +23,12 @@ def check_threads(threads: int | None) -> int | None:
 
 
 def describe() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cores": default_threads(), "python": platform.python_version()}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": default_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def versions() -> dict:

@@ -102,7 +102,7 @@ class Sensitivity:
         else:
             beta = 1.0
         alpha = float(np.exp(np.mean([math.log(k) - beta * math.log(e) for e, k in pts])))
-        self.kld = {t: (alpha * e ** beta if e > 0 else 0.0) for t, e in self.err.items()}
+        self.kld = {t: (alpha * e**beta if e > 0 else 0.0) for t, e in self.err.items()}
         self.kld.update(self.measured)  # measured beats fitted
 
 
@@ -165,8 +165,10 @@ def allocate(tensors: list[TensorInfo], sens: dict[str, Sensitivity], budget: in
     pick = {n: 0 for n in hulls}
     used = sum(h[0][0] for h in hulls.values())
     if used > budget:
-        raise UsageError(f"the budget leaves {format_bytes(budget)} for the quantized tensors but the smallest mix needs "
-                         f"{format_bytes(used)}; pass a larger --target-size/--target-bpw")
+        raise UsageError(
+            f"the budget leaves {format_bytes(budget)} for the quantized tensors but the smallest mix needs "
+            f"{format_bytes(used)}; pass a larger --target-size/--target-bpw"
+        )
     heap = []
 
     def push(n):
@@ -230,17 +232,24 @@ def check_budget(info: GGUFInfo, opts: MixOptions) -> None:
     largest = info.data_offset + sum(tensor_bytes(t, "F16") for t in quantized) + sum(t.n_bytes for t in info.tensors if t.name not in names)
     if target is not None and target >= largest:
         given = f"--target-size {format_bytes(target)}" if opts.target_bytes else f"--target-bpw {opts.target_bpw:g}"
-        raise UsageError(f"{given} is at least the whole model in F16 ({format_bytes(largest)}), so there is nothing to choose; "
-                         "pass a smaller budget, or convert with --outtype f16")
+        raise UsageError(
+            f"{given} is at least the whole model in F16 ({format_bytes(largest)}), so there is nothing to choose; "
+            "pass a smaller budget, or convert with --outtype f16"
+        )
 
 
-def mix_kv(base_name: str, target: int, stock_bytes: int, calib_sha: str, ctx: int, predicted: float | None,
-           types: dict[str, str]) -> dict[str, str]:
+def mix_kv(base_name: str, target: int, stock_bytes: int, calib_sha: str, ctx: int, predicted: float | None, types: dict[str, str]) -> dict[str, str]:
     """The metadata a mix file records (every value a string: llama.cpp's overrides); the
     calibration text and its windows are among the inputs a rebuild compares."""
-    return {"neoxq.mix.base": base_name, "neoxq.mix.target_bytes": str(target), "neoxq.mix.stock_bytes": str(stock_bytes),
-            "neoxq.mix.calib_sha256": calib_sha, "neoxq.mix.ctx": str(ctx), "neoxq.mix.predicted_kld": f"{predicted or 0.0:.6g}",
-            **{f"neoxq.mix.type.{n}": t for n, t in types.items()}}
+    return {
+        "neoxq.mix.base": base_name,
+        "neoxq.mix.target_bytes": str(target),
+        "neoxq.mix.stock_bytes": str(stock_bytes),
+        "neoxq.mix.calib_sha256": calib_sha,
+        "neoxq.mix.ctx": str(ctx),
+        "neoxq.mix.predicted_kld": f"{predicted or 0.0:.6g}",
+        **{f"neoxq.mix.type.{n}": t for n, t in types.items()},
+    }
 
 
 # The widest values mix_kv can write before they are known: a type name and a `.6g` float.

@@ -62,10 +62,18 @@ class Progress:
 
         self._bytes = 0
         self._bar = RichProgress(
-            TextColumn("{task.description}"), BarColumn(bar_width=24), TaskProgressColumn(),
-            MofNCompleteColumn(), TextColumn(unit), TextColumn("{task.fields[rate]}"),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
-            console=Console(stderr=True), transient=False)
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=24),
+            TaskProgressColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self._bar.start()
         self._task = self._bar.add_task(label, total=total, rate="", note="")
 

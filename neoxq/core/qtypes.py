@@ -63,9 +63,7 @@ class QuantType(str, Enum):
         try:
             return cls(name.strip().upper())
         except ValueError:
-            raise UsageError(
-                f"unknown quant type {name!r}; valid types: {', '.join(t.value for t in cls)}"
-            ) from None
+            raise UsageError(f"unknown quant type {name!r}; valid types: {', '.join(t.value for t in cls)}") from None
 
     @classmethod
     def parse_list(cls, names: str) -> list["QuantType"]:
@@ -120,4 +118,3 @@ _INFO: dict[QuantType, tuple[int, float, bool]] = {
 QUANTIZED = [t for t in QuantType if not t.is_float]
 # The types the converter writes directly (gguf-py does the packing).
 CONVERT_OUTTYPES = [QuantType.F32, QuantType.F16, QuantType.BF16, QuantType.Q8_0]
-

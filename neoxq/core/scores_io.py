@@ -25,9 +25,16 @@ ARRAYS = ("targets", "lp", "lq", "kld", "same_top", "model_top", "ref_top")
 def save_scores(path: Path | str, s: TokenScores) -> dict:
     """Write the scores (atomically); return {"file": name, "sha256": …, "tokens": n}."""
     path = Path(path)
-    arrays = {"targets": s.targets, "lp": np.asarray(s.lp, np.float32), "lq": np.asarray(s.lq, np.float32),
-              "kld": np.asarray(s.kld, np.float32), "same_top": np.asarray(s.same_top, bool),
-              "model_top": s.model_top, "ref_top": s.ref_top, "per_window": np.int64(s.per_window)}
+    arrays = {
+        "targets": s.targets,
+        "lp": np.asarray(s.lp, np.float32),
+        "lq": np.asarray(s.lq, np.float32),
+        "kld": np.asarray(s.kld, np.float32),
+        "same_top": np.asarray(s.same_top, bool),
+        "model_top": s.model_top,
+        "ref_top": s.ref_top,
+        "per_window": np.int64(s.per_window),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, force=True, lock=False) as tmp:
         with open(tmp, "wb") as f:
@@ -43,9 +50,15 @@ def load_scores(path: Path | str) -> TokenScores:
         with np.load(path, allow_pickle=False) as z:
             got = {k: z[k] for k in z.files}
         per_window = int(got.pop("per_window"))
-        return TokenScores(kld=got["kld"].astype(np.float64), lq=got["lq"].astype(np.float64),
-                           lp=got["lp"].astype(np.float64), same_top=got["same_top"].astype(bool), per_window=per_window,
-                           **{k: got.get(k) for k in ("targets", "model_top", "ref_top")})
+        return TokenScores(
+            kld=got["kld"].astype(np.float64),
+            lq=got["lq"].astype(np.float64),
+            lp=got["lp"].astype(np.float64),
+            same_top=got["same_top"].astype(bool),
+            per_window=per_window,
+            **{k: got.get(k) for k in ("targets", "model_top", "ref_top")},
+        )
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise CorruptFileError(f"{path} is not a per-token score file written by neoxq ({exc}); "
-                               "rescore with `neoxq report` or pass the GGUF files") from exc
+        raise CorruptFileError(
+            f"{path} is not a per-token score file written by neoxq ({exc}); rescore with `neoxq report` or pass the GGUF files"
+        ) from exc

@@ -6,8 +6,22 @@ import re
 
 from .errors import UsageError
 
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1e3,
+    "KB": 1e3,
+    "M": 1e6,
+    "MB": 1e6,
+    "G": 1e9,
+    "GB": 1e9,
+    "T": 1e12,
+    "TB": 1e12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 # One working copy of a row chunk of a large matrix (GPTQ's float64 rows, calibration products,

@@ -92,17 +92,32 @@ def summarize(s: TokenScores) -> dict:
     top = np.asarray(s.same_top, np.float64)
     wq, wb = nll_q.reshape(-1, m).mean(1), nll_b.reshape(-1, m).mean(1)
     return {
-        "tokens": s.n, "windows": s.windows, "tokens_per_window": m,
+        "tokens": s.n,
+        "windows": s.windows,
+        "tokens_per_window": m,
         "ppl": estimate(ppl_q, ppl_q * nll_q, m),
         "ppl_base": estimate(ppl_b, ppl_b * nll_b, m),
-        "cor_ln_ppl": _cor(nll_q, nll_b), "cor_ln_ppl_window": _cor(wq, wb),
+        "cor_ln_ppl": _cor(nll_q, nll_b),
+        "cor_ln_ppl_window": _cor(wq, wb),
         "ln_ppl_ratio": estimate(ratio_ln, nll_q - nll_b, m),
         "ppl_ratio": estimate(math.exp(ratio_ln), math.exp(ratio_ln) * (nll_q - nll_b), m),
         "ppl_diff": estimate(ppl_q - ppl_b, ppl_q * nll_q - ppl_b * nll_b, m),
-        "kld": {**estimate(kl.mean(), kl, m), "max": float(kl.max()), **_percentiles(kl, KLD_PERCENTILES[:4]),
-                "median": float(np.median(kl)), **_percentiles(kl, KLD_PERCENTILES[4:]), "min": float(kl.min())},
-        "dp": {**estimate(dp.mean(), dp, m), "max": float(dp.max()), **_percentiles(dp, DP_PERCENTILES[:5]),
-               "median": float(np.median(dp)), **_percentiles(dp, DP_PERCENTILES[5:]), "min": float(dp.min())},
+        "kld": {
+            **estimate(kl.mean(), kl, m),
+            "max": float(kl.max()),
+            **_percentiles(kl, KLD_PERCENTILES[:4]),
+            "median": float(np.median(kl)),
+            **_percentiles(kl, KLD_PERCENTILES[4:]),
+            "min": float(kl.min()),
+        },
+        "dp": {
+            **estimate(dp.mean(), dp, m),
+            "max": float(dp.max()),
+            **_percentiles(dp, DP_PERCENTILES[:5]),
+            "median": float(np.median(dp)),
+            **_percentiles(dp, DP_PERCENTILES[5:]),
+            "min": float(dp.min()),
+        },
         "rms_dp": estimate(rms, dp * dp / (2 * rms) if rms > 0 else np.zeros_like(dp), m),
         "same_top": estimate(top.mean(), top, m),
     }
@@ -114,6 +129,7 @@ def _cor(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # Paired comparison of two files -----------------------------------------------------------------
+
 
 def _verdict(lo: float, hi: float, lower_is_better: bool = True) -> str:
     if hi < 1.0:
@@ -148,6 +164,11 @@ def compare(a: TokenScores, b: TokenScores) -> dict:
     kld.update({"a": ma, "b": mb, "diff": estimate(ma - mb, ka - kb, m)})
     ppl = _ratio(float(d_nll.mean()), d_nll, m)
     top = np.asarray(a.same_top, np.float64) - np.asarray(b.same_top, np.float64)
-    return {"tokens": a.n, "windows": a.windows, "kld": kld, "ppl": ppl,
-            "same_top_diff": estimate(top.mean(), top, m),
-            "share_of_tokens_a_lower": float((ka < kb).mean())}
+    return {
+        "tokens": a.n,
+        "windows": a.windows,
+        "kld": kld,
+        "ppl": ppl,
+        "same_top_diff": estimate(top.mean(), top, m),
+        "share_of_tokens_a_lower": float((ka < kb).mean()),
+    }
