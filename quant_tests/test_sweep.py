@@ -225,6 +225,50 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
 
 
 @pytest.mark.slow
+def test_sweep_driver_killed_then_rerun_resumes(local_sweep, offline, tmp_path):
+    """Issue 22 item 5: the driver SIGKILLed once its first revision is finished (its report.json
+    written: a state, polled); the rerun reuses that revision (not rerun: its report.json untouched)
+    and ends with the uninterrupted run's numbers."""
+    import signal
+
+    data, _, text = local_sweep
+    out = tmp_path / "killed"
+    args = [
+        sys.executable,
+        "-m",
+        "neoxq",
+        "sweep",
+        REPO,
+        "--revisions",
+        "step0..step150,main",
+        "--text",
+        str(text),
+        "--types",
+        "Q8_0,Q2_K",
+        "--ctx",
+        "64",
+        "--imatrix",
+        "none",
+        "-o",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(args, env={**os.environ, **offline}, start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while not (out / "step0" / "report.json").is_file() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.2)  # polling for the first finished revision (a state)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = (out / "step0" / "report.json").stat().st_mtime_ns
+    assert not (out / "step150" / "report.json").exists()  # killed before the end
+    again = subprocess.run(args, env={**os.environ, **offline}, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert (out / "step0" / "report.json").stat().st_mtime_ns == first  # resumed, not redone
+    assert json.loads((out / "sweep.json").read_text())["revisions"] == data["revisions"]
+
+
+@pytest.mark.slow
 def test_sweep_bad_input(offline, eval_file, tmp_path):
     base = ("sweep", REPO, "--text", eval_file, "--types", "Q8_0", "--ctx", "64", "--imatrix", "none", "-o", tmp_path / "o")
     assert_one_line_error(run_cli(*base, "--revisions", "step7", env=offline), "step7", "nearest")
