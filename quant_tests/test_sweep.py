@@ -51,6 +51,31 @@ def eval_file(texts, tmp_path):
     return p
 
 
+def _sweep_argv(text, out, *extra) -> list[str]:
+    """`neoxq sweep` over the test repo's revisions as local_sweep runs it (so its numbers compare)."""
+    return [
+        sys.executable,
+        "-m",
+        "neoxq",
+        "sweep",
+        REPO,
+        "--revisions",
+        "step0..step150,main",
+        "--text",
+        str(text),
+        "--types",
+        "Q8_0,Q2_K",
+        "--ctx",
+        "64",
+        "--imatrix",
+        "none",
+        "-o",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
 def _opts(**kw):
     from neoxq.sweep import SweepOptions
 
@@ -185,33 +210,8 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
         worker = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "ray"
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "neoxq",
-                "sweep",
-                REPO,
-                "--revisions",
-                "step0..step150,main",
-                "--text",
-                str(text),
-                "--types",
-                "Q8_0,Q2_K",
-                "--ctx",
-                "64",
-                "--imatrix",
-                "none",
-                "--ray-address",
-                cluster.address,
-                "-o",
-                str(out),
-                "--quiet",
-            ],
-            env={**os.environ, **offline},
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        argv = _sweep_argv(text, out, "--ray-address", cluster.address)
+        proc = subprocess.Popen(argv, env={**os.environ, **offline}, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 600
         while not any((out / r).is_dir() for r in ("step0", "step20", "step60", "step150")) and proc.poll() is None:
             assert time.time() < deadline
@@ -233,26 +233,7 @@ def test_sweep_driver_killed_then_rerun_resumes(local_sweep, offline, tmp_path):
 
     data, _, text = local_sweep
     out = tmp_path / "killed"
-    args = [
-        sys.executable,
-        "-m",
-        "neoxq",
-        "sweep",
-        REPO,
-        "--revisions",
-        "step0..step150,main",
-        "--text",
-        str(text),
-        "--types",
-        "Q8_0,Q2_K",
-        "--ctx",
-        "64",
-        "--imatrix",
-        "none",
-        "-o",
-        str(out),
-        "--quiet",
-    ]
+    args = _sweep_argv(text, out)
     proc = subprocess.Popen(args, env={**os.environ, **offline}, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while not (out / "step0" / "report.json").is_file() and proc.poll() is None:
