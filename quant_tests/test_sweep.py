@@ -249,6 +249,62 @@ def test_sweep_driver_killed_then_rerun_resumes(local_sweep, offline, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["revisions"] == data["revisions"]
 
 
+def _on_a_terminal(argv, env, timeout=900) -> tuple[int, str]:
+    """Run argv with stdin/stdout/stderr on a pty (progress bars draw only for a terminal); its exit
+    code and everything it wrote."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update(env)
+        os.execv(argv[0], argv)
+    out, end = b"", time.time() + timeout
+    while time.time() < end:
+        if select.select([fd], [], [], 1)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_quiet_reaches_every_worker(offline, eval_file, tmp_path):
+    """Issue 22 item 3: `sweep --workers 2 --quiet` on a terminal draws no progress bar and no
+    status line, in the driver or in either worker process. Negative control: without --quiet the
+    same sweep on the same terminal draws them."""
+    base = [
+        sys.executable,
+        "-m",
+        "neoxq",
+        "sweep",
+        REPO,
+        "--revisions",
+        "step0,step20",
+        "--text",
+        str(eval_file),
+        "--types",
+        "Q8_0",
+        "--ctx",
+        "64",
+        "--imatrix",
+        "none",
+        "--workers",
+        "2",
+    ]
+    rc, quiet = _on_a_terminal([*base, "-o", str(tmp_path / "q"), "--quiet"], offline)
+    assert rc == 0, quiet
+    assert "━" not in quiet and "%" not in quiet and quiet.strip() == ""
+    rc, loud = _on_a_terminal([*base, "-o", str(tmp_path / "l")], offline)
+    assert rc == 0 and "━" in loud, loud[-2000:]
+
+
 @pytest.mark.slow
 def test_sweep_bad_input(offline, eval_file, tmp_path):
     base = ("sweep", REPO, "--text", eval_file, "--types", "Q8_0", "--ctx", "64", "--imatrix", "none", "-o", tmp_path / "o")
