@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""llama.cpp's CUDA backend against its CPU backend, in one run, on the same files and tokens: prompt
+and generation speed (ratios GPU/CPU), and whether the numbers agree (mean KLD of a Q4_K_M file
+against its F16 file scored on each backend, and their paired per-token difference).
+
+Needs llama-cpp-python built with CUDA (`make venv CUDA=1`); without GPU offload it says so and
+exits 2. The model is a Pythia-shaped checkpoint with random weights (benchlib, cached), so nothing
+is downloaded.
+
+    .venv/bin/python scripts/bench_gpu.py [--shape 410m] [--windows 8] [--ctx 512] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from neoxq.core.machine import init_process  # noqa: E402
+
+init_process()
+import benchlib  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="410m", help="a Pythia shape benchlib knows (70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b)")
+    ap.add_argument("--windows", type=int, default=8, help="scored windows of --ctx tokens")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+
+    import numpy as np
+
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions, gpu_offload_supported
+    from neoxq.runtime.quantize import quantize
+    from neoxq.runtime.score import GGUFReference, kld
+    from neoxq.runtime.speed import measure
+
+    if not gpu_offload_supported():
+        print("this llama-cpp-python build has no GPU offload; build it with `make venv CUDA=1` on a machine with a GPU", file=sys.stderr)
+        return 2
+    work = benchlib.cache_dir() / "gpu"
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = benchlib.convert_f16(benchlib.random_checkpoint(a.shape), work)
+    q4 = work / f"{f16.stem.replace('-F16', '')}-Q4_K_M.gguf"
+    if not q4.is_file():
+        quantize(f16, "Q4_K_M", output=q4)
+    ids_path, text = benchlib.eval_windows(f16, benchlib.eval_text(), a.windows, work, a.ctx)
+    ids = [int(i) for i in np.load(ids_path)]
+    out = {"shape": a.shape, "ctx": a.ctx, "windows": a.windows}
+    scores = {}
+    for name, layers in (("cpu", 0), ("gpu", -1)):
+        opts = RuntimeOptions(n_ctx=a.ctx, n_batch=a.ctx, n_gpu_layers=layers)
+        with NeoxModel(q4, opts) as m:
+            s = measure(m, ids, a.ctx, 64)
+            ref = GGUFReference(f16, opts)
+            scores[name] = kld(m, ref, text.read_text(encoding="utf-8"), a.ctx, cache_dir=work / f"cache-{name}")
+        out[name] = {"pp_tps": s.pp_tps, "tg_tps": s.tg_tps, "kld_mean": scores[name].kld_mean, "kld_mean_se": scores[name].kld_mean_se}
+        print(
+            f"{name}: prompt {s.pp_tps:9.1f} tok/s, generation {s.tg_tps:7.1f} tok/s, Q4_K_M KLD {scores[name].kld_mean:.6f} "
+            f"± {scores[name].kld_mean_se:.6f}",
+            flush=True,
+        )
+    diff = np.asarray(scores["gpu"].tokens.kld) - np.asarray(scores["cpu"].tokens.kld)
+    out["ratios"] = {
+        "pp": out["gpu"]["pp_tps"] / out["cpu"]["pp_tps"],
+        "tg": out["gpu"]["tg_tps"] / out["cpu"]["tg_tps"],
+        "kld": out["gpu"]["kld_mean"] / out["cpu"]["kld_mean"],
+    }
+    out["kld_paired_diff"] = {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))), "max_abs": float(np.abs(diff).max())}
+    r = out["ratios"]
+    print(
+        f"GPU/CPU: prompt {r['pp']:.1f}x, generation {r['tg']:.1f}x; KLD ratio {r['kld']:.4f} "
+        f"(paired difference {out['kld_paired_diff']['mean']:+.2e} ± {out['kld_paired_diff']['se']:.1e} per token)"
+    )
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
