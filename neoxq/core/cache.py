@@ -197,6 +197,9 @@ def trim(keep: tuple[Path, ...] = ()) -> list[CacheEntry]:
     from .progress import info
     from .sizes import format_bytes
 
+    root = cache_root().resolve()
+    if keep and not any(Path(p).resolve().is_relative_to(root) for p in keep):
+        return []  # written elsewhere (a report's own cache folder): not this cache's to trim
     cap = max_cache_bytes()
     gone = prune(max_bytes=cap, keep=keep) if cap is not None else []
     if gone:
