@@ -104,56 +104,19 @@ def make_stock(f16: Path, qtype: str, out: Path, imatrix: Path | None) -> dict:
     return benchlib.run_child(cmd)
 
 
+def neoxq_quantize(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, *flags: str) -> dict:
+    """`neoxq quantize` with the calibration text and fp32 checkpoint, in a child process (time, peak RSS)."""
+    argv = [PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--calib", calib, "--reference", ckpt, "--ctx", CTX, "-o", out]
+    return benchlib.run_child([*argv, "--force", "--quiet", *flags])
+
+
 def make_opt(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, mix: bool = False) -> dict:
-    return benchlib.run_child(
-        [
-            PY,
-            "-m",
-            "neoxq",
-            "quantize",
-            f16,
-            "--type",
-            qtype,
-            "--optimize",
-            "--calib",
-            calib,
-            "--reference",
-            ckpt,
-            "--ctx",
-            CTX,
-            "-o",
-            out,
-            "--force",
-            "--quiet",
-        ]
-        + (["--mix"] if mix else [])
-    )
+    return neoxq_quantize(f16, qtype, out, ckpt, calib, "--optimize", *(["--mix"] if mix else []))
 
 
 def make_mix(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path) -> dict:
     """`--mix --calib`: the importance matrix from the calibration text (the default)."""
-    return benchlib.run_child(
-        [
-            PY,
-            "-m",
-            "neoxq",
-            "quantize",
-            f16,
-            "--type",
-            qtype,
-            "--mix",
-            "--calib",
-            calib,
-            "--reference",
-            ckpt,
-            "--ctx",
-            CTX,
-            "-o",
-            out,
-            "--force",
-            "--quiet",
-        ]
-    )
+    return neoxq_quantize(f16, qtype, out, ckpt, calib, "--mix")
 
 
 def make_autoround(ar: Path, ckpt: Path, qtype: str, iters: int, calib_jsonl: Path, n: int, work: Path) -> tuple[dict, Path | None]:
