@@ -99,6 +99,8 @@ def run(name: str, runs: int | None, seconds: int | None, findings: Path) -> dic
         else:
             shutil.copytree(CORPUS / name, corpus)
         args = ["-print_final_stats=1", f"-artifact_prefix={findings}/{name}-", "-rss_limit_mb=4096", "-timeout=20", "-max_len=65536"]
+        words = CORPUS / f"{name}.dict"  # the format's keywords, for mutations that keep JSON valid
+        args += [f"-dict={words}"] if words.is_file() else []
         args += [f"-runs={runs}"] if runs else []
         args += [f"-max_total_time={seconds}"] if seconds else []
         t0, t0_wall = time.perf_counter(), time.time() - 1
