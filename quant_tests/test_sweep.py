@@ -204,7 +204,10 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
+    import signal
+
     data, _, text = local_sweep
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # Ray's Cluster installs its own
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         worker = cluster.add_node(num_cpus=1)
@@ -222,6 +225,8 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
         assert json.loads((out / "sweep.json").read_text())["revisions"] == data["revisions"]
     finally:
         cluster.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.slow
