@@ -327,10 +327,15 @@ def stock_of_row(row: dict) -> str | None:
 
 def render(report_json: Path) -> tuple[Path, Path | None]:
     """report.json → report.md (+ report.png and report-kld-cdf.png beside it)."""
+    return render_report(json.loads(Path(report_json).read_text()), Path(report_json).parent)
+
+
+def render_report(report: dict, folder: Path) -> tuple[Path, Path | None]:
+    """A report's Markdown and plots into `folder` (the report writes report.json after them, so a
+    report.json on disk always has its renderings beside it)."""
     from neoxq.core.atomic import atomic_output
 
-    report = json.loads(Path(report_json).read_text())
-    folder = Path(report_json).parent
+    report = dict(report)
     png, cdf = folder / "report.png", folder / "report-kld-cdf.png"
     made = has_matplotlib()
     report["plot"] = report["cdf_plot"] = None

@@ -305,7 +305,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     """Run (or resume) the whole pipeline; return the path of report.json."""
     from neoxq.compare import compare_rows
     from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
-    from neoxq.render import render
+    from neoxq.render import render_report
 
     opts = opts or ReportOptions()
     types = QuantType.parse_list(opts.types)
@@ -336,9 +336,9 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
         report = _assemble(run, rows, im_info, reference)
         report["most_hurt"] = _most_hurt(run, rows, files, base.path)
         rj = out / "report.json"
+        render_report(report, out)  # first: a report.json on disk always has its Markdown and plots
         with atomic_output(rj, force=True) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
-        render(rj)
         bar.update(1, note="rendered")
     return rj
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from neoxq.core.atomic import atomic_output
+from neoxq.core.atomic import atomic_output, remove_stale_partials
 from neoxq.core.errors import UsageError
 from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.textfile import read_text, text_sha256
@@ -181,6 +181,7 @@ def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions 
     results, todo = {}, []
     for rid, dup in plan:
         if dup is None:
+            remove_stale_partials(out / rid.revision)  # a killed run's temporary files and locks, even where nothing is redone
             done = _reusable(out / rid.revision, text_sha, opts, rid.commit)
             results.update({rid.revision: done} if done else {})
             todo += [] if done else [rid]
