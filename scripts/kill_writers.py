@@ -245,7 +245,7 @@ def main() -> int:
             r = check_writer(w, env, d, a.points, rng)
             results.append(r)
             print(
-                f"{w.name:9} clean run {r['seconds']:6.1f} s, {r['points']} SIGKILLs: "
+                f"{w.name:9} clean run {r['seconds']:6.1f} s, {r['points']} SIGKILLs ({r['killed_mid_write']} while a temporary file was open): "
                 + ("all clean" if not r["problems"] else "\n  " + "\n  ".join(r["problems"])),
                 flush=True,
             )
