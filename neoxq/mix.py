@@ -49,7 +49,7 @@ def plan_mix(
     stock = rq.plan_quantize(info, base, imatrix)
     target = target_bytes(info, opts, stock.size)
     calib_sha = hashlib.sha256(opts.calib_text.encode("utf-8")).hexdigest()
-    call_kv = rq.quantize_call(info, base, imatrix, kv=kv, label=label).kv
+    call_kv = {**stock.call.kv, "neoxq.quant_type": label, **(kv or {})}  # the mix file's call differs from stock's only there
     budget = tensor_budget(info, target, call_kv, base.value, stock.size, calib_sha, opts.ctx)
     tensors = quantizable(info)
     cache = Path(opts.cache_dir) if opts.cache_dir else default_cache_dir().parent / "mix"

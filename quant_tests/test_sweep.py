@@ -51,29 +51,10 @@ def eval_file(texts, tmp_path):
     return p
 
 
-def _sweep_argv(text, out, *extra) -> list[str]:
+def _sweep_argv(text, out, *extra, revisions="step0..step150,main", types="Q8_0,Q2_K") -> list[str]:
     """`neoxq sweep` over the test repo's revisions as local_sweep runs it (so its numbers compare)."""
-    return [
-        sys.executable,
-        "-m",
-        "neoxq",
-        "sweep",
-        REPO,
-        "--revisions",
-        "step0..step150,main",
-        "--text",
-        str(text),
-        "--types",
-        "Q8_0,Q2_K",
-        "--ctx",
-        "64",
-        "--imatrix",
-        "none",
-        "-o",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
+    common = ["--ctx", "64", "--imatrix", "none", "-o", str(out)]
+    return [sys.executable, "-m", "neoxq", "sweep", REPO, "--revisions", revisions, "--text", str(text), "--types", types, *common, *extra]
 
 
 def _opts(**kw):
@@ -213,7 +194,7 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
         worker = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         out = tmp_path / "ray"
-        argv = _sweep_argv(text, out, "--ray-address", cluster.address)
+        argv = _sweep_argv(text, out, "--quiet", "--ray-address", cluster.address)
         proc = subprocess.Popen(argv, env={**os.environ, **offline}, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 600
         while not any((out / r).is_dir() for r in ("step0", "step20", "step60", "step150")) and proc.poll() is None:
@@ -238,7 +219,7 @@ def test_sweep_driver_killed_then_rerun_resumes(local_sweep, offline, tmp_path):
 
     data, _, text = local_sweep
     out = tmp_path / "killed"
-    args = _sweep_argv(text, out)
+    args = _sweep_argv(text, out, "--quiet")
     proc = subprocess.Popen(args, env={**os.environ, **offline}, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.time() + 600
     while not (out / "step0" / "report.json").is_file() and proc.poll() is None:
@@ -284,29 +265,14 @@ def test_quiet_reaches_every_worker(offline, eval_file, tmp_path):
     """Issue 22 item 3: `sweep --workers 2 --quiet` on a terminal draws no progress bar and no
     status line, in the driver or in either worker process. Negative control: without --quiet the
     same sweep on the same terminal draws them."""
-    base = [
-        sys.executable,
-        "-m",
-        "neoxq",
-        "sweep",
-        REPO,
-        "--revisions",
-        "step0,step20",
-        "--text",
-        str(eval_file),
-        "--types",
-        "Q8_0",
-        "--ctx",
-        "64",
-        "--imatrix",
-        "none",
-        "--workers",
-        "2",
-    ]
-    rc, quiet = _on_a_terminal([*base, "-o", str(tmp_path / "q"), "--quiet"], offline)
+
+    def argv(out, *extra):
+        return _sweep_argv(eval_file, out, "--workers", "2", *extra, revisions="step0,step20", types="Q8_0")
+
+    rc, quiet = _on_a_terminal(argv(tmp_path / "q", "--quiet"), offline)
     assert rc == 0, quiet
     assert "━" not in quiet and "%" not in quiet and quiet.strip() == ""
-    rc, loud = _on_a_terminal([*base, "-o", str(tmp_path / "l")], offline)
+    rc, loud = _on_a_terminal(argv(tmp_path / "l"), offline)
     assert rc == 0 and "━" in loud, loud[-2000:]
 
 
