@@ -26,7 +26,12 @@ from neoxq.core.sizes import rows_per_chunk
 # read what the first produce; LAYER_MODULES is every one, in the layer's own order.
 STAGES = (("attention.query_key_value", "mlp.dense_h_to_4h"), ("attention.dense", "mlp.dense_4h_to_h"))
 LAYER_MODULES = tuple(m for pair in zip(*STAGES) for m in pair)
+QKV = STAGES[0][0]
+OUTPUT_FISHER = "@output"  # suffix of a matmul's output-space Fisher among the calibration sums
+ABSMAX = "@absmax"  # suffix of a matmul's inputs' largest magnitude per channel (neoxq.core.equalize)
 WINDOWS_PER_PASS = 4  # bounds eager attention's ctx × ctx scores; the result does not depend on it
+
+NORMS = ("input_layernorm", "post_attention_layernorm")  # a layer's LayerNorms (GGUF: attn_norm, ffn_norm)
 
 # requantize(gguf name, moments) → the rounded weight and its new bias (GGUF layout), for the layers after it
 Requantize = Callable[[str, Moments], tuple[np.ndarray, np.ndarray | None]]
@@ -41,13 +46,16 @@ def sequential_calibration(
     start_layer: int = 0,
     restore: Callable | None = None,
     on_layer: Callable[[int], None] | None = None,
+    norms: Callable[[str], np.ndarray] | None = None,
 ) -> None:
     """Round every layer matmul (and the output matrix) in order through `requantize`.
     windows: int [n, ctx] token ids; inputs_q: the quantized token embedding's rows for them
     [n, ctx, hidden] (the quantized model's input; the whole embedding is not needed).
     Resuming: layers below `start_layer` are not rounded again; restore(gguf name) gives their
     rounded weight and bias as written, and both models are run through them. on_layer(k) is called
-    when layers 0 … k − 1 are done."""
+    when layers 0 … k − 1 are done. norms(gguf name): the quantized model's LayerNorm weights and
+    biases (the file's: --optimize's equalisation rescales them, neoxq.core.equalize); without it,
+    the checkpoint's."""
     import torch
 
     from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
@@ -65,6 +73,9 @@ def sequential_calibration(
         for i in range(args.num_hidden_layers):
             layer_f = load_layer(ckpt, config, i, names)
             layer_q = copy.deepcopy(layer_f)
+            if norms is not None:
+                for mod in NORMS:
+                    _set_norm(layer_q.get_submodule(mod), gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names), norms)
             gname = {mod: gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names) for stage in STAGES for mod in stage}
             if i < start_layer:
                 for mod, name in gname.items():
@@ -88,22 +99,32 @@ def sequential_calibration(
             if on_layer:
                 on_layer(i + 1)
         if with_head:
-            requantize("output.weight", _head_moments(ckpt, config, head_name(names), h_f, h_q))
+            requantize("output.weight", _head_moments(ckpt, config, head_name(names), h_f, h_q, norms))
             bar.update(1, note=head_name(names))
 
 
-def _head_moments(ckpt, config, head: str, h_f, h_q) -> Moments:
+def _set_norm(module, weight_name: str, norms) -> None:
+    import torch
+
+    for param, name in ((module.weight, weight_name), (module.bias, weight_name.replace(".weight", ".bias"))):
+        param.copy_(torch.from_numpy(np.array(norms(name), dtype=np.float32).reshape(param.shape)))
+
+
+def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
     """The output matrix's moments: the fp32 logits against the quantized stream's final norm."""
     import torch
 
     from .reference import load_final_norm
 
     norm = load_final_norm(ckpt, config)
+    norm_q = copy.deepcopy(norm)
+    if norms is not None:
+        _set_norm(norm_q, "output_norm.weight", norms)
     w = torch.from_numpy(np.array(ckpt.read(head), dtype=np.float32))
     acc = _Accumulator()
     x_f, x_q = h_f.reshape(-1, h_f.shape[-1]), h_q.reshape(-1, h_q.shape[-1])
     for a in range(0, len(x_f), HEAD_TOKENS):
-        acc.add(torch.nn.functional.linear(norm(x_f[a : a + HEAD_TOKENS]), w), norm(x_q[a : a + HEAD_TOKENS]))
+        acc.add(torch.nn.functional.linear(norm(x_f[a : a + HEAD_TOKENS]), w), norm_q(x_q[a : a + HEAD_TOKENS]))
     return acc.moments()
 
 
@@ -236,7 +257,7 @@ def _assign(module, q: np.ndarray, bias: np.ndarray | None, args, qkv: bool) -> 
         module.bias.copy_(hf(bias))
 
 
-def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, embedding_fisher: bool, gen) -> tuple[dict, dict]:
+def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, fisher: bool, gen) -> tuple[dict, dict]:
     """second_moments' sums and counts with one fp32 layer in memory at a time (a model larger than
     the memory budget): each window goes forward layer by layer (the matmuls' inputs summed by hooks,
     every layer's input kept), through the head to the sampled labels' log-likelihood, and back
@@ -254,8 +275,10 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
 
     def add(name, x):
         accumulate(sums, counts, name, x, full)
+        if fisher:
+            track_absmax(sums, name, x)
 
-    head = torch.from_numpy(np.array(ckpt.read(head_name(names)), dtype=np.float32)) if embedding_fisher else None
+    head = torch.from_numpy(np.array(ckpt.read(head_name(names)), dtype=np.float32)) if fisher else None
     with Progress("calibration (streamed)", len(windows), "windows") as bar:
         for ids in np.asarray(windows):
             h = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids[None]], dtype=np.float32))
@@ -277,14 +300,38 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
             if include_output:
                 with torch.no_grad():
                     add("output.weight", norm(h))
-            if embedding_fisher:
+            if fisher:
                 g = _head_gradient(norm, head, h, gen)
                 for i in reversed(range(args.num_hidden_layers)):
-                    x = kept[i].requires_grad_(True)
-                    (g,) = torch.autograd.grad(load_layer(ckpt, config, i, names)(x, **extra), x, grad_outputs=g)
+                    g, g_qkv = _layer_gradients(load_layer(ckpt, config, i, names), kept[i], extra, g)
+                    head_fisher(sums, gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", gguf_names) + OUTPUT_FISHER, g_qkv[0], args.num_attention_heads)
                 accumulate(sums, counts, "token_embd.weight", g[0], full=True)
             bar.update(1)
     return sums, counts
+
+
+def _layer_gradients(layer, x, extra, g):
+    """The gradient g at a layer's output taken back to its input and to its attention QKV output."""
+    import torch
+
+    held = {}
+    handle = layer.get_submodule(QKV).register_forward_hook(lambda m, i, o: held.update(qkv=o))
+    try:
+        x = x.requires_grad_(True)
+        return torch.autograd.grad(layer(x, **extra), [x, held["qkv"]], grad_outputs=g)
+    finally:
+        handle.remove()
+
+
+def head_fisher(sums: dict, name: str, g, heads: int) -> None:
+    """Add Σ g gᵀ per attention head of QKV output gradients g [tokens, 3·hidden] (HF's layout: per
+    head its q, k, v) in float64: [heads, 3·head_dim, 3·head_dim]. Heads only: the cross-head blocks
+    would be a [3·hidden]² matrix (1.2 GB at 6.9B) for coupling the rounding does not use."""
+    import torch
+
+    g = g.detach().reshape(-1, heads, g.shape[-1] // heads).double()
+    add = torch.einsum("thi,thj->hij", g, g)
+    sums[name] = sums[name] + add if name in sums else add
 
 
 def _head_gradient(norm, head, h, gen):
@@ -305,6 +352,15 @@ def sampled_log_likelihood(logits, gen):
     with torch.no_grad():
         sampled = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
     return torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum()
+
+
+def track_absmax(sums: dict, name: str, x) -> None:
+    """Keep max |x| per column of x's rows under `name` + ABSMAX."""
+    import torch
+
+    m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).double()
+    key = name + ABSMAX
+    sums[key] = torch.maximum(sums[key], m) if key in sums else m
 
 
 def accumulate(sums: dict, counts: dict, name: str, x, full: bool) -> None:

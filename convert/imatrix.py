@@ -13,7 +13,7 @@ from neoxq.core.progress import Progress
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
-from .calibrate import LAYER_MODULES, accumulate, sampled_log_likelihood
+from .calibrate import ABSMAX, LAYER_MODULES, OUTPUT_FISHER, QKV, accumulate, head_fisher, sampled_log_likelihood, track_absmax
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:
@@ -57,19 +57,24 @@ def second_moments(
     revision: str | None = None,
     include_output: bool = False,
     full: bool = False,
-    embedding_fisher: bool = False,
+    fisher: bool = False,
     streamed: bool = False,
 ) -> tuple[dict, dict, int]:
     """Per matmul weight (GGUF name): Σ x² per input column (full=False, torch float64 vectors) or
     Σ x xᵀ (full=True, numpy float64 [in, in]: the layer's Hessian up to a factor), and the tokens
     counted, over non-overlapping windows of `ctx` tokens of the text, with the fp32 model.
 
-    embedding_fisher: also, under `token_embd.weight`, Σ g gᵀ of the gradients g of the windows'
+    fisher: also, under `token_embd.weight`, Σ g gᵀ of the gradients g of the windows'
     log-likelihood with respect to each input position's embedding, the next tokens sampled from the
     model itself (so cross-position terms vanish in expectation): the Fisher information of the
     model's output distribution in the embedding's space. The embedding is a lookup, with no input
     activations; a rounding error δ of one of its rows costs ½ δᵀ F δ of KL divergence where it is
-    used, which is what its levels are then chosen against.
+    used, which is what its levels are then chosen against. And, under `<attn_qkv name>@output`
+    (OUTPUT_FISHER), the same Fisher in each attention QKV matmul's output space, per head
+    (numpy float64 [heads, 3·head_dim, 3·head_dim], the head's q, k, v in that order): how an
+    error in one head's queries, keys and values moves the output together (calibrate.head_fisher);
+    and under `<name>@absmax` (ABSMAX) each matmul's inputs' largest magnitude per channel, numpy
+    (neoxq.core.equalize).
 
     streamed: one layer in memory at a time (neoxq.convert.calibrate.streamed_moments), for a model
     whose fp32 weights do not fit the memory budget; the same sums."""
@@ -88,8 +93,8 @@ def second_moments(
     if streamed:
         from .calibrate import streamed_moments
 
-        sums, counts = streamed_moments(ckpt, windows, include_output, full, embedding_fisher, gen)
-        return ({k: v.numpy() for k, v in sums.items()} if full else sums), counts, n_chunks
+        sums, counts = streamed_moments(ckpt, windows, include_output, full, fisher, gen)
+        return _as_numpy(sums, full), counts, n_chunks
     from .reference import load_reference
 
     model = load_reference(ckpt.folder)
@@ -99,6 +104,8 @@ def second_moments(
     def hook(name):
         def fn(module, inputs):
             accumulate(sums, counts, name, inputs[0], full)
+            if fisher:
+                track_absmax(sums, name, inputs[0])
 
         return fn
 
@@ -116,8 +123,11 @@ def second_moments(
     try:
         for c in range(n_chunks):
             window = torch.tensor([ids[c * ctx : (c + 1) * ctx]])
-            if embedding_fisher:
-                accumulate(sums, counts, EMBEDDING, _embedding_gradient(model, window, gen), full=True)
+            if fisher:
+                emb, qkv = _output_gradients(model, window, gen)
+                accumulate(sums, counts, EMBEDDING, emb, full=True)
+                for i, g in enumerate(qkv):
+                    head_fisher(sums, gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", names) + OUTPUT_FISHER, g, args.num_attention_heads)
             else:
                 with torch.no_grad():
                     model(window)
@@ -126,9 +136,12 @@ def second_moments(
         progress.close()
         for h in handles:
             h.remove()
-    if full:
-        sums = {k: v.numpy() for k, v in sums.items()}
-    return sums, counts, n_chunks
+    return _as_numpy(sums, full), counts, n_chunks
+
+
+def _as_numpy(sums: dict, full: bool) -> dict:
+    """Full second moments and the output Fisher matrices as numpy; imatrix diagonals as they are."""
+    return {k: v.numpy() if full or k.endswith((OUTPUT_FISHER, ABSMAX)) else v for k, v in sums.items()}
 
 
 def calibration_windows(ckpt, text: str, ctx: int):
@@ -148,25 +161,28 @@ def calibration_windows(ckpt, text: str, ctx: int):
     return np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)
 
 
-def _embedding_gradient(model, window, gen):
-    """[ctx, hidden] float64: d log p(sampled next tokens) / d (embedding at each position), one
-    backward pass (the layers' input hooks run in its forward as usual). Only this gradient is
-    asked for: autograd then skips every weight's gradient (each Linear's x^T g, the 50k-row
-    embedding's and output matrix's), about half of what `.backward()` computed."""
+def _output_gradients(model, window, gen):
+    """d log p(sampled next tokens) / d (embedding at each position) [ctx, hidden] float64, and
+    / d (each layer's attention QKV output) [ctx, 3·hidden], from one backward pass (the layers'
+    input hooks run in its forward as usual). Only these gradients are asked for: autograd then skips
+    every weight's gradient (each Linear's x^T g, the 50k-row embedding's and output matrix's), about
+    half of what `.backward()` computed; the QKV outputs lie on its way to the embedding."""
     import torch
 
-    held = {}
+    held = {"qkv": []}
 
     def keep(module, inputs, output):
         held["e"] = output
 
-    handle = model.gpt_neox.embed_in.register_forward_hook(keep)
+    handles = [model.gpt_neox.embed_in.register_forward_hook(keep)]
+    handles += [layer.get_submodule(QKV).register_forward_hook(lambda m, i, o: held["qkv"].append(o)) for layer in model.gpt_neox.layers]
     try:
         loss = sampled_log_likelihood(model(window).logits[0], gen)
-        (grad,) = torch.autograd.grad(loss, held["e"])
+        grad, *qkv = torch.autograd.grad(loss, [held["e"], *held["qkv"]])
     finally:
-        handle.remove()
-    return grad[0].detach().double()
+        for h in handles:
+            h.remove()
+    return grad[0].detach().double(), [g[0].detach() for g in qkv]
 
 
 def make_imatrix(

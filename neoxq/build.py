@@ -115,25 +115,25 @@ def build_optimized(
     imatrix file, the calibration pass makes one."""
     import hashlib
 
-    from neoxq.optimize import METHOD, OptimizeOptions, quantize_optimized
+    from neoxq.optimize import OptimizeOptions, quantize_optimized
 
     calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()
     out: dict[QuantType, Built] = {}
     for t in (t for t in types if not t.is_float):
         variant = "opt-mix" if mix else "opt"
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-{variant}")
+        opts = OptimizeOptions(
+            calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix, max_memory=max_memory
+        )
         want = {
             **source_keys(ckpt),
             "neoxq.quant_type": f"{t.value}-{variant}",
-            "neoxq.optimize.method": METHOD,
+            "neoxq.optimize.method": opts.method,
             "neoxq.optimize.calibration.sha256": calib_sha,
             "neoxq.optimize.ctx": str(ctx),
         }
         if imatrix:
             want["neoxq.imatrix.sha256"] = file_sha256(imatrix)
-        opts = OptimizeOptions(
-            calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix, max_memory=max_memory
-        )
         make = lambda t=t, path=path, opts=opts: quantize_optimized(base.path, t, opts, output=path, force=True)  # noqa: E731
         out[t] = _made_or_reused(t, path, want, make, variant=variant)
         if on_step:

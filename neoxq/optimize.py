@@ -30,6 +30,7 @@ import numpy as np
 
 from neoxq.core.atomic import atomic_output, check_output, output_in
 from neoxq.core.cache import cache_root
+from neoxq.core.equalize import ALPHA
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo, TensorInfo, read_info
 from neoxq.core.gptq import DAMP
@@ -39,7 +40,11 @@ from neoxq.core.qtypes import QuantType
 from neoxq.core.textfile import text_sha256
 
 METHOD = "gptq-sequential-asymmetric-on-llama.cpp-grids"
+QKV_METHOD = "+qkv-heads-in-output-fisher"  # METHOD's suffix when attention QKV rows are coupled (OptimizeOptions.qkv_fisher)
+EQUALIZE_METHOD = "+norm-equalized"  # … when the norms' channels are equalised first (OptimizeOptions.equalize)
 EMBEDDING = "token_embd.weight"
+EQUALIZED_FILE = "equalized.gguf"  # in the job folder: the source with its norms' channels equalised
+OUTPUT_FISHER_FILE = "output_fisher.npz"  # in the job folder: the sequential pass's QKV metrics, kept for a resumed run
 
 
 @dataclass
@@ -58,6 +63,16 @@ class OptimizeOptions:
     dynamic_grids: bool = False
     max_memory: int | None = None  # bytes --optimize may use; None: what is available. Above it, the first pass streams
     first_pass: str = "auto"  # auto: streamed when the fp32 model does not fit max_memory; memory; streamed
+    # Round attention QKV in the metric of the output's Fisher per head (gptq.RowCoupling), not
+    # every output alike: an error in a head's queries and keys is felt through its softmax.
+    qkv_fisher: bool = True
+    # Move the layer inputs' large channels from the activations (which llama.cpp's k-quant kernels
+    # round to 8 bits per 256 values) into the weights, through the LayerNorms (neoxq.core.equalize).
+    equalize: bool = True
+
+    @property
+    def method(self) -> str:
+        return METHOD + (EQUALIZE_METHOD if self.equalize else "") + (QKV_METHOD if self.qkv_fisher else "")
 
 
 def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | None = None):
@@ -224,7 +239,14 @@ def quantize_optimized(
             else:
                 say(f"resuming --optimize from layer {state['layers_done']} (a killed run's work in {job.folder})")
             state["tensors"] += rewrite_sequential(
-                job.file, src, ckpt, windows, opts, state["layers_done"], on_layer=lambda k: job.save({**state, "layers_done": k})
+                job.file,
+                read_info(job.folder / EQUALIZED_FILE) if opts.equalize else src,
+                ckpt,
+                windows,
+                opts,
+                state["layers_done"],
+                on_layer=lambda k: job.save({**state, "layers_done": k}),
+                output_fisher=_saved_fisher(job.folder) if opts.qkv_fisher else {},
             )
             shutil.move(job.file, tmp)
         finally:
@@ -234,7 +256,7 @@ def quantize_optimized(
         {
             "label": label,
             "optimize": {
-                "method": METHOD,
+                "method": opts.method,
                 "calibration_sha256": text_sha256(opts.calib),
                 "calibration_tokens": windows.size,
                 "tensors": state["tensors"],
@@ -253,15 +275,23 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     """Steps 1–3: the fp32 pass (layer by layer when the model does not fit the memory budget),
     llama.cpp's file (stock or mix types) and the embedding's levels, written into the job's work
     file; returns the state the sequential pass starts from."""
+    from neoxq.convert.calibrate import ABSMAX, OUTPUT_FISHER
     from neoxq.convert.imatrix import imatrix_from_moments, second_moments
     from neoxq.core.imatrix_io import write_imatrix
     from neoxq.runtime.quantize import quantize
 
     work = job.start()
-    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, embedding_fisher=True, streamed=streamed)
+    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, fisher=True, streamed=streamed)
+    out_fisher, absmax = (_split(moments, suffix) for suffix in (OUTPUT_FISHER, ABSMAX))
+    if opts.qkv_fisher:
+        np.savez(job.folder / OUTPUT_FISHER_FILE, **out_fisher)
+    eq_scales = {}
+    if opts.equalize:
+        src, eq_scales = equalized_source(src, absmax, job.folder / EQUALIZED_FILE)
     calib_sha = text_sha256(opts.calib)
     kv = {
-        "neoxq.optimize.method": METHOD,
+        "neoxq.optimize.method": opts.method,
+        **({"neoxq.optimize.equalize_alpha": f"{ALPHA:g}"} if opts.equalize else {}),
         "neoxq.optimize.calibration.sha256": calib_sha,
         "neoxq.optimize.calibration.tokens": str(n_chunks * opts.ctx),
         "neoxq.optimize.damp": f"{opts.damp:g}",
@@ -270,12 +300,19 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
         "neoxq.optimize.ctx": str(opts.ctx),
     }
     with tempfile.TemporaryDirectory(prefix="neoxq-opt-") as scratch:
-        im = opts.imatrix
+        im, given = opts.imatrix, None
         if im == "auto":
-            im = write_imatrix(
-                Path(scratch) / "calibration.imatrix",
-                imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}", ckpt.fingerprint()),
-            )
+            given = imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}", ckpt.fingerprint())
+        elif im is not None and eq_scales:
+            from neoxq.core.imatrix_io import file_sha256, read_imatrix
+
+            given = read_imatrix(im)
+            kv |= {"quantize.imatrix.file": Path(im).name, "neoxq.imatrix.sha256": file_sha256(Path(im))}
+        if given is not None:  # the importance of the equalised inputs: each column's mean square ÷ s²
+            for name, sc in eq_scales.items():
+                if name in given.sums:
+                    given.sums[name] = (given.sums[name] / sc**2).astype(np.float32)
+            im = write_imatrix(Path(scratch) / "calibration.imatrix", given)
         plan = _mix_plan(src, qtype, opts, im, label, kv) if opts.mix else None
         written = quantize(
             src,
@@ -301,6 +338,53 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     return state
 
 
+def _split(sums: dict, suffix: str) -> dict:
+    """Take the entries named `<name><suffix>` out of the calibration sums, as {name: value}."""
+    return {k.removesuffix(suffix): np.asarray(sums.pop(k)) for k in [k for k in sums if k.endswith(suffix)]}
+
+
+def equalized_source(src: GGUFInfo, absmax: dict, dest: Path) -> tuple[GGUFInfo, dict[str, np.ndarray]]:
+    """A copy of the F16 source at `dest` with every LayerNorm → matmul pair's channels equalised
+    (neoxq.core.equalize: the norm's weight and bias divided by s, the matmul's input columns
+    multiplied by s; the same model in exact arithmetic), streamed a row chunk at a time. Returns
+    it and s per matmul."""
+    import gguf
+
+    from neoxq.convert.writer import encode
+    from neoxq.core import gptq
+    from neoxq.core.equalize import norm_pairs, scales
+
+    shutil.copyfile(src.path, dest)
+    done = {}
+    n_layers = sum(1 for t in src.tensors if t.name.endswith(".attn_qkv.weight"))
+    with open(dest, "r+b") as fh:
+
+        def put(t: TensorInfo, row0: int, values: np.ndarray):
+            data = encode(values, int(gguf.GGMLQuantizationType[t.type]))
+            fh.seek(src.data_offset + t.offset + row0 * (t.n_bytes // t.shape[0] if len(t.shape) > 1 else 0))
+            fh.write(np.ascontiguousarray(data).tobytes())
+
+        for pair in norm_pairs(n_layers):
+            w, t = source_weights(src, pair.matmul), src.tensor(pair.matmul)
+            step = gptq.row_chunk(w.shape[1])
+            colmax = np.zeros(w.shape[1], np.float32)
+            for r0 in range(0, len(w), step):
+                np.maximum(colmax, np.abs(w[r0 : r0 + step]).max(0), out=colmax)
+            s = scales(absmax[pair.matmul], colmax)
+            for r0 in range(0, len(w), step):
+                put(t, r0, w[r0 : r0 + step] * s[None].astype(np.float32))
+            for part in (".weight", ".bias"):
+                tn = src.tensor(pair.norm + part)
+                put(tn, 0, (read_weights(src, tn).reshape(-1) / s).astype(np.float32))
+            done[pair.matmul] = s
+    return read_info(dest), done
+
+
+def _saved_fisher(folder: Path) -> dict:
+    with np.load(folder / OUTPUT_FISHER_FILE, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def _job_inputs(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions) -> dict:
     """Everything that decides the optimised file's bytes: what a resumed run must share."""
     from neoxq import __version__
@@ -320,21 +404,34 @@ def _job_inputs(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions) ->
         "damp": opts.damp,
         "mix": opts.mix,
         "dynamic_grids": opts.dynamic_grids,
-        "method": METHOD,
+        "method": opts.method,  # names the equalisation and the QKV coupling
         "neoxq": __version__,
     }
 
 
 def rewrite_sequential(
-    path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts: OptimizeOptions, start_layer: int = 0, on_layer=None
+    path: Path,
+    src: GGUFInfo,
+    ckpt,
+    windows: np.ndarray,
+    opts: OptimizeOptions,
+    start_layer: int = 0,
+    on_layer=None,
+    output_fisher: dict | None = None,
 ) -> list[dict]:
     """Every layer matmul and the output matrix of the file at `path`, rounded in order on the
     quantized model's own inputs against the fp32 outputs (neoxq.convert.calibrate), their F32 biases
     re-solved; levels and biases written in place. Layers below `start_layer` are taken as written
-    (a resumed run). One line per tensor rounded: the output error on the calibration tokens,
-    against llama.cpp's levels."""
+    (a resumed run). output_fisher: attention QKV matrices' output Fisher per head (their rows are
+    rounded coupled, gptq.RowCoupling). One line per tensor rounded: the output error on the
+    calibration tokens, against llama.cpp's levels."""
     from neoxq.convert.calibrate import sequential_calibration
+    from neoxq.convert.neox import GPTNeoXArgs, interleave_qkv
     from neoxq.core import blocks, gptq
+
+    args = GPTNeoXArgs.from_config(ckpt.config)
+    head_rows = interleave_qkv(np.arange(3 * args.hidden_size), args).reshape(args.num_attention_heads, -1)  # GGUF rows of each head's q, k, v
+    output_fisher = output_fisher or {}
 
     info = read_info(path)
     by_name = {t.name: t for t in info.tensors}
@@ -363,7 +460,8 @@ def rewrite_sequential(
             b = read(bias).view(np.float32).astype(np.float64) if bias is not None and bias.type == "F32" else None
             e_old = gptq.asymmetric_error(dequantized(fmt, raw, t.shape), b, mom)
             w_t, b_t = gptq.asymmetric_target(source_weights(src, name), b, mom, opts.damp)
-            q = round_rows(fmt, raw, w_t, gptq.compensation(mom.hq, opts.act_order, opts.damp))
+            coupling = gptq.RowCoupling.of(output_fisher[name], head_rows, opts.damp) if name in output_fisher else None
+            q = round_rows(fmt, raw, w_t, gptq.compensation(mom.hq, opts.act_order, opts.damp), coupling)
             bq = None if b is None else gptq.corrected_bias(w_t, b_t, q, mom)
             write(t, raw)
             if bq is not None:
@@ -379,7 +477,15 @@ def rewrite_sequential(
 
         inputs_q = current(EMBEDDING)[0][windows]  # the quantized model's inputs; the whole embedding is let go
         sequential_calibration(
-            ckpt, windows, inputs_q, requantize, with_head="output.weight" in by_name, start_layer=start_layer, restore=current, on_layer=finished
+            ckpt,
+            windows,
+            inputs_q,
+            requantize,
+            with_head="output.weight" in by_name,
+            start_layer=start_layer,
+            restore=current,
+            on_layer=finished,
+            norms=lambda name: current(name)[0],
         )
     return done
 
@@ -405,10 +511,16 @@ def rounded_chunks(fmt, raw: np.ndarray, target, factor, importance: np.ndarray 
         yield rows, wr, before, chunk
 
 
-def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor) -> np.ndarray:
-    """rounded_chunks for a matrix held whole; returns its new values, float32."""
-    from neoxq.core import blocks
+def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor, coupling=None) -> np.ndarray:
+    """rounded_chunks for a matrix held whole, or with its rows coupled (gptq.coupled_levels);
+    returns its new values, float32."""
+    from neoxq.core import blocks, gptq
 
+    if coupling is not None:
+        a, m = (g.reshape(target.shape) for g in blocks.grid(fmt, raw))
+        lv = gptq.coupled_levels(target, a, m, fmt.lmin, fmt.lmax, factor, coupling)
+        raw[:] = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
+        return blocks.values(fmt, raw).reshape(target.shape)
     q = np.empty(target.shape, np.float32)
     for rows, _, _, chunk in rounded_chunks(fmt, raw, target, factor):
         q[rows] = blocks.values(fmt, chunk).reshape(-1, target.shape[1])

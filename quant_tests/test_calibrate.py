@@ -11,14 +11,14 @@ def test_streamed_moments_equal_the_in_memory_pass(trained, texts):
     from neoxq.convert.imatrix import second_moments
 
     text = texts["calib"][:3000]
-    mem = second_moments(str(trained), text, 64, include_output=True, embedding_fisher=True)
-    st = second_moments(str(trained), text, 64, include_output=True, embedding_fisher=True, streamed=True)
+    mem = second_moments(str(trained), text, 64, include_output=True, fisher=True)
+    st = second_moments(str(trained), text, 64, include_output=True, fisher=True, streamed=True)
     assert mem[1] == st[1] and mem[2] == st[2] and set(mem[0]) == set(st[0])
     for k, v in mem[0].items():
         a, b = np.asarray(v), np.asarray(st[0][k])
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), k
     # negative control: another window length gives other sums, so the check can fail
-    other = second_moments(str(trained), text, 32, include_output=True, embedding_fisher=True, streamed=True)
+    other = second_moments(str(trained), text, 32, include_output=True, fisher=True, streamed=True)
     fisher = "token_embd.weight"
     assert np.linalg.norm(np.asarray(other[0][fisher]) / other[1][fisher] - np.asarray(mem[0][fisher]) / mem[1][fisher]) > 1e-3 * np.linalg.norm(
         np.asarray(mem[0][fisher]) / mem[1][fisher]

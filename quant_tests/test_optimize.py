@@ -189,34 +189,47 @@ def test_memory_plan_streams_a_6_9b_model_within_8gb_and_keeps_a_small_one_in_me
 
 
 def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
-    from neoxq.core.gguf_info import read_info
+    """Stock's tensor names, types and sizes. The tensors --optimize does not touch keep llama.cpp's
+    bytes; the matmuls that read no LayerNorm keep llama.cpp's grids (block headers) with new
+    levels; each LayerNorm is stock's divided by one scale per channel (weight and bias alike:
+    neoxq.core.equalize), and the matmuls reading it were quantized on the rescaled columns."""
+    from neoxq.core.equalize import norm_pairs
+    from neoxq.core.gguf_info import float_rows, read_info
+    from neoxq.optimize import OptimizeOptions
 
     d, res, stock = optimized
     opt, ref = read_info(d / "opt.gguf"), read_info(stock.path)
-    from neoxq.optimize import METHOD
-
-    assert res["type"] == "Q4_K_M-opt" and opt.metadata["neoxq.optimize.method"] == METHOD
-    assert opt.metadata["neoxq.imatrix.sha256"] == ref.metadata["neoxq.imatrix.sha256"]
+    method = OptimizeOptions("").method
+    pairs = norm_pairs(sum(t.name.endswith("attn_qkv.weight") for t in opt.tensors))
+    norms, rescaled = {p.norm for p in pairs}, {p.matmul for p in pairs}
+    assert res["type"] == "Q4_K_M-opt" and opt.metadata["neoxq.optimize.method"] == method
     assert [(t.name, t.type, t.n_bytes) for t in opt.tensors] == [(t.name, t.type, t.n_bytes) for t in ref.tensors]
     changed = biases = 0
     for t, s in zip(opt.tensors, ref.tensors):
         a = np.fromfile(opt.path, np.uint8, t.n_bytes, offset=opt.data_offset + t.offset)
         b = np.fromfile(ref.path, np.uint8, s.n_bytes, offset=ref.data_offset + s.offset)
         fmt = blocks.FORMATS.get(t.type)
-        if t.name.endswith(".bias") and t.name.startswith("blk.") and "norm" not in t.name:
+        if t.name.rsplit(".", 1)[0] in norms:
+            continue  # checked below
+        if t.name.endswith(".bias") and t.name.startswith("blk."):
             biases += not np.array_equal(a, b)  # a matmul's bias: re-solved with its levels
             continue
         if fmt is None or len(t.shape) < 2:
             assert np.array_equal(a, b), t.name  # not optimised: llama.cpp's bytes
             continue
-        hdr = np.ones(fmt.size, bool)
-        for f in fmt.fields:
-            hdr[f.bytes] = False
-        assert np.array_equal(a.reshape(-1, fmt.size)[:, hdr], b.reshape(-1, fmt.size)[:, hdr]), t.name  # the same grids
+        if t.name not in rescaled:
+            hdr = np.ones(fmt.size, bool)
+            for f in fmt.fields:
+                hdr[f.bytes] = False
+            assert np.array_equal(a.reshape(-1, fmt.size)[:, hdr], b.reshape(-1, fmt.size)[:, hdr]), t.name  # the same grids
         changed += not np.array_equal(a, b)
     assert changed >= 18 and biases >= 16  # every matmul and the embedding got new levels, every matmul a new bias
+    for norm in norms:
+        (w0, b0), (w1, b1) = [[float_rows(i, i.tensor(norm + x)).reshape(-1) for x in (".weight", ".bias")] for i in (ref, opt)]
+        big = np.abs(b0) > 1e-3 * np.abs(b0).max()
+        assert not np.allclose(w0, w1) and np.allclose((w0 / w1)[big], (b0 / b1)[big], rtol=1e-4), norm
     shown = run_cli("info", d / "opt.gguf")
-    assert shown.returncode == 0 and f"{METHOD} on" in shown.stdout and "calibration tokens" in shown.stdout
+    assert shown.returncode == 0 and f"{method} on" in shown.stdout and "calibration tokens" in shown.stdout
     assert all(x["output_error_ratio"] < 1 for x in res["optimize"]["tensors"])
 
 
@@ -289,9 +302,9 @@ def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
     rows = {r["type"]: r for r in data["results"]}
     assert list(rows) == ["F16", "Q4_K_M", "Q4_K_M-opt"]
     opt = rows["Q4_K_M-opt"]
-    from neoxq.optimize import METHOD
+    from neoxq.optimize import OptimizeOptions
 
-    assert opt["optimize"]["method"] == METHOD and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
+    assert opt["optimize"]["method"] == OptimizeOptions("").method and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
     assert opt["vs_stock"]["stock"] == "Q4_K_M" and opt["vs_stock"]["kld"]["verdict"] == "better"
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| Q4_K_M-opt |" in md and "better" in md
@@ -408,3 +421,63 @@ def test_accumulated_moments_equal_the_direct_products():
     x, y = (np.concatenate([z.reshape(-1, z.shape[-1]) for z in zs]).astype(np.float64) for zs in (xs, ys))
     assert np.allclose(mom.hq, x.T @ x, rtol=1e-5, atol=1e-3) and np.allclose(mom.hq, mom.hq.T)
     assert np.allclose(mom.yx, y.T @ x, rtol=1e-5, atol=1e-3) and mom.n == len(x)
+
+
+def test_row_coupling_lowers_the_output_fisher_loss_and_is_plain_gptq_for_a_diagonal_fisher():
+    """gptq.coupled_levels minimises tr(E H Eᵀ G) with G per group of rows (an attention head's
+    output Fisher): on an anisotropic G it is far below GPTQ's rows rounded alike; with a diagonal
+    G there is nothing to move between rows and it gives GPTQ's very levels (negative control)."""
+    h, w, fmt, _, a, m = _correlated_problem(7, 2048, 256, 96, 0.3)
+    rng = np.random.default_rng(7)
+    groups, k = 4, 24
+    rows = np.arange(groups * k).reshape(groups, k)
+    f = rng.standard_normal((groups, k, k)) * np.logspace(0, -2, k)
+    g = np.einsum("gij,gkj->gik", f, f) + 1e-4 * np.eye(k)
+    factor = gptq.compensation(h)
+
+    def loss(lv, g):
+        e = np.asarray(w, np.float64) - (a * lv - m)
+        return sum(np.trace(e[r] @ h @ e[r].T @ gi) for r, gi in zip(rows, g))
+
+    plain = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax, factor=factor)
+    coupled = gptq.coupled_levels(w, a, m, fmt.lmin, fmt.lmax, factor, gptq.RowCoupling.of(g, rows))
+    assert loss(coupled, g) < 0.6 * loss(plain, g)
+    diag = np.stack([np.diag(np.diag(gi)) for gi in g])
+    assert np.array_equal(gptq.coupled_levels(w, a, m, fmt.lmin, fmt.lmax, factor, gptq.RowCoupling.of(diag, rows)), plain)
+
+
+def test_equalisation_scales_flatten_the_inputs_and_keep_dead_channels():
+    from neoxq.core.equalize import norm_pairs, scales
+
+    x = np.array([1.0, 1.0, 40.0, 0.0, 2.0])
+    w = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    s = scales(x, w)
+    assert s[3] == 1.0 and s[4] == 1.0  # a channel that never fired, a dead column
+    live = s[:3]
+    flat = x[:3] / live  # α = 1/2: the inputs' spread becomes its square root (40× → √40×)
+    assert np.isclose(np.exp(np.log(live).mean()), 1.0) and np.isclose(flat.max() / flat.min(), np.sqrt(40.0))
+    assert [p.norm for p in norm_pairs(2)] == ["blk.0.attn_norm", "blk.0.ffn_norm", "blk.1.attn_norm", "blk.1.ffn_norm", "output_norm"]
+
+
+def test_equalized_source_is_the_same_model(trained_f16, tmp_path):
+    """Each LayerNorm → matmul pair computes the same outputs after equalisation (up to F16
+    rounding of the rescaled weights); the weights and norms did change (negative control)."""
+    from neoxq.core.equalize import norm_pairs
+    from neoxq.core.gguf_info import float_rows, read_info
+    from neoxq.optimize import equalized_source
+
+    src = read_info(trained_f16)
+    rng = np.random.default_rng(3)
+    pairs = norm_pairs(sum(t.name.endswith("attn_qkv.weight") for t in src.tensors))
+    hidden = src.tensor("output_norm.weight").shape[0]
+    absmax = {p.matmul: rng.uniform(0.1, 30, hidden) for p in pairs}
+    eq, used = equalized_source(src, absmax, tmp_path / "eq.gguf")
+    assert set(used) == {p.matmul for p in pairs}
+    z = rng.standard_normal((64, hidden)).astype(np.float32)  # a normalised input
+    for p in pairs:
+        outs = []
+        for info in (src, eq):
+            nw, nb = (float_rows(info, info.tensor(p.norm + s)).reshape(-1) for s in (".weight", ".bias"))
+            outs.append((z * nw + nb) @ float_rows(info, info.tensor(p.matmul)).T)
+        assert np.abs(outs[0] - outs[1]).max() <= 3e-3 * np.abs(outs[0]).max(), p.matmul
+        assert not np.array_equal(float_rows(src, src.tensor(p.matmul)), float_rows(eq, eq.tensor(p.matmul)))

@@ -93,10 +93,11 @@ def quantize_call(
     call = capi.QuantizeCall(ftype=qtype.ftype, nthread=nthread or default_threads(), kv={"neoxq.quant_type": label or qtype.value, **(kv or {})})
     if im is not None:
         call.imatrix = {n: im.values(n) for n in im.sums}
-        call.kv |= {
+        call.kv = {  # the caller's keys win: --optimize records the imatrix it was given, not its rescaled copy
             "quantize.imatrix.file": Path(imatrix).name,
             "neoxq.imatrix.sha256": file_sha256(Path(imatrix)),
             "quantize.imatrix.dataset": im.datasets[0] if im.datasets else "unknown",
+            **call.kv,
         }
     if tensor_types:
         call.tensor_types = dict(tensor_types)

@@ -33,7 +33,7 @@ def row_chunk(cols: int) -> int:
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp·mean(diag)·I)⁻¹ (so H⁻¹ = Uᵀ U), with dead columns
     (no activation at all) given a unit diagonal."""
-    u = np.array(h, dtype=np.float64)
+    u = np.array(h, dtype=np.float64, order="C")  # LAPACK works on its Fortran view in place
     _inverse_cholesky_inplace(u, damp)
     return u
 
@@ -150,6 +150,49 @@ def _gptq_rows(
         lv[:, c0:c1] = lvb.T
         w[:, c1:] -= err.T @ u[c0:c1, c1:]
     return lv
+
+
+# Rows coupled through the output's Fisher -------------------------------------------------------
+# GPTQ's loss Σ_rows (w − q)ᵀ H (w − q) weighs every output alike. Where the model's output feels
+# some output directions far more than others, and together (an attention head's queries, keys and
+# values meet in its softmax), the KL divergence is, to second order, tr(E H Eᵀ G) with E = W − Q
+# and G the Fisher information in the matmul's output space (K-FAC's factorisation, G per head).
+# GPTQ on that Kronecker metric, rows in order: each row rounded with GPTQ's column compensation
+# (H), then its whole error r moved onto the rows not yet rounded through G⁻¹'s Cholesky factor, as
+# GPTQ moves a column's. Heads are independent, so row t of every head is rounded at once.
+
+
+@dataclass
+class RowCoupling:
+    """order [steps, groups]: the rows rounded at each step, one per group (head); u [groups, steps,
+    steps]: each group's upper Cholesky factor of G⁻¹ in that order."""
+
+    order: np.ndarray
+    u: np.ndarray
+
+    @classmethod
+    def of(cls, g: np.ndarray, rows: np.ndarray, damp: float = DAMP) -> "RowCoupling":
+        """g [groups, k, k]: each group's output Fisher; rows [groups, k]: the matrix rows they are
+        (act order inside each group: the largest Fisher diagonal first)."""
+        perm = np.argsort(-np.einsum("gii->gi", g), axis=1, kind="stable")
+        u = np.stack([inverse_cholesky(gi[p][:, p], damp) for gi, p in zip(g, perm)])
+        return cls(np.take_along_axis(rows, perm, axis=1).T.copy(), u)
+
+
+def coupled_levels(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, factor, coupling: RowCoupling) -> np.ndarray:
+    """gptq_levels for the rows of w that `coupling` names, minimising tr(E H Eᵀ G) (factor: H's
+    compensation); other rows are left to the caller (levels 0)."""
+    w = np.array(w, np.float64)
+    out = np.zeros(w.shape, np.int16)
+    order, u = coupling.order, coupling.u
+    for t, rows in enumerate(order):
+        lv = gptq_levels(w[rows], None, a[rows], m[rows], lmin, lmax, factor=factor)
+        out[rows] = lv
+        if t + 1 < len(order):
+            r = w[rows] - (np.asarray(a[rows], np.float64) * lv - np.asarray(m[rows], np.float64))  # [groups, cols]
+            coef = u[:, t, t + 1 :] / u[:, t, t, None]  # [groups, later steps]
+            w[order[t + 1 :]] -= coef.T[:, :, None] * r[None]
+    return out
 
 
 def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
