@@ -2,19 +2,24 @@
 against the model's output on calibration text, and the layers' F32 biases re-solved.
 
 1. One fp32 pass of the checkpoint (transformers) over the calibration windows gives the importance
-   matrix (each matmul's input second moments' diagonal; `--imatrix` names another or `none`) and
-   the token embedding's Fisher information (a lookup has no inputs: the gradient of the output's
-   log-likelihood in embedding space stands in for them).
-2. llama.cpp's own quantizer writes the stock file of the type (or the measured mix's types) with
-   that imatrix: its tensor types, block scales and mins (the grids) and metadata, plus neoxq's
-   provenance keys.
-3. The embedding's levels: GPTQ on llama.cpp's grids in the Fisher metric (neoxq.core.gptq).
-4. Then layer by layer (neoxq.convert.calibrate), the fp32 model and the quantized one side by side:
+   matrix (each matmul's input second moments' diagonal; `--imatrix` names another or `none`), the
+   token embedding's Fisher information (a lookup has no inputs: the gradient of the output's
+   log-likelihood in embedding space stands in for them), each attention head's Fisher in QKV's
+   output space, and each matmul input's largest magnitude per channel.
+2. Each LayerNorm's channels are equalised into the matmuls reading it (neoxq.core.equalize): the
+   same model, with the large activation channels that llama.cpp's k-quant kernels round coarsely
+   (8 bits per 256 values) moved into the weights. The equalised F16 copy is the source from here.
+3. llama.cpp's own quantizer writes the stock file of the type (or the measured mix's types) with
+   that imatrix (rescaled to the equalised inputs): its tensor types, block scales and mins (the
+   grids) and metadata, plus neoxq's provenance keys.
+4. The embedding's levels: GPTQ on llama.cpp's grids in the Fisher metric (neoxq.core.gptq).
+5. Then layer by layer (neoxq.convert.calibrate), the fp32 model and the quantized one side by side:
    each matmul's levels are chosen by GPTQ to reproduce the fp32 layer's output from the inputs the
    already-quantized layers give (so each layer also cancels what rounding upstream did), with its
-   bias solved in the same least squares; the output matrix last.
-Levels go into llama.cpp's blocks in place (neoxq.core.blocks) and biases into their F32 tensors:
-same tensor types, same bytes, same kernels; every llama.cpp reads and runs the file.
+   bias solved in the same least squares; attention QKV's rows coupled per head through that
+   head's output Fisher (gptq.RowCoupling); the output matrix last.
+Levels go into llama.cpp's blocks in place (neoxq.core.blocks), biases and norms into their F32
+tensors: same tensor types and sizes, same kernels; every llama.cpp reads and runs the file.
 """
 
 from __future__ import annotations
@@ -238,16 +243,17 @@ def quantize_optimized(
                 state = _first_stage(src, ckpt, qtype, opts, label, job, plan.streamed)
             else:
                 say(f"resuming --optimize from layer {state['layers_done']} (a killed run's work in {job.folder})")
-            state["tensors"] += rewrite_sequential(
-                job.file,
-                read_info(job.folder / EQUALIZED_FILE) if opts.equalize else src,
-                ckpt,
-                windows,
-                opts,
-                state["layers_done"],
-                on_layer=lambda k: job.save({**state, "layers_done": k}),
-                output_fisher=_saved_fisher(job.folder) if opts.qkv_fisher else {},
-            )
+            with _saved_fisher(job.folder, opts.qkv_fisher) as fisher:
+                state["tensors"] += rewrite_sequential(
+                    job.file,
+                    read_info(job.folder / EQUALIZED_FILE) if opts.equalize else src,
+                    ckpt,
+                    windows,
+                    opts,
+                    state["layers_done"],
+                    on_layer=lambda k: job.save({**state, "layers_done": k}),
+                    output_fisher=fisher,
+                )
             shutil.move(job.file, tmp)
         finally:
             job.clear()
@@ -272,12 +278,11 @@ def quantize_optimized(
 
 
 def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, label: str, job, streamed: bool) -> dict:
-    """Steps 1–3: the fp32 pass (layer by layer when the model does not fit the memory budget),
-    llama.cpp's file (stock or mix types) and the embedding's levels, written into the job's work
-    file; returns the state the sequential pass starts from."""
+    """Steps 1–4: the fp32 pass (layer by layer when the model does not fit the memory budget), the
+    equalised source, llama.cpp's file of it (stock or mix types) and the embedding's levels,
+    written into the job's work folder; returns the state the sequential pass starts from."""
     from neoxq.convert.calibrate import ABSMAX, OUTPUT_FISHER
-    from neoxq.convert.imatrix import imatrix_from_moments, second_moments
-    from neoxq.core.imatrix_io import write_imatrix
+    from neoxq.convert.imatrix import second_moments
     from neoxq.runtime.quantize import quantize
 
     work = job.start()
@@ -300,19 +305,7 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
         "neoxq.optimize.ctx": str(opts.ctx),
     }
     with tempfile.TemporaryDirectory(prefix="neoxq-opt-") as scratch:
-        im, given = opts.imatrix, None
-        if im == "auto":
-            given = imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{calib_sha[:16]}", ckpt.fingerprint())
-        elif im is not None and eq_scales:
-            from neoxq.core.imatrix_io import file_sha256, read_imatrix
-
-            given = read_imatrix(im)
-            kv |= {"quantize.imatrix.file": Path(im).name, "neoxq.imatrix.sha256": file_sha256(Path(im))}
-        if given is not None:  # the importance of the equalised inputs: each column's mean square ÷ s²
-            for name, sc in eq_scales.items():
-                if name in given.sums:
-                    given.sums[name] = (given.sums[name] / sc**2).astype(np.float32)
-            im = write_imatrix(Path(scratch) / "calibration.imatrix", given)
+        im = _importance(opts, (moments, counts, n_chunks), ckpt, eq_scales, Path(scratch), kv)
         plan = _mix_plan(src, qtype, opts, im, label, kv) if opts.mix else None
         written = quantize(
             src,
@@ -336,6 +329,28 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     }
     job.save(state)
     return state
+
+
+def _importance(opts: OptimizeOptions, calibration: tuple, ckpt, eq_scales: dict, scratch: Path, kv: dict):
+    """The imatrix the stock file is quantized with: the calibration pass's (auto), the named file or
+    none, its columns rescaled to the equalised inputs (mean square ÷ s²; a named file's name and
+    sha256 are still what the file records, in `kv`)."""
+    from neoxq.convert.imatrix import imatrix_from_moments
+    from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
+
+    im = opts.imatrix
+    if im == "auto":
+        moments, counts, n_chunks = calibration
+        given = imatrix_from_moments(moments, counts, n_chunks, opts.ctx, f"calibration sha256:{text_sha256(opts.calib)[:16]}", ckpt.fingerprint())
+    elif im is not None and eq_scales:
+        given = read_imatrix(im)
+        kv |= {"quantize.imatrix.file": Path(im).name, "neoxq.imatrix.sha256": file_sha256(Path(im))}
+    else:
+        return im
+    for name, s in eq_scales.items():
+        if name in given.sums:
+            given.sums[name] = (given.sums[name] / s**2).astype(np.float32)
+    return write_imatrix(scratch / "calibration.imatrix", given)
 
 
 def _split(sums: dict, suffix: str) -> dict:
@@ -364,7 +379,10 @@ def equalized_source(src: GGUFInfo, absmax: dict, dest: Path) -> tuple[GGUFInfo,
             fh.seek(src.data_offset + t.offset + row0 * (t.n_bytes // t.shape[0] if len(t.shape) > 1 else 0))
             fh.write(np.ascontiguousarray(data).tobytes())
 
+        names = {t.name for t in src.tensors}
         for pair in norm_pairs(n_layers):
+            if pair.matmul not in names:  # a tied output matrix is the embedding, which is not a norm's reader
+                continue
             w, t = source_weights(src, pair.matmul), src.tensor(pair.matmul)
             step = gptq.row_chunk(w.shape[1])
             colmax = np.zeros(w.shape[1], np.float32)
@@ -380,9 +398,12 @@ def equalized_source(src: GGUFInfo, absmax: dict, dest: Path) -> tuple[GGUFInfo,
     return read_info(dest), done
 
 
-def _saved_fisher(folder: Path) -> dict:
-    with np.load(folder / OUTPUT_FISHER_FILE, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def _saved_fisher(folder: Path, wanted: bool):
+    """The QKV output Fisher matrices the first stage saved, read one at a time when asked for
+    (numpy's NpzFile, a context manager: 0.6 GB in all at 6.9B's shape, 19 MB a layer)."""
+    import contextlib
+
+    return np.load(folder / OUTPUT_FISHER_FILE, allow_pickle=False) if wanted else contextlib.nullcontext({})
 
 
 def _job_inputs(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions) -> dict:

@@ -76,8 +76,9 @@ class OptimizePlan:
 def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first_pass: str = "auto") -> OptimizePlan:
     """--optimize's peak, the largest of its phases (float32 = 4 bytes, float64 = 8).
     1. fp32 pass, in memory: the model, its activations and gradients for one window (forward +
-       backward for the embedding's Fisher), the Fisher matrix (h², float64). Streamed: one fp32
-       layer (read twice), every layer's input for one window, the output matrix, one window's logits.
+       backward for the embedding's Fisher), the Fisher matrix (h², float64), every layer's QKV
+       output Fisher per head (float32). Streamed: one fp32 layer (read twice), every layer's input
+       for one window, the output matrix, one window's logits, the same Fisher matrices.
     2. Layer by layer (neoxq.convert.calibrate): collecting, in the fp32 layer's one pass and then
        at the MLP down projection (f inputs): the layers, hidden states of every window, one window
        group's activations and hooked inputs, the stage's moments (Σ x xᵀ [in, in] and Σ y xᵀ
@@ -92,8 +93,9 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
     h, f, n, v = args.hidden_size, args.intermediate_size, args.num_hidden_layers, args.vocab_size
     layer = 4 * (4 * h * h + 2 * h * f)
     one_window = 4 * ctx * (n * (12 * h + 2 * f) + 6 * v)  # activations, logits, softmax and their gradients
-    in_memory = 4 * args.param_count() + one_window + 8 * h * h
-    streamed = layer + 4 * ctx * (n * h + 12 * h + 2 * f + 6 * v) + 4 * v * h + 8 * h * h
+    qkv_fisher = 4 * n * 9 * h * h // args.num_attention_heads  # every layer's per-head QKV output Fisher, float32
+    in_memory = 4 * args.param_count() + one_window + 8 * h * h + qkv_fisher
+    streamed = layer + 4 * ctx * (n * h + 12 * h + 2 * f + 6 * v) + 4 * v * h + 8 * h * h + qkv_fisher
     hidden = 4 * windows * ctx * h
     tokens = WINDOWS_PER_PASS * ctx
     group = 4 * tokens * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx) + 8 * tokens * 2 * (f + h)
