@@ -369,6 +369,14 @@ def equalized_source(src: GGUFInfo, absmax: dict, dest: Path) -> tuple[GGUFInfo,
     from neoxq.core import gptq
     from neoxq.core.equalize import norm_pairs, scales
 
+    size, free = src.path.stat().st_size, shutil.disk_usage(dest.parent).free
+    if free < size:
+        from neoxq.core.errors import OutputError
+
+        raise OutputError(
+            f"--optimize needs {size / 1e6:.0f} MB in {dest.parent} for its equalised copy of {src.path.name}, {free / 1e6:.0f} MB free;"
+            " free space or point NEOXQ_CACHE at another disk"
+        )
     shutil.copyfile(src.path, dest)
     done = {}
     n_layers = sum(1 for t in src.tensors if t.name.endswith(".attn_qkv.weight"))

@@ -481,3 +481,18 @@ def test_equalized_source_is_the_same_model(trained_f16, tmp_path):
             outs.append((z * nw + nb) @ float_rows(info, info.tensor(p.matmul)).T)
         assert np.abs(outs[0] - outs[1]).max() <= 3e-3 * np.abs(outs[0]).max(), p.matmul
         assert not np.array_equal(float_rows(src, src.tensor(p.matmul)), float_rows(eq, eq.tensor(p.matmul)))
+
+
+def test_equalized_copy_refused_in_one_line_when_the_cache_disk_is_full(trained_f16, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from neoxq.core.errors import OutputError
+    from neoxq.core.gguf_info import read_info
+    from neoxq.optimize import equalized_source
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1, 1, 10))
+    with pytest.raises(OutputError, match="NEOXQ_CACHE"):
+        equalized_source(read_info(trained_f16), {}, tmp_path / "eq.gguf")
+    assert not (tmp_path / "eq.gguf").exists()
