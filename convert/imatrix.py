@@ -71,7 +71,7 @@ def second_moments(
     activations; a rounding error δ of one of its rows costs ½ δᵀ F δ of KL divergence where it is
     used, which is what its levels are then chosen against. And, under `<attn_qkv name>@output`
     (OUTPUT_FISHER), the same Fisher in each attention QKV matmul's output space, per head
-    (numpy float64 [heads, 3·head_dim, 3·head_dim], the head's q, k, v in that order): how an
+    (numpy float32 [heads, 3·head_dim, 3·head_dim], the head's q, k, v in that order): how an
     error in one head's queries, keys and values moves the output together (calibrate.head_fisher);
     and under `<name>@absmax` (ABSMAX) each matmul's inputs' largest magnitude per channel, numpy
     (neoxq.core.equalize).
