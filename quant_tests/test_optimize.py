@@ -115,6 +115,12 @@ def test_inverse_cholesky_in_place_matches_the_dense_inverse():
     hd[7, 7] = 1.0
     hd[np.diag_indices_from(hd)] += 0.01 * np.mean(np.diag(hd))
     assert np.allclose(np.triu(u), u) and np.allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-6, atol=1e-12)
+    # in act order with a given ridge: the factor of the permuted matrix, and solve() is H⁻¹ rhs
+    perm, u = gptq.compensation(h, True, ridge=5.0)
+    hr = h + 5.0 * np.eye(len(h))
+    assert not np.array_equal(perm, np.arange(len(h))) and np.allclose(u.T @ u, np.linalg.inv(hr[perm][:, perm]), rtol=1e-6, atol=1e-12)
+    rhs = rng.standard_normal((len(h), 3))
+    assert np.allclose(gptq.solve((perm, u), rhs), np.linalg.solve(hr, rhs), rtol=1e-8, atol=1e-12)
 
 
 def test_corrected_bias_removes_the_mean_output_error():
@@ -444,6 +450,30 @@ def test_row_coupling_lowers_the_output_fisher_loss_and_is_plain_gptq_for_a_diag
     assert loss(coupled, g) < 0.6 * loss(plain, g)
     diag = np.stack([np.diag(np.diag(gi)) for gi in g])
     assert np.array_equal(gptq.coupled_levels(w, a, m, fmt.lmin, fmt.lmax, factor, gptq.RowCoupling.of(diag, rows)), plain)
+
+
+def test_coupled_waves_equal_the_step_by_step_loop():
+    """coupled_levels' waves of (row step, column block) pairs against the rows rounded one step at
+    a time — GPTQ per step, its residual moved onto the later rows through G — as written plainly:
+    the same levels, on a width that is not a multiple of the block (padded) and rows in any order;
+    the plain loop itself differs from GPTQ without coupling (the check is not vacuous)."""
+    h, w, fmt, _, a, m = _correlated_problem(11, 2048, 256, 36, 0.3)
+    rng = np.random.default_rng(11)
+    groups, k = 3, 12
+    rows = rng.permutation(groups * k).reshape(groups, k)
+    f = rng.standard_normal((groups, k, k)) * np.logspace(0, -2, k)
+    coupling = gptq.RowCoupling.of(np.einsum("gij,gkj->gik", f, f) + 1e-4 * np.eye(k), rows)
+    factor = gptq.compensation(h)
+    target, plain = np.array(w, np.float64), np.zeros(w.shape, np.int16)
+    u = coupling.u
+    for t, step in enumerate(coupling.order):
+        plain[step] = lv = gptq.gptq_levels(target[step], None, a[step], m[step], fmt.lmin, fmt.lmax, factor=factor)
+        r = target[step] - (np.asarray(a[step], np.float64) * lv - m[step])
+        for t2 in range(t + 1, k):
+            target[coupling.order[t2]] -= (u[:, t, t2] / u[:, t, t])[:, None] * r
+    ours = gptq.coupled_levels(w, a, m, fmt.lmin, fmt.lmax, factor, coupling, block=96)
+    assert (ours == plain).mean() > 0.999
+    assert not np.array_equal(plain, gptq.gptq_levels(w, None, a, m, fmt.lmin, fmt.lmax, factor=factor))
 
 
 def test_equalisation_scales_flatten_the_inputs_and_keep_dead_channels():

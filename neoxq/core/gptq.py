@@ -33,30 +33,49 @@ def row_chunk(cols: int) -> int:
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp·mean(diag)·I)⁻¹ (so H⁻¹ = Uᵀ U), with dead columns
     (no activation at all) given a unit diagonal."""
-    u = np.array(h, dtype=np.float64, order="C")  # LAPACK works on its Fortran view in place
-    _inverse_cholesky_inplace(u, damp)
+    u = np.array(h[::-1, ::-1], dtype=np.float64, order="C")
+    _damp(u, damp)
+    _reversed_inverse_cholesky(u)
     return u
 
 
-def _inverse_cholesky_inplace(h: np.ndarray, damp: float) -> None:
-    """inverse_cholesky in h's own memory (C-contiguous float64, symmetric): LAPACK's potrf, potri,
-    potrf on the lower triangle of its Fortran view, which is U in C order; no [in, in] copy."""
+def _damp(h: np.ndarray, damp: float, ridge: float | None = None) -> None:
+    """Add ridge to h's diagonal in place; without one, damp·mean(diag) after dead columns (no
+    activation at all) are given a unit diagonal."""
+    diag = np.einsum("ii->i", h)  # a writable view
+    if ridge is None:
+        diag[diag <= 0] = 1.0
+        ridge = damp * float(np.mean(diag))
+    diag += ridge
+
+
+def _reversed_inverse_cholesky(h: np.ndarray) -> None:
+    """Given J M J in h (J: the reversal; C-contiguous float64, symmetric positive definite), the
+    upper Cholesky factor U of M⁻¹ in its place, without an [in, in] copy. With J M J = L Lᵀ,
+    M⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and J L⁻¹ J is upper: one Cholesky and one triangular inverse
+    (LAPACK potrf, trtri on h's Fortran view, whose upper triangle is h's lower), then both axes
+    reversed — half the arithmetic of inverting M and factoring the inverse (potrf, potri, potrf)."""
     from scipy.linalg import lapack
 
-    diag = np.einsum("ii->i", h)  # a writable view
-    dead = diag <= 0
-    diag[dead] = 1.0
-    diag += damp * float(np.mean(diag))
     f = h.T
-    for step, kw in (
-        (lapack.dpotrf, {"overwrite_a": 1, "clean": 0}),
-        (lapack.dpotri, {"overwrite_c": 1}),
-        (lapack.dpotrf, {"overwrite_a": 1, "clean": 0}),
-    ):
-        out, info = step(f, lower=1, **kw)
+    for step, kw in ((lapack.dpotrf, {"overwrite_a": 1, "clean": 0}), (lapack.dtrtri, {"overwrite_c": 1})):
+        out, info = step(f, lower=0, **kw)
         if info != 0 or not np.shares_memory(out, h):
             raise np.linalg.LinAlgError(f"{step.__name__} failed (info {info})")
+    _reverse(h)
     _zero_strict_lower(h)
+
+
+def _reverse(a: np.ndarray, chunk: int = 1 << 20) -> None:
+    """Reverse both axes of a C-contiguous square array in place: its flat memory, reversed, a
+    chunk of each end swapped at a time."""
+    flat = a.reshape(-1)
+    n = len(flat)
+    for k0 in range(0, n // 2, chunk):
+        k1 = min(k0 + chunk, n // 2)
+        head = flat[k0:k1].copy()
+        flat[k0:k1] = flat[n - k1 : n - k0][::-1]
+        flat[n - k1 : n - k0] = head[::-1]
 
 
 def _zero_strict_lower(a: np.ndarray, rows: int = 1024) -> None:
@@ -73,15 +92,33 @@ def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int) -
     return np.clip(lv, lmin, lmax)
 
 
-def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
-    """(perm, U): the column order GPTQ rounds in and the inverse Cholesky factor of H in that order,
-    built in one [in, in] float64 buffer (H itself is left as it is; its scale does not matter)."""
+def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridge: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, U): the column order GPTQ rounds in and the inverse Cholesky factor of H (damped, or
+    plus `ridge` on the diagonal) in that order, built in one [in, in] float64 buffer (H itself is
+    left as it is; its scale does not matter to GPTQ; solve() uses U for H⁻¹ too)."""
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
+    rev = perm[::-1]  # the buffer holds J H J in GPTQ's order (_reversed_inverse_cholesky)
     u = np.empty((len(h), len(h)))
     for r0 in range(0, len(h), 1024):  # permuted copy in row blocks: no second full-size temporary
-        u[r0 : r0 + 1024] = np.asarray(h[perm[r0 : r0 + 1024]], np.float64)[:, perm]
-    _inverse_cholesky_inplace(u, damp)
+        u[r0 : r0 + 1024] = np.asarray(h[rev[r0 : r0 + 1024]], np.float64)[:, rev]
+    _damp(u, damp, ridge)
+    _reversed_inverse_cholesky(u)
     return perm, u
+
+
+def solve(factor, rhs: np.ndarray) -> np.ndarray:
+    """H⁻¹ rhs (rhs [in, k]) from compensation's factor (H⁻¹ = Pᵀ Uᵀ U P): two triangular
+    products, as many operations as a Cholesky solve, with no factorisation of its own."""
+    from scipy.linalg import blas
+
+    perm, u = factor
+    f = u.T  # U's Fortran view is Uᵀ, lower: no copy of U
+    y = np.asfortranarray(np.asarray(rhs, np.float64)[perm])
+    y = blas.dtrmm(1.0, f, y, lower=1, trans_a=1, overwrite_b=1)  # U y
+    y = blas.dtrmm(1.0, f, y, lower=1, trans_a=0, overwrite_b=1)  # Uᵀ U y
+    out = np.empty(y.shape)
+    out[perm] = y
+    return out
 
 
 def gptq_levels(
@@ -133,23 +170,48 @@ def _gptq_rows(
     read with a stride of a whole row, which on the 410M shape made this loop a fifth of --optimize."""
     cols = w.shape[1]
     lv = np.empty(w.shape, np.int16)
+    dinv = 1.0 / np.diag(u)
     for c0 in range(0, cols, block):
         c1 = min(c0 + block, cols)
-        wb, ab, mb = (np.ascontiguousarray(x[:, c0:c1].T) for x in (w, a, m))
-        err, lvb = np.empty(wb.shape), np.empty(wb.shape, np.int16)
-        ub = u[c0:c1, c0:c1]
-        for i in range(c1 - c0):
-            if regrid is not None and (c0 + i) % group == 0:
-                ga, gm = regrid(c0 + i, wb[i : i + group].T)
-                ab[i : i + group], mb[i : i + group] = np.asarray(ga).T, np.asarray(gm).T
-                a[:, c0 + i : c0 + i + group], m[:, c0 + i : c0 + i + group] = ga, gm
-            li = nearest(wb[i], ab[i], mb[i], lmin, lmax)
-            err[i] = e = (wb[i] - (ab[i] * li - mb[i])) / ub[i, i]
-            wb[i + 1 :] -= ub[i, i + 1 :, None] * e
-            lvb[i] = li
-        lv[:, c0:c1] = lvb.T
-        w[:, c1:] -= err.T @ u[c0:c1, c1:]
+        wb, ab, mb = (np.ascontiguousarray(x[:, c0:c1].T)[:, None] for x in (w, a, m))  # [columns, 1 problem, rows]
+        lvb, err = np.empty(wb.shape), np.empty(wb.shape)
+        ub, db = u[None, c0:c1, c0:c1], dinv[None, c0:c1]
+        for i0 in range(0, c1 - c0, group) if regrid is not None else (0,):  # block is a multiple of group
+            i1 = min(i0 + group, c1 - c0) if regrid is not None else c1 - c0
+            if regrid is not None:
+                ga, gm = regrid(c0 + i0, wb[i0:i1, 0].T)
+                ab[i0:i1, 0], mb[i0:i1, 0] = np.asarray(ga).T, np.asarray(gm).T
+                a[:, c0 + i0 : c0 + i1], m[:, c0 + i0 : c0 + i1] = ga, gm
+            _sweep(wb, ab, mb, ub, db, lmin, lmax, i0, i1, lvb, err)
+        lv[:, c0:c1] = lvb[:, 0].T
+        w[:, c1:] -= err[:, 0].T @ u[c0:c1, c1:]
     return lv
+
+
+def _sweep(x, a, m, ub, dinv, lmin: int, lmax: int, i0: int, i1: int, lv, err) -> None:
+    """GPTQ inside one block of columns, columns i0 … i1 − 1, for P independent problems at once:
+    x, a, m [columns, P, rows] (weights as compensated so far, updated in place; grids), ub [P,
+    columns, columns] each problem's block of U, dinv [P, columns] 1 / its diagonal; levels and
+    scaled errors into lv, err [columns, P, rows]. The nearest level by multiplying with 1 / a (0
+    where a = 0: level max(lmin, 0), as `nearest`), clamped with minimum/maximum: np.clip costs
+    several times a ufunc call, and at 16 rows a problem (one per attention head) the call overhead
+    is the loop's whole cost."""
+    with np.errstate(divide="ignore"):
+        inv = np.where(a[i0:i1] != 0, 1.0 / a[i0:i1], 0.0)
+    lo, hi = float(lmin), float(lmax)
+    t = np.empty(x.shape[1:])
+    for i in range(i0, i1):
+        np.add(x[i], m[i], out=t)
+        t *= inv[i - i0]
+        np.rint(t, out=t)
+        np.maximum(t, lo, out=t)
+        li = np.minimum(t, hi, out=lv[i])
+        e = np.multiply(a[i], li, out=err[i])
+        e -= m[i]
+        np.subtract(x[i], e, out=e)
+        e *= dinv[:, i, None]
+        if i + 1 < len(x):
+            x[i + 1 :] -= ub[:, i, i + 1 :].T[:, :, None] * e
 
 
 # Rows coupled through the output's Fisher -------------------------------------------------------
@@ -179,19 +241,52 @@ class RowCoupling:
         return cls(np.take_along_axis(rows, perm, axis=1).T.copy(), u)
 
 
-def coupled_levels(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, factor, coupling: RowCoupling) -> np.ndarray:
+def coupled_levels(
+    w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, factor, coupling: RowCoupling, block: int = BLOCK
+) -> np.ndarray:
     """gptq_levels for the rows of w that `coupling` names, minimising tr(E H Eᵀ G) (factor: H's
-    compensation); other rows are left to the caller (levels 0)."""
-    w = np.array(w, np.float64)
+    compensation); other rows are left to the caller (levels 0).
+
+    In order of rows: each row step t (one row per group) is GPTQ'd over the columns, then its
+    residual moved onto the later rows through G. Written so, that is T sweeps of a few rows each
+    (T = 192 steps of 16 heads at the 410M shape), all Python overhead: 5 s a matrix. But column
+    block b of step t needs only blocks ≤ b of the steps before it, so the (step, block) pairs are
+    taken in waves of equal t + b, every pair of a wave in one sweep: T + blocks − 1 sweeps, each
+    as wide as up to `blocks` steps. The same arithmetic, in another order (tested against the
+    step-by-step loop)."""
+    perm, u = factor
+    order, cf = coupling.order, coupling.u / np.einsum("gtt->gt", coupling.u)[:, :, None]  # cf[g, s, t]: row s's residual → row t
+    steps, groups = order.shape
+    cols = w.shape[1]
+    nb = -(-cols // block)
+    width = nb * block
+    if width != cols:  # padded with columns that round to themselves: level 0 of a zero grid, U's identity
+        u = np.pad(u, (0, width - cols))
+        np.einsum("ii->i", u)[cols:] = 1.0
+
+    def rows(x, dtype):  # [steps, groups, width], columns in GPTQ's order
+        out = np.zeros((steps, groups, width), dtype)
+        out[:, :, :cols] = np.asarray(x)[order.reshape(-1)[:, None], perm[None, :]].reshape(steps, groups, cols)
+        return out
+
+    base, own = rows(w, np.float64), np.zeros((steps, groups, width))  # base: target, then each block's residual
+    ga, gm = rows(a, np.float32), rows(m, np.float32)
+    lv = np.empty((steps, groups, width), np.int16)
+    dinv = 1.0 / np.diag(u)
+    for k in range(steps + nb - 1):
+        pairs = [(t, k - t) for t in range(max(0, k - nb + 1), min(k, steps - 1) + 1)]
+        blk = [slice(b * block, (b + 1) * block) for _, b in pairs]
+        start = np.stack([base[t, :, c] - np.matmul(cf[:, None, :t, t], base[:t, :, c].transpose(1, 0, 2))[:, 0] for (t, _), c in zip(pairs, blk)])
+        x = np.ascontiguousarray((start - np.stack([own[t, :, c] for (t, _), c in zip(pairs, blk)])).transpose(2, 0, 1))
+        sa, sm = (np.ascontiguousarray(np.stack([g[t, :, c] for (t, _), c in zip(pairs, blk)]).transpose(2, 0, 1), np.float64) for g in (ga, gm))
+        lvb, err = np.empty(x.shape), np.empty(x.shape)
+        _sweep(x, sa, sm, np.stack([u[c, c] for c in blk]), np.stack([dinv[c] for c in blk]), lmin, lmax, 0, block, lvb, err)
+        for p, ((t, b), c) in enumerate(zip(pairs, blk)):
+            lv[t, :, c] = lvb[:, p].T
+            base[t, :, c] = start[p] - (sa[:, p] * lvb[:, p] - sm[:, p]).T
+            own[t, :, c.stop :] += err[:, p].T @ u[c, c.stop :]
     out = np.zeros(w.shape, np.int16)
-    order, u = coupling.order, coupling.u
-    for t, rows in enumerate(order):
-        lv = gptq_levels(w[rows], None, a[rows], m[rows], lmin, lmax, factor=factor)
-        out[rows] = lv
-        if t + 1 < len(order):
-            r = w[rows] - (np.asarray(a[rows], np.float64) * lv - np.asarray(m[rows], np.float64))  # [groups, cols]
-            coef = u[:, t, t + 1 :] / u[:, t, t, None]  # [groups, later steps]
-            w[order[t + 1 :]] -= coef.T[:, :, None] * r[None]
+    out[order.reshape(-1)[:, None], perm[None, :]] = lv[:, :, :cols].reshape(-1, cols)
     return out
 
 
@@ -231,6 +326,10 @@ class Moments:
         y, x = np.asarray(y_f, np.float64), np.asarray(x_q, np.float64)
         return cls(x.T @ x, y.T @ x, y.sum(0), (y * y).sum(0), x.sum(0), len(x))
 
+    def rows(self, idx: np.ndarray) -> "Moments":
+        """The statistics of some output rows (the inputs' are shared)."""
+        return Moments(self.hq, self.yx[idx], self.sum_y[idx], self.yy[idx], self.sum_q, self.n)
+
     def scaled_target(self, w: np.ndarray, b: np.ndarray | None, rows: slice, lam: float) -> np.ndarray:
         """Rows of E[y_f x̃_qᵀ] + λ W̃ (the right-hand side of the ridge least squares)."""
         rhs = np.empty((len(self.yx[rows]), self.yx.shape[1] + 1))
@@ -246,36 +345,37 @@ def _ridge(mom: Moments, damp: float, bias: bool) -> float:
     return damp * ((tr + 1.0) / (len(mom.hq) + 1) if bias else tr / len(mom.hq))
 
 
+def moments_factor(mom: Moments, act_order: bool = True, damp: float = DAMP, bias: bool = True):
+    """compensation() of H_q + n·λI, λ asymmetric_target's ridge: one factorisation serves the
+    target's solve and GPTQ's sweep (at 6.9B's MLP down each [in, in] factorisation is a few
+    hundred GFLOP)."""
+    return compensation(mom.hq, act_order, ridge=mom.n * _ridge(mom, damp, bias))
+
+
 def asymmetric_target(
-    w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: float = DAMP, chunk: int | None = None
+    w: np.ndarray, b: np.ndarray | None, mom: Moments, damp: float = DAMP, chunk: int | None = None, factor=None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The unquantized (W′, b′) that best reproduces the fp32 outputs from the quantized inputs,
     ridge-regularised toward (W, b) with GPTQ's damping: [W′ b′] (E[x̃_q x̃_qᵀ] + λI) = E[y_f x̃_qᵀ] + λ[W b].
-    One Cholesky of H_q/n + λI (in one [in, in] buffer); the bias's row and column by their Schur
-    complement; the rows solved in chunks. W′ comes back float32 (it is rounded next), b′ float64."""
-    from scipy.linalg import lapack
-
+    M = H_q/n + λI through moments_factor (given as `factor`, or made here); the bias's row and
+    column by their Schur complement; the rows solved in chunks. W′ comes back float32 (it is
+    rounded next), b′ float64."""
     bias = b is not None
     lam = _ridge(mom, damp, bias)
-    m = np.empty(mom.hq.shape)
-    np.divide(mom.hq, mom.n, out=m)
-    np.einsum("ii->i", m)[:] += lam
-    if lapack.dpotrf(m.T, lower=1, overwrite_a=1, clean=0)[1] != 0:
-        raise np.linalg.LinAlgError("the calibration inputs' second moments are not positive definite")
+    factor = factor if factor is not None else moments_factor(mom, False, damp, bias)
 
-    def solve(rhs: np.ndarray) -> np.ndarray:  # M⁻¹ rhs, rhs [in, k]
-        x, info = lapack.dpotrs(m.T, rhs, lower=1)
-        return x
+    def m_solve(rhs: np.ndarray) -> np.ndarray:  # M⁻¹ rhs, rhs [in, k]; the factor is of n·M
+        return mom.n * solve(factor, rhs)
 
     s = mom.sum_q / mom.n
-    z = solve(s[:, None])[:, 0] if bias else None
+    z = m_solve(s[:, None])[:, 0] if bias else None
     out_w = np.empty(w.shape, np.float32)
     out_b = np.empty(len(out_w)) if bias else None
     step = chunk or row_chunk(len(mom.hq))
     for r0 in range(0, len(out_w), step):
         rows = slice(r0, r0 + step)
         rhs = mom.scaled_target(w, b, rows, lam)
-        wr = solve(np.ascontiguousarray(rhs[:, :-1].T)).T
+        wr = m_solve(rhs[:, :-1].T).T
         if bias:  # [W′ b′] [[M, s], [sᵀ, 1 + λ]] = [A a]  ⇒  b′ = (a − A z) / (1 + λ − sᵀz), W′ = A M⁻¹ − b′ zᵀ
             bt = (rhs[:, -1] - rhs[:, :-1] @ z) / (1.0 + lam - s @ z)
             wr -= np.outer(bt, z)
