@@ -86,10 +86,25 @@ def _zero_strict_lower(a: np.ndarray, rows: int = 1024) -> None:
 
 def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int) -> np.ndarray:
     """The nearest level on each weight's grid (a = 0: every level gives −m; level 0 or lmin)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lv = np.rint((w + m) / a)
-    lv = np.where(a != 0, lv, max(lmin, 0))
-    return np.clip(lv, lmin, lmax)
+    w, a, m = np.broadcast_arrays(*(np.asarray(z, np.float64) for z in (w, a, m)))
+    return _nearest_into(w, m, _steps_inverse(a), float(lmin), float(lmax), np.empty(w.shape))
+
+
+def _steps_inverse(a: np.ndarray) -> np.ndarray:
+    """1 / a, and 0 where a = 0 (so that such a weight's level is clamped 0: max(lmin, 0))."""
+    with np.errstate(divide="ignore"):
+        return np.where(a != 0, 1.0 / a, 0.0)
+
+
+def _nearest_into(w, m, inv, lo: float, hi: float, out: np.ndarray) -> np.ndarray:
+    """The one rounding rule (nearest and GPTQ's sweep): rint((w + m) / a) clamped to [lo, hi], in
+    `out`. Multiplied by 1 / a and clamped by minimum/maximum: np.clip costs several times a ufunc
+    call, and at 16 rows a problem (one per attention head) the sweep's cost is its calls."""
+    np.add(w, m, out=out)
+    out *= inv
+    np.rint(out, out=out)
+    np.maximum(out, lo, out=out)
+    return np.minimum(out, hi, out=out)
 
 
 def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridge: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -192,20 +207,11 @@ def _sweep(x, a, m, ub, dinv, lmin: int, lmax: int, i0: int, i1: int, lv, err) -
     """GPTQ inside one block of columns, columns i0 … i1 − 1, for P independent problems at once:
     x, a, m [columns, P, rows] (weights as compensated so far, updated in place; grids), ub [P,
     columns, columns] each problem's block of U, dinv [P, columns] 1 / its diagonal; levels and
-    scaled errors into lv, err [columns, P, rows]. The nearest level by multiplying with 1 / a (0
-    where a = 0: level max(lmin, 0), as `nearest`), clamped with minimum/maximum: np.clip costs
-    several times a ufunc call, and at 16 rows a problem (one per attention head) the call overhead
-    is the loop's whole cost."""
-    with np.errstate(divide="ignore"):
-        inv = np.where(a[i0:i1] != 0, 1.0 / a[i0:i1], 0.0)
+    scaled errors into lv, err [columns, P, rows]."""
+    inv = _steps_inverse(a[i0:i1])
     lo, hi = float(lmin), float(lmax)
-    t = np.empty(x.shape[1:])
     for i in range(i0, i1):
-        np.add(x[i], m[i], out=t)
-        t *= inv[i - i0]
-        np.rint(t, out=t)
-        np.maximum(t, lo, out=t)
-        li = np.minimum(t, hi, out=lv[i])
+        li = _nearest_into(x[i], m[i], inv[i - i0], lo, hi, lv[i])
         e = np.multiply(a[i], li, out=err[i])
         e -= m[i]
         np.subtract(x[i], e, out=e)
