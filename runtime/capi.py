@@ -113,6 +113,14 @@ def system_info() -> str:
     return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
 
 
+def amx_kernels() -> bool:
+    """Whether this llama.cpp build's CPU backend uses Intel AMX (a native build on Sapphire Rapids
+    or later): its AMX buffer type for k-quant weights crashes the first decode there (SIGSEGV or
+    SIGILL in ggml_backend_amx_mul_mat, llama.cpp issue 20824; measured here on every Q4_K_M file
+    `neoxq run` generated from, F16 unaffected)."""
+    return "AMX_INT8 = 1" in system_info()
+
+
 # Decoding -----------------------------------------------------------------------------------------
 
 

@@ -44,7 +44,8 @@ class RuntimeOptions:
     # Weight repacking (llama.cpp's CPU "extra buffer types") keeps a second, interleaved copy of the
     # weights. Off for scoring: a 6.9B Q4_K_M processed prompts at 57 against 36 tok/s and peaked at
     # 4.6 against 7.0 GiB without it. None keeps llama.cpp's default, which `run` and `serve` use
-    # (generation measured 7.3 against 6.6 tok/s with it).
+    # (generation measured 7.3 against 6.6 tok/s with it), except where the build uses AMX kernels
+    # (capi.amx_kernels: they crash there).
     repack: bool | None = False
 
 
@@ -82,7 +83,8 @@ class NeoxModel:
         threads = o.n_threads or default_threads()
         self.n_batch = min(o.n_batch, n_ctx)
         self.flash_attn = resolve_flash_attn(o.flash_attn)
-        extra = {} if o.repack is None else {"use_extra_bufts": o.repack}
+        repack = o.repack if o.repack is not None else (False if capi.amx_kernels() else None)
+        extra = {} if repack is None else {"use_extra_bufts": repack}
         with capi.captured_errors() as errors, capi.model_defaults(**extra):
             try:
                 # n_gpu_layers 0 means the CPU: llama.cpp would otherwise still offload the heavy ops
