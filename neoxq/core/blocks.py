@@ -204,14 +204,20 @@ BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 # Reading and writing levels -----------------------------------------------------------------------
 
 
+# Both work on the blocks transposed ([size, n] bytes, [block, n] levels): a field's gather and
+# scatter then move whole rows of n values instead of a few bytes of every block (measured on
+# 16384 Q4_K blocks: 34 ms against 182 ms for reading the levels).
+
+
 def levels(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:
     """The level L of every weight: raw [n, size] uint8 → int16 [n, block]."""
-    v = np.zeros((len(raw), fmt.block), np.int32)
+    rt = np.ascontiguousarray(raw.T)
+    v = np.zeros((fmt.block, len(raw)), np.int32)
     for f in fmt.fields:
-        v[:, f.weights] |= ((raw[:, f.bytes].astype(np.int32) >> f.shift) & ((1 << f.width) - 1)) << f.pos
+        v[f.weights] |= ((rt[f.bytes].astype(np.int32) >> f.shift) & ((1 << f.width) - 1)) << f.pos
     if fmt.name == "Q8_0":
-        return v.astype(np.uint8).view(np.int8).astype(np.int16)
-    return (v - fmt.offset).astype(np.int16)
+        return v.T.astype(np.uint8).view(np.int8).astype(np.int16)
+    return (v.T - fmt.offset).astype(np.int16)
 
 
 def with_levels(fmt: BlockFormat, raw: np.ndarray, lv: np.ndarray) -> np.ndarray:
@@ -220,13 +226,13 @@ def with_levels(fmt: BlockFormat, raw: np.ndarray, lv: np.ndarray) -> np.ndarray
     lv = np.asarray(lv)
     if lv.min(initial=fmt.lmin) < fmt.lmin or lv.max(initial=fmt.lmax) > fmt.lmax:
         raise ValueError(f"{fmt.name} levels must lie in [{fmt.lmin}, {fmt.lmax}]")
-    v = (lv.astype(np.int32) & 0xFF) if fmt.name == "Q8_0" else lv.astype(np.int32) + fmt.offset
-    out = raw.copy()
+    v = np.ascontiguousarray(((lv.astype(np.int32) & 0xFF) if fmt.name == "Q8_0" else lv.astype(np.int32) + fmt.offset).T)
+    out = np.ascontiguousarray(raw.T)  # a copy
     for f in fmt.fields:
         mask = ((1 << f.width) - 1) << f.shift
-        out[:, f.bytes] &= np.uint8(0xFF ^ mask)
-        out[:, f.bytes] |= (((v[:, f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
-    return out
+        out[f.bytes] &= np.uint8(0xFF ^ mask)
+        out[f.bytes] |= (((v[f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
+    return np.ascontiguousarray(out.T)
 
 
 def grid(fmt: BlockFormat, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -239,4 +245,9 @@ def grid(fmt: BlockFormat, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def values(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:
     """What ggml's dequantize returns for these blocks, computed from (a, m, L) here."""
     a, m = grid(fmt, raw)
-    return (a * levels(fmt, raw).astype(np.float32)).astype(np.float32) - m
+    return level_values(a, m, levels(fmt, raw))
+
+
+def level_values(a: np.ndarray, m: np.ndarray, lv: np.ndarray) -> np.ndarray:
+    """ggml's dequantize of levels L on their grids (a, m), float32 like its: a · L − m."""
+    return np.multiply(a, lv, dtype=np.float32) - m

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
-BLOCK = 128  # columns compensated inside a block before the rest is updated at once (lazy batches)
+# Lazy batches: columns compensated inside a block before the rest of the row is updated at once,
+# and inside a block, SUB columns before the block's rest is. Measured on the 410M shape's MLP up
+# and down (4096 × 1024, 1024 × 4096): 0.45 and 0.74 s at 512 and 16, against 1.11 and 1.89 s
+# with blocks of 128 and no SUB (the same levels: the arithmetic is only regrouped).
+BLOCK = 512
+SUB = 16
+COUPLED_BLOCK = 128  # coupled_levels' blocks: its waves sweep a block's columns each, so wider blocks mean more sweeps
 
 
 def row_chunk(cols: int) -> int:
@@ -115,7 +121,7 @@ def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridg
     rev = perm[::-1]  # the buffer holds J H J in GPTQ's order (_reversed_inverse_cholesky)
     u = np.empty((len(h), len(h)))
     for r0 in range(0, len(h), 1024):  # permuted copy in row blocks: no second full-size temporary
-        u[r0 : r0 + 1024] = np.asarray(h[rev[r0 : r0 + 1024]], np.float64)[:, rev]
+        u[r0 : r0 + 1024] = _columns(h[rev[r0 : r0 + 1024]], rev)
     _damp(u, damp, ridge)
     _reversed_inverse_cholesky(u)
     return perm, u
@@ -128,12 +134,12 @@ def solve(factor, rhs: np.ndarray) -> np.ndarray:
 
     perm, u = factor
     f = u.T  # U's Fortran view is Uᵀ, lower: no copy of U
-    y = np.asfortranarray(np.asarray(rhs, np.float64)[perm])
+    # rows permuted through the transpose: np.take along a row is a fast gather, and its result's
+    # transpose is the Fortran-ordered [in, k] that dtrmm works on in place (so is the answer's)
+    y = np.take(np.asarray(rhs, np.float64).T, perm, axis=1).T
     y = blas.dtrmm(1.0, f, y, lower=1, trans_a=1, overwrite_b=1)  # U y
     y = blas.dtrmm(1.0, f, y, lower=1, trans_a=0, overwrite_b=1)  # Uᵀ U y
-    out = np.empty(y.shape)
-    out[perm] = y
-    return out
+    return np.take(y.T, np.argsort(perm), axis=1).T
 
 
 def gptq_levels(
@@ -164,17 +170,17 @@ def gptq_levels(
     step_rows = row_chunk(w.shape[1])
     for r0 in range(0, w.shape[0], step_rows):
         rows = slice(r0, r0 + step_rows)
-        grid_a, grid_m = np.asarray(a[rows], np.float64)[:, perm], np.asarray(m[rows], np.float64)[:, perm]
+        grid_a, grid_m = _columns(a[rows], perm), _columns(m[rows], perm)
         step = None if regrid is None else (lambda c, wcur, rows=rows: regrid(rows, c, wcur))
-        lv = _gptq_rows(np.asarray(w[rows], np.float64)[:, perm], u, grid_a, grid_m, lmin, lmax, block, step, group)
-        out[rows, :] = _unpermute(lv, perm)
+        lv = _gptq_rows(_columns(w[rows], perm), u, grid_a, grid_m, lmin, lmax, block, step, group)
+        out[rows, :] = np.take(lv, np.argsort(perm), axis=1)
     return out
 
 
-def _unpermute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    out = np.empty_like(x)
-    out[:, perm] = x
-    return out
+def _columns(x, idx: np.ndarray) -> np.ndarray:
+    """x[:, idx] as a new float64 array: np.take, 4–5× faster than fancy indexing on the 410M
+    shape's matrices (12 against 63 ms at 4096 × 1024)."""
+    return np.asarray(np.take(np.asarray(x), idx, axis=1), np.float64)
 
 
 def _gptq_rows(
@@ -207,17 +213,24 @@ def _sweep(x, a, m, ub, dinv, lmin: int, lmax: int, i0: int, i1: int, lv, err) -
     """GPTQ inside one block of columns, columns i0 … i1 − 1, for P independent problems at once:
     x, a, m [columns, P, rows] (weights as compensated so far, updated in place; grids), ub [P,
     columns, columns] each problem's block of U, dinv [P, columns] 1 / its diagonal; levels and
-    scaled errors into lv, err [columns, P, rows]."""
+    scaled errors into lv, err [columns, P, rows]. Lazy batches again inside the block: a column's
+    error goes at once only onto the rest of its SUB columns, and each SUB columns' errors onto the
+    block's later columns in one product (the rank-one updates, elementwise over the block's whole
+    rest, cost more than the block's products; see BLOCK)."""
     inv = _steps_inverse(a[i0:i1])
     lo, hi = float(lmin), float(lmax)
-    for i in range(i0, i1):
-        li = _nearest_into(x[i], m[i], inv[i - i0], lo, hi, lv[i])
-        e = np.multiply(a[i], li, out=err[i])
-        e -= m[i]
-        np.subtract(x[i], e, out=e)
-        e *= dinv[:, i, None]
-        if i + 1 < len(x):
-            x[i + 1 :] -= ub[:, i, i + 1 :].T[:, :, None] * e
+    for s0 in range(i0, i1, SUB):
+        s1 = min(s0 + SUB, i1)
+        for i in range(s0, s1):
+            li = _nearest_into(x[i], m[i], inv[i - i0], lo, hi, lv[i])
+            e = np.multiply(a[i], li, out=err[i])
+            e -= m[i]
+            np.subtract(x[i], e, out=e)
+            e *= dinv[:, i, None]
+            if i + 1 < s1:
+                x[i + 1 : s1] -= ub[:, i, i + 1 : s1].T[:, :, None] * e
+        if s1 < len(x):  # x[j, p] −= Σ_i ub[p, i, j] err[i, p] over the SUB columns i, for every later j
+            x[s1:] -= np.matmul(ub[:, s0:s1, s1:].transpose(0, 2, 1), err[s0:s1].transpose(1, 0, 2)).transpose(1, 0, 2)
 
 
 # Rows coupled through the output's Fisher -------------------------------------------------------
@@ -248,7 +261,7 @@ class RowCoupling:
 
 
 def coupled_levels(
-    w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, factor, coupling: RowCoupling, block: int = BLOCK
+    w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, factor, coupling: RowCoupling, block: int = COUPLED_BLOCK
 ) -> np.ndarray:
     """gptq_levels for the rows of w that `coupling` names, minimising tr(E H Eᵀ G) (factor: H's
     compensation); other rows are left to the caller (levels 0).
