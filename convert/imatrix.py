@@ -13,7 +13,7 @@ from neoxq.core.progress import Progress
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
-from .calibrate import ABSMAX, LAYER_MODULES, OUTPUT_FISHER, QKV, accumulate, head_fisher, sampled_log_likelihood, track_absmax
+from .calibrate import ABSMAX, LAYER_MODULES, OUTPUT_FISHER, QKV, accumulate, autocast_bf16, head_fisher, sampled_log_likelihood, track_absmax
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:
@@ -59,6 +59,7 @@ def second_moments(
     full: bool = False,
     fisher: bool = False,
     streamed: bool = False,
+    bf16: bool = False,
 ) -> tuple[dict, dict, int]:
     """Per matmul weight (GGUF name): Σ x² per input column (full=False, torch float64 vectors) or
     Σ x xᵀ (full=True, numpy float64 [in, in]: the layer's Hessian up to a factor), and the tokens
@@ -77,7 +78,11 @@ def second_moments(
     (neoxq.core.equalize).
 
     streamed: one layer in memory at a time (neoxq.convert.calibrate.streamed_moments), for a model
-    whose fp32 weights do not fit the memory budget; the same sums."""
+    whose fp32 weights do not fit the memory budget; the same sums.
+
+    bf16: the Fisher windows' forward and backward under torch's bfloat16 autocast (matmuls in
+    bfloat16, calibrate.native_bf16), their hooked sums included: the Fisher is an estimate from
+    sampled tokens whose own spread is far above bfloat16's rounding (measured in the README)."""
     try:
         import torch
     except ImportError as exc:
@@ -93,7 +98,7 @@ def second_moments(
     if streamed:
         from .calibrate import streamed_moments
 
-        sums, counts = streamed_moments(ckpt, windows, include_output, full, fisher, gen)
+        sums, counts = streamed_moments(ckpt, windows, include_output, full, fisher, gen, bf16)
         return _as_numpy(sums, full), counts, n_chunks
     from .reference import load_reference
 
@@ -124,7 +129,8 @@ def second_moments(
         for c in range(n_chunks):
             window = torch.tensor([ids[c * ctx : (c + 1) * ctx]])
             if fisher:
-                emb, qkv = _output_gradients(model, window, gen)
+                with autocast_bf16(bf16):
+                    emb, qkv = _output_gradients(model, window, gen)
                 accumulate(sums, counts, EMBEDDING, emb, full=True)
                 for i, g in enumerate(qkv):
                     head_fisher(sums, gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", names) + OUTPUT_FISHER, g, args.num_attention_heads)

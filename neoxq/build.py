@@ -124,7 +124,7 @@ def build_optimized(
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-{variant}")
         opts = OptimizeOptions(
             calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix, max_memory=max_memory
-        )
+        ).resolved()
         want = {
             **source_keys(ckpt),
             "neoxq.quant_type": f"{t.value}-{variant}",

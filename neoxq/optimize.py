@@ -47,6 +47,8 @@ from neoxq.core.textfile import text_sha256
 METHOD = "gptq-sequential-asymmetric-on-llama.cpp-grids"
 QKV_METHOD = "+qkv-heads-in-output-fisher"  # METHOD's suffix when attention QKV rows are coupled (OptimizeOptions.qkv_fisher)
 EQUALIZE_METHOD = "+norm-equalized"  # … when the norms' channels are equalised first (OptimizeOptions.equalize)
+BF16_METHOD = "+fisher-bf16"  # … when the first pass's Fisher ran in bfloat16 (OptimizeOptions.fisher_bf16)
+STREAM_BF16_METHOD = "+quantized-stream-bf16"  # … when the quantized model's layers ran in bfloat16 (OptimizeOptions.stream_bf16)
 EMBEDDING = "token_embd.weight"
 EQUALIZED_FILE = "equalized.gguf"  # in the job folder: the source with its norms' channels equalised
 OUTPUT_FISHER_FILE = "output_fisher.npz"  # in the job folder: the sequential pass's QKV metrics, kept for a resumed run
@@ -74,10 +76,26 @@ class OptimizeOptions:
     # Move the layer inputs' large channels from the activations (which llama.cpp's k-quant kernels
     # round to 8 bits per 256 values) into the weights, through the LayerNorms (neoxq.core.equalize).
     equalize: bool = True
+    # The first pass's forward and backward (the Fisher, the imatrix, the channel maxima) in
+    # bfloat16; None: where the CPU multiplies bfloat16 natively (neoxq.convert.calibrate.native_bf16).
+    fisher_bf16: bool | None = None
+    # The sequential pass's quantized model (whose activations the layers are rounded on) in bfloat16
+    # matmuls; the fp32 model, the target, stays float32. None: as fisher_bf16.
+    stream_bf16: bool | None = None
 
     @property
     def method(self) -> str:
-        return METHOD + (EQUALIZE_METHOD if self.equalize else "") + (QKV_METHOD if self.qkv_fisher else "")
+        bf16 = (BF16_METHOD if self.fisher_bf16 else "") + (STREAM_BF16_METHOD if self.stream_bf16 else "")
+        return METHOD + (EQUALIZE_METHOD if self.equalize else "") + (QKV_METHOD if self.qkv_fisher else "") + bf16
+
+    def resolved(self) -> "OptimizeOptions":
+        """These options with what `None` leaves to the machine decided (the job's inputs name it)."""
+        import dataclasses
+
+        from neoxq.convert.calibrate import native_bf16
+
+        unset = {k: native_bf16() for k in ("fisher_bf16", "stream_bf16") if getattr(self, k) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
 
 def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | None = None):
@@ -219,13 +237,15 @@ def rewrite_levels(
             w = source_weights(src, t.name)
             h = moments[t.name] / max(counts[t.name], 1)
             factor = gptq.compensation(h, act_order and not dynamic, damp)  # a re-chosen grid keeps the columns in order
-            errors = np.zeros(2)
-            for _, wr, before, chunk in rounded_chunks(fmt, raw, w, factor, np.diag(h) if dynamic else None):
-                errors += [gptq.output_error(wr, blocks.values(fmt, q).reshape(wr.shape), h) for q in (before, chunk)]
+            some = error_rows(t.shape[0])
+            before = dequantized_rows(fmt, raw, t.shape, some)
+            for _, wr, _ in rounded_chunks(fmt, raw, w, factor, np.diag(h) if dynamic else None):
                 bar.update(wr.size, note=t.name)
             fh.seek(info.data_offset + t.offset)
             fh.write(raw.tobytes())
-            done.append({"name": t.name, "type": t.type, "output_error_ratio": errors[1] / errors[0] if errors[0] > 0 else 1.0})
+            ws = np.concatenate([w[i : i + 1] for i in some])
+            e = [gptq.output_error(ws, q, h) for q in (before, dequantized_rows(fmt, raw, t.shape, some))]
+            done.append({"name": t.name, "type": t.type, "output_error_ratio": e[1] / e[0] if e[0] > 0 else 1.0})
     return done
 
 
@@ -241,6 +261,7 @@ def quantize_optimized(
 
     qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
     src = src if isinstance(src, GGUFInfo) else read_info(src)
+    opts = opts.resolved()
     label = f"{qtype.value}-opt" + ("-mix" if opts.mix else "")
     check_quantizable(src, qtype, has_imatrix=opts.imatrix is not None)
     out = output_in(output, default_output(src, label))
@@ -301,7 +322,7 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     from neoxq.runtime.quantize import quantize
 
     work = job.start()
-    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, fisher=True, streamed=streamed)
+    moments, counts, n_chunks = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, fisher=True, streamed=streamed, bf16=opts.fisher_bf16)
     out_fisher, absmax = (_split(moments, suffix) for suffix in (OUTPUT_FISHER, ABSMAX))
     if opts.qkv_fisher:
         np.savez(job.folder / OUTPUT_FISHER_FILE, **out_fisher)
@@ -533,6 +554,7 @@ def rewrite_sequential(
             restore=current,
             on_layer=finished,
             norms=lambda name: current(name)[0],
+            bf16=bool(opts.stream_bf16),
         )
     return done
 
@@ -542,7 +564,7 @@ def rounded_chunks(fmt, raw: np.ndarray, target, factor, importance: np.ndarray 
     grids of `raw` (its blocks [n, size], rewritten in place), a row chunk at a time against one
     factor (gptq.compensation). With `importance`, llama.cpp's own importance-weighted search
     re-chooses each block column's grid as GPTQ reaches it. Yields, per chunk, (rows, the target's
-    rows, the chunk's blocks before, the chunk's blocks now)."""
+    rows, the chunk's values now: float32 [rows, cols])."""
     from neoxq.core import blocks, gptq
 
     n, cols = target.shape
@@ -550,12 +572,13 @@ def rounded_chunks(fmt, raw: np.ndarray, target, factor, importance: np.ndarray 
     for r0 in range(0, n, step):
         rows = slice(r0, min(r0 + step, n))
         wr, chunk = target[rows], raw[_block_rows(rows, cols // fmt.block, n)]
-        before = chunk.copy()
         regrid = None if importance is None else _regridder(fmt, chunk, wr.shape, importance)
         a, m = (g.reshape(wr.shape) for g in blocks.grid(fmt, chunk))
         lv = gptq.gptq_levels(wr, None, a, m, fmt.lmin, fmt.lmax, regrid=regrid, group=fmt.block, factor=factor)
         chunk[:] = blocks.with_levels(fmt, chunk, lv.reshape(-1, fmt.block))
-        yield rows, wr, before, chunk
+        if regrid is not None:  # the grids were re-chosen as the sweep went
+            a, m = (g.reshape(wr.shape) for g in blocks.grid(fmt, chunk))
+        yield rows, wr, blocks.level_values(a, m, lv)
 
 
 def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor, coupling=None) -> np.ndarray:
@@ -567,10 +590,10 @@ def round_rows(fmt, raw: np.ndarray, target: np.ndarray, factor, coupling=None) 
         a, m = (g.reshape(target.shape) for g in blocks.grid(fmt, raw))
         lv = gptq.coupled_levels(target, a, m, fmt.lmin, fmt.lmax, factor, coupling)
         raw[:] = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
-        return blocks.values(fmt, raw).reshape(target.shape)
+        return blocks.level_values(a, m, lv)
     q = np.empty(target.shape, np.float32)
-    for rows, _, _, chunk in rounded_chunks(fmt, raw, target, factor):
-        q[rows] = blocks.values(fmt, chunk).reshape(-1, target.shape[1])
+    for rows, _, values in rounded_chunks(fmt, raw, target, factor):
+        q[rows] = values
     return q
 
 

@@ -205,7 +205,7 @@ def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
 
     d, res, stock = optimized
     opt, ref = read_info(d / "opt.gguf"), read_info(stock.path)
-    method = OptimizeOptions("").method
+    method = OptimizeOptions("").resolved().method
     pairs = norm_pairs(sum(t.name.endswith("attn_qkv.weight") for t in opt.tensors))
     norms, rescaled = {p.norm for p in pairs}, {p.matmul for p in pairs}
     assert res["type"] == "Q4_K_M-opt" and opt.metadata["neoxq.optimize.method"] == method
@@ -310,7 +310,7 @@ def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
     opt = rows["Q4_K_M-opt"]
     from neoxq.optimize import OptimizeOptions
 
-    assert opt["optimize"]["method"] == OptimizeOptions("").method and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
+    assert opt["optimize"]["method"] == OptimizeOptions("").resolved().method and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
     assert opt["vs_stock"]["stock"] == "Q4_K_M" and opt["vs_stock"]["kld"]["verdict"] == "better"
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| Q4_K_M-opt |" in md and "better" in md
