@@ -13,7 +13,7 @@ from neoxq.core.progress import Progress
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
-from .calibrate import ABSMAX, LAYER_MODULES, OUTPUT_FISHER, QKV, accumulate, autocast_bf16, head_fisher, sampled_log_likelihood, track_absmax
+from .calibrate import ABSMAX, ATTENTION, LAYER_MODULES, OUTPUT_FISHER, QKV, accumulate, autocast_bf16, head_fisher, sampled_log_likelihood, track_absmax
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:
@@ -102,7 +102,7 @@ def second_moments(
         return _as_numpy(sums, full), counts, n_chunks
     from .reference import load_reference
 
-    model = load_reference(ckpt.folder)
+    model = load_reference(ckpt.folder, ATTENTION if fisher else "eager")  # the optimiser's pass: fused attention
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

@@ -25,8 +25,9 @@ TORCH_OVERHEAD = 400 << 20  # torch + transformers imported, allocator slack
 HEAD_CHUNK = 8192  # vocabulary rows of the output matrix upcast at a time when streaming
 
 
-def load_reference(folder: Path | str):
-    """The model in fp32, eval mode, eager attention, with no progress bars on the terminal."""
+def load_reference(folder: Path | str, attention: str = "eager"):
+    """The model in fp32, eval mode, eager attention (or another transformers implementation), with
+    no progress bars on the terminal."""
     try:
         import torch
         import transformers
@@ -35,7 +36,7 @@ def load_reference(folder: Path | str):
         raise require_convert_extra(exc) from exc
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    return GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    return GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention).eval()
 
 
 @dataclass
@@ -156,12 +157,13 @@ def _module(cls_factory, state: dict, prefix: str):
     return mod.eval()
 
 
-def neox_config(ckpt):
-    """transformers' config of the checkpoint, with eager attention (the scores as llama.cpp computes them)."""
+def neox_config(ckpt, attention: str = "eager"):
+    """transformers' config of the checkpoint, with eager attention (the scores as llama.cpp computes
+    them) or the implementation named."""
     from transformers import GPTNeoXConfig
 
     config = GPTNeoXConfig.from_pretrained(ckpt.folder)
-    config._attn_implementation = "eager"
+    config._attn_implementation = attention
     return config
 
 
