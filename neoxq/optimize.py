@@ -606,7 +606,7 @@ def _preflight(ckpt, opts: OptimizeOptions, windows: int):
     from neoxq.core.machine import available_memory
 
     budget = opts.max_memory if opts.max_memory is not None else available_memory()
-    plan = preflight.optimize_plan(GPTNeoXArgs.from_config(ckpt.config), opts.ctx, windows, budget, opts.first_pass)
+    plan = preflight.optimize_plan(GPTNeoXArgs.from_config(ckpt.config), opts.ctx, windows, budget, opts.first_pass, bool(opts.fisher_bf16))
     preflight.check(
         f"--optimize on {ckpt.name} ({windows} calibration windows of {opts.ctx})",
         plan.peak,

@@ -73,7 +73,7 @@ class OptimizePlan:
         return max(self.first_streamed if self.streamed else self.first_in_memory, self.sequential)
 
 
-def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first_pass: str = "auto") -> OptimizePlan:
+def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first_pass: str = "auto", bf16: bool = False) -> OptimizePlan:
     """--optimize's peak, the largest of its phases (float32 = 4 bytes, float64 = 8).
     1. fp32 pass, in memory: the model, its activations and gradients for one window (forward +
        backward for the embedding's Fisher), the Fisher matrix (h², float64), every layer's QKV
@@ -94,7 +94,8 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
     layer = 4 * (4 * h * h + 2 * h * f)
     one_window = 4 * ctx * (n * (12 * h + 2 * f) + 6 * v)  # activations, logits, softmax and their gradients
     qkv_fisher = 4 * n * 9 * h * h // args.num_attention_heads  # every layer's per-head QKV output Fisher, float32
-    in_memory = 4 * args.param_count() + one_window + 8 * h * h + qkv_fisher
+    # in bfloat16 (OptimizeOptions.fisher_bf16) the backward keeps every matmul's bfloat16 weights
+    in_memory = (6 if bf16 else 4) * args.param_count() + one_window + 8 * h * h + qkv_fisher
     streamed = layer + 4 * ctx * (n * h + 12 * h + 2 * f + 6 * v) + 4 * v * h + 8 * h * h + qkv_fisher
     hidden = 4 * windows * ctx * h
     tokens = WINDOWS_PER_PASS * ctx
