@@ -95,8 +95,9 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
     one_window = 4 * ctx * (n * (12 * h + 2 * f) + 6 * v)  # activations, logits, softmax and their gradients
     qkv_fisher = 4 * n * 9 * h * h // args.num_attention_heads  # every layer's per-head QKV output Fisher, float32
     # in bfloat16 (OptimizeOptions.fisher_bf16) the backward keeps every matmul's bfloat16 weights
+    # (streamed: one layer's)
     in_memory = (6 if bf16 else 4) * args.param_count() + one_window + 8 * h * h + qkv_fisher
-    streamed = layer + 4 * ctx * (n * h + 12 * h + 2 * f + 6 * v) + 4 * v * h + 8 * h * h + qkv_fisher
+    streamed = layer * (3 if bf16 else 2) // 2 + 4 * ctx * (n * h + 12 * h + 2 * f + 6 * v) + 4 * v * h + 8 * h * h + qkv_fisher
     hidden = 4 * windows * ctx * h
     tokens = WINDOWS_PER_PASS * ctx
     group = 4 * tokens * (4 * h + 2 * f + 3 * args.num_attention_heads * ctx) + 8 * tokens * 2 * (f + h)
@@ -105,6 +106,7 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
     # outputs of attention-output and MLP-down kept for the second stage, the first stage's moments
     # (Σ y xᵀ of QKV and MLP up, Σ x xᵀ of their common input); then without the fp32 layer
     collect = max(2 * layer + 5 * hidden + group + 8 * (h * h + 3 * h * h + f * h), layer + 4 * hidden + group + moments)
+    collect += 2 * h * f if bf16 else 0  # autocast's bfloat16 copy of the weight being multiplied (no cache)
     rounding = layer + 2 * hidden + moments + 8 * f * f + 8 * h * f + 6 * CHUNK_BYTES
     head = 2 * hidden + 4 * v * h + 8 * HEAD_TOKENS * v * 2 + 8 * (2 * h * h + v * h) + 8 * v * h + 6 * CHUNK_BYTES
     sequential = int(SEQUENTIAL_SLACK * max(collect, rounding, head))
