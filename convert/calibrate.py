@@ -348,7 +348,9 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
                     g = _head_gradient(norm, head, h, gen)
                     for i in reversed(range(args.num_hidden_layers)):
                         g, g_qkv = _layer_gradients(load_layer(ckpt, config, i, names), kept[i], extra, g)
-                        head_fisher(sums, gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", gguf_names) + OUTPUT_FISHER, g_qkv[0], args.num_attention_heads)
+                        head_fisher(
+                            sums, gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", gguf_names) + OUTPUT_FISHER, g_qkv[0], args.num_attention_heads
+                        )
                     accumulate(sums, counts, "token_embd.weight", g[0], full=True)
             bar.update(1)
     return sums, counts

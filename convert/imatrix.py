@@ -13,7 +13,18 @@ from neoxq.core.progress import Progress
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
-from .calibrate import ABSMAX, ATTENTION, LAYER_MODULES, OUTPUT_FISHER, QKV, accumulate, autocast_bf16, head_fisher, sampled_log_likelihood, track_absmax
+from .calibrate import (
+    ABSMAX,
+    ATTENTION,
+    LAYER_MODULES,
+    OUTPUT_FISHER,
+    QKV,
+    accumulate,
+    autocast_bf16,
+    head_fisher,
+    sampled_log_likelihood,
+    track_absmax,
+)
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:

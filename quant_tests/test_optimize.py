@@ -296,7 +296,22 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
         "--max-memory",
     )
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--max-memory", "8GB", "-o", tmp_path / "g.gguf"), "--optimize")
+    assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--float32", "-o", tmp_path / "h.gguf"), "--float32", "--optimize")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_float32_flag_runs_every_pass_in_float32(trained, trained_f16, texts, tmp_path):
+    """`--optimize --float32`: the method the file records names no bfloat16 pass, on any machine
+    (the suffixes exist: the bfloat16 options name them)."""
+    from neoxq.optimize import OptimizeOptions
+
+    (tmp_path / "c.txt").write_text(texts["calib"][:6000])
+    argv = ("quantize", trained_f16, "--type", "Q4_K_M", "--optimize", "--calib", tmp_path / "c.txt", "--reference", trained, "--ctx", "128")
+    r = run_cli(*argv, "--float32", "-o", tmp_path / "f.gguf", "--json", env={"NEOXQ_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    method = json.loads(r.stdout)["optimize"]["method"]
+    assert "bf16" not in method and method == OptimizeOptions("", fisher_bf16=False, stream_bf16=False).method
+    assert OptimizeOptions("", fisher_bf16=True, stream_bf16=True).method.endswith("+fisher-bf16+quantized-stream-bf16")
 
 
 def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):

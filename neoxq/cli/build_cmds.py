@@ -85,6 +85,13 @@ def quantize(
     ] = None,
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
     max_memory: MaxMemory = None,
+    float32: Annotated[
+        bool,
+        typer.Option(
+            "--float32",
+            help="--optimize: every pass in float32, also where the CPU multiplies bfloat16 natively (slower; the same method on every machine).",
+        ),
+    ] = False,
     output: Output = None,
     as_json: Json = False,
     force: Force = False,
@@ -99,7 +106,7 @@ def quantize(
     from neoxq.runtime.quantize import quantize as do_quantize
 
     qt = QuantType.parse(qtype)
-    _check_mix_options(mix, calib, target_size, target_bpw, optimize, reference, max_memory)
+    _check_mix_options(mix, calib, target_size, target_bpw, optimize, reference, max_memory, float32)
     info = read_info(inp)
     preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
     if optimize:
@@ -110,7 +117,16 @@ def quantize(
         result = quantize_optimized(
             info,
             qt,
-            OptimizeOptions(read_text(calib, "--calib"), reference=reference, imatrix=im, ctx=ctx, mix=mix, max_memory=max_memory),
+            OptimizeOptions(
+                read_text(calib, "--calib"),
+                reference=reference,
+                imatrix=im,
+                ctx=ctx,
+                mix=mix,
+                max_memory=max_memory,
+                fisher_bf16=False if float32 else None,
+                stream_bf16=False if float32 else None,
+            ),
             output=output,
             force=force,
         )
@@ -137,7 +153,7 @@ def quantize(
         print(quant_result_table(result))
 
 
-def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool = False, reference=None, max_memory=None) -> None:
+def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool = False, reference=None, max_memory=None, float32=False) -> None:
     from neoxq.core.errors import UsageError
 
     if optimize:
@@ -148,8 +164,9 @@ def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool
         if target_size or target_bpw:
             raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
         return
-    if max_memory is not None:
-        raise UsageError("--max-memory belongs to --optimize (its fp32 calibration passes); add --optimize or drop it")
+    if max_memory is not None or float32:
+        flag = "--max-memory" if max_memory is not None else "--float32"
+        raise UsageError(f"{flag} belongs to --optimize (its calibration passes); add --optimize or drop it")
     if reference and not mix:
         raise UsageError("--reference belongs to --optimize and --mix; add one of them")
     if mix and calib is None:
