@@ -249,5 +249,5 @@ def values(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:
 
 
 def level_values(a: np.ndarray, m: np.ndarray, lv: np.ndarray) -> np.ndarray:
-    """ggml's dequantize of levels L on their grids (a, m), float32 like its: a · L − m."""
+    """ggml's dequantize of levels L on their grids (a, m): a · L − m, each op in float32 as ggml's."""
     return np.multiply(a, lv, dtype=np.float32) - m
