@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from neoxq.core.errors import UsageError
 
@@ -24,9 +24,12 @@ from .model import NeoxModel
 HISTORY_LINES = 1000
 
 
-def print_completion(model: NeoxModel, text: str, opts: SamplingOptions, cancel: threading.Event | None = None) -> bool:
+def print_completion(
+    model: NeoxModel, text: str, opts: SamplingOptions, cancel: threading.Event | None = None, finished: Callable[[], None] | None = None
+) -> bool:
     """The prompt and its completion on stdout as they come, the speeds on stderr; False when
-    `cancel` stopped it."""
+    `cancel` stopped it. finished() is called when the last token is in, before the line ends (a
+    reader that waits for the line may act at once: a Ctrl-C then is no longer the generation's)."""
     stats = GenerationStats()
     ids = model.prompt_ids(text)  # a prompt that does not fit is refused before anything is printed
     sys.stdout.write(text)
@@ -34,6 +37,8 @@ def print_completion(model: NeoxModel, text: str, opts: SamplingOptions, cancel:
     for piece in generate(model, ids, opts, stats, cancel):
         sys.stdout.write(piece)
         sys.stdout.flush()
+    if finished:
+        finished()
     sys.stdout.write("\n")
     stopped = cancel is not None and cancel.is_set()
     print(("[stopped] " if stopped else "") + stats.line(), file=sys.stderr)
@@ -65,7 +70,7 @@ def prompt_loop(model: NeoxModel, opts: SamplingOptions, history: Path | None = 
                 cancel.clear()
                 generating.set()
                 try:
-                    print_completion(model, line, opts, cancel)
+                    print_completion(model, line, opts, cancel, finished=generating.clear)
                 except UsageError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                 finally:
