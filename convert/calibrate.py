@@ -128,15 +128,31 @@ def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
     norm_q = copy.deepcopy(norm)
     if norms is not None:
         _set_norm(norm_q, "output_norm.weight", norms)
-    w = torch.from_numpy(np.array(ckpt.read(head), dtype=np.float32))
-    acc = _Accumulator()
+    w = np.array(ckpt.read(head), dtype=np.float32)
     x_f, x_q = h_f.reshape(-1, h_f.shape[-1]), h_q.reshape(-1, h_q.shape[-1])
+    acc = _Accumulator()
+    if not _through_inputs_cheaper(len(x_f), *w.shape):
+        wt = torch.from_numpy(w)
+        for a in range(0, len(x_f), HEAD_TOKENS):
+            acc.add(torch.nn.functional.linear(norm(x_f[a : a + HEAD_TOKENS]), wt), norm_q(x_q[a : a + HEAD_TOKENS]))
+        return acc.moments()
+    grams = _Accumulator()  # Σ x_f x_fᵀ
     for a in range(0, len(x_f), HEAD_TOKENS):
-        acc.add(torch.nn.functional.linear(norm(x_f[a : a + HEAD_TOKENS]), w), norm_q(x_q[a : a + HEAD_TOKENS]))
-    return acc.moments()
+        nf = norm(x_f[a : a + HEAD_TOKENS])
+        acc.add(nf, norm_q(x_q[a : a + HEAD_TOKENS]))  # x_f in y_f's place: Σ x_f x_qᵀ, Σ x_f
+        grams.add(None, nf)
+    return Moments.through(acc.moments(), grams.moments().hq, w)
 
 
 HEAD_TOKENS = 512  # tokens per product with the output matrix: bounds the float64 logits (vocab wide)
+
+
+def _through_inputs_cheaper(tokens: int, out: int, inputs: int) -> bool:
+    """Whether the output matrix's moments cost fewer products from its inputs' (Moments.through:
+    about 2.1·in² a token for three Gram matrices, half-computed where symmetric, then 2·out·in²)
+    than from its logits (2·out·in a token: the logits, then Σ y xᵀ). On the 410M shape's 4096
+    calibration tokens that is about a quarter of the products."""
+    return 2.1 * inputs * inputs * tokens + 2 * out * inputs * inputs < 2 * out * inputs * tokens
 
 
 def _run(layer, h, extra, bf16: bool = False):
@@ -219,9 +235,11 @@ class _Accumulator:
         self.n = 0
 
     def add(self, y, x) -> None:
+        """Sum one window group's y [..., out] against x [..., in]; y None: x's sums only."""
         import torch
 
-        y, x = y.reshape(-1, y.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).float()
+        y = x[:, :0] if y is None else y.reshape(-1, y.shape[-1]).float()
         if self.t is None:
             z = torch.zeros
             self.t = {
@@ -244,9 +262,11 @@ class _Accumulator:
             t["hq"][:c1, c0:c1].add_(x[:, :c1].T @ xc)  # float32 into float64, in place: no float64 temporary
             t["yx"][:, c0:c1].add_(y.T @ xc)
         self.step = step
-        t["sum_y"] += y.sum(0, dtype=torch.float64)
-        t["yy"] += torch.sum(y.double() ** 2, 0)
-        t["sum_q"] += x.sum(0, dtype=torch.float64)
+        # the sums over one group in float32 too, as its products (in float64 they cost the 410M
+        # shape's --optimize 8 s of conversions and squares, cProfile)
+        t["sum_y"] += y.sum(0)
+        t["yy"] += torch.linalg.vecdot(y, y, dim=0)
+        t["sum_q"] += x.sum(0)
         self.n += len(x)
 
     def moments(self, rows=None) -> Moments:
@@ -397,9 +417,16 @@ def sampled_log_likelihood(logits, gen):
     import torch
 
     logits = logits.float()
-    with torch.no_grad():  # by the inverse CDF (float64 sums): 149 ms a window of a 50k vocabulary, the Gumbel-max trick 258, torch.multinomial 600
-        c = torch.cumsum(torch.softmax(logits, -1), -1, dtype=torch.float64)
-        u = torch.rand(len(c), 1, generator=gen, dtype=torch.float64) * c[:, -1:]
+    # By the inverse CDF, in float32: 48 ms a window of a 50k vocabulary alone (105 in float64, and
+    # 590 inside --optimize's 410M run, where each float64 CDF was 200 MB of fresh memory; the
+    # Gumbel-max trick took 258, torch.multinomial 600). float32's running sum misplaces a token's
+    # bounds by about √vocab · 6e-8 ≈ 1e-5 of probability. The uniform draws stay float64, so a
+    # seed draws the tokens it drew with float64 sums but where one falls that close to a bound:
+    # the draw matters (the 31M benchmark model's Q2_K_S opt file: 1.08× the KLD with seed 1
+    # instead of 0; with float32 draws, 1.17×).
+    with torch.no_grad():
+        c = torch.cumsum(torch.softmax(logits, -1), -1)
+        u = (torch.rand(len(c), 1, generator=gen, dtype=torch.float64) * c[:, -1:]).float()
         sampled = torch.searchsorted(c, u)[:, 0].clamp_(max=c.shape[1] - 1)
     return torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum()
 

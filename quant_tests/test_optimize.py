@@ -444,6 +444,45 @@ def test_accumulated_moments_equal_the_direct_products():
     assert np.allclose(mom.yx, y.T @ x, rtol=1e-5, atol=1e-3) and mom.n == len(x)
 
 
+def test_sampled_tokens_follow_the_models_distribution():
+    """The Fisher's labels are drawn from softmax(logits): frequencies over many draws match the
+    probabilities (within 5 standard errors), and a uniform draw would not (negative control)."""
+    import torch
+
+    from neoxq.convert.calibrate import sampled_log_likelihood
+
+    probs = torch.softmax(torch.linspace(-4, 3, 40), 0)
+    logits = torch.log(probs).repeat(20000, 1).requires_grad_(True)
+    (g,) = torch.autograd.grad(sampled_log_likelihood(logits, torch.Generator().manual_seed(0)), logits)
+    counts = (g + torch.softmax(logits, -1)).detach().sum(0)  # ∂ log p_y / ∂ logits = onehot(y) − p
+    se = torch.sqrt(20000 * probs * (1 - probs))
+    assert torch.all((counts - 20000 * probs).abs() < 5 * se)
+    assert not torch.all((20000 / 40 - 20000 * probs).abs() < 5 * se)
+
+
+def test_moments_through_the_matrix_equal_the_outputs_moments():
+    """The output matrix's moments from its inputs' (Σ x_f x_qᵀ, Σ x_f x_fᵀ, Σ x_f and W) against
+    those summed from y_f = W x_f itself; and the pass picks that route only where it is cheaper."""
+    import torch
+
+    from neoxq.convert.calibrate import _Accumulator, _through_inputs_cheaper
+
+    rng = np.random.default_rng(6)
+    xf = rng.standard_normal((2, 300, 24)).astype(np.float32)
+    xq = (xf + 0.1 * rng.standard_normal(xf.shape)).astype(np.float32)
+    w = rng.standard_normal((70, 24)).astype(np.float32)
+    acc, grams = _Accumulator(), _Accumulator()
+    for f, q in zip(xf, xq):
+        acc.add(torch.from_numpy(f), torch.from_numpy(q))
+        grams.add(None, torch.from_numpy(f))
+    ours = gptq.Moments.through(acc.moments(), grams.moments().hq, w)
+    direct = gptq.Moments.of(xf.reshape(-1, 24).astype(np.float64) @ w.T, xq.reshape(-1, 24))
+    for k in ("hq", "yx", "sum_y", "yy", "sum_q"):
+        assert np.allclose(getattr(ours, k), getattr(direct, k), rtol=1e-4, atol=1e-2), k
+    assert ours.n == direct.n == 600
+    assert _through_inputs_cheaper(4096, 50304, 1024) and not _through_inputs_cheaper(512, 50304, 1024)
+
+
 def test_row_coupling_lowers_the_output_fisher_loss_and_is_plain_gptq_for_a_diagonal_fisher():
     """gptq.coupled_levels minimises tr(E H Eᵀ G) with G per group of rows (an attention head's
     output Fisher): on an anisotropic G it is far below GPTQ's rows rounded alike; with a diagonal

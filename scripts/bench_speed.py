@@ -117,9 +117,12 @@ p.nthread = len(os.sched_getaffinity(0)); p.ftype = int(sys.argv[3])
 assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)) == 0
 """
 
+# where the build's CPU backend has AMX kernels, loaded as neoxq loads it (runtime.capi.amx_kernels:
+# llama.cpp's AMX buffer type crashes the first decode there, issue 20824)
 BARE_FIRST_TOKEN = r"""
 import os, sys, llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=len(os.sched_getaffinity(0)), verbose=False)
+amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=512, n_threads=len(os.sched_getaffinity(0)), verbose=False, **({"use_extra_bufts": False} if amx else {}))
 for chunk in llm.create_completion(sys.argv[2], max_tokens=1, temperature=0.0, stream=True):
     sys.stdout.write(chunk["choices"][0]["text"])
 """

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .transpose import transposed
+
 QK_K = 256
 
 
@@ -211,7 +213,7 @@ BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 def levels(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:
     """The level L of every weight: raw [n, size] uint8 → int16 [n, block]."""
-    rt = np.ascontiguousarray(raw.T)
+    rt = transposed(raw)
     v = np.zeros((fmt.block, len(raw)), np.int32)
     for f in fmt.fields:
         v[f.weights] |= ((rt[f.bytes].astype(np.int32) >> f.shift) & ((1 << f.width) - 1)) << f.pos
@@ -226,13 +228,13 @@ def with_levels(fmt: BlockFormat, raw: np.ndarray, lv: np.ndarray) -> np.ndarray
     lv = np.asarray(lv)
     if lv.min(initial=fmt.lmin) < fmt.lmin or lv.max(initial=fmt.lmax) > fmt.lmax:
         raise ValueError(f"{fmt.name} levels must lie in [{fmt.lmin}, {fmt.lmax}]")
-    v = np.ascontiguousarray(((lv.astype(np.int32) & 0xFF) if fmt.name == "Q8_0" else lv.astype(np.int32) + fmt.offset).T)
-    out = np.ascontiguousarray(raw.T)  # a copy
+    v = transposed((lv.astype(np.int32) & 0xFF) if fmt.name == "Q8_0" else lv.astype(np.int32) + fmt.offset)
+    out = transposed(raw)  # a copy
     for f in fmt.fields:
         mask = ((1 << f.width) - 1) << f.shift
         out[f.bytes] &= np.uint8(0xFF ^ mask)
         out[f.bytes] |= (((v[f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
-    return np.ascontiguousarray(out.T)
+    return transposed(out)
 
 
 def grid(fmt: BlockFormat, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
