@@ -601,3 +601,12 @@ def test_model_defaults_patch_is_one_load_at_a_time():
     ta.join(30)
     tb.join(30)
     assert seen == {"a": True, "b": (original().vocab_only, True)} and lib.llama_model_default_params is original
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 700), (513, 257), (256, 256), (1000, 1)])
+def test_tiled_transpose_equals_numpys(shape):
+    from neoxq.core.transpose import transposed
+
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    t = transposed(x[:, ::-1] if shape[1] > 1 else x)  # a strided view too
+    assert t.flags.c_contiguous and np.array_equal(t, (x[:, ::-1] if shape[1] > 1 else x).T)
