@@ -123,20 +123,6 @@ def test_inverse_cholesky_in_place_matches_the_dense_inverse():
     assert np.allclose(gptq.solve((perm, u), rhs), np.linalg.solve(hr, rhs), rtol=1e-8, atol=1e-12)
 
 
-def test_inverse_cholesky_of_a_large_matrix_goes_through_torch(monkeypatch):
-    """The factor torch's Cholesky gives (used where scipy's OpenBLAS dpotrf crashes, 2 GiB and up)
-    equals scipy's path: forced on a small matrix by lowering the limit."""
-    rng = np.random.default_rng(8)
-    x = rng.standard_normal((900, 300))
-    h = x.T @ x
-    scipy_path = gptq.inverse_cholesky(h)
-    monkeypatch.setattr(gptq, "OPENBLAS_POTRF_MAX_BYTES", 0)
-    torch_path = gptq.inverse_cholesky(h)
-    assert np.allclose(torch_path, scipy_path, rtol=1e-9, atol=1e-12) and np.allclose(np.triu(torch_path), torch_path)
-    hd = h + 0.01 * np.mean(np.diag(h)) * np.eye(300)
-    assert np.allclose(torch_path.T @ torch_path, np.linalg.inv(hd), rtol=1e-6, atol=1e-12)
-
-
 def test_corrected_bias_removes_the_mean_output_error():
     rng = np.random.default_rng(3)
     xq = rng.standard_normal((1000, 16)) + 1.0

@@ -75,35 +75,12 @@ def _reversed_inverse_cholesky(h: np.ndarray) -> None:
     from scipy.linalg import lapack
 
     f = h.T
-    if h.nbytes >= OPENBLAS_POTRF_MAX_BYTES:
-        _torch_cholesky_in_place(h)
-    else:
-        out, info = lapack.dpotrf(f, lower=0, overwrite_a=1, clean=0)
+    for step, kw in ((lapack.dpotrf, {"overwrite_a": 1, "clean": 0}), (lapack.dtrtri, {"overwrite_c": 1})):
+        out, info = step(f, lower=0, **kw)
         if info != 0 or not np.shares_memory(out, h):
-            raise np.linalg.LinAlgError(f"dpotrf failed (info {info})")
-    out, info = lapack.dtrtri(f, lower=0, overwrite_c=1)
-    if info != 0 or not np.shares_memory(out, h):
-        raise np.linalg.LinAlgError(f"dtrtri failed (info {info})")
+            raise np.linalg.LinAlgError(f"{step.__name__} failed (info {info})")
     _reverse(h)
     _zero_strict_lower(h)
-
-
-# scipy's OpenBLAS dpotrf (0.3.30, scipy 1.17.1; numpy's 64-bit-integer build of it too) segfaults on
-# this project's machine at 16384² float64 (2 GiB: a 6.9B model's MLP down) and not at 12288²;
-# torch's (MKL) Cholesky factors 16384² in place in 14.6 s. Below half the failing size scipy's
-# stays: 0.22 s at 4096² against torch's 0.43–0.52.
-OPENBLAS_POTRF_MAX_BYTES = 1 << 30
-
-
-def _torch_cholesky_in_place(h: np.ndarray) -> None:
-    """dpotrf's work on h's Fortran view (its upper factor, so h's lower triangle holds L) by
-    torch's Cholesky, written into the same memory (about 20 MB of workspace at 8192²)."""
-    import torch
-
-    ft = torch.from_numpy(h).mT  # the same memory, column-major as LAPACK works on it
-    _, info = torch.linalg.cholesky_ex(ft, upper=True, out=(ft, torch.empty((), dtype=torch.int32)))
-    if int(info) != 0:
-        raise np.linalg.LinAlgError(f"Cholesky failed (info {int(info)})")
 
 
 def _reverse(a: np.ndarray, chunk: int = 1 << 20) -> None:
