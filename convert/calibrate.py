@@ -130,18 +130,15 @@ def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
         _set_norm(norm_q, "output_norm.weight", norms)
     w = np.array(ckpt.read(head), dtype=np.float32)
     x_f, x_q = h_f.reshape(-1, h_f.shape[-1]), h_q.reshape(-1, h_q.shape[-1])
-    acc = _Accumulator()
-    if not _through_inputs_cheaper(len(x_f), *w.shape):
-        wt = torch.from_numpy(w)
-        for a in range(0, len(x_f), HEAD_TOKENS):
-            acc.add(torch.nn.functional.linear(norm(x_f[a : a + HEAD_TOKENS]), wt), norm_q(x_q[a : a + HEAD_TOKENS]))
-        return acc.moments()
-    grams = _Accumulator()  # Σ x_f x_fᵀ
+    # through its inputs: x_f in y_f's place gives Σ x_f x_qᵀ and Σ x_f, grams Σ x_f x_fᵀ
+    acc, grams, through = _Accumulator(), _Accumulator(), _through_inputs_cheaper(len(x_f), *w.shape)
+    wt = torch.from_numpy(w)
     for a in range(0, len(x_f), HEAD_TOKENS):
         nf = norm(x_f[a : a + HEAD_TOKENS])
-        acc.add(nf, norm_q(x_q[a : a + HEAD_TOKENS]))  # x_f in y_f's place: Σ x_f x_qᵀ, Σ x_f
-        grams.add(None, nf)
-    return Moments.through(acc.moments(), grams.moments().hq, w)
+        acc.add(nf if through else torch.nn.functional.linear(nf, wt), norm_q(x_q[a : a + HEAD_TOKENS]))
+        if through:
+            grams.add(None, nf)
+    return Moments.through(acc.moments(), grams.moments().hq, w) if through else acc.moments()
 
 
 HEAD_TOKENS = 512  # tokens per product with the output matrix: bounds the float64 logits (vocab wide)

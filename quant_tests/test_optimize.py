@@ -123,6 +123,35 @@ def test_inverse_cholesky_in_place_matches_the_dense_inverse():
     assert np.allclose(gptq.solve((perm, u), rhs), np.linalg.solve(hr, rhs), rtol=1e-8, atol=1e-12)
 
 
+def test_blocked_cholesky_equals_lapack_and_is_used_for_large_matrices(monkeypatch):
+    """Above LAPACK_MAX_BYTES the factor is made block by block (scipy's OpenBLAS dpotrf segfaults
+    at 2 GiB). Forced here on a small matrix, with blocks and row strips that do not divide it."""
+    from neoxq.core import cholesky
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1500, 700))
+    h = x.T @ x
+    monkeypatch.setattr(cholesky, "BLOCK", 128)
+    monkeypatch.setattr(cholesky, "ROWS", 50)
+    blocked, lapack = h.copy(), h.copy()
+    cholesky.lower_in_place(blocked, limit=0)
+    cholesky.lower_in_place(lapack)
+    expected = np.linalg.cholesky(h)
+    assert np.allclose(np.tril(blocked), expected, rtol=1e-10, atol=1e-10)
+    assert np.allclose(np.tril(lapack), expected, rtol=1e-10, atol=1e-10)
+    # through GPTQ's factor: the blocked path gives H⁻¹ = Uᵀ U as well
+    monkeypatch.setattr(cholesky, "LAPACK_MAX_BYTES", 0)
+    u = gptq.inverse_cholesky(h, damp=0.01)
+    hd = h + 0.01 * np.mean(np.diag(h)) * np.eye(700)
+    assert np.allclose(np.triu(u), u) and np.allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-6, atol=1e-12)
+    # negative control: a matrix that is not positive definite past the first block is refused,
+    # with the index of the failing column as LAPACK would give it
+    bad = h.copy()
+    bad[300, 300] = -1.0
+    with pytest.raises(np.linalg.LinAlgError, match=r"info 301\b"):
+        cholesky.lower_in_place(bad, limit=0)
+
+
 def test_corrected_bias_removes_the_mean_output_error():
     rng = np.random.default_rng(3)
     xq = rng.standard_normal((1000, 16)) + 1.0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import cholesky
 from .transpose import transposed
 
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
@@ -71,14 +72,14 @@ def _reversed_inverse_cholesky(h: np.ndarray) -> None:
     upper Cholesky factor U of M⁻¹ in its place, without an [in, in] copy. With J M J = L Lᵀ,
     M⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and J L⁻¹ J is upper: one Cholesky and one triangular inverse
     (LAPACK potrf, trtri on h's Fortran view, whose upper triangle is h's lower), then both axes
-    reversed — half the arithmetic of inverting M and factoring the inverse (potrf, potri, potrf)."""
+    reversed — half the arithmetic of inverting M and factoring the inverse (potrf, potri, potrf).
+    The Cholesky is neoxq.core.cholesky's, blocked for large matrices (LAPACK's crashes at 2 GiB)."""
     from scipy.linalg import lapack
 
-    f = h.T
-    for step, kw in ((lapack.dpotrf, {"overwrite_a": 1, "clean": 0}), (lapack.dtrtri, {"overwrite_c": 1})):
-        out, info = step(f, lower=0, **kw)
-        if info != 0 or not np.shares_memory(out, h):
-            raise np.linalg.LinAlgError(f"{step.__name__} failed (info {info})")
+    cholesky.lower_in_place(h)
+    out, info = lapack.dtrtri(h.T, lower=0, overwrite_c=1)
+    if info != 0 or not np.shares_memory(out, h):
+        raise np.linalg.LinAlgError(f"dtrtri failed (info {info})")
     _reverse(h)
     _zero_strict_lower(h)
 
@@ -207,7 +208,8 @@ def _gptq_rows(
         c1 = min(c0 + block, cols)
         wb, ab, mb = (transposed(x[:, c0:c1])[:, None] for x in (w, a, m))  # [columns, 1 problem, rows]
         lvb, err = np.empty(wb.shape, dt), np.empty(wb.shape, dt)
-        ub, db = u[None, c0:c1, c0:c1].astype(dt), dinv[None, c0:c1]
+        ur = u[c0:c1, c0:].astype(dt)  # the block's rows of U, cast once: no [in, in] copy
+        ub, db = ur[None, :, : c1 - c0], dinv[None, c0:c1]
         for i0 in range(0, c1 - c0, group) if regrid is not None else (0,):  # block is a multiple of group
             i1 = min(i0 + group, c1 - c0) if regrid is not None else c1 - c0
             if regrid is not None:
@@ -216,7 +218,7 @@ def _gptq_rows(
                 a[:, c0 + i0 : c0 + i1], m[:, c0 + i0 : c0 + i1] = ga, gm
             _sweep(wb, ab, mb, ub, db, lmin, lmax, i0, i1, lvb, err)
         lv[:, c0:c1] = lvb[:, 0].T
-        w[:, c1:] -= err[:, 0].T @ u[c0:c1, c1:].astype(dt)  # a block's rows of U at a time: no [in, in] copy
+        w[:, c1:] -= err[:, 0].T @ ur[:, c1 - c0 :]
     return lv
 
 
