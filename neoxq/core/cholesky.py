@@ -24,7 +24,9 @@ LAPACK_MAX_BYTES = 1 << 30
 # Diagonal blocks 2048 wide: 8 steps at 16384, each trailing update is one pass over the rest.
 BLOCK = 2048
 # Rows per product in the trailing update: the temporary is ROWS × n (64 MiB at n = 16384). At
-# 16384²: 20.7 s with 256 rows, 19.2 with 1024 (2048-wide blocks; 21.3 s with 1024-wide ones).
+# 16384² with 2048-wide blocks, one run each: 20.7 s with 256 rows, 23.3 with 512, 19.2 with 1024
+# (reruns differ by about 2 s); 512 bounds the temporary. With 512 rows and before the square solve
+# tiles, 1024- and 4096-wide blocks took 24.4 and 24.5 s.
 ROWS = 512
 
 

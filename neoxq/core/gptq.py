@@ -73,7 +73,8 @@ def _reversed_inverse_cholesky(h: np.ndarray) -> None:
     M⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and J L⁻¹ J is upper: one Cholesky and one triangular inverse
     (LAPACK potrf, trtri on h's Fortran view, whose upper triangle is h's lower), then both axes
     reversed — half the arithmetic of inverting M and factoring the inverse (potrf, potri, potrf).
-    The Cholesky is neoxq.core.cholesky's, blocked for large matrices (LAPACK's crashes at 2 GiB)."""
+    The Cholesky is neoxq.core.cholesky's, blocked for large matrices (OpenBLAS's threaded dpotrf
+    crashes from about 15800²)."""
     from scipy.linalg import lapack
 
     cholesky.lower_in_place(h)
