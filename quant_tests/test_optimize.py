@@ -124,8 +124,9 @@ def test_inverse_cholesky_in_place_matches_the_dense_inverse():
 
 
 def test_blocked_cholesky_equals_lapack_and_is_used_for_large_matrices(monkeypatch):
-    """Above LAPACK_MAX_BYTES the factor is made block by block (scipy's OpenBLAS dpotrf segfaults
-    at 2 GiB). Forced here on a small matrix, with blocks and row strips that do not divide it."""
+    """Above LAPACK_MAX_BYTES the factor is made block by block (scipy's threaded OpenBLAS dpotrf
+    segfaults from about 15800²). Forced here on a small matrix, with blocks and row strips that do
+    not divide it."""
     from neoxq.core import cholesky
 
     rng = np.random.default_rng(8)
@@ -134,13 +135,13 @@ def test_blocked_cholesky_equals_lapack_and_is_used_for_large_matrices(monkeypat
     monkeypatch.setattr(cholesky, "BLOCK", 128)
     monkeypatch.setattr(cholesky, "ROWS", 50)
     blocked, lapack = h.copy(), h.copy()
-    cholesky.lower_in_place(blocked, limit=0)
     cholesky.lower_in_place(lapack)
+    monkeypatch.setattr(cholesky, "LAPACK_MAX_BYTES", 0)
+    cholesky.lower_in_place(blocked)
     expected = np.linalg.cholesky(h)
     assert np.allclose(np.tril(blocked), expected, rtol=1e-10, atol=1e-10)
     assert np.allclose(np.tril(lapack), expected, rtol=1e-10, atol=1e-10)
     # through GPTQ's factor: the blocked path gives H⁻¹ = Uᵀ U as well
-    monkeypatch.setattr(cholesky, "LAPACK_MAX_BYTES", 0)
     u = gptq.inverse_cholesky(h, damp=0.01)
     hd = h + 0.01 * np.mean(np.diag(h)) * np.eye(700)
     assert np.allclose(np.triu(u), u) and np.allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-6, atol=1e-12)
@@ -149,7 +150,7 @@ def test_blocked_cholesky_equals_lapack_and_is_used_for_large_matrices(monkeypat
     bad = h.copy()
     bad[300, 300] = -1.0
     with pytest.raises(np.linalg.LinAlgError, match=r"info 301\b"):
-        cholesky.lower_in_place(bad, limit=0)
+        cholesky.lower_in_place(bad)
 
 
 def test_corrected_bias_removes_the_mean_output_error():

@@ -30,33 +30,38 @@ BLOCK = 2048
 ROWS = 512
 
 
-def lower_in_place(h: np.ndarray, limit: int | None = None) -> None:
+def lower_in_place(h: np.ndarray) -> None:
     """Overwrite h's lower triangle with L, where h = L Lᵀ. h must be C-contiguous float64,
     symmetric positive definite. The strict upper triangle is scratch afterwards: LAPACK's dpotrf
-    (clean=0, on h's Fortran view with uplo U, below the limit) leaves it as it was, the blocked
-    path writes over a strip of it next to the diagonal."""
-    from scipy.linalg import lapack
-
-    if h.nbytes <= (LAPACK_MAX_BYTES if limit is None else limit):
-        out, info = lapack.dpotrf(h.T, lower=0, overwrite_a=1, clean=0)
-        if info != 0 or not np.shares_memory(out, h):
-            raise np.linalg.LinAlgError(f"dpotrf failed (info {info})")
+    (clean=0, on h's Fortran view with uplo U) leaves it as it was, the blocked path writes over a
+    strip of it next to the diagonal."""
+    if h.nbytes <= LAPACK_MAX_BYTES:
+        _lapack(h)
         return
     for k0 in range(0, len(h), BLOCK):
         _step(h, k0, min(k0 + BLOCK, len(h)))
+
+
+def _lapack(h: np.ndarray, offset: int = 0) -> None:
+    """LAPACK's dpotrf in place (h's lower triangle is its Fortran view's upper); a failure names
+    the column as LAPACK would for the whole matrix, h being the diagonal block at `offset`."""
+    from scipy.linalg import lapack
+
+    out, info = lapack.dpotrf(h.T, lower=0, overwrite_a=1, clean=0)
+    if info != 0 or not np.shares_memory(out, h):
+        raise np.linalg.LinAlgError(f"dpotrf failed (info {offset + info if info > 0 else info})")
 
 
 def _step(h: np.ndarray, k0: int, k1: int) -> None:
     """One block column of the right-looking factorisation: factor the diagonal block
     h[k0:k1, k0:k1], solve the rows below it, and subtract their outer product from the lower
     triangle of the trailing matrix."""
-    from scipy.linalg import blas, lapack
+    from scipy.linalg import blas
 
     n = len(h)
     diag = h[k0:k1, k0:k1]
-    low, info = lapack.dpotrf(np.array(diag), lower=1, clean=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dpotrf failed (info {k0 + info})")
+    low = np.array(diag)  # a contiguous copy, factored by the one LAPACK call; dtrsm reads its lower triangle
+    _lapack(low, k0)
     keep = np.tril(np.ones(low.shape, bool))
     diag[keep] = low[keep]
     for r0 in range(k1, n, BLOCK):  # below the block, square tiles: rows ← rows · L⁻ᵀ
