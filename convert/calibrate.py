@@ -137,8 +137,8 @@ def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
         nf = norm(x_f[a : a + HEAD_TOKENS])
         acc.add(nf if through else torch.nn.functional.linear(nf, wt), norm_q(x_q[a : a + HEAD_TOKENS]))
         if through:
-            grams.add(None, nf)
-    return Moments.through(acc.moments(), grams.moments().hq, w) if through else acc.moments()
+            grams.add_inputs(nf)
+    return Moments.through(acc.moments(), grams.gram(), w) if through else acc.moments()
 
 
 HEAD_TOKENS = 512  # tokens per product with the output matrix: bounds the float64 logits (vocab wide)
@@ -225,58 +225,70 @@ HQ_BLOCKS = 8  # column blocks of Σ x xᵀ: 8 computes (1 + … + 8) / 64 = 56 
 
 class _Accumulator:
     """Moments summed in place, in float64 (no full-size temporary per batch: at a 6.9B model's MLP
-    down, Σ x_q x_qᵀ alone is 2.1 GB)."""
+    down, Σ x_q x_qᵀ alone is 2.1 GB). `add` sums outputs against inputs; `add_inputs` the inputs'
+    own sums alone (the output matrix's route through its inputs needs only their Gram matrix)."""
 
     def __init__(self):
-        self.t = None
+        self.t = {}
         self.n = 0
+        self.step = 0
 
     def add(self, y, x) -> None:
-        """Sum one window group's y [..., out] against x [..., in]; y None: x's sums only."""
+        """Sum one window group's y [..., out] against x [..., in]."""
         import torch
 
-        x = x.reshape(-1, x.shape[-1]).float()
-        y = x[:, :0] if y is None else y.reshape(-1, y.shape[-1]).float()
-        if self.t is None:
-            z = torch.zeros
-            self.t = {
-                "hq": z(x.shape[1], x.shape[1], dtype=torch.float64),
-                "yx": z(y.shape[1], x.shape[1], dtype=torch.float64),
-                "sum_y": z(y.shape[1], dtype=torch.float64),
-                "yy": z(y.shape[1], dtype=torch.float64),
-                "sum_q": z(x.shape[1], dtype=torch.float64),
-            }
+        y = y.reshape(-1, y.shape[-1]).float()
+        x = self.add_inputs(x, out=y.shape[1])
         t = self.t
-        # products of one window group in float32 (half float64's time), summed into float64, a
-        # column block at a time (a float32 temporary of at most CHUNK_BYTES). Σ x xᵀ is symmetric:
-        # only the blocks on and above the diagonal are computed (mirrored in moments()), with at
-        # least HQ_BLOCKS blocks so that this saves about 40 % of its products
-        cols = x.shape[1]
-        step = min(rows_per_chunk(max(cols, y.shape[1]), 4), -(-cols // HQ_BLOCKS))
-        for c0 in range(0, cols, step):
-            c1 = min(c0 + step, cols)
-            xc = x[:, c0:c1]
-            t["hq"][:c1, c0:c1].add_(x[:, :c1].T @ xc)  # float32 into float64, in place: no float64 temporary
-            t["yx"][:, c0:c1].add_(y.T @ xc)
-        self.step = step
+        if "yx" not in t:
+            t["yx"] = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64)
+            t["sum_y"] = torch.zeros(y.shape[1], dtype=torch.float64)
+            t["yy"] = torch.zeros(y.shape[1], dtype=torch.float64)
+        for c0 in range(0, x.shape[1], self.step):  # float32 into float64, in place, as in add_inputs
+            t["yx"][:, c0 : c0 + self.step].add_(y.T @ x[:, c0 : c0 + self.step])
         # the sums over one group in float32 too, as its products (in float64 they cost the 410M
         # shape's --optimize 8 s of conversions and squares, cProfile)
         t["sum_y"] += y.sum(0)
         t["yy"] += torch.linalg.vecdot(y, y, dim=0)
-        t["sum_q"] += x.sum(0)
+
+    def add_inputs(self, x, out: int = 0):
+        """Sum one window group's Σ x xᵀ and Σ x (x [..., in]); x's rows in float32 back. out: the
+        width of the y it is summed against, which bounds the column blocks' temporaries too."""
+        import torch
+
+        x = x.reshape(-1, x.shape[-1]).float()
+        cols = x.shape[1]
+        if not self.t:
+            self.t = {"hq": torch.zeros(cols, cols, dtype=torch.float64), "sum_q": torch.zeros(cols, dtype=torch.float64)}
+            self.step = min(rows_per_chunk(max(cols, out), 4), -(-cols // HQ_BLOCKS))
+        # products of one window group in float32 (half float64's time), summed into float64, a
+        # column block at a time (a float32 temporary of at most CHUNK_BYTES). Σ x xᵀ is symmetric:
+        # only the blocks on and above the diagonal are computed (mirrored in gram()), with at
+        # least HQ_BLOCKS blocks so that this saves about 40 % of its products
+        for c0 in range(0, cols, self.step):
+            c1 = min(c0 + self.step, cols)
+            self.t["hq"][:c1, c0:c1].add_(x[:, :c1].T @ x[:, c0:c1])  # no float64 temporary
+        self.t["sum_q"] += x.sum(0)
         self.n += len(x)
+        return x
+
+    def gram(self) -> np.ndarray:
+        """Σ x xᵀ as numpy (shared memory), its lower blocks mirrored from the upper ones."""
+        hq = self.t["hq"].numpy()
+        n = len(hq)
+        for c0 in range(0, n, self.step):  # a block at a time: no full-size temporary
+            c1 = min(c0 + self.step, n)
+            hq[c1:, c0:c1] = hq[c0:c1, c1:].T
+        return hq
 
     def moments(self, rows=None) -> Moments:
         """As numpy (shared memory); rows(x) reorders the output rows (attention QKV: HF's per-head
         order to the GGUF's)."""
+        self.gram()
         t = {k: v.numpy() for k, v in self.t.items()}
-        hq, n = t["hq"], len(t["hq"])
-        for c0 in range(0, n, self.step):  # the lower blocks from the upper ones, a block at a time
-            c1 = min(c0 + self.step, n)
-            hq[c1:, c0:c1] = hq[c0:c1, c1:].T
         if rows is not None:
             t.update({k: rows(t[k]) for k in ("yx", "sum_y", "yy")})
-        self.t = None
+        self.t = {}
         return Moments(n=self.n, **t)
 
 
@@ -414,13 +426,11 @@ def sampled_log_likelihood(logits, gen):
     import torch
 
     logits = logits.float()
-    # By the inverse CDF, in float32: 48 ms a window of a 50k vocabulary alone (105 in float64, and
-    # 590 inside --optimize's 410M run, where each float64 CDF was 200 MB of fresh memory; the
-    # Gumbel-max trick took 258, torch.multinomial 600). float32's running sum misplaces a token's
-    # bounds by about √vocab · 6e-8 ≈ 1e-5 of probability. The uniform draws stay float64, so a
-    # seed draws the tokens it drew with float64 sums but where one falls that close to a bound:
-    # the draw matters (the 31M benchmark model's Q2_K_S opt file: 1.08× the KLD with seed 1
-    # instead of 0; with float32 draws, 1.17×).
+    # The inverse CDF in float32: 48 ms a window at a 50k vocabulary (float64: 105 ms, 590 inside
+    # the 410M --optimize run; Gumbel-max 258, torch.multinomial 600). float32's running sum moves a
+    # token's bounds by ~√vocab · 6e-8 ≈ 1e-5 of probability; the uniform draws stay float64, so
+    # the tokens drawn are float64's but within that of a bound. The draw matters: seed 1 instead
+    # of 0 gives the 31M benchmark model's Q2_K_S opt file 1.08× the KLD (float32 draws: 1.17×).
     with torch.no_grad():
         c = torch.cumsum(torch.softmax(logits, -1), -1)
         u = (torch.rand(len(c), 1, generator=gen, dtype=torch.float64) * c[:, -1:]).float()

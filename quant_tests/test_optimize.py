@@ -504,8 +504,8 @@ def test_moments_through_the_matrix_equal_the_outputs_moments():
     acc, grams = _Accumulator(), _Accumulator()
     for f, q in zip(xf, xq):
         acc.add(torch.from_numpy(f), torch.from_numpy(q))
-        grams.add(None, torch.from_numpy(f))
-    ours = gptq.Moments.through(acc.moments(), grams.moments().hq, w)
+        grams.add_inputs(torch.from_numpy(f))
+    ours = gptq.Moments.through(acc.moments(), grams.gram(), w)
     direct = gptq.Moments.of(xf.reshape(-1, 24).astype(np.float64) @ w.T, xq.reshape(-1, 24))
     for k in ("hq", "yx", "sum_y", "yy", "sum_q"):
         assert np.allclose(getattr(ours, k), getattr(direct, k), rtol=1e-4, atol=1e-2), k
