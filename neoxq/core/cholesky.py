@@ -62,8 +62,7 @@ def _step(h: np.ndarray, k0: int, k1: int) -> None:
     diag = h[k0:k1, k0:k1]
     low = np.array(diag)  # a contiguous copy, factored by the one LAPACK call; dtrsm reads its lower triangle
     _lapack(low, k0)
-    keep = np.tril(np.ones(low.shape, bool))
-    diag[keep] = low[keep]
+    diag[...] = low  # its upper triangle is diag's own: dpotrf leaves that half as it was
     for r0 in range(k1, n, BLOCK):  # below the block, square tiles: rows ← rows · L⁻ᵀ
         r1 = min(r0 + BLOCK, n)
         h[r0:r1, k0:k1] = blas.dtrsm(1.0, low, np.array(h[r0:r1, k0:k1], order="F"), side=1, lower=1, trans_a=1, overwrite_b=1)
