@@ -4,7 +4,8 @@ measured sensitivity, written by llama.cpp's own quantizer through its tensor-ty
 The steps: llama.cpp's dry run gives stock's types and size (nothing written); the calibration
 text's sensitivities are measured (neoxq.runtime.sensitivity, cached); the budget is allocated
 (neoxq.core.mix_plan, pure); the plan and stock are measured once more on the calibration text and
-stock's types are kept where the mix is not better there; llama.cpp writes the file and the written
+stock's types (stepped down where the mix's header keys leave them over the budget) are kept where
+the mix is not better there; llama.cpp writes the file and the written
 types are checked against the plan.
 """
 
@@ -24,12 +25,13 @@ from neoxq.core.mix_plan import (
     MixPlan,
     allocate,
     check_budget,
+    fitted_fallback,
+    guarded,
     mix_kv,
     predicted_kld,
     quantizable,
     target_bytes,
     tensor_budget,
-    tensor_bytes,
 )
 from neoxq.core.qtypes import QuantType
 from neoxq.runtime import quantize as rq
@@ -58,7 +60,10 @@ def plan_mix(
         sens = {n: s.restricted(opts.types) for n, s in sens.items()}
     stock_types = {t.name: stock.types[t.name] for t in tensors}
     plan = allocate(tensors, sens, budget)
-    plan, check = _checked(info, ids, ctx, cache, im, opts, plan, stock_types if _fits(tensors, stock_types, budget) else None)
+    fallback = fitted_fallback(tensors, sens, stock_types, budget)
+    plan, check = _checked(info, ids, ctx, cache, im, opts, plan, fallback)
+    if fallback is not None:
+        check["stock_steps_down"] = {n: [stock_types[n], t] for n, t in fallback.items() if t != stock_types[n]}
     predicted = predicted_kld(sens, plan)
     extra = {
         "base": base.value,
@@ -74,25 +79,14 @@ def plan_mix(
     return MixPlan(base, plan, mix_kv(base.value, target, stock.size, calib_sha, opts.ctx, predicted, plan), extra)
 
 
-def _fits(tensors, types: dict[str, str], budget: int) -> bool:
-    return sum(tensor_bytes(t, types[t.name]) for t in tensors) <= budget
-
-
-def _checked(info, ids, ctx, cache, im, opts, plan, stock):
-    """Measure the planned mix and the stock types (when they fit the budget) on the calibration text
-    (two probes); keep stock's types if the mix is not better there, so a mix is never worse than
-    stock where measured."""
+def _checked(info, ids, ctx, cache, im, opts, plan, fallback):
+    """neoxq.core.mix_plan.guarded with its two measurements: the plan and stock's types (fitted to
+    the budget) on the calibration text, so a mix is never worse than stock where measured."""
     probe = KLDProbe(info, ids, ctx, cache, im, opts.threads or default_threads())
     try:
-        mix_kld = probe.kld(plan)
-        stock_kld = probe.kld(stock) if stock else None
+        return guarded(plan, fallback, probe.kld)
     finally:
         probe.close()
-    check = {"mix_calibration_kld": mix_kld, "stock_calibration_kld": stock_kld, "kept": "mix"}
-    if stock_kld is not None and mix_kld >= stock_kld:
-        check["kept"] = "stock types (the mix measured no better on the calibration text)"
-        return stock, check
-    return plan, check
 
 
 def check_written(result, plan: MixPlan, out: Path) -> None:

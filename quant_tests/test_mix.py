@@ -169,6 +169,8 @@ def test_mix_beats_stock_at_its_size(mix_run, qtype):
     # Lower by more than the combined standard error (measured: 0.45x at Q4_K_M, 0.06x at Q2_K).
     assert k_mix.kld_mean + 2 * (k_mix.kld_mean_se + k_stock.kld_mean_se) < k_stock.kld_mean
     assert k_mix.top1 > k_stock.top1
+    check = mix.extra["mix"]["calibration_check"]  # the guard ran: stock's types (fitted) were measured too
+    assert check["stock_calibration_kld"] is not None and check["kept"] == "mix" and check["mix_calibration_kld"] < check["stock_calibration_kld"]
 
 
 def test_mix_types_written_equal_the_plan(mix_run):
@@ -330,3 +332,51 @@ def test_split_probe_equals_llama_cpps_whole_probe_file_and_writes_only_what_it_
     assert np.isfinite(ref).all() and ref.std() > 0 and np.array_equal(logits(probe), ref)
     other = splits.probe({**types, "blk.0.ffn_down.weight": "Q4_K"}, im, tmp_path / "probe2")
     assert not np.array_equal(logits(other), ref)
+
+
+def test_stock_fallback_steps_down_where_it_costs_least_until_it_fits():
+    """Stock's types over the budget (by a mix's header keys) are stepped down where the predicted
+    KLD rises least per byte of the overshoot covered, repeated until they fit. Pure: no llama.cpp."""
+    from neoxq.core.mix_plan import fitted_fallback, tensor_bytes
+
+    a, b = (TensorInfo(f"{n}.weight", "F16", (256, 256), 0, 0) for n in "ab")
+    sens = {
+        "a.weight": Sensitivity({}, {}, {"Q2_K": 1.0, "Q4_K": 0.1, "Q6_K": 0.01}),
+        "b.weight": Sensitivity({}, {}, {"Q2_K": 0.05, "Q4_K": 0.02, "Q6_K": 0.015}),
+    }
+    stock = {"a.weight": "Q6_K", "b.weight": "Q6_K"}
+    full = 2 * tensor_bytes(a, "Q6_K")
+    assert fitted_fallback([a, b], sens, stock, full) == stock  # fits: unchanged
+    assert fitted_fallback([a, b], sens, stock, full - 100) == {"a.weight": "Q6_K", "b.weight": "Q4_K"}  # b's step costs 0.005, a's 0.09
+    q4, q2 = tensor_bytes(a, "Q4_K"), tensor_bytes(a, "Q2_K")
+    # no step frees it all: b down twice (cheapest per byte covered), then a once; not a to Q2_K, the only step that frees all
+    assert fitted_fallback([a, b], sens, stock, q4 + q2) == {"a.weight": "Q4_K", "b.weight": "Q2_K"}
+    assert fitted_fallback([a, b], sens, stock, 2 * q2 - 1) is None  # nothing left to step down to
+
+
+def test_guard_keeps_stock_when_the_plan_measures_worse_even_when_stock_was_over_budget():
+    """The defect measured on the 70m shape: the guard was skipped when stock's types exceeded the
+    budget by the mix's keys. Now the fitted stock is always measured against the plan and kept when
+    no worse; the plan is kept when better. Negative control: no fallback, the plan stays unmeasured
+    against anything."""
+    from neoxq.core.mix_plan import guarded
+
+    plan, stock = {"a": "IQ3_S", "b": "Q6_K"}, {"a": "Q5_K", "b": "Q4_K"}
+    calls = []
+
+    def measure(kl):
+        def m(types):
+            calls.append(dict(types))
+            return kl[tuple(sorted(types.values()))]
+
+        return m
+
+    worse = measure({("IQ3_S", "Q6_K"): 3e-4, ("Q4_K", "Q5_K"): 1.6e-4})
+    kept, check = guarded(plan, stock, worse)
+    assert kept == stock and check["kept"].startswith("stock") and check["stock_calibration_kld"] == 1.6e-4
+    assert calls == [plan, stock]
+    better = measure({("IQ3_S", "Q6_K"): 1e-4, ("Q4_K", "Q5_K"): 1.6e-4})
+    assert guarded(plan, stock, better) == (plan, {"mix_calibration_kld": 1e-4, "stock_calibration_kld": 1.6e-4, "kept": "mix"})
+    calls.clear()
+    assert guarded(plan, plan, worse)[0] == plan and calls == [plan]  # the same types are measured once
+    assert guarded(plan, None, worse) == (plan, {"mix_calibration_kld": 3e-4, "stock_calibration_kld": None, "kept": "mix"})
