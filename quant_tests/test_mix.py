@@ -336,7 +336,8 @@ def test_split_probe_equals_llama_cpps_whole_probe_file_and_writes_only_what_it_
 
 def test_stock_fallback_steps_down_where_it_costs_least_until_it_fits():
     """Stock's types over the budget (by a mix's header keys) are stepped down where the predicted
-    KLD rises least per byte of the overshoot covered, repeated until they fit. Pure: no llama.cpp."""
+    KLD rises least per byte of the overshoot covered, repeated until they fit, and what a step freed
+    past the overshoot is spent on upgrades. Pure: no llama.cpp."""
     from neoxq.core.mix_plan import fitted_fallback, tensor_bytes
 
     a, b = (TensorInfo(f"{n}.weight", "F16", (256, 256), 0, 0) for n in "ab")
@@ -352,6 +353,11 @@ def test_stock_fallback_steps_down_where_it_costs_least_until_it_fits():
     # no step frees it all: b down twice (cheapest per byte covered), then a once; not a to Q2_K, the only step that frees all
     assert fitted_fallback([a, b], sens, stock, q4 + q2) == {"a.weight": "Q4_K", "b.weight": "Q2_K"}
     assert fitted_fallback([a, b], sens, stock, 2 * q2 - 1) is None  # nothing left to step down to
+    # the bytes a step frees past the overshoot are spent on the upgrade that lowers the KLD most
+    c = TensorInfo("c.weight", "F16", (256, 256), 0, 0)
+    sens["c.weight"] = Sensitivity({}, {}, {"Q4_K": 0.05, "Q5_K": 0.01, "Q6_K": 0.005})
+    got = fitted_fallback([a, b, c], sens, {**stock, "c.weight": "Q4_K"}, full + q4 - 100)
+    assert got == {"a.weight": "Q6_K", "b.weight": "Q4_K", "c.weight": "Q5_K"}  # c to Q6_K would not fit in what b freed
 
 
 def test_guard_keeps_stock_when_the_plan_measures_worse_even_when_stock_was_over_budget():

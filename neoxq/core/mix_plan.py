@@ -206,28 +206,28 @@ def _fill(opts: dict, types: dict[str, str], left: int) -> dict[str, str]:
 
 
 def fitted_fallback(tensors: list[TensorInfo], sens: dict[str, Sensitivity], types: dict[str, str], budget: int) -> dict[str, str] | None:
-    """`types` (stock's) made to fit `budget` by the steps down that cost the least predicted KLD per
-    byte of the overshoot they cover (one step, when the cheapest frees it all), repeated.
-    Stock's types exceed a mix's budget by the mix's own header keys (a few hundred bytes), so the
-    guard that measures them against the plan needs a version of them that can be written. None when
-    no step down is left."""
+    """`types` (stock's) made to fit `budget`: stepped down where that costs the least predicted KLD
+    per byte of the overshoot covered (one step, when the cheapest frees it all), repeated; then the
+    bytes a step freed past the overshoot (a whole tensor's worth, for a few hundred over) spent by
+    `_fill` on the upgrades that lower the KLD most. Stock's types exceed a mix's budget by the mix's
+    own header keys, so the guard that measures them against the plan needs a version of them that
+    can be written. None when no step down is left."""
     types = dict(types)
+    opts = {t.name: [(tensor_bytes(t, ty), k, ty) for ty, k in sens[t.name].kld.items()] for t in tensors if types[t.name] in sens[t.name].kld}
     over = sum(tensor_bytes(t, types[t.name]) for t in tensors) - budget
     while over > 0:
-        steps = []
-        for t in tensors:
-            kld, cur = sens[t.name].kld, types[t.name]
-            if cur not in kld:
-                continue  # a type outside the candidates has no predicted cost to step from
-            for ty, k in kld.items():
-                freed = tensor_bytes(t, cur) - tensor_bytes(t, ty)
-                if freed > 0:  # bytes freed past the overshoot are worth nothing here
-                    steps.append(((k - kld[cur]) / min(freed, over), t.name, ty, freed))
+        steps = [
+            ((k - cur[1]) / min(cur[0] - b, over), n, ty, cur[0] - b)  # bytes freed past the overshoot are worth nothing here
+            for n, options in opts.items()
+            for cur in [next(o for o in options if o[2] == types[n])]
+            for b, k, ty in options
+            if b < cur[0]
+        ]
         if not steps:
             return None
         _, name, ty, freed = min(steps)
         types[name], over = ty, over - freed
-    return types
+    return _fill(opts, types, -over)
 
 
 def guarded(plan: dict[str, str], fallback: dict[str, str] | None, measure) -> tuple[dict[str, str], dict]:
