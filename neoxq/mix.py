@@ -4,8 +4,8 @@ measured sensitivity, written by llama.cpp's own quantizer through its tensor-ty
 The steps: llama.cpp's dry run gives stock's types and size (nothing written); the calibration
 text's sensitivities are measured (neoxq.runtime.sensitivity, cached); the budget is allocated
 (neoxq.core.mix_plan, pure); the plan and stock are measured once more on the calibration text and
-stock's types (stepped down where the mix's header keys leave them over the budget) are kept where
-the mix is not better there; llama.cpp writes the file and the written
+stock's types (stepped down where the mix's header keys leave them over the budget, the bytes freed
+past that spent on upgrades) are kept where the mix is not better there; llama.cpp writes the file and the written
 types are checked against the plan.
 """
 
@@ -63,7 +63,7 @@ def plan_mix(
     fallback = fitted_fallback(tensors, sens, stock_types, budget)
     plan, check = _checked(info, ids, ctx, cache, im, opts, plan, fallback)
     if fallback is not None:
-        check["stock_steps_down"] = {n: [stock_types[n], t] for n, t in fallback.items() if t != stock_types[n]}
+        check["stock_types_changed"] = {n: [stock_types[n], t] for n, t in fallback.items() if t != stock_types[n]}
     predicted = predicted_kld(sens, plan)
     extra = {
         "base": base.value,
