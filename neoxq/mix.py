@@ -5,8 +5,8 @@ The steps: llama.cpp's dry run gives stock's types and size (nothing written); t
 text's sensitivities are measured (neoxq.runtime.sensitivity, cached); the budget is allocated
 (neoxq.core.mix_plan, pure); the plan and stock are measured once more on the calibration text and
 stock's types (stepped down where the mix's header keys leave them over the budget, the bytes freed
-past that spent on upgrades) are kept where the mix is not better there; llama.cpp writes the file and the written
-types are checked against the plan.
+past that spent on upgrades) are kept where the mix is not better there; llama.cpp writes the file
+and the written types are checked against the plan.
 """
 
 from __future__ import annotations
