@@ -60,10 +60,9 @@ def plan_mix(
         sens = {n: s.restricted(opts.types) for n, s in sens.items()}
     stock_types = {t.name: stock.types[t.name] for t in tensors}
     plan = allocate(tensors, sens, budget)
-    fallback = fitted_fallback(tensors, sens, stock_types, budget)
-    plan, check = _checked(info, ids, ctx, cache, im, opts, plan, fallback)
-    if fallback is not None:
-        check["stock_types_changed"] = {n: [stock_types[n], t] for n, t in fallback.items() if t != stock_types[n]}
+    check = None  # unmeasured with the guard off (--optimize: MixOptions.guard)
+    if opts.guard:
+        plan, check = _checked(info, ids, ctx, cache, im, opts, plan, fitted_fallback(tensors, sens, stock_types, budget), stock_types)
     predicted = predicted_kld(sens, plan)
     extra = {
         "base": base.value,
@@ -71,7 +70,7 @@ def plan_mix(
         "stock_bytes": stock.size,
         "predicted_kld": predicted,
         "stock_predicted_kld": predicted_kld(sens, stock_types),
-        "probes": probes + 2,
+        "probes": probes + (check["probes"] if check else 0),
         "calibration_tokens": len(ids),
         "calibration_check": check,
         "types": plan,
@@ -79,14 +78,17 @@ def plan_mix(
     return MixPlan(base, plan, mix_kv(base.value, target, stock.size, calib_sha, opts.ctx, predicted, plan), extra)
 
 
-def _checked(info, ids, ctx, cache, im, opts, plan, fallback):
-    """neoxq.core.mix_plan.guarded with its two measurements: the plan and stock's types (fitted to
-    the budget) on the calibration text, so a mix is never worse than stock where measured."""
+def _checked(info, ids, ctx, cache, im, opts, plan, fallback, stock_types):
+    """neoxq.core.mix_plan.guarded with its measurements: the plan and stock's types (fitted to the
+    budget) on the calibration text, so a mix is never worse than stock where measured."""
     probe = KLDProbe(info, ids, ctx, cache, im, opts.threads or default_threads())
     try:
-        return guarded(plan, fallback, probe.kld)
+        plan, check = guarded(plan, fallback, probe.kld)
     finally:
         probe.close()
+    if fallback is not None:
+        check["stock_types_changed"] = {n: [stock_types[n], t] for n, t in fallback.items() if t != stock_types[n]}
+    return plan, check
 
 
 def check_written(result, plan: MixPlan, out: Path) -> None:

@@ -624,4 +624,4 @@ def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, l
     from neoxq.core.mix_plan import MixOptions
     from neoxq.mix import plan_mix
 
-    return plan_mix(src, qtype, MixOptions(opts.calib, ctx=opts.ctx, types=("F16", *FORMATS)), imatrix, label, kv)
+    return plan_mix(src, qtype, MixOptions(opts.calib, ctx=opts.ctx, types=("F16", *FORMATS), guard=False), imatrix, label, kv)

@@ -382,7 +382,7 @@ def test_guard_keeps_stock_when_the_plan_measures_worse_even_when_stock_was_over
     assert kept == stock and check["kept"].startswith("stock") and check["stock_calibration_kld"] == 1.6e-4
     assert calls == [plan, stock]
     better = measure({("IQ3_S", "Q6_K"): 1e-4, ("Q4_K", "Q5_K"): 1.6e-4})
-    assert guarded(plan, stock, better) == (plan, {"mix_calibration_kld": 1e-4, "stock_calibration_kld": 1.6e-4, "kept": "mix"})
+    assert guarded(plan, stock, better) == (plan, {"mix_calibration_kld": 1e-4, "stock_calibration_kld": 1.6e-4, "kept": "mix", "probes": 2})
     calls.clear()
     assert guarded(plan, plan, worse)[0] == plan and calls == [plan]  # the same types are measured once
-    assert guarded(plan, None, worse) == (plan, {"mix_calibration_kld": 3e-4, "stock_calibration_kld": None, "kept": "mix"})
+    assert guarded(plan, None, worse) == (plan, {"mix_calibration_kld": 3e-4, "stock_calibration_kld": None, "kept": "mix", "probes": 1})
