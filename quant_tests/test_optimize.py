@@ -391,6 +391,8 @@ def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path
     assert om.label == "Q4_K_M-opt-mix"
     # the plan may only choose types neoxq re-rounds (an IQ tensor would keep llama.cpp's error)
     assert set(om.extra["mix"]["types"].values()) <= {"F16", *blocks.FORMATS}
+    # and is not judged by llama.cpp's rounding of its types, which this file does not have (--mix's guard)
+    assert om.extra["mix"]["calibration_check"] is None and mix.extra["mix"]["calibration_check"]["probes"] == 2
     assert {t["name"]: t["type"] for t in om.tensors if t["name"] in om.extra["mix"]["types"]} == om.extra["mix"]["types"]
     assert om.size_bytes <= om.extra["mix"]["target_bytes"] + 1024  # within the mix's budget (provenance keys aside)
     scores = []
