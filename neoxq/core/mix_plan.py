@@ -240,7 +240,7 @@ def guarded(plan: dict[str, str], fallback: dict[str, str] | None, measure) -> t
     KLD on the calibration text with every tensor at its type. The plan's KLD is predicted by adding
     per-tensor fits, which can miss by far (measured on a 70m-shaped Q5_K_M plan: 5.8e-5 predicted,
     3.2e-4 measured, stock's types 1.35e-4; its mixed-down layers measured 3.5x their singles' sum,
-    and IQ3_S's fits 4-40x under their probes), so both are measured whole."""
+    and IQ3_S's fits 3.5-42x under their probes), so both are measured whole."""
     mix_kld = measure(plan)
     other = fallback is not None and fallback != plan
     stock_kld = measure(fallback) if other else mix_kld if fallback is not None else None
