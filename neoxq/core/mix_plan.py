@@ -165,7 +165,7 @@ def hull(options: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
 
 def allocate(tensors: list[TensorInfo], sens: dict[str, Sensitivity], budget: int) -> dict[str, str]:
     """Types minimising Σ KLD with Σ bytes ≤ budget (greedy on hulls, then a fill pass)."""
-    opts = {t.name: [(tensor_bytes(t, ty), sens[t.name].kld[ty], ty) for ty in sens[t.name].kld] for t in tensors}
+    opts = _options(tensors, sens)
     hulls = {n: hull(o) for n, o in opts.items()}
     pick = {n: 0 for n in hulls}
     used = sum(h[0][0] for h in hulls.values())
@@ -195,6 +195,11 @@ def allocate(tensors: list[TensorInfo], sens: dict[str, Sensitivity], budget: in
     return _fill(opts, types, budget - used)
 
 
+def _options(tensors: list[TensorInfo], sens: dict[str, Sensitivity]) -> dict[str, list[tuple[int, float, str]]]:
+    """Per tensor, (bytes, predicted KLD, type) for every type it has a KLD for."""
+    return {t.name: [(tensor_bytes(t, ty), k, ty) for ty, k in sens[t.name].kld.items()] for t in tensors}
+
+
 def _fill(opts: dict, types: dict[str, str], left: int) -> dict[str, str]:
     """Spend what the greedy left over on the single changes that lower the KLD most."""
     while True:
@@ -218,7 +223,7 @@ def fitted_fallback(tensors: list[TensorInfo], sens: dict[str, Sensitivity], typ
     own header keys, so the guard that measures them against the plan needs a version of them that
     can be written. None when no step down is left."""
     types = dict(types)
-    opts = {t.name: [(tensor_bytes(t, ty), k, ty) for ty, k in sens[t.name].kld.items()] for t in tensors if types[t.name] in sens[t.name].kld}
+    opts = {n: o for n, o in _options(tensors, sens).items() if types[n] in sens[n].kld}  # a type outside the candidates has no cost to step from
     over = sum(tensor_bytes(t, types[t.name]) for t in tensors) - budget
     while over > 0:
         steps = [
@@ -243,7 +248,7 @@ def guarded(plan: dict[str, str], fallback: dict[str, str] | None, measure) -> t
     and IQ3_S's fits 3.5-42x under their probes), so both are measured whole."""
     mix_kld = measure(plan)
     other = fallback is not None and fallback != plan
-    stock_kld = measure(fallback) if other else mix_kld if fallback is not None else None
+    stock_kld = measure(fallback) if other else (None if fallback is None else mix_kld)
     check = {"mix_calibration_kld": mix_kld, "stock_calibration_kld": stock_kld, "kept": "mix", "probes": 1 + other}
     if other and stock_kld <= mix_kld:
         check["kept"] = "stock types (the mix measured no better on the calibration text)"
