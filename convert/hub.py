@@ -137,12 +137,21 @@ def step_of(revision: str, repo_id: str | None = None) -> int | None:
     return PYTHIA_MAIN_STEP if revision == "main" and (repo_id or "").startswith(PYTHIA_PREFIX) else None
 
 
+def spec_parts(spec: str) -> list[str]:
+    """The comma-separated parts of a --revisions spec; an empty selection is refused, before any
+    revision is looked up."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise UsageError(f"--revisions {spec!r} names no revision; write names or ranges, e.g. --revisions step1000..step143000/8,main")
+    return parts
+
+
 def parse_spec(spec: str, refs: list[str], repo_id: str) -> list[str]:
     """`step0,step1000..step5000/2,main`: names, inclusive step ranges of existing branches, thinned
     by /K. Unknown names and empty ranges are one line each, with what does exist."""
     out: list[str] = []
     steps = sorted((step_of(r), r) for r in refs if STEP.match(r))
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
+    for part in spec_parts(spec):
         m = re.fullmatch(r"step(\d+)\.\.step(\d+)(?:/(-?\d+))?", part)
         if m:
             a, b, k = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)

@@ -150,6 +150,22 @@ def _made_or_reused(t: QuantType, path: Path, want: dict, make: Callable[[], obj
     return Built(t, path, 0.0 if reused else time.perf_counter() - t0, reused, variant=variant)
 
 
+def check_build_options(types: list[QuantType], base_type: QuantType, imatrix: Path | None) -> None:
+    """Refuse, before any work, what build_types cannot make: a base the others are not quantized
+    from (llama.cpp quantizes from float weights), an imatrix type without an imatrix."""
+    if not base_type.is_float:
+        floats = ", ".join(t.value.lower() for t in QuantType if t.is_float)
+        raise UsageError(
+            f"--outtype {base_type.value.lower()} cannot be the base of --quant (types are quantized from float weights); use --outtype {floats}, or add {base_type.value} to --quant"
+        )
+    for t in types:
+        if t.needs_imatrix and imatrix is None:
+            raise UsageError(
+                f"{t.value} needs an importance matrix; pass --imatrix FILE (make one with "
+                "`neoxq imatrix CHECKPOINT --text calib.txt -o model.imatrix`; `neoxq report` also takes --imatrix auto)"
+            )
+
+
 def build_types(
     ckpt: Checkpoint,
     types: list[QuantType],
@@ -163,12 +179,7 @@ def build_types(
 
     `replace_invalid=False` refuses to overwrite an existing file that is not valid (the CLI
     without --force); the report owns its folder and replaces such files."""
-    for t in types:
-        if t.needs_imatrix and imatrix is None:
-            raise UsageError(
-                f"{t.value} needs an importance matrix; pass --imatrix FILE (make one with "
-                "`neoxq imatrix CHECKPOINT --text calib.txt -o model.imatrix`; `neoxq report` also takes --imatrix auto)"
-            )
+    check_build_options(types, base_type, imatrix)
     im_sha = file_sha256(imatrix) if imatrix else None
     out: dict[QuantType, Built] = {}
     order = [base_type] + [t for t in types if t != base_type]

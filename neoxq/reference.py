@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neoxq.core.choices import F16, is_transformers, reference_choice
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.machine import available_memory
@@ -26,9 +27,10 @@ def open_reference(
 ) -> Reference:
     """`spec`: a GGUF or checkpoint path / hub id, or auto|hf = the checkpoint the scored file was
     converted from (its repo and commit are in the file's metadata)."""
-    if str(spec) in ("auto", "hf"):
+    spec = reference_choice(spec)
+    if is_transformers(spec):
         spec, revision = source_of(model_info)
-    elif str(spec) == "f16":
+    elif spec == F16:
         raise UsageError("--reference f16 belongs to report and sweep (which build the F16 file); pass the F16 GGUF's path here")
     path = Path(spec).expanduser()
     if path.is_file():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neoxq.core.atomic import atomic_output
+from neoxq.core.choices import AUTO, F16, HF, is_transformers
 from neoxq.core.errors import NeoxqError, UsageError
 from neoxq.core.cache_key import changed
 from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
@@ -85,7 +86,7 @@ def _make_folder(out: Path) -> None:
 
 def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
     """--imatrix auto: computed from the calibration part (reused when that part is unchanged)."""
-    if run.opts.imatrix != "auto":
+    if run.opts.imatrix != AUTO:
         if not run.opts.imatrix:
             return None, None
         path = Path(run.opts.imatrix)
@@ -241,14 +242,14 @@ def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
     from neoxq import __version__
 
     ref = opts.reference
-    if ref not in ("auto", "hf", "f16") and Path(ref).exists():
+    if ref not in (AUTO, HF, F16) and Path(ref).exists():
         ref = f"{Path(ref).resolve()}:{Path(ref).stat().st_mtime_ns}"
     return {
         "source": source,
         "text_sha256": text_sha,
         "types": [t.value for t in QuantType.parse_list(opts.types)],
         "ctx": opts.ctx,
-        "imatrix": opts.imatrix if opts.imatrix in (None, "auto") else file_sha256(Path(opts.imatrix)),
+        "imatrix": opts.imatrix if opts.imatrix in (None, AUTO) else file_sha256(Path(opts.imatrix)),
         "reference": ref,
         "mix": opts.mix,
         "optimize": opts.optimize,
@@ -309,7 +310,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
 
     opts = opts or ReportOptions()
     types = QuantType.parse_list(opts.types)
-    if opts.imatrix not in (None, "auto"):
+    if opts.imatrix not in (None, AUTO):
         read_imatrix(opts.imatrix, option="--imatrix", choices="auto, none, or an imatrix file")  # before any work
     text = read_text(text_file)
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, opts.revision)
@@ -324,7 +325,7 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     _preflight(run, n_windows)
     _make_folder(out)
     n_extra = sum(not t.is_float for t in types) * (opts.mix + opts.optimize * (1 + opts.mix))
-    with Progress("report", 2 + (opts.imatrix == "auto") + 2 * len(types) + 2 * n_extra, "steps") as bar:
+    with Progress("report", 2 + (opts.imatrix == AUTO) + 2 * len(types) + 2 * n_extra, "steps") as bar:
         files, im_info, base = _build(run, bar)
         reference = _reference(run, base.path)
         _reference_first(run, reference, base.path)
@@ -392,7 +393,7 @@ def _tables_in_child(reference, w, n_vocab: int, cache: Path) -> None:
 def _calibrates(opts: ReportOptions) -> bool:
     """The text's first quarter calibrates (and is then never scored) for --imatrix auto, --mix and
     --optimize."""
-    return opts.imatrix == "auto" or opts.mix or opts.optimize
+    return opts.imatrix == AUTO or opts.mix or opts.optimize
 
 
 def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
@@ -402,7 +403,7 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
     base = build_types(run.ckpt, [QuantType.F16], run.out)[QuantType.F16]
     bar.update(1, note="converted")
     im_path, im_info = _imatrix(run)
-    if run.opts.imatrix == "auto":
+    if run.opts.imatrix == AUTO:
         bar.update(1, note="imatrix")
     if im_path:
         im_info["sha256"] = file_sha256(im_path)
@@ -452,7 +453,8 @@ def _llama_f16_bytes(run: _Run) -> int:
 
 
 def _hf_choice(run: _Run) -> bool:
-    return run.opts.reference in ("auto", "hf") or (run.opts.reference not in ("f16",) and not Path(run.opts.reference).is_file())
+    ref = run.opts.reference
+    return is_transformers(ref) or (ref != F16 and not Path(ref).is_file())
 
 
 def _preflight(run: _Run, n_windows: int) -> None:
@@ -477,7 +479,7 @@ def _hf_for(run: _Run, reserved: int):
     from neoxq.reference import hf_reference
 
     ref = run.opts.reference
-    ckpt = run.ckpt if ref in ("auto", "hf") else open_checkpoint(ref)
+    ckpt = run.ckpt if is_transformers(ref) else open_checkpoint(ref)
     return hf_reference(ckpt, run.opts.max_memory, reserved)
 
 
@@ -485,7 +487,7 @@ def _reference(run: _Run, f16: Path):
     """The reference chosen by --reference (what was used, and why, goes into report.json)."""
     from neoxq.runtime.score import GGUFReference
 
-    if run.opts.reference == "f16":
+    if run.opts.reference == F16:
         return GGUFReference(f16)
     if not _hf_choice(run):
         return GGUFReference(Path(run.opts.reference))

@@ -165,11 +165,12 @@ def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, result
 def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions | None = None) -> Path:
     """Run (or resume) the sweep; return sweep.json's path (sweep.md/.png rendered beside it)."""
     from neoxq.core.qtypes import QuantType
-    from neoxq.convert.hub import identify, list_refs, parse_spec
+    from neoxq.convert.hub import identify, list_refs, parse_spec, spec_parts
     from neoxq.render import render_sweep
 
     opts = opts or SweepOptions()
     QuantType.parse_list(opts.types)
+    spec_parts(spec)
     text_sha = text_sha256(read_text(text_file))
     revisions = parse_spec(spec, list_refs(repo), repo)
     out = Path(out_dir or f"sweep-{repo.split('/')[-1]}")

@@ -85,6 +85,29 @@ def test_mistakes_found_before_work_leave_nothing(ckpt, tmp_path):
     assert not (tmp_path / "rep").exists()  # the report folder is made only once the checks pass
     assert_one_line_error(run_cli("convert", ckpt, "--revision", "step1000", "-o", tmp_path / "x.gguf"), "local folder", "drop --revision")
     assert not (tmp_path / "x.gguf").exists()
+    # contradicting options: a quantized base for --quant is refused before the checkpoint is read
+    out = tmp_path / "types"
+    assert_one_line_error(run_cli("convert", ckpt, "--outtype", "q8_0", "--quant", "Q4_K_M", "-o", out), "--outtype q8_0", "--outtype f32, f16, bf16")
+    assert not out.exists() or not any(out.iterdir())
+    # the negative control: a float base with the same --quant is accepted
+    proc = run_cli("convert", ckpt, "--outtype", "f32", "--quant", "Q4_0", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name.rsplit("-", 1)[-1] for p in out.glob("*.gguf")} == {"F32.gguf", "Q4_0.gguf"}
+
+
+def test_option_keywords_have_one_parser():
+    """auto, none, hf and f16 read alike in every case, wherever the option is taken; a file is
+    refused where only keywords make sense."""
+    from neoxq.core.choices import imatrix_choice, reference_choice
+    from neoxq.core.errors import UsageError
+
+    assert imatrix_choice("NONE") is None and imatrix_choice(" Auto ") == "auto" and imatrix_choice(None) == "auto"
+    assert imatrix_choice("my.imatrix") == "my.imatrix" and imatrix_choice(None, default=None) is None
+    assert reference_choice("HF") == "hf" and reference_choice("F16", paths=False) == "f16" and reference_choice("Some/Repo") == "Some/Repo"
+    with pytest.raises(UsageError, match="auto"):
+        imatrix_choice("my.imatrix", files=False)
+    with pytest.raises(UsageError, match="auto, hf or f16"):
+        reference_choice("model.gguf", paths=False)
 
 
 def test_hostile_script_runs_clean():

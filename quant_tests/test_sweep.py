@@ -279,9 +279,14 @@ def test_quiet_reaches_every_worker(offline, eval_file, tmp_path):
 @pytest.mark.slow
 def test_sweep_bad_input(offline, eval_file, tmp_path):
     base = ("sweep", REPO, "--text", eval_file, "--types", "Q8_0", "--ctx", "64", "--imatrix", "none", "-o", tmp_path / "o")
+    assert_one_line_error(run_cli(*base, "--revisions", ",,,", env=offline), "names no revision")
+    assert not (tmp_path / "o").exists()  # refused before the sweep's folder is made
     assert_one_line_error(run_cli(*base, "--revisions", "step7", env=offline), "step7", "nearest")
     assert_one_line_error(run_cli(*base, "--revisions", "step500..step900", env=offline), "matches no branch")
     assert_one_line_error(run_cli(*base, "--revisions", "step0", "--ray-address", "127.0.0.1:1", env=offline, timeout=300), "ray cluster")
+    # keywords read alike in any case: NONE is none (the negative control of the line above: this one runs)
+    proc = run_cli(*[a if a != "none" else "NONE" for a in base], "--revisions", "step0", env=offline)
+    assert proc.returncode == 0 and (tmp_path / "o" / "sweep.json").is_file(), proc.stderr
     short = tmp_path / "short.txt"
     short.write_text("too short")
     args = [a if a != eval_file else short for a in base]

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from neoxq.core.choices import imatrix_choice, reference_choice
 from neoxq.tables import sweep_table
 
 from .options import Ctx, IncludePath, MaxMemory, Output, Quiet, ReferenceOpt, Revision, Source, Tasks
@@ -56,7 +57,9 @@ def report(
         if v is not None
     }
     if imatrix is not None:
-        kw["imatrix"] = None if imatrix.lower() == "none" else imatrix
+        kw["imatrix"] = imatrix_choice(imatrix)
+    if reference is not None:
+        kw["reference"] = reference_choice(reference)
     _print_report(run_report(src, text, output, ReportOptions(**kw)), quiet)
 
 
@@ -111,17 +114,12 @@ def sweep(
     quiet: Quiet = False,
 ):
     """Quantization quality across training checkpoints (resumable); sweep.json/.md/.png in -o."""
-    from neoxq.core.errors import UsageError
     from neoxq.sweep import SweepOptions, run_sweep
 
-    if imatrix not in ("auto", "none"):
-        raise UsageError(f"--imatrix {imatrix!r}: a sweep computes one per revision (auto) or uses none")
-    if reference not in ("auto", "hf", "f16"):
-        raise UsageError(f"--reference {reference!r}: a sweep scores each revision against its own model: auto, hf or f16")
     opts = SweepOptions(
         types=qtypes,
         ctx=ctx,
-        imatrix=None if imatrix == "none" else "auto",
+        imatrix=imatrix_choice(imatrix, files=False),
         mix=mix,
         workers=workers,
         ray=ray_address or ("local" if ray else None),
@@ -129,7 +127,7 @@ def sweep(
         evict=evict,
         max_memory=max_memory,
         tasks=tasks,
-        reference=reference,
+        reference=reference_choice(reference, paths=False),
         include_path=str(include_path) if include_path else None,
     )
     path = run_sweep(repo, revisions, text, output, opts)
