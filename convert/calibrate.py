@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.gptq import Moments
 from neoxq.core.progress import Progress
 from neoxq.core.sizes import rows_per_chunk
@@ -27,13 +28,10 @@ from neoxq.core.sizes import rows_per_chunk
 STAGES = (("attention.query_key_value", "mlp.dense_h_to_4h"), ("attention.dense", "mlp.dense_4h_to_h"))
 LAYER_MODULES = tuple(m for pair in zip(*STAGES) for m in pair)
 QKV = STAGES[0][0]
-OUTPUT_FISHER = "@output"  # suffix of a matmul's output-space Fisher among the calibration sums
-ABSMAX = "@absmax"  # suffix of a matmul's inputs' largest magnitude per channel (neoxq.core.equalize)
 WINDOWS_PER_PASS = 4  # bounds eager attention's ctx × ctx scores; the result does not depend on it
 
-# The optimiser's passes use torch's fused attention: a 410M-shaped layer on 4 windows of 512 took
-# 55 ms in bfloat16 (214 in float32) against eager attention's 145 (283); the scores differ from
-# eager's by float rounding only. The reference and the imatrix keep eager attention.
+# The optimiser's passes use torch's fused attention, faster than eager attention; the scores differ
+# from eager's by float rounding only. The reference and the imatrix keep eager attention.
 ATTENTION = "sdpa"
 
 NORMS = ("input_layernorm", "post_attention_layernorm")  # a layer's LayerNorms (GGUF: attn_norm, ffn_norm)
@@ -63,7 +61,7 @@ def sequential_calibration(
     biases (the file's: --optimize's equalisation rescales them, neoxq.core.equalize); without it,
     the checkpoint's. bf16: the quantized model's layers run under autocast_bf16 (its matmuls in
     bfloat16, as llama.cpp's kernels round their activations too); the fp32 model, whose outputs are
-    the target, never does, and every moment is summed in float32 products as before."""
+    the target, never does, and every moment is summed in float32 products."""
     import torch
 
     from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
@@ -80,28 +78,18 @@ def sequential_calibration(
     with torch.no_grad(), Progress("rounding (sequential)", steps, "matmuls") as bar:
         for i in range(args.num_hidden_layers):
             layer_f = load_layer(ckpt, config, i, names)
-            layer_q = copy.deepcopy(layer_f)
-            if norms is not None:
-                for mod in NORMS:
-                    _set_norm(layer_q.get_submodule(mod), gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names), norms)
+            layer_q = _quantized_copy(layer_f, i, gguf_names, norms)
             gname = {mod: gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names) for stage in STAGES for mod in stage}
             if i < start_layer:
                 for mod, name in gname.items():
-                    _assign(layer_q.get_submodule(mod), *restore(name), args, qkv=mod == STAGES[0][0])
+                    _assign(layer_q.get_submodule(mod), *restore(name), args, qkv=mod == QKV)
                 h_f, h_q = _run(layer_f, h_f, extra), _run(layer_q, h_q, extra, bf16)
                 continue
             # one fp32 pass gives the layer's output and every matmul's fp32 output (its weights never
             # change); the fp32 layer and its input are then let go, before any rounding
             moms, h_f, later = _moments(layer_q, h_q, STAGES[0], extra, args, layer_f=layer_f, h_f=h_f, keep=STAGES[1], bf16=bf16)
             del layer_f
-            for k, stage in enumerate(STAGES):
-                if k:
-                    moms, _, _ = _moments(layer_q, h_q, stage, extra, args, given=later, bf16=bf16)
-                    del later
-                for mod in stage:
-                    q, bq = requantize(gname[mod], moms.pop(mod))
-                    _assign(layer_q.get_submodule(mod), q, bq, args, qkv=mod == STAGES[0][0])
-                    bar.update(1, note=gname[mod])
+            _round_stages(layer_q, h_q, moms, later, extra, args, gname, requantize, bar, bf16)
             h_q = _run(layer_q, h_q, extra, bf16)
             del layer_q
             if on_layer:
@@ -109,6 +97,31 @@ def sequential_calibration(
         if with_head:
             requantize("output.weight", _head_moments(ckpt, config, head_name(names), h_f, h_q, norms))
             bar.update(1, note=head_name(names))
+
+
+def _quantized_copy(layer_f, i: int, gguf_names, norms):
+    """The quantized model's copy of layer i, with the file's LayerNorms where `norms` gives them."""
+    from .neox import gguf_name
+
+    layer_q = copy.deepcopy(layer_f)
+    if norms is not None:
+        for mod in NORMS:
+            _set_norm(layer_q.get_submodule(mod), gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names), norms)
+    return layer_q
+
+
+def _round_stages(layer_q, h_q, moms: dict, later: dict, extra, args, gname: dict, requantize: Requantize, bar, bf16: bool) -> None:
+    """Round a layer's two stages of matmuls in order: the first on the first-stage moments, the
+    second on inputs the rounded first stage gives, against the fp32 outputs kept in `later`
+    (emptied once used). Each rounded matmul is put into `layer_q`."""
+    for k, stage in enumerate(STAGES):
+        if k:
+            moms, _, _ = _moments(layer_q, h_q, stage, extra, args, given=later, bf16=bf16)
+            later.clear()
+        for mod in stage:
+            q, bq = requantize(gname[mod], moms.pop(mod))
+            _assign(layer_q.get_submodule(mod), q, bq, args, qkv=mod == QKV)
+            bar.update(1, note=gname[mod])
 
 
 def _set_norm(module, weight_name: str, norms) -> None:
@@ -246,8 +259,8 @@ class _Accumulator:
             t["yy"] = torch.zeros(y.shape[1], dtype=torch.float64)
         for c0 in range(0, x.shape[1], self.step):  # float32 into float64, in place, as in add_inputs
             t["yx"][:, c0 : c0 + self.step].add_(y.T @ x[:, c0 : c0 + self.step])
-        # the sums over one group in float32 too, as its products (in float64 they cost the 410M
-        # shape's --optimize 8 s of conversions and squares, cProfile)
+        # the sums over one group in float32 too, as its products (float64 would add a conversion
+        # and a square of every value)
         t["sum_y"] += y.sum(0)
         t["yy"] += torch.linalg.vecdot(y, y, dim=0)
 
@@ -264,7 +277,7 @@ class _Accumulator:
         # products of one window group in float32 (half float64's time), summed into float64, a
         # column block at a time (a float32 temporary of at most CHUNK_BYTES). Σ x xᵀ is symmetric:
         # only the blocks on and above the diagonal are computed (mirrored in gram()), with at
-        # least HQ_BLOCKS blocks so that this saves about 40 % of its products
+        # least HQ_BLOCKS blocks so that most of the saving is had
         for c0 in range(0, cols, self.step):
             c1 = min(c0 + self.step, cols)
             self.t["hq"][:c1, c0:c1].add_(x[:, :c1].T @ x[:, c0:c1])  # no float64 temporary
@@ -307,10 +320,9 @@ def _assign(module, q: np.ndarray, bias: np.ndarray | None, args, qkv: bool) -> 
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles). Measured on the
-    project's 2-core Sapphire Rapids machine: a 4096 × 1024 × 4096 product at 611 GFLOP/s in
-    bfloat16 against 124 in float32. Without them torch's bfloat16 matmuls are emulated, not faster
-    (not measured here), so the passes stay float32 there."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles), several times float32's
+    rate. Without them torch's bfloat16 matmuls are emulated, not faster, so the passes stay float32
+    there."""
     import torch
 
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
@@ -328,8 +340,8 @@ def autocast_bf16(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if on else contextlib.nullcontext()
 
 
-def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, fisher: bool, gen, bf16: bool = False) -> tuple[dict, dict]:
-    """second_moments' sums and counts with one fp32 layer in memory at a time (a model larger than
+def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, fisher: bool, gen, bf16: bool = False) -> CalibrationStats:
+    """second_moments' statistics with one fp32 layer in memory at a time (a model larger than
     the memory budget): each window goes forward layer by layer (the matmuls' inputs summed by hooks,
     every layer's input kept), through the head to the sampled labels' log-likelihood, and back
     layer by layer — each layer read again and its forward recomputed under autograd — to the
@@ -342,14 +354,8 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
 
     config, args = neox_config(ckpt, ATTENTION if fisher else "eager"), GPTNeoXArgs.from_config(ckpt.config)
     names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)
-    sums: dict = {}
-    counts: dict = {}
-
-    def add(name, x):
-        accumulate(sums, counts, name, x, full)
-        if fisher:
-            track_absmax(sums, name, x)
-
+    acc = CalibrationSums(full, fisher)
+    add = acc.add_input
     head = torch.from_numpy(np.array(ckpt.read(head_name(names)), dtype=np.float32)) if fisher else None
     with Progress("calibration (streamed)", len(windows), "windows") as bar:
         for ids in np.asarray(windows):
@@ -377,12 +383,10 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
                     g = _head_gradient(norm, head, h, gen)
                     for i in reversed(range(args.num_hidden_layers)):
                         g, g_qkv = _layer_gradients(load_layer(ckpt, config, i, names), kept[i], extra, g)
-                        head_fisher(
-                            sums, gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", gguf_names) + OUTPUT_FISHER, g_qkv[0], args.num_attention_heads
-                        )
-                    accumulate(sums, counts, "token_embd.weight", g[0], full=True)
+                        acc.add_head_gradient(gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", gguf_names), g_qkv[0], args.num_attention_heads)
+                    acc.add_embedding_gradient(g[0])
             bar.update(1)
-    return sums, counts
+    return acc.stats(len(windows))
 
 
 def _layer_gradients(layer, x, extra, g):
@@ -396,19 +400,6 @@ def _layer_gradients(layer, x, extra, g):
         return torch.autograd.grad(layer(x, **extra), [x, held["qkv"]], grad_outputs=g)
     finally:
         handle.remove()
-
-
-def head_fisher(sums: dict, name: str, g, heads: int) -> None:
-    """Add Σ g gᵀ per attention head of QKV output gradients g [tokens, 3·hidden] (HF's layout: per
-    head its q, k, v): [heads, 3·head_dim, 3·head_dim], float32 (a metric, not a value: every
-    layer's together are 0.6 GB at 6.9B's shape in float32). Heads only: the cross-head blocks would
-    be a [3·hidden]² matrix per layer for coupling the rounding does not use."""
-    import torch
-
-    g = g.detach().reshape(-1, heads, g.shape[-1] // heads).float()
-    with torch.autocast("cpu", enabled=False):  # a sum, float32 even inside a bfloat16 pass
-        add = torch.einsum("thi,thj->hij", g, g)
-    sums[name] = sums[name] + add if name in sums else add
 
 
 def _head_gradient(norm, head, h, gen):
@@ -426,11 +417,10 @@ def sampled_log_likelihood(logits, gen):
     import torch
 
     logits = logits.float()
-    # The inverse CDF in float32: 48 ms a window at a 50k vocabulary (float64: 105 ms, 590 inside
-    # the 410M --optimize run; Gumbel-max 258, torch.multinomial 600). float32's running sum moves a
-    # token's bounds by ~√vocab · 6e-8 ≈ 1e-5 of probability; the uniform draws stay float64, so
-    # the tokens drawn are float64's but within that of a bound. The draw matters: seed 1 instead
-    # of 0 gives the 31M benchmark model's Q2_K_S opt file 1.08× the KLD (float32 draws: 1.17×).
+    # The inverse CDF in float32, the fastest of the samplers tried (docs/benchmarks.md). float32's
+    # running sum moves a token's bounds by ~√vocab · 6e-8 of probability; the uniform draws stay
+    # float64, so the tokens drawn are float64's but within that of a bound. The draw is seeded: it
+    # is the largest source of run-to-run difference in --optimize's result.
     with torch.no_grad():
         c = torch.cumsum(torch.softmax(logits, -1), -1)
         u = (torch.rand(len(c), 1, generator=gen, dtype=torch.float64) * c[:, -1:]).float()
@@ -438,18 +428,54 @@ def sampled_log_likelihood(logits, gen):
     return torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum()
 
 
-def track_absmax(sums: dict, name: str, x) -> None:
-    """Keep max |x| per column of x's rows under `name` + ABSMAX."""
-    import torch
+class CalibrationSums:
+    """The first pass's running sums, in torch (float64, the head Fisher float32), each kind apart;
+    `stats()` hands them over as numpy CalibrationStats."""
 
-    m = x.detach().reshape(-1, x.shape[-1]).abs().amax(0).double()
-    key = name + ABSMAX
-    sums[key] = torch.maximum(sums[key], m) if key in sums else m
+    def __init__(self, full: bool, fisher: bool):
+        self.full, self.fisher = full, fisher
+        self.sums: dict = {}
+        self.counts: dict[str, int] = {}
+        self.head: dict = {}
+        self.absmax: dict = {}
+        self.embedding = None
+        self.embedding_tokens = 0
+
+    def add_input(self, name: str, x) -> None:
+        """A matmul's input rows x: Σ x xᵀ (full) or Σ x² per column, their number, and in a Fisher
+        pass each channel's largest magnitude."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        xd = x.double()
+        _add(self.sums, name, xd.T @ xd if self.full else (xd**2).sum(0))
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+        if self.fisher:
+            m = x.abs().amax(0).double()
+            self.absmax[name] = m.maximum(self.absmax[name]) if name in self.absmax else m
+
+    def add_embedding_gradient(self, g) -> None:
+        """Gradients g at the embedding's output [tokens, hidden]: Σ g gᵀ."""
+        g = g.detach().reshape(-1, g.shape[-1]).double()
+        self.embedding = g.T @ g if self.embedding is None else self.embedding + g.T @ g
+        self.embedding_tokens += g.shape[0]
+
+    def add_head_gradient(self, name: str, g, heads: int) -> None:
+        """Σ g gᵀ per attention head of QKV output gradients g [tokens, 3·hidden] (HF's layout: per
+        head its q, k, v): [heads, 3·head_dim, 3·head_dim], float32 (a metric, not a value). Heads
+        only: the cross-head blocks would be a [3·hidden]² matrix per layer for coupling the
+        rounding does not use."""
+        import torch
+
+        g = g.detach().reshape(-1, heads, g.shape[-1] // heads).float()
+        with torch.autocast("cpu", enabled=False):  # a sum, float32 even inside a bfloat16 pass
+            _add(self.head, name, torch.einsum("thi,thj->hij", g, g))
+
+    def stats(self, windows: int) -> CalibrationStats:
+        def np_(d):
+            return {k: v.numpy() for k, v in d.items()}
+
+        emb = None if self.embedding is None else self.embedding.numpy()
+        return CalibrationStats(np_(self.sums), dict(self.counts), windows, emb, self.embedding_tokens, np_(self.head), np_(self.absmax))
 
 
-def accumulate(sums: dict, counts: dict, name: str, x, full: bool) -> None:
-    """Add Σ x xᵀ (full) or Σ x² per column of x's rows, in float64, and their number."""
-    x = x.detach().reshape(-1, x.shape[-1]).double()
-    add = x.T @ x if full else (x**2).sum(0)
-    sums[name] = sums[name] + add if name in sums else add
-    counts[name] = counts.get(name, 0) + x.shape[0]
+def _add(sums: dict, name: str, value) -> None:
+    sums[name] = sums[name] + value if name in sums else value

@@ -7,58 +7,47 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
+from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.errors import UsageError, require_convert_extra
 from neoxq.core.imatrix_io import IMatrix, write_imatrix
 from neoxq.core.progress import Progress
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
-from .calibrate import (
-    ABSMAX,
-    ATTENTION,
-    LAYER_MODULES,
-    OUTPUT_FISHER,
-    QKV,
-    accumulate,
-    autocast_bf16,
-    head_fisher,
-    sampled_log_likelihood,
-    track_absmax,
-)
+from .checkpoint import Checkpoint, open_checkpoint
+from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
+from .calibrate import ATTENTION, LAYER_MODULES, QKV, CalibrationSums, autocast_bf16, sampled_log_likelihood
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:
     from .checkpoint import Checkpoint, open_checkpoint
 
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
-    sums, counts, n_chunks = second_moments(ckpt, text, ctx, revision, include_output, full=False)
+    stats = second_moments(ckpt, text, ctx, revision, include_output, full=False)
     return IMatrix(
-        {k: v.float().numpy() for k, v in sums.items()},
-        {k: float(v) for k, v in counts.items()},
+        {k: v.astype(np.float32) for k, v in stats.sums.items()},
+        {k: float(v) for k, v in stats.counts.items()},
         datasets=[dataset_name],
-        chunk_count=n_chunks,
+        chunk_count=stats.windows,
         chunk_size=ctx,
         source_fingerprint=ckpt.fingerprint(),
     )
 
 
-def imatrix_from_moments(sums: dict, counts: dict, n_chunks: int, ctx: int, dataset_name: str, fingerprint: str | None = None) -> IMatrix:
+def imatrix_from_stats(stats: CalibrationStats, ctx: int, dataset_name: str, fingerprint: str | None = None) -> IMatrix:
     """The importance matrix is the diagonal of the second moments (full [in, in] matrices or their
     diagonals), so one calibration pass serves both."""
-    import numpy as np
-
-    diag = {k: np.asarray(v) for k, v in sums.items()}
+    sums, counts = stats.importance_sums()
     return IMatrix(
-        {k: (np.diagonal(v) if v.ndim == 2 else v).astype(np.float32).copy() for k, v in diag.items()},
+        {k: v.astype(np.float32) for k, v in sums.items()},
         {k: float(v) for k, v in counts.items()},
         datasets=[dataset_name],
-        chunk_count=n_chunks,
+        chunk_count=stats.windows,
         chunk_size=ctx,
         source_fingerprint=fingerprint,
     )
-
-
-EMBEDDING = "token_embd.weight"
 
 
 def second_moments(
@@ -71,36 +60,31 @@ def second_moments(
     fisher: bool = False,
     streamed: bool = False,
     bf16: bool = False,
-) -> tuple[dict, dict, int]:
-    """Per matmul weight (GGUF name): Σ x² per input column (full=False, torch float64 vectors) or
-    Σ x xᵀ (full=True, numpy float64 [in, in]: the layer's Hessian up to a factor), and the tokens
-    counted, over non-overlapping windows of `ctx` tokens of the text, with the fp32 model.
+) -> CalibrationStats:
+    """Per matmul weight (GGUF name): Σ x² per input column (full=False) or Σ x xᵀ (full=True,
+    [in, in]: the layer's Hessian up to a factor), float64, and the tokens counted, over
+    non-overlapping windows of `ctx` tokens of the text, with the fp32 model.
 
-    fisher: also, under `token_embd.weight`, Σ g gᵀ of the gradients g of the windows'
+    fisher: also Σ g gᵀ of the gradients g of the windows'
     log-likelihood with respect to each input position's embedding, the next tokens sampled from the
     model itself (so cross-position terms vanish in expectation): the Fisher information of the
     model's output distribution in the embedding's space. The embedding is a lookup, with no input
     activations; a rounding error δ of one of its rows costs ½ δᵀ F δ of KL divergence where it is
-    used, which is what its levels are then chosen against. And, under `<attn_qkv name>@output`
-    (OUTPUT_FISHER), the same Fisher in each attention QKV matmul's output space, per head
-    (numpy float32 [heads, 3·head_dim, 3·head_dim], the head's q, k, v in that order): how an
-    error in one head's queries, keys and values moves the output together (calibrate.head_fisher);
-    and under `<name>@absmax` (ABSMAX) each matmul's inputs' largest magnitude per channel, numpy
-    (neoxq.core.equalize).
+    used, which is what its levels are then chosen against; the same Fisher in each attention QKV
+    matmul's output space, per head (the head's q, k, v in that order): how an error in one head's
+    queries, keys and values moves the output together; and each matmul's inputs' largest
+    magnitude per channel (neoxq.core.equalize).
 
     streamed: one layer in memory at a time (neoxq.convert.calibrate.streamed_moments), for a model
     whose fp32 weights do not fit the memory budget; the same sums.
 
     bf16: the Fisher windows' forward and backward under torch's bfloat16 autocast (matmuls in
     bfloat16, calibrate.native_bf16), their hooked sums included: the Fisher is an estimate from
-    sampled tokens whose own spread is far above bfloat16's rounding (measured in the README)."""
+    sampled tokens whose own spread is far above bfloat16's rounding (docs/method.md)."""
     try:
         import torch
     except ImportError as exc:
         raise require_convert_extra(exc) from exc
-    from .checkpoint import Checkpoint, open_checkpoint
-    from .neox import GPTNeoXArgs
-
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     args = GPTNeoXArgs.from_config(ckpt.config)
     windows = calibration_windows(ckpt, text, ctx)
@@ -109,42 +93,23 @@ def second_moments(
     if streamed:
         from .calibrate import streamed_moments
 
-        sums, counts = streamed_moments(ckpt, windows, include_output, full, fisher, gen, bf16)
-        return _as_numpy(sums, full), counts, n_chunks
+        return streamed_moments(ckpt, windows, include_output, full, fisher, gen, bf16)
     from .reference import load_reference
 
     model = load_reference(ckpt.folder, ATTENTION if fisher else "eager")  # the optimiser's pass: fused attention
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def fn(module, inputs):
-            accumulate(sums, counts, name, inputs[0], full)
-            if fisher:
-                track_absmax(sums, name, inputs[0])
-
-        return fn
-
-    from .neox import gguf_name, tensor_name_map
-
-    names = tensor_name_map(args.num_hidden_layers)
-    handles = []
-    for i, layer in enumerate(model.gpt_neox.layers):
-        for mod_name in LAYER_MODULES:
-            target = gguf_name(f"gpt_neox.layers.{i}.{mod_name}.weight", names)
-            handles.append(layer.get_submodule(mod_name).register_forward_pre_hook(hook(target)))
-    if include_output:
-        handles.append(model.get_output_embeddings().register_forward_pre_hook(hook("output.weight")))
+    acc = CalibrationSums(full, fisher)
+    handles = _input_hooks(model, args, acc, include_output)
     progress = Progress("calibration" if full else "imatrix", n_chunks, "chunks")
+    qkv_names = [gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", tensor_name_map(args.num_hidden_layers)) for i in range(args.num_hidden_layers)]
     try:
         for c in range(n_chunks):
             window = torch.tensor([ids[c * ctx : (c + 1) * ctx]])
             if fisher:
                 with autocast_bf16(bf16):
                     emb, qkv = _output_gradients(model, window, gen)
-                accumulate(sums, counts, EMBEDDING, emb, full=True)
-                for i, g in enumerate(qkv):
-                    head_fisher(sums, gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", names) + OUTPUT_FISHER, g, args.num_attention_heads)
+                acc.add_embedding_gradient(emb)
+                for name, g in zip(qkv_names, qkv):
+                    acc.add_head_gradient(name, g, args.num_attention_heads)
             else:
                 with torch.no_grad():
                     model(window)
@@ -153,12 +118,25 @@ def second_moments(
         progress.close()
         for h in handles:
             h.remove()
-    return _as_numpy(sums, full), counts, n_chunks
+    return acc.stats(n_chunks)
 
 
-def _as_numpy(sums: dict, full: bool) -> dict:
-    """Full second moments and the output Fisher matrices as numpy; imatrix diagonals as they are."""
-    return {k: v.numpy() if full or k.endswith((OUTPUT_FISHER, ABSMAX)) else v for k, v in sums.items()}
+def _input_hooks(model, args, acc: CalibrationSums, include_output: bool) -> list:
+    """Forward pre-hooks that hand every layer matmul's inputs (and the output matrix's, when
+    asked) to `acc` under their GGUF names; the caller removes them."""
+    names = tensor_name_map(args.num_hidden_layers)
+
+    def hook(name):
+        return lambda module, inputs: acc.add_input(name, inputs[0])
+
+    handles = []
+    for i, layer in enumerate(model.gpt_neox.layers):
+        for mod_name in LAYER_MODULES:
+            target = gguf_name(f"gpt_neox.layers.{i}.{mod_name}.weight", names)
+            handles.append(layer.get_submodule(mod_name).register_forward_pre_hook(hook(target)))
+    if include_output:
+        handles.append(model.get_output_embeddings().register_forward_pre_hook(hook("output.weight")))
+    return handles
 
 
 def calibration_windows(ckpt, text: str, ctx: int):

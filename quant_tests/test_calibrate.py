@@ -7,22 +7,29 @@ from __future__ import annotations
 import numpy as np
 
 
+def _fields(stats) -> dict:
+    """Every array a calibration pass collected, by kind and tensor name."""
+    out = {f"sums:{k}": v for k, v in stats.sums.items()}
+    out |= {f"head:{k}": v for k, v in stats.head_fisher.items()} | {f"absmax:{k}": v for k, v in stats.absmax.items()}
+    return out | {"embedding": stats.embedding_fisher}
+
+
 def test_streamed_moments_equal_the_in_memory_pass(trained, texts):
     from neoxq.convert.imatrix import second_moments
 
     text = texts["calib"][:3000]
     mem = second_moments(str(trained), text, 64, include_output=True, fisher=True)
     st = second_moments(str(trained), text, 64, include_output=True, fisher=True, streamed=True)
-    assert mem[1] == st[1] and mem[2] == st[2] and set(mem[0]) == set(st[0])
-    for k, v in mem[0].items():
-        a, b = np.asarray(v), np.asarray(st[0][k])
+    assert mem.counts == st.counts and mem.windows == st.windows and mem.embedding_tokens == st.embedding_tokens
+    a_all, b_all = _fields(mem), _fields(st)
+    assert set(a_all) == set(b_all) and any(k.startswith("head:") for k in a_all) and any(k.startswith("absmax:") for k in a_all)
+    for k, v in a_all.items():
+        a, b = np.asarray(v), np.asarray(b_all[k])
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), k
     # negative control: another window length gives other sums, so the check can fail
     other = second_moments(str(trained), text, 32, include_output=True, fisher=True, streamed=True)
-    fisher = "token_embd.weight"
-    assert np.linalg.norm(np.asarray(other[0][fisher]) / other[1][fisher] - np.asarray(mem[0][fisher]) / mem[1][fisher]) > 1e-3 * np.linalg.norm(
-        np.asarray(mem[0][fisher]) / mem[1][fisher]
-    )
+    f_mem = mem.mean_embedding_fisher()
+    assert np.linalg.norm(other.mean_embedding_fisher() - f_mem) > 1e-3 * np.linalg.norm(f_mem)
 
 
 def test_sequential_pass_rounds_every_matmul_in_order_on_the_rounded_inputs(trained, texts):
@@ -78,14 +85,13 @@ def test_bf16_first_pass_keeps_the_input_sums_and_streams_alike(trained, texts):
     """The first pass under bfloat16 autocast: the imatrix's input sums and the channel maxima
     within bfloat16's rounding of float32's, yet not equal to them (autocast took effect); the
     streamed pass gives the in-memory pass's sums."""
-    from neoxq.convert.calibrate import ABSMAX
     from neoxq.convert.imatrix import second_moments
 
     text = texts["calib"][:3000]
-    fp32 = second_moments(str(trained), text, 64, include_output=True, fisher=True)[0]
-    mem = second_moments(str(trained), text, 64, include_output=True, fisher=True, bf16=True)[0]
-    st = second_moments(str(trained), text, 64, include_output=True, fisher=True, bf16=True, streamed=True)[0]
-    inputs = [k for k in fp32 if k.endswith(("ffn_down.weight", "attn_output.weight", ABSMAX))]
+    fp32 = _fields(second_moments(str(trained), text, 64, include_output=True, fisher=True))
+    mem = _fields(second_moments(str(trained), text, 64, include_output=True, fisher=True, bf16=True))
+    st = _fields(second_moments(str(trained), text, 64, include_output=True, fisher=True, bf16=True, streamed=True))
+    inputs = [k for k in fp32 if k.endswith(("ffn_down.weight", "attn_output.weight")) or k.startswith("absmax:")]
     rel = {k: np.linalg.norm(np.asarray(mem[k]) - np.asarray(fp32[k])) / np.linalg.norm(np.asarray(fp32[k])) for k in inputs}
     assert 1e-5 < max(rel.values()) < 3e-2, rel
     for k, v in mem.items():
