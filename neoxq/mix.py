@@ -15,7 +15,9 @@ import hashlib
 import tempfile
 from pathlib import Path
 
+from neoxq.calibration import calibration_imatrix
 from neoxq.core.atomic import check_output, output_in
+from neoxq.core.choices import imatrix_choice
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo, read_info
 from neoxq.core.imatrix_io import file_sha256
@@ -119,11 +121,9 @@ def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, 
 
 def mix_with_imatrix(src: GGUFInfo, qtype: QuantType, opts: MixOptions, output, imatrix, reference: str | None = None, force: bool = False):
     """`--mix`: the importance matrix is computed from the calibration text unless `imatrix` names a
-    file or says none (the best file by default, issue 26 item 5)."""
-    from neoxq.optimize import calibration_imatrix
-
+    file or says none."""
     if imatrix is not None:
-        return quantize_mix(src, qtype, opts, output=output, imatrix=None if str(imatrix).lower() == "none" else imatrix, force=force)
+        return quantize_mix(src, qtype, opts, output=output, imatrix=imatrix_choice(imatrix), force=force)
     check_budget(src, opts)  # quantize_mix checks it too, but only after the imatrix below is computed
     output = output_in(output, rq.default_output(src, f"{qtype.value}-mix"))
     check_output(output, force, inputs=[src.path])

@@ -41,34 +41,6 @@ def test_gptq_lowers_output_error_on_correlated_inputs_and_is_rtn_on_diagonal_on
     assert np.array_equal(gptq.gptq_levels(w, diag, a, m, fmt.lmin, fmt.lmax), gptq.nearest(w, a, m, fmt.lmin, fmt.lmax))
 
 
-def test_dynamic_grids_rechoose_each_block_from_compensated_weights():
-    """regrid is asked once per block column, with the weights as compensation left them, in
-    natural order; the levels it gets back lie on the grids it returned."""
-    from neoxq.runtime import capi
-
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2048, 64)) @ (np.eye(64) + 0.3 * rng.standard_normal((64, 64)))
-    h = x.T @ x / len(x)
-    w = (0.05 * rng.standard_normal((16, 64))).astype(np.float32)
-    fmt = blocks.Q8_0
-    raw = capi.quantize_rows(w, fmt.ggml_type).reshape(16, 2, fmt.size)
-    asked, grids = [], {}
-
-    def regrid(rows, col, wcur):
-        asked.append(col)
-        new = capi.quantize_rows(wcur.astype(np.float32), fmt.ggml_type)
-        raw[rows, col // 32] = new
-        grids[col] = blocks.grid(fmt, new)
-        return grids[col]
-
-    a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw.reshape(-1, fmt.size)))
-    lv = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax, regrid=regrid, group=32)
-    assert asked == [0, 32]
-    vals = capi.dequantize(blocks.with_levels(fmt, raw.reshape(-1, fmt.size), lv.reshape(-1, 32)), fmt.ggml_type, w.size).reshape(w.shape)
-    for col, (ga, gm) in grids.items():
-        assert np.allclose(vals[:, col : col + 32], ga * lv[:, col : col + 32] - gm)
-
-
 def _moments(xf, xq, w, b):
     return gptq.Moments.of(xf @ w.T + (0 if b is None else b), xq)
 
@@ -580,7 +552,7 @@ def test_equalized_source_is_the_same_model(trained_f16, tmp_path):
     rounding of the rescaled weights); the weights and norms did change (negative control)."""
     from neoxq.core.equalize import norm_pairs
     from neoxq.core.gguf_info import float_rows, read_info
-    from neoxq.optimize import equalized_source
+    from neoxq.equalized import equalized_source
 
     src = read_info(trained_f16)
     rng = np.random.default_rng(3)
@@ -605,7 +577,7 @@ def test_equalized_copy_refused_in_one_line_when_the_cache_disk_is_full(trained_
 
     from neoxq.core.errors import OutputError
     from neoxq.core.gguf_info import read_info
-    from neoxq.optimize import equalized_source
+    from neoxq.equalized import equalized_source
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1, 1, 10))

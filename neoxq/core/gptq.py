@@ -23,20 +23,18 @@ from .transpose import transposed
 
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
 # Lazy batches: columns compensated inside a block before the rest of the row is updated at once,
-# and inside a block, SUB columns before the block's rest is. Measured on the 410M shape's MLP up
-# and down (4096 × 1024, 1024 × 4096): 0.45 and 0.74 s at 512 and 16, against 1.11 and 1.89 s
-# with blocks of 128 and no SUB (the same levels: the arithmetic is only regrouped).
+# and inside a block, SUB columns before the block's rest is. The levels do not depend on either
+# (the arithmetic is only regrouped); the sizes are the fastest found (docs/benchmarks.md, the
+# optimiser's time).
 BLOCK = 512
 SUB = 16
 # coupled_levels' blocks: a wave sweeps a block's columns, so wider blocks mean more sweeps, narrower
-# more waves. On the 410M shape's QKV (3072 × 1024, 16 heads, float32 sweep): 0.48 s at 64, 0.57 at
-# 128, 0.65 at 32.
+# more waves; the fastest width found.
 COUPLED_BLOCK = 64
 # The sweep's arithmetic (weights as compensated, errors, U's rows as they are applied) in float32,
 # as GPTQ's reference code: an error moved onto later columns is a fraction of a grid step, so
 # float32's 1e-7 relative rounding of it changes no level but a rare tie. U itself is made and kept
-# in float64 (its factorisation is where precision matters). On the 410M shape's MLP up and down
-# (4096 × 1024, 1024 × 4096): 0.39 and 0.44 s, against 0.69 and 0.71 s in float64.
+# in float64 (its factorisation is where precision matters).
 SWEEP_DTYPE = np.float32
 
 
@@ -133,7 +131,7 @@ def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridg
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
     rev = perm[::-1]  # the buffer holds J H J in GPTQ's order (_reversed_inverse_cholesky)
     u = np.empty((len(h), len(h)))
-    for i, r in enumerate(rev):  # permuted copy a row at a time, no temporary: 0.06 s at 4096² where blocks of 1024 rows took 0.2
+    for i, r in enumerate(rev):  # permuted copy a row at a time: no [in, in] temporary
         h[r].take(rev, out=u[i])
     _damp(u, damp, ridge)
     _reversed_inverse_cholesky(u)
@@ -164,44 +162,31 @@ def gptq_levels(
     lmax: int,
     act_order: bool = True,
     damp: float = DAMP,
-    regrid=None,
-    group: int = 0,
     factor=None,
 ) -> np.ndarray:
     """Levels int16 [rows, cols] for weights w [rows, cols] on grids (a, m) [rows, cols], chosen to
     minimise Σ_rows (w − q)ᵀ H (w − q). factor: compensation(h, …) when the caller already has it
-    (rows of one matrix rounded in chunks).
-
-    regrid(rows, col, wcur) → (a, m) for columns col … col + group: with it, each group's grid is
-    re-chosen when the sweep reaches the group, from the weights as error compensation has left
-    them (GPTQ's own handling of group scales; llama.cpp's search does the choosing). Columns are
-    then taken in their natural order, so that a group's columns are rounded together."""
-    act_order = act_order and regrid is None
+    (rows of one matrix rounded in chunks)."""
     perm, u = factor if factor is not None else compensation(h, act_order, damp)
-    block = max(BLOCK, group) if regrid else BLOCK
     out = np.empty(w.shape, np.int16)
     step_rows = row_chunk(w.shape[1])
     for r0 in range(0, w.shape[0], step_rows):
         rows = slice(r0, r0 + step_rows)
         grid_a, grid_m = _columns(a[rows], perm, SWEEP_DTYPE), _columns(m[rows], perm, SWEEP_DTYPE)
-        step = None if regrid is None else (lambda c, wcur, rows=rows: regrid(rows, c, wcur))
-        lv = _gptq_rows(_columns(w[rows], perm, SWEEP_DTYPE), u, grid_a, grid_m, lmin, lmax, block, step, group)
+        lv = _gptq_rows(_columns(w[rows], perm, SWEEP_DTYPE), u, grid_a, grid_m, lmin, lmax)
         out[rows, :] = np.take(lv, np.argsort(perm), axis=1)
     return out
 
 
 def _columns(x, idx: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """x[:, idx] as a new array: np.take, 4–5× faster than fancy indexing on the 410M shape's
-    matrices (12 against 63 ms at 4096 × 1024)."""
+    """x[:, idx] as a new array, through np.take (faster than fancy indexing)."""
     return np.asarray(np.take(np.asarray(x), idx, axis=1), dtype)
 
 
-def _gptq_rows(
-    w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, block: int = BLOCK, regrid=None, group: int = 0
-) -> np.ndarray:
+def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, block: int = BLOCK) -> np.ndarray:
     """GPTQ's lazy-batch sweep. Each block of columns is worked on transposed ([columns, rows]), so
-    that the column being rounded and its grid are contiguous: a column of a [rows, cols] array is
-    read with a stride of a whole row, which on the 410M shape made this loop a fifth of --optimize."""
+    that the column being rounded and its grid are contiguous (a column of a [rows, cols] array is
+    read with a stride of a whole row)."""
     cols, dt = w.shape[1], w.dtype
     lv = np.empty(w.shape, np.int16)
     dinv = (1.0 / np.diag(u)).astype(dt)
@@ -210,14 +195,7 @@ def _gptq_rows(
         wb, ab, mb = (transposed(x[:, c0:c1])[:, None] for x in (w, a, m))  # [columns, 1 problem, rows]
         lvb, err = np.empty(wb.shape, dt), np.empty(wb.shape, dt)
         ur = u[c0:c1, c0:].astype(dt)  # the block's rows of U, cast once: no [in, in] copy
-        ub, db = ur[None, :, : c1 - c0], dinv[None, c0:c1]
-        for i0 in range(0, c1 - c0, group) if regrid is not None else (0,):  # block is a multiple of group
-            i1 = min(i0 + group, c1 - c0) if regrid is not None else c1 - c0
-            if regrid is not None:
-                ga, gm = regrid(c0 + i0, wb[i0:i1, 0].T)
-                ab[i0:i1, 0], mb[i0:i1, 0] = np.asarray(ga).T, np.asarray(gm).T
-                a[:, c0 + i0 : c0 + i1], m[:, c0 + i0 : c0 + i1] = ga, gm
-            _sweep(wb, ab, mb, ub, db, lmin, lmax, i0, i1, lvb, err)
+        _sweep(wb, ab, mb, ur[None, :, : c1 - c0], dinv[None, c0:c1], lmin, lmax, 0, c1 - c0, lvb, err)
         lv[:, c0:c1] = lvb[:, 0].T
         w[:, c1:] -= err[:, 0].T @ ur[:, c1 - c0 :]
     return lv
@@ -282,7 +260,7 @@ def coupled_levels(
 
     In order of rows: each row step t (one row per group) is GPTQ'd over the columns, then its
     residual moved onto the later rows through G. Written so, that is T sweeps of a few rows each
-    (T = 192 steps of 16 heads at the 410M shape), all Python overhead: 5 s a matrix. But column
+    (T = 3 · head_dim steps), mostly Python overhead. But column
     block b of step t needs only blocks ≤ b of the steps before it, so the (step, block) pairs are
     taken in waves of equal t + b, every pair of a wave in one sweep: T + blocks − 1 sweeps, each
     as wide as up to `blocks` steps. The same arithmetic, in another order (tested against the
@@ -334,9 +312,8 @@ def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
 # (x_q), against the output the fp32 model gives on its own inputs (x_f): minimise
 #     Σ_tokens ‖W x_f + b − (Q x_q + b′)‖²
 # so a layer also cancels what the rounding upstream (the token embedding above all) did to its
-# inputs. Measured on the 31M benchmark model at Q2_K_S: 0.21× the KLD of GPTQ on fp32 inputs
-# (0.24× AutoRound --iters 200); plain sequential GPTQ (target W x_q) measured 1.18× (worse).
-# With the constant input 1 appended, the bias b′ (an F32 tensor in the file) is solved too.
+# inputs; plain sequential GPTQ (target W x_q) instead makes each layer exact on wrong inputs
+# (docs/method.md, "Why this and not the alternatives"). With the constant input 1 appended, the bias b′ (an F32 tensor in the file) is solved too.
 
 
 @dataclass

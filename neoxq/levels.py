@@ -1,0 +1,103 @@
+"""Whole tensors on llama.cpp's grids: reading the float source a row range at a time, the values a
+quantized tensor's bytes hold, and GPTQ's rounding of a target matrix into llama.cpp's blocks (only
+the levels change; the blocks' scales and mins, the grids, stay llama.cpp's)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from neoxq.core import blocks, gptq
+from neoxq.core.errors import UsageError
+from neoxq.core.gguf_info import FLOAT_DTYPES, GGUFInfo, TensorInfo, float_rows
+from neoxq.runtime import capi
+
+# Rows the per-tensor output-error ratio (a report line, not an input to anything) is estimated on,
+# evenly spaced: the exact figure would be two [rows, in] × [in, in] products per matrix, and rows
+# are rounded alike.
+ERROR_ROWS = 256
+
+
+def read_weights(info: GGUFInfo, t: TensorInfo, rows: slice = slice(None)) -> np.ndarray:
+    """A float tensor of an F32/F16/BF16 GGUF (or some of its rows) as float32 [rows, cols]."""
+    if t.type not in FLOAT_DTYPES:
+        raise UsageError(f"{info.path.name} holds {t.name} as {t.type}; optimise from the F32/F16/BF16 file")
+    return float_rows(info, t, rows)
+
+
+class RowChunks:
+    """A [rows, cols] matrix produced a row range at a time (read from a file, dequantized): the
+    largest tensors (an embedding or output matrix of a 50k vocabulary) are never held whole in
+    float32 or float64."""
+
+    def __init__(self, shape: tuple[int, int], rows_fn):
+        self.shape, self._rows = tuple(shape), rows_fn
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self._rows(rows)
+
+
+def source_weights(src: GGUFInfo, name: str) -> RowChunks:
+    t = src.tensor(name)
+    return RowChunks(t.shape, lambda rows: read_weights(src, t, rows))
+
+
+def error_rows(n: int) -> np.ndarray:
+    """The rows (of n) an output-error ratio is estimated on."""
+    return np.arange(0, n, -(-n // ERROR_ROWS))
+
+
+def at(v: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if v is None else v[idx]
+
+
+def dequantized_rows(fmt: blocks.BlockFormat, raw: np.ndarray, shape: tuple[int, int], rows: np.ndarray) -> np.ndarray:
+    """What ggml's dequantize gives for some rows (an index array) of `raw` blocks [n, size] of a
+    [rows, cols] tensor, float32 [len(rows), cols]."""
+    per_row = raw.reshape(shape[0], -1, fmt.size)[rows]
+    return blocks.values(fmt, per_row.reshape(-1, fmt.size)).reshape(len(rows), shape[1])
+
+
+def tensor_values(info: GGUFInfo, t: TensorInfo, raw: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] of a tensor's raw bytes: neoxq's block formats, the float types, or
+    ggml's own dequantize for the rest (a mix's IQ types)."""
+    if t.type in blocks.FORMATS:
+        fmt = blocks.FORMATS[t.type]
+        return blocks.values(fmt, raw.reshape(-1, fmt.size)).reshape(t.shape)
+    if t.type in FLOAT_DTYPES:
+        return read_weights(info, t)
+    return capi.dequantize(raw, int(gguf.GGMLQuantizationType[t.type]), t.n_elements).reshape(t.shape)
+
+
+def rounded_chunks(fmt: blocks.BlockFormat, raw: np.ndarray, target, factor):
+    """The one rounding loop: GPTQ levels for `target` ([rows, cols], an array or RowChunks) on the
+    grids of `raw` (its blocks [n, size], rewritten in place), a row chunk at a time against one
+    factor (gptq.compensation). Yields, per chunk, (rows, the target's rows, the chunk's values
+    now: float32 [rows, cols])."""
+    n, cols = target.shape
+    step = gptq.row_chunk(cols)
+    per_row = cols // fmt.block
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(r0 + step, n))
+        wr, chunk = target[rows], raw[rows.start * per_row : rows.stop * per_row]
+        a, m = (g.reshape(wr.shape) for g in blocks.grid(fmt, chunk))
+        lv = gptq.gptq_levels(wr, None, a, m, fmt.lmin, fmt.lmax, factor=factor)
+        chunk[:] = blocks.with_levels(fmt, chunk, lv.reshape(-1, fmt.block))
+        yield rows, wr, blocks.level_values(a, m, lv)
+
+
+def round_rows(fmt: blocks.BlockFormat, raw: np.ndarray, target: np.ndarray, factor, coupling=None) -> np.ndarray:
+    """rounded_chunks for a matrix held whole, or with its rows coupled (gptq.coupled_levels);
+    returns its new values, float32."""
+    if coupling is not None:
+        a, m = (g.reshape(target.shape) for g in blocks.grid(fmt, raw))
+        lv = gptq.coupled_levels(target, a, m, fmt.lmin, fmt.lmax, factor, coupling)
+        raw[:] = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
+        return blocks.level_values(a, m, lv)
+    q = np.empty(target.shape, np.float32)
+    for rows, _, values in rounded_chunks(fmt, raw, target, factor):
+        q[rows] = values
+    return q
