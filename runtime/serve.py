@@ -159,7 +159,7 @@ def _usage(ids: list[int], gen: list[int]) -> dict:
 
 def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key: str | None = None):
     """The server's app for `model` loaded with `options` (weights repacked as llama.cpp does by
-    default: generation decodes ~10% faster with them)."""
+    default, which decodes faster)."""
     import dataclasses
 
     found = read_info(model)  # one clear error for a missing/corrupt/non-NeoX file, before the server starts
@@ -177,22 +177,7 @@ def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key:
 
     @app.get("/v1/models")
     async def models():
-        """The one model: OpenAI's fields, and what the file is (type, context, size)."""
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": engine.name,
-                    "object": "model",
-                    "owned_by": "neoxq",
-                    "created": int(found.path.stat().st_mtime),
-                    "type": found.metadata.get("neoxq.quant_type") or (found.quant_type.value if found.quant_type else None),
-                    "context_length": engine.model.n_ctx,
-                    "n_ctx_train": found.context_length,
-                    "size_bytes": found.path.stat().st_size,
-                }
-            ],
-        }
+        return {"object": "list", "data": [_model_card(engine, found)]}
 
     @app.get("/health")
     async def health():
@@ -202,36 +187,56 @@ def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        try:
-            req = parse_request(await request.json(), engine.model.n_vocab)
-            ids = engine.model.prompt_ids(req.prompt)
-        except (ValueError, RecursionError) as exc:  # the body is not JSON (or nested past Python's recursion limit)
-            return _error(400, f"the request body is not JSON ({type(exc).__name__}: {str(exc)[:80]})")
-        except UsageError as exc:
-            return _error(400, str(exc))
-        if req.stream:
-            return _stream(engine, req, ids)
-        cancel = threading.Event()
-        watcher = asyncio.ensure_future(_set_on_disconnect(request, cancel))
-        try:
-            out = await engine.run(engine.complete, req, ids, cancel)
-        finally:
-            watcher.cancel()
-        if out is _BUSY:
-            return _error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
-        if out is None:  # the client left; nobody reads this
-            return _error(499, "client closed the request", "cancelled")
-        choice = {"index": 0, "text": out["text"], "logprobs": out["logprobs"], "finish_reason": out["finish_reason"]}
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": engine.name,
-            "choices": [choice],
-            "usage": out["usage"],
-        }
+        return await _completions(engine, request, parse_request)
 
     return app
+
+
+def _model_card(engine: Engine, found) -> dict:
+    """The one model: OpenAI's fields, and what the file is (type, context, size)."""
+    return {
+        "id": engine.name,
+        "object": "model",
+        "owned_by": "neoxq",
+        "created": int(found.path.stat().st_mtime),
+        "type": found.metadata.get("neoxq.quant_type") or (found.quant_type.value if found.quant_type else None),
+        "context_length": engine.model.n_ctx,
+        "n_ctx_train": found.context_length,
+        "size_bytes": found.path.stat().st_size,
+    }
+
+
+async def _completions(engine: Engine, request, parse_request):
+    """POST /v1/completions: a 400 for a bad body, a stream or one answer, a 503 when the queue is
+    full, a 499 when the client left before its answer."""
+    try:
+        req = parse_request(await request.json(), engine.model.n_vocab)
+        ids = engine.model.prompt_ids(req.prompt)
+    except (ValueError, RecursionError) as exc:  # the body is not JSON (or nested past Python's recursion limit)
+        return _error(400, f"the request body is not JSON ({type(exc).__name__}: {str(exc)[:80]})")
+    except UsageError as exc:
+        return _error(400, str(exc))
+    if req.stream:
+        return _stream(engine, req, ids)
+    cancel = threading.Event()
+    watcher = asyncio.ensure_future(_set_on_disconnect(request, cancel))
+    try:
+        out = await engine.run(engine.complete, req, ids, cancel)
+    finally:
+        watcher.cancel()
+    if out is _BUSY:
+        return _error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
+    if out is None:  # the client left; nobody reads this
+        return _error(499, "client closed the request", "cancelled")
+    choice = {"index": 0, "text": out["text"], "logprobs": out["logprobs"], "finish_reason": out["finish_reason"]}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": engine.name,
+        "choices": [choice],
+        "usage": out["usage"],
+    }
 
 
 def _stream(engine: Engine, req: "Request", ids: list[int]):

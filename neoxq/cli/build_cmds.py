@@ -43,13 +43,17 @@ def convert(
 
     from neoxq import preflight
 
+    types = QuantType.parse_list(quant) if quant else []
+    base = QuantType(outtype.value.upper()) if outtype else QuantType.F16
+    if quant:
+        from neoxq.build import check_build_options
+
+        check_build_options(types, base, imatrix)
     ckpt = open_checkpoint(src, revision)
     preflight.check(f"converting {ckpt.name}", preflight.convert_bytes(ckpt), "free memory (the converter already holds only one tensor at a time)")
     if quant:
         from neoxq.build import build_types
 
-        types = QuantType.parse_list(quant)
-        base = QuantType(outtype.value.upper()) if outtype else QuantType.F16
         out_dir = output or Path(".")
         built = build_types(ckpt, types, out_dir, imatrix=imatrix, base_type=base, replace_invalid=force)
         paths = [b.path for b in built.values()]
@@ -59,39 +63,48 @@ def convert(
         result_line(str(p))
 
 
+Mix = Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity (needs --calib).")]
+Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix and --optimize (never scored).")]
+TargetSize = Annotated[
+    Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")
+]
+TargetBpw = Annotated[Optional[float], typer.Option("--target-bpw", callback=number(1.0, 32.0), help="--mix budget in bits per weight.")]
+Optimize = Annotated[
+    bool,
+    typer.Option(
+        "--optimize",
+        help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.",
+    ),
+]
+Checkpoint = Annotated[
+    Optional[str],
+    typer.Option(
+        "--reference",
+        help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).",
+    ),
+]
+Float32 = Annotated[
+    bool,
+    typer.Option(
+        "--float32",
+        help="--optimize: every pass in float32, also where the CPU multiplies bfloat16 natively (slower; the same method on every machine).",
+    ),
+]
+
+
 def quantize(
     inp: Annotated[Path, typer.Argument(help="F32/F16/BF16 GGUF to quantize.")],
     qtype: Annotated[str, typer.Option("--type", help=QUANT_HELP)],
     imatrix: IMatrixFile = None,
-    mix: Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity (needs --calib).")] = False,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix (never scored).")] = None,
-    target_size: Annotated[
-        Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")
-    ] = None,
-    target_bpw: Annotated[Optional[float], typer.Option("--target-bpw", callback=number(1.0, 32.0), help="--mix budget in bits per weight.")] = None,
-    optimize: Annotated[
-        bool,
-        typer.Option(
-            "--optimize",
-            help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.",
-        ),
-    ] = False,
-    reference: Annotated[
-        Optional[str],
-        typer.Option(
-            "--reference",
-            help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).",
-        ),
-    ] = None,
-    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix calibration window.")] = 512,
+    mix: Mix = False,
+    calib: Calib = None,
+    target_size: TargetSize = None,
+    target_bpw: TargetBpw = None,
+    optimize: Optimize = False,
+    reference: Checkpoint = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix/--optimize calibration window.")] = 512,
     max_memory: MaxMemory = None,
-    float32: Annotated[
-        bool,
-        typer.Option(
-            "--float32",
-            help="--optimize: every pass in float32, also where the CPU multiplies bfloat16 natively (slower; the same method on every machine).",
-        ),
-    ] = False,
+    float32: Float32 = False,
     output: Output = None,
     as_json: Json = False,
     force: Force = False,
@@ -101,80 +114,16 @@ def quantize(
 
     With --mix, the types are chosen per tensor to minimise the KL divergence from the input on the
     calibration text, within the budget (default: no larger than the stock --type file)."""
-    from neoxq import preflight
-    from neoxq.core.gguf_info import read_info
-    from neoxq.runtime.quantize import quantize as do_quantize
+    from neoxq.quantize_gguf import QuantizeRequest, quantize_gguf
 
-    qt = QuantType.parse(qtype)
-    _check_mix_options(mix, calib, target_size, target_bpw, optimize, reference, max_memory, float32)
-    info = read_info(inp)
-    preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
-    if optimize:
-        from neoxq.core.textfile import read_text
-        from neoxq.optimize import OptimizeOptions, quantize_optimized
-
-        im = "auto" if imatrix is None else (None if str(imatrix).lower() == "none" else str(imatrix))
-        result = quantize_optimized(
-            info,
-            qt,
-            OptimizeOptions(
-                read_text(calib, "--calib"),
-                reference=reference,
-                imatrix=im,
-                ctx=ctx,
-                mix=mix,
-                max_memory=max_memory,
-                fisher_bf16=False if float32 else None,
-                stream_bf16=False if float32 else None,
-            ),
-            output=output,
-            force=force,
-        )
-    elif mix:
-        from neoxq.core.sizes import parse_size
-        from neoxq.core.textfile import read_text
-        from neoxq.core.mix_plan import MixOptions
-        from neoxq.mix import mix_with_imatrix
-
-        opts = MixOptions(
-            read_text(calib, "--calib"),
-            target_bytes=parse_size(target_size, "--target-size") if target_size else None,
-            target_bpw=target_bpw,
-            ctx=ctx,
-        )
-        result = mix_with_imatrix(info, qt, opts, output, imatrix, reference, force)
-    else:
-        result = do_quantize(info, qt, output=output, imatrix=imatrix, force=force)
+    request = QuantizeRequest(imatrix, mix, optimize, calib, target_size, target_bpw, reference, ctx, max_memory, float32, output, force)
+    result = quantize_gguf(inp, QuantType.parse(qtype), request)
     if as_json:
         print(json.dumps(result.as_json(), indent=1))
     elif not quiet:
         from neoxq.tables import quant_result_table
 
         print(quant_result_table(result))
-
-
-def _check_mix_options(mix: bool, calib, target_size, target_bpw, optimize: bool = False, reference=None, max_memory=None, float32=False) -> None:
-    from neoxq.core.errors import UsageError
-
-    if optimize:
-        if calib is None:
-            raise UsageError(
-                "--optimize chooses the rounding against each layer's output on a calibration text; pass --calib FILE (a text not used for scoring)"
-            )
-        if target_size or target_bpw:
-            raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
-        return
-    if max_memory is not None or float32:
-        flag = "--max-memory" if max_memory is not None else "--float32"
-        raise UsageError(f"{flag} belongs to --optimize (its calibration passes); add --optimize or drop it")
-    if reference and not mix:
-        raise UsageError("--reference belongs to --optimize and --mix; add one of them")
-    if mix and calib is None:
-        raise UsageError("--mix measures each tensor's sensitivity on a calibration text; pass --calib FILE (a text not used for scoring)")
-    if not mix and (calib or target_size or target_bpw):
-        raise UsageError("--calib, --target-size and --target-bpw belong to --mix; add --mix")
-    if target_size and target_bpw:
-        raise UsageError("pass one budget: --target-size or --target-bpw")
 
 
 def imatrix(

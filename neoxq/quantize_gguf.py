@@ -1,0 +1,86 @@
+"""`neoxq quantize`: one float GGUF to one type — llama.cpp's stock file, a measured mix
+(neoxq.mix) or optimised levels (neoxq.optimize) — with every option checked against the others
+before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from neoxq import preflight
+from neoxq.core.choices import imatrix_choice
+from neoxq.core.errors import UsageError
+from neoxq.core.gguf_info import read_info
+from neoxq.core.mix_plan import MixOptions
+from neoxq.core.qtypes import QuantType
+from neoxq.core.sizes import parse_size
+from neoxq.core.textfile import read_text
+from neoxq.runtime.quantize import quantize
+
+
+@dataclass
+class QuantizeRequest:
+    imatrix: Path | str | None = None  # a file; with --mix/--optimize also `none` (unset: from the calibration text)
+    mix: bool = False
+    optimize: bool = False
+    calib: Path | None = None  # calibration text for --mix and --optimize (never scored)
+    target_size: str | None = None  # --mix budget as a size ("95MB")
+    target_bpw: float | None = None  # --mix budget in bits per weight
+    reference: str | None = None  # the fp32 checkpoint the file was converted from
+    ctx: int = 512
+    max_memory: int | None = None  # --optimize's memory budget
+    float32: bool = False  # --optimize: every pass in float32
+    output: Path | None = None
+    force: bool = False
+
+    def check(self) -> None:
+        """Refuse contradicting or missing options, each in one line naming the fix."""
+        if self.optimize:
+            if self.calib is None:
+                raise UsageError(
+                    "--optimize chooses the rounding against each layer's output on a calibration text; pass --calib FILE (a text not used for scoring)"
+                )
+            if self.target_size or self.target_bpw:
+                raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
+            return
+        if self.max_memory is not None or self.float32:
+            flag = "--max-memory" if self.max_memory is not None else "--float32"
+            raise UsageError(f"{flag} belongs to --optimize (its calibration passes); add --optimize or drop it")
+        if self.reference and not self.mix:
+            raise UsageError("--reference belongs to --optimize and --mix; add one of them")
+        if self.mix and self.calib is None:
+            raise UsageError("--mix measures each tensor's sensitivity on a calibration text; pass --calib FILE (a text not used for scoring)")
+        if not self.mix and (self.calib or self.target_size or self.target_bpw):
+            raise UsageError("--calib, --target-size and --target-bpw belong to --mix; add --mix")
+        if self.target_size and self.target_bpw:
+            raise UsageError("pass one budget: --target-size or --target-bpw")
+
+
+def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
+    """The file `req` asks for; returns runtime.quantize's QuantResult (with the mix's or the
+    optimisation's record in `extra`)."""
+    qt = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
+    req.check()
+    info = read_info(inp)
+    preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
+    if req.optimize:
+        from neoxq.optimize import OptimizeOptions, quantize_optimized
+
+        opts = OptimizeOptions(
+            read_text(req.calib, "--calib"),
+            reference=req.reference,
+            imatrix=imatrix_choice(req.imatrix),
+            ctx=req.ctx,
+            mix=req.mix,
+            max_memory=req.max_memory,
+            fisher_bf16=False if req.float32 else None,
+            stream_bf16=False if req.float32 else None,
+        )
+        return quantize_optimized(info, qt, opts, output=req.output, force=req.force)
+    if req.mix:
+        from neoxq.mix import mix_with_imatrix
+
+        budget = parse_size(req.target_size, "--target-size") if req.target_size else None
+        opts = MixOptions(read_text(req.calib, "--calib"), target_bytes=budget, target_bpw=req.target_bpw, ctx=req.ctx)
+        return mix_with_imatrix(info, qt, opts, req.output, req.imatrix, req.reference, req.force)
+    return quantize(info, qt, output=req.output, imatrix=req.imatrix, force=req.force)
