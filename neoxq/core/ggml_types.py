@@ -1,8 +1,8 @@
 """ggml tensor types as data: id → (name, elements per block, bytes per block).
 
 The same table as gguf-py's GGMLQuantizationType / GGML_QUANT_SIZES (a unit test keeps them equal),
-held here so that reading a file's metadata does not import gguf-py (about 40 ms: it loads its
-writer, reader and numpy quantizers), which `neoxq run` would pay before its first token.
+held here so that reading a file's metadata does not import gguf-py (it loads its writer, reader
+and numpy quantizers), which `neoxq run` would pay before its first token.
 """
 
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -43,8 +43,3 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 }
 
 BY_NAME = {name: (tid, block, size) for tid, (name, block, size) in GGML_TYPES.items()}
-
-
-def row_bytes(type_name: str, n_elements: int) -> int:
-    _, block, size = BY_NAME[type_name]
-    return n_elements // block * size

@@ -7,9 +7,11 @@ only when stderr is a terminal.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
 _quiet = False
 
@@ -21,17 +23,6 @@ def set_quiet(quiet: bool) -> None:
 
 def is_quiet() -> bool:
     return _quiet
-
-
-@contextlib.contextmanager
-def quiet_block() -> Iterator[None]:
-    """Silence progress for a block (nested work whose own bars would fight the caller's)."""
-    global _quiet
-    before, _quiet = _quiet, True
-    try:
-        yield
-    finally:
-        _quiet = before
 
 
 def interactive() -> bool:
@@ -56,9 +47,6 @@ class Progress:
         self._bar = None
         if not interactive():
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
 
         self._bytes = 0
         self._bar = RichProgress(
