@@ -13,6 +13,7 @@ callback (`requantize`), so this module knows nothing of files or block formats.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
@@ -22,6 +23,9 @@ from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.gptq import Moments
 from neoxq.core.progress import Progress
 from neoxq.core.sizes import rows_per_chunk
+
+from .neox import GPTNeoXArgs, deinterleave_qkv, gguf_name, interleave_qkv, tensor_name_map
+from .reference import head_name, layer_inputs, load_final_norm, load_layer, neox_config
 
 # A layer's matmuls in two stages: the first two read the layer's (normed) input, the second two
 # read what the first produce; LAYER_MODULES is every one, in the layer's own order.
@@ -64,9 +68,6 @@ def sequential_calibration(
     the target, never does, and every moment is summed in float32 products."""
     import torch
 
-    from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
-    from .reference import head_name, layer_inputs, load_layer, neox_config
-
     config, args = neox_config(ckpt, ATTENTION), GPTNeoXArgs.from_config(ckpt.config)
     names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)
     ids = np.asarray(windows)
@@ -101,8 +102,6 @@ def sequential_calibration(
 
 def _quantized_copy(layer_f, i: int, gguf_names, norms):
     """The quantized model's copy of layer i, with the file's LayerNorms where `norms` gives them."""
-    from .neox import gguf_name
-
     layer_q = copy.deepcopy(layer_f)
     if norms is not None:
         for mod in NORMS:
@@ -134,8 +133,6 @@ def _set_norm(module, weight_name: str, norms) -> None:
 def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
     """The output matrix's moments: the fp32 logits against the quantized stream's final norm."""
     import torch
-
-    from .reference import load_final_norm
 
     norm = load_final_norm(ckpt, config)
     norm_q = copy.deepcopy(norm)
@@ -182,8 +179,6 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
     the fp32 layer's output and keeps the fp32 outputs of the matmuls in `keep`, per window group,
     for a later stage — or from `given` (what an earlier call kept)."""
     import torch
-
-    from .neox import deinterleave_qkv
 
     seen: dict[str, dict] = {mod: {} for mod in (*stage, *keep)}
     acc = {mod: _Accumulator() for mod in stage}
@@ -309,8 +304,6 @@ def _assign(module, q: np.ndarray, bias: np.ndarray | None, args, qkv: bool) -> 
     """Put a rounded weight (GGUF layout) and its bias into the quantized model's module."""
     import torch
 
-    from .neox import interleave_qkv
-
     def hf(x):
         return torch.from_numpy(np.ascontiguousarray(interleave_qkv(x, args) if qkv else x, dtype=np.float32))
 
@@ -333,8 +326,6 @@ def autocast_bf16(on: bool):
     """torch's CPU autocast to bfloat16 (matmuls in bfloat16, reductions and norms in float32), or
     nothing. Without autocast's cache of the weights' bfloat16 copies: it would hold half a layer
     more through each pass (400 MB at 6.9B's shape) for casts that cost little next to the products."""
-    import contextlib
-
     import torch
 
     return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if on else contextlib.nullcontext()
@@ -348,9 +339,6 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
     gradient at the embedding. The same sums as the in-memory pass (tests: to float rounding);
     bf16: both passes under autocast_bf16, as the in-memory pass."""
     import torch
-
-    from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
-    from .reference import head_name, layer_inputs, load_final_norm, load_layer, neox_config
 
     config, args = neox_config(ckpt, ATTENTION if fisher else "eager"), GPTNeoXArgs.from_config(ckpt.config)
     names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)

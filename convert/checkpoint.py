@@ -9,15 +9,19 @@ refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from neoxq.core.errors import CorruptFileError, SourceError, UnsafeCheckpointError, UsageError, require_convert_extra
 
 from . import hub
+from .neox import GPTNeoXArgs
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -49,8 +53,6 @@ class Checkpoint:
     def bytes_per_param(self) -> int:
         """Bytes per stored parameter (2 for fp16/bf16, 4 for fp32), from the files' size and the
         config's parameter count."""
-        from .neox import GPTNeoXArgs
-
         return max(self.size_bytes // max(GPTNeoXArgs.from_config(self.config).param_count(), 1), 2)
 
     def tensor_names(self) -> list[str]:
@@ -72,8 +74,6 @@ class Checkpoint:
     def fingerprint(self) -> str:
         """Identity of the weights without reading them: names, sizes and mtimes (a hub snapshot's
         files are links to blobs named by their sha256, so there the blob names are used)."""
-        import hashlib
-
         parts = []
         for p in self.weight_files:
             target = p.resolve()
@@ -267,8 +267,6 @@ _MAPPED = {"F16": "<f2", "F32": "<f4", "BF16": "<u2"}
 def _mapped(path: Path, name: str, dtype: str):
     """The tensor located through the safetensors header (8-byte length, JSON with data_offsets),
     memory-mapped; bf16 becomes float32 (the upper half of each float32), as numpy has no bf16."""
-    import numpy as np
-
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         entry = json.loads(f.read(n))[name]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import gguf
 import numpy as np
 
 from neoxq import __version__
@@ -70,7 +71,6 @@ def plan_conversion(ckpt: Checkpoint, outtype: QuantType) -> ConversionPlan:
 
 
 def _out_qtype(shape: tuple[int, ...], outtype: QuantType) -> int:
-    import gguf
 
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1 or outtype == QuantType.F32:
@@ -105,8 +105,6 @@ def _produce(plan: ConversionPlan):
 def _as_numpy(data: np.ndarray, qtype: int, reorder: bool, args: neox.GPTNeoXArgs) -> np.ndarray:
     """A float16 source bound for F16 stays float16 (no float32 copy); everything else goes float32.
     A memory-mapped tensor written unchanged goes as a FileSpan (copied file to file)."""
-    import gguf
-
     same = {gguf.GGMLQuantizationType.F16: np.float16, gguf.GGMLQuantizationType.F32: np.float32}.get(qtype)
     if not reorder and isinstance(data, np.memmap) and data.dtype == same and data.flags.c_contiguous:
         return FileSpan.of(data)
@@ -125,7 +123,6 @@ def _metadata(plan: ConversionPlan):
 
 
 def _add_hparams(w, plan: ConversionPlan) -> None:
-    import gguf
 
     a, ck = plan.args, plan.ckpt
     w.add_name(ck.name if not ck.revision or ck.revision == "main" else f"{ck.name}@{ck.revision}")

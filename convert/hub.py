@@ -7,6 +7,7 @@ With HF_HUB_OFFLINE=1 huggingface_hub answers from the cache alone.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -175,6 +176,5 @@ def _nearest(name: str, refs: list[str], steps: list[tuple[int, str]]) -> list[s
     s = step_of(name, PYTHIA_PREFIX)  # a misspelt `main` is near the last step
     if s is not None and steps:
         return [r for _, r in sorted(steps, key=lambda x: abs(x[0] - s))[:3]]
-    import difflib
 
     return difflib.get_close_matches(name, refs, n=3, cutoff=0.3)

@@ -9,20 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
+from neoxq.core.atomic import check_output
 from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.errors import UsageError, require_convert_extra
 from neoxq.core.imatrix_io import IMatrix, write_imatrix
 from neoxq.core.progress import Progress
+from neoxq.core.textfile import read_text
+
+from .calibrate import ATTENTION, LAYER_MODULES, QKV, CalibrationSums, autocast_bf16, sampled_log_likelihood, streamed_moments
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
 from .checkpoint import Checkpoint, open_checkpoint
 from .neox import GPTNeoXArgs, gguf_name, tensor_name_map
-from .calibrate import ATTENTION, LAYER_MODULES, QKV, CalibrationSums, autocast_bf16, sampled_log_likelihood
+from .reference import load_reference
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:
-    from .checkpoint import Checkpoint, open_checkpoint
 
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     stats = second_moments(ckpt, text, ctx, revision, include_output, full=False)
@@ -86,24 +89,27 @@ def second_moments(
     except ImportError as exc:
         raise require_convert_extra(exc) from exc
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
-    args = GPTNeoXArgs.from_config(ckpt.config)
     windows = calibration_windows(ckpt, text, ctx)
-    ids, n_chunks = windows.reshape(-1).tolist(), len(windows)
     gen = torch.Generator().manual_seed(0)  # the sampled next tokens: the same on every run
     if streamed:
-        from .calibrate import streamed_moments
-
         return streamed_moments(ckpt, windows, include_output, full, fisher, gen, bf16)
-    from .reference import load_reference
+    return _in_memory_pass(ckpt, windows, include_output, full, fisher, gen, bf16)
 
+
+def _in_memory_pass(ckpt, windows, include_output: bool, full: bool, fisher: bool, gen, bf16: bool) -> CalibrationStats:
+    """second_moments with the whole fp32 model loaded: hooks sum each matmul's inputs as the
+    windows pass, and with `fisher` each window's backward pass gives the gradients."""
+    import torch
+
+    args = GPTNeoXArgs.from_config(ckpt.config)
     model = load_reference(ckpt.folder, ATTENTION if fisher else "eager")  # the optimiser's pass: fused attention
     acc = CalibrationSums(full, fisher)
     handles = _input_hooks(model, args, acc, include_output)
-    progress = Progress("calibration" if full else "imatrix", n_chunks, "chunks")
+    progress = Progress("calibration" if full else "imatrix", len(windows), "chunks")
     qkv_names = [gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", tensor_name_map(args.num_hidden_layers)) for i in range(args.num_hidden_layers)]
     try:
-        for c in range(n_chunks):
-            window = torch.tensor([ids[c * ctx : (c + 1) * ctx]])
+        for ids in windows:
+            window = torch.tensor(ids[None])
             if fisher:
                 with autocast_bf16(bf16):
                     emb, qkv = _output_gradients(model, window, gen)
@@ -118,7 +124,7 @@ def second_moments(
         progress.close()
         for h in handles:
             h.remove()
-    return acc.stats(n_chunks)
+    return acc.stats(len(windows))
 
 
 def _input_hooks(model, args, acc: CalibrationSums, include_output: bool) -> list:
@@ -141,10 +147,7 @@ def _input_hooks(model, args, acc: CalibrationSums, include_output: bool) -> lis
 
 def calibration_windows(ckpt, text: str, ctx: int):
     """int64 [n, ctx]: the text's tokens in non-overlapping windows (the tail shorter than one dropped)."""
-    import numpy as np
     from tokenizers import Tokenizer
-
-    from .neox import GPTNeoXArgs
 
     limit = GPTNeoXArgs.from_config(ckpt.config).max_position_embeddings
     if ctx > limit:
@@ -189,8 +192,6 @@ def make_imatrix(
     include_output: bool = False,
     force: bool = False,
 ) -> Path:
-    from neoxq.core.atomic import check_output
-    from neoxq.core.textfile import read_text
 
     check_output(Path(output), force, inputs=[text_file])
     text = read_text(text_file)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import gguf
 import numpy as np
 
 from neoxq.core.errors import CorruptFileError, UnsupportedModelError
@@ -135,16 +136,12 @@ class GPTNeoXArgs:
 
 def tensor_name_map(n_layers: int):
     """gguf-py's own table of HF → GGUF names for GPT-NeoX: names as data, not string surgery."""
-    import gguf
-
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPTNEOX, n_layers)
 
 
 def required_tensors(args: GPTNeoXArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor llama.cpp's gptneox loader requires, with its shape (numpy order). Names come
     from gguf-py's TENSOR_NAMES; only the shapes are GPT-NeoX knowledge."""
-    import gguf
-
     T = gguf.MODEL_TENSOR
     h, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
     shapes = {
@@ -185,7 +182,6 @@ def deinterleave_qkv(arr: np.ndarray, args: GPTNeoXArgs) -> np.ndarray:
 
 
 def size_label(args: GPTNeoXArgs) -> str:
-    import gguf
 
     return gguf.size_label(args.param_count(), 0, 0, 0)
 

@@ -21,6 +21,8 @@ from neoxq.core.errors import UsageError, require_convert_extra
 from neoxq.core.progress import Progress
 from neoxq.core.sizes import format_bytes
 
+from .neox import GPTNeoXArgs, is_ignored
+
 TORCH_OVERHEAD = 400 << 20  # torch + transformers imported, allocator slack
 HEAD_CHUNK = 8192  # vocabulary rows of the output matrix upcast at a time when streaming
 
@@ -48,7 +50,6 @@ class ReferencePlan:
 
 
 def _sizes(ckpt) -> dict:
-    from .neox import GPTNeoXArgs
 
     a = GPTNeoXArgs.from_config(ckpt.config)
     return {"args": a, "layer": a.layer_params(), "embed": a.vocab_size * a.hidden_size, "params": a.param_count(), "src": ckpt.bytes_per_param}
@@ -242,6 +243,5 @@ def _head(ckpt, name: str, h):
 
 
 def _is_buffer(name: str) -> bool:
-    from .neox import is_ignored
 
     return is_ignored(name)

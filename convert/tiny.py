@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,6 @@ def random_model(spec: TinySpec, vocab_size: int):
 def save_checkpoint(model, folder: Path, spec: TinySpec) -> Path:
     """Save in the layout and config style the spec asks for; the tokenizer must be there already."""
     import torch
-
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -257,8 +257,6 @@ def build_training_run(
 ) -> dict[int, Path]:
     """One training run saving checkpoints at `save_steps` (0 = the initialisation), each a complete
     checkpoint folder sharing one tokenizer: a Pythia-like training dimension, in seconds."""
-    import shutil
-
     import torch
     from tokenizers import Tokenizer
 

@@ -10,6 +10,7 @@ The one builder behind `neoxq convert --quant`, `neoxq report` and `neoxq sweep`
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,11 @@ from neoxq.core.cache_key import changed
 from neoxq.core.errors import NeoxqError, OutputError, UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.imatrix_io import file_sha256
+from neoxq.core.mix_plan import MixOptions
 from neoxq.core.naming import gguf_name
 from neoxq.core.qtypes import QuantType
+from neoxq.mix import quantize_mix
+from neoxq.optimize import OptimizeOptions, quantize_optimized
 from neoxq.runtime import quantize as rq
 
 
@@ -70,11 +74,6 @@ def build_mixes(
     """`<TYPE>-mix` for every quantized type: no larger than the stock file, per-tensor types from
     measured sensitivity on `calib_text` (neoxq.mix); reused while source, imatrix and
     calibration text are unchanged."""
-    import hashlib
-
-    from neoxq.core.mix_plan import MixOptions
-    from neoxq.mix import quantize_mix
-
     im_sha = file_sha256(imatrix) if imatrix else None
     calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()
     out: dict[QuantType, Built] = {}
@@ -113,10 +112,6 @@ def build_optimized(
     layer's output on `calib_text` (neoxq.optimize); with `mix`, `<TYPE>-opt-mix`: a measured mix's
     types. Reused while source, method, imatrix and calibration text are unchanged. Without an
     imatrix file, the calibration pass makes one."""
-    import hashlib
-
-    from neoxq.optimize import OptimizeOptions, quantize_optimized
-
     calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()
     out: dict[QuantType, Built] = {}
     for t in (t for t in types if not t.is_float):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neoxq.convert.checkpoint import open_checkpoint
+from neoxq.convert.imatrix import compute_imatrix
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.imatrix_io import write_imatrix
 from neoxq.core.textfile import text_sha256
@@ -14,8 +16,6 @@ from neoxq.reference import check_checkpoint_belongs, source_of
 def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | None = None):
     """The fp32 checkpoint the calibration activations come from: --reference, else the hub source
     recorded in the file; it must be the checkpoint the file was converted from (fingerprint)."""
-    from neoxq.convert.checkpoint import open_checkpoint
-
     if reference is None:
         reference, revision = source_of(src, "the checkpoint folder it was converted from")
     ckpt = open_checkpoint(str(reference), revision)
@@ -32,8 +32,6 @@ def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str 
     """An importance matrix from the calibration text (the fp32 checkpoint the file was converted
     from; --reference or the recorded hub source), written into `folder`: what --mix uses when no
     --imatrix is named (docs/method.md, measured mixes)."""
-    from neoxq.convert.imatrix import compute_imatrix
-
     ckpt = reference_checkpoint(src, reference, revision)
     im = compute_imatrix(ckpt, calib, ctx=min(ctx, src.context_length or ctx), include_output=True, dataset_name=calibration_label(calib))
     return write_imatrix(Path(folder) / "calibration.imatrix", im, force=True)

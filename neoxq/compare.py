@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from neoxq.core.errors import UsageError
+from neoxq.core.gguf_info import read_info
 from neoxq.core.scores_io import load_scores
 from neoxq.core.stats import TokenScores, compare
+from neoxq.core.textfile import read_text, text_sha256
+from neoxq.reference import open_reference
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
+from neoxq.runtime.score import kld
 
 VARIANT_SUFFIXES = ("-opt-mix", "-opt", "-mix")  # longest first: "Q4_K_M-opt-mix" → stock "Q4_K_M"
 
@@ -39,8 +46,6 @@ def compare_rows(rows: list[dict], folder: Path) -> None:
 def _scores(path: Path, reference, text: str, ctx: int, cache_dir, runtime) -> TokenScores:
     if path.suffix == ".npz":
         return load_scores(path)
-    from neoxq.runtime.model import NeoxModel
-    from neoxq.runtime.score import kld
 
     with NeoxModel(path, runtime) as m:
         return kld(m, reference, text, ctx, cache_dir=cache_dir).tokens
@@ -59,11 +64,6 @@ def compare_files(
 ) -> dict:
     """Score A and B on the same tokens against one reference (GGUF files) or read their per-token
     .npz files; return the paired statistics of A against B."""
-    from neoxq.core.gguf_info import read_info
-    from neoxq.core.textfile import read_text, text_sha256
-    from neoxq.reference import open_reference
-    from neoxq.runtime.model import RuntimeOptions
-
     paths = [Path(a), Path(b)]
     need = [p for p in paths if p.suffix != ".npz"]
     ref, text = None, ""
@@ -83,8 +83,6 @@ def compare_files(
 def most_hurt(s: TokenScores, windows, detokenize, n: int = 20, context_tokens: int = 12) -> list[dict]:
     """The n tokens with the largest KLD: where they are, the text before them, the target, both
     models' most likely tokens and the target's probability under each."""
-    import numpy as np
-
     order = np.argsort(-np.asarray(s.kld), kind="stable")[:n]
     out = []
     for i in order:

@@ -7,12 +7,17 @@ library's docstrings (text every machine has), then the full report runs on held
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
+from neoxq.convert.hubcache import write_snapshot
+from neoxq.convert.tiny import TinySpec, build_trained, build_training_run, stdlib_text
 from neoxq.core.progress import info, interactive
+
 from .report import ReportOptions, run_report
+from .sweep import SweepOptions, run_sweep
 
 TRAIN_CHARS, EVAL_CHARS = 400_000, 160_000
 
@@ -23,15 +28,12 @@ def _log(step: int, loss: float) -> None:
 
 
 def demo_spec():
-    from neoxq.convert.tiny import TinySpec
 
     return TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
 
 
 def build_demo_model(ckpt: Path) -> tuple[Path, str]:
     """The demo checkpoint (trained here once, reused) and the held-out text after its training text."""
-    from neoxq.convert.tiny import build_trained, stdlib_text
-
     text = stdlib_text(TRAIN_CHARS + EVAL_CHARS)
     if not ((ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()):
         build_trained(ckpt, demo_spec(), text[:TRAIN_CHARS], steps=200, log=_log)
@@ -61,8 +63,6 @@ def local_hub_cache(cache: Path) -> Iterator[None]:
     """huggingface_hub pointed at `cache`, offline, for the block: the environment (which spawned
     sweep workers read) and its constants (which it reads at call time); both put back afterwards,
     so a test or a library caller is left as it was."""
-    import os
-
     from huggingface_hub import constants
 
     keys = ("HF_HUB_OFFLINE", "HF_HUB_CACHE")
@@ -80,9 +80,6 @@ def local_hub_cache(cache: Path) -> Iterator[None]:
 def build_demo_hub(out: Path) -> Path:
     """Train the demo model, saving checkpoints along the way as hub branches step0 … step200 (and
     `main`, byte-identical to step200, as on the hub) in a local cache; return the cache folder."""
-    from neoxq.convert.hubcache import write_snapshot
-    from neoxq.convert.tiny import build_training_run, stdlib_text
-
     cache = out / "hub-cache"
     if (cache / f"models--{DEMO_REPO.replace('/', '--')}" / "refs" / "main").is_file():
         return cache
@@ -94,8 +91,6 @@ def build_demo_hub(out: Path) -> Path:
 
 
 def run_demo_sweep(out: Path | str = "demo-out") -> Path:
-    from .sweep import SweepOptions, run_sweep
-    from neoxq.convert.tiny import stdlib_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neoxq.core.gguf_info import read_info
+from neoxq.core.machine import versions
+from neoxq.runtime import capi
+
 
 def describe_system() -> dict:
-    from neoxq.core.machine import versions
-    from neoxq.runtime import capi
 
     devs = capi.devices()
     gpus = [d for d in devs if d["type"] != "CPU"]
@@ -23,7 +25,6 @@ def describe_system() -> dict:
 
 
 def describe_file(path: Path) -> dict:
-    from neoxq.core.gguf_info import read_info
 
     info = read_info(path)
     m = info.metadata

@@ -9,7 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+from neoxq.core.atomic import atomic_output
 from neoxq.core.errors import MissingExtraError, UsageError
+from neoxq.core.gguf_info import read_info
 
 
 def _lm_eval():
@@ -21,7 +23,7 @@ def _lm_eval():
 
 def task_manager(include_path: Path | str | None):
     """lm-eval's TaskManager, one per include path and process: building one indexes every task
-    YAML lm-eval ships (~5 s here), and a report asks for it once per file it scores."""
+    YAML lm-eval ships (seconds), and a report asks for it once per file it scores."""
     _lm_eval()
     return _cached_manager(str(include_path) if include_path else None)
 
@@ -59,7 +61,7 @@ def evaluate_file(
     """lm-eval's `simple_evaluate` on one GGUF; network failures while offline become one line."""
     from lm_eval import simple_evaluate
 
-    from neoxq.lmeval import NeoxqLM
+    from neoxq.lmeval import NeoxqLM  # lm-eval's model class: imports lm-eval itself
 
     lm = NeoxqLM(str(path), ctx=ctx)
     try:
@@ -107,8 +109,6 @@ def metrics(results: dict) -> dict[str, dict[str, float]]:
 def run_eval(
     models: list[Path], tasks: list[str], include_path=None, num_fewshot: int | None = None, limit: int | None = None, output: Path | None = None
 ) -> dict:
-    from neoxq.core.atomic import atomic_output
-    from neoxq.core.gguf_info import read_info
 
     manager = task_manager(include_path)
     check_tasks(tasks, manager)

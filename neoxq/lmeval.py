@@ -21,6 +21,8 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from neoxq.core.gguf_info import read_info
+from neoxq.runtime.generate import SamplingOptions, generate
 from neoxq.runtime.model import NeoxModel, RuntimeOptions
 from neoxq.runtime.score import log_softmax
 
@@ -36,7 +38,6 @@ class NeoxqLM(TemplateLM):
     ):
         super().__init__()
         self.path = str(model)
-        from neoxq.core.gguf_info import read_info
 
         info = read_info(self.path)
         self._max_length = int(ctx or info.context_length or 2048)
@@ -88,7 +89,6 @@ class NeoxqLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from neoxq.runtime.generate import SamplingOptions, generate
 
         out = []
         for context, kwargs in (r.args for r in requests):

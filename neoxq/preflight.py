@@ -1,8 +1,8 @@
 """Memory preflight: estimate a heavy command's peak before any work starts, and refuse in one line
 what cannot fit, naming the estimate, what is available and the option that makes it fit.
 
-The estimates are deliberately simple sums of what dominates (checked against measured peaks by
-scripts/bench_reference.py): the llama.cpp model (its file), its KV cache and logits buffer, the
+The estimates are deliberately simple sums of what dominates (scripts/bench_reference.py checks them
+against the peaks it sees): the llama.cpp model (its file), its KV cache and logits buffer, the
 converter's largest tensor, the transformers reference's plan.
 """
 
@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from neoxq.convert.calibrate import HEAD_TOKENS, WINDOWS_PER_PASS
+from neoxq.convert.neox import GPTNeoXArgs
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.machine import available_memory
-from neoxq.core.sizes import format_bytes
+from neoxq.core.sizes import CHUNK_BYTES, format_bytes
 
 BASE = 150 << 20  # Python, numpy, llama-cpp-python, gguf imported
 
@@ -37,8 +39,6 @@ def llama_estimate(weight_bytes: int, layers: int, hidden: int, vocab: int, n_ct
 def convert_bytes(ckpt) -> int:
     """The converter streams: its peak is the largest tensor in the source dtype, in float32 and
     encoded, on top of the libraries."""
-    from neoxq.convert.neox import GPTNeoXArgs
-
     a = GPTNeoXArgs.from_config(ckpt.config)
     return BASE + a.vocab_size * a.hidden_size * (ckpt.bytes_per_param + 4 + 2)
 
@@ -87,9 +87,6 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
        Cholesky factors), the target and the values (float32 [out, in]), the row chunk's copies.
     3. The output matrix: both final streams, the fp32 output matrix, a chunk of float64 logits, its
        moments ([vocab, h]), work matrix, target, values and row chunks."""
-    from neoxq.convert.calibrate import HEAD_TOKENS, WINDOWS_PER_PASS
-    from neoxq.core.sizes import CHUNK_BYTES
-
     h, f, n, v = args.hidden_size, args.intermediate_size, args.num_hidden_layers, args.vocab_size
     layer = 4 * (4 * h * h + 2 * h * f)
     one_window = 4 * ctx * (n * (12 * h + 2 * f) + 6 * v)  # activations, logits, softmax and their gradients
@@ -116,11 +113,9 @@ def optimize_plan(args, ctx: int, windows: int, budget: int | None = None, first
     return plan
 
 
-# What the sums above miss (allocator slack, the rounding's smaller temporaries): the 6.9B-wide
-# 2-layer cut with 8 windows (scripts/bench_optimize_scale.py) peaked at 7218 MiB against 7106
-# MiB estimated without it, 1.016x.
+# What the sums above miss (allocator slack, the rounding's smaller temporaries), checked against
+# the peak of scripts/bench_optimize_scale.py (docs/benchmarks.md).
 SEQUENTIAL_SLACK = 1.05
 
-# torch and transformers imported, beyond BASE. --optimize's peak RSS, measured (/usr/bin/time) with
-# 32 calibration windows of 512: 1.50 GB on the 31M model, 2.65 GB on the 70m shape.
+# torch and transformers imported, beyond BASE.
 TORCH = 300 << 20

@@ -20,9 +20,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf as gg
+
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.imatrix_io import file_sha256
+from neoxq.render import results_table, se_note, sweep_markdown
 
 TAGS = ["gguf", "gpt-neox", "pythia", "quantized"]
 PLOTS = ("report.png", "report-kld-cdf.png")
@@ -154,8 +157,6 @@ def _card_data(meta: dict, report_source: dict):
 def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: str = "") -> str:
     """README.md: YAML metadata huggingface_hub parses, the measured table, how each file was made,
     what was scored, and how to run the files."""
-    from neoxq.render import results_table, se_note
-
     first = read_info(folder / report["results"][0]["file"])
     src, text = report["source"], report["text"]
     data = _card_data(first.metadata, src)
@@ -258,8 +259,6 @@ def _usage(report: dict, opts: PublishOptions) -> list[str]:
 def sweep_card(sweep: dict, folder: Path, branches: list[str]) -> str:
     from huggingface_hub import ModelCardData
 
-    from neoxq.render import sweep_markdown
-
     data = ModelCardData(library_name="gguf", tags=list(TAGS), base_model=sweep["repo"], base_model_relation="quantized", quantized_by="neoxq")
     body = sweep_markdown(sweep).splitlines()
     body[1:1] = [
@@ -289,7 +288,6 @@ def _token_text(gguf: Path, token_id) -> str | None:
     """One token's text from the file's vocabulary (gguf's reader: neoxq's own skips the tokenizer arrays)."""
     if token_id is None:
         return None
-    import gguf as gg
 
     field = gg.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.tokens")
     if field is None or int(token_id) >= len(field.data):

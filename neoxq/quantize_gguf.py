@@ -15,6 +15,8 @@ from neoxq.core.mix_plan import MixOptions
 from neoxq.core.qtypes import QuantType
 from neoxq.core.sizes import parse_size
 from neoxq.core.textfile import read_text
+from neoxq.mix import mix_with_imatrix
+from neoxq.optimize import OptimizeOptions, quantize_optimized
 from neoxq.runtime.quantize import quantize
 
 
@@ -64,8 +66,6 @@ def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
     info = read_info(inp)
     preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
     if req.optimize:
-        from neoxq.optimize import OptimizeOptions, quantize_optimized
-
         opts = OptimizeOptions(
             read_text(req.calib, "--calib"),
             reference=req.reference,
@@ -78,8 +78,6 @@ def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
         )
         return quantize_optimized(info, qt, opts, output=req.output, force=req.force)
     if req.mix:
-        from neoxq.mix import mix_with_imatrix
-
         budget = parse_size(req.target_size, "--target-size") if req.target_size else None
         opts = MixOptions(read_text(req.calib, "--calib"), target_bytes=budget, target_bpw=req.target_bpw, ctx=req.ctx)
         return mix_with_imatrix(info, qt, opts, req.output, req.imatrix, req.reference, req.force)

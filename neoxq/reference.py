@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from neoxq.convert.checkpoint import open_checkpoint
+from neoxq.convert.reference import HFReference
 from neoxq.core.choices import F16, is_transformers, reference_choice
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
@@ -16,8 +18,6 @@ from neoxq.runtime.score import GGUFReference, Reference
 def hf_reference(ckpt, max_memory: int | None, reserved: int = 0):
     """The transformers reference with a budget: --max-memory, else what is available minus what
     the llama.cpp side (`reserved`) holds at the same time."""
-    from neoxq.convert.reference import HFReference
-
     budget = max_memory if max_memory is not None else max(available_memory() - reserved, 0)
     return HFReference(ckpt, max_memory=budget)
 
@@ -39,7 +39,6 @@ def open_reference(
         if model_info is not None:
             check_gguf_belongs(read_info(path), model_info)
         return GGUFReference(path, options)
-    from neoxq.convert.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(str(spec), revision)
     if model_info is not None:

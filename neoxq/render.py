@@ -3,8 +3,17 @@ PNG come from it. Lives beside the report code; matplotlib is needed only for th
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
+
+import numpy as np
+
+from neoxq.compare import VARIANT_SUFFIXES, stock_of
+from neoxq.core.atomic import atomic_output
+from neoxq.core.scores_io import load_scores
+from neoxq.tables import render as draw
 
 COLUMNS = [
     ("type", "type", "{}"),
@@ -48,8 +57,6 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def value_pm(value: float, se: float, signed: bool = False, max_decimals: int = 7) -> str:
     """`value ± se` with the error to two significant digits and the value to the same place."""
-    import math
-
     sign = "+" if signed else ""
     d = 2 if se <= 0 or not math.isfinite(se) else max(1 - math.floor(math.log10(se)), 2)
     if d > max_decimals:  # too small for fixed decimals (an F16 file's KLD)
@@ -65,8 +72,6 @@ def _columns(report: dict) -> list:
 
 def table(report: dict) -> str:
     """The report's rows for the terminal (neoxq.tables)."""
-    from neoxq.tables import render as draw
-
     cols = _columns(report)
     return draw(
         [(h, "right" if i else "left") for i, (h, _, _) in enumerate(cols)], [[_cell(r, k, f) for _, k, f in cols] for r in report["results"]]
@@ -232,15 +237,12 @@ def kld_text(st: dict) -> str:
 
 
 def has_matplotlib() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
 
 
 def _series(rows: list[dict]) -> dict[str, list[dict]]:
     """Rows grouped as they are drawn: stock types, and each kind of variant (-mix, -opt, -opt-mix)."""
-    from neoxq.compare import VARIANT_SUFFIXES, stock_of
-
     names = {"": "stock", "-mix": "measured mix", "-opt": "optimised rounding", "-opt-mix": "optimised + mix"}
     out: dict[str, list[dict]] = {}
     for r in rows:
@@ -293,10 +295,6 @@ def plot(report: dict, path: Path) -> Path | None:
 
 def cdf_plot(report: dict, folder: Path, path: Path) -> Path | None:
     """Each row's per-token KLD distribution as a CDF on a log axis, from its per-token file."""
-    import numpy as np
-
-    from neoxq.core.scores_io import load_scores
-
     rows = [r for r in report["results"] if r.get("tokens")]
     import matplotlib
 
@@ -320,7 +318,6 @@ def cdf_plot(report: dict, folder: Path, path: Path) -> Path | None:
 
 
 def stock_of_row(row: dict) -> str | None:
-    from neoxq.compare import stock_of
 
     return stock_of(row["type"])
 
@@ -333,8 +330,6 @@ def render(report_json: Path) -> tuple[Path, Path | None]:
 def render_report(report: dict, folder: Path) -> tuple[Path, Path | None]:
     """A report's Markdown and plots into `folder` (the report writes report.json after them, so a
     report.json on disk always has its renderings beside it)."""
-    from neoxq.core.atomic import atomic_output
-
     report = dict(report)
     png, cdf = folder / "report.png", folder / "report-kld-cdf.png"
     made = has_matplotlib()
@@ -392,7 +387,6 @@ def sweep_markdown(data: dict) -> str:
 
 def sweep_plot(data: dict, path: Path) -> None:
     import matplotlib
-    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -424,7 +418,6 @@ def sweep_plot(data: dict, path: Path) -> None:
 
 
 def render_sweep(sweep_json: Path) -> tuple[Path, Path | None]:
-    from neoxq.core.atomic import atomic_output
 
     data = json.loads(Path(sweep_json).read_text())
     folder = Path(sweep_json).parent

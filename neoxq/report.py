@@ -8,17 +8,36 @@ the source of truth; report.md and report.png are rendered from it (neoxq.render
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from neoxq import __version__, preflight
+from neoxq.build import build_mixes, build_optimized, build_types
+from neoxq.compare import compare_rows, most_hurt
+from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
+from neoxq.convert.imatrix import compute_imatrix
+from neoxq.convert.neox import GPTNeoXArgs
 from neoxq.core.atomic import atomic_output
+from neoxq.core.cache_key import changed
 from neoxq.core.choices import AUTO, F16, HF, is_transformers
 from neoxq.core.errors import NeoxqError, UsageError
-from neoxq.core.cache_key import changed
+from neoxq.core.gguf_info import read_info
 from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
-from neoxq.core.progress import Progress
+from neoxq.core.machine import describe, versions
+from neoxq.core.naming import gguf_name
+from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
+from neoxq.core.scores_io import load_scores, save_scores
 from neoxq.core.textfile import read_text, text_sha256
+from neoxq.evaluate import check_tasks, evaluate_file, metrics, parse_tasks, task_manager
+from neoxq.reference import hf_reference
+from neoxq.render import render_report
+from neoxq.runtime.model import NeoxModel, RuntimeOptions
+from neoxq.runtime.reference_cache import reference_tables
+from neoxq.runtime.score import GGUFReference, Windows, kld
+from neoxq.runtime.speed import measure
 
 DEFAULT_TYPES = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K"
 TOKENS_DIR = "tokens"  # per-token scores, one .npz per row (neoxq.core.scores_io)
@@ -66,8 +85,6 @@ class _Run:
 
 def _report_folder(out_dir, ckpt) -> Path:
     """The report's folder, named but not yet made: a mistake found before any work leaves nothing."""
-    from neoxq.core.naming import gguf_name
-
     out = Path(out_dir) if out_dir else Path("report-" + gguf_name(ckpt.name, ckpt.revision, "x")[: -len("-x.gguf")])
     if out.exists() and not out.is_dir():
         raise UsageError(f"report folder {out} is a file; pass -o with a folder")
@@ -91,7 +108,6 @@ def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
             return None, None
         path = Path(run.opts.imatrix)
         return path, {"file": path.name, "calibration": ", ".join(read_imatrix(path).datasets) or "unknown"}
-    from neoxq.convert.imatrix import compute_imatrix
 
     path, record = run.out / "imatrix.gguf", run.out / "imatrix.inputs.json"
     calib_sha = text_sha256(run.calib)
@@ -115,12 +131,6 @@ def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
 def _score(run: _Run, built, reference, cache: Path) -> dict:
     """One type's row: reused from results/<TYPE>.json when file, text, ctx and reference match and
     its per-token file (tokens/<TYPE>.npz) is the one it names."""
-    from neoxq.core.gguf_info import read_info
-    from neoxq.core.scores_io import save_scores
-    from neoxq.runtime.model import NeoxModel, RuntimeOptions
-    from neoxq.runtime.score import kld
-    from neoxq.runtime.speed import measure
-
     st, sha = built.path.stat(), file_sha256(built.path)
     inputs = {
         "file_sha256": sha,
@@ -195,7 +205,6 @@ def _tasks_json(run: _Run, path: Path) -> dict:
     """--tasks: lm-eval's metrics for this file (neoxq's lm-eval class, the same as `neoxq eval`)."""
     if not run.opts.tasks:
         return {}
-    from neoxq.evaluate import evaluate_file, metrics, parse_tasks, task_manager
 
     # the names were checked when the run started (run_report)
     return {"tasks": metrics(evaluate_file(path, parse_tasks(run.opts.tasks), task_manager(run.opts.include_path)))}
@@ -239,8 +248,6 @@ def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
     """Everything that decides a report: a finished report.json is reused whole (by the sweep) only
     when all of it is the same; otherwise the report reruns, and its own parts (built files, rows,
     reference tables, imatrix) are reused where their own inputs are."""
-    from neoxq import __version__
-
     ref = opts.reference
     if ref not in (AUTO, HF, F16) and Path(ref).exists():
         ref = f"{Path(ref).resolve()}:{Path(ref).stat().st_mtime_ns}"
@@ -262,7 +269,6 @@ def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
 
 
 def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
-    from neoxq.core.machine import describe, versions
 
     ck = run.ckpt
     return {
@@ -304,10 +310,6 @@ def _plan_json(reference) -> dict:
 
 def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
     """Run (or resume) the whole pipeline; return the path of report.json."""
-    from neoxq.compare import compare_rows
-    from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
-    from neoxq.render import render_report
-
     opts = opts or ReportOptions()
     types = QuantType.parse_list(opts.types)
     if opts.imatrix not in (None, AUTO):
@@ -319,8 +321,6 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     run = _Run(ckpt, out, Path(text_file), text, calib, scored, opts, types)
     n_windows = _check_scored_length(run)
     if opts.tasks:
-        from neoxq.evaluate import check_tasks, parse_tasks, task_manager
-
         check_tasks(parse_tasks(opts.tasks), task_manager(opts.include_path))
     _preflight(run, n_windows)
     _make_folder(out)
@@ -347,11 +347,6 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
 def _most_hurt(run: _Run, rows: list[dict], files: list, base: Path, n: int = 20) -> dict | None:
     """The n tokens the worst quantized file (largest mean KLD) got most wrong, with their context
     in the scored text (decoded by the file's own vocabulary)."""
-    from neoxq.compare import most_hurt
-    from neoxq.core.scores_io import load_scores
-    from neoxq.runtime.model import NeoxModel, RuntimeOptions
-    from neoxq.runtime.score import Windows
-
     quantized = [(r, f) for r, f in zip(rows, files) if not f.qtype.is_float]
     if not quantized:
         return None
@@ -366,26 +361,17 @@ def _reference_first(run: _Run, reference, base: Path) -> None:
     """Compute the reference tables before any llama.cpp model is loaded (only its tokenizer), and
     the transformers reference in a child process: torch's freed memory then goes back to the
     system with the child, so it never adds to what llama.cpp holds while scoring."""
-    from neoxq.runtime.model import NeoxModel, RuntimeOptions
-    from neoxq.runtime.reference_cache import reference_tables
-    from neoxq.runtime.score import GGUFReference, Windows
-
     with NeoxModel(base, RuntimeOptions(n_ctx=run.opts.ctx, vocab_only=True)) as m:
         w, n_vocab = Windows(m.tokenize(run.scored), run.opts.ctx), m.n_vocab
     if isinstance(reference, GGUFReference):
         reference_tables(reference, w, n_vocab, run.out / "cache")
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    from neoxq.core.progress import is_quiet, set_quiet
 
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=set_quiet, initargs=(is_quiet(),)) as pool:
         pool.submit(_tables_in_child, reference, w, n_vocab, run.out / "cache").result()
 
 
 def _tables_in_child(reference, w, n_vocab: int, cache: Path) -> None:
-    from neoxq.runtime.reference_cache import reference_tables
 
     reference_tables(reference, w, n_vocab, cache)
 
@@ -398,8 +384,6 @@ def _calibrates(opts: ReportOptions) -> bool:
 
 def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
     """Every file the report scores, in order: the listed types, then their -mix twins."""
-    from neoxq.build import build_mixes, build_optimized, build_types
-
     base = build_types(run.ckpt, [QuantType.F16], run.out)[QuantType.F16]
     bar.update(1, note="converted")
     im_path, im_info = _imatrix(run)
@@ -437,17 +421,12 @@ def _check_scored_length(run: _Run) -> int:
     return the number of windows."""
     from tokenizers import Tokenizer
 
-    from neoxq.runtime.score import Windows
-
     tok = Tokenizer.from_file(str(run.ckpt.folder / "tokenizer.json"))
     return Windows(tok.encode(run.scored).ids, run.opts.ctx).n_chunks
 
 
 def _llama_f16_bytes(run: _Run) -> int:
     """What the largest file scored (F16) holds under llama.cpp, estimated from the config."""
-    from neoxq import preflight
-    from neoxq.convert.neox import GPTNeoXArgs
-
     a = GPTNeoXArgs.from_config(run.ckpt.config)
     return preflight.llama_estimate(a.param_count() * 2, a.num_hidden_layers, a.hidden_size, a.vocab_size, run.opts.ctx, run.opts.ctx)
 
@@ -459,8 +438,6 @@ def _hf_choice(run: _Run) -> bool:
 
 def _preflight(run: _Run, n_windows: int) -> None:
     """Before any work: the reference's plan (in memory or streamed) plus the llama.cpp side must fit."""
-    from neoxq import preflight
-
     llama = _llama_f16_bytes(run)
     if not _hf_choice(run):
         preflight.check("scoring the F16 file", 2 * llama, "pass a smaller --ctx")
@@ -475,8 +452,6 @@ def _preflight(run: _Run, n_windows: int) -> None:
 
 
 def _hf_for(run: _Run, reserved: int):
-    from neoxq.convert.checkpoint import open_checkpoint
-    from neoxq.reference import hf_reference
 
     ref = run.opts.reference
     ckpt = run.ckpt if is_transformers(ref) else open_checkpoint(ref)
@@ -485,8 +460,6 @@ def _hf_for(run: _Run, reserved: int):
 
 def _reference(run: _Run, f16: Path):
     """The reference chosen by --reference (what was used, and why, goes into report.json)."""
-    from neoxq.runtime.score import GGUFReference
-
     if run.opts.reference == F16:
         return GGUFReference(f16)
     if not _hf_choice(run):

@@ -12,15 +12,25 @@ sweep.md and sweep.png rendered from it.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import socket
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from neoxq.convert.checkpoint import open_checkpoint
+from neoxq.convert.hub import identify, list_refs, parse_spec, spec_parts, step_of
 from neoxq.core.atomic import atomic_output, remove_stale_partials
+from neoxq.core.cache_key import changed
 from neoxq.core.errors import UsageError
+from neoxq.core.machine import default_threads, describe, versions
 from neoxq.core.progress import Progress, is_quiet, set_quiet
+from neoxq.core.qtypes import QuantType
 from neoxq.core.textfile import read_text, text_sha256
-from neoxq.report import ReportOptions
+from neoxq.render import render_sweep
+from neoxq.runtime.capi import supports_gpu_offload
+from neoxq.report import ReportOptions, report_inputs, run_report
 
 ROW_KEYS = (
     "type",
@@ -61,8 +71,6 @@ def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, thr
     `quiet` is the driver's --quiet: a spawned worker or Ray task starts with the module default."""
     set_quiet(quiet)
     _pin(threads)
-    from neoxq.convert.checkpoint import open_checkpoint
-    from neoxq.report import run_report
 
     o = SweepOptions(**opts)
     ckpt = open_checkpoint(repo, revision)
@@ -101,9 +109,6 @@ def _evict(commit: str | None) -> None:
 def _reusable(folder: Path, text_sha: str, opts: SweepOptions, commit: str) -> dict | None:
     """A finished revision's report.json, when every input of its report is the same now
     (neoxq.core.cache_key); else the revision's report reruns and reuses what its parts can."""
-    from neoxq.core.cache_key import changed
-    from neoxq.report import report_inputs
-
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -128,8 +133,6 @@ def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
 def _step(repo: str, revision: str, dup: str | None) -> int | None:
     """The revision's step (neoxq.convert.hub.step_of); a duplicate takes its original's when it
     names none itself (`main` = the last step branch)."""
-    from neoxq.convert.hub import step_of
-
     for name in (revision, dup):
         if name and step_of(name) is not None:
             return step_of(name)
@@ -138,9 +141,6 @@ def _step(repo: str, revision: str, dup: str | None) -> int | None:
 
 def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, results: dict) -> Path:
     """sweep.json from what is finished so far (duplicates carry their original's results)."""
-    from neoxq.core.machine import describe, versions
-    from neoxq.core.qtypes import QuantType
-
     entries, tokens = [], None
     for rid, dup in plan:
         report = results.get(dup or rid.revision)
@@ -164,10 +164,6 @@ def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, result
 
 def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions | None = None) -> Path:
     """Run (or resume) the sweep; return sweep.json's path (sweep.md/.png rendered beside it)."""
-    from neoxq.core.qtypes import QuantType
-    from neoxq.convert.hub import identify, list_refs, parse_spec, spec_parts
-    from neoxq.render import render_sweep
-
     opts = opts or SweepOptions()
     QuantType.parse_list(opts.types)
     spec_parts(spec)
@@ -202,7 +198,6 @@ def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions 
 
 
 def _cores() -> int:
-    from neoxq.core.machine import default_threads
 
     return default_threads()
 
@@ -213,8 +208,6 @@ def _run_local(todo, args, finished) -> None:
         for rid in todo:
             finished(rid, _task(repo, rid.revision, text, str(out / rid.revision), asdict(opts), _cores(), is_quiet()))
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     threads = max(1, _cores() // opts.workers)
     with ProcessPoolExecutor(opts.workers, mp_context=mp.get_context("spawn")) as pool:
@@ -225,8 +218,6 @@ def _run_local(todo, args, finished) -> None:
 
 def _check_reachable(address: str) -> None:
     """Ray keeps retrying an address that does not answer; say so in one line within seconds."""
-    import socket
-
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     try:
@@ -263,8 +254,6 @@ def _run_ray(todo, args, finished) -> None:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         cpus = int(max((n.get("CPU", 1) for n in nodes), default=1))
         threads = max(1, cpus // max(1, opts.workers))
-        from neoxq.runtime.capi import supports_gpu_offload
-
         node_memory = max((n.get("memory", 0) for n in nodes), default=0)
         pending = {}
         for rid in todo:

@@ -5,16 +5,18 @@ programs."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from neoxq.core.qtypes import QuantType
+from neoxq.evaluate import metrics
 
 
 def render(columns: list[tuple[str, str]], rows: list[list[str]], title: str | None = None) -> str:
     """Columns (header, "left"|"right") and rows of cells, as text of the columns' own widths."""
-    import io
-
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(box=None, pad_edge=False, show_edge=False, title=title, title_justify="left", header_style="bold")
     for name, justify in columns:
         t.add_column(name, justify=justify, no_wrap=True)
@@ -26,7 +28,6 @@ def render(columns: list[tuple[str, str]], rows: list[list[str]], title: str | N
 
 
 def types_table() -> str:
-    from neoxq.core.qtypes import QuantType
 
     rows = [[t.value, f"{t.nominal_bpw:.2f}", "required" if t.needs_imatrix else "optional" if not t.is_float else "-"] for t in QuantType]
     return render([("type", "left"), ("bpw", "right"), ("imatrix", "left")], rows)
@@ -76,8 +77,6 @@ def sweep_table(data: dict) -> str:
 
 def evaluation_table(combined: dict) -> str:
     """lm-eval's metrics per file."""
-    from neoxq.evaluate import metrics
-
     rows = [(m, d["type"], metrics({"results": d["results"]})) for m, d in combined["models"].items()]
     cols = sorted({(t, k) for _, _, ms in rows for t, v in ms.items() for k in v})
     body = [[Path(m).name, ty, *[f"{ms.get(t, {}).get(k, float('nan')):.4f}" for t, k in cols]] for m, ty, ms in rows]

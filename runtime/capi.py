@@ -11,16 +11,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 from typing import Iterator
 
 import llama_cpp
+import llama_cpp.llama_cpp as lib
 import numpy as np
 
 from neoxq.core.errors import LlamaError
+from neoxq.core.ggml_types import BY_NAME
+from neoxq.core.gguf_layout import override_key, override_value
+from neoxq.core.machine import process_initialised
 
 
 class LogLevel(IntEnum):
@@ -80,8 +86,6 @@ def captured_errors(level: LogLevel = LogLevel.ERROR) -> Iterator[list[str]]:
     callback is installed for the rest of the process, so llama.cpp never prints past our one-line
     errors. Elsewhere (a library user, lm-eval, a notebook) it is installed for the outermost block
     only and the caller's callback is put back afterwards."""
-    from neoxq.core.machine import process_initialised
-
     global _process_wide
     restore = None
     if not _process_wide and not _LOG.captures:  # the outermost block installs ours
@@ -116,8 +120,8 @@ def system_info() -> str:
 def amx_kernels() -> bool:
     """Whether this llama.cpp build's CPU backend uses Intel AMX (a native build on Sapphire Rapids
     or later): its AMX buffer type for k-quant weights crashes the first decode there (SIGSEGV or
-    SIGILL in ggml_backend_amx_mul_mat, llama.cpp issue 20824; measured here on every Q4_K_M file
-    `neoxq run` generated from, F16 unaffected)."""
+    SIGILL in ggml_backend_amx_mul_mat, reported on llama.cpp's tracker; every k-quant file,
+    F16 unaffected)."""
     return "AMX_INT8 = 1" in system_info()
 
 
@@ -188,7 +192,6 @@ class QuantizeCall:
 
 
 def _kv_array(kv: dict[str, str]):
-    from neoxq.core.gguf_layout import override_key, override_value
 
     arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
     for i, (k, v) in enumerate(kv.items()):
@@ -217,10 +220,6 @@ def _imatrix_array(values: dict[str, np.ndarray]):
 def _tensor_type_array(types: dict[str, str]):
     """llama_model_tensor_override[]: one anchored pattern per tensor name (llama.cpp matches them as
     ECMAScript regexes, first match wins), ending with a null pattern."""
-    import re
-
-    from neoxq.core.ggml_types import BY_NAME
-
     keep = [f"^{re.escape(name)}$".encode() for name in types]
     arr = (llama_cpp.llama_model_tensor_override * (len(types) + 1))()
     for i, (pattern, type_name) in enumerate(zip(keep, types.values())):
@@ -263,10 +262,6 @@ def quantize_dry_run(inp: str, call: QuantizeCall) -> tuple[int, list[str], dict
 def _planned_types(lines: list[str]) -> dict[str, str]:
     """llama-quant.cpp logs one line per tensor, `[  i/  n] NAME - [shape], type = SRC, size = A MiB`
     followed by ` -> B MiB (NEW)` when it changes the type (pieces may arrive as separate log calls)."""
-    import re
-
-    from neoxq.core.ggml_types import BY_NAME
-
     upper = {name.upper(): name for name in BY_NAME}
     out = {}
     for m in re.finditer(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(\w+)([^\[]*)", "".join(lines)):
@@ -297,8 +292,6 @@ _ggml = None
 
 def _bundled_lib(name: str) -> ctypes.CDLL:
     """One of the ggml libraries llama-cpp-python ships beside libllama (already loaded by it)."""
-    from pathlib import Path
-
     return ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / name))
 
 
@@ -430,8 +423,6 @@ def model_defaults(**fields) -> Iterator[None]:
     from llama_model_default_params() and exposes no argument for e.g. `use_extra_bufts`. The
     function is patched module-wide, so loads in other threads wait for the block to end (every
     neoxq model load goes through here) rather than pick up this load's fields."""
-    import llama_cpp.llama_cpp as lib
-
     with _DEFAULTS_LOCK:
         original = lib.llama_model_default_params
 

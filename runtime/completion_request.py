@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
+from llama_cpp import LogitsProcessorList
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from neoxq.core.errors import UsageError
+from neoxq.core.numbers import check_number
 
 from .generate import SamplingOptions
 
@@ -74,7 +76,6 @@ class Request:
         None when there is nothing to do."""
         if not self.logit_bias and seen is None:
             return None
-        from llama_cpp import LogitsProcessorList
 
         idx = np.fromiter(self.logit_bias, dtype=np.int64)
         add = np.fromiter(self.logit_bias.values(), dtype=np.float32)
@@ -133,7 +134,6 @@ def parse_request(body, n_vocab: int) -> Request:
 
 
 def _logit_bias(raw: dict[str, float], n_vocab: int) -> dict[int, float]:
-    from neoxq.core.numbers import check_number
 
     out = {}
     for key, value in raw.items():

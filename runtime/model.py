@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from llama_cpp import Llama
 
 from neoxq.core.errors import CorruptFileError, UsageError
 from neoxq.core.gguf_info import GGUFInfo, read_info
-from neoxq.core.machine import default_threads
+from neoxq.core.machine import check_threads, default_threads
 
 from . import capi
 
@@ -23,11 +24,8 @@ def gpu_offload_supported() -> bool:
 
 def resolve_flash_attn(setting: str) -> bool:
     """auto: on, as llama.cpp's own auto resolves it wherever the device has the op (every CPU, and
-    CUDA): on the CPU it is faster too (a 50k-vocabulary 4×256 model scored 512-token windows in
-    56 against 62 ms) and llama-perplexity runs with it; on/off force it."""
+    CUDA): on the CPU it is faster too, and llama-perplexity runs with it; on/off force it."""
     if setting not in ("auto", "on", "off"):
-        from neoxq.core.errors import UsageError
-
         raise UsageError(f"--flash-attn {setting!r}: use auto, on or off")
     return setting != "off"
 
@@ -42,10 +40,9 @@ class RuntimeOptions:
     vocab_only: bool = False  # tokenizer only: no weights, no context (tokenising costs no memory)
     flash_attn: str = "auto"  # auto | on | off
     # Weight repacking (llama.cpp's CPU "extra buffer types") keeps a second, interleaved copy of the
-    # weights. Off for scoring: a 6.9B Q4_K_M processed prompts at 57 against 36 tok/s and peaked at
-    # 4.6 against 7.0 GiB without it. None keeps llama.cpp's default, which `run` and `serve` use
-    # (generation measured 7.3 against 6.6 tok/s with it), except where the build uses AMX kernels
-    # (capi.amx_kernels: they crash there).
+    # weights. Off for scoring: prompts are processed faster and the peak is lower without it. None
+    # keeps llama.cpp's default, which `run` and `serve` use (generation is faster with it), except
+    # where the build uses AMX kernels (capi.amx_kernels: they crash there). docs/benchmarks.md.
     repack: bool | None = False
 
 
@@ -53,8 +50,6 @@ def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str 
     """The flags every model-loading command shares (--ctx, --threads, -ngl, --flash-attn, --device),
     as RuntimeOptions; --device is the policy: cpu → no layers offloaded, gpu → all of them, auto →
     llama.cpp's own choice (all on a GPU build)."""
-    from neoxq.core.machine import check_threads
-
     if device not in ("auto", "cpu", "gpu"):
         raise UsageError(f"--device {device!r}: use auto, gpu or cpu")
     check_threads(threads)
@@ -78,7 +73,6 @@ class NeoxModel:
         if n_ctx > train_ctx:
             raise UsageError(f"context {n_ctx} exceeds the model's training context {train_ctx}; pass --ctx {train_ctx} or less")
         n_gpu = o.n_gpu_layers if o.n_gpu_layers is not None else (-1 if gpu_offload_supported() else 0)
-        from llama_cpp import Llama
 
         threads = o.n_threads or default_threads()
         self.n_batch = min(o.n_batch, n_ctx)

@@ -2,7 +2,7 @@
 change.
 
 A probe is the F16 model with a few matrices quantized. Written whole by llama.cpp's quantizer,
-every probe was another copy of the model (13.8 GB at Pythia-6.9B, ~60 probes per mix). Here the
+every probe would be another copy of the model (tens of probes per mix). Here the
 F16 model is written once as a set of GGUF splits, as llama.cpp's gguf-split lays them out and as
 llama.cpp loads them (one model from `<prefix>-00001-of-000NN.gguf` …): the metadata and the small
 tensors in the first split, then one matrix per split. A probe is a folder of links to those
@@ -17,11 +17,14 @@ import os
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 
-from neoxq.core.gguf_info import GGUFInfo, TensorInfo
+from neoxq.core.gguf_info import GGUFInfo, TensorInfo, float_rows
 from neoxq.core.imatrix_io import IMatrix
 from neoxq.core.sizes import rows_per_chunk
+
+from . import capi
 
 
 def split_name(prefix: str, no: int, count: int) -> str:
@@ -75,7 +78,6 @@ class SplitModel:
     def _write(
         self, folder: Path, no: int, tensors: list[tuple[TensorInfo, np.ndarray]], metadata: bool = False, ggml_type: str | None = None
     ) -> int:
-        import gguf
 
         path = folder / split_name(self.PREFIX, no, self.count)
         w = gguf.GGUFWriter(str(path), arch=self.info.arch, use_temp_file=False)
@@ -95,8 +97,6 @@ class SplitModel:
 
 def _copy_metadata(src: Path, w) -> None:
     """Every key of the source file but the ones the writer and the split set own."""
-    import gguf
-
     skip = {
         gguf.Keys.General.ARCHITECTURE,
         gguf.Keys.Split.LLM_KV_SPLIT_NO,
@@ -114,12 +114,6 @@ def _copy_metadata(src: Path, w) -> None:
 def quantized(info: GGUFInfo, t: TensorInfo, type_name: str, importance: np.ndarray | None) -> np.ndarray:
     """The tensor (F16/F32/BF16 in `info`) quantized to `type_name` by ggml's quantizer, a row chunk
     at a time (rows are quantized independently): raw blocks, uint8 [rows, bytes per row]."""
-    import gguf
-
-    from neoxq.core.gguf_info import float_rows
-
-    from . import capi
-
     ggml_type = int(gguf.GGMLQuantizationType[type_name])
     rows, cols = t.shape
     step = rows_per_chunk(cols, 4)  # float32 rows quantized at a time

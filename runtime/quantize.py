@@ -4,14 +4,16 @@ into the output's metadata through the quantizer's key/value overrides."""
 
 from __future__ import annotations
 
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neoxq.core.atomic import atomic_output, output_in
+from neoxq.core.atomic import atomic_output, out_of_space, output_in
 from neoxq.core.errors import CorruptFileError, UsageError
 from neoxq.core.gguf_info import GGUFInfo, read_info
+from neoxq.core.gguf_layout import quantized_size
 from neoxq.core.imatrix_io import IMatrix, check_fits, file_sha256, read_imatrix
 from neoxq.core.machine import default_threads
 from neoxq.core.naming import gguf_name
@@ -116,8 +118,6 @@ class PlannedFile:
 
 def plan_quantize(src: GGUFInfo, qtype: QuantType | str, imatrix: Path | str | None = None, **call_args) -> PlannedFile:
     """llama.cpp's own type choices for `qtype` (its dry run: nothing written, no disk needed)."""
-    from neoxq.core.gguf_layout import quantized_size
-
     call = quantize_call(src, qtype, imatrix, **call_args)
     rc, errors, types = capi.quantize_dry_run(str(src.path), call)
     if rc != 0 or set(types) != {t.name for t in src.tensors}:
@@ -162,10 +162,6 @@ def quantize(
 def _quantize_failure(src: GGUFInfo, out: Path, qtype: QuantType, detail: str) -> Exception:
     """llama.cpp reports a full disk (and a file over `ulimit -f`) as an iostream error: check the
     space and the limit before blaming the input."""
-    import resource
-
-    from neoxq.core.atomic import out_of_space
-
     need = int(src.n_params * qtype.nominal_bpw / 8 * 1.1) + src.data_offset
     free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]

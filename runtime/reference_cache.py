@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,6 @@ class _atomic_many:
         self.paths = list(paths)
 
     def __enter__(self):
-        from contextlib import ExitStack
 
         self.stack = ExitStack()
         return [self.stack.enter_context(atomic_output(p, force=True, lock=False)) for p in self.paths]

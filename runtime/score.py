@@ -11,17 +11,23 @@ target's logit per position; KLD also needs the reference's top tokens (see refe
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
 
-from neoxq.core.errors import UsageError
+from neoxq.core.errors import CorruptFileError, UsageError
+from neoxq.core.gguf_info import read_info
+from neoxq.core.machine import default_threads
 from neoxq.core.progress import Progress
 from neoxq.core.stats import TokenScores, summarize
 from neoxq.core.textfile import text_sha256
 
-from .model import NeoxModel
+from . import capi
+from .model import NeoxModel, RuntimeOptions
+from .reference_cache import reference_tables
 
 
 @dataclass
@@ -67,21 +73,17 @@ class RowReducer:
     the max. Rows go in blocks that fit a core's L2, so gathering logits at given tokens right after
     (and the argmax) is cache-hot. Without ggml's function numpy does the same in three passes per block. (A BLAS
     matrix-vector product sums faster in isolation, but OpenBLAS's spinning threads then slow the
-    next llama_decode: measured 1.8k against 3.3k tokens/s.)"""
+    next llama_decode.)"""
 
     BLOCK = 4  # rows per step: 4 × 50k float32 = 800 KB
 
     def __init__(self, n_vocab: int, threads: int | None = None):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from neoxq.core.machine import default_threads
 
         self.threads = max(1, min(threads or default_threads(), 4))
         self.scratch = np.empty((self.threads, self.BLOCK, n_vocab), dtype=np.float32)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def _sums(self, k: int, xs: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        from . import capi
 
         sums = np.empty(len(xs))
         with np.errstate(over="ignore", invalid="ignore"):
@@ -195,8 +197,6 @@ def check_finite(reduced: np.ndarray, model: NeoxModel, window: int) -> None:
     damaged or badly made file). One line, instead of a "perplexity nan ± nan" that looks like a
     result. Checked on the reduced rows, so it costs nothing next to the logits."""
     if not np.isfinite(reduced).all():
-        from neoxq.core.errors import CorruptFileError
-
         raise CorruptFileError(
             f"{model.info.path.name} gives non-finite logits (window {window + 1}): its weights hold NaN or "
             "infinity; re-create it with `neoxq convert`/`neoxq quantize` from a sound checkpoint"
@@ -246,9 +246,6 @@ class GGUFReference:
     """An F16/F32 (or any) GGUF scored by llama.cpp: llama.cpp's own way of measuring KLD."""
 
     def __init__(self, path, options=None):
-        from pathlib import Path
-
-        from neoxq.core.gguf_info import read_info
 
         self.info = read_info(path)
         self.path = Path(path)
@@ -260,7 +257,6 @@ class GGUFReference:
         return f"gguf:{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
     def log_probs(self, w: Windows) -> Iterator[tuple[int, np.ndarray]]:
-        from .model import RuntimeOptions
 
         opts = self.options or RuntimeOptions(n_ctx=w.ctx, n_batch=w.ctx)
         with NeoxModel(self.path, opts, info=self.info) as ref:
@@ -302,8 +298,6 @@ class KLDResult:
 
 def kld(model: NeoxModel, reference: Reference, text: str, ctx: int = 512, cache_dir=None) -> KLDResult:
     """KL(reference ‖ model) per scored token and the statistics llama-perplexity prints."""
-    from .reference_cache import reference_tables
-
     w = Windows(model.tokenize(text), ctx)
     ref = reference_tables(reference, w, model.n_vocab, cache_dir)
     scores = kld_scores(model, ref, w)
@@ -314,8 +308,8 @@ def kld(model: NeoxModel, reference: Reference, text: str, ctx: int = 512, cache
 
 def tail_mass(ref) -> dict:
     """How much of the reference's probability its tables keep outside their top tokens: the KLD
-    merges that rest into one outcome, which reads it low when the rest is large (measured by
-    scripts/bench_stats.py: −6 to −13 % with 11 % left outside)."""
+    merges that rest into one outcome, which reads it low when the rest is large (scripts/bench_stats.py
+    measures by how much; docs/method.md)."""
     rest = np.exp(np.asarray(ref.rest_lp, dtype=np.float64))
     return {"top_k": int(ref.top_idx.shape[1]), "mass_outside_mean": float(rest.mean()), "mass_outside_max": float(rest.max())}
 

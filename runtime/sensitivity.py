@@ -27,6 +27,10 @@ from neoxq.core.mix_plan import MIX_VERSION, Sensitivity, candidates, fitted, me
 from neoxq.core.progress import Progress
 
 from .capi import quantize_dequantize
+from .model import NeoxModel, RuntimeOptions
+from .probe_files import SplitModel
+from .reference_cache import reference_tables
+from .score import GGUFReference, Windows, kld_scores
 
 SAMPLE_ROWS = 512  # rows per tensor used for the proxy error
 
@@ -61,10 +65,6 @@ class KLDProbe:
     writes only the probed matrices; the F16 splits are written once per measurement."""
 
     def __init__(self, info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, im: IMatrix | None, threads: int):
-        from .model import NeoxModel, RuntimeOptions
-        from .probe_files import SplitModel
-        from .reference_cache import reference_tables
-        from .score import GGUFReference, Windows
 
         self.info, self.ctx, self.im, self.threads = info, ctx, im, threads
         self.windows = Windows(calib_ids, ctx)
@@ -83,9 +83,6 @@ class KLDProbe:
         return self.splits.bytes_written
 
     def kld(self, types: dict[str, str]) -> float:
-        from .model import NeoxModel
-        from .score import kld_scores
-
         try:
             path = self.splits.probe(types, self.im, self.tmp / "probe")
         except OSError as exc:
@@ -182,8 +179,6 @@ def _load_sensitivities(path: Path) -> tuple[dict[str, Sensitivity], int] | None
 
 def calibration_ids(info: GGUFInfo, text: str, ctx: int, max_windows: int) -> tuple[list[int], int]:
     """The calibration text's tokens, whole windows of the context (at most the model's), and that context."""
-    from .model import NeoxModel, RuntimeOptions
-
     ctx = min(ctx, info.context_length or ctx)
     with NeoxModel(info.path, RuntimeOptions(n_ctx=64, n_gpu_layers=0), info=info) as m:
         ids = m.tokenize(text)

@@ -12,6 +12,8 @@ Requests are validated in completion_request.py: every OpenAI parameter honoured
 """
 
 import asyncio
+import dataclasses
+import json
 import socket
 import sys
 import threading
@@ -160,8 +162,6 @@ def _usage(ids: list[int], gen: list[int]) -> dict:
 def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key: str | None = None):
     """The server's app for `model` loaded with `options` (weights repacked as llama.cpp does by
     default, which decodes faster)."""
-    import dataclasses
-
     found = read_info(model)  # one clear error for a missing/corrupt/non-NeoX file, before the server starts
     try:
         from fastapi import FastAPI, Request
@@ -243,8 +243,6 @@ def _stream(engine: Engine, req: "Request", ids: list[int]):
     """`stream: true`: server-sent events as OpenAI's API sends them (a `data:` line per chunk, then
     `data: [DONE]`). A client that leaves cancels this response (Starlette listens for the
     disconnect), which stops the generation at its next token."""
-    import json
-
     from fastapi.responses import StreamingResponse
 
     loop = asyncio.get_running_loop()

@@ -87,7 +87,7 @@ def _usage_error_types() -> tuple[type, ...]:
 
 def _load_llama_first() -> None:
     """On a CUDA build, load llama.cpp's libraries before any command imports numpy (see
-    neoxq/runtime/__init__.py); a CPU build skips the import (it costs ~0.1 s)."""
+    neoxq/runtime/__init__.py); a CPU build skips the import, which costs start-up time."""
     from importlib.util import find_spec
 
     spec = find_spec("llama_cpp")

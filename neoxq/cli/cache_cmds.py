@@ -7,6 +7,8 @@ import time
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from .options import Json, Quiet
 
@@ -54,9 +56,6 @@ def prune(
 
 
 def _table(found, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     from neoxq.core.sizes import format_bytes
 
     t = Table(title=title, title_justify="left")

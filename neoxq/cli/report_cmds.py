@@ -12,6 +12,7 @@ from neoxq.core.choices import imatrix_choice, reference_choice
 from neoxq.tables import sweep_table
 
 from .options import Ctx, IncludePath, MaxMemory, Output, Quiet, ReferenceOpt, Revision, Source, Tasks
+from .say import result_line
 
 
 def report(
@@ -169,8 +170,6 @@ def publish(
     """Upload a report's GGUF files, plots and a model card carrying the measurements to the hub."""
     from neoxq.publish import PublishOptions
     from neoxq.publish import publish as run_publish
-
-    from .say import result_line
 
     branches = run_publish(folder, PublishOptions(repo_id, private, revision, dry_run, ollama, force))
     where = f"wrote {dry_run}" if dry_run is not None else f"published https://huggingface.co/{repo_id}"

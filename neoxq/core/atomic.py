@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import re
+import resource
 import shutil
 import stat
 from pathlib import Path
@@ -157,7 +158,6 @@ def out_of_space(path: Path, need_bytes: int | None = None, too_large: bool = Fa
 
 
 def _fsize_limited() -> bool:
-    import resource
 
     return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 

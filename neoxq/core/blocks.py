@@ -207,8 +207,7 @@ BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 
 # Both work on the blocks transposed ([size, n] bytes, [block, n] levels): a field's gather and
-# scatter then move whole rows of n values instead of a few bytes of every block (measured on
-# 16384 Q4_K blocks: 34 ms against 182 ms for reading the levels).
+# scatter then move whole rows of n values instead of a few bytes of every block.
 
 
 def levels(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:

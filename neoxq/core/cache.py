@@ -22,9 +22,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import _alive
+from .errors import UsageError
+from .progress import info
+from .sizes import format_bytes, parse_size
+
 KINDS = {"reference": "reference log-prob tables", "mix": "--mix sensitivities", "optimize": "--optimize work, to resume"}
-# A whole wikitext-2 reference table at Pythia's vocabulary is ~1 GB (runtime/reference_cache.py);
-# 20 GB keeps a dozen of them, or one 6.9B --optimize work file beside a few.
+# A whole wikitext-2 reference table at Pythia's vocabulary is about 1 GB (runtime/reference_cache.py):
+# the default keeps a dozen of them, or one 6.9B --optimize work file beside a few.
 DEFAULT_MAX_BYTES = 20 * 10**9
 OWNER_FILE = "owner.pid"  # in a folder entry: the pid working in it
 _SCRATCH = re.compile(r"^neoxq-\w+-(\d+)-")  # a running step's scratch folder: neoxq-<what>-<pid>-<random>
@@ -36,8 +41,6 @@ def cache_root() -> Path:
 
 def max_cache_bytes() -> int | None:
     """NEOXQ_CACHE_MAX_SIZE (a size, or 0/none for no cap), read when the cache is trimmed."""
-    from .sizes import parse_size
-
     text = os.environ.get("NEOXQ_CACHE_MAX_SIZE")
     if text is None:
         return DEFAULT_MAX_BYTES
@@ -121,7 +124,6 @@ def _usage(p: Path) -> tuple[int, float]:
 
 
 def _in_use(e: CacheEntry) -> bool:
-    from .atomic import _alive
 
     for p in e.paths:
         m = _SCRATCH.match(p.name)
@@ -194,9 +196,6 @@ def prune(
 
 def trim(keep: tuple[Path, ...] = ()) -> list[CacheEntry]:
     """After a new entry: the cache back under its cap, least recently used first (the new entry kept)."""
-    from .progress import info
-    from .sizes import format_bytes
-
     root = cache_root().resolve()
     if keep and not any(Path(p).resolve().is_relative_to(root) for p in keep):
         return []  # written elsewhere (a report's own cache folder): not this cache's to trim
@@ -215,8 +214,6 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 def parse_age(text: str, option: str = "--older-than") -> float:
     """`30d`, `12h`, `90m`, `2w`, `45s` → seconds."""
-    from .errors import UsageError
-
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", str(text).lower())
     if not m:
         raise UsageError(f"{option} {text!r} is not an age; write it like 30d, 12h, 90m or 2w")

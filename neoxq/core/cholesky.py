@@ -5,28 +5,22 @@ block: LAPACK's dpotrf on one small diagonal block at a time, BLAS's triangular 
 below it, and a matrix product for the trailing update. Each call then sees at most a few hundred
 MiB.
 
-Why: scipy's bundled OpenBLAS (0.3.30, scipy 1.17.1) segfaults in its threaded dpotrf from about
-15800² float64 on this 2-core machine (15500² factors in 14.3 s; 15800², 16000² and 16384² crash).
-16384² is the Hessian of a 6.9B model's MLP down projection (2 GiB). With OPENBLAS_NUM_THREADS=1
-the same 16384² call works (31.2 s), so the fault is in the threaded path, and its threshold on
-machines with more cores was not measured. numpy's 64-bit-integer build of the same library
-crashes on 16384² too. The blocked path at 16384²: 19–24 s here, about 70 MiB of temporaries;
-LAPACK's own is faster below the limit (9.5 s against 9.9 at 12288², 2.2 against 3.4 at 8192²).
+Why: scipy's bundled OpenBLAS crashes in its threaded dpotrf on matrices the size of a 6.9B model's
+MLP-down Hessian, and works on smaller ones, where it is also faster than the blocked path
+(docs/method.md, "The blocked Cholesky", has the sizes and timings).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# About 60 % of the first failing size (15800² × 8 bytes = 1.86 GiB): 11585², a margin for the
-# threshold's unmeasured dependence on the thread count.
+# Well below the first size that crashed, a margin for the threshold's dependence on the thread
+# count (docs/method.md, "The blocked Cholesky").
 LAPACK_MAX_BYTES = 1 << 30
 # Diagonal blocks 2048 wide: 8 steps at 16384, each trailing update is one pass over the rest.
 BLOCK = 2048
-# Rows per product in the trailing update: the temporary is ROWS × n (64 MiB at n = 16384). At
-# 16384² with 2048-wide blocks, one run each: 20.7 s with 256 rows, 23.3 with 512, 19.2 with 1024
-# (reruns differ by about 2 s); 512 bounds the temporary. With 512 rows and before the square solve
-# tiles, 1024- and 4096-wide blocks took 24.4 and 24.5 s.
+# Rows per product in the trailing update: the temporary is ROWS × n float64. The time hardly
+# depends on it, so it is chosen to bound the temporary.
 ROWS = 512
 
 

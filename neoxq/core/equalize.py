@@ -3,11 +3,9 @@ llama.cpp runs unchanged.
 
 llama.cpp's CPU kernels for k-quant weights (Q2_K … Q6_K) quantize each matmul's input to Q8_K
 first (ggml-cpu.c's type_traits_cpu: vec_dot_type = GGML_TYPE_Q8_K): one scale per 256 values of a
-token's vector, so one large channel coarsens every other
-channel's step. Measured on the demo model (neoxq.demo): the layer inputs' largest channel is ~11×
-their RMS, and the Q6_K file whose levels --optimize chose has a KLD of 0.00253, but 3.4e-5 with the
-same weight values stored as F16 (kernels without activation quantization): 98.7 % of its KLD was
-the activations' rounding, which no choice of weight levels reaches.
+token's vector, so one large channel coarsens every other channel's step. Where the layer inputs
+have outlier channels, that rounding of the activations can be most of a file's KL divergence,
+which no choice of weight levels reaches (docs/method.md, "The equalisation").
 
 A LayerNorm's output channel i can be divided by s_i (its weight and bias, F32 tensors in the file)
 and the matmuls reading it multiplied by s_i on input column i: the same function in exact

@@ -2,7 +2,7 @@
 GPT-NeoX file.
 
 A direct parser over a memory map rather than gguf-py's GGUFReader: the reader builds numpy views
-of every array, and a 50k-token vocabulary plus 50k merges cost it about 2 s per call; here the
+of every array, which for a 50k-token vocabulary plus its merges takes seconds per call; here the
 tokenizer arrays are skipped (strings are walked by their length prefixes, numbers jumped over) so a
 Pythia-sized file reads in milliseconds. Counts are checked against the file size before they are
 trusted, so a corrupt header cannot make us loop or allocate without bound.
@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import CorruptFileError, SourceError, UnsupportedModelError
 from .ggml_types import GGML_TYPES
@@ -241,8 +243,6 @@ FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # the float tensor t
 def float_rows(info: GGUFInfo, t: TensorInfo, rows=slice(None)):
     """Rows (a slice or an index array) of an F32/F16/BF16 tensor as float32 [rows, cols], read
     through a memory map: a large tensor is never read whole to get a part of it."""
-    import numpy as np
-
     raw = np.memmap(info.path, dtype=FLOAT_DTYPES[t.type], mode="r", offset=info.data_offset + t.offset, shape=t.shape)[rows]
     if t.type == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import cholesky
+from .sizes import rows_per_chunk
 from .transpose import transposed
 
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
@@ -41,8 +42,6 @@ SWEEP_DTYPE = np.float32
 def row_chunk(cols: int) -> int:
     """Rows at a time for a matrix `cols` wide: rows are independent in GPTQ and in the target, so
     this bounds the working copies without changing the result (2048 rows at 4096 columns)."""
-    from .sizes import rows_per_chunk
-
     return rows_per_chunk(cols, 8)  # float64 copies; GPTQ holds about six (weights, grids, permuted copies)
 
 

@@ -8,11 +8,12 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from .atomic import atomic_output
 from .errors import CorruptFileError, SourceError, UsageError
-from .gguf_info import FINGERPRINT_KEY
+from .gguf_info import FINGERPRINT_KEY, read_info
 
 SUM_SUFFIX, COUNT_SUFFIX = ".in_sum2", ".counts"
 
@@ -55,8 +56,6 @@ def read_imatrix(path: Path | str, option: str = "imatrix", choices: str | None 
 def _read_gguf(path: Path) -> IMatrix:
     """Through neoxq's own bounds-checked GGUF parser (gguf-py's reader loops for hours over a
     damaged array count: found by scripts/fuzz.py), then the F32 tensors by memory map."""
-    from .gguf_info import read_info
-
     try:
         info = read_info(path, require_arch=None)
     except CorruptFileError as exc:
@@ -126,8 +125,6 @@ def _read_legacy(path: Path) -> IMatrix:
 
 def write_imatrix(path: Path | str, im: IMatrix, force: bool = False) -> Path:
     """llama.cpp's GGUF imatrix layout, so llama-quantize reads our files and we read its."""
-    import gguf
-
     path = Path(path)
     with atomic_output(path, force) as tmp:
         w = gguf.GGUFWriter(tmp, arch="")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from .numbers import check_number
 
 
 def default_threads() -> int:
@@ -15,10 +18,7 @@ def default_threads() -> int:
 
 def check_threads(threads: int | None) -> int | None:
     """--threads within the cores this process may use: llama.cpp's threads spin-wait for each
-    other, so oversubscribing stalls them (--threads 1000 on 2 cores: 13.4 s against 0.6-2.2 s,
-    measured in issue 25)."""
-    from .numbers import check_number
-
+    other, so oversubscribing stalls them."""
     return check_number(threads, "--threads", 1, default_threads(), integer=True)  # the upper bound: the cores this process may use
 
 
@@ -33,8 +33,6 @@ def describe() -> dict:
 
 def versions() -> dict:
     """Installed versions of what a result depends on, for report provenance."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("neoxq", "llama-cpp-python", "gguf", "transformers", "torch", "numpy"):
         try:
@@ -65,7 +63,7 @@ def available_memory() -> int:
     return max(avail, 0)
 
 
-GOMP_SPINCOUNT = "30000"  # libgomp's idle spins: measured 3.2 vs 4.5 ms per scored 512-token window (neoxq.runtime's docstring)
+GOMP_SPINCOUNT = "30000"  # libgomp's idle spins after each graph (neoxq.runtime's docstring says why)
 
 
 _process = {"initialised": False}
@@ -76,8 +74,6 @@ def init_process() -> None:
     llama.cpp's OpenMP workers spin less after each graph, unless the user set GOMP_SPINCOUNT (must
     run before llama.cpp's libgomp loads), and neoxq's llama.cpp log callback, once installed, stays
     for the whole process (neoxq.runtime.capi.captured_errors; without this call it is scoped)."""
-    import os
-
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     _process["initialised"] = True
 

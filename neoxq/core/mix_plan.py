@@ -49,9 +49,9 @@ class MixOptions:
     # can re-choose, since a tensor it cannot re-round keeps llama.cpp's rounding error
     types: tuple[str, ...] | None = None
     # measure the plan against stock's types on the calibration text and keep stock's where the plan is
-    # not better; off for --optimize, whose rounding is not llama.cpp's (measured on the 31M benchmark
-    # model at Q4_K_M: the guard, judging llama.cpp's rounding, put back stock's types, and the
-    # optimised file was 0.087x stock's KLD instead of the plan's 0.064x)
+    # not better; off for --optimize, whose rounding is not llama.cpp's, so judging the plan by
+    # llama.cpp's rounding of it would put back stock's types where the optimised plan is better
+    # (docs/method.md, "Why the guard exists")
     guard: bool = True
 
 
@@ -243,9 +243,8 @@ def fitted_fallback(tensors: list[TensorInfo], sens: dict[str, Sensitivity], typ
 def guarded(plan: dict[str, str], fallback: dict[str, str] | None, measure) -> tuple[dict[str, str], dict]:
     """The plan, unless the fallback (stock's types, fitted) measures no worse: `measure(types)` is the
     KLD on the calibration text with every tensor at its type. The plan's KLD is predicted by adding
-    per-tensor fits, which can miss by far (measured on a 70m-shaped Q5_K_M plan: 5.8e-5 predicted,
-    3.2e-4 measured, stock's types 1.35e-4; its mixed-down layers measured 3.5x their singles' sum,
-    and IQ3_S's fits 3.5-42x under their probes), so both are measured whole."""
+    per-tensor fits, which can miss by far where degraded layers compound (docs/method.md, "Why the
+    guard exists"), so both are measured whole."""
     mix_kld = measure(plan)
     other = fallback is not None and fallback != plan
     stock_kld = measure(fallback) if other else (None if fallback is None else mix_kld)

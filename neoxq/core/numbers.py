@@ -1,7 +1,7 @@
 """The one check of a number a user gives (an option, a request field): finite and in range.
 
 click's FloatRange and plain comparisons let NaN through (every comparison with NaN is false), so
-`--temp nan` or `"temperature": NaN` used to reach llama.cpp's sampler; every entry point calls
+`--temp nan` or `"temperature": NaN` would reach llama.cpp's sampler; every entry point calls
 `check_number` instead, and the message names the option as the user spelled it."""
 
 from __future__ import annotations
