@@ -71,7 +71,6 @@ def plan_conversion(ckpt: Checkpoint, outtype: QuantType) -> ConversionPlan:
 
 
 def _out_qtype(shape: tuple[int, ...], outtype: QuantType) -> int:
-
     Q = gguf.GGMLQuantizationType
     if len(shape) == 1 or outtype == QuantType.F32:
         return Q.F32  # norms and biases stay F32, as llama.cpp expects
@@ -123,7 +122,6 @@ def _metadata(plan: ConversionPlan):
 
 
 def _add_hparams(w, plan: ConversionPlan) -> None:
-
     a, ck = plan.args, plan.ckpt
     w.add_name(ck.name if not ck.revision or ck.revision == "main" else f"{ck.name}@{ck.revision}")
     w.add_basename(ck.name)

@@ -26,7 +26,6 @@ from .reference import load_reference
 
 
 def compute_imatrix(src, text: str, ctx: int = 512, revision: str | None = None, include_output: bool = False, dataset_name: str = "text") -> IMatrix:
-
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, revision)
     stats = second_moments(ckpt, text, ctx, revision, include_output, full=False)
     return IMatrix(
@@ -192,7 +191,6 @@ def make_imatrix(
     include_output: bool = False,
     force: bool = False,
 ) -> Path:
-
     check_output(Path(output), force, inputs=[text_file])
     text = read_text(text_file)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

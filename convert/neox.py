@@ -182,7 +182,6 @@ def deinterleave_qkv(arr: np.ndarray, args: GPTNeoXArgs) -> np.ndarray:
 
 
 def size_label(args: GPTNeoXArgs) -> str:
-
     return gguf.size_label(args.param_count(), 0, 0, 0)
 
 

@@ -50,7 +50,6 @@ class ReferencePlan:
 
 
 def _sizes(ckpt) -> dict:
-
     a = GPTNeoXArgs.from_config(ckpt.config)
     return {"args": a, "layer": a.layer_params(), "embed": a.vocab_size * a.hidden_size, "params": a.param_count(), "src": ckpt.bytes_per_param}
 
@@ -243,5 +242,4 @@ def _head(ckpt, name: str, h):
 
 
 def _is_buffer(name: str) -> bool:
-
     return is_ignored(name)

@@ -32,7 +32,6 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(self.qtype)]
         return int(np.prod(self.shape)) // block * size
 
@@ -129,7 +128,6 @@ class _BackgroundWriter:
     one tensor waits, so memory stays at about two of the largest tensors."""
 
     def __init__(self, writer):
-
         self.writer, self.queue, self.error = writer, queue.Queue(maxsize=1), None
         self.thread = threading.Thread(target=self._run, name="gguf-writer", daemon=True)
 

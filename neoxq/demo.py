@@ -28,7 +28,6 @@ def _log(step: int, loss: float) -> None:
 
 
 def demo_spec():
-
     return TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, scale=1.0, vocab_pad=0)
 
 
@@ -91,7 +90,6 @@ def build_demo_hub(out: Path) -> Path:
 
 
 def run_demo_sweep(out: Path | str = "demo-out") -> Path:
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with local_hub_cache(out / "hub-cache"):

@@ -10,7 +10,6 @@ from neoxq.runtime import capi
 
 
 def describe_system() -> dict:
-
     devs = capi.devices()
     gpus = [d for d in devs if d["type"] != "CPU"]
     return {
@@ -25,7 +24,6 @@ def describe_system() -> dict:
 
 
 def describe_file(path: Path) -> dict:
-
     info = read_info(path)
     m = info.metadata
     mix = {k[len("neoxq.mix.type.") :]: v for k, v in m.items() if k.startswith("neoxq.mix.type.")}

@@ -109,7 +109,6 @@ def metrics(results: dict) -> dict[str, dict[str, float]]:
 def run_eval(
     models: list[Path], tasks: list[str], include_path=None, num_fewshot: int | None = None, limit: int | None = None, output: Path | None = None
 ) -> dict:
-
     manager = task_manager(include_path)
     check_tasks(tasks, manager)
     labels = {str(m): read_info(m).metadata.get("neoxq.quant_type") or Path(m).stem for m in models}

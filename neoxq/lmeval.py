@@ -89,7 +89,6 @@ class NeoxqLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-
         out = []
         for context, kwargs in (r.args for r in requests):
             until = kwargs.get("until") or []

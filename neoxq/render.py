@@ -237,7 +237,6 @@ def kld_text(st: dict) -> str:
 
 
 def has_matplotlib() -> bool:
-
     return importlib.util.find_spec("matplotlib") is not None
 
 
@@ -318,7 +317,6 @@ def cdf_plot(report: dict, folder: Path, path: Path) -> Path | None:
 
 
 def stock_of_row(row: dict) -> str | None:
-
     return stock_of(row["type"])
 
 
@@ -418,7 +416,6 @@ def sweep_plot(data: dict, path: Path) -> None:
 
 
 def render_sweep(sweep_json: Path) -> tuple[Path, Path | None]:
-
     data = json.loads(Path(sweep_json).read_text())
     folder = Path(sweep_json).parent
     md, png = folder / "sweep.md", folder / "sweep.png"

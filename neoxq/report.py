@@ -269,7 +269,6 @@ def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
 
 
 def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
-
     ck = run.ckpt
     return {
         "inputs": report_inputs(source_identity(ck), text_sha256(run.text), run.opts),
@@ -372,7 +371,6 @@ def _reference_first(run: _Run, reference, base: Path) -> None:
 
 
 def _tables_in_child(reference, w, n_vocab: int, cache: Path) -> None:
-
     reference_tables(reference, w, n_vocab, cache)
 
 
@@ -452,7 +450,6 @@ def _preflight(run: _Run, n_windows: int) -> None:
 
 
 def _hf_for(run: _Run, reserved: int):
-
     ref = run.opts.reference
     ckpt = run.ckpt if is_transformers(ref) else open_checkpoint(ref)
     return hf_reference(ckpt, run.opts.max_memory, reserved)

@@ -198,7 +198,6 @@ def run_sweep(repo: str, spec: str, text_file, out_dir=None, opts: SweepOptions 
 
 
 def _cores() -> int:
-
     return default_threads()
 
 

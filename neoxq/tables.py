@@ -28,7 +28,6 @@ def render(columns: list[tuple[str, str]], rows: list[list[str]], title: str | N
 
 
 def types_table() -> str:
-
     rows = [[t.value, f"{t.nominal_bpw:.2f}", "required" if t.needs_imatrix else "optional" if not t.is_float else "-"] for t in QuantType]
     return render([("type", "left"), ("bpw", "right"), ("imatrix", "left")], rows)
 

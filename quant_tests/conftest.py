@@ -15,7 +15,7 @@ from neoxq.demo import demo_spec
 from neoxq.convert.tiny import TinySpec, build_random, stdlib_text
 
 
-# The converter's checkpoint matrix (issue 2, item 2/5): config styles, residual, rotary, formats, dtypes.
+# The converter's checkpoint matrix: config styles, residual, rotary, formats, dtypes.
 CASES = {
     "hf4-parallel-rot025-safetensors": TinySpec(config_style="hf4", use_parallel_residual=True, rotary_pct=0.25, weights="safetensors"),
     "hf5-sequential-rot1-sharded-tied": TinySpec(

@@ -1,4 +1,4 @@
-"""Issue 25's classes of ordinary mistakes: each is one line naming the problem and the fix, and
+"""The classes of ordinary mistakes: each is one line naming the problem and the fix, and
 nonsense numbers are refused by the one rule in neoxq.core.numbers."""
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def test_mistakes_found_before_work_leave_nothing(ckpt, tmp_path):
     assert_one_line_error(run_cli("convert", ckpt, "--outtype", "q8_0", "--quant", "Q4_K_M", "-o", out), "--outtype q8_0", "--outtype f32, f16, bf16")
     assert not out.exists() or not any(out.iterdir())
     # the negative control: a float base with the same --quant is accepted
+    out.mkdir(exist_ok=True)
     proc = run_cli("convert", ckpt, "--outtype", "f32", "--quant", "Q4_0", "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert {p.name.rsplit("-", 1)[-1] for p in out.glob("*.gguf")} == {"F32.gguf", "Q4_0.gguf"}
@@ -111,7 +112,7 @@ def test_option_keywords_have_one_parser():
 
 
 def test_hostile_script_runs_clean():
-    """scripts/hostile.py on a slice of its cases (the README's count comes from the whole run)."""
+    """scripts/hostile.py on a slice of its cases (docs/reliability.md's count comes from the whole run)."""
     import subprocess
     import sys
 
@@ -122,7 +123,7 @@ def test_hostile_script_runs_clean():
 
 
 def test_a_reference_or_imatrix_of_another_model_is_refused(ckpt, small, corpus, tmp_path):
-    """Issue 25 item 2: the twin has the same shapes and vocabulary, other weights; only the source
+    """A twin has the same shapes and vocabulary, other weights; only the source
     fingerprint tells them apart (negative control: the model's own imatrix and reference pass)."""
     from neoxq.convert.converter import convert
     from neoxq.convert.tiny import TinySpec, build_random
@@ -175,7 +176,7 @@ def _advice(proc) -> str:
 
 
 def test_following_the_advice_works(ckpt, small, corpus, tmp_path):
-    """Issue 25: advice in a message must work when followed; each case runs what the line says."""
+    """Advice in a message must work when followed; each case runs what the line says."""
     import shlex
 
     text = tmp_path / "calibration.txt"

@@ -1,4 +1,4 @@
-"""The cache (issue 22 item 2): `neoxq cache list|prune`, what each entry is, least-recently-used
+"""The cache: `neoxq cache list|prune`, what each entry is, least-recently-used
 eviction under a size cap, and nothing a live run is working in ever removed. Fast: a cache built
 by hand in neoxq's own layout, and real reference tables from a stand-in reference."""
 

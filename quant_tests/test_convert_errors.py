@@ -1,5 +1,5 @@
 """Bad input: one line naming the problem and the fix, exit 1, no traceback, no .gguf left behind
-(issue 2, item 6), plus sources (hub cache offline), unsafe pickles and progress output."""
+, plus sources (hub cache offline), unsafe pickles and progress output."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GGUF under llama.cpp vs transformers on the same weights and ids (issue 2, item 5)."""
+"""GGUF under llama.cpp vs transformers on the same weights and ids."""
 
 from __future__ import annotations
 

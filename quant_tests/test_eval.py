@@ -1,4 +1,4 @@
-"""neoxq's lm-eval backend against lm-eval's own `hf` backend on the same checkpoint (issue 13):
+"""neoxq's lm-eval backend against lm-eval's own `hf` backend on the same checkpoint:
 local task files (a multiple-choice task and a rolling-perplexity task, YAML + jsonl written by the
 test from held-out text), offline."""
 

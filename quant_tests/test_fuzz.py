@@ -1,4 +1,4 @@
-"""Seeded mutation fuzzing (issue 15): corrupted GGUF and imatrix files through info, run, quantize,
+"""Seeded mutation fuzzing: corrupted GGUF and imatrix files through info, run, quantize,
 perplexity and the imatrix reader, and mutated config.json through convert. Every case must end
 with exit code 0 or 1, at most two stderr lines, no traceback and no hang. 30 cases run in the fast
 tier; the full 240 are marked slow."""
@@ -144,8 +144,8 @@ def test_garbage_config_json(text, ckpt, tmp_path):
 
 @pytest.mark.parametrize("target", ["gguf", "imatrix", "config", "request"])
 def test_coverage_guided_fuzzing_short_run(target, tmp_path):
-    """Issue 22 item 4: a short atheris run of each parser from the committed seed corpus finds
-    nothing (the recorded million-execution runs are in the README)."""
+    """A short atheris run of each parser from the committed seed corpus finds
+    nothing (the recorded million-execution runs are in docs/reliability.md)."""
     pytest.importorskip("atheris")
     from .helpers import REPO
 

@@ -1,4 +1,4 @@
-"""Measured mixed precision (issue 10): lower held-out KLD than llama.cpp's stock mixes at no
+"""Measured mixed precision: lower held-out KLD than llama.cpp's stock mixes at no
 larger size, types written as planned, and the allocator's arithmetic on known numbers."""
 
 from __future__ import annotations

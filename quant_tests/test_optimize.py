@@ -1,4 +1,4 @@
-"""`neoxq quantize --optimize` (issue 26): llama.cpp's tensor types and block headers, levels chosen
+"""`neoxq quantize --optimize`: llama.cpp's tensor types and block headers, levels chosen
 by GPTQ on llama.cpp's grids against each layer's output; lower held-out KLD than stock with the same
 imatrix (paired), loads and runs in llama.cpp; bad input in one line; GPTQ's arithmetic on arrays."""
 

@@ -1,4 +1,4 @@
-"""The one output-path policy (issue 25): regular files only, links followed, never the input,
+"""The one output-path policy: regular files only, links followed, never the input,
 one writer per file at a time; and `-o FOLDER` means a file in it."""
 
 from __future__ import annotations

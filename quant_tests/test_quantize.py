@@ -1,4 +1,4 @@
-"""Quantization through llama.cpp's quantizer, importance matrices, and their quality (issue 3)."""
+"""Quantization through llama.cpp's quantizer, importance matrices, and their quality."""
 
 from __future__ import annotations
 

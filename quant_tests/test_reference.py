@@ -1,4 +1,4 @@
-"""The bounded-memory fp32 reference and the memory preflight (issue 16)."""
+"""The bounded-memory fp32 reference and the memory preflight."""
 
 from __future__ import annotations
 

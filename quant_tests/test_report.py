@@ -1,5 +1,5 @@
 """`neoxq report`: JSON schema, calibration never scored, per-type perplexity thresholds, resume,
-bad input (issue 5)."""
+bad input."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def test_report_statistics_token_files_and_most_hurt(report):
     assert (out / "report-kld-cdf.png").read_bytes()[:4] == b"\x89PNG" and "report-kld-cdf.png" in md
 
 
-# Publishing (issue 23 items 1-3) ----------------------------------------------------------------
+# Publishing ----------------------------------------------------------------
 
 
 class FakeHub:

@@ -1,4 +1,4 @@
-"""One cache key for everything reused (issue 22 item 1): a report rerun with one option changed
+"""One cache key for everything reused: a report rerun with one option changed
 recomputes exactly what that option touches and reuses the rest, counted in report.json's
 `reuse` (files made or reused, rows scored or reused), never timed. Each case starts from a copy of
 one finished report."""

@@ -1,4 +1,4 @@
-"""The runtime: perplexity, tokenisation, generation, KLD, server, bad input (issue 4)."""
+"""The runtime: perplexity, tokenisation, generation, KLD, server, bad input."""
 
 from __future__ import annotations
 

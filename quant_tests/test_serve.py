@@ -1,4 +1,4 @@
-"""The server as a client uses it (issue 13 item 4), with the official `openai` client against a
+"""The server as a client uses it, with the official `openai` client against a
 server this test starts: tokenisation, prompt scoring, clamping, queueing, errors, shutdown, keys."""
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def small_server(ckpt, tmp_path_factory):
 
 
 def test_every_openai_parameter_honoured_or_refused_by_name(small_server):
-    """Issue 25: never a 500 for a request we can validate, never a parameter silently ignored."""
+    """Never a 500 for a request we can validate, never a parameter silently ignored."""
     import httpx
 
     def post(**body):  # json.dumps writes NaN as JavaScript does, as a careless client would

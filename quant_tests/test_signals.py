@@ -1,4 +1,4 @@
-"""Interrupted, terminated, out of space (issue 15): real subprocesses and real signals; the
+"""Interrupted, terminated, out of space: real subprocesses and real signals; the
 file-size limit (RLIMIT_FSIZE, which Python answers with EFBIG instead of SIGXFSZ) stands in for a
 full disk without root."""
 
@@ -91,7 +91,7 @@ def test_sigterm_mid_report_leaves_nothing_half_written(trained, texts, tmp_path
 
 
 def test_sigkill_at_sampled_points_leaves_nothing_or_the_previous_file():
-    """Issue 22 item 6, sampled: convert and quantize SIGKILLed at two random points each leave no
+    """Sampled: convert and quantize SIGKILLed at two random points each leave no
     file or the previous valid one, and the rerun is byte-identical (scripts/kill_writers.py runs
     every writer at 20 points)."""
     from .helpers import REPO

@@ -1,4 +1,4 @@
-"""neoxq sweep (issue 12): an offline hub cache in huggingface_hub's own layout, built from one
+"""neoxq sweep: an offline hub cache in huggingface_hub's own layout, built from one
 briefly trained run with checkpoints saved along the way and a duplicate branch; run locally,
 interrupted and resumed, and on a real local Ray cluster with identical numbers."""
 
@@ -132,7 +132,7 @@ def test_sweep_resumes_only_what_is_missing(local_sweep):
 
 @pytest.mark.slow
 def test_sweep_rerun_with_a_changed_option_reruns_each_report_and_reuses_its_rows(local_sweep):
-    """Issue 22 item 1: a rerun with an option that used to be ignored (--max-memory here) is no
+    """A rerun with an option that used to be ignored (--max-memory here) is no
     longer served the old report.json: every revision's report reruns (its report records the new
     inputs), and its rows are reused because their own inputs (file sha256, text, reference) are
     unchanged, although the sweep had deleted and now remakes the files. Counted, not timed."""
@@ -178,7 +178,7 @@ def test_sweep_on_a_local_ray_cluster_gives_identical_numbers(local_sweep, offli
 
 @pytest.mark.slow
 def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path):
-    """Issue 22 item 5: a two-node Ray cluster on this machine (ray.cluster_utils.Cluster, one CPU
+    """A two-node Ray cluster on this machine (ray.cluster_utils.Cluster, one CPU
     per node, so two revisions run at once, one on each). The worker node is removed once a
     revision is in flight; its task is retried on the head (Ray's task retries) and the sweep ends
     with the local run's numbers."""
@@ -212,7 +212,7 @@ def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path)
 
 @pytest.mark.slow
 def test_sweep_driver_killed_then_rerun_resumes(local_sweep, offline, tmp_path):
-    """Issue 22 item 5: the driver SIGKILLed once its first revision is finished (its report.json
+    """The driver SIGKILLed once its first revision is finished (its report.json
     written: a state, polled); the rerun reuses that revision (not rerun: its report.json untouched)
     and ends with the uninterrupted run's numbers."""
     import signal
@@ -262,7 +262,7 @@ def _on_a_terminal(argv, env, timeout=900) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_quiet_reaches_every_worker(offline, eval_file, tmp_path):
-    """Issue 22 item 3: `sweep --workers 2 --quiet` on a terminal draws no progress bar and no
+    """`sweep --workers 2 --quiet` on a terminal draws no progress bar and no
     status line, in the driver or in either worker process. Negative control: without --quiet the
     same sweep on the same terminal draws them."""
 
@@ -330,7 +330,7 @@ def test_sweep_evict_and_keep_files(hub_cache, eval_file, tmp_path):
 
 
 def test_local_hub_cache_puts_everything_back(tmp_path):
-    """Issue 24 item 5: pointing huggingface_hub at a local cache leaks nothing into later tests."""
+    """Pointing huggingface_hub at a local cache leaks nothing into later tests."""
     import os
 
     from huggingface_hub import constants

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from neoxq.convert.neox import GPTNeoXArgs, deinterleave_qkv
+
 from neoxq.core.errors import CorruptFileError, UnsupportedModelError, UsageError
 from neoxq.core.naming import gguf_name
 from neoxq.core.qtypes import QUANTIZED, QuantType
@@ -348,7 +348,7 @@ def test_cli_debug_env_version_and_short_flags():
     assert "-t," not in _cli("quantize", "--help").stdout.replace("--type", "")
 
 
-# What each layer may import besides the standard library and itself (issue 24 item 5): an
+# What each layer may import besides the standard library and itself: an
 # allowlist, so a new arrow (runtime → neoxq.sweep, core → llama_cpp) fails here.
 BASE = ("numpy", "gguf", "rich", "scipy", "neoxq", "neoxq.core")  # rich: progress bars; scipy: LAPACK for core.gptq (inside its functions)
 LAYERS = {
@@ -454,7 +454,6 @@ def test_flash_attention_setting(setting, expect):
 def test_context_parameters_for_the_cpu_switch(checkpoints, tmp_path):
     """--device cpu / -ngl 0: no layers and no op offload; flash attention follows the setting."""
     import llama_cpp
-
     from neoxq.convert.converter import convert
     from neoxq.runtime.model import NeoxModel, runtime_options
 
@@ -501,7 +500,7 @@ def test_network_failure_found_by_type_not_text():
 
 
 def test_importing_neoxq_changes_nothing_outside_it(tmp_path):
-    """Issue 22 item 3: in a clean interpreter, importing every neoxq module leaves os.environ and
+    """In a clean interpreter, importing every neoxq module leaves os.environ and
     llama.cpp's log callback as they were; a library model load installs neoxq's callback only for
     the load and puts the caller's back. Negative control: the CLI's init_process does change both."""
     code = r"""
@@ -544,21 +543,21 @@ print(len(names), "modules")
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "scripts").glob("*.py")))
 def test_every_script_answers_help(script):
-    """Issue 24 item 6: a benchmark that no longer runs is found here, not by its next user."""
+    """A benchmark that no longer runs is found here, not by its next user."""
     from .helpers import REPO
 
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_readme_names_every_environment_variable():
-    """Every NEOXQ_* variable the code reads is documented (issue 22 item 2). Negative control: a
-    name the README lacks is found missing."""
+def test_docs_name_every_environment_variable():
+    """Every NEOXQ_* variable the code reads is documented in docs/development.md. Negative
+    control: a name the page lacks is found missing."""
     import re
 
     from .helpers import REPO
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "development.md").read_text()
     used = set()
     for folder in ("neoxq", "runtime", "convert", "scripts"):
         for path in (REPO / folder).rglob("*.py"):
@@ -569,13 +568,12 @@ def test_readme_names_every_environment_variable():
 
 
 def test_model_defaults_patch_is_one_load_at_a_time():
-    """Issue 22 item 3: the llama_model_default_params patch is held by one load at a time: a second
+    """The llama_model_default_params patch is held by one load at a time: a second
     thread's block waits for the first to end, then sees only its own fields; the original is back
     after both."""
     import threading
 
     import llama_cpp.llama_cpp as lib
-
     from neoxq.runtime import capi
 
     original = lib.llama_model_default_params

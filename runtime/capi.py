@@ -192,7 +192,6 @@ class QuantizeCall:
 
 
 def _kv_array(kv: dict[str, str]):
-
     arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
     for i, (k, v) in enumerate(kv.items()):
         arr[i].key = override_key(k)

@@ -134,7 +134,6 @@ def parse_request(body, n_vocab: int) -> Request:
 
 
 def _logit_bias(raw: dict[str, float], n_vocab: int) -> dict[int, float]:
-
     out = {}
     for key, value in raw.items():
         if not key.isdigit() or not 0 <= int(key) < n_vocab:

@@ -78,7 +78,6 @@ class SplitModel:
     def _write(
         self, folder: Path, no: int, tensors: list[tuple[TensorInfo, np.ndarray]], metadata: bool = False, ggml_type: str | None = None
     ) -> int:
-
         path = folder / split_name(self.PREFIX, no, self.count)
         w = gguf.GGUFWriter(str(path), arch=self.info.arch, use_temp_file=False)
         w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, no)

@@ -141,7 +141,6 @@ class _atomic_many:
         self.paths = list(paths)
 
     def __enter__(self):
-
         self.stack = ExitStack()
         return [self.stack.enter_context(atomic_output(p, force=True, lock=False)) for p in self.paths]
 

@@ -78,13 +78,11 @@ class RowReducer:
     BLOCK = 4  # rows per step: 4 × 50k float32 = 800 KB
 
     def __init__(self, n_vocab: int, threads: int | None = None):
-
         self.threads = max(1, min(threads or default_threads(), 4))
         self.scratch = np.empty((self.threads, self.BLOCK, n_vocab), dtype=np.float32)
         self.pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def _sums(self, k: int, xs: np.ndarray, shift: np.ndarray) -> np.ndarray:
-
         sums = np.empty(len(xs))
         with np.errstate(over="ignore", invalid="ignore"):
             if not capi.exp_sums(xs, shift, self.scratch[k, 0], sums):
@@ -246,7 +244,6 @@ class GGUFReference:
     """An F16/F32 (or any) GGUF scored by llama.cpp: llama.cpp's own way of measuring KLD."""
 
     def __init__(self, path, options=None):
-
         self.info = read_info(path)
         self.path = Path(path)
         self.options = options
@@ -257,7 +254,6 @@ class GGUFReference:
         return f"gguf:{self.path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
     def log_probs(self, w: Windows) -> Iterator[tuple[int, np.ndarray]]:
-
         opts = self.options or RuntimeOptions(n_ctx=w.ctx, n_batch=w.ctx)
         with NeoxModel(self.path, opts, info=self.info) as ref:
             rows: list[np.ndarray] = []

@@ -65,7 +65,6 @@ class KLDProbe:
     writes only the probed matrices; the F16 splits are written once per measurement."""
 
     def __init__(self, info: GGUFInfo, calib_ids: list[int], ctx: int, cache: Path, im: IMatrix | None, threads: int):
-
         self.info, self.ctx, self.im, self.threads = info, ctx, im, threads
         self.windows = Windows(calib_ids, ctx)
         self.opts = RuntimeOptions(n_ctx=ctx, n_batch=ctx, n_threads=threads)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measured mixes against llama.cpp's stock mixes (issue 10), on two trained models: the demo model
+"""Measured mixes against llama.cpp's stock mixes, on two trained models: the demo model
 (4 x 256, its own 512-token vocabulary) and a 4 x 256 model with a 50k vocabulary (the embedding and
 output then dominate the file, as in the small Pythias). Both with an importance matrix computed from
 the calibration text. For Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K: stock size / KLD / top-1 against the

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """`neoxq quantize --optimize` side by side with llama.cpp's stock files and Intel's AutoRound, in one
-run (issue 26): same model, calibration text, types and scored windows.
+run: same model, calibration text, types and scored windows.
 
 Per model and type, the files compared (every one scored against the model's F16 GGUF on held-out
 windows the calibration text does not overlap; KLD ± its per-window error; ratios to stock paired on
@@ -260,7 +260,7 @@ def _line(r: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The README's table per model: KLD of stock, then every file's ratio to stock, and opt's
+    """docs/benchmarks.md's table per model: KLD of stock, then every file's ratio to stock, and opt's
     (opt-mix's) ratio to AutoRound 200 (the mix), each with its paired 95 % interval."""
 
     def ratio(x):
@@ -294,7 +294,7 @@ def main() -> None:
     ap.add_argument("--remake", help="rebuild only these files (e.g. opt,opt-mix) and reuse the others this benchmark made before")
     ap.add_argument("--no-mix", action="store_true", help="skip the mix and opt-mix files (each measures ~60 sensitivity probes)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--markdown", type=Path, help="print the README table of an earlier --json run and exit")
+    ap.add_argument("--markdown", type=Path, help="print the docs/benchmarks.md table of an earlier --json run and exit")
     a = ap.parse_args()
     if a.markdown:
         print(markdown(json.loads(a.markdown.read_text())))

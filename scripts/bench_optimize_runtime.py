@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`--optimize` files in unmodified llama.cpp (issue 26 item 3): llama.cpp's own `llama-perplexity`
+"""`--optimize` files in unmodified llama.cpp: llama.cpp's own `llama-perplexity`
 (built by scripts/build_llama_tools.sh) loads each stock and -opt file that scripts/bench_optimize.py
 left in its work folder and prints its perplexity on the same held-out windows as neoxq's
 `perplexity` (which both should agree with to ~1e-4: other kernels); and generation speed of -opt

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`neoxq quantize --optimize` at scale (issue 26 item 7), on checkpoints of Pythia's shapes with
+"""`neoxq quantize --optimize` at scale, on checkpoints of Pythia's shapes with
 random fp16 weights and the 50k vocabulary:
 
   big   Pythia-6.9B's widths (4096 hidden, 16384 MLP, 32 heads, 50k vocabulary) cut to --layers

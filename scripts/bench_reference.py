@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The fp32 reference in memory against streamed layer by layer (issue 16), on 410M- and 1.4B-shaped
+"""The fp32 reference in memory against streamed layer by layer, on 410M- and 1.4B-shaped
 checkpoints (random fp16 weights, 50k vocabulary): peak RSS, tokens/s, and the KLD of a Q8_0 file
 against each (which must be equal); the preflight's estimate against each measured peak. With --big,
 `neoxq report --types Q4_K_M --imatrix none` on a 6.9B-shaped checkpoint (13.8 GB of fp16 in two

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""neoxq against the bare llama.cpp calls underneath, all measured in one run (issue 11).
+"""neoxq against the bare llama.cpp calls underneath, all measured in one run.
 
 Each figure is printed as a ratio against a baseline measured in the same run:
   meta      metadata read of a 50k-vocabulary GGUF: neoxq.core.gguf_info vs gguf-py's GGUFReader
@@ -118,7 +118,7 @@ assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode()
 """
 
 # where the build's CPU backend has AMX kernels, loaded as neoxq loads it (runtime.capi.amx_kernels:
-# llama.cpp's AMX buffer type crashes the first decode there, issue 20824)
+# llama.cpp's AMX buffer type crashes the first decode there)
 BARE_FIRST_TOKEN = r"""
 import os, sys, llama_cpp
 amx = "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")

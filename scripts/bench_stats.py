@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """neoxq's KLD statistics against llama-perplexity --kl-divergence on the same files, text and
-context (issue 21), all measured in one run.
+context, all measured in one run.
 
 For each quantized type: llama-perplexity writes the F16 file's log-probs (--kl-divergence-base),
 then scores the quantized file against them; neoxq scores the same file against the same F16 on the

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Coverage-guided fuzzing of the parsers neoxq runs on untrusted bytes (issue 22 item 4), with
+"""Coverage-guided fuzzing of the parsers neoxq runs on untrusted bytes, with
 atheris (libFuzzer's engine for Python; neoxq's own modules are instrumented for coverage):
 
   gguf     neoxq's own mmap GGUF metadata parser (core.gguf_info.info_from_buffer)

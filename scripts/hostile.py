@@ -1,4 +1,4 @@
-"""Hostile input over every command and the server (issue 25): each case is a mistake a user can
+"""Hostile input over every command and the server: each case is a mistake a user can
 make (or an ordinary request that must keep working) and is judged on what it leaves behind.
 
     python scripts/hostile.py [--only PREFIX] [--json OUT] [--limit N]

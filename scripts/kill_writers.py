@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Every writer killed with SIGKILL at random points (issue 22 item 6): convert, quantize, imatrix,
+"""Every writer killed with SIGKILL at random points: convert, quantize, imatrix,
 quantize --mix (with its sensitivity and reference caches), report and sweep.
 
 For each writer: one clean run gives the reference result and its duration T. Then, at each of

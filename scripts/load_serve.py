@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bounded load test of `neoxq serve` (issue 15), and its soak (issue 22 item 7): N concurrent
+"""Bounded load test of `neoxq serve`, and its soak: N concurrent
 clients for T seconds against 127.0.0.1, a share of them streaming. Every request must be answered
 (200, a streamed one ending in `data: [DONE]`) or refused with 503/429 and a Retry-After header;
 none may be lost (time out or fail otherwise). Printed: the counts, latency, the server's resident

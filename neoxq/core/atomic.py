@@ -158,7 +158,6 @@ def out_of_space(path: Path, need_bytes: int | None = None, too_large: bool = Fa
 
 
 def _fsize_limited() -> bool:
-
     return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 

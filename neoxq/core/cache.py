@@ -124,7 +124,6 @@ def _usage(p: Path) -> tuple[int, float]:
 
 
 def _in_use(e: CacheEntry) -> bool:
-
     for p in e.paths:
         m = _SCRATCH.match(p.name)
         pid = int(m.group(1)) if m else None
