@@ -17,6 +17,7 @@ from neoxq.core.gguf_info import read_info
 from neoxq.core.scores_io import load_scores
 from neoxq.core.stats import TokenScores, compare
 from neoxq.core.textfile import read_text, text_sha256
+from neoxq.core.report_row import ReportRow
 from neoxq.reference import open_reference
 from neoxq.runtime.model import NeoxModel, RuntimeOptions
 from neoxq.runtime.score import kld
@@ -32,15 +33,15 @@ def stock_of(label: str) -> str | None:
     return None
 
 
-def compare_rows(rows: list[dict], folder: Path) -> None:
-    """Add `vs_stock` (paired KLD and perplexity ratios with 95 % intervals) to every variant row
+def compare_rows(rows: list[ReportRow], folder: Path) -> None:
+    """Set `vs_stock` (paired KLD and perplexity ratios with 95 % intervals) on every variant row
     whose stock row was scored in the same report; the per-token files are read back from `folder`."""
-    by_type = {r["type"]: r for r in rows}
+    by_type = {r.type: r for r in rows}
     for r in rows:
-        stock = by_type.get(stock_of(r["type"]) or "")
+        stock = by_type.get(stock_of(r.type) or "")
         if stock is not None:
-            a, b = (load_scores(folder / x["tokens"]["file"]) for x in (r, stock))
-            r["vs_stock"] = {"stock": stock["type"], **compare(a, b)}
+            a, b = (load_scores(folder / x.tokens["file"]) for x in (r, stock))
+            r.vs_stock = {"stock": stock.type, **compare(a, b)}
 
 
 def _scores(path: Path, reference, text: str, ctx: int, cache_dir, runtime) -> TokenScores:

@@ -25,6 +25,7 @@ import gguf as gg
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.imatrix_io import file_sha256
+from neoxq.core.report_row import rows_of
 from neoxq.render import results_table, se_note, sweep_markdown
 
 TAGS = ["gguf", "gpt-neox", "pythia", "quantized"]
@@ -74,12 +75,15 @@ def load_report(folder: Path) -> dict:
         raise UsageError(f"{folder} is not a folder; pass the folder `neoxq report` wrote")
     if not rj.is_file():
         raise UsageError(f"{folder} has no report.json; pass the folder `neoxq report` wrote")
+    unreadable = UsageError(f"{rj} is not a neoxq report (unreadable JSON or no results); rerun `neoxq report`")
     try:
         report = json.loads(rj.read_text())
-        rows = report["results"]
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(f"{rj} is not a neoxq report (unreadable JSON or no results); rerun `neoxq report`") from None
-    for name, sha in [(r["file"], r.get("sha256")) for r in rows] + _imatrix_entry(report):
+        rows = rows_of(report)
+    except (ValueError, TypeError, AttributeError):
+        raise unreadable from None
+    if not rows or any(r.file is None for r in rows):
+        raise unreadable
+    for name, sha in [(r.file, r.sha256) for r in rows] + _imatrix_entry(report):
         path = folder / name
         if not path.is_file():
             raise UsageError(f"{path} is missing; report.json names it: rerun `neoxq report` into {folder}")
@@ -103,7 +107,7 @@ def _imatrix_entry(report: dict) -> list[tuple[str, str | None]]:
 
 def report_contents(folder: Path, opts: PublishOptions, branch_note: str = "") -> Contents:
     report = load_report(folder)
-    files = [folder / r["file"] for r in report["results"]]
+    files = [folder / r.file for r in rows_of(report)]
     out: Contents = {p.name: p for p in files}
     out |= {name: folder / name for name, _ in _imatrix_entry(report)}
     out |= {p: folder / p for p in PLOTS if (folder / p).is_file()}
@@ -157,7 +161,7 @@ def _card_data(meta: dict, report_source: dict):
 def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: str = "") -> str:
     """README.md: YAML metadata huggingface_hub parses, the measured table, how each file was made,
     what was scored, and how to run the files."""
-    first = read_info(folder / report["results"][0]["file"])
+    first = read_info(folder / rows_of(report)[0].file)
     src, text = report["source"], report["text"]
     data = _card_data(first.metadata, src)
     name = src.get("repo") or src["name"]
@@ -199,22 +203,23 @@ def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: st
 
 def _made_table(report: dict, folder: Path) -> list[str]:
     lines = ["| file | type | importance matrix | per-tensor types | rounding | calibration sha256 |", "|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        m = read_info(folder / r["file"]).metadata
+    for r in rows_of(report):
+        m = read_info(folder / r.file).metadata
         im = m.get("neoxq.imatrix.sha256")
         calib = m.get("neoxq.optimize.calibration.sha256") or m.get("neoxq.mix.calib_sha256")
         lines.append(
-            f"| {r['file']} | {r['type']} | {('sha256 `' + im[:16] + '…`') if im else '-'} | "
+            f"| {r.file} | {r.type} | {('sha256 `' + im[:16] + '…`') if im else '-'} | "
             f"{'measured mix (≤ stock ' + m['neoxq.mix.base'] + ' size)' if m.get('neoxq.mix.base') else 'llama.cpp stock'} | "
-            f"{m.get('neoxq.optimize.method') or ('-' if r['type'] in ('F32', 'F16', 'BF16') else 'llama.cpp')} | "
+            f"{m.get('neoxq.optimize.method') or ('-' if r.type in ('F32', 'F16', 'BF16') else 'llama.cpp')} | "
             f"{('`' + calib[:16] + '…`') if calib else '-'} |"
         )
     return lines
 
 
 def _usage(report: dict, opts: PublishOptions) -> list[str]:
-    row = next((r for r in report["results"] if r["type"] == "Q4_K_M"), report["results"][-1])
-    file, base = row["file"], Path(row["file"]).stem
+    rows = rows_of(report)
+    row = next((r for r in rows if r.type == "Q4_K_M"), rows[-1])
+    file, base = row.file, Path(row.file).stem
     out = [
         "llama.cpp:",
         "",
@@ -242,7 +247,7 @@ def _usage(report: dict, opts: PublishOptions) -> list[str]:
             f'ollama run {base.lower()} "The capital of France is"',
         ]
     else:
-        out += [f"ollama run hf.co/{opts.repo_id}:{row['type']}"]
+        out += [f"ollama run hf.co/{opts.repo_id}:{row.type}"]
     out += [
         "```",
         "",

@@ -12,6 +12,7 @@ import numpy as np
 
 from neoxq.compare import VARIANT_SUFFIXES, stock_of
 from neoxq.core.atomic import atomic_output
+from neoxq.core.report_row import ReportRow, rows_of
 from neoxq.core.scores_io import load_scores
 from neoxq.tables import render as draw
 
@@ -37,21 +38,21 @@ def _vs_stock(v: dict) -> str:
     return f"{k['ratio']:.3f}× [{k['ci95'][0]:.3f}, {k['ci95'][1]:.3f}] {k['verdict']}"
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    v = row.get(key)
+def _cell(row: ReportRow, key: str, fmt: str) -> str:
+    v = getattr(row, key)
     if v is None:
         return "-"
     if key == "vs_stock":
         return _vs_stock(v)
-    if key in ("pp_tps", "tg_tps") and not row.get("speed", {}).get("reliable", True):
+    if key in ("pp_tps", "tg_tps") and not row.speed_reliable:
         return "busy"
     if key == "size_bytes":
         v = v / 1e6
     if key == "top1":
         v = 100 * v
-    se_key = WITH_SE.get(key, (None,))[0]
-    if se_key and row.get(se_key) is not None:
-        return value_pm(v, row[se_key], signed=key == "dppl_pct")
+    se = getattr(row, WITH_SE[key][0]) if key in WITH_SE else None
+    if se is not None:
+        return value_pm(v, se, signed=key == "dppl_pct")
     return fmt.format(v)
 
 
@@ -64,30 +65,31 @@ def value_pm(value: float, se: float, signed: bool = False, max_decimals: int = 
     return f"{value:{sign}.{d}f} ± {se:.{d}f}"
 
 
-def _columns(report: dict) -> list:
+def _columns(rows: list[ReportRow]) -> list:
     """The vs-stock column only when some row has a stock row to compare with."""
-    has_vs = any("vs_stock" in r for r in report["results"])
+    has_vs = any(r.vs_stock is not None for r in rows)
     return [c for c in COLUMNS if c[1] != "vs_stock" or has_vs]
 
 
 def table(report: dict) -> str:
     """The report's rows for the terminal (neoxq.tables)."""
-    cols = _columns(report)
-    return draw(
-        [(h, "right" if i else "left") for i, (h, _, _) in enumerate(cols)], [[_cell(r, k, f) for _, k, f in cols] for r in report["results"]]
-    )
+    rows = rows_of(report)
+    cols = _columns(rows)
+    return draw([(h, "right" if i else "left") for i, (h, _, _) in enumerate(cols)], [[_cell(r, k, f) for _, k, f in cols] for r in rows])
 
 
 def results_table(report: dict, leave_out: tuple[str, ...] = ()) -> list[str]:
     """report.md's table (Markdown lines): one row per file, values with their window errors."""
-    cols = [c for c in _columns(report) if c[1] not in leave_out]
+    rows = rows_of(report)
+    cols = [c for c in _columns(rows) if c[1] not in leave_out]
     out = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
-    return out + ["| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |" for r in report["results"]]
+    return out + ["| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |" for r in rows]
 
 
 def se_note(report: dict) -> str:
     """One line: which error is which, and how far apart they are on this text."""
-    f = [r["kld_mean_se_window"] / r["kld_mean_se"] for r in report["results"] if r.get("kld_mean_se") and r.get("kld_mean_se_window") is not None]
+    rows = rows_of(report)
+    f = [r.kld_mean_se_window / r.kld_mean_se for r in rows if r.kld_mean_se and r.kld_mean_se_window is not None]
     spread = f" (here {min(f):.1f}–{max(f):.1f}× the per-token ones)" if f else ""
     return (
         "± is the standard error from the means of the scored windows: the tokens of one window share their "
@@ -96,7 +98,7 @@ def se_note(report: dict) -> str:
         + (
             " The vs-stock column is a paired test on the same tokens: the ratio of mean KLDs with its 95 % interval "
             "(per-window errors) and whether the file is better, worse or not distinguishable."
-            if any("vs_stock" in r for r in report["results"])
+            if any(r.vs_stock is not None for r in rows)
             else ""
         )
     )
@@ -106,7 +108,7 @@ TAIL_NOTE_ABOVE = 0.01  # mean mass outside the reference tables' top tokens abo
 
 
 def _tail_note(report: dict) -> list[str]:
-    tails = [r["stats"]["reference_tables"] for r in report["results"] if "reference_tables" in r.get("stats", {})]
+    tails = [r.stats["reference_tables"] for r in rows_of(report) if "reference_tables" in (r.stats or {})]
     if not tails or max(t["mass_outside_mean"] for t in tails) <= TAIL_NOTE_ABOVE:
         return []
     t = max(tails, key=lambda t: t["mass_outside_mean"])
@@ -143,6 +145,17 @@ def _most_hurt_md(mh: dict | None) -> list[str]:
     return out
 
 
+def _tasks_md(rows: list[ReportRow]) -> list[str]:
+    """The lm-eval metrics per row, when the report ran tasks."""
+    task_cols = sorted({(t, k) for r in rows for t, ms in (r.tasks or {}).items() for k in ms})
+    if not task_cols:
+        return []
+    out = ["", "| type | " + " | ".join(f"{t}: {k}" for t, k in task_cols) + " |", "|---|" + "---:|" * len(task_cols)]
+    for r in rows:
+        out.append(f"| {r.type} | " + " | ".join(f"{(r.tasks or {}).get(t, {}).get(k, float('nan')):.4f}" for t, k in task_cols) + " |")
+    return out
+
+
 def markdown(report: dict) -> str:
     src, text, ref = report["source"], report["text"], report["reference"]
     out = [f"# Quantization report: {src['name']}", ""]
@@ -163,17 +176,13 @@ def markdown(report: dict) -> str:
     out.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     out.append(f"- Machine: {report['machine']['processor']}, {report['machine']['cores']} threads, {report['machine']['platform']}")
     out += ["", *results_table(report), "", se_note(report)] + _tail_note(report)
-    task_cols = sorted({(t, k) for r in report["results"] for t, ms in r.get("tasks", {}).items() for k in ms})
-    if task_cols:
-        out += ["", "| type | " + " | ".join(f"{t}: {k}" for t, k in task_cols) + " |", "|---|" + "---:|" * len(task_cols)]
-        for r in report["results"]:
-            out.append(f"| {r['type']} | " + " | ".join(f"{r.get('tasks', {}).get(t, {}).get(k, float('nan')):.4f}" for t, k in task_cols) + " |")
-    busy = [r for r in report["results"] if not r.get("speed", {}).get("reliable", True)]
+    out += _tasks_md(rows_of(report))
+    busy = [r for r in rows_of(report) if not r.speed_reliable]
     if busy:
         out += [
             "",
             "Speed columns marked *busy* were measured while the machine was busy ("
-            + "; ".join(sorted({r["speed"]["why"] for r in busy}))
+            + "; ".join(sorted({r.speed["why"] for r in busy}))
             + "); their figures are in report.json "
             "but are not reliable.",
         ]
@@ -240,12 +249,12 @@ def has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _series(rows: list[dict]) -> dict[str, list[dict]]:
+def _series(rows: list[ReportRow]) -> dict[str, list[ReportRow]]:
     """Rows grouped as they are drawn: stock types, and each kind of variant (-mix, -opt, -opt-mix)."""
     names = {"": "stock", "-mix": "measured mix", "-opt": "optimised rounding", "-opt-mix": "optimised + mix"}
-    out: dict[str, list[dict]] = {}
+    out: dict[str, list[ReportRow]] = {}
     for r in rows:
-        suffix = next((s for s in VARIANT_SUFFIXES if stock_of(r["type"]) and r["type"].endswith(s)), "")
+        suffix = next((s for s in VARIANT_SUFFIXES if stock_of(r.type) and r.type.endswith(s)), "")
         out.setdefault(names[suffix], []).append(r)
     return out
 
@@ -260,20 +269,20 @@ def plot(report: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in report["results"] if r.get("kld_mean") is not None]
+    rows = [r for r in rows_of(report) if r.kld_mean is not None]
     series = _series(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "dppl_pct", "Δ perplexity vs reference (%)"), (axes[1], "kld_mean", "mean KL divergence vs reference")):
         for (name, rs), style in zip(series.items(), ("o-", "s--", "^-.", "d:")):
-            rs = sorted(rs, key=lambda r: r["size_bytes"])
-            xs = [r["size_bytes"] / 1e6 for r in rs]
-            ys = [max(r[key], 1e-6) if key == "kld_mean" else r[key] for r in rs]
-            err = [1.96 * (r.get(WITH_SE[key][0]) or 0.0) for r in rs]
+            rs = sorted(rs, key=lambda r: r.size_bytes)
+            xs = [r.size_bytes / 1e6 for r in rs]
+            ys = [max(getattr(r, key), 1e-6) if key == "kld_mean" else getattr(r, key) for r in rs]
+            err = [1.96 * (getattr(r, WITH_SE[key][0]) or 0.0) for r in rs]
             if key == "kld_mean":  # a log axis: clip the lower bar above 0
                 err = [[min(e, 0.999 * y) for e, y in zip(err, ys)], err]
             ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=name)
             for x, y, r in zip(xs, ys, rs):
-                ax.annotate(r["type"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.annotate(r.type, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if key == "kld_mean":
             ax.set_yscale("log")
         if len(series) > 1:
@@ -294,16 +303,16 @@ def plot(report: dict, path: Path) -> Path | None:
 
 def cdf_plot(report: dict, folder: Path, path: Path) -> Path | None:
     """Each row's per-token KLD distribution as a CDF on a log axis, from its per-token file."""
-    rows = [r for r in report["results"] if r.get("tokens")]
+    rows = [r for r in rows_of(report) if r.tokens]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in sorted(rows, key=lambda r: -r["kld_mean"]):
-        kl = np.sort(np.maximum(load_scores(folder / r["tokens"]["file"]).kld, 1e-9))
-        ax.plot(kl, np.arange(1, len(kl) + 1) / len(kl), "--" if stock_of_row(r) else "-", label=r["type"], lw=1.2)
+    for r in sorted(rows, key=lambda r: -r.kld_mean):
+        kl = np.sort(np.maximum(load_scores(folder / r.tokens["file"]).kld, 1e-9))
+        ax.plot(kl, np.arange(1, len(kl) + 1) / len(kl), "--" if stock_of(r.type) else "-", label=r.type, lw=1.2)
     ax.set_xscale("log")
     ax.set_xlabel("per-token KL divergence vs reference (log; values below 1e-9 drawn at 1e-9)")
     ax.set_ylabel("share of scored tokens ≤ x")
@@ -314,10 +323,6 @@ def cdf_plot(report: dict, folder: Path, path: Path) -> Path | None:
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
-
-
-def stock_of_row(row: dict) -> str | None:
-    return stock_of(row["type"])
 
 
 def render(report_json: Path) -> tuple[Path, Path | None]:
@@ -336,7 +341,7 @@ def render_report(report: dict, folder: Path) -> tuple[Path, Path | None]:
         with atomic_output(png, force=True) as tmp:
             plot(report, tmp)
         report["plot"] = png.name
-        if any(r.get("tokens") for r in report["results"]):
+        if any(r.tokens for r in rows_of(report)):
             with atomic_output(cdf, force=True) as tmp:
                 report["cdf_plot"] = cdf.name if cdf_plot(report, folder, tmp) else None
     md = folder / "report.md"
@@ -348,12 +353,12 @@ def render_report(report: dict, folder: Path) -> tuple[Path, Path | None]:
 # Sweeps -------------------------------------------------------------------------------------------
 
 
-def _sweep_series(data: dict) -> dict[str, list[tuple[int, dict]]]:
-    """type → [(step, row)] over revisions with a step, in step order."""
+def _sweep_series(data: dict) -> dict[str, list[tuple[int, ReportRow, dict]]]:
+    """type → [(step, row, revision)] over revisions with a step, in step order."""
     out: dict[str, list] = {}
     for rev in sorted((r for r in data["revisions"] if r["step"] is not None), key=lambda r: r["step"]):
-        for row in rev["results"]:
-            out.setdefault(row["type"], []).append((rev["step"], row, rev))
+        for row in rows_of(rev):
+            out.setdefault(row.type, []).append((rev["step"], row, rev))
     return out
 
 
@@ -376,7 +381,7 @@ def sweep_markdown(data: dict) -> str:
             dup = f" (= {rev['duplicate_of']})" if rev["duplicate_of"] else ""
             out.append(
                 f"| {step} | {rev['revision']}{dup} | {ref.get('ppl', 0):.3f} | {_cell(row, 'kld_mean', '{:.5f}')} | "
-                f"{_cell(row, 'dppl_pct', '{:+.2f}')} | {100 * row['top1']:.2f} |"
+                f"{_cell(row, 'dppl_pct', '{:+.2f}')} | {100 * row.top1:.2f} |"
             )
         out.append("")
     out.append("± is the standard error from per-window means (the tokens of one window are correlated); sweep.png draws 95 % bands from it.")
@@ -394,8 +399,8 @@ def sweep_plot(data: dict, path: Path) -> None:
     for qtype, points in series.items():
         xs = [max(s, 1) for s, _, _ in points]  # step 0 drawn at 1 on the log axis
         for ax, key, floor in ((axes[0], "kld_mean", 1e-7), (axes[1], "dppl_pct", None)):
-            ys = np.array([r[key] if floor is None else max(r[key], floor) for _, r, _ in points])
-            err = np.array([1.96 * (r.get(WITH_SE[key][0]) or 0.0) for _, r, _ in points])
+            ys = np.array([getattr(r, key) if floor is None else max(getattr(r, key), floor) for _, r, _ in points])
+            err = np.array([1.96 * (getattr(r, WITH_SE[key][0]) or 0.0) for _, r, _ in points])
             (line,) = ax.plot(xs, ys, "o-", label=qtype)
             lo = ys - err if floor is None else np.maximum(ys - err, floor)
             ax.fill_between(xs, lo, ys + err, color=line.get_color(), alpha=0.2, lw=0)

@@ -29,6 +29,7 @@ from neoxq.core.machine import describe, versions
 from neoxq.core.naming import gguf_name
 from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
+from neoxq.core.report_row import REPORT_SCHEMA, ReportRow
 from neoxq.core.scores_io import load_scores, save_scores
 from neoxq.core.textfile import read_text, text_sha256
 from neoxq.evaluate import check_tasks, evaluate_file, metrics, parse_tasks, task_manager
@@ -128,10 +129,23 @@ def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
     }
 
 
-def _score(run: _Run, built, reference, cache: Path) -> dict:
+@dataclass
+class _Scored:
+    """A row and what the report records once for all rows: the reference's own perplexity and the
+    number of tokens scored (the same for every row)."""
+
+    row: ReportRow
+    reference_ppl: dict
+    tokens_scored: int
+
+    def as_json(self, inputs: dict) -> dict:
+        return {"row": self.row.as_json(), "reference_ppl": self.reference_ppl, "tokens_scored": self.tokens_scored, "inputs": inputs}
+
+
+def _score(run: _Run, built, reference, cache: Path) -> _Scored:
     """One type's row: reused from results/<TYPE>.json when file, text, ctx and reference match and
     its per-token file (tokens/<TYPE>.npz) is the one it names."""
-    st, sha = built.path.stat(), file_sha256(built.path)
+    sha = file_sha256(built.path)
     inputs = {
         "file_sha256": sha,
         "scored_sha256": text_sha256(run.scored),
@@ -144,98 +158,101 @@ def _score(run: _Run, built, reference, cache: Path) -> dict:
     res_file = run.out / "results" / f"{built.label}.json"
     cached = _cached_row(run, res_file, inputs)
     if cached:
-        return {**cached, "sha256": sha, "reused": True}
+        cached.row.sha256, cached.row.reused, cached.row.file_reused = sha, True, built.reused
+        return cached
+    scored = _measure(run, built, reference, cache, sha)
+    res_file.parent.mkdir(exist_ok=True)
+    with atomic_output(res_file, force=True) as tmp:
+        tmp.write_text(json.dumps(scored.as_json(inputs), indent=1))
+    scored.row.reused, scored.row.file_reused = False, built.reused
+    return scored
+
+
+def _measure(run: _Run, built, reference, cache: Path, sha: str) -> _Scored:
+    """Score the file against the reference, measure its speed and save its per-token values."""
     info = read_info(built.path)
     with NeoxModel(built.path, RuntimeOptions(n_ctx=run.opts.ctx, n_batch=run.opts.ctx), info=info) as m:
         k = kld(m, reference, run.scored, run.opts.ctx, cache_dir=cache)
         speed = measure(m, m.tokenize(run.scored[:20000]), run.opts.speed_prompt, run.opts.speed_tokens)
     tokens = save_scores(run.out / TOKENS_DIR / f"{built.label}.npz", k.tokens)
     s = k.stats
-    row = {
-        "type": built.label,
-        "file": built.path.name,
-        "size_bytes": st.st_size,
-        "sha256": sha,
-        "bpw": round(info.bpw, 4),
-        "ppl": k.ppl,
-        "ppl_se": k.ppl_se,
-        "dppl_pct": k.dppl_pct,
-        "dppl_pct_se": 100 * s["ppl_ratio"]["se"],
-        "dppl_pct_se_window": 100 * s["ppl_ratio"]["se_window"],
-        "kld_mean": k.kld_mean,
-        "kld_mean_se": k.kld_mean_se,
-        "kld_mean_se_window": s["kld"]["se_window"],
-        "kld_median": k.kld_median,
-        "kld_p99": k.kld_p99,
-        "kld_max": k.kld_max,
-        "top1": k.top1,
-        "top1_se": k.top1_se,
-        "rms_dp": k.rms_dp,
-        "stats": s,
-        "tokens": {**tokens, "file": f"{TOKENS_DIR}/{tokens['file']}"},
-        "pp_tps": speed.pp_tps,
-        "tg_tps": speed.tg_tps,
-        "speed": speed.as_json(),
-        ("convert_s" if built.qtype.is_float else "quantize_s"): round(built.seconds, 3),
-        "imatrix": bool(info.metadata.get("neoxq.imatrix.sha256")),
-        **_mix_json(info),
-        **_opt_json(info),
-        **_tasks_json(run, built.path),
-        "_ref": {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se},
-        "_tokens": k.tokens_scored,
-        "_inputs": inputs,
-    }
-    res_file.parent.mkdir(exist_ok=True)
-    with atomic_output(res_file, force=True) as tmp:
-        tmp.write_text(json.dumps(row, indent=1))
-    return {**row, "reused": False}
+    row = ReportRow(
+        type=built.label,
+        file=built.path.name,
+        size_bytes=built.path.stat().st_size,
+        sha256=sha,
+        bpw=round(info.bpw, 4),
+        ppl=k.ppl,
+        ppl_se=k.ppl_se,
+        dppl_pct=k.dppl_pct,
+        dppl_pct_se=100 * s["ppl_ratio"]["se"],
+        dppl_pct_se_window=100 * s["ppl_ratio"]["se_window"],
+        kld_mean=k.kld_mean,
+        kld_mean_se=k.kld_mean_se,
+        kld_mean_se_window=s["kld"]["se_window"],
+        kld_median=k.kld_median,
+        kld_p99=k.kld_p99,
+        kld_max=k.kld_max,
+        top1=k.top1,
+        top1_se=k.top1_se,
+        rms_dp=k.rms_dp,
+        stats=s,
+        tokens={**tokens, "file": f"{TOKENS_DIR}/{tokens['file']}"},
+        pp_tps=speed.pp_tps,
+        tg_tps=speed.tg_tps,
+        speed=speed.as_json(),
+        imatrix=bool(info.metadata.get("neoxq.imatrix.sha256")),
+        mix=_mix_json(info),
+        optimize=_opt_json(info),
+        tasks=_tasks_json(run, built.path),
+    )
+    setattr(row, "convert_s" if built.qtype.is_float else "quantize_s", round(built.seconds, 3))
+    return _Scored(row, {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, k.tokens_scored)
 
 
-def _cached_row(run: _Run, res_file: Path, inputs: dict) -> dict | None:
+def _cached_row(run: _Run, res_file: Path, inputs: dict) -> _Scored | None:
     """The row scored before, when every input that made it is the same and its per-token file is intact."""
     try:
         cached = json.loads(res_file.read_text())
-        ok = not changed(cached.get("_inputs"), inputs) and file_sha256(run.out / cached["tokens"]["file"]) == cached["tokens"]["sha256"]
+        row = ReportRow.from_json(cached["row"])
+        ok = not changed(cached.get("inputs"), inputs) and file_sha256(run.out / row.tokens["file"]) == row.tokens["sha256"]
+        scored = _Scored(row, cached["reference_ppl"], cached["tokens_scored"])
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return None
-    return cached if ok else None
+    return scored if ok else None
 
 
-def _tasks_json(run: _Run, path: Path) -> dict:
+def _tasks_json(run: _Run, path: Path) -> dict | None:
     """--tasks: lm-eval's metrics for this file (neoxq's lm-eval class, the same as `neoxq eval`)."""
     if not run.opts.tasks:
-        return {}
+        return None
 
     # the names were checked when the run started (run_report)
-    return {"tasks": metrics(evaluate_file(path, parse_tasks(run.opts.tasks), task_manager(run.opts.include_path)))}
+    return metrics(evaluate_file(path, parse_tasks(run.opts.tasks), task_manager(run.opts.include_path)))
 
 
-def _mix_json(info) -> dict:
+def _mix_json(info) -> dict | None:
     """For a -mix file: its budget and the stock file it must not exceed, from its metadata."""
     meta = info.metadata
     if "neoxq.mix.base" not in meta:
-        return {}
+        return None
     return {
-        "mix": {
-            "base": meta["neoxq.mix.base"],
-            "target_bytes": int(meta["neoxq.mix.target_bytes"]),
-            "stock_bytes": int(meta["neoxq.mix.stock_bytes"]),
-            "predicted_kld": float(meta["neoxq.mix.predicted_kld"]),
-        }
+        "base": meta["neoxq.mix.base"],
+        "target_bytes": int(meta["neoxq.mix.target_bytes"]),
+        "stock_bytes": int(meta["neoxq.mix.stock_bytes"]),
+        "predicted_kld": float(meta["neoxq.mix.predicted_kld"]),
     }
 
 
-def _opt_json(info) -> dict:
+def _opt_json(info) -> dict | None:
     """For a -opt file: how its levels were chosen, from its metadata."""
     meta = info.metadata
     if "neoxq.optimize.method" not in meta:
-        return {}
+        return None
     return {
-        "optimize": {
-            "method": meta["neoxq.optimize.method"],
-            "calibration_sha256": meta["neoxq.optimize.calibration.sha256"],
-            "calibration_tokens": int(meta["neoxq.optimize.calibration.tokens"]),
-        }
+        "method": meta["neoxq.optimize.method"],
+        "calibration_sha256": meta["neoxq.optimize.calibration.sha256"],
+        "calibration_tokens": int(meta["neoxq.optimize.calibration.tokens"]),
     }
 
 
@@ -268,15 +285,16 @@ def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
     }
 
 
-def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> dict:
-    ck = run.ckpt
+def _assemble(run: _Run, scored: list[_Scored], im_info: dict | None, reference) -> dict:
+    ck, rows = run.ckpt, [s.row for s in scored]
     return {
+        "schema": REPORT_SCHEMA,
         "inputs": report_inputs(source_identity(ck), text_sha256(run.text), run.opts),
         "reuse": {
-            "files_reused": sum(r["file_reused"] for r in rows),
-            "files_made": sum(not r["file_reused"] for r in rows),
-            "rows_reused": sum(r["reused"] for r in rows),
-            "rows_scored": sum(not r["reused"] for r in rows),
+            "files_reused": sum(r.file_reused for r in rows),
+            "files_made": sum(not r.file_reused for r in rows),
+            "rows_reused": sum(r.reused for r in rows),
+            "rows_scored": sum(not r.reused for r in rows),
         },
         "source": {"name": ck.name, "path": str(ck.folder), "repo": ck.repo_id, "revision": ck.revision, "commit": ck.commit, "format": ck.format},
         "text": {
@@ -284,7 +302,7 @@ def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> d
             "sha256": text_sha256(run.text),
             "scored_sha256": text_sha256(run.scored),
             "ctx": run.opts.ctx,
-            "tokens_scored": rows[0]["_tokens"],
+            "tokens_scored": scored[0].tokens_scored,
             "calibration_excluded": _calibrates(run.opts),
             "calibration": (
                 f"first {int(CALIBRATION_SHARE * 100)}% ({len(run.calib)} chars), for the imatrix, mixes and optimised rounding; never scored"
@@ -292,11 +310,11 @@ def _assemble(run: _Run, rows: list[dict], im_info: dict | None, reference) -> d
             if _calibrates(run.opts)
             else None,
         },
-        "reference": {"kind": reference.description, "choice": run.opts.reference, **_plan_json(reference), **rows[0]["_ref"]},
+        "reference": {"kind": reference.description, "choice": run.opts.reference, **_plan_json(reference), **scored[0].reference_ppl},
         "imatrix": im_info,
         "machine": describe(),
         "versions": versions(),
-        "results": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+        "results": [r.as_json() for r in rows],
     }
 
 
@@ -328,12 +346,13 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
         files, im_info, base = _build(run, bar)
         reference = _reference(run, base.path)
         _reference_first(run, reference, base.path)
-        rows = []
+        scored = []
         for built in files:
-            rows.append({**_score(run, built, reference, out / "cache"), "file_reused": built.reused})
+            scored.append(_score(run, built, reference, out / "cache"))
             bar.update(1, note=f"{built.label} scored")
+        rows = [s.row for s in scored]
         compare_rows(rows, out)
-        report = _assemble(run, rows, im_info, reference)
+        report = _assemble(run, scored, im_info, reference)
         report["most_hurt"] = _most_hurt(run, rows, files, base.path)
         rj = out / "report.json"
         render_report(report, out)  # first: a report.json on disk always has its Markdown and plots
@@ -343,17 +362,17 @@ def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, op
     return rj
 
 
-def _most_hurt(run: _Run, rows: list[dict], files: list, base: Path, n: int = 20) -> dict | None:
+def _most_hurt(run: _Run, rows: list[ReportRow], files: list, base: Path, n: int = 20) -> dict | None:
     """The n tokens the worst quantized file (largest mean KLD) got most wrong, with their context
     in the scored text (decoded by the file's own vocabulary)."""
     quantized = [(r, f) for r, f in zip(rows, files) if not f.qtype.is_float]
     if not quantized:
         return None
-    worst = max(quantized, key=lambda rf: rf[0]["kld_mean"])[0]
-    scores = load_scores(run.out / worst["tokens"]["file"])
+    worst = max(quantized, key=lambda rf: rf[0].kld_mean)[0]
+    scores = load_scores(run.out / worst.tokens["file"])
     with NeoxModel(base, RuntimeOptions(n_ctx=run.opts.ctx, vocab_only=True)) as m:
         w = Windows(m.tokenize(run.scored), run.opts.ctx)
-        return {"type": worst["type"], "tokens": most_hurt(scores, w, m.detokenize, n)}
+        return {"type": worst.type, "tokens": most_hurt(scores, w, m.detokenize, n)}
 
 
 def _reference_first(run: _Run, reference, base: Path) -> None:

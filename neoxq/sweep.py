@@ -28,27 +28,10 @@ from neoxq.core.machine import default_threads, describe, versions
 from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
 from neoxq.core.textfile import read_text, text_sha256
+from neoxq.core.report_row import rows_of
 from neoxq.render import render_sweep
 from neoxq.runtime.capi import supports_gpu_offload
 from neoxq.report import ReportOptions, report_inputs, run_report
-
-ROW_KEYS = (
-    "type",
-    "size_bytes",
-    "bpw",
-    "ppl",
-    "ppl_se",
-    "dppl_pct",
-    "dppl_pct_se",
-    "dppl_pct_se_window",
-    "kld_mean",
-    "kld_mean_se",
-    "kld_mean_se_window",
-    "kld_p99",
-    "top1",
-    "top1_se",
-    "vs_stock",
-)
 
 
 @dataclass
@@ -117,7 +100,7 @@ def _reusable(folder: Path, text_sha: str, opts: SweepOptions, commit: str) -> d
 
 
 def _entry(rid, step, dup: str | None, report: dict | None) -> dict:
-    rows = [{**{k: r.get(k) for k in ROW_KEYS}, **({"tasks": r["tasks"]} if "tasks" in r else {})} for r in (report or {}).get("results", [])]
+    rows = [r.sweep_json() for r in rows_of(report or {})]
     ref = (report or {}).get("reference", {})
     return {
         "revision": rid.revision,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from neoxq.core.qtypes import QuantType
 from neoxq.evaluate import metrics
+from neoxq.core.report_row import rows_of
 
 
 def render(columns: list[tuple[str, str]], rows: list[list[str]], title: str | None = None) -> str:
@@ -56,10 +57,10 @@ def sweep_table(data: dict) -> str:
         base = t.split("-")[0]
         return data["types"].index(base) if base in data["types"] else 99
 
-    types = sorted({r["type"] for rev in data["revisions"] for r in rev["results"]}, key=order)
+    types = sorted({r.type for rev in data["revisions"] for r in rows_of(rev)}, key=order)
     rows = []
     for rev in data["revisions"]:
-        kl = {r["type"]: r["kld_mean"] for r in rev["results"]}
+        kl = {r.type: r.kld_mean for r in rows_of(rev)}
         ref = rev["reference"]["ppl"] if rev["reference"] else float("nan")
         rows.append(
             [

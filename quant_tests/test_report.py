@@ -36,7 +36,11 @@ def report(trained, report_text, tmp_path_factory):
 
 def test_report_schema_and_files(report, report_text):
     data, out = report
+    from neoxq.core.report_row import REPORT_SCHEMA, rows_of
+
     assert {"source", "text", "machine", "versions", "results", "reference", "imatrix"} <= set(data)
+    assert data["schema"] == REPORT_SCHEMA
+    assert [r.as_json() for r in rows_of(data)] == data["results"]  # every field of a row is a ReportRow field
     assert data["text"]["sha256"] == text_sha256(report_text.read_text())
     assert data["text"]["ctx"] == 128 and data["text"]["tokens_scored"] > 1000
     for v in ("llama-cpp-python", "gguf", "transformers", "torch"):

@@ -283,6 +283,22 @@ def test_render_from_canned_report(tmp_path):
     assert md_path.read_text().startswith("# Quantization report: tiny") and png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_rows_read_back_typed_and_ignore_unknown_fields():
+    """A row of report.json (or sweep.json's subset) reads into ReportRow and writes back the same;
+    a field a newer neoxq adds is ignored; a row without its type is refused (the negative control)."""
+    from neoxq.core.report_row import ReportRow, rows_of
+
+    rows = rows_of(CANNED)
+    assert [r.type for r in rows] == [r["type"] for r in CANNED["results"]]
+    assert [r.as_json() for r in rows] == CANNED["results"]
+    newer = ReportRow.from_json({**CANNED["results"][0], "a_field_from_the_future": 1})
+    assert newer.as_json() == CANNED["results"][0]
+    sweep = rows[0].sweep_json()
+    assert sweep["type"] == rows[0].type and "file" not in sweep and "tasks" not in sweep
+    with pytest.raises(TypeError):
+        ReportRow.from_json({"kld_mean": 0.1})
+
+
 def test_gguf_info_matches_gguf_reader_and_skips_vocab(tmp_path):
     import gguf
 
