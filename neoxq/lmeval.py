@@ -17,6 +17,7 @@ with the class registered: `python -m neoxq.lmeval run --model neoxq --model_arg
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  lm-eval's own models first: it registers them only into an empty registry
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

@@ -191,3 +191,14 @@ def test_generate_until_equals_hf_backend(trained, trained_f32, texts):
     theirs = HFLM(pretrained=str(trained), dtype="float32", device="cpu", batch_size=1).generate_until(reqs)
     print(ours, theirs)
     assert ours == theirs and any(o.strip() for o in ours)
+
+
+def test_importing_the_plugin_keeps_lm_evals_own_models():
+    """lm-eval registers its own models only into an empty registry; importing neoxq's class first
+    must not hide them (`hf` stays available in the same process)."""
+    import subprocess
+    import sys
+
+    code = "import neoxq.lmeval\nfrom lm_eval.api.registry import get_model\nprint(get_model('hf').__name__, get_model('neoxq').__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["HFLM", "NeoxqLM"], proc.stderr[-2000:]
