@@ -274,5 +274,5 @@ def _preflight(ckpt, opts: OptimizeOptions, windows: int):
 def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, label: str, kv: dict[str, str]):
     """The measured mix's types for this file (its sensitivities measured with the same imatrix),
     chosen among the types neoxq re-rounds: a type left at llama.cpp's rounding would keep its
-    error (docs/method.md, optimised mixes)."""
+    error (docs/method.md, "Optimised mixes")."""
     return plan_mix(src, qtype, MixOptions(opts.calib, ctx=opts.ctx, types=("F16", *FORMATS), guard=False), imatrix, label, kv)

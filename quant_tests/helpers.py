@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -37,11 +39,44 @@ def kl_stats(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     return float(kl.mean()), float((ref_logits.argmax(-1) == logits.argmax(-1)).mean())
 
 
-def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, input=stdin, timeout=timeout
-    )
+def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600, separate=False) -> subprocess.CompletedProcess:
+    """`neoxq ARGS` as a user runs it, its exit code and output. In this process, through the CLI's
+    own entry (`neoxq.cli.app._run`, which turns errors into exit codes), unless the call needs a
+    process of its own: an environment (huggingface_hub reads its variables at import), a working
+    folder, standard input, --debug's traceback, or `separate` (signals, exit behaviour, a
+    timeout). A process costs the interpreter's start and every import again, seconds with torch."""
+    argv = [str(a) for a in args]
+    if env or cwd or stdin is not None or separate or "--debug" in argv:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "neoxq", *argv], capture_output=True, text=True, env=full_env, cwd=cwd, input=stdin, timeout=timeout
+        )
+    return _in_process(argv)
+
+
+def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """The CLI run in this process with its output captured; the process-wide state a command can
+    change (the quiet flag, --debug) put back afterwards."""
+    import importlib
+
+    from neoxq.core import progress
+
+    cli = importlib.import_module("neoxq.cli.app")  # the module (neoxq.cli.app is also the Typer object's name)
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, progress.is_quiet(), dict(cli._flags))
+    sys.argv = ["neoxq", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = cli._run()
+            except SystemExit as exc:
+                rc = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = saved[0]
+        progress.set_quiet(saved[1])
+        cli._flags.update(saved[2])
+    return subprocess.CompletedProcess(["neoxq", *argv], rc, out.getvalue(), err.getvalue())
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:

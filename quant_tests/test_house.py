@@ -54,5 +54,13 @@ def test_each_rule_catches_a_planted_breach(tmp_path):
     _tree(tmp_path / "bad", planted)
     (tmp_path / "bad" / "README.md").write_text("line\n" * 251)
     found = "\n".join(house.check(tmp_path / "bad"))
-    for needle in ("long_one is 62 lines", "import inside lazy", "0.45 s", "issue 12", "import cycle: neoxq.b ↔ neoxq.c", "never_called_anywhere", "README.md: 251 lines"):
+    for needle in (
+        "long_one is 62 lines",
+        "import inside lazy",
+        "0.45 s",
+        "issue 12",
+        "import cycle: neoxq.b ↔ neoxq.c",
+        "never_called_anywhere",
+        "README.md: 251 lines",
+    ):
         assert needle in found, (needle, found)

@@ -183,6 +183,7 @@ def test_scores_file_round_trip_and_bad_files(tmp_path):
 
 def test_report_rows_compared_with_their_stock_row(tmp_path):
     from neoxq.compare import compare_rows, stock_of
+    from neoxq.core.report_row import ReportRow
 
     assert [stock_of(t) for t in ("Q4_K_M-mix", "Q4_K_M-opt", "Q4_K_M-opt-mix", "Q4_K_M", "F16")] == ["Q4_K_M"] * 3 + [None, None]
     stock, *_ = _scores(np.random.default_rng(7), noise=0.3)
@@ -190,10 +191,10 @@ def test_report_rows_compared_with_their_stock_row(tmp_path):
     rows = []
     for label, s in (("Q4_K_M", stock), ("Q4_K_M-mix", mix), ("Q2_K-mix", mix)):
         info = save_scores(tmp_path / "tokens" / f"{label}.npz", s)
-        rows.append({"type": label, "tokens": {**info, "file": f"tokens/{info['file']}"}})
+        rows.append(ReportRow(label, tokens={**info, "file": f"tokens/{info['file']}"}))
     compare_rows(rows, tmp_path)
-    assert "vs_stock" not in rows[0] and "vs_stock" not in rows[2]  # Q2_K has no stock row here
-    assert rows[1]["vs_stock"]["stock"] == "Q4_K_M" and rows[1]["vs_stock"]["kld"]["verdict"] == "better"
+    assert rows[0].vs_stock is None and rows[2].vs_stock is None  # Q2_K has no stock row here
+    assert rows[1].vs_stock["stock"] == "Q4_K_M" and rows[1].vs_stock["kld"]["verdict"] == "better"
 
 
 def test_markdown_shows_uncertainty_and_the_vs_stock_column(tmp_path):

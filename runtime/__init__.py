@@ -9,7 +9,7 @@ with pandas). Loading llama.cpp first avoids it. `neoxq.cli` does the same befor
 llama.cpp's CPU backend runs its threads under OpenMP, whose idle workers spin after each graph
 (libgomp's default: 300,000 spins, milliseconds) and so take a core from the log-sum-exp that
 follows every decode in perplexity/KLD scoring; a tenth of that spin count costs the decode nothing
-(docs/benchmarks.md, speed). It must be set before libgomp loads,
+(docs/benchmarks.md, "Speed"). It must be set before libgomp loads,
 so importing this package does not set it (an import changes nothing outside it): the CLI calls
 neoxq.core.machine.init_process() first, and a library user can call it before importing this.
 """

@@ -25,8 +25,8 @@ from .transpose import transposed
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
 # Lazy batches: columns compensated inside a block before the rest of the row is updated at once,
 # and inside a block, SUB columns before the block's rest is. The levels do not depend on either
-# (the arithmetic is only regrouped); the sizes are the fastest found (docs/benchmarks.md, the
-# optimiser's time).
+# (the arithmetic is only regrouped); the sizes are the fastest found (docs/benchmarks.md,
+# "--optimize time and memory at scale").
 BLOCK = 512
 SUB = 16
 # coupled_levels' blocks: a wave sweeps a block's columns, so wider blocks mean more sweeps, narrower
