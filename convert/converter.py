@@ -13,7 +13,7 @@ import numpy as np
 from neoxq import __version__
 from neoxq.core.atomic import output_in
 from neoxq.core.errors import CorruptFileError, UnsupportedModelError, UsageError
-from neoxq.core.gguf_info import FINGERPRINT_KEY
+from neoxq.core.gguf_info import FINGERPRINT_KEY, SOURCE_PATH_KEY
 from neoxq.core.naming import gguf_name
 from neoxq.core.qtypes import CONVERT_OUTTYPES, QuantType
 
@@ -155,6 +155,9 @@ def _add_provenance(w, plan: ConversionPlan) -> None:
         w.add_source_url(f"https://huggingface.co/{ck.repo_id}")
     for key, value in source_keys(ck).items():
         w.add_string(key, value)
+    if not ck.repo_id:
+        # A local folder: `--reference auto` finds it here while its fingerprint still matches.
+        w.add_string(SOURCE_PATH_KEY, str(ck.folder.resolve()))
     w.add_string("neoxq.source.format", ck.format)
     w.add_string("neoxq.source.dtype", str(plan.args.weights_dtype or ""))
     lic = _license(ck.folder)

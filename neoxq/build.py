@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from neoxq.calibration import checkpoint_calibration, read_calibration
 from neoxq.convert.checkpoint import Checkpoint
 from neoxq.convert.converter import convert, source_keys
 from neoxq.core.cache_key import changed
@@ -107,6 +108,7 @@ def build_optimized(
     on_step: Callable[[Built], None] | None = None,
     mix: bool = False,
     max_memory: int | None = None,
+    calib_source: str = "given",
 ) -> dict[QuantType, Built]:
     """`<TYPE>-opt` for every quantized type: the stock type map and size, levels chosen against each
     layer's output on `calib_text` (neoxq.optimize); with `mix`, `<TYPE>-opt-mix`: a measured mix's
@@ -118,7 +120,13 @@ def build_optimized(
         variant = "opt-mix" if mix else "opt"
         path = Path(out_dir) / gguf_name(ckpt.name, ckpt.revision, f"{t.value}-{variant}")
         opts = OptimizeOptions(
-            calib_text, reference=str(ckpt.folder), imatrix=str(imatrix) if imatrix else "auto", ctx=ctx, mix=mix, max_memory=max_memory
+            calib_text,
+            calib_source=calib_source,
+            reference=str(ckpt.folder),
+            imatrix=str(imatrix) if imatrix else "auto",
+            ctx=ctx,
+            mix=mix,
+            max_memory=max_memory,
         ).resolved()
         want = {
             **source_keys(ckpt),
@@ -161,6 +169,20 @@ def check_build_options(types: list[QuantType], base_type: QuantType, imatrix: P
             )
 
 
+def check_convert_options(types: list[QuantType], base_type: QuantType, imatrix: Path | None, optimize: bool, calib: bool) -> None:
+    """`neoxq convert`'s options against each other, before the checkpoint is read."""
+    if (optimize or calib) and not types:
+        raise UsageError("--optimize and --calib choose the levels of --quant's types; add --quant TYPE")
+    if calib and not optimize:
+        raise UsageError("--calib belongs to --optimize; add --optimize or drop --calib")
+    if optimize:
+        check_build_options([], base_type, None)
+        if any(t.is_float for t in types):
+            raise UsageError("--optimize re-chooses quantized levels; drop the float types from --quant")
+    elif types:
+        check_build_options(types, base_type, imatrix)
+
+
 def build_types(
     ckpt: Checkpoint,
     types: list[QuantType],
@@ -196,3 +218,22 @@ def build_types(
         if on_step:
             on_step(out[t])
     return out
+
+
+def build_optimized_types(
+    ckpt: Checkpoint,
+    types: list[QuantType],
+    out_dir: Path,
+    calib_files: list[Path] | None = None,
+    imatrix: Path | None = None,
+    base_type: QuantType = QuantType.F16,
+    ctx: int = 512,
+    replace_invalid: bool = True,
+) -> dict[str, Built]:
+    """`convert --quant T --optimize`: the base file, then `<T>-opt` for each type, calibrated on the
+    --calib files or on the checkpoint's own sampled text; by label, base first."""
+    check_build_options([], base_type, None)  # the calibration pass makes the imatrix every type needs
+    base = build_types(ckpt, [], out_dir, base_type=base_type, replace_invalid=replace_invalid)[base_type]
+    calib = read_calibration(calib_files) if calib_files else checkpoint_calibration(ckpt, ctx)
+    made = build_optimized(ckpt, base, types, out_dir, calib.text, imatrix=imatrix, ctx=ctx, calib_source=calib.source)
+    return {base.label: base, **{b.label: b for b in made.values()}}

@@ -1,16 +1,49 @@
-"""The fp32 checkpoint behind a GGUF file, and the importance matrix computed from it on a
-calibration text: what `--mix` and `--optimize` both start from."""
+"""The fp32 checkpoint behind a GGUF file, the calibration text (the user's files, or the
+checkpoint's own sample), and the importance matrix computed from them: what `--mix` and
+`--optimize` both start from."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from neoxq.convert.checkpoint import open_checkpoint
 from neoxq.convert.imatrix import compute_imatrix
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.imatrix_io import write_imatrix
-from neoxq.core.textfile import text_sha256
+from neoxq.core.textfile import read_text, text_sha256
 from neoxq.reference import check_checkpoint_belongs, source_of
+from neoxq.self_calibration import self_calibration
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    text: str
+    source: str  # where it came from, recorded in the file's provenance
+
+    @property
+    def sha256(self) -> str:
+        return text_sha256(self.text)
+
+
+def read_calibration(files) -> CalibrationText:
+    """Several --calib files, read in the order given and joined by a blank line."""
+    files = [Path(f) for f in files]
+    text = "\n\n".join(read_text(f, "--calib") for f in files)
+    return CalibrationText(text, "given: " + ", ".join(f.name for f in files))
+
+
+def checkpoint_calibration(ckpt, ctx: int, max_memory: int | None = None) -> CalibrationText:
+    """The checkpoint's own sampled text (neoxq.self_calibration)."""
+    own = self_calibration(ckpt, ctx, max_memory=max_memory)
+    return CalibrationText(own.text, own.describe())
+
+
+def calibration_text(src: GGUFInfo, files, reference: str | None, ctx: int, max_memory: int | None = None) -> CalibrationText:
+    """The --calib files when given; else text sampled from the checkpoint `src` was converted from."""
+    if files:
+        return read_calibration(files)
+    return checkpoint_calibration(reference_checkpoint(src, reference), ctx, max_memory)
 
 
 def reference_checkpoint(src: GGUFInfo, reference: str | None, revision: str | None = None):

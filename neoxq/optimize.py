@@ -72,6 +72,7 @@ OUTPUT_FISHER_FILE = "output_fisher.npz"  # in the job folder: the sequential pa
 @dataclass
 class OptimizeOptions:
     calib: str  # calibration text (never scored)
+    calib_source: str = "given"  # where the text came from (neoxq.calibration.CalibrationText.source)
     reference: str | None = None  # fp32 checkpoint (folder or hub id); None: the file's recorded source
     revision: str | None = None
     imatrix: str | None = AUTO  # auto: from the calibration pass; a file; None: no imatrix
@@ -134,6 +135,7 @@ def quantize_optimized(
     result.extra["optimize"] = {
         "method": opts.method,
         "calibration_sha256": text_sha256(opts.calib),
+        "calibration_source": opts.calib_source,
         "calibration_tokens": windows.size,
         "tensors": state["tensors"],
         "resumed_from_layer": resumed,
@@ -203,6 +205,7 @@ def _provenance(opts: OptimizeOptions, ckpt, stats: CalibrationStats) -> dict[st
         "neoxq.optimize.method": opts.method,
         **({"neoxq.optimize.equalize_alpha": f"{ALPHA:g}"} if opts.equalize else {}),
         "neoxq.optimize.calibration.sha256": text_sha256(opts.calib),
+        "neoxq.optimize.calibration.source": opts.calib_source,
         "neoxq.optimize.calibration.tokens": str(stats.windows * opts.ctx),
         "neoxq.optimize.damp": f"{opts.damp:g}",
         "neoxq.optimize.act_order": str(opts.act_order).lower(),

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neoxq import preflight
+from neoxq.calibration import calibration_text
 from neoxq.core.choices import imatrix_choice
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.mix_plan import MixOptions
 from neoxq.core.qtypes import QuantType
 from neoxq.core.sizes import parse_size
-from neoxq.core.textfile import read_text
 from neoxq.mix import mix_with_imatrix
 from neoxq.optimize import OptimizeOptions, quantize_optimized
 from neoxq.runtime.quantize import quantize
@@ -25,7 +25,7 @@ class QuantizeRequest:
     imatrix: Path | str | None = None  # a file; with --mix/--optimize also `none` (unset: from the calibration text)
     mix: bool = False
     optimize: bool = False
-    calib: Path | None = None  # calibration text for --mix and --optimize (never scored)
+    calib: list[Path] | None = None  # calibration texts for --mix and --optimize (never scored); none: the checkpoint's own
     target_size: str | None = None  # --mix budget as a size ("95MB")
     target_bpw: float | None = None  # --mix budget in bits per weight
     reference: str | None = None  # the fp32 checkpoint the file was converted from
@@ -38,10 +38,6 @@ class QuantizeRequest:
     def check(self) -> None:
         """Refuse contradicting or missing options, each in one line naming the fix."""
         if self.optimize:
-            if self.calib is None:
-                raise UsageError(
-                    "--optimize chooses the rounding against each layer's output on a calibration text; pass --calib FILE (a text not used for scoring)"
-                )
             if self.target_size or self.target_bpw:
                 raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
             return
@@ -50,8 +46,6 @@ class QuantizeRequest:
             raise UsageError(f"{flag} belongs to --optimize (its calibration passes); add --optimize or drop it")
         if self.reference and not self.mix:
             raise UsageError("--reference belongs to --optimize and --mix; add one of them")
-        if self.mix and self.calib is None:
-            raise UsageError("--mix measures each tensor's sensitivity on a calibration text; pass --calib FILE (a text not used for scoring)")
         if not self.mix and (self.calib or self.target_size or self.target_bpw):
             raise UsageError("--calib, --target-size and --target-bpw belong to --mix; add --mix")
         if self.target_size and self.target_bpw:
@@ -65,9 +59,12 @@ def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
     req.check()
     info = read_info(inp)
     preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
+    if req.optimize or req.mix:
+        calib = calibration_text(info, req.calib, req.reference, req.ctx, req.max_memory)
     if req.optimize:
         opts = OptimizeOptions(
-            read_text(req.calib, "--calib"),
+            calib.text,
+            calib_source=calib.source,
             reference=req.reference,
             imatrix=imatrix_choice(req.imatrix),
             ctx=req.ctx,
@@ -79,6 +76,6 @@ def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
         return quantize_optimized(info, qt, opts, output=req.output, force=req.force)
     if req.mix:
         budget = parse_size(req.target_size, "--target-size") if req.target_size else None
-        opts = MixOptions(read_text(req.calib, "--calib"), target_bytes=budget, target_bpw=req.target_bpw, ctx=req.ctx)
+        opts = MixOptions(calib.text, target_bytes=budget, target_bpw=req.target_bpw, ctx=req.ctx)
         return mix_with_imatrix(info, qt, opts, req.output, req.imatrix, req.reference, req.force)
     return quantize(info, qt, output=req.output, imatrix=req.imatrix, force=req.force)

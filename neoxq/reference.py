@@ -10,7 +10,7 @@ from neoxq.convert.checkpoint import open_checkpoint
 from neoxq.convert.reference import HFReference
 from neoxq.core.choices import F16, is_transformers, reference_choice
 from neoxq.core.errors import UsageError
-from neoxq.core.gguf_info import read_info
+from neoxq.core.gguf_info import SOURCE_PATH_KEY, read_info
 from neoxq.core.machine import available_memory
 from neoxq.runtime.score import GGUFReference, Reference
 
@@ -78,11 +78,21 @@ def check_checkpoint_belongs(ckpt, model) -> None:
 
 
 def source_of(info, accepts: str = "the checkpoint folder or an F16/F32 GGUF") -> tuple[str, str | None]:
-    """(hub repo, commit or revision) a file records as its source; one line when it records none
-    (converted from a local folder), naming what --reference `accepts` instead."""
+    """(hub repo or local folder, commit or revision) a file records as its source. A local folder
+    counts only while it holds the same weights (fingerprint); otherwise one line naming what
+    --reference `accepts` instead."""
     meta = info.metadata if info is not None else {}
     repo = meta.get("neoxq.source.repo")
-    if not repo:
-        name = f"{info.path.name}" if info is not None else "this file"
-        raise UsageError(f"{name} does not record a hub source (it was converted from a local folder); pass --reference with {accepts}")
-    return repo, meta.get("neoxq.source.commit") or meta.get("neoxq.source.revision") or None
+    if repo:
+        return repo, meta.get("neoxq.source.commit") or meta.get("neoxq.source.revision") or None
+    name = f"{info.path.name}" if info is not None else "this file"
+    folder = meta.get(SOURCE_PATH_KEY)
+    if not folder:
+        raise UsageError(f"{name} does not record where it was converted from; pass --reference with {accepts}")
+    if not (Path(folder) / "config.json").is_file():
+        raise UsageError(f"{name} was converted from {folder}, which is no longer there; pass --reference with {accepts}")
+    if info.source_fingerprint and open_checkpoint(folder).fingerprint() != info.source_fingerprint:
+        raise UsageError(
+            f"{folder} has changed since {name} was converted from it (its weights' fingerprint differs); pass --reference with {accepts}"
+        )
+    return folder, None

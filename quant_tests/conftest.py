@@ -7,9 +7,11 @@ Shared helpers live in helpers.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from neoxq.demo import demo_spec
 from neoxq.convert.tiny import TinySpec, build_random, stdlib_text
@@ -52,8 +54,8 @@ def sample_ids(ckpt, corpus) -> list[int]:
     return Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(corpus[5000:9000]).ids[:96]
 
 
-# A briefly trained model, for tests where quality must mean something (issues 3-5). Rows are 256
-# wide so k-/i-quants apply without fallbacks; outlier activation channels as in real LLMs.
+# A briefly trained model, for tests where quality must mean something. Rows are 256 wide so
+# k-/i-quants apply without fallbacks; outlier activation channels as in real LLMs.
 TRAINED_SPEC = demo_spec()  # the demo model's shape (one statement of it, in neoxq.demo)
 
 
@@ -64,11 +66,24 @@ def texts() -> dict[str, str]:
     return {"train": full[:400_000], "eval": full[400_000:440_000], "calib": full[440_000:480_000]}
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """The run's folder all xdist workers see (their own base folders sit inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, texts) -> Path:
+    """Trained once per run: the first worker builds it under a lock, the others wait and read it."""
     from neoxq.convert.tiny import build_trained
 
-    return build_trained(tmp_path_factory.mktemp("trained") / "tiny-neox", TRAINED_SPEC, texts["train"], steps=200)
+    root = shared_dir(tmp_path_factory)
+    folder, done = root / "trained" / "tiny-neox", root / "trained" / "complete"
+    with FileLock(str(root / "trained.lock")):
+        if not done.is_file():
+            build_trained(folder, TRAINED_SPEC, texts["train"], steps=200)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -218,10 +218,6 @@ def test_mix_bad_input(trained_f16, texts, tmp_path):
         ),
         "smallest mix needs",
     )
-    # the imatrix is computed from --calib by default: a local conversion needs --reference for that
-    assert_one_line_error(
-        run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "--calib", tmp_path / "calib.txt", "--ctx", "128", "-o", out), "--reference"
-    )
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--target-bpw", "4", "-o", out), "--mix")
     assert not out.exists() and not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".neoxq-stock-*"))
 
@@ -243,9 +239,7 @@ def test_mix_cli_json_and_target_bpw(trained, trained_f16, texts, tmp_path):
         "--json",
         "-o",
         tmp_path / "m.gguf",
-        "--reference",
-        trained,
-    )
+    )  # no --reference: the folder trained_f16 was converted from is recorded in it
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["type"] == "Q4_K_M-mix" and r["mix"]["target_bytes"] >= r["size_bytes"]

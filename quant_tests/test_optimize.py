@@ -278,8 +278,6 @@ def test_optimize_default_imatrix_comes_from_the_calibration_pass(trained, train
 def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
     (tmp_path / "c.txt").write_text(texts["calib"])
     base = ("quantize", trained_f16, "--type", "Q4_K_M", "--optimize")
-    assert_one_line_error(run_cli(*base, "-o", tmp_path / "a.gguf"), "--calib")
-    assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "-o", tmp_path / "b.gguf"), "--reference")
     other = next(iter(checkpoints.values()))
     assert_one_line_error(run_cli(*base, "--calib", tmp_path / "c.txt", "--reference", other, "-o", tmp_path / "c.gguf"), "not the checkpoint")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--reference", trained, "-o", tmp_path / "d.gguf"), "--optimize")
@@ -300,6 +298,35 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--max-memory", "8GB", "-o", tmp_path / "g.gguf"), "--optimize")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--float32", "-o", tmp_path / "h.gguf"), "--float32", "--optimize")
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_optimize_needs_no_calibration_file_nor_reference(trained_f16, texts, tmp_path):
+    """No --calib and no --reference: the folder the file was converted from is found, the model
+    samples its own calibration text (recorded, cached), and the file beats stock on held-out text."""
+    from neoxq.core.gguf_info import read_info
+    from neoxq.core.stats import compare
+    from neoxq.core.textfile import text_sha256
+    from neoxq.runtime.model import NeoxModel, RuntimeOptions
+    from neoxq.runtime.quantize import quantize
+    from neoxq.runtime.score import GGUFReference, kld
+
+    cache = tmp_path / "cache"
+    r = run_cli(
+        "quantize", trained_f16, "--type", "Q4_K_M", "--optimize", "--ctx", "128", "-o", tmp_path / "opt.gguf", env={"NEOXQ_CACHE": str(cache)}
+    )
+    assert r.returncode == 0, r.stderr
+    meta = read_info(tmp_path / "opt.gguf").metadata
+    assert meta["neoxq.optimize.calibration.source"].startswith("self-generated")
+    (sample,) = (cache / "self-calibration").iterdir()
+    assert text_sha256(sample.read_text(encoding="utf-8")) == meta["neoxq.optimize.calibration.sha256"]
+    stock = quantize(trained_f16, "Q4_K_M", output=tmp_path / "stock.gguf")
+    scores = {}
+    for name, path in (("opt", tmp_path / "opt.gguf"), ("stock", stock.path)):
+        with NeoxModel(path, RuntimeOptions(n_ctx=128, n_batch=128)) as m:
+            scores[name] = kld(m, GGUFReference(trained_f16), texts["eval"], 128, cache_dir=tmp_path / "kld")
+    c = compare(scores["opt"].tokens, scores["stock"].tokens)
+    print(f"self-calibrated opt / stock KLD {c['kld']['ratio']:.3f} {c['kld']['ci95']}")
+    assert c["kld"]["verdict"] == "better"
 
 
 def test_float32_flag_runs_every_pass_in_float32(trained, trained_f16, texts, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -112,11 +113,27 @@ def test_preflight_refuses_what_cannot_fit(ckpt, tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_kld_reference_auto_needs_a_recorded_source(trained_f16, texts, tmp_path):
-    """--reference auto/hf = the checkpoint the file came from: refused in one line for a file
-    converted from a local folder (nothing recorded to find it by)."""
-    (tmp_path / "t.txt").write_text(texts["eval"][:12000])
-    assert_one_line_error(
-        run_cli("kld", trained_f16, "--reference", "auto", "--text", tmp_path / "t.txt", "--ctx", "128"), "local folder", "--reference"
-    )
-    assert_one_line_error(run_cli("kld", trained_f16, "--reference", "f16", "--text", tmp_path / "t.txt", "--ctx", "128"), "F16 GGUF")
+def test_reference_auto_finds_the_local_folder(ckpt, corpus, tmp_path):
+    """--reference auto = the checkpoint the file came from: a local conversion records its folder,
+    found while it holds the same weights; moved or changed, one line asks for --reference."""
+    import shutil
+
+    from neoxq.convert.converter import convert
+
+    folder = shutil.copytree(ckpt, tmp_path / "model")
+    f16 = convert(str(folder), "f16", out_dir=tmp_path)
+    (tmp_path / "t.txt").write_text(corpus[:6000])
+    argv = ("kld", f16, "--reference", "auto", "--text", tmp_path / "t.txt", "--ctx", "32", "--json")
+    proc = run_cli(*argv)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["kld_mean"] < 1e-3 and r["reference"].startswith("transformers")  # F16 against its own fp32 checkpoint
+    weights = next(folder.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert_one_line_error(run_cli(*argv), "has changed", "--reference")
+    shutil.move(folder, tmp_path / "moved")
+    assert_one_line_error(run_cli(*argv), "no longer there", "--reference")
+    quantize = ("quantize", f16, "--type", "Q4_K_M", "--optimize", "-o", tmp_path / "o.gguf")
+    assert_one_line_error(run_cli(*quantize), "no longer there", "--reference")
+    assert not (tmp_path / "o.gguf").exists()
+    assert_one_line_error(run_cli("kld", f16, "--reference", "f16", "--text", tmp_path / "t.txt", "--ctx", "32"), "F16 GGUF")

@@ -25,12 +25,26 @@ IMatrixFile = Annotated[
 ]
 
 
+Calib = Annotated[
+    Optional[list[Path]],
+    typer.Option(
+        "--calib",
+        help="Calibration text for --mix and --optimize (never scored); repeat for several files. Default: text the fp32 checkpoint samples itself (seeded, cached).",
+    ),
+]
+
+
 def convert(
     src: Source,
     revision: Revision = None,
     outtype: Annotated[Optional[OutType], typer.Option("--outtype", help="Type of the converted file (default f16).")] = None,
     quant: Annotated[Optional[str], typer.Option("--quant", help="Also quantize to these comma-separated types. " + QUANT_HELP)] = None,
     imatrix: IMatrixFile = None,
+    optimize: Annotated[
+        bool, typer.Option("--optimize", help="With --quant: the <TYPE>-opt files (levels chosen against each layer's output) instead of stock's.")
+    ] = False,
+    calib: Calib = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--optimize's calibration window.")] = 512,
     output: Output = None,
     force: Force = False,
     quiet: Quiet = False,
@@ -41,21 +55,18 @@ def convert(
     from neoxq.convert.checkpoint import open_checkpoint
     from neoxq.convert.converter import convert as do_convert
 
-    from neoxq import preflight
+    from neoxq import build, preflight
 
     types = QuantType.parse_list(quant) if quant else []
     base = QuantType(outtype.value.upper()) if outtype else QuantType.F16
-    if quant:
-        from neoxq.build import check_build_options
-
-        check_build_options(types, base, imatrix)
+    build.check_convert_options(types, base, imatrix, optimize, bool(calib))
     ckpt = open_checkpoint(src, revision)
     preflight.check(f"converting {ckpt.name}", preflight.convert_bytes(ckpt), "free memory (the converter already holds only one tensor at a time)")
-    if quant:
-        from neoxq.build import build_types
-
-        out_dir = output or Path(".")
-        built = build_types(ckpt, types, out_dir, imatrix=imatrix, base_type=base, replace_invalid=force)
+    if optimize:
+        built = build.build_optimized_types(ckpt, types, output or Path("."), calib, imatrix, base, ctx, replace_invalid=force)
+        paths = [b.path for b in built.values()]
+    elif quant:
+        built = build.build_types(ckpt, types, output or Path("."), imatrix=imatrix, base_type=base, replace_invalid=force)
         paths = [b.path for b in built.values()]
     else:
         paths = [do_convert(ckpt, outtype.value if outtype else QuantType.F16, output=output, force=force)]
@@ -63,8 +74,7 @@ def convert(
         result_line(str(p))
 
 
-Mix = Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity (needs --calib).")]
-Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text for --mix and --optimize (never scored).")]
+Mix = Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity on the calibration text.")]
 TargetSize = Annotated[
     Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")
 ]
@@ -73,14 +83,14 @@ Optimize = Annotated[
     bool,
     typer.Option(
         "--optimize",
-        help="Re-choose every weight's level on llama.cpp's grids against the model's output on --calib (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.",
+        help="Re-choose every weight's level on llama.cpp's grids against the model's output on the calibration text (GPTQ, layer by layer on the quantized model's own inputs; biases re-solved); label <TYPE>-opt. A killed run resumes.",
     ),
 ]
 Checkpoint = Annotated[
     Optional[str],
     typer.Option(
         "--reference",
-        help="--optimize, and --mix without --imatrix: the fp32 checkpoint the file was converted from (default: the hub source it records).",
+        help="--optimize and --mix: the fp32 checkpoint the file was converted from (default: the hub source or local folder it records).",
     ),
 ]
 Float32 = Annotated[

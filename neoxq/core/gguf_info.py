@@ -61,6 +61,7 @@ class TensorInfo:
 # The weights a file was converted from (convert.checkpoint.Checkpoint.fingerprint), recorded in
 # converted GGUFs and in the imatrix files neoxq makes: what "made from the same model" compares.
 FINGERPRINT_KEY = "neoxq.source.fingerprint"
+SOURCE_PATH_KEY = "neoxq.source.path"  # the local folder a file was converted from (absolute)
 
 
 @dataclass
