@@ -67,8 +67,8 @@ def self_calibration(ckpt, ctx: int, seed: int = 0, windows: int | None = None, 
         raise UsageError(f"--ctx {ctx} exceeds the model's context {args.max_position_embeddings}; pass a smaller --ctx")
     identity = ckpt.commit or ckpt.fingerprint()
     path = cache_root() / "self-calibration" / f"{identity}-ctx{ctx}-n{windows}-seed{seed}-v{SAMPLER_VERSION}.txt"
-    if path.is_file():
-        return SelfCalibration(path.read_text(encoding="utf-8"), seed, windows, ctx)
+    if path.is_file():  # bytes, not read_text: a sampled "\r" must not become "\n"
+        return SelfCalibration(path.read_bytes().decode("utf-8"), seed, windows, ctx)
     need = plan_reference(ckpt, ctx, 1, None, mode="memory").peak_bytes
     budget = max_memory if max_memory is not None else available_memory()
     if need > budget:
@@ -79,7 +79,7 @@ def self_calibration(ckpt, ctx: int, seed: int = 0, windows: int | None = None, 
     text = _sample_text(ckpt, args, ctx, windows, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path, force=True, lock=False) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+        Path(tmp).write_bytes(text.encode("utf-8"))
     return SelfCalibration(text, seed, windows, ctx)
 
 

@@ -7,6 +7,7 @@ Shared helpers live in helpers.py.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -59,11 +60,16 @@ def sample_ids(ckpt, corpus) -> list[int]:
 TRAINED_SPEC = demo_spec()  # the demo model's shape (one statement of it, in neoxq.demo)
 
 
-@pytest.fixture(scope="session")
-def texts() -> dict[str, str]:
+@functools.cache
+def training_texts() -> dict[str, str]:
     """Training text, then held-out parts: calibration (imatrix) and evaluation never overlap."""
     full = stdlib_text(600_000)
     return {"train": full[:400_000], "eval": full[400_000:440_000], "calib": full[440_000:480_000]}
+
+
+@pytest.fixture(scope="session")
+def texts() -> dict[str, str]:
+    return training_texts()
 
 
 def shared_dir(tmp_path_factory) -> Path:
@@ -72,18 +78,34 @@ def shared_dir(tmp_path_factory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, texts) -> Path:
-    """Trained once per run: the first worker builds it under a lock, the others wait and read it."""
+def train_once(root: Path) -> Path:
+    """The trained model in `root`, built by the first process that asks (under a lock); the others
+    wait and read it."""
     from neoxq.convert.tiny import build_trained
 
-    root = shared_dir(tmp_path_factory)
     folder, done = root / "trained" / "tiny-neox", root / "trained" / "complete"
     with FileLock(str(root / "trained.lock")):
         if not done.is_file():
-            build_trained(folder, TRAINED_SPEC, texts["train"], steps=200)
+            build_trained(folder, TRAINED_SPEC, training_texts()["train"], steps=200)
             done.touch()
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    return train_once(shared_dir(tmp_path_factory))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """Under xdist the controller trains the shared model on every core before the workers start
+    (each worker then has one core, and most test files need the model)."""
+    config = session.config
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    if "not slow" in (config.option.markexpr or ""):
+        return
+    train_once(config._tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +129,26 @@ def trained_imatrix(trained, texts, tmp_path_factory) -> Path:
 
     im = compute_imatrix(str(trained), texts["calib"], ctx=128, dataset_name="calib")
     return write_imatrix(tmp_path_factory.mktemp("imatrix") / "tiny.imatrix", im)
+
+
+def pytest_configure(config):
+    """Under xdist each worker runs on cores of its own: llama.cpp's threads spin-wait for each
+    other, so two workers whose threads share cores stall each other. Child processes inherit the
+    cores, and neoxq's thread defaults (neoxq.core.machine.default_threads) follow them."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    mine = cores[int(worker.removeprefix("gw")) % count :: count] or cores
+    os.sched_setaffinity(0, mine)
+    # torch's and BLAS's thread pools count the host's cores, not the affinity: more threads than
+    # cores spin against each other. Set before torch loads here and in every child process.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(len(mine))
+    import torch  # its OpenMP may already be loaded (llama.cpp's), which read the variables too early
+
+    torch.set_num_threads(len(mine))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -188,7 +188,6 @@ def test_mix_types_written_equal_the_plan(mix_run):
 
 def test_mix_bad_input(trained_f16, texts, tmp_path):
     out = tmp_path / "m.gguf"
-    assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--mix", "-o", out), "--calib")
     (tmp_path / "short.txt").write_text("a few words only")
     assert_one_line_error(
         run_cli(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from neoxq.core import blocks, gptq
+from neoxq.core.gguf_info import read_info
 
 from .helpers import assert_one_line_error, run_cli
 
@@ -318,7 +319,7 @@ def test_optimize_needs_no_calibration_file_nor_reference(trained_f16, texts, tm
     meta = read_info(tmp_path / "opt.gguf").metadata
     assert meta["neoxq.optimize.calibration.source"].startswith("self-generated")
     (sample,) = (cache / "self-calibration").iterdir()
-    assert text_sha256(sample.read_text(encoding="utf-8")) == meta["neoxq.optimize.calibration.sha256"]
+    assert text_sha256(sample.read_bytes().decode("utf-8")) == meta["neoxq.optimize.calibration.sha256"]
     stock = quantize(trained_f16, "Q4_K_M", output=tmp_path / "stock.gguf")
     scores = {}
     for name, path in (("opt", tmp_path / "opt.gguf"), ("stock", stock.path)):
@@ -611,3 +612,24 @@ def test_equalized_copy_refused_in_one_line_when_the_cache_disk_is_full(trained_
     with pytest.raises(OutputError, match="NEOXQ_CACHE"):
         equalized_source(read_info(trained_f16), {}, tmp_path / "eq.gguf")
     assert not (tmp_path / "eq.gguf").exists()
+
+
+def test_convert_quant_optimize_needs_nothing_else(ckpt, tmp_path):
+    """`convert CKPT --quant T --optimize`: the base file and `<T>-opt`, calibrated on the model's own
+    sample; run again, both are reused. Contradicting options are refused before any work."""
+    env = {"NEOXQ_CACHE": str(tmp_path / "cache")}
+    argv = ("convert", ckpt, "--quant", "Q8_0", "--optimize", "--ctx", "32", "-o", tmp_path)
+    first = run_cli(*argv, env=env)
+    assert first.returncode == 0, first.stderr
+    made = sorted(p.name for p in tmp_path.glob("*.gguf"))
+    assert any(n.endswith("-Q8_0-opt.gguf") for n in made) and any(n.endswith("-F16.gguf") for n in made) and len(made) == 2
+    opt = next(tmp_path.glob("*-Q8_0-opt.gguf"))
+    assert read_info(opt).metadata["neoxq.optimize.calibration.source"].startswith("self-generated")
+    mtime = opt.stat().st_mtime_ns
+    again = run_cli(*argv, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout and opt.stat().st_mtime_ns == mtime  # reused
+    out = tmp_path / "refused"
+    assert_one_line_error(run_cli("convert", ckpt, "--optimize", "-o", out), "--quant")
+    assert_one_line_error(run_cli("convert", ckpt, "--quant", "Q8_0", "--calib", tmp_path / "x.txt", "-o", out), "--optimize")
+    assert_one_line_error(run_cli("convert", ckpt, "--quant", "F16,Q8_0", "--optimize", "-o", out), "float")
+    assert not out.exists()

@@ -25,6 +25,29 @@ SHAPES = {  # Pythia's own sizes (hidden, layers, heads); intermediate = 4 × hi
 }
 
 
+def run_record(argv: list[str]) -> dict:
+    """What a benchmark's JSON starts with: the command, the date, the code and the machine, so a
+    table rendered from it (scripts/bench_docs.py) names the run that made it."""
+    import datetime
+    import platform
+
+    from neoxq import __version__
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    return {
+        "command": " ".join([f"scripts/{Path(argv[0]).name}", *argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+        "commit": commit or None,
+        "neoxq": __version__,
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+        "rows": [],
+    }
+
+
+def write_record(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
 def cache_dir() -> Path:
     d = Path(os.environ.get("NEOXQ_BENCH_CACHE", Path.home() / ".cache" / "neoxq" / "bench"))
     d.mkdir(parents=True, exist_ok=True)
