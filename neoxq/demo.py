@@ -50,7 +50,7 @@ def run_demo(out: Path | str = "demo-out") -> Path:
     if not eval_file.is_file() or eval_file.read_text(encoding="utf-8") != text:
         eval_file.write_text(text, encoding="utf-8")
     info(f"model: {ckpt} (trained here); evaluation text: {eval_file} (held out from training)")
-    return run_report(str(ckpt), eval_file, out / "report", ReportOptions(ctx=128))
+    return run_report(str(ckpt), eval_file, out / "report", ReportOptions(ctx=128, optimize=True))
 
 
 DEMO_REPO = "neoxq-demo/tiny-neox"

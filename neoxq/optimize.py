@@ -66,6 +66,7 @@ EQUALIZE_METHOD = "+norm-equalized"  # … when the norms' channels are equalise
 BF16_METHOD = "+fisher-bf16"  # … when the first pass's Fisher ran in bfloat16 (OptimizeOptions.fisher_bf16)
 STREAM_BF16_METHOD = "+quantized-stream-bf16"  # … when the quantized model's layers ran in bfloat16 (OptimizeOptions.stream_bf16)
 EQUALIZED_FILE = "equalized.gguf"  # in the job folder: the source with its norms' channels equalised
+MIX_TYPES = ("F16", *FORMATS)  # what an opt-mix may choose: the types whose levels neoxq re-chooses
 OUTPUT_FISHER_FILE = "output_fisher.npz"  # in the job folder: the sequential pass's QKV metrics, kept for a resumed run
 
 
@@ -80,6 +81,8 @@ class OptimizeOptions:
     act_order: bool = True
     damp: float = DAMP
     mix: bool = False  # the tensor types of a measured mix (neoxq.mix) instead of stock's: <T>-opt-mix
+    target_bytes: int | None = None  # the mix's budget as a file size (None: the stock file's size)
+    target_bpw: float | None = None  # … or in bits per weight
     max_memory: int | None = None  # bytes --optimize may use; None: what is available. Above it, the first pass streams
     first_pass: str = "auto"  # auto: streamed when the fp32 model does not fit max_memory; memory; streamed
     # Round attention QKV in the metric of the output's Fisher per head (gptq.RowCoupling), not
@@ -254,6 +257,7 @@ def _job_inputs(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions) ->
         "act_order": opts.act_order,
         "damp": opts.damp,
         "mix": opts.mix,
+        "target": [opts.target_bytes, opts.target_bpw],
         "method": opts.method,  # names the equalisation and the QKV coupling
         "neoxq": __version__,
     }
@@ -278,4 +282,5 @@ def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, l
     """The measured mix's types for this file (its sensitivities measured with the same imatrix),
     chosen among the types neoxq re-rounds: a type left at llama.cpp's rounding would keep its
     error (docs/method.md, "Optimised mixes")."""
-    return plan_mix(src, qtype, MixOptions(opts.calib, ctx=opts.ctx, types=("F16", *FORMATS), guard=False), imatrix, label, kv)
+    mix = MixOptions(opts.calib, opts.target_bytes, opts.target_bpw, ctx=opts.ctx, types=MIX_TYPES, guard=False)
+    return plan_mix(src, qtype, mix, imatrix, label, kv)

@@ -12,11 +12,11 @@ from neoxq.calibration import calibration_text
 from neoxq.core.choices import imatrix_choice
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
-from neoxq.core.mix_plan import MixOptions
+from neoxq.core.mix_plan import MixOptions, check_budget
 from neoxq.core.qtypes import QuantType
 from neoxq.core.sizes import parse_size
 from neoxq.mix import mix_with_imatrix
-from neoxq.optimize import OptimizeOptions, quantize_optimized
+from neoxq.optimize import MIX_TYPES, OptimizeOptions, quantize_optimized
 from neoxq.runtime.quantize import quantize
 
 
@@ -37,9 +37,11 @@ class QuantizeRequest:
 
     def check(self) -> None:
         """Refuse contradicting or missing options, each in one line naming the fix."""
+        if self.target_size and self.target_bpw:
+            raise UsageError("pass one budget: --target-size or --target-bpw")
         if self.optimize:
-            if self.target_size or self.target_bpw:
-                raise UsageError("--target-size and --target-bpw belong to --mix; --optimize keeps the stock type's size")
+            if (self.target_size or self.target_bpw) and not self.mix:
+                raise UsageError("--target-size and --target-bpw set --mix's budget; add --mix (--optimize alone keeps the stock type's size)")
             return
         if self.max_memory is not None or self.float32:
             flag = "--max-memory" if self.max_memory is not None else "--float32"
@@ -48,8 +50,6 @@ class QuantizeRequest:
             raise UsageError("--reference belongs to --optimize and --mix; add one of them")
         if not self.mix and (self.calib or self.target_size or self.target_bpw):
             raise UsageError("--calib, --target-size and --target-bpw belong to --mix; add --mix")
-        if self.target_size and self.target_bpw:
-            raise UsageError("pass one budget: --target-size or --target-bpw")
 
 
 def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
@@ -59,6 +59,9 @@ def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
     req.check()
     info = read_info(inp)
     preflight.check(f"quantizing {info.path.name}", preflight.quantize_bytes(info), "free memory")
+    budget = parse_size(req.target_size, "--target-size") if req.target_size else None
+    if req.mix:
+        check_budget(info, MixOptions("", budget, req.target_bpw, ctx=req.ctx, types=MIX_TYPES if req.optimize else None))
     if req.optimize or req.mix:
         calib = calibration_text(info, req.calib, req.reference, req.ctx, req.max_memory)
     if req.optimize:
@@ -69,13 +72,14 @@ def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
             imatrix=imatrix_choice(req.imatrix),
             ctx=req.ctx,
             mix=req.mix,
+            target_bytes=budget,
+            target_bpw=req.target_bpw,
             max_memory=req.max_memory,
             fisher_bf16=False if req.float32 else None,
             stream_bf16=False if req.float32 else None,
         )
         return quantize_optimized(info, qt, opts, output=req.output, force=req.force)
     if req.mix:
-        budget = parse_size(req.target_size, "--target-size") if req.target_size else None
         opts = MixOptions(calib.text, target_bytes=budget, target_bpw=req.target_bpw, ctx=req.ctx)
         return mix_with_imatrix(info, qt, opts, req.output, req.imatrix, req.reference, req.force)
     return quantize(info, qt, output=req.output, imatrix=req.imatrix, force=req.force)

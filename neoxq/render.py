@@ -86,6 +86,20 @@ def results_table(report: dict, leave_out: tuple[str, ...] = ()) -> list[str]:
     return out + ["| " + " | ".join(_cell(r, k, f) for _, k, f in cols) + " |" for r in rows]
 
 
+def variant_gain(report: dict, suffix: str = "-opt") -> str | None:
+    """One line: how the `<TYPE>{suffix}` rows' KLD compares with stock's at the same size, as the
+    range of their paired ratios; None when the report has no such rows."""
+    ratios = [(r.type, r.vs_stock["kld"]) for r in rows_of(report) if r.type.endswith(suffix) and r.vs_stock]
+    if not ratios:
+        return None
+    low, high = min(ratios, key=lambda x: x[1]["ratio"]), max(ratios, key=lambda x: x[1]["ratio"])
+    better = sum(k["verdict"] == "better" for _, k in ratios)
+    return (
+        f"{suffix[1:]} files: KLD {low[1]['ratio']:.3g}× ({low[0]}) to {high[1]['ratio']:.3g}× ({high[0]}) of stock's at the same size; "
+        f"lower beyond the paired 95 % interval in {better} of {len(ratios)} types"
+    )
+
+
 def se_note(report: dict) -> str:
     """One line: which error is which, and how far apart they are on this text."""
     rows = rows_of(report)

@@ -215,7 +215,7 @@ def test_mix_bad_input(trained_f16, texts, tmp_path):
             "-o",
             out,
         ),
-        "smallest mix needs",
+        "smallest mix",
     )
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--target-bpw", "4", "-o", out), "--mix")
     assert not out.exists() and not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".neoxq-stock-*"))

@@ -633,3 +633,23 @@ def test_convert_quant_optimize_needs_nothing_else(ckpt, tmp_path):
     assert_one_line_error(run_cli("convert", ckpt, "--quant", "Q8_0", "--calib", tmp_path / "x.txt", "-o", out), "--optimize")
     assert_one_line_error(run_cli("convert", ckpt, "--quant", "F16,Q8_0", "--optimize", "-o", out), "float")
     assert not out.exists()
+
+
+def test_optimized_mix_at_any_budget(ckpt, tmp_path):
+    """`--optimize --mix --target-bpw B`: an optimised mix within B bits per weight; a budget below
+    every tensor at its smallest type, or a budget without --mix, is refused before any work."""
+    from neoxq.convert.converter import convert
+    from neoxq.optimize import MIX_TYPES
+
+    f16 = convert(str(ckpt), "f16", out_dir=tmp_path)
+    env = {"NEOXQ_CACHE": str(tmp_path / "cache")}
+    base = ("quantize", f16, "--type", "Q8_0", "--optimize", "--ctx", "32")
+    r = run_cli(*base, "--mix", "--target-bpw", "7", "-o", tmp_path / "m.gguf", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    info = read_info(tmp_path / "m.gguf")
+    assert out["type"] == "Q8_0-opt-mix" and out["mix"]["target_bytes"] == int(7 * info.n_params / 8) >= out["size_bytes"]
+    assert set(out["mix"]["types"].values()) <= set(MIX_TYPES)  # only types whose levels are re-chosen
+    assert_one_line_error(run_cli(*base, "--mix", "--target-bpw", "1", "-o", tmp_path / "s.gguf"), "below the smallest mix", "--target-bpw")
+    assert_one_line_error(run_cli(*base, "--target-bpw", "7", "-o", tmp_path / "t.gguf"), "--mix")
+    assert not (tmp_path / "s.gguf").exists() and not (tmp_path / "t.gguf").exists()

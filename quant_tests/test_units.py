@@ -624,3 +624,17 @@ def test_tiled_transpose_equals_numpys(shape):
     x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
     t = transposed(x[:, ::-1] if shape[1] > 1 else x)  # a strided view too
     assert t.flags.c_contiguous and np.array_equal(t, (x[:, ::-1] if shape[1] > 1 else x).T)
+
+
+def test_variant_gain_line_names_the_range_and_the_paired_verdicts():
+    import copy
+
+    from neoxq.render import variant_gain
+
+    assert variant_gain(CANNED) is None  # no -opt rows: no line (the negative control)
+    report = copy.deepcopy(CANNED)
+    stock = report["results"][-1]
+    for t, ratio, verdict in (("Q2_K-opt", 0.08, "better"), ("Q4_K_M-opt", 0.02, "better"), ("Q6_K-opt", 0.97, "not distinguishable")):
+        report["results"].append({**stock, "type": t, "vs_stock": {"stock": t[:-4], "kld": {"ratio": ratio, "verdict": verdict}}})
+    line = variant_gain(report)
+    assert "0.02× (Q4_K_M-opt) to 0.97× (Q6_K-opt)" in line and "2 of 3 types" in line

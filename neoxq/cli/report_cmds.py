@@ -88,8 +88,13 @@ def demo(
             print(f"\nsweep: {path} (+ sweep.md, sweep.png)")
         return
     from neoxq.demo import run_demo
+    from neoxq.render import variant_gain
 
-    _print_report(run_demo(output), quiet)
+    report = run_demo(output)
+    _print_report(report, quiet)
+    gain = variant_gain(json.loads(report.read_text()))
+    if gain and not quiet:
+        print(gain)
 
 
 def sweep(

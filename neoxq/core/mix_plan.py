@@ -274,17 +274,29 @@ def target_bytes(info: GGUFInfo, opts: MixOptions, stock_bytes: int | None = Non
 
 
 def check_budget(info: GGUFInfo, opts: MixOptions) -> None:
-    """Before any work: a budget at or above every quantizable tensor in F16 has nothing to choose,
-    and is refused instead of written as an F16 file labelled a mix."""
+    """Before any work: a budget at or above every quantizable tensor in F16 has nothing to choose
+    (refused instead of written as an F16 file labelled a mix), and one below every tensor at its
+    smallest allowed type cannot be met."""
     target = target_bytes(info, opts)
+    if target is None:
+        return
     quantized = quantizable(info)
     names = {t.name for t in quantized}
-    largest = info.data_offset + sum(tensor_bytes(t, "F16") for t in quantized) + sum(t.n_bytes for t in info.tensors if t.name not in names)
-    if target is not None and target >= largest:
-        given = f"--target-size {format_bytes(target)}" if opts.target_bytes else f"--target-bpw {opts.target_bpw:g}"
+    fixed = info.data_offset + sum(t.n_bytes for t in info.tensors if t.name not in names)
+    given = f"--target-size {format_bytes(target)}" if opts.target_bytes else f"--target-bpw {opts.target_bpw:g}"
+    largest = fixed + sum(tensor_bytes(t, "F16") for t in quantized)
+    if target >= largest:
         raise UsageError(
             f"{given} is at least the whole model in F16 ({format_bytes(largest)}), so there is nothing to choose; "
             "pass a smaller budget, or convert with --outtype f16"
+        )
+    allowed = [[c for c in candidates(t, has_imatrix=True) if opts.types is None or c in opts.types] or ["F16"] for t in quantized]
+    smallest = fixed + sum(min(tensor_bytes(t, c) for c in cs) for t, cs in zip(quantized, allowed))
+    if target < smallest:
+        bpw = 8 * smallest / max(info.n_params, 1)
+        raise UsageError(
+            f"{given} is below the smallest mix ({format_bytes(smallest)}, {bpw:.2f} bits per weight: every tensor at its smallest type); "
+            f"pass --target-bpw {bpw:.2f} or more"
         )
 
 
