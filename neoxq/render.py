@@ -12,7 +12,7 @@ import numpy as np
 
 from neoxq.compare import VARIANT_SUFFIXES, stock_of
 from neoxq.core.atomic import atomic_output
-from neoxq.core.report_row import ReportRow, rows_of
+from neoxq.core.report_row import ReportRow, best_at_each_size, rows_of
 from neoxq.core.scores_io import load_scores
 from neoxq.tables import render as draw
 
@@ -98,6 +98,26 @@ def variant_gain(report: dict, suffix: str = "-opt") -> str | None:
         f"{suffix[1:]} files: KLD {low[1]['ratio']:.3g}× ({low[0]}) to {high[1]['ratio']:.3g}× ({high[0]}) of stock's at the same size; "
         f"lower beyond the paired 95 % interval in {better} of {len(ratios)} types"
     )
+
+
+def best_files_md(report: dict) -> list[str]:
+    """The best file at or under each stock file's size, when the report holds other files too."""
+    pairs = best_at_each_size(rows_of(report))
+    if not any(best is not stock for stock, best in pairs):
+        return []
+    out = [
+        "",
+        "Best file at or under each stock file's size (lowest mean KLD):",
+        "",
+        "| stock | its KLD | best file | its size | its KLD | ratio of mean KLD (same tokens) |",
+    ]
+    out.append("|---|---:|---|---:|---:|---:|")
+    for stock, best in pairs:
+        out.append(
+            f"| {stock.type} | {stock.kld_mean:.3g} | {best.type} | {best.size_bytes / 1e6:.2f} MB | {best.kld_mean:.3g} | "
+            f"{best.kld_mean / stock.kld_mean if stock.kld_mean else float('nan'):.3g}× |"
+        )
+    return out
 
 
 def se_note(report: dict) -> str:
@@ -189,7 +209,7 @@ def markdown(report: dict) -> str:
     v = report["versions"]
     out.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)))
     out.append(f"- Machine: {report['machine']['processor']}, {report['machine']['cores']} threads, {report['machine']['platform']}")
-    out += ["", *results_table(report), "", se_note(report)] + _tail_note(report)
+    out += ["", *results_table(report), "", se_note(report)] + _tail_note(report) + best_files_md(report)
     out += _tasks_md(rows_of(report))
     busy = [r for r in rows_of(report) if not r.speed_reliable]
     if busy:
@@ -274,8 +294,9 @@ def _series(rows: list[ReportRow]) -> dict[str, list[ReportRow]]:
 
 
 def plot(report: dict, path: Path) -> Path | None:
-    """Size vs Δppl and vs KLD, each type labelled, with 95 % error bars (per-window errors).
-    Needs matplotlib (installed with neoxq[convert])."""
+    """Bits per weight vs Δppl and vs KLD (log), one series per kind of file (stock, mix, opt,
+    opt-mix: the frontier each reaches), each type labelled, with 95 % error bars (per-window
+    errors). Needs matplotlib (installed with neoxq[convert])."""
     try:
         import matplotlib
 
@@ -283,13 +304,13 @@ def plot(report: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [r for r in rows_of(report) if r.kld_mean is not None]
+    rows = [r for r in rows_of(report) if r.kld_mean is not None and r.bpw is not None]
     series = _series(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "dppl_pct", "Δ perplexity vs reference (%)"), (axes[1], "kld_mean", "mean KL divergence vs reference")):
         for (name, rs), style in zip(series.items(), ("o-", "s--", "^-.", "d:")):
             rs = sorted(rs, key=lambda r: r.size_bytes)
-            xs = [r.size_bytes / 1e6 for r in rs]
+            xs = [r.bpw for r in rs]
             ys = [max(getattr(r, key), 1e-6) if key == "kld_mean" else getattr(r, key) for r in rs]
             err = [1.96 * (getattr(r, WITH_SE[key][0]) or 0.0) for r in rs]
             if key == "kld_mean":  # a log axis: clip the lower bar above 0
@@ -301,7 +322,7 @@ def plot(report: dict, path: Path) -> Path | None:
             ax.set_yscale("log")
         if len(series) > 1:
             ax.legend(fontsize=8)
-        ax.set_xlabel("file size (MB)")
+        ax.set_xlabel("bits per weight")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.suptitle(

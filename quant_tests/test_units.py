@@ -638,3 +638,21 @@ def test_variant_gain_line_names_the_range_and_the_paired_verdicts():
         report["results"].append({**stock, "type": t, "vs_stock": {"stock": t[:-4], "kld": {"ratio": ratio, "verdict": verdict}}})
     line = variant_gain(report)
     assert "0.02× (Q4_K_M-opt) to 0.97× (Q6_K-opt)" in line and "2 of 3 types" in line
+
+
+def test_best_file_at_each_stock_size():
+    """Each stock type's best file is the lowest KLD among files at or under its size: a smaller
+    variant that scores better wins; with only stock rows, no table (the negative control)."""
+    import copy
+
+    from neoxq.core.report_row import best_at_each_size, rows_of
+    from neoxq.render import best_files_md
+
+    assert best_files_md(CANNED) == []
+    report = copy.deepcopy(CANNED)
+    q2 = next(r for r in report["results"] if r["type"] == "Q2_K")
+    report["results"].append({**q2, "type": "Q4_K_M", "size_bytes": q2["size_bytes"] + 2, "bpw": 4.9, "kld_mean": q2["kld_mean"] / 4})
+    report["results"].append({**q2, "type": "Q2_K-opt", "size_bytes": q2["size_bytes"] + 1, "kld_mean": q2["kld_mean"] / 8})
+    pairs = {s.type: b.type for s, b in best_at_each_size(rows_of(report))}
+    assert pairs == {"Q2_K": "Q2_K", "Q4_K_M": "Q2_K-opt"}  # one byte over Q2_K's size: not at its size
+    assert any("| Q4_K_M |" in line and "Q2_K-opt" in line for line in best_files_md(report))

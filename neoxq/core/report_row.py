@@ -93,3 +93,15 @@ class ReportRow:
 def rows_of(report: dict) -> list[ReportRow]:
     """report.json's (or one sweep revision's) rows, typed."""
     return [ReportRow.from_json(r) for r in report.get("results", [])]
+
+
+def best_at_each_size(rows: list[ReportRow]) -> list[tuple[ReportRow, ReportRow]]:
+    """(stock row, the row of lowest KLD among all files at or under its size) for each quantized
+    stock type, smallest first. Stock rows are the types without a variant suffix."""
+    scored = [r for r in rows if r.kld_mean is not None and r.size_bytes]
+    stock = [r for r in scored if "-" not in r.type and r.bpw is not None and r.bpw < 16]
+    out = []
+    for s in sorted(stock, key=lambda r: r.size_bytes):
+        fits = [r for r in scored if r.size_bytes <= s.size_bytes]
+        out.append((s, min(fits, key=lambda r: r.kld_mean)))
+    return out
