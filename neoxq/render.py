@@ -107,14 +107,14 @@ def best_files_md(report: dict) -> list[str]:
         return []
     out = [
         "",
-        "Best file at or under each stock file's size (lowest mean KLD):",
+        "Best file at or under each stock file's size (tensor bits per weight; lowest mean KLD):",
         "",
-        "| stock | its KLD | best file | its size | its KLD | ratio of mean KLD (same tokens) |",
+        "| stock | its KLD | best file | its bpw | its KLD | ratio of mean KLD (same tokens) |",
     ]
     out.append("|---|---:|---|---:|---:|---:|")
     for stock, best in pairs:
         out.append(
-            f"| {stock.type} | {stock.kld_mean:.3g} | {best.type} | {best.size_bytes / 1e6:.2f} MB | {best.kld_mean:.3g} | "
+            f"| {stock.type} | {stock.kld_mean:.3g} | {best.type} | {best.bpw:.2f} | {best.kld_mean:.3g} | "
             f"{best.kld_mean / stock.kld_mean if stock.kld_mean else float('nan'):.3g}× |"
         )
     return out

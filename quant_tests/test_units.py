@@ -651,8 +651,10 @@ def test_best_file_at_each_stock_size():
     assert best_files_md(CANNED) == []
     report = copy.deepcopy(CANNED)
     q2 = next(r for r in report["results"] if r["type"] == "Q2_K")
-    report["results"].append({**q2, "type": "Q4_K_M", "size_bytes": q2["size_bytes"] + 2, "bpw": 4.9, "kld_mean": q2["kld_mean"] / 4})
-    report["results"].append({**q2, "type": "Q2_K-opt", "size_bytes": q2["size_bytes"] + 1, "kld_mean": q2["kld_mean"] / 8})
+    report["results"].append({**q2, "type": "Q4_K_M", "bpw": 4.9, "kld_mean": q2["kld_mean"] / 4})
+    report["results"].append({**q2, "type": "Q3_K_M-opt", "bpw": 3.4, "kld_mean": q2["kld_mean"] / 8})
+    report["results"].append({**q2, "type": "Q2_K-opt", "size_bytes": q2["size_bytes"] + 600, "kld_mean": q2["kld_mean"] / 2})
     pairs = {s.type: b.type for s, b in best_at_each_size(rows_of(report))}
-    assert pairs == {"Q2_K": "Q2_K", "Q4_K_M": "Q2_K-opt"}  # one byte over Q2_K's size: not at its size
-    assert any("| Q4_K_M |" in line and "Q2_K-opt" in line for line in best_files_md(report))
+    # Q2_K-opt's extra metadata bytes do not count; Q3_K_M-opt is over Q2_K's bits per weight
+    assert pairs == {"Q2_K": "Q2_K-opt", "Q4_K_M": "Q3_K_M-opt"}
+    assert any("| Q4_K_M |" in line and "Q3_K_M-opt" in line for line in best_files_md(report))

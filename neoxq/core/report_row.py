@@ -97,11 +97,12 @@ def rows_of(report: dict) -> list[ReportRow]:
 
 def best_at_each_size(rows: list[ReportRow]) -> list[tuple[ReportRow, ReportRow]]:
     """(stock row, the row of lowest KLD among all files at or under its size) for each quantized
-    stock type, smallest first. Stock rows are the types without a variant suffix."""
-    scored = [r for r in rows if r.kld_mean is not None and r.size_bytes]
-    stock = [r for r in scored if "-" not in r.type and r.bpw is not None and r.bpw < 16]
+    stock type, smallest first. Size is the tensors' bits per weight: a file's metadata (an -opt
+    file's provenance keys) does not count. Stock rows are the types without a variant suffix."""
+    scored = [r for r in rows if r.kld_mean is not None and r.bpw is not None]
+    stock = [r for r in scored if "-" not in r.type and r.bpw < 16]
     out = []
-    for s in sorted(stock, key=lambda r: r.size_bytes):
-        fits = [r for r in scored if r.size_bytes <= s.size_bytes]
+    for s in sorted(stock, key=lambda r: r.bpw):
+        fits = [r for r in scored if r.bpw <= s.bpw]
         out.append((s, min(fits, key=lambda r: r.kld_mean)))
     return out
