@@ -242,19 +242,24 @@ def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
     assert all(x["output_error_ratio"] < 1 for x in res["optimize"]["tensors"])
 
 
-def test_optimized_beats_stock_with_the_same_imatrix_and_runs(optimized, trained_f16, texts):
+def paired_kld(a, b, f16, text: str, cache) -> dict:
+    """File `a`'s KLD against file `b`'s on the same tokens (F16 as the reference): ratio, interval, verdict."""
     from neoxq.core.stats import compare
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.score import GGUFReference, kld
 
-    d, _, stock = optimized
-    scores = {}
-    for name, path in (("opt", d / "opt.gguf"), ("stock", stock.path)):
+    scores = []
+    for path in (a, b):
         with NeoxModel(path, RuntimeOptions(n_ctx=128, n_batch=128)) as m:
-            scores[name] = kld(m, GGUFReference(trained_f16), texts["eval"], 128, cache_dir=d / "cache")
-    c = compare(scores["opt"].tokens, scores["stock"].tokens)
-    print(f"opt/stock+imatrix KLD {c['kld']['ratio']:.3f} {c['kld']['ci95']}")
-    assert c["kld"]["verdict"] == "better"
+            scores.append(kld(m, GGUFReference(f16), text, 128, cache_dir=cache))
+    return compare(scores[0].tokens, scores[1].tokens)["kld"]
+
+
+def test_optimized_beats_stock_with_the_same_imatrix_and_runs(optimized, trained_f16, texts):
+    d, _, stock = optimized
+    c = paired_kld(d / "opt.gguf", stock.path, trained_f16, texts["eval"], d / "cache")
+    print(f"opt/stock+imatrix KLD {c['ratio']:.3f} {c['ci95']}")
+    assert c["verdict"] == "better"
     gen = run_cli("run", d / "opt.gguf", "-p", "def ", "-n", "8", "--temp", "0", "--ctx", "128")
     assert gen.returncode == 0 and len(gen.stdout) > len("def ")
 
@@ -304,12 +309,8 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
 def test_optimize_needs_no_calibration_file_nor_reference(trained_f16, texts, tmp_path):
     """No --calib and no --reference: the folder the file was converted from is found, the model
     samples its own calibration text (recorded, cached), and the file beats stock on held-out text."""
-    from neoxq.core.gguf_info import read_info
-    from neoxq.core.stats import compare
     from neoxq.core.textfile import text_sha256
-    from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.quantize import quantize
-    from neoxq.runtime.score import GGUFReference, kld
 
     cache = tmp_path / "cache"
     r = run_cli(
@@ -321,13 +322,9 @@ def test_optimize_needs_no_calibration_file_nor_reference(trained_f16, texts, tm
     (sample,) = (cache / "self-calibration").iterdir()
     assert text_sha256(sample.read_bytes().decode("utf-8")) == meta["neoxq.optimize.calibration.sha256"]
     stock = quantize(trained_f16, "Q4_K_M", output=tmp_path / "stock.gguf")
-    scores = {}
-    for name, path in (("opt", tmp_path / "opt.gguf"), ("stock", stock.path)):
-        with NeoxModel(path, RuntimeOptions(n_ctx=128, n_batch=128)) as m:
-            scores[name] = kld(m, GGUFReference(trained_f16), texts["eval"], 128, cache_dir=tmp_path / "kld")
-    c = compare(scores["opt"].tokens, scores["stock"].tokens)
-    print(f"self-calibrated opt / stock KLD {c['kld']['ratio']:.3f} {c['kld']['ci95']}")
-    assert c["kld"]["verdict"] == "better"
+    c = paired_kld(tmp_path / "opt.gguf", stock.path, trained_f16, texts["eval"], tmp_path / "kld")
+    print(f"self-calibrated opt / stock KLD {c['ratio']:.3f} {c['ci95']}")
+    assert c["verdict"] == "better"
 
 
 def test_float32_flag_runs_every_pass_in_float32(trained, trained_f16, texts, tmp_path):

@@ -104,8 +104,7 @@ def markdown(data: dict) -> str:
     """One table per model: KLD of stock, each opt file's ratio to stock per scored domain, and the
     self-generated text's ratio to each given text."""
 
-    def ratio(x):
-        return f"{x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x else "–"
+    ratio = benchlib.ratio_cell
 
     rows, out = data["rows"], []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -126,11 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,31m")
     ap.add_argument("--types", default="Q4_K_M,Q2_K")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--markdown", type=Path, help="print the table of an earlier --json run and exit")
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
-    if a.markdown:
-        print(markdown(json.loads(a.markdown.read_text())))
+    if benchlib.printed_earlier(a, markdown):
         return
     data = benchlib.run_record(sys.argv)
     for name in a.models.split(","):

@@ -259,12 +259,13 @@ def _line(r: dict) -> str:
     )
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(data: dict | list) -> str:
     """docs/benchmarks.md's table per model: KLD of stock, then every file's ratio to stock, and opt's
-    (opt-mix's) ratio to AutoRound 200 (the mix), each with its paired 95 % interval."""
+    (opt-mix's) ratio to AutoRound 200 (the mix), each with its paired 95 % interval. `data`: a run
+    record (benchlib.run_record) or an older run's bare list of rows."""
+    rows = data["rows"] if isinstance(data, dict) else data
 
-    def ratio(x):
-        return f"{x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x else "–"
+    ratio = benchlib.ratio_cell
 
     cols = ["stock+im", "mix", "ar0", "ar200", "opt", "opt-mix"]
     out = []
@@ -293,20 +294,20 @@ def main() -> None:
     ap.add_argument("--no-autoround", action="store_true")
     ap.add_argument("--remake", help="rebuild only these files (e.g. opt,opt-mix) and reuse the others this benchmark made before")
     ap.add_argument("--no-mix", action="store_true", help="skip the mix and opt-mix files (each measures ~60 sensitivity probes)")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--markdown", type=Path, help="print the docs/benchmarks.md table of an earlier --json run and exit")
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
-    if a.markdown:
-        print(markdown(json.loads(a.markdown.read_text())))
+    if benchlib.printed_earlier(a, markdown):
         return
     t0 = time.time()
-    rows = []
+    data = benchlib.run_record(sys.argv)
     for name, (ckpt, heldout) in models(a.models.split(",")).items():
-        rows += bench_model(name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix, set(a.remake.split(",")) if a.remake else None)
+        data["rows"] += bench_model(
+            name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix, set(a.remake.split(",")) if a.remake else None
+        )
         if a.json:
-            a.json.write_text(json.dumps(rows, indent=1))
-    print(markdown(rows))
-    print(f"\n{len(rows)} files scored in {time.time() - t0:.0f} s")
+            benchlib.write_record(a.json, data)
+    print(markdown(data))
+    print(f"\n{len(data['rows'])} files scored in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

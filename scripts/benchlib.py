@@ -44,6 +44,24 @@ def run_record(argv: list[str]) -> dict:
     }
 
 
+def add_record_args(ap) -> None:
+    """--json (where the run's record goes: docs/bench/NAME.json for the docs' tables) and --markdown."""
+    ap.add_argument("--json", type=Path, help="write the run's record (command, date, rows) here")
+    ap.add_argument("--markdown", type=Path, help="print the table of an earlier --json run and exit")
+
+
+def printed_earlier(args, markdown) -> bool:
+    """With --markdown: print that record's table (rendered by the script's `markdown`) and say so."""
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+    return bool(args.markdown)
+
+
+def ratio_cell(x: dict | None) -> str:
+    """A paired ratio as the tables show it: `0.123× [0.110, 0.137]` (its 95 % interval), or –."""
+    return f"{x['ratio']:.3f}× [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]" if x else "–"
+
+
 def write_record(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
