@@ -142,11 +142,12 @@ def pytest_configure(config):
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     mine = cores[int(worker.removeprefix("gw")) % count :: count] or cores
     os.sched_setaffinity(0, mine)
-    # torch's and BLAS's thread pools count the host's cores, not the affinity: more threads than
-    # cores spin against each other. Set before torch loads here and in every child process.
+    # OpenMP counted the cores when it loaded (llama.cpp loads it on import, before this pinning):
+    # torch's pool would keep two threads on one core, spinning against each other. Child
+    # processes read the variables and the affinity when they start.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(len(mine))
-    import torch  # its OpenMP may already be loaded (llama.cpp's), which read the variables too early
+    import torch
 
     torch.set_num_threads(len(mine))
 
