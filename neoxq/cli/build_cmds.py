@@ -20,7 +20,7 @@ IMatrixFile = Annotated[
     Optional[Path],
     typer.Option(
         "--imatrix",
-        help="Importance matrix (neoxq or llama-imatrix GGUF, or legacy .dat); with --mix/--optimize, 'none' for none (default: computed from --calib).",
+        help="Importance matrix (neoxq or llama-imatrix GGUF, or legacy .dat); with --mix/--optimize, 'none' for none (default: computed from the calibration text).",
     ),
 ]
 
