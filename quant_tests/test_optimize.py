@@ -650,3 +650,23 @@ def test_optimized_mix_at_any_budget(ckpt, tmp_path):
     assert_one_line_error(run_cli(*base, "--mix", "--target-bpw", "1", "-o", tmp_path / "s.gguf"), "below the smallest mix", "--target-bpw")
     assert_one_line_error(run_cli(*base, "--target-bpw", "7", "-o", tmp_path / "t.gguf"), "--mix")
     assert not (tmp_path / "s.gguf").exists() and not (tmp_path / "t.gguf").exists()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
+def test_legacy_types_with_a_min_are_optimised(qtype, trained_f16, texts, tmp_path):
+    """Q4_1 and Q5_1 (value = d·L + m per block of 32): llama.cpp's own file with levels re-chosen,
+    the same tensor types, lower KLD than stock's on held-out text, and it runs."""
+    from neoxq.runtime.quantize import quantize
+
+    r = run_cli(
+        "quantize", trained_f16, "--type", qtype, "--optimize", "--ctx", "128", "-o", tmp_path / "opt.gguf", env={"NEOXQ_CACHE": str(tmp_path / "c")}
+    )
+    assert r.returncode == 0, r.stderr
+    stock = quantize(trained_f16, qtype, output=tmp_path / "stock.gguf")
+    opt_types = {t.name: t.type for t in read_info(tmp_path / "opt.gguf").tensors}
+    assert opt_types == {t.name: t.type for t in read_info(stock.path).tensors} and qtype in opt_types.values()
+    c = paired_kld(tmp_path / "opt.gguf", stock.path, trained_f16, texts["eval"], tmp_path / "kld")
+    print(f"{qtype}-opt / stock KLD {c['ratio']:.3f} {c['ci95']}")
+    assert c["verdict"] == "better"
+    gen = run_cli("run", tmp_path / "opt.gguf", "-p", "def ", "-n", "4", "--temp", "0", "--ctx", "128")
+    assert gen.returncode == 0 and len(gen.stdout) > len("def ")

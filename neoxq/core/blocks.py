@@ -88,6 +88,27 @@ Q5_0 = BlockFormat(
     32,
     _h_d_only,
 )
+
+
+def _h_d_and_min(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q4_1 / q5_1: value = d · L + m, with the fp16 d and m at bytes 0 and 2 (our m is its negative)."""
+    return _f16(raw, 0)[:, None], -_f16(raw, 2)[:, None]
+
+
+# q4_1: q4_0's nibbles after two fp16 (d, m); q5_1: q5_0's fifth bits and nibbles after them
+Q4_1 = BlockFormat("Q4_1", 3, 32, 20, 32, (_field(_l16, 4 + _l16, 0, 4), _field(16 + _l16, 4 + _l16, 4, 4)), 0, 16, _h_d_and_min)
+Q5_1 = BlockFormat(
+    "Q5_1",
+    7,
+    32,
+    24,
+    32,
+    (_field(_l16, 8 + _l16, 0, 4), _field(16 + _l16, 8 + _l16, 4, 4))
+    + tuple(_field(np.arange(b, 32, 8), 4 + np.arange(4), b, 1, 4) for b in range(8)),
+    0,
+    32,
+    _h_d_and_min,
+)
 # q8_0 stores int8 levels (two's complement, not offset): levels() and with_levels() special-case it
 Q8_0 = BlockFormat("Q8_0", 8, 32, 34, 32, (_field(np.arange(32), 2 + np.arange(32), 0, 8),), 128, 256, _h_d_only)
 
@@ -199,7 +220,7 @@ def _q6k_fields() -> tuple[Field, ...]:
 
 Q6_K = BlockFormat("Q6_K", 14, QK_K, 210, 16, _q6k_fields(), 32, 64, _h_q6k)
 
-FORMATS = {f.name: f for f in (Q4_0, Q5_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
+FORMATS = {f.name: f for f in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 
