@@ -84,22 +84,24 @@ def self_calibration(ckpt, ctx: int, seed: int = 0, windows: int | None = None, 
 
 
 def _sample_text(ckpt, args: GPTNeoXArgs, ctx: int, windows: int, seed: int) -> str:
-    """`windows` sampled sequences of a little over `ctx` tokens, decoded and joined (each begins with
-    end-of-text)."""
+    """Sampled sequences of a little over `ctx` tokens (more of them where that would pass the model's
+    context), enough for `windows` windows, decoded and joined (each begins with end-of-text)."""
     import torch
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(ckpt.folder) / "tokenizer.json"))
     model = load_reference(ckpt.folder, attention="sdpa")
-    length = ctx + ctx // SLACK
-    kv_per_window = length * args.num_hidden_layers * 2 * args.hidden_size * 4
-    batch = max(1, min(windows, KV_BUDGET // kv_per_window))
+    # within the model's context: a window as long as the context gets its slack as more sequences
+    length = min(ctx + ctx // SLACK, args.max_position_embeddings)
+    sequences = math.ceil(windows * (ctx + ctx // SLACK) / length)
+    kv_per_sequence = length * args.num_hidden_layers * 2 * args.hidden_size * 4
+    batch = max(1, min(sequences, KV_BUDGET // kv_per_sequence))
     gen = torch.Generator().manual_seed(seed)
     start = args.eos_token_id if args.eos_token_id is not None else 0
     texts = []
-    with Progress("sampling calibration text", windows * length, "tokens") as progress, torch.inference_mode():
-        for first in range(0, windows, batch):
-            ids = _sample_batch(model, torch.full((min(batch, windows - first), 1), start), length, gen, progress)
+    with Progress("sampling calibration text", sequences * length, "tokens") as progress, torch.inference_mode():
+        for first in range(0, sequences, batch):
+            ids = _sample_batch(model, torch.full((min(batch, sequences - first), 1), start), length, gen, progress)
             texts += tokenizer.decode_batch(ids.tolist(), skip_special_tokens=False)
     return "".join(texts)
 

@@ -48,3 +48,16 @@ def test_sample_refused_in_one_line_when_the_model_does_not_fit(ckpt, tmp_path, 
     with pytest.raises(UsageError, match="--calib FILE"):
         self_calibration(open_checkpoint(str(ckpt)), 32, windows=2, max_memory=1 << 20)
     assert not (tmp_path / "cache").exists()
+
+
+def test_windows_as_long_as_the_context_still_fill(ckpt, tmp_path, monkeypatch):
+    """ctx equal to the model's context: no sequence runs past it, and the text still fills the
+    windows asked for (the slack comes as extra sequences)."""
+    from neoxq.convert.imatrix import calibration_windows
+
+    monkeypatch.setenv("NEOXQ_CACHE", str(tmp_path / "cache"))
+    model = open_checkpoint(str(ckpt))
+    ctx = GPTNeoXArgs.from_config(model.config).max_position_embeddings
+    sample = self_calibration(model, ctx, windows=2)
+    n, width = calibration_windows(model, sample.text, ctx).shape
+    assert sample.text.count("<|endoftext|>") >= 3 and n >= 2 and width == ctx
