@@ -652,10 +652,10 @@ def test_optimized_mix_at_any_budget(ckpt, tmp_path):
     assert not (tmp_path / "s.gguf").exists() and not (tmp_path / "t.gguf").exists()
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1"])
+@pytest.mark.parametrize("qtype", ["Q4_1"])  # Q5_1 differs only in its block layout: test_blocks
 def test_legacy_types_with_a_min_are_optimised(qtype, trained_f16, texts, tmp_path):
-    """Q4_1 and Q5_1 (value = d·L + m per block of 32): llama.cpp's own file with levels re-chosen,
-    the same tensor types, lower KLD than stock's on held-out text, and it runs."""
+    """Q4_1 (value = d·L + m per block of 32): llama.cpp's own file with levels re-chosen, the same
+    tensor types, lower KLD than stock's on held-out text, and it runs."""
     from neoxq.runtime.quantize import quantize
 
     r = run_cli(

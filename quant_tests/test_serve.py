@@ -210,7 +210,8 @@ def test_a_client_that_leaves_stops_its_generation(small_server):
     next token (or never starts), counted by the server, not timed."""
     import httpx
 
-    body = json.dumps({"prompt": "The", "max_tokens": 500, "temperature": 0.8}).encode()
+    # end-of-text (id 0) barred: no generation may end on its own before its hang-up is noticed
+    body = json.dumps({"prompt": "The", "max_tokens": 500, "temperature": 0.8, "logit_bias": {"0": -100}}).encode()
     raw = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     host, port = small_server.removeprefix("http://").split(":")
     before = httpx.get(f"{small_server}/health").json()
@@ -219,7 +220,7 @@ def test_a_client_that_leaves_stops_its_generation(small_server):
             s.sendall(raw)
     r = httpx.post(f"{small_server}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=120)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
-    # the last hang-up may be noticed after the request above is answered: wait for the count
+    # a hang-up may be noticed after the request above is answered: wait for the count
     deadline = time.monotonic() + 60
     while (after := httpx.get(f"{small_server}/health").json())["cancelled"] - before["cancelled"] < 12 and time.monotonic() < deadline:
         time.sleep(0.2)
