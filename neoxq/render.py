@@ -150,7 +150,7 @@ def _tail_note(report: dict) -> list[str]:
         "",
         f"Note: the reference's top {t['top_k']} tokens per position leave {100 * t['mass_outside_mean']:.1f} % of its "
         "probability outside them on this text (a broad model); the KLD merges that rest into one outcome and reads low "
-        "(−6 to −13 % at 11 % outside, measured by scripts/bench_stats.py). Ratios between files on the same tokens are "
+        "(by how much: docs/benchmarks.md, scripts/bench_stats.py). Ratios between files on the same tokens are "
         "affected far less. For exact values set NEOXQ_REFERENCE_TOP_K to the vocabulary size (tables then take "
         "~8 bytes × vocabulary per scored token).",
     ]

@@ -75,19 +75,16 @@ def _h_d_only(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 _l16 = np.arange(16)
 Q4_0 = BlockFormat("Q4_0", 2, 32, 18, 32, (_field(_l16, 2 + _l16, 0, 4), _field(16 + _l16, 2 + _l16, 4, 4)), 8, 16, _h_d_only)
-# q5_0: the 5th bit of weight k is bit k of the little-endian uint32 qh (bytes 2..5)
-Q5_0 = BlockFormat(
-    "Q5_0",
-    6,
-    32,
-    22,
-    32,
-    (_field(_l16, 6 + _l16, 0, 4), _field(16 + _l16, 6 + _l16, 4, 4))
-    + tuple(_field(np.arange(b, 32, 8), 2 + np.arange(4), b, 1, 4) for b in range(8)),
-    16,
-    32,
-    _h_d_only,
-)
+
+
+def _q5_fields(qh_at: int, qs_at: int) -> tuple[Field, ...]:
+    """q5_0 / q5_1: q4's nibbles at qs_at, and the fifth bit of weight k at bit k of the
+    little-endian uint32 qh at qh_at."""
+    nibbles = (_field(_l16, qs_at + _l16, 0, 4), _field(16 + _l16, qs_at + _l16, 4, 4))
+    return nibbles + tuple(_field(np.arange(b, 32, 8), qh_at + np.arange(4), b, 1, 4) for b in range(8))
+
+
+Q5_0 = BlockFormat("Q5_0", 6, 32, 22, 32, _q5_fields(2, 6), 16, 32, _h_d_only)
 
 
 def _h_d_and_min(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,18 +94,7 @@ def _h_d_and_min(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # q4_1: q4_0's nibbles after two fp16 (d, m); q5_1: q5_0's fifth bits and nibbles after them
 Q4_1 = BlockFormat("Q4_1", 3, 32, 20, 32, (_field(_l16, 4 + _l16, 0, 4), _field(16 + _l16, 4 + _l16, 4, 4)), 0, 16, _h_d_and_min)
-Q5_1 = BlockFormat(
-    "Q5_1",
-    7,
-    32,
-    24,
-    32,
-    (_field(_l16, 8 + _l16, 0, 4), _field(16 + _l16, 8 + _l16, 4, 4))
-    + tuple(_field(np.arange(b, 32, 8), 4 + np.arange(4), b, 1, 4) for b in range(8)),
-    0,
-    32,
-    _h_d_and_min,
-)
+Q5_1 = BlockFormat("Q5_1", 7, 32, 24, 32, _q5_fields(4, 8), 0, 32, _h_d_and_min)
 # q8_0 stores int8 levels (two's complement, not offset): levels() and with_levels() special-case it
 Q8_0 = BlockFormat("Q8_0", 8, 32, 34, 32, (_field(np.arange(32), 2 + np.arange(32), 0, 8),), 128, 256, _h_d_only)
 
