@@ -84,7 +84,7 @@ def rounded_chunks(fmt: blocks.BlockFormat, raw: np.ndarray, target, factor):
         rows = slice(r0, min(r0 + step, n))
         wr, chunk = target[rows], raw[rows.start * per_row : rows.stop * per_row]
         a, m = (g.reshape(wr.shape) for g in blocks.grid(fmt, chunk))
-        lv = gptq.gptq_levels(wr, None, a, m, fmt.lmin, fmt.lmax, factor=factor)
+        lv = gptq.gptq_levels(wr, None, a, m, fmt.lmin, fmt.lmax, factor=factor, points=fmt.points)
         chunk[:] = blocks.with_levels(fmt, chunk, lv.reshape(-1, fmt.block))
         yield rows, wr, blocks.level_values(a, m, lv)
 
@@ -94,7 +94,7 @@ def round_rows(fmt: blocks.BlockFormat, raw: np.ndarray, target: np.ndarray, fac
     returns its new values, float32."""
     if coupling is not None:
         a, m = (g.reshape(target.shape) for g in blocks.grid(fmt, raw))
-        lv = gptq.coupled_levels(target, a, m, fmt.lmin, fmt.lmax, factor, coupling)
+        lv = gptq.coupled_levels(target, a, m, fmt.lmin, fmt.lmax, factor, coupling, points=fmt.points)
         raw[:] = blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block))
         return blocks.level_values(a, m, lv)
     q = np.empty(target.shape, np.float32)

@@ -29,7 +29,7 @@ def test_levels_and_values_equal_ggml(name):
     assert fmt.lmin <= lv.min() and lv.max() <= fmt.lmax
     assert np.array_equal(blocks.with_levels(fmt, raw, lv), raw)  # llama.cpp's own choices, byte for byte
     # levels nobody chose: ggml reads back exactly what the grid says
-    new = rng.integers(fmt.lmin, fmt.lmax + 1, lv.shape)
+    new = rng.choice(fmt.points, lv.shape) if fmt.points is not None else rng.integers(fmt.lmin, fmt.lmax + 1, lv.shape)
     raw2 = blocks.with_levels(fmt, raw, new)
     assert np.array_equal(blocks.levels(fmt, raw2), new)
     assert np.array_equal(capi.dequantize(raw2, fmt.ggml_type, n), blocks.values(fmt, raw2).reshape(-1))
@@ -48,6 +48,15 @@ def test_a_wrong_layout_is_caught():
     swapped = dataclasses.replace(fmt, fields=(dataclasses.replace(fmt.fields[0], shift=4), dataclasses.replace(fmt.fields[1], shift=0)))
     raw, n = _raw(fmt, np.random.default_rng(2))
     assert not np.array_equal(blocks.values(swapped, raw).reshape(-1), capi.dequantize(raw, fmt.ggml_type, n))
+
+
+def test_a_level_off_the_codebook_is_refused():
+    """Inside [lmin, lmax] but not one of iq4's values: refused, not written as some other level."""
+    raw, _ = _raw(blocks.IQ4_NL, np.random.default_rng(4))
+    lv = blocks.levels(blocks.IQ4_NL, raw)
+    assert set(np.unique(lv)) <= set(blocks.KVALUES_IQ4NL.tolist())
+    with pytest.raises(ValueError, match="codebook"):
+        blocks.with_levels(blocks.IQ4_NL, raw, np.where(lv == 1, 2, lv))
 
 
 def test_out_of_range_levels_refused():

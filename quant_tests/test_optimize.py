@@ -15,31 +15,39 @@ from neoxq.core.gguf_info import read_info
 from .helpers import assert_one_line_error, run_cli
 
 
-def _correlated_problem(seed: int, tokens: int, cols: int, rows: int, mix: float):
-    """Inputs with correlated columns (H), weights, and llama.cpp's Q4_K grids for them."""
+def _correlated_problem(seed: int, tokens: int, cols: int, rows: int, mix: float, fmt=blocks.Q4_K):
+    """Inputs with correlated columns (H), weights, and llama.cpp's grids for them (Q4_K's unless
+    `fmt` names another)."""
     from neoxq.runtime import capi
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + mix * rng.standard_normal((cols, cols)))
     h = x.T @ x / len(x)
     w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
-    fmt = blocks.Q4_K
     raw = capi.quantize_rows(w, fmt.ggml_type, np.diag(h).astype(np.float32)).reshape(-1, fmt.size)
     a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
     return h, w, fmt, raw, a, m
 
 
-def test_gptq_lowers_output_error_on_correlated_inputs_and_is_rtn_on_diagonal_ones():
+# a uniform grid, and a codebook grid (levels unevenly spaced)
+GRID_FORMATS = [blocks.Q4_K, blocks.IQ4_XS]
+
+
+@pytest.mark.parametrize("fmt", GRID_FORMATS, ids=lambda f: f.name)
+def test_gptq_lowers_output_error_on_correlated_inputs_and_is_rtn_on_diagonal_ones(fmt):
     from neoxq.runtime import capi
 
-    h, w, fmt, raw, a, m = _correlated_problem(0, 4096, 256, 64, 0.3)
+    h, w, fmt, raw, a, m = _correlated_problem(0, 4096, 256, 64, 0.3, fmt)
     stock = blocks.values(fmt, raw).reshape(w.shape)
-    lv = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax)
+    lv = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax, points=fmt.points)
     ours = capi.dequantize(blocks.with_levels(fmt, raw, lv.reshape(-1, fmt.block)), fmt.ggml_type, w.size).reshape(w.shape)
     assert gptq.output_error(w, ours, h) < 0.7 * gptq.output_error(w, stock, h)
     # negative control: with uncorrelated inputs there is nothing to compensate — nearest rounding
     diag = np.diag(np.diag(h))
-    assert np.array_equal(gptq.gptq_levels(w, diag, a, m, fmt.lmin, fmt.lmax), gptq.nearest(w, a, m, fmt.lmin, fmt.lmax))
+    rtn = gptq.nearest(w, a, m, fmt.lmin, fmt.lmax, fmt.points)
+    assert np.array_equal(gptq.gptq_levels(w, diag, a, m, fmt.lmin, fmt.lmax, points=fmt.points), rtn)
+    if fmt.points is not None:  # nearest on the codebook is llama.cpp's own choice on its grids
+        assert (rtn == blocks.levels(fmt, raw).reshape(w.shape)).mean() > 0.99
 
 
 def _moments(xf, xq, w, b):
@@ -438,20 +446,21 @@ def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(t
     assert not any(work.iterdir()) and not list(tmp_path.glob(".*.partial"))
 
 
-def test_gptq_sweep_equals_the_textbook_column_loop():
+@pytest.mark.parametrize("fmt", GRID_FORMATS, ids=lambda f: f.name)
+def test_gptq_sweep_equals_the_textbook_column_loop(fmt):
     """The blocked, transposed sweep against GPTQ written plainly (one column at a time, the whole
     rest of the row updated each time): the same levels, up to rare ties of float rounding."""
-    h, w, fmt, _, a, m = _correlated_problem(3, 2048, 512, 48, 0.2)
+    h, w, fmt, _, a, m = _correlated_problem(3, 2048, 512, 48, 0.2, fmt)
     perm, u = gptq.compensation(h, True)
     wp, ap, mp = (np.asarray(z, np.float64)[:, perm].copy() for z in (w, a, m))
     plain = np.empty(w.shape, np.int16)
     for j in range(w.shape[1]):
-        li = gptq.nearest(wp[:, j], ap[:, j], mp[:, j], fmt.lmin, fmt.lmax)
+        li = gptq.nearest(wp[:, j], ap[:, j], mp[:, j], fmt.lmin, fmt.lmax, fmt.points)
         e = (wp[:, j] - (ap[:, j] * li - mp[:, j])) / u[j, j]
         wp[:, j + 1 :] -= np.outer(e, u[j, j + 1 :])
         plain[:, perm[j]] = li
-    ours = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax)
-    assert (ours == plain).mean() > 0.999 and not np.array_equal(ours, gptq.nearest(w, a, m, fmt.lmin, fmt.lmax))
+    ours = gptq.gptq_levels(w, h, a, m, fmt.lmin, fmt.lmax, points=fmt.points)
+    assert (ours == plain).mean() > 0.999 and not np.array_equal(ours, gptq.nearest(w, a, m, fmt.lmin, fmt.lmax, fmt.points))
 
 
 def test_accumulated_moments_equal_the_direct_products():
@@ -535,12 +544,13 @@ def test_row_coupling_lowers_the_output_fisher_loss_and_is_plain_gptq_for_a_diag
     assert np.array_equal(gptq.coupled_levels(w, a, m, fmt.lmin, fmt.lmax, factor, gptq.RowCoupling.of(diag, rows)), plain)
 
 
-def test_coupled_waves_equal_the_step_by_step_loop():
+@pytest.mark.parametrize("fmt", GRID_FORMATS, ids=lambda f: f.name)
+def test_coupled_waves_equal_the_step_by_step_loop(fmt):
     """coupled_levels' waves of (row step, column block) pairs against the rows rounded one step at
     a time — GPTQ per step, its residual moved onto the later rows through G — as written plainly:
     the same levels, on a width that is not a multiple of the block (padded) and rows in any order;
     the plain loop itself differs from GPTQ without coupling (the check is not vacuous)."""
-    h, w, fmt, _, a, m = _correlated_problem(11, 2048, 256, 36, 0.3)
+    h, w, fmt, _, a, m = _correlated_problem(11, 2048, 256, 36, 0.3, fmt)
     rng = np.random.default_rng(11)
     groups, k = 3, 12
     rows = rng.permutation(groups * k).reshape(groups, k)
@@ -550,13 +560,13 @@ def test_coupled_waves_equal_the_step_by_step_loop():
     target, plain = np.array(w, np.float64), np.zeros(w.shape, np.int16)
     u = coupling.u
     for t, step in enumerate(coupling.order):
-        plain[step] = lv = gptq.gptq_levels(target[step], None, a[step], m[step], fmt.lmin, fmt.lmax, factor=factor)
+        plain[step] = lv = gptq.gptq_levels(target[step], None, a[step], m[step], fmt.lmin, fmt.lmax, factor=factor, points=fmt.points)
         r = target[step] - (np.asarray(a[step], np.float64) * lv - m[step])
         for t2 in range(t + 1, k):
             target[coupling.order[t2]] -= (u[:, t, t2] / u[:, t, t])[:, None] * r
-    ours = gptq.coupled_levels(w, a, m, fmt.lmin, fmt.lmax, factor, coupling, block=96)
+    ours = gptq.coupled_levels(w, a, m, fmt.lmin, fmt.lmax, factor, coupling, block=96, points=fmt.points)
     assert (ours == plain).mean() > 0.999
-    assert not np.array_equal(plain, gptq.gptq_levels(w, None, a, m, fmt.lmin, fmt.lmax, factor=factor))
+    assert not np.array_equal(plain, gptq.gptq_levels(w, None, a, m, fmt.lmin, fmt.lmax, factor=factor, points=fmt.points))
 
 
 def test_equalisation_scales_flatten_the_inputs_and_keep_dead_channels():

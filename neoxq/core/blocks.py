@@ -47,14 +47,17 @@ class BlockFormat:
     offset: int  # level L = stored − offset (q8_0: stored is the int8 level itself)
     levels: int  # number of levels: L ∈ [−offset, levels − offset − 1]
     header: object  # raw [n, size] uint8 → (a, m) float32 [n, block // sub]
+    # A non-uniform grid's levels, indexed by the stored bits (the IQ4 types' codebook): a weight's
+    # level is then points[stored], not stored − offset, and only these levels exist in [lmin, lmax].
+    points: np.ndarray | None = None
 
     @property
     def lmin(self) -> int:
-        return -self.offset
+        return int(self.points[0]) if self.points is not None else -self.offset
 
     @property
     def lmax(self) -> int:
-        return self.levels - self.offset - 1
+        return int(self.points[-1]) if self.points is not None else self.levels - self.offset - 1
 
 
 def _f16(raw: np.ndarray, at: int) -> np.ndarray:
@@ -206,7 +209,33 @@ def _q6k_fields() -> tuple[Field, ...]:
 
 Q6_K = BlockFormat("Q6_K", 14, QK_K, 210, 16, _q6k_fields(), 32, 64, _h_q6k)
 
-FORMATS = {f.name: f for f in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
+
+# Non-linear 4-bit types: value = scale · kvalues_iq4nl[stored] (ggml-common.h), levels not evenly
+# spaced. The table is sorted, so stored index and level order agree.
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+# iq4_nl: q4_0's block (fp16 d, then 16 bytes of nibbles) on the codebook
+IQ4_NL = BlockFormat("IQ4_NL", 20, 32, 18, 32, Q4_0.fields, 0, 16, _h_d_only, KVALUES_IQ4NL)
+
+
+def _h_iq4xs(raw):
+    """iq4_xs: sub-block ib's scale d · (ls − 32), ls six bits: the low four in nibble ib % 2 of
+    scales_l[ib / 2] (bytes 4..7), the high two at bits 2ib of the little-endian uint16 scales_h (byte 2)."""
+    d = _f16(raw, 0)[:, None]
+    ib = np.arange(8)
+    low = (raw[:, 4 + ib // 2].astype(np.int32) >> (4 * (ib % 2))) & 0xF
+    high = (raw[:, 2:4].copy().view("<u2").astype(np.int32) >> (2 * ib)) & 3
+    a = (d * ((low | (high << 4)) - 32).astype(np.float32)).astype(np.float32)
+    return a, np.zeros_like(a)
+
+
+# iq4_xs: weight 32ib + l holds the low nibble of qs[16ib + l] (qs from byte 8), 32ib + 16 + l the high one
+_IQ4XS_LO = np.array([32 * ib + l for ib in range(8) for l in range(16)])
+_IQ4XS_B = np.array([8 + 16 * ib + l for ib in range(8) for l in range(16)])
+IQ4_XS = BlockFormat(
+    "IQ4_XS", 23, QK_K, 136, 32, (_field(_IQ4XS_LO, _IQ4XS_B, 0, 4), _field(_IQ4XS_LO + 16, _IQ4XS_B, 4, 4)), 0, 16, _h_iq4xs, KVALUES_IQ4NL
+)
+
+FORMATS = {f.name: f for f in (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)}
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 
 
@@ -225,6 +254,8 @@ def levels(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:
         v[f.weights] |= ((rt[f.bytes].astype(np.int32) >> f.shift) & ((1 << f.width) - 1)) << f.pos
     if fmt.name == "Q8_0":
         return v.T.astype(np.uint8).view(np.int8).astype(np.int16)
+    if fmt.points is not None:
+        return fmt.points[v.T]
     return (v.T - fmt.offset).astype(np.int16)
 
 
@@ -234,13 +265,28 @@ def with_levels(fmt: BlockFormat, raw: np.ndarray, lv: np.ndarray) -> np.ndarray
     lv = np.asarray(lv)
     if lv.min(initial=fmt.lmin) < fmt.lmin or lv.max(initial=fmt.lmax) > fmt.lmax:
         raise ValueError(f"{fmt.name} levels must lie in [{fmt.lmin}, {fmt.lmax}]")
-    v = transposed((lv.astype(np.int32) & 0xFF) if fmt.name == "Q8_0" else lv.astype(np.int32) + fmt.offset)
+    v = transposed(_stored(fmt, lv.astype(np.int32)))
     out = transposed(raw)  # a copy
     for f in fmt.fields:
         mask = ((1 << f.width) - 1) << f.shift
         out[f.bytes] &= np.uint8(0xFF ^ mask)
         out[f.bytes] |= (((v[f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
     return transposed(out)
+
+
+def _stored(fmt: BlockFormat, lv: np.ndarray) -> np.ndarray:
+    """The bits a level is stored as (int32): two's complement (q8_0), its index in the codebook
+    (only its points are levels), or level + offset."""
+    if fmt.name == "Q8_0":
+        return lv & 0xFF
+    if fmt.points is None:
+        return lv + fmt.offset
+    index = np.full(fmt.lmax - fmt.lmin + 1, -1, np.int32)
+    index[fmt.points - fmt.lmin] = np.arange(len(fmt.points))
+    stored = index[lv - fmt.lmin]
+    if (stored < 0).any():
+        raise ValueError(f"{fmt.name} levels must be among its codebook's {len(fmt.points)} values")
+    return stored
 
 
 def grid(fmt: BlockFormat, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -100,10 +100,19 @@ def _zero_strict_lower(a: np.ndarray, rows: int = 1024) -> None:
         blk[np.tril(np.ones(blk.shape, bool), k=r0 - 1)] = 0.0
 
 
-def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int) -> np.ndarray:
-    """The nearest level on each weight's grid (a = 0: every level gives −m; level 0 or lmin)."""
+def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, points: np.ndarray | None = None) -> np.ndarray:
+    """The nearest level on each weight's grid (a = 0: every level gives −m; level 0 or lmin).
+    points: the only levels there are, sorted (a codebook grid), instead of every integer."""
     w, a, m = np.broadcast_arrays(*(np.asarray(z, np.float64) for z in (w, a, m)))
-    return _nearest_into(w, m, _steps_inverse(a), float(lmin), float(lmax), np.empty(w.shape))
+    return _nearest_into(w, m, _steps_inverse(a), float(lmin), float(lmax), np.empty(w.shape), _codebook(points, np.float64))
+
+
+def _codebook(points: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the midpoints between adjacent levels, the levels) in `dtype`, for _nearest_into."""
+    if points is None:
+        return None
+    p = np.asarray(points, np.float64)
+    return ((p[:-1] + p[1:]) / 2).astype(dtype), p.astype(dtype)
 
 
 def _steps_inverse(a: np.ndarray) -> np.ndarray:
@@ -112,12 +121,17 @@ def _steps_inverse(a: np.ndarray) -> np.ndarray:
         return np.where(a != 0, 1 / a, 0).astype(a.dtype, copy=False)
 
 
-def _nearest_into(w, m, inv, lo: float, hi: float, out: np.ndarray) -> np.ndarray:
+def _nearest_into(w, m, inv, lo: float, hi: float, out: np.ndarray, codebook=None) -> np.ndarray:
     """The one rounding rule (nearest and GPTQ's sweep): rint((w + m) / a) clamped to [lo, hi], in
-    `out`. Multiplied by 1 / a and clamped by minimum/maximum: np.clip costs several times a ufunc
-    call, and at 16 rows a problem (one per attention head) the sweep's cost is its calls."""
+    `out`; on a codebook grid (_codebook), the level whose interval between midpoints holds
+    (w + m) / a (the nearest in value too: |w + m − a·L| = |a|·|(w + m)/a − L|). Multiplied by 1 / a
+    and clamped by minimum/maximum: np.clip costs several times a ufunc call, and at 16 rows a
+    problem (one per attention head) the sweep's cost is its calls."""
     np.add(w, m, out=out)
     out *= inv
+    if codebook is not None:
+        mids, pts = codebook
+        return np.take(pts, np.searchsorted(mids, out), out=out)
     np.rint(out, out=out)
     np.maximum(out, lo, out=out)
     return np.minimum(out, hi, out=out)
@@ -162,17 +176,18 @@ def gptq_levels(
     act_order: bool = True,
     damp: float = DAMP,
     factor=None,
+    points: np.ndarray | None = None,
 ) -> np.ndarray:
     """Levels int16 [rows, cols] for weights w [rows, cols] on grids (a, m) [rows, cols], chosen to
     minimise Σ_rows (w − q)ᵀ H (w − q). factor: compensation(h, …) when the caller already has it
-    (rows of one matrix rounded in chunks)."""
+    (rows of one matrix rounded in chunks); points: a codebook grid's levels (nearest())."""
     perm, u = factor if factor is not None else compensation(h, act_order, damp)
     out = np.empty(w.shape, np.int16)
     step_rows = row_chunk(w.shape[1])
     for r0 in range(0, w.shape[0], step_rows):
         rows = slice(r0, r0 + step_rows)
         grid_a, grid_m = _columns(a[rows], perm, SWEEP_DTYPE), _columns(m[rows], perm, SWEEP_DTYPE)
-        lv = _gptq_rows(_columns(w[rows], perm, SWEEP_DTYPE), u, grid_a, grid_m, lmin, lmax)
+        lv = _gptq_rows(_columns(w[rows], perm, SWEEP_DTYPE), u, grid_a, grid_m, lmin, lmax, points=points)
         out[rows, :] = np.take(lv, np.argsort(perm), axis=1)
     return out
 
@@ -182,7 +197,7 @@ def _columns(x, idx: np.ndarray, dtype=np.float64) -> np.ndarray:
     return np.asarray(np.take(np.asarray(x), idx, axis=1), dtype)
 
 
-def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, block: int = BLOCK) -> np.ndarray:
+def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, block: int = BLOCK, points=None) -> np.ndarray:
     """GPTQ's lazy-batch sweep. Each block of columns is worked on transposed ([columns, rows]), so
     that the column being rounded and its grid are contiguous (a column of a [rows, cols] array is
     read with a stride of a whole row)."""
@@ -194,26 +209,26 @@ def _gptq_rows(w: np.ndarray, u: np.ndarray, a: np.ndarray, m: np.ndarray, lmin:
         wb, ab, mb = (transposed(x[:, c0:c1])[:, None] for x in (w, a, m))  # [columns, 1 problem, rows]
         lvb, err = np.empty(wb.shape, dt), np.empty(wb.shape, dt)
         ur = u[c0:c1, c0:].astype(dt)  # the block's rows of U, cast once: no [in, in] copy
-        _sweep(wb, ab, mb, ur[None, :, : c1 - c0], dinv[None, c0:c1], lmin, lmax, 0, c1 - c0, lvb, err)
+        _sweep(wb, ab, mb, ur[None, :, : c1 - c0], dinv[None, c0:c1], lmin, lmax, 0, c1 - c0, lvb, err, points)
         lv[:, c0:c1] = lvb[:, 0].T
         w[:, c1:] -= err[:, 0].T @ ur[:, c1 - c0 :]
     return lv
 
 
-def _sweep(x, a, m, ub, dinv, lmin: int, lmax: int, i0: int, i1: int, lv, err) -> None:
+def _sweep(x, a, m, ub, dinv, lmin: int, lmax: int, i0: int, i1: int, lv, err, points=None) -> None:
     """GPTQ inside one block of columns, columns i0 … i1 − 1, for P independent problems at once:
     x, a, m [columns, P, rows] (weights as compensated so far, updated in place; grids), ub [P,
     columns, columns] each problem's block of U, dinv [P, columns] 1 / its diagonal; levels and
     scaled errors into lv, err [columns, P, rows]. Lazy batches again inside the block: a column's
     error goes at once only onto the rest of its SUB columns, and each SUB columns' errors onto the
     block's later columns in one product (the rank-one updates, elementwise over the block's whole
-    rest, cost more than the block's products; see BLOCK)."""
+    rest, cost more than the block's products; see BLOCK). points: a codebook grid's levels."""
     inv = _steps_inverse(a[i0:i1])
-    lo, hi = float(lmin), float(lmax)
+    lo, hi, codebook = float(lmin), float(lmax), _codebook(points, x.dtype)
     for s0 in range(i0, i1, SUB):
         s1 = min(s0 + SUB, i1)
         for i in range(s0, s1):
-            li = _nearest_into(x[i], m[i], inv[i - i0], lo, hi, lv[i])
+            li = _nearest_into(x[i], m[i], inv[i - i0], lo, hi, lv[i], codebook)
             e = np.multiply(a[i], li, out=err[i])
             e -= m[i]
             np.subtract(x[i], e, out=e)
@@ -252,7 +267,15 @@ class RowCoupling:
 
 
 def coupled_levels(
-    w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, factor, coupling: RowCoupling, block: int = COUPLED_BLOCK
+    w: np.ndarray,
+    a: np.ndarray,
+    m: np.ndarray,
+    lmin: int,
+    lmax: int,
+    factor,
+    coupling: RowCoupling,
+    block: int = COUPLED_BLOCK,
+    points: np.ndarray | None = None,
 ) -> np.ndarray:
     """gptq_levels for the rows of w that `coupling` names, minimising tr(E H Eᵀ G) (factor: H's
     compensation); other rows are left to the caller (levels 0).
@@ -290,7 +313,7 @@ def coupled_levels(
         x = np.ascontiguousarray((start - np.stack([own[t, :, c] for (t, _), c in zip(pairs, blk)])).transpose(2, 0, 1))
         sa, sm = (np.ascontiguousarray(np.stack([g[t, :, c] for (t, _), c in zip(pairs, blk)]).transpose(2, 0, 1)) for g in (ga, gm))
         lvb, err = np.empty(x.shape, dt), np.empty(x.shape, dt)
-        _sweep(x, sa, sm, np.stack([u[c, c] for c in blk]), np.stack([dinv[c] for c in blk]), lmin, lmax, 0, block, lvb, err)
+        _sweep(x, sa, sm, np.stack([u[c, c] for c in blk]), np.stack([dinv[c] for c in blk]), lmin, lmax, 0, block, lvb, err, points)
         for p, ((t, b), c) in enumerate(zip(pairs, blk)):
             lv[t, :, c] = lvb[:, p].T
             base[t, :, c] = start[p] - (sa[:, p] * lvb[:, p] - sm[:, p]).T
