@@ -18,7 +18,8 @@ against the model's output on calibration text, and the layers' F32 biases re-so
    already-quantized layers give (so each layer also cancels what rounding upstream did), with its
    bias solved in the same least squares; attention QKV's rows coupled per head through that
    head's output Fisher (gptq.RowCoupling); the output matrix last.
-Levels go into llama.cpp's blocks in place (neoxq.core.blocks), biases and norms into their F32
+Levels go into llama.cpp's blocks in place (neoxq.core.blocks; the IQ types' grid rows and signs,
+neoxq.core.iq_blocks, chosen jointly per group by neoxq.core.gptvq), biases and norms into their F32
 tensors: same tensor types and sizes, same kernels; every llama.cpp reads and runs the file.
 """
 
@@ -41,7 +42,7 @@ from neoxq.convert.calibrate import native_bf16
 from neoxq.convert.imatrix import calibration_windows, imatrix_from_stats, second_moments
 from neoxq.convert.neox import GPTNeoXArgs
 from neoxq.core.atomic import atomic_output, check_output, output_in
-from neoxq.core.blocks import FORMATS
+from neoxq.core import blocks, iq_blocks
 from neoxq.core.cache import cache_root
 from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.choices import AUTO
@@ -66,7 +67,7 @@ EQUALIZE_METHOD = "+norm-equalized"  # … when the norms' channels are equalise
 BF16_METHOD = "+fisher-bf16"  # … when the first pass's Fisher ran in bfloat16 (OptimizeOptions.fisher_bf16)
 STREAM_BF16_METHOD = "+quantized-stream-bf16"  # … when the quantized model's layers ran in bfloat16 (OptimizeOptions.stream_bf16)
 EQUALIZED_FILE = "equalized.gguf"  # in the job folder: the source with its norms' channels equalised
-MIX_TYPES = ("F16", *FORMATS)  # what an opt-mix may choose: the types whose levels neoxq re-chooses
+MIX_TYPES = ("F16", *blocks.FORMATS, *iq_blocks.FORMATS)  # what an opt-mix may choose: the types whose levels neoxq re-chooses
 OUTPUT_FISHER_FILE = "output_fisher.npz"  # in the job folder: the sequential pass's QKV metrics, kept for a resumed run
 
 

@@ -12,12 +12,12 @@ import numpy as np
 
 from neoxq.convert.calibrate import sequential_calibration
 from neoxq.convert.neox import GPTNeoXArgs, interleave_qkv
-from neoxq.core import blocks, gptq
+from neoxq.core import gptq
 from neoxq.core.calibration_stats import EMBEDDING
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.progress import Progress
 from neoxq.core.tensor_file import TensorFile
-from neoxq.levels import at, dequantized_rows, error_rows, round_rows, rounded_chunks, source_weights, tensor_values
+from neoxq.levels import at, column_group, dequantized_rows, error_rows, format_of, round_rows, rounded_chunks, source_weights, tensor_values
 
 
 @dataclass
@@ -42,12 +42,12 @@ def rewrite_embedding(path: Path, src: GGUFInfo, fisher: np.ndarray, act_order: 
     chunk at a time. Nothing is done where llama.cpp's type is one neoxq does not encode."""
     with TensorFile(path) as f:
         t = f.tensor(EMBEDDING)
-        if t.type not in blocks.FORMATS:
+        fmt = format_of(t.type)
+        if fmt is None:
             return []
-        fmt = blocks.FORMATS[t.type]
         raw = f.read(t).reshape(-1, fmt.size)
         w = source_weights(src, t.name)
-        factor = gptq.compensation(fisher, act_order, damp)
+        factor = gptq.compensation(fisher, act_order, damp, group=column_group(fmt))
         some = error_rows(t.shape[0])
         before = dequantized_rows(fmt, raw, t.shape, some)
         with Progress("optimising", t.n_elements, "weights") as bar:
@@ -79,15 +79,15 @@ class _LayerRounding:
         return tensor_values(self.f.info, t, self.f.read(t)), b
 
     def requantize(self, name: str, mom: gptq.Moments):
-        t = self.f.tensor(name)
-        if t.type not in blocks.FORMATS:  # a type neoxq does not encode: keep llama.cpp's, but feed it forward
+        t, fmt = self.f.tensor(name), format_of(self.f.tensor(name).type)
+        if fmt is None:  # a type neoxq does not encode: keep llama.cpp's, but feed it forward
             return self.current(name)
-        fmt, tb, opts = blocks.FORMATS[t.type], self._bias(name), self.opts
+        tb, opts = self._bias(name), self.opts
         raw = self.f.read(t).reshape(-1, fmt.size)
         b = None if tb is None else self.f.read(tb).view(np.float32).astype(np.float64)
         some = error_rows(t.shape[0])
         e_old = gptq.asymmetric_error(dequantized_rows(fmt, raw, t.shape, some), at(b, some), mom.rows(some))
-        factor = gptq.moments_factor(mom, opts.act_order, opts.damp, bias=b is not None)  # the target's and GPTQ's
+        factor = gptq.moments_factor(mom, opts.act_order, opts.damp, bias=b is not None, group=column_group(fmt))  # the target's and GPTQ's
         w_t, b_t = gptq.asymmetric_target(source_weights(self.src, name), b, mom, opts.damp, factor=factor)
         coupling = gptq.RowCoupling.of(self.output_fisher[name], self.head_rows, opts.damp) if name in self.output_fisher else None
         q = round_rows(fmt, raw, w_t, factor, coupling)

@@ -662,19 +662,25 @@ def test_optimized_mix_at_any_budget(ckpt, tmp_path):
     assert not (tmp_path / "s.gguf").exists() and not (tmp_path / "t.gguf").exists()
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1"])  # Q5_1 differs only in its block layout: test_blocks
-def test_legacy_types_with_a_min_are_optimised(qtype, trained_f16, texts, tmp_path):
-    """Q4_1 (value = d·L + m per block of 32): llama.cpp's own file with levels re-chosen, the same
-    tensor types, lower KLD than stock's on held-out text, and it runs."""
+# Q5_1 differs from Q4_1 only in its block layout, IQ4_NL from IQ4_XS only in its header, the other
+# codebook types from IQ2_XS in theirs: test_blocks, test_iq_blocks and test_gptvq cover those
+@pytest.mark.parametrize("qtype", ["Q4_1", "IQ2_XS"])
+def test_more_types_are_optimised(qtype, trained_f16, trained_imatrix, texts, tmp_path):
+    """Q4_1 (value = d·L + m per block of 32) and IQ2_XS (a grid row and signs per 8 weights, with
+    IQ4_NL where rows are too short for it): llama.cpp's own file with levels re-chosen, the same
+    tensor types, lower KLD on held-out text than stock's (with the imatrix where llama.cpp needs
+    one), and it runs."""
+    from neoxq.core.qtypes import QuantType
     from neoxq.runtime.quantize import quantize
 
     r = run_cli(
         "quantize", trained_f16, "--type", qtype, "--optimize", "--ctx", "128", "-o", tmp_path / "opt.gguf", env={"NEOXQ_CACHE": str(tmp_path / "c")}
     )
     assert r.returncode == 0, r.stderr
-    stock = quantize(trained_f16, qtype, output=tmp_path / "stock.gguf")
+    im = trained_imatrix if QuantType(qtype).needs_imatrix else None
+    stock = quantize(trained_f16, qtype, output=tmp_path / "stock.gguf", imatrix=im)
     opt_types = {t.name: t.type for t in read_info(tmp_path / "opt.gguf").tensors}
-    assert opt_types == {t.name: t.type for t in read_info(stock.path).tensors} and qtype in opt_types.values()
+    assert opt_types == {t.name: t.type for t in read_info(stock.path).tensors} and qtype.split("_M")[0] in opt_types.values()
     c = paired_kld(tmp_path / "opt.gguf", stock.path, trained_f16, texts["eval"], tmp_path / "kld")
     print(f"{qtype}-opt / stock KLD {c['ratio']:.3f} {c['ci95']}")
     assert c["verdict"] == "better"

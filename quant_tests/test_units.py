@@ -95,7 +95,7 @@ def test_quant_type_parsing():
     with pytest.raises(UsageError, match="no quant type"):
         QuantType.parse_list(" , ")
     assert QuantType.from_ftype(15) == QuantType.Q4_K_M and QuantType.from_ftype(999) is None
-    assert all(2 <= t.nominal_bpw <= 8.5 for t in QUANTIZED)
+    assert all(1.5 <= t.nominal_bpw <= 8.5 for t in QUANTIZED)
 
 
 def test_windows():

@@ -5,8 +5,8 @@ run: same model, calibration text, types and scored windows.
 Per model and type, the files compared (every one scored against the model's F16 GGUF on held-out
 windows the calibration text does not overlap; KLD ± its per-window error; ratios to stock paired on
 the same tokens with a 95 % interval):
-  stock        llama.cpp's quantizer, no imatrix (Q2_K_S: llama.cpp refuses it without one, so its
-               stock is the imatrix file)
+  stock        llama.cpp's quantizer, no imatrix (types llama.cpp refuses without one, Q2_K_S and
+               IQ3_XXS and below: the imatrix file)
   stock+im     llama.cpp's quantizer with an imatrix from the calibration text (`neoxq imatrix`)
   opt          `neoxq quantize --optimize --calib` (imatrix from the same calibration pass)
   mix          `neoxq quantize --mix --calib` (measured per-tensor types, imatrix from the calibration text)
@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+from neoxq.core.qtypes import QuantType  # noqa: E402
 
 PY = sys.executable
 CTX = 512
@@ -198,7 +199,7 @@ def bench_model(
     for qtype in types:
         print(f"\n{name} {qtype}:")
         recipes = {
-            "stock": (f"{qtype}.gguf", lambda o: make_stock(f16, qtype, o, im if qtype == "Q2_K_S" else None)),
+            "stock": (f"{qtype}.gguf", lambda o: make_stock(f16, qtype, o, im if QuantType(qtype).needs_imatrix else None)),
             "stock+im": (f"{qtype}-im.gguf", lambda o: make_stock(f16, qtype, o, im)),
             "opt": (f"{qtype}-opt.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt")),
         }

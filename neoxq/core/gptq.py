@@ -137,11 +137,15 @@ def _nearest_into(w, m, inv, lo: float, hi: float, out: np.ndarray, codebook=Non
     return np.minimum(out, hi, out=out)
 
 
-def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridge: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def compensation(
+    h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridge: float | None = None, group: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """(perm, U): the column order GPTQ rounds in and the inverse Cholesky factor of H (damped, or
     plus `ridge` on the diagonal) in that order, built in one [in, in] float64 buffer (H itself is
-    left as it is; its scale does not matter to GPTQ; solve() uses U for H⁻¹ too)."""
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
+    left as it is; its scale does not matter to GPTQ; solve() uses U for H⁻¹ too). group: columns
+    that stay together and in order (a codebook's units, neoxq.core.gptvq); act order sorts them
+    by their summed diagonal."""
+    perm = _order(np.diag(h), act_order, group)
     rev = perm[::-1]  # the buffer holds J H J in GPTQ's order (_reversed_inverse_cholesky)
     u = np.empty((len(h), len(h)))
     for i, r in enumerate(rev):  # permuted copy a row at a time: no [in, in] temporary
@@ -149,6 +153,16 @@ def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridg
     _damp(u, damp, ridge)
     _reversed_inverse_cholesky(u)
     return perm, u
+
+
+def _order(diag: np.ndarray, act_order: bool, group: int) -> np.ndarray:
+    """GPTQ's column order: decreasing H diagonal, by whole groups of `group` columns."""
+    if not act_order:
+        return np.arange(len(diag))
+    if group == 1:
+        return np.argsort(-diag, kind="stable")
+    units = np.argsort(-diag.reshape(-1, group).sum(1), kind="stable")
+    return (units[:, None] * group + np.arange(group)).reshape(-1)
 
 
 def solve(factor, rhs: np.ndarray) -> np.ndarray:
@@ -396,11 +410,11 @@ def _ridge(mom: Moments, damp: float, bias: bool) -> float:
     return damp * ((tr + 1.0) / (len(mom.hq) + 1) if bias else tr / len(mom.hq))
 
 
-def moments_factor(mom: Moments, act_order: bool = True, damp: float = DAMP, bias: bool = True):
+def moments_factor(mom: Moments, act_order: bool = True, damp: float = DAMP, bias: bool = True, group: int = 1):
     """compensation() of H_q + n·λI, λ asymmetric_target's ridge: one factorisation serves the
     target's solve and GPTQ's sweep (at 6.9B's MLP down each [in, in] factorisation is a few
     hundred GFLOP)."""
-    return compensation(mom.hq, act_order, ridge=mom.n * _ridge(mom, damp, bias))
+    return compensation(mom.hq, act_order, ridge=mom.n * _ridge(mom, damp, bias), group=group)
 
 
 def asymmetric_target(

@@ -41,6 +41,8 @@ class QuantType(str, Enum):
     IQ2_S = "IQ2_S"
     IQ2_XS = "IQ2_XS"
     IQ2_XXS = "IQ2_XXS"
+    IQ1_M = "IQ1_M"
+    IQ1_S = "IQ1_S"
 
     @property
     def ftype(self) -> int:
@@ -112,9 +114,11 @@ _INFO: dict[QuantType, tuple[int, float, bool]] = {
     QuantType.IQ2_S: (28, 2.5, True),
     QuantType.IQ2_XS: (20, 2.31, True),
     QuantType.IQ2_XXS: (19, 2.06, True),
+    QuantType.IQ1_M: (31, 1.75, True),
+    QuantType.IQ1_S: (24, 1.56, True),
 }
 
-# The types `neoxq quantize` accepts: every llama.cpp file type from 2 to 8 bits.
+# The types `neoxq quantize` accepts: every llama.cpp file type from 1.5 to 8 bits.
 QUANTIZED = [t for t in QuantType if not t.is_float]
 # The types the converter writes directly (gguf-py does the packing).
 CONVERT_OUTTYPES = [QuantType.F32, QuantType.F16, QuantType.BF16, QuantType.Q8_0]
