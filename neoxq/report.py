@@ -39,10 +39,12 @@ from neoxq.runtime.model import NeoxModel, RuntimeOptions
 from neoxq.runtime.reference_cache import reference_tables
 from neoxq.runtime.score import GGUFReference, Windows, kld
 from neoxq.runtime.speed import measure
+from neoxq.self_calibration import self_calibration, windows_needed
 
 DEFAULT_TYPES = "F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K"
 TOKENS_DIR = "tokens"  # per-token scores, one .npz per row (neoxq.core.scores_io)
 CALIBRATION_SHARE = 0.25  # --imatrix auto: this leading share of the text calibrates, the rest is scored
+EVALUATION_SEED = 1  # the sample a report scores without --text; self-calibration's default seed is 0
 
 
 @dataclass
@@ -61,6 +63,18 @@ class ReportOptions:
     speed_tokens: int = 32
 
 
+def evaluation_sample(ckpt, ctx: int, max_memory: int | None = None) -> tuple[str, str]:
+    """(text, its description) when no text is given: the checkpoint's own sample
+    (neoxq.self_calibration) with a seed of its own, so never `--optimize`'s default calibration
+    text, four times the windows calibration needs: the first quarter can calibrate and the rest,
+    which it does not overlap, is scored."""
+    args = GPTNeoXArgs.from_config(ckpt.config)
+    sample = self_calibration(
+        ckpt, ctx, EVALUATION_SEED, round(windows_needed(args, ctx) / CALIBRATION_SHARE), max_memory, instead="--text FILE with a text to score on"
+    )
+    return sample.text, f"the checkpoint's own sample ({sample.describe()})"
+
+
 def split_for_calibration(text: str) -> tuple[str, str]:
     """(calibration, evaluation): the first quarter, cut at a line break, and the rest."""
     cut = int(len(text) * CALIBRATION_SHARE)
@@ -75,7 +89,7 @@ class _Run:
 
     ckpt: object
     out: Path
-    text_file: Path
+    text_name: str  # the evaluation text's file name, or what sampled it
     text: str
     calib: str
     scored: str
@@ -118,14 +132,13 @@ def _imatrix(run: _Run) -> tuple[Path | None, dict | None]:
     except (NeoxqError, OSError, ValueError):
         ok = False
     if not ok:
-        im = compute_imatrix(run.ckpt, run.calib, ctx=run.opts.ctx, dataset_name=f"{run.text_file.name}[calibration part] sha256:{calib_sha[:16]}")
+        im = compute_imatrix(run.ckpt, run.calib, ctx=run.opts.ctx, dataset_name=f"{run.text_name}[calibration part] sha256:{calib_sha[:16]}")
         write_imatrix(path, im, force=True)
         with atomic_output(record, force=True) as tmp:
             tmp.write_text(json.dumps(inputs))
     return path, {
         "file": path.name,
-        "calibration": f"first {int(CALIBRATION_SHARE * 100)}% of {run.text_file.name} "
-        f"({len(run.calib)} chars, sha256 {calib_sha[:16]}…), not scored",
+        "calibration": f"first {int(CALIBRATION_SHARE * 100)}% of {run.text_name} ({len(run.calib)} chars, sha256 {calib_sha[:16]}…), not scored",
     }
 
 
@@ -298,7 +311,7 @@ def _assemble(run: _Run, scored: list[_Scored], im_info: dict | None, reference)
         },
         "source": {"name": ck.name, "path": str(ck.folder), "repo": ck.repo_id, "revision": ck.revision, "commit": ck.commit, "format": ck.format},
         "text": {
-            "file": run.text_file.name,
+            "file": run.text_name,
             "sha256": text_sha256(run.text),
             "scored_sha256": text_sha256(run.scored),
             "ctx": run.opts.ctx,
@@ -325,17 +338,21 @@ def _plan_json(reference) -> dict:
     return {"mode": plan.mode, "why": plan.why, "peak_estimate_bytes": plan.peak_bytes}
 
 
-def run_report(src, text_file: Path | str, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
-    """Run (or resume) the whole pipeline; return the path of report.json."""
+def run_report(src, text_file: Path | str | None, out_dir: Path | str | None = None, opts: ReportOptions | None = None) -> Path:
+    """Run (or resume) the whole pipeline; return the path of report.json. Without a text file, the
+    checkpoint's own sample (evaluation_sample) is the text."""
     opts = opts or ReportOptions()
     types = QuantType.parse_list(opts.types)
     if opts.imatrix not in (None, AUTO):
         read_imatrix(opts.imatrix, option="--imatrix", choices="auto, none, or an imatrix file")  # before any work
-    text = read_text(text_file)
+    text = read_text(text_file) if text_file is not None else None
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src, opts.revision)
     out = _report_folder(out_dir, ckpt)
+    name = Path(text_file).name if text_file is not None else None
+    if text is None:
+        text, name = evaluation_sample(ckpt, opts.ctx, opts.max_memory)
     calib, scored = split_for_calibration(text) if _calibrates(opts) else ("", text)
-    run = _Run(ckpt, out, Path(text_file), text, calib, scored, opts, types)
+    run = _Run(ckpt, out, name, text, calib, scored, opts, types)
     n_windows = _check_scored_length(run)
     if opts.tasks:
         check_tasks(parse_tasks(opts.tasks), task_manager(opts.include_path))

@@ -58,9 +58,17 @@ def windows_needed(args: GPTNeoXArgs, ctx: int) -> int:
     return max(MIN_WINDOWS, math.ceil(TOKENS_PER_INPUT * widest / ctx))
 
 
-def self_calibration(ckpt, ctx: int, seed: int = 0, windows: int | None = None, max_memory: int | None = None) -> SelfCalibration:
+def self_calibration(
+    ckpt,
+    ctx: int,
+    seed: int = 0,
+    windows: int | None = None,
+    max_memory: int | None = None,
+    instead: str = "--calib FILE with a text to calibrate on",
+) -> SelfCalibration:
     """The checkpoint's own text for calibration: made once, then read from the cache while the
-    checkpoint (commit or weights' fingerprint), window length, count, seed and sampler are the same."""
+    checkpoint (commit or weights' fingerprint), window length, count, seed and sampler are the same.
+    instead: what the one-line refusal tells the user to pass when the fp32 model does not fit."""
     args = GPTNeoXArgs.from_config(ckpt.config)
     windows = windows or windows_needed(args, ctx)
     if ctx > args.max_position_embeddings:
@@ -74,7 +82,7 @@ def self_calibration(ckpt, ctx: int, seed: int = 0, windows: int | None = None, 
     if need > budget:
         raise UsageError(
             f"sampling calibration text needs the fp32 model in memory ({format_bytes(need)}, above the "
-            f"{format_bytes(budget)} {'of --max-memory' if max_memory is not None else 'available'}); pass --calib FILE with a text to calibrate on"
+            f"{format_bytes(budget)} {'of --max-memory' if max_memory is not None else 'available'}); pass {instead}"
         )
     text = _sample_text(ckpt, args, ctx, windows, seed)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -311,6 +311,8 @@ def test_optimize_bad_input(trained, trained_f16, checkpoints, texts, tmp_path):
     )
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--max-memory", "8GB", "-o", tmp_path / "g.gguf"), "--optimize")
     assert_one_line_error(run_cli("quantize", trained_f16, "--type", "Q4_K_M", "--float32", "-o", tmp_path / "h.gguf"), "--float32", "--optimize")
+    iq = ("quantize", trained_f16, "--type", "IQ2_XS", "--optimize", "--imatrix", "none", "-o", tmp_path / "i.gguf")
+    assert_one_line_error(run_cli(*iq), "IQ2_XS needs an importance matrix")  # no imatrix source at all
     assert not list(tmp_path.glob("*.gguf"))
 
 

@@ -65,6 +65,27 @@ def test_calibration_part_is_never_scored(report, report_text):
     assert calib + rest == report_text.read_text()
 
 
+def test_without_a_text_the_checkpoint_s_own_sample_is_scored(trained, tmp_path, monkeypatch):
+    """`neoxq report CKPT` with no --text: the checkpoint's own seeded sample, four times the
+    calibration windows; its first quarter calibrates the imatrix and is never scored, and the
+    sample is not --optimize's default calibration text (another seed)."""
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.report import evaluation_sample
+    from neoxq.self_calibration import self_calibration
+
+    monkeypatch.setenv("NEOXQ_CACHE", str(tmp_path / "cache"))  # shared with the child: the sample is made once
+    r = run_cli("report", trained, "--types", "Q8_0", "--ctx", "64", "-o", tmp_path / "r", "--quiet")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert "own sample" in data["text"]["file"] and "seed 1" in data["text"]["file"]
+    assert data["text"]["calibration_excluded"] and data["text"]["tokens_scored"] > 0
+    ckpt = open_checkpoint(str(trained))
+    text, _ = evaluation_sample(ckpt, 64)
+    assert data["text"]["sha256"] == text_sha256(text)
+    assert data["text"]["scored_sha256"] == text_sha256(split_for_calibration(text)[1])
+    assert self_calibration(ckpt, 64).text[:2000] not in text  # --optimize's default calibration is another sample
+
+
 def test_quantized_vs_fp16_perplexity_thresholds(report):
     data, _ = report
     rows = {r["type"]: r for r in data["results"]}

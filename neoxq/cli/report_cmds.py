@@ -17,7 +17,10 @@ from .say import result_line
 
 def report(
     src: Source,
-    text: Annotated[Path, typer.Option("--text", help="Evaluation text (UTF-8), e.g. wikitext-2's wiki.test.raw.")],
+    text: Annotated[
+        Optional[Path],
+        typer.Option("--text", help="Evaluation text (UTF-8), e.g. wikitext-2's wiki.test.raw; default: the checkpoint's own seeded sample."),
+    ] = None,
     qtypes: Annotated[Optional[str], typer.Option("--types", help="Comma-separated types (default F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K).")] = None,
     imatrix: Annotated[
         Optional[str], typer.Option("--imatrix", help="'auto' (from the text's first quarter, which is then not scored), 'none', or a file.")
