@@ -19,8 +19,11 @@ from .helpers import assert_one_line_error, run_cli
 
 # Bits/weight of the whole file relative to llama.cpp's nominal figure for the type. Measured on
 # the trained fixture: 0.98x (Q2_K_S) .. 1.23x (Q3_K_L); small models carry a larger share of
-# higher-precision tensors (embedding, output, norms).
+# higher-precision tensors (embedding, output, norms, and rows too short for the IQ types), which
+# at the 1.5-bit types is a larger ratio for the same extra bits (IQ1_M: 2.28 bpw, 1.30x): above
+# the range, at most EXTRA_BITS more than nominal.
 BPW_RANGE = (0.95, 1.25)
+EXTRA_BITS = 0.6
 
 
 def _kld(path, f16, text, cache):
@@ -41,7 +44,8 @@ def test_every_type_loads_runs_and_has_its_size(trained_f16, trained_imatrix, tm
         top1 = float((got.argmax(-1) == ref_logits.argmax(-1)).mean())
         assert top1 > 0.6, f"{t.value}: top-1 agreement with F16 only {top1:.2f}"
         ratio = r.bpw / t.nominal_bpw
-        assert BPW_RANGE[0] <= ratio <= BPW_RANGE[1], f"{t.value}: {r.bpw:.2f} bpw is {ratio:.2f}x nominal"
+        in_range = BPW_RANGE[0] <= ratio and (ratio <= BPW_RANGE[1] or r.bpw - t.nominal_bpw <= EXTRA_BITS)
+        assert in_range, f"{t.value}: {r.bpw:.2f} bpw is {ratio:.2f}x nominal"
         assert read_info(r.path).quant_type == t  # read from metadata, not the name
         r.path.unlink()
 

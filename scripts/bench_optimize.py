@@ -225,6 +225,7 @@ def bench_model(
             c = compare(s.tokens, base) if k != "stock" else None
             vs_ar = compare(s.tokens, scores["ar200"].tokens) if k == "opt" and "ar200" in scores else None
             vs_mix = compare(s.tokens, scores["mix"].tokens) if k == "opt-mix" else None
+            vs_im = compare(s.tokens, scores["stock+im"].tokens) if k in ("opt", "opt-mix") else None
             row = {
                 "model": name,
                 "type": qtype,
@@ -238,6 +239,7 @@ def bench_model(
                 "vs_stock": c and c["kld"],
                 "vs_ar200": vs_ar and vs_ar["kld"],
                 "vs_mix": vs_mix and vs_mix["kld"],
+                "vs_stock_im": vs_im and vs_im["kld"],
             }
             rows.append(row)
             print(_line(row))
@@ -262,29 +264,37 @@ def _line(r: dict) -> str:
 
 def markdown(data: dict | list) -> str:
     """docs/benchmarks.md's table per model: KLD of stock, then every file's ratio to stock, and opt's
-    (opt-mix's) ratio to AutoRound 200 (the mix), each with its paired 95 % interval. `data`: a run
-    record (benchlib.run_record) or an older run's bare list of rows."""
+    ratio to stock + imatrix and AutoRound 200 (opt-mix's to the mix), each with its paired 95 %
+    interval; a column no row of the model has is left out. `data`: a run record
+    (benchlib.run_record) or an older run's bare list of rows."""
     rows = data["rows"] if isinstance(data, dict) else data
-
     ratio = benchlib.ratio_cell
 
-    cols = ["stock+im", "mix", "ar0", "ar200", "opt", "opt-mix"]
+    def opt_time(by):
+        return f"{by['opt']['seconds']:.0f} / {by['ar200']['seconds']:.0f}" if "opt" in by and "ar200" in by else "–"
+
+    columns = [(f, lambda by, f=f: ratio(by[f]["vs_stock"]) if f in by else "–") for f in ("stock+im", "mix", "ar0", "ar200", "opt", "opt-mix")]
+    columns += [
+        ("opt vs stock+im", lambda by: ratio(by.get("opt", {}).get("vs_stock_im"))),
+        ("opt vs AutoRound 200", lambda by: ratio(by.get("opt", {}).get("vs_ar200"))),
+        ("opt-mix vs mix", lambda by: ratio(by.get("opt-mix", {}).get("vs_mix"))),
+        ("opt s / AR200 s", opt_time),
+    ]
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
+        groups = [
+            {r["file"]: r for r in rows if r["model"] == model and r["type"] == t}
+            for t in dict.fromkeys(r["type"] for r in rows if r["model"] == model)
+        ]
+        cells = [[cell(by) for _, cell in columns] for by in groups]
+        keep = [i for i in range(len(columns)) if any(row[i] != "–" for row in cells)]
         out += [
             f"\n{model}:\n",
-            "| type | stock KLD | " + " | ".join(cols) + " | opt vs AutoRound 200 | opt-mix vs mix | opt s / AR200 s |",
-            "|---|---:|" + "---:|" * (len(cols) + 3),
+            "| type | stock KLD | " + " | ".join(columns[i][0] for i in keep) + " |",
+            "|---|---:|" + "---:|" * len(keep),
         ]
-        for qtype in dict.fromkeys(r["type"] for r in rows if r["model"] == model):
-            by = {r["file"]: r for r in rows if r["model"] == model and r["type"] == qtype}
-            cells = [ratio(by[c]["vs_stock"]) if c in by else "–" for c in cols]
-            t = f"{by['opt']['seconds']:.0f} / {by['ar200']['seconds']:.0f}" if "opt" in by and "ar200" in by else "–"
-            out.append(
-                f"| {qtype} | {by['stock']['kld']:.3g} | "
-                + " | ".join(cells)
-                + f" | {ratio(by.get('opt', {}).get('vs_ar200'))} | {ratio(by.get('opt-mix', {}).get('vs_mix'))} | {t} |"
-            )
+        for by, row in zip(groups, cells):
+            out.append(f"| {by['stock']['type']} | {by['stock']['kld']:.3g} | " + " | ".join(row[i] for i in keep) + " |")
     return "\n".join(out)
 
 
