@@ -61,6 +61,19 @@ def test_probe_groups_and_the_split_of_a_group_probe():
     assert measure_types(a, False, True) == ["Q2_K", "Q4_K"] and measure_types(TensorInfo("c", "F16", (4, 64), 0, 0), False, False) == ["Q4_0"]
 
 
+def test_cached_sensitivities_are_keyed_by_the_candidate_types(trained_f16, monkeypatch):
+    """A sensitivity entry holds proxy errors for the candidates of its day: another candidate list
+    is another key, so a type added later is never planned from an entry that lacks it."""
+    from neoxq.core.gguf_info import read_info
+    from neoxq.runtime import sensitivity
+
+    info = read_info(trained_f16)
+    before = sensitivity.sensitivity_key(info, [1, 2, 3], 64, None, True)
+    assert sensitivity.sensitivity_key(info, [1, 2, 3], 64, None, True) == before  # negative control: stable
+    monkeypatch.setattr(sensitivity, "CANDIDATE_TYPES", [*sensitivity.CANDIDATE_TYPES, "IQ1_M"])
+    assert sensitivity.sensitivity_key(info, [1, 2, 3], 64, None, True) != before
+
+
 def test_tensor_budget_counts_the_header_and_the_kept_tensors():
     """The bytes left for the matrices: the target less the header (the call's keys and the mix's own
     at their widest) and the tensors that stay as they are. Pure: a GGUFInfo made by hand."""

@@ -23,7 +23,17 @@ from neoxq.core.ggml_types import BY_NAME
 from neoxq.core.gguf_info import GGUFInfo, TensorInfo, float_rows, read_info
 from neoxq.core.imatrix_io import IMatrix
 from neoxq.core.machine import default_threads
-from neoxq.core.mix_plan import MIX_VERSION, Sensitivity, candidates, fitted, measure_types, probe_groups, quantizable, split_measured
+from neoxq.core.mix_plan import (
+    CANDIDATE_TYPES,
+    MIX_VERSION,
+    Sensitivity,
+    candidates,
+    fitted,
+    measure_types,
+    probe_groups,
+    quantizable,
+    split_measured,
+)
 from neoxq.core.progress import Progress
 
 from .capi import quantize_dequantize
@@ -109,6 +119,7 @@ def sensitivity_key(info: GGUFInfo, calib_ids: list[int], ctx: int, im_sha: str 
             "ctx": ctx,
             "imatrix_sha256": im_sha,
             "two_points": two,
+            "candidates": CANDIDATE_TYPES,  # a type added later has no proxy error in an older entry
         },
     )
 

@@ -32,7 +32,8 @@ from .sizes import format_bytes
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 BLOCK32_TYPES = ["Q4_0", "Q5_0", "Q8_0"]
-IQ_TYPES = ["IQ2_S", "IQ3_S", "IQ4_XS"]  # only with an importance matrix
+IQ_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"]  # only with an importance matrix
+CANDIDATE_TYPES = ["F16", *BLOCK32_TYPES, *K_TYPES, *IQ_TYPES]  # every type candidates() may offer
 MIX_VERSION = 1  # of the measurements' meaning: a change invalidates cached sensitivities
 
 
@@ -315,7 +316,7 @@ def mix_kv(base_name: str, target: int, stock_bytes: int, calib_sha: str, ctx: i
 
 
 # The widest values mix_kv can write before they are known: a type name and a `.6g` float.
-_WIDEST_TYPE = max(K_TYPES + BLOCK32_TYPES + IQ_TYPES + ["F16"], key=len)
+_WIDEST_TYPE = max(CANDIDATE_TYPES, key=len)
 _WIDEST_FLOAT = -1.23457e-300
 
 
