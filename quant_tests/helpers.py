@@ -96,3 +96,11 @@ def assert_one_line_error(proc, *needles):
 
 def no_gguf_left(folder: Path) -> bool:
     return not list(folder.glob("*.gguf")) and not list(folder.glob(".*.partial"))
+
+
+def correlated_layer(seed: int, tokens: int, cols: int, rows: int, mix: float) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W): the second moments of inputs whose columns are correlated (`mix` of a random map
+    added to the identity) and small random weights [rows, cols]: a layer GPTQ has work to do on."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + mix * rng.standard_normal((cols, cols)))
+    return x.T @ x / len(x), (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)

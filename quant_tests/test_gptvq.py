@@ -12,15 +12,14 @@ from neoxq import codebooks
 from neoxq.core import gptq, gptvq, iq_blocks
 from neoxq.runtime import capi
 
+from .helpers import correlated_layer
+
 TYPES = ["IQ3_S", "IQ3_XXS", "IQ2_XS", "IQ1_S"]  # free signs, parity over two grid rows, parity, no signs
 
 
 def _problem(name: str, seed: int = 0, tokens: int = 2048, cols: int = 256, rows: int = 32, mix: float = 0.3):
     fmt = iq_blocks.FORMATS[name]
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + mix * rng.standard_normal((cols, cols)))
-    h = x.T @ x / len(x)
-    w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
+    h, w = correlated_layer(seed, tokens, cols, rows, mix)
     raw = capi.quantize_rows(w, fmt.ggml_type, np.diag(h).astype(np.float32)).reshape(-1, fmt.size)
     a, o = (g.reshape(w.shape) for g in iq_blocks.unit_grid(fmt, raw))
     grid = gptvq.Grid(codebooks.grid(name), fmt.signed, fmt.parity)

@@ -12,7 +12,7 @@ import pytest
 from neoxq.core import blocks, gptq
 from neoxq.core.gguf_info import read_info
 
-from .helpers import assert_one_line_error, run_cli
+from .helpers import assert_one_line_error, correlated_layer, run_cli
 
 
 def _correlated_problem(seed: int, tokens: int, cols: int, rows: int, mix: float, fmt=blocks.Q4_K):
@@ -20,10 +20,7 @@ def _correlated_problem(seed: int, tokens: int, cols: int, rows: int, mix: float
     `fmt` names another)."""
     from neoxq.runtime import capi
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((tokens, cols)) @ (np.eye(cols) + mix * rng.standard_normal((cols, cols)))
-    h = x.T @ x / len(x)
-    w = (0.05 * rng.standard_normal((rows, cols))).astype(np.float32)
+    h, w = correlated_layer(seed, tokens, cols, rows, mix)
     raw = capi.quantize_rows(w, fmt.ggml_type, np.diag(h).astype(np.float32)).reshape(-1, fmt.size)
     a, m = (g.reshape(w.shape) for g in blocks.grid(fmt, raw))
     return h, w, fmt, raw, a, m

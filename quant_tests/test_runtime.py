@@ -105,6 +105,27 @@ def test_run_reads_stdin_seed_and_stop(trained_f16):
     assert inter.returncode == 0 and inter.stdout.count("\n") >= 2 and inter.stderr.count("generation:") == 2
 
 
+def test_the_growing_text_is_the_whole_completion_detokenized(trained_f16):
+    """completion_steps grows its text by each token's bytes: at every step it equals the whole
+    completion detokenized (multi-byte characters split across tokens included), and a stop string
+    ends it at its first occurrence, as a search of the whole text finds it."""
+    from neoxq.runtime.generate import SamplingOptions, completion_steps
+
+    with NeoxModel(trained_f16, RuntimeOptions(n_ctx=256)) as m:
+        prompt = m.tokenize("emoji 🦙 and 中文 and")
+        free = SamplingOptions(max_tokens=96, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+        checked = 0
+        for c in completion_steps(m, prompt, free):  # the same Completion, growing: checked at each step
+            assert c.text == m.detokenize(c.ids)
+            checked += 1
+        whole = c.text
+        assert checked > 40
+        assert len(whole) > 40
+        stop = whole[30:33]
+        stopped = list(completion_steps(m, prompt, SamplingOptions(**{**free.__dict__, "stop": ["\x00never", stop]})))[-1]
+        assert stopped.finish == "stop" and stopped.text == whole[: whole.index(stop)]
+
+
 def test_kld_cli_against_hf_and_cached_reference(trained, trained_f16, trained_f32, texts, tmp_path):
     (tmp_path / "eval.txt").write_text(texts["eval"][:12000])
     cache = tmp_path / "cache"

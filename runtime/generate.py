@@ -99,7 +99,8 @@ def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, ca
     if opts.seed is not None:
         llm.set_seed(opts.seed)
     llm.reset()
-    eos = llm.token_eos()
+    eos, text, searched = llm.token_eos(), bytearray(), 0
+    longest = max((len(s) for s in opts.stop), default=0)
     for tok in llm.generate(
         ids,
         top_k=opts.top_k,
@@ -115,8 +116,14 @@ def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, ca
             c.finish = "stop"
             break
         c.ids.append(tok)
-        c.text = model.detokenize(c.ids)
-        hit = min((c.text.index(s) for s in opts.stop if s in c.text), default=None)
+        # llama-cpp-python's detokenize is each token's piece in turn (EOS, the only special token
+        # that could change that, ends the loop), so the text grows by this token's bytes alone
+        text += llm.detokenize([tok])
+        c.text = text.decode("utf-8", errors="replace")
+        # a stop string not found before can only end in the new text (or in the last characters
+        # of the old, which a completed UTF-8 character may have changed)
+        hit = min((i for s in opts.stop if (i := c.text.find(s, searched)) >= 0), default=None)
+        searched = max(0, len(c.text) - longest - 3)
         if hit is not None:
             c.text, c.finish = c.text[:hit], "stop"
             break
