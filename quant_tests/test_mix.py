@@ -74,6 +74,23 @@ def test_cached_sensitivities_are_keyed_by_the_candidate_types(trained_f16, monk
     assert sensitivity.sensitivity_key(info, [1, 2, 3], 64, None, True) != before
 
 
+def test_types_that_need_an_imatrix_row_are_offered_only_with_one():
+    """ggml aborts quantizing IQ2_XXS or IQ2_XS without importance weights: a tensor the imatrix
+    has no row for (an embedding, say) is never offered them, and the quantizer call itself refuses
+    them as an exception, not an abort."""
+    import gguf
+    import numpy as np
+
+    from neoxq.core.mix_plan import IQ_ROW_TYPES, candidates
+    from neoxq.runtime import capi
+
+    t = TensorInfo("token_embd.weight", "F16", (512, 256), 512 * 256 * 2, 0)
+    assert set(IQ_ROW_TYPES) <= set(candidates(t, True)) and not set(IQ_ROW_TYPES) & set(candidates(t, True, imatrix_row=False))
+    assert "IQ2_S" in candidates(t, True, imatrix_row=False)
+    with pytest.raises(ValueError, match="importance weights"):
+        capi.quantize_rows(np.ones((1, 256), np.float32), gguf.GGMLQuantizationType.IQ2_XXS.value)
+
+
 def test_tensor_budget_counts_the_header_and_the_kept_tensors():
     """The bytes left for the matrices: the target less the header (the call's keys and the mix's own
     at their widest) and the tensors that stay as they are. Pure: a GGUFInfo made by hand."""

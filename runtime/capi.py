@@ -311,14 +311,20 @@ def _libggml():
         ]
         lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
         lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+        lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
         _ggml = lib
     return _ggml
 
 
 def quantize_rows(rows: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -> np.ndarray:
     """`rows` (float32, [n, k]) through ggml's quantizer for `ggml_type` (llama.cpp's own per-block
-    search, with the importance weights when given): the raw blocks, uint8 [n, bytes per row]."""
+    search, with the importance weights when given): the raw blocks, uint8 [n, bytes per row].
+    A type whose quantizer asserts an imatrix (ggml_quantize_requires_imatrix) is refused without
+    one here, as a ValueError, not an abort of the process."""
     lib = _libggml()
+    if imatrix is None and lib.ggml_quantize_requires_imatrix(ggml_type):
+        raise ValueError(f"ggml type {ggml_type} cannot be quantized without importance weights")
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     n, k = rows.shape
     traits = lib.ggml_get_type_traits(ggml_type).contents

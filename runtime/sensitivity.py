@@ -61,7 +61,7 @@ def proxy_errors(info: GGUFInfo, tensors: list[TensorInfo], im: IMatrix | None) 
             w = im.values(t.name) if im is not None and t.name in im.sums else None
             weights = w if w is not None else np.ones(t.shape[-1], dtype=np.float32)
             errs = {}
-            for name in candidates(t, im is not None):
+            for name in candidates(t, im is not None, imatrix_row=w is not None):
                 q = rows.astype(np.float16).astype(np.float32) if name == "F16" else quantize_dequantize(rows, BY_NAME[name][0], w)
                 errs[name] = float((((rows - q) ** 2) @ weights).sum() * scale)
             out[t.name] = errs

@@ -33,6 +33,7 @@ from .sizes import format_bytes
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 BLOCK32_TYPES = ["Q4_0", "Q5_0", "Q8_0"]
 IQ_TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"]  # only with an importance matrix
+IQ_ROW_TYPES = ["IQ2_XXS", "IQ2_XS"]  # … and only for a tensor the imatrix has a row for (ggml aborts without one)
 CANDIDATE_TYPES = ["F16", *BLOCK32_TYPES, *K_TYPES, *IQ_TYPES]  # every type candidates() may offer
 MIX_VERSION = 1  # of the measurements' meaning: a change invalidates cached sensitivities
 
@@ -66,13 +67,15 @@ class MixPlan:
     extra: dict  # for QuantResult.extra["mix"]
 
 
-def candidates(t: TensorInfo, has_imatrix: bool) -> list[str]:
+def candidates(t: TensorInfo, has_imatrix: bool, imatrix_row: bool = True) -> list[str]:
+    """The types a mix may give tensor t: by its row width, whether an imatrix is given, and
+    whether it holds t's row (imatrix_row)."""
     cols = t.shape[-1]
     out = ["F16"]
     if cols % 32 == 0:
         out += BLOCK32_TYPES
     if cols % 256 == 0:
-        out += K_TYPES + (IQ_TYPES if has_imatrix else [])
+        out += K_TYPES + ([ty for ty in IQ_TYPES if imatrix_row or ty not in IQ_ROW_TYPES] if has_imatrix else [])
     return out
 
 
