@@ -79,7 +79,8 @@ class _LayerRounding:
         return tensor_values(self.f.info, t, self.f.read(t)), b
 
     def requantize(self, name: str, mom: gptq.Moments):
-        t, fmt = self.f.tensor(name), format_of(self.f.tensor(name).type)
+        t = self.f.tensor(name)
+        fmt = format_of(t.type)
         if fmt is None:  # a type neoxq does not encode: keep llama.cpp's, but feed it forward
             return self.current(name)
         tb, opts = self._bias(name), self.opts

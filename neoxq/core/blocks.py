@@ -60,7 +60,7 @@ class BlockFormat:
         return int(self.points[-1]) if self.points is not None else self.levels - self.offset - 1
 
 
-def _f16(raw: np.ndarray, at: int) -> np.ndarray:
+def f16(raw: np.ndarray, at: int) -> np.ndarray:
     return raw[:, at : at + 2].copy().view(np.float16)[:, 0].astype(np.float32)
 
 
@@ -72,7 +72,7 @@ def _field(weights, bytes_, shift, width, pos=0) -> Field:
 
 
 def _h_d_only(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = _f16(raw, 0)[:, None]
+    d = f16(raw, 0)[:, None]
     return d, np.zeros_like(d)
 
 
@@ -92,7 +92,7 @@ Q5_0 = BlockFormat("Q5_0", 6, 32, 22, 32, _q5_fields(2, 6), 16, 32, _h_d_only)
 
 def _h_d_and_min(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """q4_1 / q5_1: value = d · L + m, with the fp16 d and m at bytes 0 and 2 (our m is its negative)."""
-    return _f16(raw, 0)[:, None], -_f16(raw, 2)[:, None]
+    return f16(raw, 0)[:, None], -f16(raw, 2)[:, None]
 
 
 # q4_1: q4_0's nibbles after two fp16 (d, m); q5_1: q5_0's fifth bits and nibbles after them
@@ -116,7 +116,7 @@ def _low2_fields(qs_at: int) -> tuple[Field, ...]:
 
 
 def _h_q2k(raw):
-    d, dmin, sc = _f16(raw, 80)[:, None], _f16(raw, 82)[:, None], raw[:, 0:16]
+    d, dmin, sc = f16(raw, 80)[:, None], f16(raw, 82)[:, None], raw[:, 0:16]
     return d * (sc & 0xF).astype(np.float32), dmin * (sc >> 4).astype(np.float32)
 
 
@@ -142,7 +142,7 @@ def _q3k_scales(raw: np.ndarray) -> np.ndarray:
 
 
 def _h_q3k(raw):
-    d = _f16(raw, 108)[:, None]
+    d = f16(raw, 108)[:, None]
     a = (d * (_q3k_scales(raw) - 32).astype(np.float32)).astype(np.float32)
     return a, np.zeros_like(a)
 
@@ -172,7 +172,7 @@ def _scale_min_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _h_q45k(raw):
-    d, dmin = _f16(raw, 0)[:, None], _f16(raw, 2)[:, None]
+    d, dmin = f16(raw, 0)[:, None], f16(raw, 2)[:, None]
     s, m = _scale_min_k4(raw[:, 4:16].astype(np.int32))
     return (d * s.astype(np.float32)).astype(np.float32), (dmin * m.astype(np.float32)).astype(np.float32)
 
@@ -191,7 +191,7 @@ Q5_K = BlockFormat("Q5_K", 13, QK_K, 176, 32, _nibble_fields(48) + _Q5_QH, 0, 32
 
 
 def _h_q6k(raw):
-    d = _f16(raw, 208)[:, None]
+    d = f16(raw, 208)[:, None]
     a = (d * raw[:, 192:208].view(np.int8).astype(np.float32)).astype(np.float32)
     return a, np.zeros_like(a)
 
@@ -220,7 +220,7 @@ IQ4_NL = BlockFormat("IQ4_NL", 20, 32, 18, 32, Q4_0.fields, 0, 16, _h_d_only, KV
 def _h_iq4xs(raw):
     """iq4_xs: sub-block ib's scale d · (ls − 32), ls six bits: the low four in nibble ib % 2 of
     scales_l[ib / 2] (bytes 4..7), the high two at bits 2ib of the little-endian uint16 scales_h (byte 2)."""
-    d = _f16(raw, 0)[:, None]
+    d = f16(raw, 0)[:, None]
     ib = np.arange(8)
     low = (raw[:, 4 + ib // 2].astype(np.int32) >> (4 * (ib % 2))) & 0xF
     high = (raw[:, 2:4].copy().view("<u2").astype(np.int32) >> (2 * ib)) & 3
@@ -246,17 +246,34 @@ BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
 # scatter then move whole rows of n values instead of a few bytes of every block.
 
 
+def read_fields(fields: tuple[Field, ...], raw: np.ndarray, count: int) -> np.ndarray:
+    """The values `fields` hold in raw blocks [n, size]: int32 [n, count] (count: how many
+    positions the fields' `weights` index)."""
+    rt = transposed(raw)
+    v = np.zeros((count, len(raw)), np.int32)
+    for f in fields:
+        v[f.weights] |= ((rt[f.bytes].astype(np.int32) >> f.shift) & ((1 << f.width) - 1)) << f.pos
+    return v.T
+
+
+def write_fields(fields: tuple[Field, ...], raw: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A copy of raw blocks with `fields` set to values [n, count]; every other bit kept."""
+    v, out = transposed(np.asarray(values, np.int32)), transposed(raw)
+    for f in fields:
+        mask = ((1 << f.width) - 1) << f.shift
+        out[f.bytes] &= np.uint8(0xFF ^ mask)
+        out[f.bytes] |= (((v[f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
+    return transposed(out)
+
+
 def levels(fmt: BlockFormat, raw: np.ndarray) -> np.ndarray:
     """The level L of every weight: raw [n, size] uint8 → int16 [n, block]."""
-    rt = transposed(raw)
-    v = np.zeros((fmt.block, len(raw)), np.int32)
-    for f in fmt.fields:
-        v[f.weights] |= ((rt[f.bytes].astype(np.int32) >> f.shift) & ((1 << f.width) - 1)) << f.pos
+    v = read_fields(fmt.fields, raw, fmt.block)
     if fmt.name == "Q8_0":
-        return v.T.astype(np.uint8).view(np.int8).astype(np.int16)
+        return v.astype(np.uint8).view(np.int8).astype(np.int16)
     if fmt.points is not None:
-        return fmt.points[v.T]
-    return (v.T - fmt.offset).astype(np.int16)
+        return fmt.points[v]
+    return (v - fmt.offset).astype(np.int16)
 
 
 def with_levels(fmt: BlockFormat, raw: np.ndarray, lv: np.ndarray) -> np.ndarray:
@@ -265,13 +282,7 @@ def with_levels(fmt: BlockFormat, raw: np.ndarray, lv: np.ndarray) -> np.ndarray
     lv = np.asarray(lv)
     if lv.min(initial=fmt.lmin) < fmt.lmin or lv.max(initial=fmt.lmax) > fmt.lmax:
         raise ValueError(f"{fmt.name} levels must lie in [{fmt.lmin}, {fmt.lmax}]")
-    v = transposed(_stored(fmt, lv.astype(np.int32)))
-    out = transposed(raw)  # a copy
-    for f in fmt.fields:
-        mask = ((1 << f.width) - 1) << f.shift
-        out[f.bytes] &= np.uint8(0xFF ^ mask)
-        out[f.bytes] |= (((v[f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
-    return transposed(out)
+    return write_fields(fmt.fields, raw, _stored(fmt, lv.astype(np.int32)))
 
 
 def _stored(fmt: BlockFormat, lv: np.ndarray) -> np.ndarray:

@@ -104,7 +104,7 @@ def nearest(w: np.ndarray, a: np.ndarray, m: np.ndarray, lmin: int, lmax: int, p
     """The nearest level on each weight's grid (a = 0: every level gives −m; level 0 or lmin).
     points: the only levels there are, sorted (a codebook grid), instead of every integer."""
     w, a, m = np.broadcast_arrays(*(np.asarray(z, np.float64) for z in (w, a, m)))
-    return _nearest_into(w, m, _steps_inverse(a), float(lmin), float(lmax), np.empty(w.shape), _codebook(points, np.float64))
+    return _nearest_into(w, m, steps_inverse(a), float(lmin), float(lmax), np.empty(w.shape), _codebook(points, np.float64))
 
 
 def _codebook(points: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray] | None:
@@ -115,7 +115,7 @@ def _codebook(points: np.ndarray | None, dtype) -> tuple[np.ndarray, np.ndarray]
     return ((p[:-1] + p[1:]) / 2).astype(dtype), p.astype(dtype)
 
 
-def _steps_inverse(a: np.ndarray) -> np.ndarray:
+def steps_inverse(a: np.ndarray) -> np.ndarray:
     """1 / a, and 0 where a = 0 (so that such a weight's level is clamped 0: max(lmin, 0))."""
     with np.errstate(divide="ignore"):
         return np.where(a != 0, 1 / a, 0).astype(a.dtype, copy=False)
@@ -237,7 +237,7 @@ def _sweep(x, a, m, ub, dinv, lmin: int, lmax: int, i0: int, i1: int, lv, err, p
     error goes at once only onto the rest of its SUB columns, and each SUB columns' errors onto the
     block's later columns in one product (the rank-one updates, elementwise over the block's whole
     rest, cost more than the block's products; see BLOCK). points: a codebook grid's levels."""
-    inv = _steps_inverse(a[i0:i1])
+    inv = steps_inverse(a[i0:i1])
     lo, hi, codebook = float(lmin), float(lmax), _codebook(points, x.dtype)
     for s0 in range(i0, i1, SUB):
         s1 = min(s0 + SUB, i1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gptq import SWEEP_DTYPE, row_chunk
+from .gptq import SWEEP_DTYPE, steps_inverse, row_chunk
 
 UNIT = 8
 BLOCK = 128  # columns compensated inside before the rest of the row is updated at once (lazy batch)
@@ -68,10 +68,10 @@ def _rows(x: np.ndarray, a: np.ndarray, o: np.ndarray, u: np.ndarray, grid: Grid
         for j in range(c0, c1, UNIT):
             s = slice(j, j + UNIT)
             ug = u[s, s]
-            inv_a = np.where(a[:, j] != 0, 1 / np.where(a[:, j] != 0, a[:, j], 1), 0).astype(dt)[:, None]
-            t0 = x[:, s] * inv_a - o[:, s]
-            c, idx, neg = _unit(t0, ug, grid)
-            e = (a[:, s] * (t0 - c)) @ np.linalg.inv(ug).astype(dt)  # the unit's error, as GPTQ scales it
+            lu = np.linalg.inv(ug)  # upper too: its diagonal blocks are the inverses of ug's
+            t0 = x[:, s] * steps_inverse(a[:, j : j + 1]) - o[:, s]
+            c, idx, neg = _unit(t0, ug, lu, grid)
+            e = (a[:, s] * (t0 - c)) @ lu.astype(dt)  # the unit's error, as GPTQ scales it
             err[:, j - c0 : j - c0 + UNIT] = e
             x[:, j + UNIT : c1] -= e @ ub[j - c0 : j - c0 + UNIT, j + UNIT - c0 : c1 - c0]
             c_all[:, s], idx_all[:, s], neg_all[:, s] = c, idx, neg
@@ -80,16 +80,16 @@ def _rows(x: np.ndarray, a: np.ndarray, o: np.ndarray, u: np.ndarray, grid: Grid
     return c_all, idx_all, neg_all
 
 
-def _unit(t0: np.ndarray, ug: np.ndarray, grid: Grid):
-    """One unit's components [rows, 8] for targets t0 in the unit's coordinates, ug its block of U:
-    (c, index per column (at each group's first column), negative)."""
+def _unit(t0: np.ndarray, ug: np.ndarray, lu: np.ndarray, grid: Grid):
+    """One unit's components [rows, 8] for targets t0 in the unit's coordinates, ug its block of U
+    and lu = ug⁻¹: (c, index per column (at each group's first column), negative)."""
     dt = t0.dtype
     t = t0.copy()
     c = np.empty_like(t)
     idx = np.zeros(t.shape, np.int32)
     for g0 in range(0, UNIT, grid.width):
         s = slice(g0, g0 + grid.width)
-        lg = np.linalg.inv(ug[s, s])
+        lg = lu[s, s]  # = ug[s, s]⁻¹, ug being upper triangular
         m = (lg @ lg.T).astype(dt)
         best = _best(t[:, s], m, grid)
         c[:, s] = grid.rows[best] * np.where(grid.signed & (t[:, s] < 0), -1, 1).astype(dt)
@@ -97,7 +97,7 @@ def _unit(t0: np.ndarray, ug: np.ndarray, grid: Grid):
         if g0 + grid.width < UNIT:  # the next group compensates this one's error
             t[:, g0 + grid.width :] -= ((t[:, s] - c[:, s]) @ lg.astype(dt)) @ ug[s, g0 + grid.width :].astype(dt)
     if grid.signed and grid.parity:
-        _fix_parity(t0, c, ug)
+        _fix_parity(t0, c, lu)
     return c, idx, (c < 0) if grid.signed else np.zeros(c.shape, bool)
 
 
@@ -113,14 +113,13 @@ def _best(t: np.ndarray, m: np.ndarray, grid: Grid) -> np.ndarray:
     return np.argmin(scores, axis=1)
 
 
-def _fix_parity(t0: np.ndarray, c: np.ndarray, ug: np.ndarray) -> None:
+def _fix_parity(t0: np.ndarray, c: np.ndarray, lu: np.ndarray) -> None:
     """Where a unit has an odd number of negatives, flip the sign (in c, in place) whose flip adds
     the least to the unit's loss (t0 − c) M (t0 − c)ᵀ: 4 c_j (d M)_j + 4 c_j² M_jj, d = t0 − c."""
     odd = (c < 0).sum(1) % 2 == 1
     if not odd.any():
         return
-    lg = np.linalg.inv(ug)
-    m = (lg @ lg.T).astype(c.dtype)
+    m = (lu @ lu.T).astype(c.dtype)
     d = t0[odd] - c[odd]
     cost = 4 * c[odd] * (d @ m) + 4 * c[odd] ** 2 * np.diag(m)
     rows = np.flatnonzero(odd)

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blocks import QK_K, Field
-from .transpose import transposed
+from .blocks import QK_K, Field, f16, read_fields, write_fields
 
 UNIT = 8  # weights per unit: one scale, one offset, one sign byte
 
@@ -68,29 +67,6 @@ def _bits(ids, word_bytes, bit: int, width: int, at: int = 0) -> tuple[Field, ..
     return tuple(out)
 
 
-def _read(fields: tuple[Field, ...], raw: np.ndarray, count: int) -> np.ndarray:
-    """The values the fields hold: raw [n, size] → int32 [n, count]."""
-    rt = transposed(raw)
-    v = np.zeros((count, len(raw)), np.int32)
-    for f in fields:
-        v[f.weights] |= ((rt[f.bytes].astype(np.int32) >> f.shift) & ((1 << f.width) - 1)) << f.pos
-    return v.T
-
-
-def _write(fields: tuple[Field, ...], raw: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """raw (a copy) with the fields set to values [n, count]."""
-    v, out = transposed(np.asarray(values, np.int32)), transposed(raw)
-    for f in fields:
-        mask = ((1 << f.width) - 1) << f.shift
-        out[f.bytes] &= np.uint8(0xFF ^ mask)
-        out[f.bytes] |= (((v[f.weights] >> f.pos) & ((1 << f.width) - 1)) << f.shift).astype(np.uint8)
-    return transposed(out)
-
-
-def _f16(raw: np.ndarray, at: int) -> np.ndarray:
-    return raw[:, at : at + 2].copy().view(np.float16)[:, 0].astype(np.float32)
-
-
 def _per_unit(a: np.ndarray, units_each: int, o: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(a, o) per unit of 8 [n, 32] from a per sub-block (`units_each` units each) and o per unit."""
     a = np.repeat(a.astype(np.float32), units_each, axis=1)
@@ -110,7 +86,7 @@ def _weight_bits(units_of_byte: np.ndarray, byte_of_unit: np.ndarray) -> tuple[F
 # indices, the second four 7-bit signs (unit 4ib + l at bit 7l) and the 4-bit scale at bit 28.
 def _h_iq2xxs(raw):
     s = (raw[:, 2 + 8 * _ib + 7] >> 4).astype(np.float32)
-    return _per_unit(_f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.25), 4)
+    return _per_unit(f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.25), 4)
 
 
 _IQ2XXS_SIGNS = sum((_bits(4 * _ib + l, 2 + 8 * _ib + 4, 7 * l, 7) for l in range(4)), ())
@@ -122,7 +98,7 @@ IQ2_XXS = CodebookFormat("IQ2_XXS", 16, 66, 8, 256, (Field(_u, 2 + 8 * (_u // 4)
 def _h_iq2xs(raw):
     sc = raw[:, 66 + _ib].astype(np.int32)
     s = np.stack([sc & 0xF, sc >> 4], 2).reshape(len(raw), 16).astype(np.float32)
-    return _per_unit(_f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.25), 2)
+    return _per_unit(f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.25), 2)
 
 
 IQ2_XS = CodebookFormat("IQ2_XS", 17, 74, 8, 512, _bits(_u, 2 + 2 * _u, 0, 9), _bits(_u, 2 + 2 * _u, 9, 7), True, _h_iq2xs)
@@ -133,7 +109,7 @@ IQ2_XS = CodebookFormat("IQ2_XS", 17, 74, 8, 512, _bits(_u, 2 + 2 * _u, 0, 9), _
 def _h_iq2s(raw):
     sc = raw[:, 74 + _ib].astype(np.int32)
     s = np.stack([sc & 0xF, sc >> 4], 2).reshape(len(raw), 16).astype(np.float32)
-    return _per_unit(_f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.25), 2)
+    return _per_unit(f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.25), 2)
 
 
 IQ2_S = CodebookFormat(
@@ -153,7 +129,7 @@ IQ2_S = CodebookFormat(
 # uint32 at 66 + 4ib: four 7-bit signs (unit 4ib + l at bit 7l) and the scale at bit 28.
 def _h_iq3xxs(raw):
     s = (raw[:, 66 + 4 * _ib + 3] >> 4).astype(np.float32)
-    return _per_unit(_f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.5), 4)
+    return _per_unit(f16(raw, 0)[:, None] * (0.5 + s) * np.float32(0.5), 4)
 
 
 _g64 = np.arange(64)
@@ -166,7 +142,7 @@ IQ3_XXS = CodebookFormat("IQ3_XXS", 18, 98, 4, 256, (Field(_g64, 2 + _g64, 0, 8)
 # a = d · (1 + 2 · nibble).
 def _h_iq3s(raw):
     sc = raw[:, 106 + _ib // 2].astype(np.int32) >> (4 * (_ib % 2))
-    return _per_unit(_f16(raw, 0)[:, None] * (1 + 2 * (sc & 0xF)).astype(np.float32), 4)
+    return _per_unit(f16(raw, 0)[:, None] * (1 + 2 * (sc & 0xF)).astype(np.float32), 4)
 
 
 IQ3_S = CodebookFormat(
@@ -187,7 +163,7 @@ IQ3_S = CodebookFormat(
 # shift's sign at bit 15 (o = ∓1/8). No signs: the grid's values are −1, 0 and 1.
 def _h_iq1s(raw):
     qh = raw[:, 34:50].copy().view("<u2").astype(np.int32)
-    a = _f16(raw, 0)[:, None] * (2 * ((qh >> 12) & 7) + 1).astype(np.float32)
+    a = f16(raw, 0)[:, None] * (2 * ((qh >> 12) & 7) + 1).astype(np.float32)
     o = np.where(qh & 0x8000, np.float32(-0.125), np.float32(0.125))
     return _per_unit(a, 4, np.repeat(o, 4, axis=1))
 
@@ -236,12 +212,12 @@ def _parity_bit(seven: np.ndarray) -> np.ndarray:
 
 def codes(fmt: CodebookFormat, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(grid index int32 [n, groups], negative bool [n, 256]) of raw blocks [n, size]."""
-    idx = _read(fmt.index, raw, fmt.groups)
+    idx = read_fields(fmt.index, raw, fmt.groups)
     if not fmt.signed:
         return idx, np.zeros((len(raw), QK_K), bool)
     if not fmt.parity:
-        return idx, _read(fmt.signs, raw, QK_K).astype(bool)
-    seven = _read(fmt.signs, raw, QK_K // UNIT)
+        return idx, read_fields(fmt.signs, raw, QK_K).astype(bool)
+    seven = read_fields(fmt.signs, raw, QK_K // UNIT)
     byte = seven | (_parity_bit(seven) << 7)
     return idx, ((byte[:, :, None] >> np.arange(8)) & 1).astype(bool).reshape(len(raw), QK_K)
 
@@ -253,17 +229,17 @@ def with_codes(fmt: CodebookFormat, raw: np.ndarray, idx: np.ndarray, negative: 
     idx, negative = np.asarray(idx), np.asarray(negative, bool).reshape(len(raw), QK_K)
     if idx.min(initial=0) < 0 or idx.max(initial=0) >= fmt.grid_size:
         raise ValueError(f"{fmt.name} grid indices must lie in [0, {fmt.grid_size - 1}]")
-    out = _write(fmt.index, raw, idx)
+    out = write_fields(fmt.index, raw, idx)
     if not fmt.signed:
         if negative.any():
             raise ValueError(f"{fmt.name} has no sign bits")
         return out
     if not fmt.parity:
-        return _write(fmt.signs, out, negative)
+        return write_fields(fmt.signs, out, negative)
     byte = (negative.reshape(len(raw), -1, UNIT).astype(np.int32) << np.arange(8)).sum(2)
     if (_parity_bit(byte & 0x7F) != byte >> 7).any():
         raise ValueError(f"{fmt.name} needs an even number of negative weights in every 8")
-    return _write(fmt.signs, out, byte & 0x7F)
+    return write_fields(fmt.signs, out, byte & 0x7F)
 
 
 def components(fmt: CodebookFormat, grid: np.ndarray, idx: np.ndarray, negative: np.ndarray) -> np.ndarray:
