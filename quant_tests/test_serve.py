@@ -163,7 +163,7 @@ def small_server(ckpt, tmp_path_factory):
     from neoxq.convert.converter import convert
 
     f16 = convert(str(ckpt), "f16", output=tmp_path_factory.mktemp("serve") / "s-F16.gguf")
-    proc, base = start(f16, ctx=512)
+    proc, base = start(f16, "--parallel", "3", ctx=512)
     yield base
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
@@ -304,7 +304,7 @@ def test_startup_failures_are_one_line(small_server, ckpt, tmp_path):
     assert_one_line_error(run_cli("serve", f16, "--host", "no.such.host.invalid", "--api-key", "k"), "cannot resolve")
 
 
-def test_a_full_queue_refuses_streamed_and_plain_requests_alike(ckpt, tmp_path, monkeypatch):
+def test_a_full_queue_refuses_streamed_and_plain_requests_alike(ckpt, tmp_path):
     """With no room in the queue, a streamed request is refused like a plain one (503, Retry-After)
     before any event is sent; with room, the same requests are answered (negative control)."""
     from fastapi.testclient import TestClient
@@ -319,7 +319,58 @@ def test_a_full_queue_refuses_streamed_and_plain_requests_alike(ckpt, tmp_path, 
     with TestClient(app) as c:
         for body in ({"prompt": "a", "max_tokens": 2}, {"prompt": "a", "max_tokens": 2, "stream": True}):
             assert c.post("/v1/completions", json=body).status_code == 200
-        monkeypatch.setattr(serve, "MAX_QUEUE", 0)
+        app.state.engine.batcher.capacity = 0  # every sequence busy and the queue full
         for body in ({"prompt": "a", "max_tokens": 2}, {"prompt": "a", "max_tokens": 2, "stream": True}):
             r = c.post("/v1/completions", json=body)
             assert r.status_code == 503 and r.headers["retry-after"] == "2" and "busy" in r.json()["error"]["message"]
+
+
+def test_batched_requests_equal_what_each_gets_alone(small_server):
+    """Requests decoded together (--parallel 3, 8 at once) get, token for token, what each gets alone: seeded sampling, greedy with a stop string and a logit bias,
+    prompt scoring, a stream. The server's own count shows they shared steps (a test where they
+    ran one after another would pass vacuously); another seed samples another text (negative control)."""
+    import httpx
+
+    words = ["king", "city", "river", "music", "war"]
+    bodies = [{"prompt": f"The {w} of", "max_tokens": 60, "temperature": 0.9, "seed": i, "logprobs": 2} for i, w in enumerate(words)]
+    bodies += [
+        {"prompt": "a b c", "max_tokens": 12, "temperature": 0, "stop": ["\n"], "logit_bias": {"0": -100}},
+        {"prompt": "Hello world", "max_tokens": 0, "echo": True, "logprobs": 1},
+    ]
+
+    def ask(body):
+        return httpx.post(f"{small_server}/v1/completions", json=body, timeout=120).json()
+
+    alone = [ask(b) for b in bodies]
+    streamed_alone = _streamed(small_server, **bodies[0])[1]
+    before = httpx.get(f"{small_server}/health").json()["peak_decoding"]
+    together: list = [None] * len(bodies)
+    streamed: list = []
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(bodies[i]))) for i in range(len(bodies))]
+    threads.append(threading.Thread(target=lambda: streamed.append(_streamed(small_server, **bodies[0])[1])))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 2 <= httpx.get(f"{small_server}/health").json()["peak_decoding"] <= 3 and before <= 3
+    for x, y in zip(alone, together):
+        a, b = x["choices"][0], y["choices"][0]
+        assert a["text"] == b["text"] and x["usage"] == y["usage"] and a["finish_reason"] == b["finish_reason"]
+        if a["logprobs"]:
+            # this file's F16 weights go through llamafile's batched matmul, whose sums depend on
+            # the batch's width: equal to float32 rounding (bit for bit on K-quant files)
+            assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"] and a["logprobs"]["text_offset"] == b["logprobs"]["text_offset"]
+            lp = [(u, v) for u, v in zip(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"]) if u is not None]
+            np.testing.assert_allclose(*zip(*lp), atol=2e-3)
+    assert streamed == [streamed_alone] == [alone[0]["choices"][0]["text"]]
+    assert ask({**bodies[0], "seed": 99})["choices"][0]["text"] != alone[0]["choices"][0]["text"]
+
+
+def test_parallel_out_of_range_is_one_line(ckpt, tmp_path):
+    from neoxq.convert.converter import convert
+
+    from .helpers import assert_one_line_error, run_cli
+
+    f16 = convert(str(ckpt), "f16", output=tmp_path / "p.gguf")
+    for bad in ("0", "300"):
+        assert_one_line_error(run_cli("serve", f16, "--parallel", bad), "--parallel", "256")

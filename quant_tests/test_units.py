@@ -583,8 +583,8 @@ def test_docs_name_every_environment_variable():
     assert "`NEOXQ_NOT_A_VARIABLE" not in readme
 
 
-def test_model_defaults_patch_is_one_load_at_a_time():
-    """The llama_model_default_params patch is held by one load at a time: a second
+def test_llama_defaults_patch_is_one_load_at_a_time():
+    """The llama_model/context_default_params patch is held by one load at a time: a second
     thread's block waits for the first to end, then sees only its own fields; the original is back
     after both."""
     import threading
@@ -592,18 +592,18 @@ def test_model_defaults_patch_is_one_load_at_a_time():
     import llama_cpp.llama_cpp as lib
     from neoxq.runtime import capi
 
-    original = lib.llama_model_default_params
+    original, original_ctx = lib.llama_model_default_params, lib.llama_context_default_params
     a_in, a_go, b_in, seen = threading.Event(), threading.Event(), threading.Event(), {}
 
     def a():
-        with capi.model_defaults(vocab_only=True):
+        with capi.llama_defaults(model={"vocab_only": True}, context={"n_seq_max": 3}):
             a_in.set()
             a_go.wait(30)
-            seen["a"] = lib.llama_model_default_params().vocab_only
+            seen["a"] = (lib.llama_model_default_params().vocab_only, lib.llama_context_default_params().n_seq_max)
 
     def b():
         a_in.wait(30)
-        with capi.model_defaults(check_tensors=True):
+        with capi.llama_defaults(model={"check_tensors": True}):
             b_in.set()
             seen["b"] = (lib.llama_model_default_params().vocab_only, lib.llama_model_default_params().check_tensors)
 
@@ -614,7 +614,8 @@ def test_model_defaults_patch_is_one_load_at_a_time():
     a_go.set()
     ta.join(30)
     tb.join(30)
-    assert seen == {"a": True, "b": (original().vocab_only, True)} and lib.llama_model_default_params is original
+    assert seen == {"a": (True, 3), "b": (original().vocab_only, True)} and lib.llama_model_default_params is original
+    assert lib.llama_context_default_params is original_ctx and original_ctx().n_seq_max != 3
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 700), (513, 257), (256, 256), (1000, 1)])

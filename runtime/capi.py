@@ -129,10 +129,12 @@ def amx_kernels() -> bool:
 
 
 class WindowDecoder:
-    """Decodes one window of tokens from an empty KV cache, asking logits only at wanted positions.
+    """Decodes tokens through one llama_batch, asking logits only at wanted positions: one window of
+    one sequence (`decode`), or one token of each of several sequences (`decode_steps`).
 
     The llama_batch is allocated once and filled through numpy views of its arrays (no per-token
-    Python loop). Logits come back as a view of llama.cpp's buffer, valid until the next decode.
+    Python loop for a window). Logits come back as views of llama.cpp's buffer, valid until the next
+    decode.
     """
 
     def __init__(self, ctx, n_batch: int, n_vocab: int):
@@ -143,37 +145,119 @@ class WindowDecoder:
         self._pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
         self._n_seq = np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))
         self._logits = np.ctypeslib.as_array(ctypes.cast(b.logits, ctypes.POINTER(ctypes.c_int8)), shape=(n_batch,))
-        for i in range(n_batch):  # one sequence (id 0) for every slot, set once
-            b.seq_id[i][0] = 0
+        self._seq_slots = [b.seq_id[i] for i in range(n_batch)]
+        self._seqs = np.zeros(n_batch, dtype=np.int32)  # what each slot's seq_id holds now
+        for slot in self._seq_slots:
+            slot[0] = 0
         self._n_seq[:] = 1
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
-    def decode(self, ids: np.ndarray, start: int, wanted: np.ndarray) -> np.ndarray:
-        """Decode `ids` at positions start…; return the logits rows of the wanted ones (a view)."""
+    def forget(self, seq: int) -> None:
+        """Free every KV cell of sequence `seq`."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, -1, -1)
+
+    def _set_seqs(self, seqs: np.ndarray) -> None:
+        for i in np.flatnonzero(self._seqs[: len(seqs)] != seqs):
+            self._seq_slots[i][0] = int(seqs[i])
+        self._seqs[: len(seqs)] = seqs
+
+    def decode(self, ids: np.ndarray, start: int, wanted: np.ndarray, seq: int = 0) -> np.ndarray:
+        """Decode `ids` of sequence `seq` at positions start…; return the logits rows of the wanted
+        ones (a view)."""
         n = len(ids)
-        self._token[:n] = ids
-        self._pos[:n] = np.arange(start, start + n)
-        self._logits[:n] = wanted
-        self.batch.n_tokens = n
-        rc = llama_cpp.llama_decode(self.ctx, self.batch)
-        if rc != 0:
-            # llama.h: 1 = no KV slot for the batch, 2 = aborted, < 0 = error.
-            raise LlamaError(
-                f"llama.cpp could not decode a batch of {n} tokens at position {start} (llama_decode returned {rc}); "
-                "try a smaller --ctx, or check the model file with `neoxq convert` again"
-            )
+        self._set_seqs(np.full(n, seq, dtype=np.int32))
+        self._run(ids, np.arange(start, start + n), wanted)
         k = int(wanted.sum())
         if not k:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(k, self.n_vocab))
 
+    def decode_steps(self, tokens: np.ndarray, positions: np.ndarray, seqs: np.ndarray) -> None:
+        """Decode one token per sequence (token i of sequence seqs[i] at positions[i]), logits at
+        every one: read row i with `row(i)` or sample it with `Sampler.sample(ctx, i)`."""
+        self._set_seqs(seqs)
+        self._run(tokens, positions, np.ones(len(tokens), dtype=np.int8))
+
+    def row(self, i: int) -> np.ndarray:
+        """The logits of batch slot i of the last decode (a view)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _run(self, ids: np.ndarray, positions: np.ndarray, wanted: np.ndarray) -> None:
+        n = len(ids)
+        self._token[:n] = ids
+        self._pos[:n] = positions
+        self._logits[:n] = wanted
+        self.batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            # llama.h: 1 = no KV slot for the batch, 2 = aborted, < 0 = error.
+            raise LlamaError(
+                f"llama.cpp could not decode a batch of {n} tokens at position {int(positions[0])} (llama_decode returned {rc}); "
+                "try a smaller --ctx, or check the model file with `neoxq convert` again"
+            )
+
     def close(self) -> None:
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
+
+
+PENALTY_LAST_N = 64  # llama-cpp-python's Llama.last_n_tokens_size: the window the penalties look at
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What one sequence samples with (llama.cpp's sampler parameters)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repeat_penalty: float
+    frequency_penalty: float
+    presence_penalty: float
+    seed: int
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+class Sampler:
+    """One sequence's llama.cpp sampler chain, built as llama-cpp-python's `Llama.generate` builds
+    its own (logit bias, penalties, then greedy, or top-k, typical, top-p, min-p, temperature and a
+    seeded draw), so a sequence samples what it would sample alone. `sample` draws from a batch
+    slot's logits and records the token for the penalties; the prompt is not recorded, as there."""
+
+    def __init__(self, n_vocab: int, s: SamplerSettings):
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        parts = []
+        if s.logit_bias:
+            arr = (llama_cpp.llama_logit_bias * len(s.logit_bias))(*[llama_cpp.llama_logit_bias(t, b) for t, b in s.logit_bias])
+            parts.append(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(s.logit_bias), arr))
+        parts.append(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
+        if s.temperature == 0.0:
+            parts.append(llama_cpp.llama_sampler_init_greedy())
+        else:
+            parts += [
+                llama_cpp.llama_sampler_init_top_k(s.top_k),
+                llama_cpp.llama_sampler_init_typical(1.0, 1),
+                llama_cpp.llama_sampler_init_top_p(s.top_p, 1),
+                llama_cpp.llama_sampler_init_min_p(s.min_p, 1),
+                llama_cpp.llama_sampler_init_temp(s.temperature),
+                llama_cpp.llama_sampler_init_dist(s.seed),
+            ]
+        for part in parts:  # the chain owns its parts from here on
+            llama_cpp.llama_sampler_chain_add(self.chain, part)
+
+    def sample(self, ctx, i: int) -> int:
+        return int(llama_cpp.llama_sampler_sample(self.chain, ctx, i))
+
+    def close(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
 
 
 # Quantization -------------------------------------------------------------------------------------
@@ -423,22 +507,28 @@ _DEFAULTS_LOCK = threading.Lock()  # one model load at a time may see patched de
 
 
 @contextlib.contextmanager
-def model_defaults(**fields) -> Iterator[None]:
-    """Load a model with some llama_model_params fields changed: llama-cpp-python's `Llama` starts
-    from llama_model_default_params() and exposes no argument for e.g. `use_extra_bufts`. The
-    function is patched module-wide, so loads in other threads wait for the block to end (every
-    neoxq model load goes through here) rather than pick up this load's fields."""
+def llama_defaults(model: dict | None = None, context: dict | None = None) -> Iterator[None]:
+    """Load a model with some llama_model_params / llama_context_params fields changed:
+    llama-cpp-python's `Llama` starts from llama_model_default_params() and
+    llama_context_default_params() and exposes no argument for e.g. `use_extra_bufts` or
+    `n_seq_max`. The functions are patched module-wide, so loads in other threads wait for the
+    block to end (every neoxq model load goes through here) rather than pick up this load's fields."""
     with _DEFAULTS_LOCK:
-        original = lib.llama_model_default_params
+        originals = {"llama_model_default_params": lib.llama_model_default_params, "llama_context_default_params": lib.llama_context_default_params}
 
-        def patched():
-            params = original()
-            for k, v in fields.items():
-                setattr(params, k, v)
-            return params
+        def patch(name: str, fields: dict):
+            def patched():
+                params = originals[name]()
+                for k, v in fields.items():
+                    setattr(params, k, v)
+                return params
 
-        lib.llama_model_default_params = patched
+            setattr(lib, name, patched)
+
+        patch("llama_model_default_params", model or {})
+        patch("llama_context_default_params", context or {})
         try:
             yield
         finally:
-            lib.llama_model_default_params = original
+            for name, fn in originals.items():
+                setattr(lib, name, fn)

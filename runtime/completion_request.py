@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-import numpy as np
-from llama_cpp import LogitsProcessorList
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from neoxq.core.errors import UsageError
@@ -69,26 +67,6 @@ class Request:
     logit_bias: dict[int, float] = field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
-
-    def logits_processor(self, seen: list | None = None):
-        """OpenAI's logit_bias, added to the logits before sampling; with `seen`, each step's logits
-        as the model gave them (before the bias) are appended to it first, for streamed log-probs.
-        None when there is nothing to do."""
-        if not self.logit_bias and seen is None:
-            return None
-
-        idx = np.fromiter(self.logit_bias, dtype=np.int64)
-        add = np.fromiter(self.logit_bias.values(), dtype=np.float32)
-
-        def keep(_ids, scores):
-            seen.append(np.array(scores, dtype=np.float32))
-            return scores
-
-        def bias(_ids, scores):
-            scores[idx] += add
-            return scores
-
-        return LogitsProcessorList(([keep] if seen is not None else []) + ([bias] if self.logit_bias else []))
 
 
 def parse_request(body, n_vocab: int) -> Request:

@@ -84,23 +84,58 @@ class Completion:
     finish: str | None = None  # None while growing; then "stop" or "length"
 
 
-def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, cancel=None, logits_processor=None) -> Iterator[Completion]:
-    """The one sampling loop (`run` and the server): token by token through llama-cpp-python's
-    sampler, the same Completion yielded after each token and once more when it ends (at EOS, a
-    stop string, max_tokens clamped to the context asked for, or `cancel` being set: checked before
-    every token, so a cancelled generation stops within one)."""
-    llm, c = model.llm, Completion()
+class Growth:
+    """A completion growing token by token: its text detokenised incrementally, cut at the first
+    stop string, ended at `budget` tokens. `add` returns True when the completion has ended."""
+
+    def __init__(self, model: NeoxModel, stops: list[str], budget: int):
+        self.model, self.stops, self.budget = model, stops, budget
+        self.c = Completion()
+        self._bytes, self._searched = bytearray(), 0
+        self._longest = max((len(s) for s in stops), default=0)
+
+    def add(self, tok: int) -> bool:
+        c = self.c
+        c.ids.append(tok)
+        # llama-cpp-python's detokenize is each token's piece in turn (EOS, the only special token
+        # that could change that, ends a completion before it is added), so the text grows by this
+        # token's bytes alone
+        self._bytes += self.model.llm.detokenize([tok])
+        c.text = self._bytes.decode("utf-8", errors="replace")
+        # a stop string not found before can only end in the new text (or in the last characters
+        # of the old, which a completed UTF-8 character may have changed)
+        hit = min((i for s in self.stops if (i := c.text.find(s, self._searched)) >= 0), default=None)
+        self._searched = max(0, len(c.text) - self._longest - 3)
+        if hit is not None:
+            c.text, c.finish = c.text[:hit], "stop"
+        elif len(c.ids) >= self.budget:
+            c.finish = "length"
+        return c.finish is not None
+
+
+def token_budget(model: NeoxModel, n_prompt: int, max_tokens: int) -> int:
+    """How many tokens a completion may add: max_tokens clamped to the context left (llama.cpp pads
+    its context to 256s, so the clamp is ours)."""
+    return min(max_tokens, model.n_ctx - n_prompt)
+
+
+def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, cancel=None) -> Iterator[Completion]:
+    """The one-sequence sampling loop (`run`): token by token through llama-cpp-python's sampler,
+    the same Completion yielded after each token and once more when it ends (at EOS, a stop string,
+    max_tokens clamped to the context asked for, or `cancel` being set: checked before every token,
+    so a cancelled generation stops within one)."""
+    llm = model.llm
     opts.checked()
-    budget = min(opts.max_tokens, model.n_ctx - len(ids))  # llama.cpp pads n_ctx to 256s: clamp here
-    if budget <= 0:
+    growth = Growth(model, opts.stop, token_budget(model, len(ids), opts.max_tokens))
+    c = growth.c
+    if growth.budget <= 0:
         c.finish = "length"
         yield c
         return
     if opts.seed is not None:
         llm.set_seed(opts.seed)
     llm.reset()
-    eos, text, searched = llm.token_eos(), bytearray(), 0
-    longest = max((len(s) for s in opts.stop), default=0)
+    eos = llm.token_eos()
     for tok in llm.generate(
         ids,
         top_k=opts.top_k,
@@ -110,25 +145,11 @@ def completion_steps(model: NeoxModel, ids: list[int], opts: SamplingOptions, ca
         repeat_penalty=opts.repeat_penalty,
         frequency_penalty=opts.frequency_penalty,
         presence_penalty=opts.presence_penalty,
-        logits_processor=logits_processor,
     ):
         if tok == eos or (cancel is not None and cancel.is_set()):
             c.finish = "stop"
             break
-        c.ids.append(tok)
-        # llama-cpp-python's detokenize is each token's piece in turn (EOS, the only special token
-        # that could change that, ends the loop), so the text grows by this token's bytes alone
-        text += llm.detokenize([tok])
-        c.text = text.decode("utf-8", errors="replace")
-        # a stop string not found before can only end in the new text (or in the last characters
-        # of the old, which a completed UTF-8 character may have changed)
-        hit = min((i for s in opts.stop if (i := c.text.find(s, searched)) >= 0), default=None)
-        searched = max(0, len(c.text) - longest - 3)
-        if hit is not None:
-            c.text, c.finish = c.text[:hit], "stop"
-            break
-        if len(c.ids) >= budget:
-            c.finish = "length"
+        if growth.add(tok):
             break
         yield c
     c.finish = c.finish or "stop"
@@ -147,16 +168,31 @@ def _safe_end(text: str, stops: list[str]) -> int:
     return end
 
 
+class Shown:
+    """How much of a growing completion has been shown: `cut` gives the new text that may be shown
+    now and the token ids added since the last piece, or None when nothing can be shown yet (text
+    that may still become a stop string or is half a UTF-8 character waits, see _safe_end). Once
+    the completion has ended, `cut` always gives its last piece."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.shown, self.sent = stops, 0, 0
+
+    def cut(self, c: Completion) -> tuple[str, list[int]] | None:
+        end = len(c.text) if c.finish else _safe_end(c.text, self.stops)
+        if end <= self.shown and not c.finish:
+            return None
+        out = c.text[self.shown : end], c.ids[self.sent :]
+        self.shown, self.sent = max(self.shown, end), len(c.ids)
+        return out
+
+
 def pieces(steps: Iterable[Completion], stops: list[str]) -> Iterator[tuple[str, list[int], Completion]]:
     """A growing completion as it may be shown: (new text, the token ids added since the last piece,
-    the completion), whenever text can be shown and once at the end (`c.finish` set). Text that
-    may still become a stop string or is half a UTF-8 character waits (_safe_end)."""
-    shown, sent = 0, 0
+    the completion), whenever text can be shown and once at the end (`c.finish` set)."""
+    shown = Shown(stops)
     for c in steps:
-        end = len(c.text) if c.finish else _safe_end(c.text, stops)
-        if end > shown or c.finish:
-            yield c.text[shown:end], c.ids[sent:], c
-            shown, sent = max(shown, end), len(c.ids)
+        if (piece := shown.cut(c)) is not None:
+            yield piece[0], piece[1], c
 
 
 def generate(model: NeoxModel, prompt: str | list[int], opts: SamplingOptions, stats: GenerationStats | None = None, cancel=None) -> Iterator[str]:

@@ -44,6 +44,9 @@ class RuntimeOptions:
     # keeps llama.cpp's default, which `run` and `serve` use (generation is faster with it), except
     # where the build uses AMX kernels (capi.amx_kernels: they crash there). docs/benchmarks.md.
     repack: bool | None = False
+    # Sequences decoded together (the server's --parallel): each has its own n_ctx cells, in its own
+    # KV stream (llama.cpp's non-unified cache), so attention never spans another sequence's cells.
+    n_seq: int = 1
 
 
 def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto", repack: bool | None = False):
@@ -75,17 +78,18 @@ class NeoxModel:
         n_gpu = o.n_gpu_layers if o.n_gpu_layers is not None else (-1 if gpu_offload_supported() else 0)
 
         threads = o.n_threads or default_threads()
-        self.n_batch = min(o.n_batch, n_ctx)
+        self.n_batch = max(min(o.n_batch, n_ctx), o.n_seq)  # a step of every sequence fits one batch
         self.flash_attn = resolve_flash_attn(o.flash_attn)
         repack = o.repack if o.repack is not None else (False if capi.amx_kernels() else None)
         extra = {} if repack is None else {"use_extra_bufts": repack}
-        with capi.captured_errors() as errors, capi.model_defaults(**extra):
+        streams = {"n_seq_max": o.n_seq, "kv_unified": False} if o.n_seq > 1 else {}
+        with capi.captured_errors() as errors, capi.llama_defaults(model=extra, context=streams):
             try:
                 # n_gpu_layers 0 means the CPU: llama.cpp would otherwise still offload the heavy ops
                 # of a CUDA build (op_offload), so the "CPU" run would use the GPU.
                 self.llm = Llama(
                     model_path=str(self.info.path),
-                    n_ctx=n_ctx,
+                    n_ctx=n_ctx * o.n_seq,
                     n_batch=self.n_batch,
                     n_ubatch=self.n_batch,
                     n_threads=threads,
@@ -105,6 +109,11 @@ class NeoxModel:
         self.n_gpu_layers = n_gpu
         self.n_vocab = self.llm.n_vocab()
         self._decoder = None if o.vocab_only else capi.WindowDecoder(self.llm.ctx, self.n_batch, self.n_vocab)
+
+    @property
+    def decoder(self) -> capi.WindowDecoder:
+        """The context's one llama_batch; one thread at a time decodes through it."""
+        return self._decoder
 
     # Tokenisation ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

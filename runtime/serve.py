@@ -3,10 +3,12 @@
 What clients that score text rely on, done right: prompts tokenised as the GPT-NeoX tokenizer does
 (NFC, no BOS); `echo` + `logprobs` with `max_tokens: 0` returns the prompt's token log-probs without
 generating (computed in one pass, first token null as OpenAI does); `max_tokens` is clamped to the
-context left (`finish_reason: "length"`), a prompt that does not fit is a 400. One model, one request
-at a time, waiting requests queued (a full queue is a 503 with Retry-After); SIGTERM stops a running
-generation at the next token and the server within seconds; a client that disconnects stops its
-generation at the next token (or, queued, before it starts); `stream: true` sends server-sent events
+context left (`finish_reason: "length"`), a prompt that does not fit is a 400. One model; up to
+--parallel requests decode together in one batch per step (continuous batching, runtime/batch.py),
+each as it would alone; further requests wait for a free sequence (a full queue is a 503 with
+Retry-After); SIGTERM stops every running generation at its next token and the server within
+seconds; a client that disconnects stops its generation at the next token (or, queued, before it
+starts); `stream: true` sends server-sent events
 as OpenAI does, under the same queue, cancellation and shutdown rules; `--api-key` requires a bearer token.
 Requests are validated in completion_request.py: every OpenAI parameter honoured or refused by name.
 """
@@ -19,144 +21,88 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from neoxq.core.errors import MissingExtraError, UsageError
 from neoxq.core.gguf_info import read_info
+from neoxq.core.machine import default_threads
 from neoxq.core.progress import info
 
-from .generate import completion_steps, pieces
+from .batch import Batcher, Job, Piece, TokenLogprob
 from .model import NeoxModel, RuntimeOptions
-from .score import log_softmax
 
 if TYPE_CHECKING:
     from .completion_request import Request
 
-MAX_QUEUE = 64
-_BUSY = object()  # Engine.run's answer when the queue is full
+MAX_QUEUE = 64  # requests waiting for a sequence, on top of the --parallel ones decoding
 
 
-class _Either:
-    """Set when any of the events is: a generation ends when its client leaves or the server stops."""
+def default_parallel() -> int:
+    """--parallel's default: one sequence per core, at most 4 (each holds a full --ctx of KV cells)."""
+    return max(1, min(4, default_threads()))
 
-    def __init__(self, *events: threading.Event):
-        self.events = events
 
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self.events)
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
+
+
+def check_parallel(parallel: int | None) -> int:
+    """--parallel as given (default_parallel when None), or one UsageError naming the range."""
+    if parallel is None:
+        return default_parallel()
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise UsageError(f"--parallel {parallel}: pass a number of sequences from 1 to {MAX_PARALLEL} (llama.cpp's limit)")
+    return parallel
 
 
 class Engine:
-    """The model behind the server: one worker thread, a bounded queue, a stop flag per token."""
+    """The model behind the server: the batching thread that decodes up to --parallel requests
+    together (runtime/batch.py), and the request ↔ job translation."""
 
     def __init__(self, path: Path, options: RuntimeOptions):
         self.model = NeoxModel(path, options)
         self.name = Path(path).stem
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="neoxq-engine")
-        self.waiting = 0
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.generated = 0  # tokens generated, all requests
-        self.cancelled = 0  # requests stopped or skipped because their client left
+        self.batcher = Batcher(self.model, capacity=options.n_seq + MAX_QUEUE)
+        self.stopping = self.batcher.stopping
 
-    def submit(self, fn, *args):
-        """`fn(*args)` queued for the model's one worker thread: its future, or _BUSY when the queue is full."""
-        with self.lock:
-            if self.waiting >= MAX_QUEUE:
-                return _BUSY
-            self.waiting += 1
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-        fut.add_done_callback(lambda _: self._left())
-        return fut
+    def job(self, req: "Request", ids: list[int], cancel: threading.Event, emit) -> Job:
+        # echo with log-probs scores the prompt; an empty prompt's start token is not echoed
+        score_from = (0 if req.prompt else len(ids)) if req.logprobs is not None and req.echo else None
+        return Job(ids, req.sampling, emit, cancel, req.logit_bias, req.logprobs, score_from)
 
-    def _left(self) -> None:
-        with self.lock:
-            self.waiting -= 1
-
-    async def run(self, fn, *args):
-        fut = self.submit(fn, *args)
-        return _BUSY if fut is _BUSY else await fut
-
-    def logprobs(self, ids: list[int], start: int, k: int) -> dict:
-        """OpenAI-style log-probs of ids[start:] given what precedes them (ids[0] has none)."""
-        m = self.model
-        want = list(range(max(start - 1, 0), len(ids) - 1))
-        lp = log_softmax(m.eval_logits(ids, want)) if want else np.zeros((0, m.n_vocab))
-        tokens = [m.detokenize([t]) for t in ids[start:]]
-        token_lp = ([None] if start == 0 else []) + [float(lp[i, ids[p + 1]]) for i, p in enumerate(want)]
-        top = ([None] if start == 0 else []) + [{m.detokenize([int(j)]): float(row[j]) for j in np.argsort(-row)[:k]} for row in lp] if k else None
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top, "text_offset": offsets}
-
-    def complete(self, req: "Request", ids: list[int], cancel: threading.Event) -> dict | None:
-        """The completion of req's prompt, already tokenised as `ids`; None when its client left
-        (a queued request whose client is gone never starts)."""
-        if cancel.is_set():
-            self.cancelled += 1
-            return None
-        for c in completion_steps(self.model, ids, req.sampling, _Either(cancel, self.stopping), req.logits_processor()):
-            pass
-        self.generated += len(c.ids)
-        gen, text, finish = c.ids, c.text, c.finish
-        if cancel.is_set():
-            self.cancelled += 1
-            return None
-        logprobs = None
-        if req.logprobs is not None:
-            start = (0 if req.prompt else len(ids)) if req.echo else len(ids)  # an empty prompt's start token is not echoed
-            logprobs = self.logprobs(ids + gen, start, req.logprobs)
-        return {"text": (req.prompt if req.echo else "") + text, "logprobs": logprobs, "finish_reason": finish, "usage": _usage(ids, gen)}
-
-    def stream(self, req: "Request", ids: list[int], cancel: threading.Event, emit) -> None:
-        """The completion of req's prompt as pieces, each passed to `emit` as it can be shown (the
-        echoed prompt first), the last with its finish_reason and the usage; then `emit(None)`.
-        Log-probs come from the logits each token was sampled from (before any logit_bias)."""
-        try:
-            if cancel.is_set():
-                self.cancelled += 1
-                return
-            offset = 0
-            if req.echo:
-                lp = self.logprobs(ids, 0 if req.prompt else len(ids), req.logprobs) if req.logprobs is not None else None
-                emit({"text": req.prompt, "logprobs": lp, "finish_reason": None})
-                offset = len(req.prompt)
-            seen = [] if req.logprobs is not None else None
-            steps = completion_steps(self.model, ids, req.sampling, _Either(cancel, self.stopping), req.logits_processor(seen))
-            for piece, new, c in pieces(steps, req.sampling.stop):
-                lp = None
-                if seen is not None:
-                    lp = self._step_logprobs(new, seen[: len(new)], offset, req.logprobs)
-                    del seen[: len(new)]
-                emit({"text": piece, "logprobs": lp, "finish_reason": c.finish, "usage": _usage(ids, c.ids) if c.finish else None})
-                offset += len(piece)
-            self.generated += len(c.ids)
-            if cancel.is_set():
-                self.cancelled += 1
-        finally:
-            emit(None)
-
-    def _step_logprobs(self, new: list[int], rows: list[np.ndarray], offset: int, k: int) -> dict:
-        m = self.model
-        tokens, token_lp, top, offsets = [], [], [], []
-        for tok, row in zip(new, rows):
-            lp = log_softmax(row[None, :])[0]
-            tokens.append(m.detokenize([tok]))
-            token_lp.append(float(lp[tok]))
-            top.append({m.detokenize([int(j)]): float(lp[j]) for j in np.argsort(-lp)[:k]} if k else None)
-            offsets.append(offset)
-            offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top if k else None, "text_offset": offsets}
+    def start(self, req: "Request", ids: list[int], cancel: threading.Event):
+        """The request's job, submitted: an asyncio queue that receives its pieces (then None, or an
+        exception), or None when the server is full."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        job = self.job(req, ids, cancel, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        return queue if self.batcher.submit(job) else None
 
 
-def _usage(ids: list[int], gen: list[int]) -> dict:
-    return {"prompt_tokens": len(ids), "completion_tokens": len(gen), "total_tokens": len(ids) + len(gen)}
+async def _pieces(queue: asyncio.Queue):
+    """A job's pieces as they arrive; its exception, if any, raised here."""
+    while (item := await queue.get()) is not None:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _logprobs(entries: list[TokenLogprob], k: int, offset: int = 0) -> dict:
+    """OpenAI's log-probs object for these tokens, their text offsets counted from `offset`."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [e.top for e in entries] if k else None,
+        "text_offset": offsets,
+    }
+
+
+def _usage(ids: list[int], completion_tokens: int) -> dict:
+    return {"prompt_tokens": len(ids), "completion_tokens": completion_tokens, "total_tokens": len(ids) + completion_tokens}
 
 
 def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key: str | None = None):
@@ -169,7 +115,9 @@ def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key:
         from .completion_request import parse_request
     except ImportError as exc:
         raise MissingExtraError(f"the server needs extra packages ({exc.name} is missing); install them with: pip install 'neoxq[server]'") from exc
-    engine = Engine(found.path, dataclasses.replace(options or RuntimeOptions(), repack=None))
+    # unrepacked weights: llama.cpp's CPU kernels then compute each row of a batch alone, so a
+    # request decoded beside others gets what it gets alone (runtime/batch.py)
+    engine = Engine(found.path, dataclasses.replace(options or RuntimeOptions(), repack=False))
     app = FastAPI(title="neoxq", docs_url=None, redoc_url=None)
     app.state.engine = engine
     if api_key:
@@ -181,9 +129,19 @@ def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key:
 
     @app.get("/health")
     async def health():
-        """Counters a client or a test can read: requests waiting, tokens generated, generations
-        cancelled because their client left."""
-        return {"status": "ok", "waiting": engine.waiting, "generated_tokens": engine.generated, "cancelled": engine.cancelled}
+        """Counters a client or a test can read: requests in flight (waiting or decoding), those
+        decoding now and the most ever decoded in one step, tokens generated, generations cancelled
+        because their client left."""
+        b = engine.batcher
+        return {
+            "status": "ok",
+            "waiting": b.in_flight,
+            "decoding": len(b.live),
+            "peak_decoding": b.peak,
+            "parallel": b.n_seq,
+            "generated_tokens": b.generated,
+            "cancelled": b.cancelled,
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -201,9 +159,13 @@ def _model_card(engine: Engine, found) -> dict:
         "created": int(found.path.stat().st_mtime),
         "type": found.metadata.get("neoxq.quant_type") or (found.quant_type.value if found.quant_type else None),
         "context_length": engine.model.n_ctx,
+        "parallel": engine.batcher.n_seq,
         "n_ctx_train": found.context_length,
         "size_bytes": found.path.stat().st_size,
     }
+
+
+_BUSY_MESSAGE = "the server is busy: too many requests waiting; retry shortly"
 
 
 async def _completions(engine: Engine, request, parse_request):
@@ -216,56 +178,73 @@ async def _completions(engine: Engine, request, parse_request):
         return _error(400, f"the request body is not JSON ({type(exc).__name__}: {str(exc)[:80]})")
     except UsageError as exc:
         return _error(400, str(exc))
-    if req.stream:
-        return _stream(engine, req, ids)
     cancel = threading.Event()
+    queue = engine.start(req, ids, cancel)
+    if queue is None:
+        return _error(503, _BUSY_MESSAGE, "server_busy", {"Retry-After": "2"})
+    if req.stream:
+        return _stream(engine, req, ids, queue, cancel)
     watcher = asyncio.ensure_future(_set_on_disconnect(request, cancel))
     try:
-        out = await engine.run(engine.complete, req, ids, cancel)
+        pieces = [p async for p in _pieces(queue)]
     finally:
         watcher.cancel()
-    if out is _BUSY:
-        return _error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
-    if out is None:  # the client left; nobody reads this
+        cancel.set()  # no-op once the job is over; stops it if this handler was cancelled
+    if not pieces or pieces[-1].finish is None:  # the client left; nobody reads this
         return _error(499, "client closed the request", "cancelled")
-    choice = {"index": 0, "text": out["text"], "logprobs": out["logprobs"], "finish_reason": out["finish_reason"]}
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": engine.name,
-        "choices": [choice],
-        "usage": out["usage"],
+        "choices": [{"index": 0, **_choice(req, pieces)}],
+        "usage": _usage(ids, pieces[-1].completion_tokens),
     }
 
 
-def _stream(engine: Engine, req: "Request", ids: list[int]):
+def _choice(req: "Request", pieces: list[Piece]) -> dict:
+    """A finished completion's choice: its text (after the prompt, when echoed), its log-probs."""
+    text = "".join(p.text for p in pieces if not p.prompt)
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = _logprobs([e for p in pieces for e in p.logprobs or []], req.logprobs)
+    return {"text": (req.prompt if req.echo else "") + text, "logprobs": logprobs, "finish_reason": pieces[-1].finish}
+
+
+def _stream(engine: Engine, req: "Request", ids: list[int], queue: asyncio.Queue, cancel: threading.Event):
     """`stream: true`: server-sent events as OpenAI's API sends them (a `data:` line per chunk, then
-    `data: [DONE]`). A client that leaves cancels this response (Starlette listens for the
-    disconnect), which stops the generation at its next token."""
+    `data: [DONE]`). The echoed prompt comes first (with its log-probs when asked for). A client
+    that leaves cancels this response (Starlette listens for the disconnect), which stops the
+    generation at its next token."""
     from fastapi.responses import StreamingResponse
 
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-    fut = engine.submit(engine.stream, req, ids, cancel, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
-    if fut is _BUSY:
-        return _error(503, "the server is busy: too many requests waiting; retry shortly", "server_busy", {"Retry-After": "2"})
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()), "model": engine.name}
+    scored = req.echo and req.logprobs is not None and len(ids) > (0 if req.prompt else len(ids))
 
     def event(choices: list, usage=None) -> str:
         extra = {"usage": usage} if req.include_usage else {}
         return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
+    def echo(entries: list[TokenLogprob]) -> str:
+        lp = _logprobs(entries, req.logprobs) if req.logprobs is not None else None
+        return event([{"index": 0, "text": req.prompt, "logprobs": lp, "finish_reason": None}])
+
     async def events():
         try:
-            usage = None
-            while (item := await queue.get()) is not None:
-                usage = item.pop("usage", None) or usage
-                yield event([{"index": 0, **item}])
-            await fut  # the worker's exception, if any, ends the stream here
-            if req.include_usage and usage:
-                yield event([], usage)
+            offset, last = 0, None
+            if req.echo and not scored:
+                yield echo([])
+                offset = len(req.prompt)
+            async for p in _pieces(queue):
+                if p.prompt:
+                    yield echo(p.logprobs)
+                    offset = len(req.prompt)
+                    continue
+                lp = _logprobs(p.logprobs, req.logprobs, offset) if p.logprobs is not None else None
+                yield event([{"index": 0, "text": p.text, "logprobs": lp, "finish_reason": p.finish}])
+                offset, last = offset + len(p.text), p
+            if req.include_usage and last is not None:
+                yield event([], _usage(ids, last.completion_tokens))
             yield "data: [DONE]\n\n"
         finally:
             cancel.set()  # ended early (the client left): the generation stops at its next token
@@ -328,7 +307,7 @@ def serve(model: Path | str, host: str = "127.0.0.1", port: int = 8000, options:
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
     app = build_app(model, options, api_key)
-    info(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM stops it)")
+    info(f"serving {model} on http://{host}:{port}/v1, {app.state.engine.batcher.n_seq} requests at a time (Ctrl-C or SIGTERM stops it)")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own tools (llama-perplexity, llama-quantize) from the llama.cpp vendored in the
+# Build llama.cpp's own tools (llama-perplexity, llama-quantize, llama-server) from the llama.cpp vendored in the
 # pinned llama-cpp-python sdist, and a venv for its convert_hf_to_gguf.py (it needs transformers < 5),
 # into a cache folder. For benchmarks only: the tests never need them, nothing here is committed.
 #
@@ -17,15 +17,18 @@ if [ ! -d "$SRC" ]; then
   "$PY" -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$VER" -d "$CACHE"
   tar xzf "llama_cpp_python-$VER.tar.gz"
 fi
-if [ ! -x "$CACHE/bin/llama-perplexity" ] || [ ! -x "$CACHE/bin/llama-quantize" ]; then
-  echo "building llama-perplexity and llama-quantize (several minutes) ..." >&2
+TOOLS="llama-perplexity llama-quantize llama-server"
+missing=0
+for t in $TOOLS; do [ -x "$CACHE/bin/$t" ] || missing=1; done
+if [ "$missing" = 1 ]; then
+  echo "building $TOOLS (several minutes) ..." >&2
   cmake -S "$SRC/vendor/llama.cpp" -B "$CACHE/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF \
     >"$CACHE/build.log" 2>&1 || { tail -20 "$CACHE/build.log" >&2; exit 1; }
-  cmake --build "$CACHE/build" --target llama-perplexity llama-quantize -j"$(nproc)" \
+  cmake --build "$CACHE/build" --target $TOOLS -j"$(nproc)" \
     >>"$CACHE/build.log" 2>&1 || { tail -20 "$CACHE/build.log" >&2; exit 1; }
   mkdir -p "$CACHE/bin"
-  cp "$CACHE/build/bin/llama-perplexity" "$CACHE/build/bin/llama-quantize" "$CACHE/bin/"
+  for t in $TOOLS; do cp "$CACHE/build/bin/$t" "$CACHE/bin/"; done
 fi
 if [ ! -x "$CACHE/convert-venv/bin/python" ]; then
   echo "making the venv for convert_hf_to_gguf.py (transformers < 5) ..." >&2

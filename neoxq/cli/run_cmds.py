@@ -28,14 +28,15 @@ def _open(
     return NeoxModel(model, opts, info=_preflight(model, ctx, batch))
 
 
-def _preflight(model: Path, ctx: Optional[int], batch: int = 512):
-    """The file's metadata, after checking that loading it fits in memory (one line if not)."""
+def _preflight(model: Path, ctx: Optional[int], batch: int = 512, cells: int = 1, fix: str = "pass a smaller --ctx or use a smaller quantized file"):
+    """The file's metadata, after checking that loading it fits in memory (one line if not); `cells`
+    sequences of `ctx` tokens each in the KV cache."""
     from neoxq import preflight
     from neoxq.core.gguf_info import read_info
 
     info = read_info(model)
-    need = preflight.llama_bytes(info, ctx or info.context_length or 2048, batch)
-    preflight.check(f"loading {info.path.name}", need, "pass a smaller --ctx or use a smaller quantized file")
+    need = preflight.llama_bytes(info, cells * (ctx or info.context_length or 2048), batch)
+    preflight.check(f"loading {info.path.name}", need, fix)
     return info
 
 
@@ -251,13 +252,22 @@ def serve(
     flash_attn: FlashAttn = "auto",
     device: Device = "auto",
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="NEOXQ_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
+    parallel: Annotated[
+        Optional[int],
+        typer.Option("--parallel", "-np", help="Requests decoded together, each with its own --ctx of KV cells (default: the cores, at most 4)."),
+    ] = None,
 ):
-    """OpenAI-compatible completions server, on localhost by default (one request at a time, others queued)."""
+    """OpenAI-compatible completions server, on localhost by default (up to --parallel requests
+    decoded together, others queued)."""
+    import dataclasses
+
     from neoxq.runtime.model import runtime_options
+    from neoxq.runtime.serve import check_parallel
     from neoxq.runtime.serve import serve as do_serve
 
-    options = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
-    _preflight(model, ctx)  # the server loads the model itself; a load failure there is one line too
+    options = dataclasses.replace(runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device), n_seq=check_parallel(parallel))
+    # the server loads the model itself; a load failure there is one line too
+    _preflight(model, ctx, cells=options.n_seq, fix="pass a smaller --parallel or --ctx, or use a smaller quantized file")
     do_serve(model, host=host, port=port, options=options, api_key=api_key)
 
 
