@@ -23,7 +23,7 @@ import numpy as np
 
 from . import capi
 from .generate import Growth, SamplingOptions, Shown, token_budget
-from .model import NeoxModel
+from .model import NeoxModel, RuntimeOptions
 from .score import log_softmax
 
 
@@ -84,15 +84,16 @@ class _Live:
 
 
 class Batcher:
-    """The batching thread over one loaded model, whose context holds `model.options.n_seq`
-    sequences. `submit` queues a job (False when `capacity` jobs are already in flight); `stopping`
-    ends every running job at its next token (SIGTERM); `close` stops the thread."""
+    """The batching thread over one model, whose context holds `options.n_seq` sequences.
+    `submit` queues a job (False when `capacity` jobs are already in flight); `stopping` ends every
+    running job at its next token (SIGTERM); `close` stops the thread.
 
-    def __init__(self, model: NeoxModel, capacity: int):
-        self.model, self.n_seq, self.capacity = model, model.options.n_seq, capacity
-        self.decoder = model.decoder
-        self.eos = model.llm.token_eos()
-        self.free = list(range(self.n_seq))[::-1]
+    The thread loads the model itself: llama.cpp's CPU backend computes on an OpenMP pool that
+    belongs to the thread that starts it, and a second pool left spinning by another thread (the
+    load's) takes a core from every decode."""
+
+    def __init__(self, path, options: RuntimeOptions, capacity: int):
+        self.n_seq, self.capacity = options.n_seq, capacity
         self.pending: collections.deque[Job] = collections.deque()
         self.live: list[_Live] = []
         self.cond = threading.Condition()
@@ -102,8 +103,14 @@ class Batcher:
         self.cancelled = 0  # jobs stopped or skipped because their client left
         self.peak = 0  # the most sequences one step has decoded together
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="neoxq-batch", daemon=True)
+        loaded: list = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(path, options, loaded, ready), name="neoxq-batch", daemon=True)
         self._thread.start()
+        ready.wait()
+        if isinstance(loaded[0], BaseException):
+            raise loaded[0]
+        self.model: NeoxModel = loaded[0]
 
     def submit(self, job: Job) -> bool:
         with self.cond:
@@ -121,7 +128,23 @@ class Batcher:
         self._thread.join(timeout=30)
 
     # The batching thread ---------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, path, options: RuntimeOptions, loaded: list, ready: threading.Event) -> None:
+        try:
+            loaded.append(self._load(path, options))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the constructor
+            loaded.append(exc)
+            return
+        finally:
+            ready.set()
+        self._loop()
+
+    def _load(self, path, options: RuntimeOptions) -> NeoxModel:
+        model = NeoxModel(path, options)
+        self.model, self.decoder, self.eos = model, model.decoder, model.llm.token_eos()
+        self.free = list(range(self.n_seq))[::-1]
+        return model
+
+    def _loop(self) -> None:
         while True:
             with self.cond:
                 while not (self.pending or self.live or self._closed):
@@ -140,6 +163,7 @@ class Batcher:
                 self._guarded([x.job for x in self.live], self._step)
         for x in list(self.live):
             self._end(x)
+        self.model.close()
 
     def _guarded(self, jobs: list[Job], fn, *args) -> None:
         """fn(*args); an exception ends the jobs it concerns (each is told), never the thread."""

@@ -60,9 +60,9 @@ class Engine:
     together (runtime/batch.py), and the request ↔ job translation."""
 
     def __init__(self, path: Path, options: RuntimeOptions):
-        self.model = NeoxModel(path, options)
+        self.batcher = Batcher(path, options, capacity=options.n_seq + MAX_QUEUE)
+        self.model: NeoxModel = self.batcher.model
         self.name = Path(path).stem
-        self.batcher = Batcher(self.model, capacity=options.n_seq + MAX_QUEUE)
         self.stopping = self.batcher.stopping
 
     def job(self, req: "Request", ids: list[int], cancel: threading.Event, emit) -> Job:

@@ -317,25 +317,29 @@ def eval_windows(f16: Path, text: Path, windows: int, work: Path, ctx: int = 512
     return out, cut
 
 
-def start_server(model, ctx: int = 256) -> tuple[subprocess.Popen, str]:
-    """`neoxq serve` on a free local port, waited for until it answers; (process, base URL)."""
+def free_port() -> int:
     import socket
-
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neoxq", "serve", str(model), "--port", str(port), "--ctx", str(ctx)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+        return s.getsockname()[1]
+
+
+def start_server(model, ctx: int = 256, extra: tuple = (), command: list | None = None, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`neoxq serve` (or `command`, listening on `port`) on a free local port, waited for until it
+    answers /v1/models; (process, base URL)."""
+    import httpx
+
+    if command is None:
+        port = free_port()
+        command = [sys.executable, "-m", "neoxq", "serve", str(model), "--port", str(port), "--ctx", str(ctx), *map(str, extra)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
-            httpx.get(f"{base}/v1/models", timeout=1)
-            return proc, base
+            if httpx.get(f"{base}/v1/models", timeout=1).status_code == 200:
+                return proc, base
+            time.sleep(0.25)
         except httpx.HTTPError:
             if proc.poll() is not None:
                 raise SystemExit(f"the server did not start: {proc.stderr.read().decode(errors='replace')[-500:]}")
