@@ -63,6 +63,7 @@ class Job:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # alternatives per token; None: no log-probs at all
     score_from: int | None = None
+    stream: bool = True  # False: one Piece when the completion ends (no wake-up of the client per token)
     over: bool = False  # set once `emit(None)` has been sent
 
 
@@ -189,6 +190,7 @@ class Batcher:
             s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty, s.frequency_penalty, s.presence_penalty, seed, tuple(job.logit_bias.items())
         )
         growth = Growth(self.model, s.stop, token_budget(self.model, len(job.ids), s.max_tokens))
+        self.free.sort(reverse=True)
         x = _Live(job, self.free.pop(), capi.Sampler(self.model.n_vocab, settings), growth, Shown(s.stop))
         self.live.append(x)
         row = self._prefill(x)
@@ -223,8 +225,10 @@ class Batcher:
         return last
 
     def _step(self) -> None:
-        """One token for every live sequence, in one decode."""
-        live = list(self.live)
+        """One token for every live sequence, in one decode. llama.cpp computes a step in one pass
+        only over runs of consecutive seq_ids in increasing order (a KV stream per sequence), so
+        the batch is ordered by seq_id and new requests take the lowest free one."""
+        live = sorted(self.live, key=lambda x: x.seq)
         self.peak = max(self.peak, len(live))
         tokens = np.array([x.last for x in live], dtype=np.int32)
         positions = np.array([x.position for x in live], dtype=np.int32)
@@ -250,6 +254,8 @@ class Batcher:
 
     def _show(self, x: _Live) -> None:
         c = x.growth.c
+        if not (c.finish or x.job.stream):
+            return
         piece = x.shown.cut(c)
         if piece is not None:
             text, new = piece

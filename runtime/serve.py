@@ -68,7 +68,7 @@ class Engine:
     def job(self, req: "Request", ids: list[int], cancel: threading.Event, emit) -> Job:
         # echo with log-probs scores the prompt; an empty prompt's start token is not echoed
         score_from = (0 if req.prompt else len(ids)) if req.logprobs is not None and req.echo else None
-        return Job(ids, req.sampling, emit, cancel, req.logit_bias, req.logprobs, score_from)
+        return Job(ids, req.sampling, emit, cancel, req.logit_bias, req.logprobs, score_from, stream=req.stream)
 
     def start(self, req: "Request", ids: list[int], cancel: threading.Event):
         """The request's job, submitted: an asyncio queue that receives its pieces (then None, or an
