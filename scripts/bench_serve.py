@@ -167,7 +167,15 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     data = benchlib.run_record(sys.argv)
-    data["setup"] = {"model": a.model, "type": a.type, "prompt": PROMPT, "sampler": SAMPLER, "max_tokens": a.tokens, "parallel": a.parallel, "ctx": CTX}
+    data["setup"] = {
+        "model": a.model,
+        "type": a.type,
+        "prompt": PROMPT,
+        "sampler": SAMPLER,
+        "max_tokens": a.tokens,
+        "parallel": a.parallel,
+        "ctx": CTX,
+    }
     for (name, n), rs in runs.items():
         rates = [r["tokens"] / r["seconds"] for r in rs]
         data["rows"].append({"path": name, "clients": n, "tokens": rs[0]["tokens"], "tps": statistics.median(rates), "runs": rates})

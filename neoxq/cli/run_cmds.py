@@ -259,13 +259,12 @@ def serve(
 ):
     """OpenAI-compatible completions server, on localhost by default (up to --parallel requests
     decoded together, others queued)."""
-    import dataclasses
-
     from neoxq.runtime.model import runtime_options
     from neoxq.runtime.serve import check_parallel
     from neoxq.runtime.serve import serve as do_serve
 
-    options = dataclasses.replace(runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device), n_seq=check_parallel(parallel))
+    options = runtime_options(ctx, threads, gpu_layers, 512, flash_attn, device)
+    options.n_seq = check_parallel(parallel)
     # the server loads the model itself; a load failure there is one line too
     _preflight(model, ctx, cells=options.n_seq, fix="pass a smaller --parallel or --ctx, or use a smaller quantized file")
     do_serve(model, host=host, port=port, options=options, api_key=api_key)
