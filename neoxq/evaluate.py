@@ -21,18 +21,23 @@ def _lm_eval():
         raise MissingExtraError(f"evaluation needs lm-eval ({exc.name} is missing); install it with: pip install 'neoxq[eval]'") from exc
 
 
-def task_manager(include_path: Path | str | None):
+def task_manager(include_path: Path | str | None, tasks: list[str] | None = None):
     """lm-eval's TaskManager, one per include path and process: building one indexes every task
-    YAML lm-eval ships (seconds), and a report asks for it once per file it scores."""
+    YAML lm-eval ships (seconds), and a report asks for it once per file it scores. When every one
+    of `tasks` is in the include path, lm-eval's own tasks are not indexed at all."""
     _lm_eval()
-    return _cached_manager(str(include_path) if include_path else None)
+    if include_path and tasks:
+        own = _cached_manager(str(include_path), False)
+        if set(tasks) <= set(own.all_tasks):
+            return own
+    return _cached_manager(str(include_path) if include_path else None, True)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_manager(include_path: str | None):
+def _cached_manager(include_path: str | None, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -56,17 +61,31 @@ def check_tasks(tasks: list[str], manager) -> None:
 
 
 def evaluate_file(
-    path: Path | str, tasks: list[str], manager, num_fewshot: int | None = None, limit: int | None = None, ctx: int | None = None
+    path: Path | str,
+    tasks: list[str],
+    manager,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    ctx: int | None = None,
+    batched: bool = True,
 ) -> dict:
-    """lm-eval's `simple_evaluate` on one GGUF; network failures while offline become one line."""
+    """lm-eval's `simple_evaluate` on one GGUF; network failures while offline become one line.
+    `batched`: score the requests that share a context in one batch (neoxq.lmeval)."""
     from lm_eval import simple_evaluate
 
     from neoxq.lmeval import NeoxqLM  # lm-eval's model class: imports lm-eval itself
 
-    lm = NeoxqLM(str(path), ctx=ctx)
+    lm = NeoxqLM(str(path), ctx=ctx, batched=batched)
     try:
         return simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+            torch_random_seed=None,  # neoxq's model class never uses torch: importing it to seed it costs seconds
         )
     except Exception as exc:
         cause = network_failure(exc)
@@ -78,7 +97,7 @@ def evaluate_file(
             "run once online to fill the datasets cache, or use local task files with --include-path"
         ) from exc
     finally:
-        lm.model.close()
+        lm.close()
 
 
 def network_failure(exc: BaseException) -> BaseException | None:
@@ -107,14 +126,20 @@ def metrics(results: dict) -> dict[str, dict[str, float]]:
 
 
 def run_eval(
-    models: list[Path], tasks: list[str], include_path=None, num_fewshot: int | None = None, limit: int | None = None, output: Path | None = None
+    models: list[Path],
+    tasks: list[str],
+    include_path=None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    output: Path | None = None,
+    batched: bool = True,
 ) -> dict:
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     check_tasks(tasks, manager)
     labels = {str(m): read_info(m).metadata.get("neoxq.quant_type") or Path(m).stem for m in models}
     combined = {"models": {}}
     for m in models:
-        r = evaluate_file(m, tasks, manager, num_fewshot, limit)
+        r = evaluate_file(m, tasks, manager, num_fewshot, limit, batched=batched)
         combined["models"][str(m)] = {
             "type": labels[str(m)],
             "results": r["results"],

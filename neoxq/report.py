@@ -241,7 +241,8 @@ def _tasks_json(run: _Run, path: Path) -> dict | None:
         return None
 
     # the names were checked when the run started (run_report)
-    return metrics(evaluate_file(path, parse_tasks(run.opts.tasks), task_manager(run.opts.include_path)))
+    tasks = parse_tasks(run.opts.tasks)
+    return metrics(evaluate_file(path, tasks, task_manager(run.opts.include_path, tasks)))
 
 
 def _mix_json(info) -> dict | None:
@@ -355,7 +356,8 @@ def run_report(src, text_file: Path | str | None, out_dir: Path | str | None = N
     run = _Run(ckpt, out, name, text, calib, scored, opts, types)
     n_windows = _check_scored_length(run)
     if opts.tasks:
-        check_tasks(parse_tasks(opts.tasks), task_manager(opts.include_path))
+        tasks = parse_tasks(opts.tasks)
+        check_tasks(tasks, task_manager(opts.include_path, tasks))
     _preflight(run, n_windows)
     _make_folder(out)
     n_extra = sum(not t.is_float for t in types) * (opts.mix + opts.optimize * (1 + opts.mix))

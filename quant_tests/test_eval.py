@@ -202,3 +202,32 @@ def test_importing_the_plugin_keeps_lm_evals_own_models():
     code = "import neoxq.lmeval\nfrom lm_eval.api.registry import get_model\nprint(get_model('hf').__name__, get_model('neoxq').__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.split() == ["HFLM", "NeoxqLM"], proc.stderr[-2000:]
+
+
+def test_batched_choices_score_as_each_alone(trained_f16, tasks_dir):
+    """The choices after one context scored in one batch (the default) against each request scored
+    alone: the same greedy verdicts and the same chosen answer per question, log-likelihoods equal
+    to llama.cpp's rounding (its sums depend on how many tokens a batch holds). The contexts were
+    really shared (fewer batches than requests), and a wrong continuation scores differently
+    (negative control: the comparison is not of two constants)."""
+    import numpy as np
+
+    from neoxq.lmeval import NeoxqLM
+
+    docs = [json.loads(line) for line in (tasks_dir / "mc.jsonl").read_text().splitlines()]
+    together, alone = NeoxqLM(str(trained_f16), ctx=512), NeoxqLM(str(trained_f16), ctx=512, batched=False)
+    enc = together.tok_encode
+    requests = [(None, enc(d["context"]), enc(c)) for d in docs for c in d["choices"]]
+    calls = []
+    decode_shared = together.model.decoder.decode_shared
+    together.model.decoder.decode_shared = lambda *a: calls.append(1) or decode_shared(*a)
+    a, b = together._loglikelihood_tokens(requests), alone._loglikelihood_tokens(requests)
+    assert len(calls) == len({d["context"] for d in docs}) < len(requests)
+    x, y = np.array([v for v, _ in a]), np.array([v for v, _ in b])
+    assert [g for _, g in a] == [g for _, g in b]
+    assert (x.reshape(len(docs), 4).argmax(1) == y.reshape(len(docs), 4).argmax(1)).all()
+    np.testing.assert_allclose(x, y, atol=0.05, rtol=1e-3)
+    wrong = together._loglikelihood_tokens([(None, r[1], r[2][::-1]) for r in requests[:8] if len(r[2]) > 1])
+    assert all(abs(w[0] - v) > 1e-3 for w, v in zip(wrong, [v for r, v in zip(requests[:8], x) if len(r[2]) > 1]))
+    together.close()
+    alone.close()

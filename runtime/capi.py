@@ -137,9 +137,9 @@ class WindowDecoder:
     decode.
     """
 
-    def __init__(self, ctx, n_batch: int, n_vocab: int):
-        self.ctx, self.n_batch, self.n_vocab = ctx, n_batch, n_vocab
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+    def __init__(self, ctx, n_batch: int, n_vocab: int, n_seq: int = 1):
+        self.ctx, self.n_batch, self.n_vocab, self.n_seq = ctx, n_batch, n_vocab, n_seq
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
         b = self.batch
         self._token = np.ctypeslib.as_array(b.token, shape=(n_batch,))
         self._pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
@@ -154,14 +154,38 @@ class WindowDecoder:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
-    def forget(self, seq: int) -> None:
-        """Free every KV cell of sequence `seq`."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, -1, -1)
+    def forget(self, seq: int, start: int = -1) -> None:
+        """Free the KV cells of sequence `seq` from position `start` on (-1: all of them)."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, start, -1)
 
     def _set_seqs(self, seqs: np.ndarray) -> None:
-        for i in np.flatnonzero(self._seqs[: len(seqs)] != seqs):
+        changed = np.flatnonzero((self._seqs[: len(seqs)] != seqs) | (self._n_seq[: len(seqs)] != 1))
+        for i in changed:
             self._seq_slots[i][0] = int(seqs[i])
+        self._n_seq[changed] = 1
         self._seqs[: len(seqs)] = seqs
+
+    def decode_shared(self, prefix: np.ndarray, tails: list[np.ndarray]) -> np.ndarray:
+        """Decode, from an empty cache and in one batch, a prefix that sequences 0…k-1 share (its
+        cells belong to all of them, which needs a context with a unified KV cache) and each
+        sequence's own tail after it. Returns the logits (a view, valid until the next decode): row
+        0 at the prefix's last position, then each tail's positions, tail after tail."""
+        n_p, k = len(prefix), len(tails)
+        total = n_p + sum(len(t) for t in tails)
+        if total > self.n_batch or k > self.n_seq:
+            raise LlamaError(f"{total} tokens of {k} sequences do not fit a batch of {self.n_batch} tokens and {self.n_seq} sequences")
+        self.clear()
+        self._set_seqs(np.concatenate([np.zeros(n_p, dtype=np.int32)] + [np.full(len(t), s, dtype=np.int32) for s, t in enumerate(tails)]))
+        for i in range(n_p):  # the prefix belongs to every sequence
+            for s in range(k):
+                self._seq_slots[i][s] = s
+        self._n_seq[:n_p] = k
+        positions = np.concatenate([np.arange(n_p)] + [np.arange(n_p, n_p + len(t)) for t in tails])
+        wanted = np.zeros(total, dtype=np.int8)
+        wanted[n_p - 1 :] = 1
+        self._run(np.concatenate([prefix, *tails]).astype(np.int32), positions, wanted)
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(total - n_p + 1, self.n_vocab))
 
     def decode(self, ids: np.ndarray, start: int, wanted: np.ndarray, seq: int = 0) -> np.ndarray:
         """Decode `ids` of sequence `seq` at positions start…; return the logits rows of the wanted

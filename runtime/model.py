@@ -47,6 +47,10 @@ class RuntimeOptions:
     # Sequences decoded together (the server's --parallel): each has its own n_ctx cells, in its own
     # KV stream (llama.cpp's non-unified cache), so attention never spans another sequence's cells.
     n_seq: int = 1
+    # One KV pool of n_ctx cells that all n_seq sequences share, so a prefix's cells can belong to
+    # several of them (lm-eval's choices after one context); attention still sees only a
+    # sequence's own cells.
+    kv_unified: bool = False
 
 
 def runtime_options(ctx, threads, gpu_layers, batch: int = 512, flash_attn: str = "auto", device: str = "auto", repack: bool | None = False):
@@ -82,14 +86,14 @@ class NeoxModel:
         self.flash_attn = resolve_flash_attn(o.flash_attn)
         repack = o.repack if o.repack is not None else (False if capi.amx_kernels() else None)
         extra = {} if repack is None else {"use_extra_bufts": repack}
-        streams = {"n_seq_max": o.n_seq, "kv_unified": False} if o.n_seq > 1 else {}
+        streams = {"n_seq_max": o.n_seq, "kv_unified": o.kv_unified} if o.n_seq > 1 else {}
         with capi.captured_errors() as errors, capi.llama_defaults(model=extra, context=streams):
             try:
                 # n_gpu_layers 0 means the CPU: llama.cpp would otherwise still offload the heavy ops
                 # of a CUDA build (op_offload), so the "CPU" run would use the GPU.
                 self.llm = Llama(
                     model_path=str(self.info.path),
-                    n_ctx=n_ctx * o.n_seq,
+                    n_ctx=n_ctx if o.kv_unified else n_ctx * o.n_seq,
                     n_batch=self.n_batch,
                     n_ubatch=self.n_batch,
                     n_threads=threads,
@@ -108,7 +112,7 @@ class NeoxModel:
         self.n_ctx = n_ctx
         self.n_gpu_layers = n_gpu
         self.n_vocab = self.llm.n_vocab()
-        self._decoder = None if o.vocab_only else capi.WindowDecoder(self.llm.ctx, self.n_batch, self.n_vocab)
+        self._decoder = None if o.vocab_only else capi.WindowDecoder(self.llm.ctx, self.n_batch, self.n_vocab, o.n_seq)
 
     @property
     def decoder(self) -> capi.WindowDecoder:
@@ -147,7 +151,9 @@ class NeoxModel:
         """Per batch, a view of llama.cpp's logits at the wanted positions of that batch: valid only
         until the next decode, so callers reduce it (log-sum-exp, argmax) before asking for more.
 
-        start = 0 begins a new window (empty KV cache); start > 0 continues the cached one there."""
+        start = 0 begins a new window (empty KV cache); start > 0 continues the cached one there,
+        dropping whatever the cache held from `start` on (so several continuations of one cached
+        prefix can be scored in turn, each in the cells a single window would use)."""
         n = len(ids)
         if start + n > self.n_ctx:
             raise UsageError(f"{start + n} tokens do not fit the context of {self.n_ctx}")
@@ -156,6 +162,8 @@ class NeoxModel:
         wanted[list(want) if want is not None else slice(None)] = 1
         if start == 0:
             self._decoder.clear()
+        else:
+            self._decoder.forget(0, start)
         for b in range(0, n, self.n_batch):
             stop = min(b + self.n_batch, n)
             view = self._decoder.decode(arr[b:stop], start + b, wanted[b:stop])

@@ -317,6 +317,37 @@ def eval_windows(f16: Path, text: Path, windows: int, work: Path, ctx: int = 512
     return out, cut
 
 
+# `python -c BEFORE FOLDER ARGS…` runs `python -m neoxq ARGS…` with neoxq imported from FOLDER (made
+# by package_at), not from the editable install, whose import finder would otherwise win
+BEFORE = r"""
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path.insert(0, sys.argv.pop(1))
+sys.argv[0] = "neoxq"
+runpy.run_module("neoxq", run_name="__main__", alter_sys=True)
+"""
+
+
+def package_at(rev: str) -> Path:
+    """neoxq as it was at git revision `rev`, in a folder (its runtime/ and convert/ placed as the
+    subpackages the installed layout makes them) that `python -c BEFORE FOLDER …` runs, for a
+    benchmark's "before" row measured in the same run as "after"."""
+    root = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    out = cache_dir() / "before" / sha
+    if not (out / "neoxq" / "runtime").is_dir():
+        tmp = out.with_suffix(".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", sha, "neoxq", "runtime", "convert"], cwd=root, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        for sub in ("runtime", "convert"):
+            (tmp / sub).rename(tmp / "neoxq" / sub)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
 def free_port() -> int:
     import socket
 

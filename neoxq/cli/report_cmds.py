@@ -152,13 +152,16 @@ def evaluate(
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0)] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many documents per task.")] = None,
     output: Output = None,
+    batched: Annotated[
+        bool, typer.Option("--batched/--unbatched", help="Score the choices after one context in one batch (default), or each request alone.")
+    ] = True,
     quiet: Quiet = False,
 ):
     """lm-evaluation-harness tasks on GGUF files through neoxq's runtime (lm-eval's JSON in -o)."""
     from neoxq.evaluate import parse_tasks, run_eval
     from neoxq.tables import evaluation_table
 
-    combined = run_eval(models, parse_tasks(tasks), include_path, num_fewshot, limit, output)
+    combined = run_eval(models, parse_tasks(tasks), include_path, num_fewshot, limit, output, batched=batched)
     if not quiet:
         print(evaluation_table(combined))
 
