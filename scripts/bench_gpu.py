@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """llama.cpp's CUDA backend against its CPU backend, in one run, on the same files and tokens: prompt
-and generation speed (ratios GPU/CPU), and whether the numbers agree (mean KLD of a Q4_K_M file
-against its F16 file scored on each backend, and their paired per-token difference).
+and generation speed (ratios GPU/CPU), whether the numbers agree (mean KLD of a Q4_K_M file
+against its F16 file scored on each backend, and their paired per-token difference), and the
+server's batching engine (runtime/batch.py, as `neoxq serve --parallel 8` runs it, without HTTP):
+the aggregate tokens per second of 1 and of 8 requests at once on each backend.
 
 Needs llama-cpp-python built with CUDA (`make venv CUDA=1`); without GPU offload it says so and
 exits 2. The model is a Pythia-shaped checkpoint with random weights (benchlib, cached), so nothing
@@ -23,6 +25,33 @@ from neoxq.core.machine import init_process  # noqa: E402
 
 init_process()
 import benchlib  # noqa: E402
+
+
+def batched_rate(path: Path, layers: int, clients: int, tokens: int = 128) -> float:
+    """Aggregate tokens per second of `clients` requests of `tokens` tokens each, submitted at once
+    to the server's batching engine on 8 sequences."""
+    import threading
+    import time
+
+    from neoxq.runtime.batch import Batcher, Job
+    from neoxq.runtime.generate import SamplingOptions
+    from neoxq.runtime.model import RuntimeOptions
+
+    b = Batcher(path, RuntimeOptions(n_ctx=512, n_seq=8, n_gpu_layers=layers, repack=False), capacity=64)
+    ids = b.model.prompt_ids("The history of the city begins")
+    eos = {b.model.llm.token_eos(): -100.0}
+    try:
+        for n in (2, clients):  # a warm-up round, then the measured one
+            done = threading.Semaphore(0)
+            t0, before = time.perf_counter(), b.generated
+            for i in range(n):
+                opts = SamplingOptions(max_tokens=tokens, temperature=0.8, seed=i + 1)
+                b.submit(Job(ids, opts, lambda x: x is None and done.release(), logit_bias=eos))
+            for _ in range(n):
+                done.acquire()
+        return (b.generated - before) / (time.perf_counter() - t0)
+    finally:
+        b.close()
 
 
 def main() -> int:
@@ -60,6 +89,8 @@ def main() -> int:
             ref = GGUFReference(f16, opts)
             scores[name] = kld(m, ref, text.read_text(encoding="utf-8"), a.ctx, cache_dir=work / f"cache-{name}")
         out[name] = {"pp_tps": s.pp_tps, "tg_tps": s.tg_tps, "kld_mean": scores[name].kld_mean, "kld_mean_se": scores[name].kld_mean_se}
+        out[name]["batched_tps"] = {n: batched_rate(q4, layers, n) for n in (1, 8)}
+        print(f"{name}: batching engine, 1 request {out[name]['batched_tps'][1]:.0f} tok/s, 8 at once {out[name]['batched_tps'][8]:.0f} tok/s", flush=True)
         print(
             f"{name}: prompt {s.pp_tps:9.1f} tok/s, generation {s.tg_tps:7.1f} tok/s, Q4_K_M KLD {scores[name].kld_mean:.6f} "
             f"± {scores[name].kld_mean_se:.6f}",
