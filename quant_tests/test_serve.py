@@ -367,6 +367,7 @@ def test_batched_requests_equal_what_each_gets_alone(small_server):
 
 
 def test_parallel_out_of_range_is_one_line(ckpt, tmp_path):
+    """--parallel outside 1…256, or more sequences than the memory holds: one line, no server."""
     from neoxq.convert.converter import convert
 
     from .helpers import assert_one_line_error, run_cli
@@ -374,3 +375,13 @@ def test_parallel_out_of_range_is_one_line(ckpt, tmp_path):
     f16 = convert(str(ckpt), "f16", output=tmp_path / "p.gguf")
     for bad in ("0", "300"):
         assert_one_line_error(run_cli("serve", f16, "--parallel", bad), "--parallel", "256")
+    # each sequence holds --ctx cells: more sequences than the memory holds is refused up front
+    from neoxq import preflight
+    from neoxq.core.gguf_info import read_info
+
+    info = read_info(f16)
+    available = preflight.llama_bytes(info, 4 * 512)  # room for four sequences of 512
+    assert preflight.llama_bytes(info, 512) < available < preflight.llama_bytes(info, 200 * 512)
+    (tmp_path / "sitecustomize.py").write_text(f"import neoxq.core.machine as m\nm.available_memory = lambda: {available}\n")
+    proc = run_cli("serve", f16, "--parallel", "200", "--ctx", "512", env={"PYTHONPATH": str(tmp_path)})
+    assert_one_line_error(proc, "needs about", "--parallel")

@@ -164,6 +164,8 @@ class Batcher:
                 self._guarded([x.job for x in self.live], self._step)
         for x in list(self.live):
             self._end(x)
+        while self.pending:  # never started: their clients are told the job is over
+            self._over(self.pending.popleft())
         self.model.close()
 
     def _guarded(self, jobs: list[Job], fn, *args) -> None:
