@@ -4,7 +4,8 @@
 left in its work folder and prints its perplexity on the same held-out windows as neoxq's
 `perplexity` (which both should agree with to ~1e-4: other kernels); and generation speed of -opt
 against stock (same kernels, so the ratio should be 1 within noise), timed alternately in one
-process, median of rounds, with the spread.
+process, median of rounds, with the spread. Files: stock, stock + imatrix where the benchmark made
+one (`<T>-im.gguf`), and opt.
 
     .venv/bin/python scripts/bench_optimize_runtime.py [--models 31m,demo,70m] [--types Q4_K_M,Q2_K_S] [--json out.json]
 """
@@ -12,7 +13,6 @@ process, median of rounds, with the spread.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -70,14 +70,31 @@ def speeds(paths: dict[str, Path], text: str) -> dict[str, dict]:
     }
 
 
+def markdown(data: dict) -> str:
+    out = [
+        "| model | type | file | llama-perplexity PPL | neoxq PPL | neoxq / llama.cpp − 1 | generation tok/s | vs stock |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        rel = r["neoxq_ppl"] / r["llama_perplexity_ppl"] - 1
+        out.append(
+            f"| {r['model']} | {r['type']} | {r['file']} | {r['llama_perplexity_ppl']:.4f} | {r['neoxq_ppl']:.4f} | {rel:+.1e} | "
+            f"{r['tg_tps']:.0f} | {r['tg_vs_stock']:.3f}× |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="31m,demo,70m")
     ap.add_argument("--types", default="Q4_K_M,Q2_K_S")
-    ap.add_argument("--json", type=Path)
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
+    if benchlib.printed_earlier(a, markdown):
+        return
     tools = benchlib.build_llama_tools()
-    rows = []
+    data = benchlib.run_record(sys.argv)
+    rows = data["rows"]
     for name in a.models.split(","):
         work = benchlib.cache_dir() / "optimize-work" / name
         heldout = benchlib.eval_text().read_text(encoding="utf-8") if name != "demo" else bench_optimize.models(["demo"])["demo"][1]
@@ -87,7 +104,9 @@ def main() -> None:
             continue
         (work / "runtime-text.txt").write_text(text, encoding="utf-8")
         for qtype in a.types.split(","):
-            paths = {"stock": work / f"{qtype}.gguf", "opt": work / f"{qtype}-opt.gguf"}
+            paths = {"stock": work / f"{qtype}.gguf", "stock+im": work / f"{qtype}-im.gguf", "opt": work / f"{qtype}-opt.gguf"}
+            if not paths["stock+im"].is_file():
+                del paths["stock+im"]
             if not all(p.is_file() for p in paths.values()):
                 print(f"{name} {qtype}: run scripts/bench_optimize.py first")
                 continue
@@ -109,7 +128,8 @@ def main() -> None:
                     flush=True,
                 )
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        benchlib.write_record(a.json, data)
+    print(markdown(data))
 
 
 if __name__ == "__main__":
