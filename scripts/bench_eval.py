@@ -84,8 +84,7 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="31m")
-    ap.add_argument("--type", default="Q4_K_M")
+    benchlib.add_model_args(ap)
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--before", help="also run neoxq as it was at this git revision (the baseline row)")
@@ -93,12 +92,8 @@ def main() -> None:
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
         return
-    work = benchlib.cache_dir() / "eval-work" / a.model
-    work.mkdir(parents=True, exist_ok=True)
-    f16 = benchlib.convert_f16(benchlib.trained_50k(shape=None if a.model == "31m" else a.model), work)
-    path = work / f"{a.type}.gguf"
-    if not path.is_file():
-        benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", a.type, "-o", path, "--quiet"])
+    f16, path = benchlib.trained_quantized("eval-work", a.model, a.type)
+    work = path.parent
     tasks = write_task(benchlib.eval_text().read_text(encoding="utf-8"), a.limit, work / "tasks")
     paths = {"unbatched": (["--unbatched"], None), "batched": (["--batched"], None)}
     if a.before:

@@ -90,7 +90,10 @@ def main() -> int:
             scores[name] = kld(m, ref, text.read_text(encoding="utf-8"), a.ctx, cache_dir=work / f"cache-{name}")
         out[name] = {"pp_tps": s.pp_tps, "tg_tps": s.tg_tps, "kld_mean": scores[name].kld_mean, "kld_mean_se": scores[name].kld_mean_se}
         out[name]["batched_tps"] = {n: batched_rate(q4, layers, n) for n in (1, 8)}
-        print(f"{name}: batching engine, 1 request {out[name]['batched_tps'][1]:.0f} tok/s, 8 at once {out[name]['batched_tps'][8]:.0f} tok/s", flush=True)
+        print(
+            f"{name}: batching engine, 1 request {out[name]['batched_tps'][1]:.0f} tok/s, 8 at once {out[name]['batched_tps'][8]:.0f} tok/s",
+            flush=True,
+        )
         print(
             f"{name}: prompt {s.pp_tps:9.1f} tok/s, generation {s.tg_tps:7.1f} tok/s, Q4_K_M KLD {scores[name].kld_mean:.6f} "
             f"± {scores[name].kld_mean_se:.6f}",

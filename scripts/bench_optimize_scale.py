@@ -13,11 +13,11 @@ random fp16 weights and the 50k vocabulary:
         score, and their extrapolation to 32 layers and the ~64 probes of a mix.
   410m  Pythia-410M's shape: `neoxq quantize --optimize` (the F16 file already converted) against a
         plain `neoxq report --types T --imatrix none` from the checkpoint, both on --windows windows
-        of 512 (calibration and scored text of the same length): the ratio of their wall times
-        (goal: at most 3).
+        of 512 (calibration and scored text of the same length): the ratio of their wall times.
 
     .venv/bin/python scripts/bench_optimize_scale.py [--parts big,probe,410m] [--layers 2] [--windows 4]
                                                      [--type Q4_K_M] [--budget 8GB] [--json out.json]
+    .venv/bin/python scripts/bench_optimize_scale.py --markdown out.json
 """
 
 from __future__ import annotations
@@ -245,10 +245,33 @@ def shape_410m(work: Path, windows: int, qtype: str) -> dict:
     }
     print(
         f"410M-shaped, {windows} windows of {CTX}, {qtype}: plain report {rep['wall_s']:.0f} s, --optimize {opt['wall_s']:.0f} s: "
-        f"{row['ratio']:.2f}x (goal ≤ 3x); peak RSS {opt['peak_rss_MiB']:.0f} MiB"
+        f"{row['ratio']:.2f}x; peak RSS {opt['peak_rss_MiB']:.0f} MiB"
     )
     out.unlink(missing_ok=True)
     return row
+
+
+def markdown(data: dict) -> str:
+    """A table per part the run measured."""
+    out = []
+    for r in data["rows"]:
+        if r["part"] == "410m":
+            out += [
+                "\n| shape | windows | type | plain report s | `--optimize` s | ratio | peak RSS `--optimize` / report MiB |",
+                "|---|---:|---|---:|---:|---:|---:|",
+                f"| 410M | {r['windows']} | {r['type']} | {r['report_s']:.0f} | {r['optimize_s']:.0f} | {r['ratio']:.2f}× | "
+                f"{r['optimize_peak_rss_MiB']:.0f} / {r['report_peak_rss_MiB']:.0f} |",
+            ]
+        elif r["part"] == "big":
+            out += [
+                "\n| shape | layers | windows | type | budget | peak RSS MiB (estimate) | s | s per layer | at 32 layers |",
+                "|---|---:|---:|---|---|---:|---:|---:|---:|",
+                f"| 6.9B widths | {r['layers']} | {r['windows']} | {r['type']} | {r['budget']} | {r['peak_rss_MiB']:.0f} ({r['estimate_MiB']:.0f}) | "
+                f"{r['wall_s']:.0f} | {r['per_layer_s']:.0f} | ~{r['extrapolated_32_layers_h']:.1f} h |",
+            ]
+        else:
+            out.append("\n" + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    return "\n".join(out).strip()
 
 
 def main() -> None:
@@ -258,19 +281,21 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--budget", default="8GB")
-    ap.add_argument("--json", type=Path)
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
+    if benchlib.printed_earlier(a, markdown):
+        return
     work = benchlib.cache_dir() / "optimize-scale"
     work.mkdir(exist_ok=True)
-    out = {}
-    if "big" in a.parts:
-        out["big"] = big(work, a.layers, a.windows, a.type, a.budget)
-    if "probe" in a.parts:
-        out["probe"] = probe_cost(work, a.layers, a.windows)
-    if "410m" in a.parts:
-        out["410m"] = shape_410m(work, a.windows, a.type)
+    data = benchlib.run_record(sys.argv)
+    parts = {"big": lambda: big(work, a.layers, a.windows, a.type, a.budget), "probe": lambda: probe_cost(work, a.layers, a.windows)}
+    parts["410m"] = lambda: shape_410m(work, a.windows, a.type)
+    for name, run in parts.items():
+        if name in a.parts.split(","):
+            data["rows"].append({"part": name, **run()})
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        benchlib.write_record(a.json, data)
+    print(markdown(data))
 
 
 if __name__ == "__main__":

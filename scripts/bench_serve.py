@@ -127,8 +127,7 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="31m")
-    ap.add_argument("--type", default="Q4_K_M")
+    benchlib.add_model_args(ap)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--clients", default="1,8")
     ap.add_argument("--tokens", type=int, default=256)
@@ -138,12 +137,7 @@ def main() -> None:
     if benchlib.printed_earlier(a, markdown):
         return
     tools = benchlib.build_llama_tools()
-    work = benchlib.cache_dir() / "stream-work" / a.model
-    work.mkdir(parents=True, exist_ok=True)
-    f16 = benchlib.convert_f16(benchlib.trained_50k(shape=None if a.model == "31m" else a.model), work)
-    path = work / f"{a.type}.gguf"
-    if not path.is_file():
-        benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", a.type, "-o", path, "--quiet"])
+    f16, path = benchlib.trained_quantized("stream-work", a.model, a.type)
     bias, threads = eos_bias(f16), len(os.sched_getaffinity(0))
     clients = [int(c) for c in a.clients.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {}

@@ -72,20 +72,14 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="31m")
-    ap.add_argument("--type", default="Q4_K_M")
+    benchlib.add_model_args(ap)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     benchlib.add_record_args(ap)
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
         return
-    work = benchlib.cache_dir() / "stream-work" / a.model
-    work.mkdir(parents=True, exist_ok=True)
-    f16 = benchlib.convert_f16(benchlib.trained_50k(shape=None if a.model == "31m" else a.model), work)
-    path = work / f"{a.type}.gguf"
-    if not path.is_file():
-        benchlib.run_child([PY, "-m", "neoxq", "quantize", f16, "--type", a.type, "-o", path, "--quiet"])
+    _, path = benchlib.trained_quantized("stream-work", a.model, a.type)
     runs: dict[str, list[dict]] = {"raw": [], "neoxq": []}
     t0 = time.time()
     for i in range(a.repeats):  # in turn, so a slow spell of the machine touches both

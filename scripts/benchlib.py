@@ -300,6 +300,24 @@ def convert_f16(folder: Path, work: Path) -> Path:
     return out
 
 
+def add_model_args(ap) -> None:
+    """--model (31m or 70m, benchlib.trained_50k's trained models) and --type (the file's type)."""
+    ap.add_argument("--model", default="31m")
+    ap.add_argument("--type", default="Q4_K_M")
+
+
+def trained_quantized(folder: str, model: str, qtype: str) -> tuple[Path, Path]:
+    """A trained benchmark model's F16 file and its `qtype` file (stock llama.cpp), made once in
+    cache/<folder>/<model>; model: 31m or a shape trained_50k knows (70m)."""
+    work = cache_dir() / folder / model
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = convert_f16(trained_50k(shape=None if model == "31m" else model), work)
+    path = work / f"{qtype}.gguf"
+    if not path.is_file():
+        run_child([sys.executable, "-m", "neoxq", "quantize", f16, "--type", qtype, "-o", path, "--quiet"])
+    return f16, path
+
+
 def eval_windows(f16: Path, text: Path, windows: int, work: Path, ctx: int = 512) -> tuple[Path, Path]:
     """N windows of evaluation text (a file every tool reads: it tokenizes back to the same ids) and
     its tokens as llama.cpp makes them (.npy)."""
