@@ -38,9 +38,12 @@ class Built:
     seconds: float  # time to write it (0 when reused)
     reused: bool
     variant: str = ""  # "mix" | "opt": a file of the type's size made another way
+    name: str = ""  # a file given with --add: its row's label (it was made elsewhere)
 
     @property
     def label(self) -> str:
+        if self.name:
+            return self.name
         return f"{self.qtype.value}-{self.variant}" if self.variant else self.qtype.value
 
 

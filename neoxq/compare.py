@@ -35,10 +35,11 @@ def stock_of(label: str) -> str | None:
 
 def compare_rows(rows: list[ReportRow], folder: Path) -> None:
     """Set `vs_stock` (paired KLD and perplexity ratios with 95 % intervals) on every variant row
-    whose stock row was scored in the same report; the per-token files are read back from `folder`."""
-    by_type = {r.type: r for r in rows}
+    whose stock row was scored in the same report; the per-token files are read back from `folder`.
+    A file given with --add is named as its maker named it: no stock row is its own."""
+    by_type = {r.type: r for r in rows if not r.added}
     for r in rows:
-        stock = by_type.get(stock_of(r.type) or "")
+        stock = None if r.added else by_type.get(stock_of(r.type) or "")
         if stock is not None:
             a, b = (load_scores(folder / x.tokens["file"]) for x in (r, stock))
             r.vs_stock = {"stock": stock.type, **compare(a, b)}

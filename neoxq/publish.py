@@ -78,7 +78,7 @@ def load_report(folder: Path) -> dict:
     unreadable = UsageError(f"{rj} is not a neoxq report (unreadable JSON or no results); rerun `neoxq report`")
     try:
         report = json.loads(rj.read_text())
-        rows = rows_of(report)
+        rows = own_rows(report)
     except (ValueError, TypeError, AttributeError):
         raise unreadable from None
     if not rows or any(r.file is None for r in rows):
@@ -100,6 +100,12 @@ def load_report(folder: Path) -> dict:
     return report
 
 
+def own_rows(report: dict) -> list:
+    """The rows of the files the report made: files given with --add (made elsewhere) are
+    compared in the report but never published."""
+    return [r for r in rows_of(report) if not r.added]
+
+
 def _imatrix_entry(report: dict) -> list[tuple[str, str | None]]:
     im = report.get("imatrix") or {}
     return [(im["file"], im.get("sha256"))] if im.get("file") else []
@@ -107,7 +113,7 @@ def _imatrix_entry(report: dict) -> list[tuple[str, str | None]]:
 
 def report_contents(folder: Path, opts: PublishOptions, branch_note: str = "") -> Contents:
     report = load_report(folder)
-    files = [folder / r.file for r in rows_of(report)]
+    files = [folder / r.file for r in own_rows(report)]
     out: Contents = {p.name: p for p in files}
     out |= {name: folder / name for name, _ in _imatrix_entry(report)}
     out |= {p: folder / p for p in PLOTS if (folder / p).is_file()}
@@ -161,7 +167,7 @@ def _card_data(meta: dict, report_source: dict):
 def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: str = "") -> str:
     """README.md: YAML metadata huggingface_hub parses, the measured table, how each file was made,
     what was scored, and how to run the files."""
-    first = read_info(folder / rows_of(report)[0].file)
+    first = read_info(folder / own_rows(report)[0].file)
     src, text = report["source"], report["text"]
     data = _card_data(first.metadata, src)
     name = src.get("repo") or src["name"]
@@ -203,7 +209,7 @@ def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: st
 
 def _made_table(report: dict, folder: Path) -> list[str]:
     lines = ["| file | type | importance matrix | per-tensor types | rounding | calibration sha256 |", "|---|---|---|---|---|---|"]
-    for r in rows_of(report):
+    for r in own_rows(report):
         m = read_info(folder / r.file).metadata
         im = m.get("neoxq.imatrix.sha256")
         calib = m.get("neoxq.optimize.calibration.sha256") or m.get("neoxq.mix.calib_sha256")
@@ -217,7 +223,7 @@ def _made_table(report: dict, folder: Path) -> list[str]:
 
 
 def _usage(report: dict, opts: PublishOptions) -> list[str]:
-    rows = rows_of(report)
+    rows = own_rows(report)
     row = next((r for r in rows if r.type == "Q4_K_M"), rows[-1])
     file, base = row.file, Path(row.file).stem
     out = [

@@ -284,12 +284,13 @@ def has_matplotlib() -> bool:
 
 
 def _series(rows: list[ReportRow]) -> dict[str, list[ReportRow]]:
-    """Rows grouped as they are drawn: stock types, and each kind of variant (-mix, -opt, -opt-mix)."""
+    """Rows grouped as they are drawn: stock types, each kind of variant (-mix, -opt, -opt-mix), and
+    the files given with --add."""
     names = {"": "stock", "-mix": "measured mix", "-opt": "optimised rounding", "-opt-mix": "optimised + mix"}
     out: dict[str, list[ReportRow]] = {}
     for r in rows:
         suffix = next((s for s in VARIANT_SUFFIXES if stock_of(r.type) and r.type.endswith(s)), "")
-        out.setdefault(names[suffix], []).append(r)
+        out.setdefault("files given with --add" if r.added else names[suffix], []).append(r)
     return out
 
 
@@ -308,7 +309,7 @@ def plot(report: dict, path: Path) -> Path | None:
     series = _series(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "dppl_pct", "Δ perplexity vs reference (%)"), (axes[1], "kld_mean", "mean KL divergence vs reference")):
-        for (name, rs), style in zip(series.items(), ("o-", "s--", "^-.", "d:")):
+        for (name, rs), style in zip(series.items(), ("o-", "s--", "^-.", "d:", "x")):
             rs = sorted(rs, key=lambda r: r.size_bytes)
             xs = [r.bpw for r in rs]
             ys = [max(getattr(r, key), 1e-6) if key == "kld_mean" else getattr(r, key) for r in rs]

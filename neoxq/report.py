@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neoxq import __version__, preflight
-from neoxq.build import build_mixes, build_optimized, build_types
+from neoxq.build import Built, build_mixes, build_optimized, build_types
 from neoxq.compare import compare_rows, most_hurt
 from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
 from neoxq.convert.imatrix import compute_imatrix
@@ -61,6 +61,7 @@ class ReportOptions:
     max_memory: int | None = None  # bytes the fp32 reference may hold; None: what is available
     speed_prompt: int = 128
     speed_tokens: int = 32
+    add: tuple[str, ...] = ()  # GGUF files made elsewhere (AutoRound's, another run's), scored beside the others
 
 
 def evaluation_sample(ckpt, ctx: int, max_memory: int | None = None) -> tuple[str, str]:
@@ -219,7 +220,10 @@ def _measure(run: _Run, built, reference, cache: Path, sha: str) -> _Scored:
         optimize=_opt_json(info),
         tasks=_tasks_json(run, built.path),
     )
-    setattr(row, "convert_s" if built.qtype.is_float else "quantize_s", round(built.seconds, 3))
+    if built.name:
+        row.added, row.file = True, str(built.path)
+    else:
+        setattr(row, "convert_s" if built.qtype.is_float else "quantize_s", round(built.seconds, 3))
     return _Scored(row, {"ppl": k.ppl_ref, "ppl_se": k.ppl_ref_se}, k.tokens_scored)
 
 
@@ -295,6 +299,7 @@ def report_inputs(source: str, text_sha: str, opts: ReportOptions) -> dict:
         "include_path": opts.include_path,
         "max_memory": opts.max_memory,
         "speed": [opts.speed_prompt, opts.speed_tokens],
+        "add": [file_sha256(Path(a)) for a in opts.add],
         "neoxq": __version__,
     }
 
@@ -358,10 +363,11 @@ def run_report(src, text_file: Path | str | None, out_dir: Path | str | None = N
     if opts.tasks:
         tasks = parse_tasks(opts.tasks)
         check_tasks(tasks, task_manager(opts.include_path, tasks))
+    _check_added(run)
     _preflight(run, n_windows)
     _make_folder(out)
     n_extra = sum(not t.is_float for t in types) * (opts.mix + opts.optimize * (1 + opts.mix))
-    with Progress("report", 2 + (opts.imatrix == AUTO) + 2 * len(types) + 2 * n_extra, "steps") as bar:
+    with Progress("report", 2 + (opts.imatrix == AUTO) + 2 * len(types) + 2 * n_extra + len(opts.add), "steps") as bar:
         files, im_info, base = _build(run, bar)
         reference = _reference(run, base.path)
         _reference_first(run, reference, base.path)
@@ -384,7 +390,7 @@ def run_report(src, text_file: Path | str | None, out_dir: Path | str | None = N
 def _most_hurt(run: _Run, rows: list[ReportRow], files: list, base: Path, n: int = 20) -> dict | None:
     """The n tokens the worst quantized file (largest mean KLD) got most wrong, with their context
     in the scored text (decoded by the file's own vocabulary)."""
-    quantized = [(r, f) for r, f in zip(rows, files) if not f.qtype.is_float]
+    quantized = [(r, f) for r, f in zip(rows, files) if not f.qtype.is_float and not f.name]
     if not quantized:
         return None
     worst = max(quantized, key=lambda rf: rf[0].kld_mean)[0]
@@ -449,7 +455,42 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
                 max_memory=run.opts.max_memory,
             )
             files += list(opt.values())
-    return files, im_info, base
+    return files + _added(run, base.path, {f.label for f in files}), im_info, base
+
+
+def _check_added(run: _Run) -> None:
+    """Before any work: every --add file is a GGUF of this checkpoint's model (architecture,
+    layers, width), and no two share a name."""
+    a = GPTNeoXArgs.from_config(run.ckpt.config)
+    names = set()
+    for path in run.opts.add:
+        info = read_info(path)  # a missing or corrupt file: one line
+        shape = (info.metadata.get(f"{info.arch}.block_count"), info.metadata.get(f"{info.arch}.embedding_length"))
+        if info.arch != "gptneox" or shape != (a.num_hidden_layers, a.hidden_size):
+            raise UsageError(
+                f"--add {path}: its model ({info.arch}, {shape[0]} layers of width {shape[1]}) is not this checkpoint's "
+                f"(gptneox, {a.num_hidden_layers} layers of width {a.hidden_size}); pass a file made from {run.ckpt.name}"
+            )
+        if Path(path).stem in names:
+            raise UsageError(f"--add {path}: another added file has the name {Path(path).stem!r}; rename one")
+        names.add(Path(path).stem)
+
+
+def _added(run: _Run, base: Path, labels: set[str]) -> list[Built]:
+    """The --add files, labelled by their names (which no other row may have), each with the base
+    file's vocabulary."""
+    vocab = read_info(base).n_vocab
+    out = []
+    for path in run.opts.add:
+        info, name = read_info(path), Path(path).stem
+        if info.n_vocab != vocab:
+            raise UsageError(
+                f"--add {path}: its vocabulary has {info.n_vocab} tokens, this checkpoint's {vocab}; pass a file made from {run.ckpt.name}"
+            )
+        if name in labels:
+            raise UsageError(f"--add {path}: the report already has a row named {name!r}; rename the file")
+        out.append(Built(info.quant_type or QuantType.F16, info.path, 0.0, True, name=name))
+    return out
 
 
 def _check_scored_length(run: _Run) -> int:

@@ -300,3 +300,32 @@ def test_publish_sweep_is_a_branch_per_revision(report, tmp_path):
     assert {r["file"] for r in data["results"]} <= {p.name for p in (dest / "step10").iterdir()}
     assert "Branch `step20`" in (dest / "step20" / "README.md").read_text()
     assert_one_line_error(run_cli("publish", sweep, "me/tiny-sweep", "--dry-run", tmp_path / "p2", "--revision", "x"), "--revision")
+
+
+def test_added_files_are_scored_beside_the_others(report, trained, report_text, ckpt, tmp_path):
+    """--add: a file made elsewhere (here llama.cpp's Q5_0 of the report's F16, renamed) gets its
+    row, labelled by its name, marked added, never taken for a stock row nor published; every other
+    row is reused. A file of another model is refused in one line before any work (negative
+    control: the shape check is not vacuous)."""
+    import shutil
+
+    from neoxq.convert.converter import convert
+    from neoxq.core.report_row import best_at_each_size, rows_of
+    from neoxq.publish import load_report
+    from neoxq.render import _series
+    from neoxq.runtime.quantize import quantize
+
+    out = shutil.copytree(report[1], tmp_path / "r")
+    extra = quantize(out / "tiny-neox-F16.gguf", "Q5_0", output=tmp_path / "other-run.gguf").path
+    rj = run_report(str(trained), report_text, out, ReportOptions(types=TYPES, ctx=128, add=(str(extra),)))
+    r = json.loads(rj.read_text())
+    rows = {x.type: x for x in rows_of(r)}
+    assert rows["other-run"].added and rows["other-run"].file == str(extra) and rows["other-run"].kld_mean > 0
+    assert r["reuse"]["rows_scored"] == 1 and r["inputs"]["add"]
+    assert all(stock.type != "other-run" for stock, _ in best_at_each_size(rows_of(r)))
+    assert _series(rows_of(r))["files given with --add"] == [rows["other-run"]]
+    assert "other-run" not in {x.type for x in rows_of(load_report(out)) if not x.added}
+    other = convert(str(ckpt), "f16", output=tmp_path / "another-model.gguf")
+    proc = run_cli("report", trained, "--text", report_text, "--types", "F16", "--add", other, "-o", tmp_path / "x")
+    assert_one_line_error(proc, "--add", "not this checkpoint's")
+    assert not (tmp_path / "x").exists()

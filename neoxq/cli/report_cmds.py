@@ -38,6 +38,10 @@ def report(
     ] = False,
     tasks: Tasks = None,
     include_path: IncludePath = None,
+    add: Annotated[
+        Optional[list[Path]],
+        typer.Option("--add", help="A GGUF of this checkpoint made elsewhere (AutoRound's, another run's), scored beside the others (repeatable)."),
+    ] = None,
     quiet: Quiet = False,
 ):
     """Convert, quantize to each type, and score each against the HF fp32 reference (resumable).
@@ -57,6 +61,7 @@ def report(
             optimize=optimize or None,
             tasks=tasks,
             include_path=str(include_path) if include_path else None,
+            add=tuple(str(p) for p in add) if add else None,
         ).items()
         if v is not None
     }

@@ -35,8 +35,8 @@ SWEEP_FIELDS = (
 
 @dataclass
 class ReportRow:
-    type: str  # the row's label: a quant type, or <TYPE>-mix, -opt, -opt-mix
-    file: str | None = None  # the GGUF's name in the report folder
+    type: str  # the row's label: a quant type, <TYPE>-mix, -opt, -opt-mix, or an added file's name
+    file: str | None = None  # the GGUF's name in the report folder (an added file: its path)
     size_bytes: int | None = None
     sha256: str | None = None
     bpw: float | None = None  # bits per weight over all tensors
@@ -68,6 +68,7 @@ class ReportRow:
     vs_stock: dict | None = None  # a variant against its stock row, paired on the same tokens
     reused: bool | None = None  # the scores were read back, not computed
     file_reused: bool | None = None  # the GGUF was reused, not made
+    added: bool | None = None  # a file given with --add (made elsewhere: AutoRound's, another run's)
 
     @classmethod
     def from_json(cls, data: dict) -> "ReportRow":
@@ -100,7 +101,7 @@ def best_at_each_size(rows: list[ReportRow]) -> list[tuple[ReportRow, ReportRow]
     stock type, smallest first. Size is the tensors' bits per weight: a file's metadata (an -opt
     file's provenance keys) does not count. Stock rows are the types without a variant suffix."""
     scored = [r for r in rows if r.kld_mean is not None and r.bpw is not None]
-    stock = [r for r in scored if "-" not in r.type and r.bpw < 16]
+    stock = [r for r in scored if "-" not in r.type and r.bpw < 16 and not r.added]
     out = []
     for s in sorted(stock, key=lambda r: r.bpw):
         fits = [r for r in scored if r.bpw <= s.bpw]
