@@ -33,13 +33,6 @@ FILES = ("stock", "opt-self", "opt-train", "opt-other")
 DOMAINS = ("training domain", "reference manual")
 
 
-def manual_text() -> str:
-    """Python's reference manual as plain text (shipped with every CPython), topics in a fixed order."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
 def model_texts(name: str) -> tuple[Path, str]:
     """(checkpoint, held-out text of its training domain)."""
     if name == "demo":
@@ -60,7 +53,7 @@ def bench_model(name: str, types: list[str]) -> list[dict]:
     from neoxq.core.stats import compare
 
     ckpt, heldout = model_texts(name)
-    manual = manual_text()
+    manual = benchlib.manual_text()
     work = benchlib.cache_dir() / "calibration-work" / name
     work.mkdir(parents=True, exist_ok=True)
     calib = {"opt-train": work / "train.txt", "opt-other": work / "other.txt"}

@@ -33,6 +33,7 @@ def _script_markdown(script: str):
     path = ROOT / script
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would: dataclasses look their module up there
     sys.path.insert(0, str(path.parent))
     spec.loader.exec_module(module)
     return module.markdown

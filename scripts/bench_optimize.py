@@ -12,6 +12,11 @@ the same tokens with a 95 % interval):
   mix          `neoxq quantize --mix --calib` (measured per-tensor types, imatrix from the calibration text)
   opt-mix      `neoxq quantize --optimize --mix --calib`: the mix's types, levels optimised
   ar0, ar200   AutoRound `--format gguf:<type> --iters 0|200` on the same calibration text
+  ar-alg       AutoRound `--iters 200 --enable_alg_ext` (its stronger algorithm extension)
+  ar-best      AutoRound's `auto-round-best` recipe (1000 iterations) on the same samples
+               (--ar-modes picks the AutoRound files; default ar0,ar200)
+With --other-domain every file is also scored on Python's reference manual (benchlib.manual_text),
+a domain neither the model nor the calibration text saw: the `… other` columns.
 AutoRound runs in its own venv in the benchmark cache (torch CPU, auto-round, gguf), with three
 patches applied here, not in neoxq: its GPT-NeoX converter reads `rotary_pct`, which transformers 5
 configs no longer carry; it takes transformers 5's `lm_head` for tied when the checkpoint names it
@@ -20,7 +25,8 @@ benchmark models' tokenizers are trained here with GPT-NeoX-20B's pre-tokenizer:
 Where AutoRound fails, its exact error is printed.
 
     .venv/bin/python scripts/bench_optimize.py [--models 31m,demo,70m] [--types Q4_K_M,Q3_K_M,Q2_K_S,Q5_K_M,Q6_K]
-                                               [--no-autoround] [--no-mix] [--remake opt,opt-mix] [--json out.json]
+                                               [--no-autoround] [--ar-modes ar0,ar200,ar-alg,ar-best] [--other-domain]
+                                               [--no-mix] [--remake opt,opt-mix] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,23 +127,32 @@ def make_mix(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path) -> dict:
     return neoxq_quantize(f16, qtype, out, ckpt, calib, "--mix")
 
 
-def make_autoround(ar: Path, ckpt: Path, qtype: str, iters: int, calib_jsonl: Path, n: int, work: Path) -> tuple[dict, Path | None]:
+# AutoRound's modes: (its command, its arguments beyond the shared ones)
+AR_MODES = {
+    "ar0": ("auto-round", ["--iters", 0]),
+    "ar200": ("auto-round", ["--iters", 200]),
+    "ar-alg": ("auto-round", ["--iters", 200, "--enable_alg_ext"]),
+    "ar-best": ("auto-round-best", []),
+}
+
+
+def make_autoround(ar: Path, ckpt: Path, qtype: str, mode: str, calib_jsonl: Path, n: int, work: Path) -> tuple[dict, Path | None]:
     import hashlib
 
+    command, extra = AR_MODES[mode]
     tag = hashlib.sha256(calib_jsonl.read_bytes() + str(ckpt.resolve()).encode()).hexdigest()[:12]
-    out_dir = work / f"ar{iters}-{qtype}-{tag}"  # reused only for the same checkpoint and calibration
+    out_dir = work / f"{mode}-{qtype}-{tag}"  # reused only for the same checkpoint and calibration
     done = sorted(out_dir.rglob("*.gguf"))
     if done and (out_dir / "run.json").is_file():
         return json.loads((out_dir / "run.json").read_text()), done[-1]
     r = benchlib.run_child(
         [
-            ar,
+            ar.parent / command,
+            *extra,
             "--model",
             ckpt,
             "--format",
             f"gguf:{qtype.lower()}",
-            "--iters",
-            iters,
             "--dataset",
             calib_jsonl,
             "--seqlen",
@@ -153,7 +169,7 @@ def make_autoround(ar: Path, ckpt: Path, qtype: str, iters: int, calib_jsonl: Pa
     files = sorted(out_dir.rglob("*.gguf"))
     if r["rc"] or not files:
         err = [line for line in (r["stderr"] + r["stdout"]).splitlines() if line.strip()][-3:]
-        print(f"    AutoRound --iters {iters} {qtype} failed (rc {r['rc']}): " + " | ".join(err))
+        print(f"    AutoRound {mode} {qtype} failed (rc {r['rc']}): " + " | ".join(err))
         return r, None
     (out_dir / "run.json").write_text(json.dumps({"wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"], "rc": 0}))
     return r, files[-1]
@@ -177,11 +193,18 @@ def _made(out: Path, make, again: bool) -> dict:
     return r
 
 
-def bench_model(
-    name: str, ckpt: Path, heldout: str, types: list[str], with_ar: bool, with_mix: bool = True, remake: set[str] | None = None
-) -> list[dict]:
-    from neoxq.core.stats import compare
+@dataclass
+class Setup:
+    """What one run measures, per model."""
 
+    types: list[str]
+    ar_modes: list[str]  # AutoRound files (AR_MODES' names); empty: none
+    mix: bool = True
+    remake: set[str] | None = None  # remake these files, reuse the others (None: remake every file)
+    other_domain: bool = False  # also score on the reference manual
+
+
+def bench_model(name: str, ckpt: Path, heldout: str, setup: Setup) -> list[dict]:
     work = benchlib.cache_dir() / "optimize-work" / name
     work.mkdir(parents=True, exist_ok=True)
     calib, scored = heldout[:CALIB_CHARS], heldout[CALIB_CHARS + 20_000 :]
@@ -194,16 +217,17 @@ def bench_model(
     im = work / "calib.imatrix"
     if not im.is_file():
         benchlib.run_child([PY, "-m", "neoxq", "imatrix", ckpt, "--text", work / "calib.txt", "--ctx", CTX, "--include-output", "-o", im])
-    ar = autoround_venv() if with_ar else None
+    ar = autoround_venv() if setup.ar_modes else None
+    other = benchlib.manual_text()[-120_000:] if setup.other_domain else None
     rows = []
-    for qtype in types:
+    for qtype in setup.types:
         print(f"\n{name} {qtype}:")
         recipes = {
             "stock": (f"{qtype}.gguf", lambda o: make_stock(f16, qtype, o, im if QuantType(qtype).needs_imatrix else None)),
             "stock+im": (f"{qtype}-im.gguf", lambda o: make_stock(f16, qtype, o, im)),
             "opt": (f"{qtype}-opt.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt")),
         }
-        if with_mix:
+        if setup.mix:
             recipes.update(
                 {
                     "mix": (f"{qtype}-mix.gguf", lambda o: make_mix(f16, qtype, o, ckpt, work / "calib.txt")),
@@ -213,37 +237,52 @@ def bench_model(
         made, paths = {}, {}
         for kind, (fname, make) in recipes.items():
             paths[kind] = work / fname
-            made[kind] = _made(paths[kind], make, remake is None or kind in remake)
-        if ar:
-            for iters in (0, 200):
-                made[f"ar{iters}"], p = make_autoround(ar, ckpt, qtype, iters, work / "calib.jsonl", 24, work)
-                if p:
-                    paths[f"ar{iters}"] = p
+            made[kind] = _made(paths[kind], make, setup.remake is None or kind in setup.remake)
+        for mode in setup.ar_modes:
+            made[mode], p = make_autoround(ar, ckpt, qtype, mode, work / "calib.jsonl", 24, work)
+            if p:
+                paths[mode] = p
         scores = {k: score(p, f16, scored, work / "cache") for k, p in paths.items()}
-        base = scores["stock"].tokens
-        for k, s in scores.items():
-            c = compare(s.tokens, base) if k != "stock" else None
-            vs_ar = compare(s.tokens, scores["ar200"].tokens) if k == "opt" and "ar200" in scores else None
-            vs_mix = compare(s.tokens, scores["mix"].tokens) if k == "opt-mix" else None
-            vs_im = compare(s.tokens, scores["stock+im"].tokens) if k in ("opt", "opt-mix") else None
-            row = {
-                "model": name,
-                "type": qtype,
-                "file": k,
-                "size_bytes": paths[k].stat().st_size,
-                "kld": s.kld_mean,
-                "kld_se_window": s.stats["kld"]["se_window"],
-                "top1": s.top1,
-                "seconds": made[k]["wall_s"],
-                "peak_rss_MiB": made[k]["peak_rss_MiB"],
-                "vs_stock": c and c["kld"],
-                "vs_ar200": vs_ar and vs_ar["kld"],
-                "vs_mix": vs_mix and vs_mix["kld"],
-                "vs_stock_im": vs_im and vs_im["kld"],
-            }
-            rows.append(row)
-            print(_line(row))
+        others = {k: score(p, f16, other, work / "cache-other") for k, p in paths.items()} if other else {}
+        for k in scores:
+            rows.append(_row(name, qtype, k, paths[k], made[k], scores, others))
+            print(_line(rows[-1]))
     return rows
+
+
+def _row(name: str, qtype: str, k: str, path: Path, made: dict, scores: dict, others: dict) -> dict:
+    """One file's row: its KLD and its paired ratios to stock (and, for opt, to stock + imatrix, to
+    AutoRound 200 and to AutoRound's best mode here; for opt-mix, to the mix), on the training
+    domain and, when scored there, on the other domain."""
+    from neoxq.core.stats import compare
+
+    def ratio(to: str, where: dict) -> dict | None:
+        return compare(where[k].tokens, where[to].tokens)["kld"] if to in where and to != k else None
+
+    ar = [m for m in AR_MODES if m in scores]
+    best_ar = min(ar, key=lambda m: scores[m].kld_mean) if ar else None
+    s = scores[k]
+    return {
+        "model": name,
+        "type": qtype,
+        "file": k,
+        "size_bytes": path.stat().st_size,
+        "kld": s.kld_mean,
+        "kld_se_window": s.stats["kld"]["se_window"],
+        "top1": s.top1,
+        "seconds": made["wall_s"],
+        "peak_rss_MiB": made["peak_rss_MiB"],
+        "vs_stock": ratio("stock", scores),
+        "vs_ar200": ratio("ar200", scores) if k == "opt" else None,
+        "best_ar": best_ar,
+        "vs_best_ar": ratio(best_ar, scores) if k == "opt" and best_ar else None,
+        "vs_mix": ratio("mix", scores) if k == "opt-mix" else None,
+        "vs_stock_im": ratio("stock+im", scores) if k in ("opt", "opt-mix") else None,
+        "kld_other": others[k].kld_mean if others else None,
+        "vs_stock_other": ratio("stock", others) if others else None,
+        "vs_stock_im_other": ratio("stock+im", others) if others and k in ("opt", "opt-mix") else None,
+        "vs_best_ar_other": ratio(best_ar, others) if others and k == "opt" and best_ar else None,
+    }
 
 
 def _line(r: dict) -> str:
@@ -273,12 +312,23 @@ def markdown(data: dict | list) -> str:
     def opt_time(by):
         return f"{by['opt']['seconds']:.0f} / {by['ar200']['seconds']:.0f}" if "opt" in by and "ar200" in by else "–"
 
-    columns = [(f, lambda by, f=f: ratio(by[f]["vs_stock"]) if f in by else "–") for f in ("stock+im", "mix", "ar0", "ar200", "opt", "opt-mix")]
+    def best_ar(by, key="vs_best_ar"):
+        x = by.get("opt", {})
+        return f"{ratio(x.get(key))} ({x['best_ar']})" if x.get(key) else "–"
+
+    files = ("stock+im", "mix", *AR_MODES, "opt", "opt-mix")
+    columns = [(f, lambda by, f=f: ratio(by[f]["vs_stock"]) if f in by else "–") for f in files]
     columns += [
         ("opt vs stock+im", lambda by: ratio(by.get("opt", {}).get("vs_stock_im"))),
         ("opt vs AutoRound 200", lambda by: ratio(by.get("opt", {}).get("vs_ar200"))),
+        ("opt vs AutoRound's best here", best_ar),
         ("opt-mix vs mix", lambda by: ratio(by.get("opt-mix", {}).get("vs_mix"))),
         ("opt s / AR200 s", opt_time),
+    ]
+    columns += [(f"{f}, other domain", lambda by, f=f: ratio(by[f].get("vs_stock_other")) if f in by else "–") for f in files]
+    columns += [
+        ("opt vs stock+im, other domain", lambda by: ratio(by.get("opt", {}).get("vs_stock_im_other"))),
+        ("opt vs AutoRound's best, other domain", lambda by: best_ar(by, "vs_best_ar_other")),
     ]
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -303,18 +353,23 @@ def main() -> None:
     ap.add_argument("--models", default="31m,demo,70m")
     ap.add_argument("--types", default="Q4_K_M,Q3_K_M,Q2_K_S,Q5_K_M,Q6_K")
     ap.add_argument("--no-autoround", action="store_true")
+    ap.add_argument("--ar-modes", default="ar0,ar200", help=f"AutoRound files to make: some of {', '.join(AR_MODES)}")
+    ap.add_argument("--other-domain", action="store_true", help="also score every file on Python's reference manual")
     ap.add_argument("--remake", help="rebuild only these files (e.g. opt,opt-mix) and reuse the others this benchmark made before")
     ap.add_argument("--no-mix", action="store_true", help="skip the mix and opt-mix files (each measures ~60 sensitivity probes)")
     benchlib.add_record_args(ap)
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
         return
+    modes = [] if a.no_autoround else a.ar_modes.split(",")
+    unknown = set(modes) - set(AR_MODES)
+    if unknown:
+        raise SystemExit(f"--ar-modes: {', '.join(sorted(unknown))} unknown; pass some of {', '.join(AR_MODES)}")
+    setup = Setup(a.types.split(","), modes, not a.no_mix, set(a.remake.split(",")) if a.remake else None, a.other_domain)
     t0 = time.time()
     data = benchlib.run_record(sys.argv)
     for name, (ckpt, heldout) in models(a.models.split(",")).items():
-        data["rows"] += bench_model(
-            name, ckpt, heldout, a.types.split(","), not a.no_autoround, not a.no_mix, set(a.remake.split(",")) if a.remake else None
-        )
+        data["rows"] += bench_model(name, ckpt, heldout, setup)
         if a.json:
             benchlib.write_record(a.json, data)
     print(markdown(data))

@@ -241,6 +241,14 @@ def trained_50k(steps: int = 120, shape: str | None = None) -> Path:
     return save_checkpoint(model.eval(), folder, spec)
 
 
+def manual_text() -> str:
+    """Python's reference manual as plain text (shipped with every CPython), topics in a fixed
+    order: prose about code, a domain the benchmark models were not trained on."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def eval_text(chars: int = 400_000) -> Path:
     """Held-out text for scoring: stdlib source past what the trained model saw."""
     path = cache_dir() / f"eval-{chars}.txt"
