@@ -14,6 +14,7 @@ Requests are validated in completion_request.py: every OpenAI parameter honoured
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
@@ -118,7 +119,14 @@ def build_app(model: Path | str, options: RuntimeOptions | None = None, api_key:
     # unrepacked weights: llama.cpp's CPU kernels then compute each row of a batch alone, so a
     # request decoded beside others gets what it gets alone (runtime/batch.py)
     engine = Engine(found.path, dataclasses.replace(options or RuntimeOptions(), repack=False))
-    app = FastAPI(title="neoxq", docs_url=None, redoc_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        # the server has stopped taking requests: end the batching thread and free the model
+        await asyncio.get_running_loop().run_in_executor(None, engine.batcher.close)
+
+    app = FastAPI(title="neoxq", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
     if api_key:
         app.add_middleware(_BearerKey, key=api_key)
