@@ -154,9 +154,9 @@ class WindowDecoder:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
 
-    def forget(self, seq: int, start: int = -1) -> None:
-        """Free the KV cells of sequence `seq` from position `start` on (-1: all of them)."""
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, start, -1)
+    def forget(self, seq: int) -> None:
+        """Free every KV cell of sequence `seq`."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, -1, -1)
 
     def _set_seqs(self, seqs: np.ndarray) -> None:
         changed = np.flatnonzero((self._seqs[: len(seqs)] != seqs) | (self._n_seq[: len(seqs)] != 1))

@@ -151,9 +151,7 @@ class NeoxModel:
         """Per batch, a view of llama.cpp's logits at the wanted positions of that batch: valid only
         until the next decode, so callers reduce it (log-sum-exp, argmax) before asking for more.
 
-        start = 0 begins a new window (empty KV cache); start > 0 continues the cached one there,
-        dropping whatever the cache held from `start` on (so several continuations of one cached
-        prefix can be scored in turn, each in the cells a single window would use)."""
+        start = 0 begins a new window (empty KV cache); start > 0 continues the cached one there."""
         n = len(ids)
         if start + n > self.n_ctx:
             raise UsageError(f"{start + n} tokens do not fit the context of {self.n_ctx}")
@@ -162,8 +160,6 @@ class NeoxModel:
         wanted[list(want) if want is not None else slice(None)] = 1
         if start == 0:
             self._decoder.clear()
-        else:
-            self._decoder.forget(0, start)
         for b in range(0, n, self.n_batch):
             stop = min(b + self.n_batch, n)
             view = self._decoder.decode(arr[b:stop], start + b, wanted[b:stop])
