@@ -4,11 +4,19 @@ checkpoint's own sample), and the importance matrix computed from them: what `--
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from neoxq import __version__
 from neoxq.convert.checkpoint import open_checkpoint
-from neoxq.convert.imatrix import compute_imatrix
+from neoxq.convert.imatrix import compute_imatrix, second_moments
+from neoxq.core import cache_key
+from neoxq.core.atomic import atomic_output
+from neoxq.core.cache import cache_root, mark_used, trim
+from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.imatrix_io import write_imatrix
 from neoxq.core.textfile import read_text, text_sha256
@@ -68,3 +76,50 @@ def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str 
     ckpt = reference_checkpoint(src, reference, revision)
     im = compute_imatrix(ckpt, calib, ctx=min(ctx, src.context_length or ctx), include_output=True, dataset_name=calibration_label(calib))
     return write_imatrix(Path(folder) / "calibration.imatrix", im, force=True)
+
+
+def optimize_statistics(ckpt, calib: str, ctx: int, streamed: bool, bf16: bool) -> CalibrationStats:
+    """--optimize's first pass over the calibration windows (second_moments with the output's
+    inputs and the Fisher): made once for a checkpoint, calibration text, window and precision, and
+    read back from the cache after, so every type of a report, a sweep or a re-run shares it. The
+    entry is reused only when every input that made it is the same (neoxq.core.cache_key); its
+    arrays are an npz read without pickle, its JSON written last, so a half-written entry is never
+    taken for one."""
+    inputs = {
+        "reference": ckpt.fingerprint(),
+        "reference_name": ckpt.name,
+        "calibration": text_sha256(calib),
+        "ctx": ctx,
+        "streamed": streamed,  # the same sums to float rounding, not to the bit
+        "bf16": bool(bf16),
+        "neoxq": __version__,
+    }
+    folder = cache_root() / "calibration"
+    key = cache_key.key("calibration", inputs)
+    meta_path, arrays_path = folder / f"{key}.json", folder / f"{key}.npz"
+    cached = _read_statistics(meta_path, arrays_path, inputs)
+    if cached is not None:
+        return cached
+    stats = second_moments(ckpt, calib, ctx, include_output=True, fisher=True, streamed=streamed, bf16=bf16)
+    arrays, meta = stats.to_arrays()
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_output(arrays_path, force=True, lock=False) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    with atomic_output(meta_path, force=True, lock=False) as tmp:
+        tmp.write_text(json.dumps({"inputs": inputs, **meta}), encoding="utf-8")
+    trim(keep=(meta_path, arrays_path))
+    return stats
+
+
+def _read_statistics(meta_path: Path, arrays_path: Path, inputs: dict) -> CalibrationStats | None:
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if cache_key.changed(meta.get("inputs"), inputs):
+            return None
+        with np.load(arrays_path, allow_pickle=False) as z:
+            stats = CalibrationStats.from_arrays({k: z[k] for k in z.files}, meta)
+    except (OSError, ValueError, KeyError):
+        return None  # absent, or not an entry this code wrote: made again
+    mark_used(meta_path)
+    return stats

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from neoxq import __version__, preflight
-from neoxq.calibration import calibration_label, reference_checkpoint
+from neoxq.calibration import calibration_label, optimize_statistics, reference_checkpoint
 from neoxq.convert.calibrate import native_bf16
-from neoxq.convert.imatrix import calibration_windows, imatrix_from_stats, second_moments
+from neoxq.convert.imatrix import calibration_windows, imatrix_from_stats
 from neoxq.convert.neox import GPTNeoXArgs
 from neoxq.core.atomic import atomic_output, check_output, output_in
 from neoxq.core import blocks, iq_blocks
@@ -180,7 +180,7 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     source, llama.cpp's file of it (stock or mix types) and the embedding's levels, written into
     the job's work folder; returns the state the sequential pass starts from."""
     work = job.start()
-    stats = second_moments(ckpt, opts.calib, opts.ctx, include_output=True, fisher=True, streamed=streamed, bf16=opts.fisher_bf16)
+    stats = optimize_statistics(ckpt, opts.calib, opts.ctx, streamed, bool(opts.fisher_bf16))
     if opts.qkv_fisher:
         np.savez(job.folder / OUTPUT_FISHER_FILE, **stats.head_fisher)
     eq_scales = {}

@@ -169,3 +169,58 @@ def test_new_entries_trim_the_cache_least_recently_used_first(tmp_path, monkeypa
     assert descr == {keys["A"], keys["C"]}
     add("D")  # without a reuse: A is now the least recently used
     assert {e.key for e in entries()} == {keys["C"], keys["D"]}
+
+
+class _Checkpoint:
+    name = "stand-in"
+
+    def fingerprint(self) -> str:
+        return "f" * 16
+
+
+def _statistics(seed: int):
+    from neoxq.core.calibration_stats import CalibrationStats
+
+    r = np.random.default_rng(seed)
+    return CalibrationStats(
+        sums={"blk.0.attn_qkv.weight": r.random(8), "output.weight": r.random(8)},
+        counts={"blk.0.attn_qkv.weight": 64, "output.weight": 64},
+        windows=2,
+        embedding_fisher=r.random((8, 8)),
+        embedding_tokens=64,
+        head_fisher={"blk.0.attn_qkv.weight": r.random((2, 3, 3)).astype(np.float32)},
+        absmax={"blk.0.attn_qkv.weight": r.random(8)},
+    )
+
+
+def test_optimize_statistics_are_made_once_and_reused_only_for_the_same_inputs(tmp_path, monkeypatch):
+    """--optimize's first pass is cached: the same checkpoint, text, window and precision read it
+    back exactly (every type of a report shares one pass); another text, window or precision, or an
+    entry whose JSON is damaged, makes it again (the negative controls)."""
+    import neoxq.calibration as calibration
+
+    monkeypatch.setenv("NEOXQ_CACHE", str(tmp_path))
+    made = []
+    monkeypatch.setattr(calibration, "second_moments", lambda *a, **k: made.append(a) or _statistics(len(made)))
+
+    def stats(text="calibration text", ctx=128, bf16=False):
+        return calibration.optimize_statistics(_Checkpoint(), text, ctx, streamed=False, bf16=bf16)
+
+    first = stats()
+    again = stats()
+    assert len(made) == 1
+    a, b = first.to_arrays(), again.to_arrays()
+    assert a[1] == b[1] and a[0].keys() == b[0].keys() and all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
+    assert b[0]["head_fisher:blk.0.attn_qkv.weight"].dtype == np.float32
+    stats(text="another text")
+    stats(ctx=64)
+    stats(bf16=True)
+    assert len(made) == 4
+    from neoxq.core.cache import entries
+
+    listed = [e.what for e in entries(tmp_path) if e.kind == "calibration"]
+    assert len(listed) == 4 and all(w.startswith("calibration statistics of stand-in: 2 windows of") for w in listed), listed
+    for p in (tmp_path / "calibration").glob("*.json"):
+        p.write_text("{not json")
+    stats()
+    assert len(made) == 5

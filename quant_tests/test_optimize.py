@@ -424,7 +424,8 @@ def _kill_at_layer(folder, layer: int, sig: str):
 
 def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(trained, trained_f16, texts, tmp_path):
     """SIGKILL after layer 1: no output, the work kept; the rerun says it resumes from layer 1 and
-    writes the very bytes an uninterrupted run writes, then removes the work. Ctrl-C: exit 130, no
+    writes the very bytes an uninterrupted run writes, then removes the work. A run that reads the
+    first pass's cached statistics writes those bytes too. Ctrl-C: exit 130, no
     output, no work left (negative control: the kill really stopped a run that would have finished)."""
     (tmp_path / "c.txt").write_text(texts["calib"][:6000])  # a few windows: four runs
     env = {"NEOXQ_CACHE": str(tmp_path / "cache")}
@@ -432,6 +433,10 @@ def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(t
     work = tmp_path / "cache" / "optimize"
     assert run_cli(*base, "-o", tmp_path / "full.gguf", "--quiet", env=env).returncode == 0
     assert not any(work.iterdir())
+    # the first pass is kept for the next run of this checkpoint and text, and changes no byte
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.npz"))) == 1
+    assert run_cli(*base, "-o", tmp_path / "again.gguf", "--quiet", env=env).returncode == 0
+    assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "full.gguf").read_bytes()
     killed = run_cli(*base, "-o", tmp_path / "k.gguf", env={**env, "PYTHONPATH": _kill_at_layer(tmp_path / "k", 1, "SIGKILL")})
     assert killed.returncode == -9 and not (tmp_path / "k.gguf").exists()
     assert [json.loads(p.read_text())["layers_done"] for p in work.glob("*/state.json")] == [1]

@@ -2,7 +2,9 @@
 
 The root is $NEOXQ_CACHE, else ~/.cache/neoxq (read when asked, never at import). Its kinds:
 `reference/` (reference log-prob tables), `mix/` (tensor sensitivities for --mix, and the reference
-tables of their calibration windows), `optimize/` (a killed --optimize run's work, to resume).
+tables of their calibration windows), `optimize/` (a killed --optimize run's work, to resume),
+`calibration/` (--optimize's first-pass statistics, which every type made from the same checkpoint,
+text and window shares).
 Anything else under the root (the benchmarks' `bench/`, say) is not neoxq's to prune.
 
 An entry is a key's files (`<key>.json`, `<key>.*.npy`, `sensitivity-<key>.json`) or a folder. A
@@ -27,7 +29,12 @@ from .errors import UsageError
 from .progress import info
 from .sizes import format_bytes, parse_size
 
-KINDS = {"reference": "reference log-prob tables", "mix": "--mix sensitivities", "optimize": "--optimize work, to resume"}
+KINDS = {
+    "reference": "reference log-prob tables",
+    "mix": "--mix sensitivities",
+    "optimize": "--optimize work, to resume",
+    "calibration": "--optimize's calibration statistics, shared by every type",
+}
 # A whole wikitext-2 reference table at Pythia's vocabulary is about 1 GB (runtime/reference_cache.py):
 # the default keeps a dozen of them, or one 6.9B --optimize work file beside a few.
 DEFAULT_MAX_BYTES = 20 * 10**9
@@ -154,6 +161,8 @@ def _describe(e: CacheEntry) -> str:
             if data
             else "--optimize work (no progress saved)"
         )
+    if e.kind == "calibration" and "inputs" in data:
+        return f"calibration statistics of {data['inputs'].get('reference_name', '?')}: {data.get('windows')} windows of {data['inputs'].get('ctx')}"
     if "tensors" in data:
         return f"mix sensitivities: {len(data['tensors'])} tensors, {data.get('probes', '?')} probes"
     if "reference" in data:

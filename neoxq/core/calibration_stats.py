@@ -5,6 +5,7 @@ QKV output space, and the largest input magnitude per channel."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,26 @@ class CalibrationStats:
         if self.embedding_fisher is not None:
             sums[EMBEDDING], counts[EMBEDDING] = np.diagonal(self.embedding_fisher), self.embedding_tokens
         return sums, counts
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Every array under a `<field>:<tensor>` name (np.savez's input: no pickle) and the rest as
+        JSON values; from_arrays inverts it exactly."""
+        arrays = {f"{kind}:{name}": v for kind, d in self._named().items() for name, v in d.items()}
+        if self.embedding_fisher is not None:
+            arrays["embedding_fisher"] = self.embedding_fisher
+        return arrays, {"counts": self.counts, "windows": self.windows, "embedding_tokens": self.embedding_tokens}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: dict) -> CalibrationStats:
+        def part(kind: str) -> dict[str, np.ndarray]:
+            return {k.split(":", 1)[1]: np.asarray(arrays[k]) for k in arrays if k.startswith(kind + ":")}
+
+        emb = np.asarray(arrays["embedding_fisher"]) if "embedding_fisher" in arrays else None
+        counts = {k: int(v) for k, v in meta["counts"].items()}
+        return cls(part("sums"), counts, int(meta["windows"]), emb, int(meta["embedding_tokens"]), part("head_fisher"), part("absmax"))
+
+    def _named(self) -> dict[str, dict[str, np.ndarray]]:
+        return {"sums": self.sums, "head_fisher": self.head_fisher, "absmax": self.absmax}
 
     def mean_embedding_fisher(self) -> np.ndarray:
         return self.embedding_fisher / max(self.embedding_tokens, 1)
