@@ -133,7 +133,7 @@ def _write(out: Path, repo: str, opts: SweepOptions, text_sha: str, plan, result
         entries.append(_entry(rid, _step(repo, rid.revision, dup), dup, report))
     data = {
         "repo": repo,
-        "types": [t.value for t in QuantType.parse_list(opts.types)] + (["mix"] if opts.mix else []),
+        "types": [t.value for t in QuantType.parse_list(opts.types)] + (["mix"] if opts.mix else []) + (["opt"] if opts.optimize else []),
         "text": {"sha256": text_sha, "ctx": opts.ctx, "tokens_scored": tokens},
         "versions": versions(),
         "machine": describe(),

@@ -177,6 +177,30 @@ def test_sweep_on_a_local_ray_cluster_gives_identical_numbers(local_sweep, offli
 
 
 @pytest.mark.slow
+def test_sweep_optimizes_each_revision_locally_and_as_ray_tasks_alike(offline, eval_file, tmp_path):
+    """`sweep --optimize`: every revision gets its <TYPE>-opt rows beside stock's, its types sharing
+    one calibration pass (one cache entry per revision's weights); the same sweep as Ray tasks gives
+    the very same numbers."""
+    pytest.importorskip("ray")
+    env = {**offline, "NEOXQ_CACHE": str(tmp_path / "cache")}
+    argv = _sweep_argv(eval_file, tmp_path / "local", "--optimize", "--quiet", revisions="step60,step150", types="Q4_K_M,Q2_K")
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "local" / "sweep.json").read_text())
+    assert data["types"] == ["Q4_K_M", "Q2_K", "opt"]
+    for rev in data["revisions"]:
+        rows = {r["type"]: r for r in rev["results"]}
+        assert list(rows) == ["Q4_K_M", "Q2_K", "Q4_K_M-opt", "Q2_K-opt"], rev["revision"]
+        assert all(rows[f"{t}-opt"]["kld_mean"] < rows[t]["kld_mean"] for t in ("Q4_K_M", "Q2_K"))
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.npz"))) == 2  # one pass per revision, not per type
+    assert "## Q2_K-opt" in (tmp_path / "local" / "sweep.md").read_text()
+    argv = _sweep_argv(eval_file, tmp_path / "ray", "--optimize", "--ray", "--quiet", revisions="step60,step150", types="Q4_K_M,Q2_K")
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "ray" / "sweep.json").read_text())["revisions"] == data["revisions"]
+
+
+@pytest.mark.slow
 def test_sweep_survives_losing_a_ray_worker_node(local_sweep, offline, tmp_path):
     """A two-node Ray cluster on this machine (ray.cluster_utils.Cluster, one CPU
     per node, so two revisions run at once, one on each). The worker node is removed once a

@@ -113,6 +113,12 @@ def sweep(
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4)] = 512,
     imatrix: Annotated[str, typer.Option("--imatrix", help="auto (first quarter of the text, never scored) or none.")] = "auto",
     mix: Annotated[bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type.")] = False,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize", help="Also <TYPE>-opt per quantized type (with --mix, <TYPE>-opt-mix); a revision's types share one calibration pass."
+        ),
+    ] = False,
     output: Output = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Revisions at once in local processes (cores shared).")] = 1,
     ray: Annotated[bool, typer.Option("--ray", help="Run each revision as a Ray task on a local Ray (or the cluster of --ray-address).")] = False,
@@ -135,6 +141,7 @@ def sweep(
         ctx=ctx,
         imatrix=imatrix_choice(imatrix, files=False),
         mix=mix,
+        optimize=optimize,
         workers=workers,
         ray=ray_address or ("local" if ray else None),
         keep_files=keep_files,
