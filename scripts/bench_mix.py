@@ -10,12 +10,12 @@ measured single-tensor KLDs on the demo model, predicted vs measured KLD of each
 with --cost410m, the wall time of a whole --mix run on a Pythia-410M-shaped model (random weights).
 
     .venv/bin/python scripts/bench_mix.py [--types Q2_K,Q4_K_M] [--cost410m] [--json out.json]
+    .venv/bin/python scripts/bench_mix.py --markdown out.json   # the tables of an earlier run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -52,6 +52,7 @@ def compare(model: Path, types: list[str], ctx: int, work: Path) -> list[dict]:
     from neoxq.convert.imatrix import compute_imatrix
     from neoxq.core.imatrix_io import write_imatrix
     from neoxq.core.mix_plan import MixOptions
+    from neoxq.core.stats import compare as paired
     from neoxq.mix import quantize_mix
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.quantize import quantize
@@ -82,6 +83,7 @@ def compare(model: Path, types: list[str], ctx: int, work: Path) -> list[dict]:
             "mix_kld": b.kld_mean,
             "mix_top1": b.top1,
             "kld_ratio": b.kld_mean / a.kld_mean,
+            "vs_stock": paired(b.tokens, a.tokens)["kld"],
             "predicted_mix_kld": mix.extra["mix"]["predicted_kld"],
             "predicted_stock_kld": mix.extra["mix"]["stock_predicted_kld"],
             "probes": mix.extra["mix"]["probes"],
@@ -146,22 +148,48 @@ def cost_410m(work: Path) -> dict:
     return {"seconds": secs, "probes": r.extra["mix"]["probes"]}
 
 
+def markdown(data: dict) -> str:
+    names = {"demo-model": "demo (512 vocabulary)", "trained-50k-120": "31M (50k vocabulary)"}
+    out = [
+        "| model | type | stock MB / KLD / top-1 | mix MB / KLD / top-1 | mix vs stock KLD [95 %] | predicted KLD: mix / stock | mix s |",
+        "|---|---|---|---|---|---|---:|",
+    ]
+    for r in data["rows"]:
+        out.append(
+            f"| {names.get(r['model'], r['model'])} | {r['type']} | {r['stock_MB']:.2f} / {r['stock_kld']:.5f} / {100 * r['stock_top1']:.2f} % | "
+            f"{r['mix_MB']:.2f} / {r['mix_kld']:.5f} / {100 * r['mix_top1']:.2f} % | {benchlib.ratio_cell(r['vs_stock'])} {r['vs_stock']['verdict']} | "
+            f"{r['predicted_mix_kld']:.5f} / {r['predicted_stock_kld']:.5f} | {r['mix_seconds']:.0f} |"
+        )
+    pq = data["proxy"]
+    out += [
+        "",
+        f"Sensitivity model on the demo model: Spearman ρ {pq['spearman']:.3f} between predicted and measured KLD over {pq['pairs']} (tensor, type) pairs it did not probe.",
+    ]
+    if data.get("cost_410m"):
+        c = data["cost_410m"]
+        out.append(f"`--mix` on a 410M-shaped model (random weights): {c['seconds'] / 60:.1f} min, {c['probes']} probes.")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--cost410m", action="store_true")
-    ap.add_argument("--json", type=Path)
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
+    if benchlib.printed_earlier(a, markdown):
+        return
     work = benchlib.cache_dir() / "mix-work"
     work.mkdir(exist_ok=True)
-    out = {"rows": []}
+    out = benchlib.run_record(sys.argv)
     for model, ctx in ((demo_model(), 128), (benchlib.trained_50k(), 512)):
         out["rows"] += compare(model, a.types.split(","), ctx, work)
     out["proxy"] = proxy_quality(demo_model(), 128, work)
     if a.cost410m:
         out["cost_410m"] = cost_410m(work)
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        benchlib.write_record(a.json, out)
+    print(markdown(out))
 
 
 if __name__ == "__main__":

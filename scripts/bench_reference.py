@@ -5,7 +5,8 @@ against each (which must be equal); the preflight's estimate against each measur
 `neoxq report --types Q4_K_M --imatrix none` on a 6.9B-shaped checkpoint (13.8 GB of fp16 in two
 shards), 4 windows of 512: does it finish under 6 GiB, and how long does it take?
 
-    .venv/bin/python scripts/bench_reference.py [--shapes 410m,1.4b] [--windows 4] [--big]
+    .venv/bin/python scripts/bench_reference.py [--shapes 410m,1.4b] [--windows 4] [--big] [--json out.json]
+    .venv/bin/python scripts/bench_reference.py --markdown out.json   # the table of an earlier run
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import benchlib  # noqa: E402
 
 PY = sys.executable
 CTX = 512
+STREAMED_BUDGET = 3 << 30
 
 CHILD = r"""
 import json, sys, time
@@ -63,7 +65,7 @@ def one(shape: str, windows: int, work: Path) -> list[dict]:
         f16.unlink()
     text = text_windows(windows)
     rows = []
-    for mode, budget in (("memory", "-"), ("streamed", str(3 << 30))):
+    for mode, budget in (("memory", "-"), ("streamed", str(STREAMED_BUDGET))):
         cache = work / f"cache-{shape}-{mode}"
         for p in cache.glob("*"):
             p.unlink()
@@ -102,20 +104,46 @@ def big(work: Path) -> dict:
     return {"minutes": r["wall_s"] / 60, "peak_rss_MiB": r["peak_rss_MiB"], "reference": rep["reference"]}
 
 
+def markdown(data: dict) -> str:
+    by = {(r["shape"], r["mode"]): r for r in data["rows"]}
+    out = [
+        f"Random fp16 weights, 50k vocabulary, {data['setup']['windows']} windows of {CTX}; the streamed mode under a "
+        f"{data['setup']['streamed_budget_GiB']} GiB budget.",
+        "",
+        "| shape | in memory: peak RSS MiB / tok/s | streamed: peak RSS MiB / tok/s | KLD of Q8_0: in memory / streamed | preflight estimate / measured peak: in memory / streamed |",
+        "|---|---|---|---|---|",
+    ]
+    for shape in dict.fromkeys(r["shape"] for r in data["rows"]):
+        m, s = by[(shape, "memory")], by[(shape, "streamed")]
+        out.append(
+            f"| {shape} | {m['peak_rss_MiB']:.0f} / {m['tok_s']:.1f} | {s['peak_rss_MiB']:.0f} / {s['tok_s']:.1f} | "
+            f"{m['kld_q8']:.6f} / {s['kld_q8']:.6f} | {m['estimate_vs_measured']:.2f}× / {s['estimate_vs_measured']:.2f}× |"
+        )
+    if data.get("big"):
+        b = data["big"]
+        out += ["", f"6.9B-shaped `neoxq report --types Q4_K_M --imatrix none`: {b['minutes']:.1f} min, peak RSS {b['peak_rss_MiB']:.0f} MiB."]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="410m,1.4b")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--big", action="store_true")
-    ap.add_argument("--json", type=Path)
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
+    if benchlib.printed_earlier(a, markdown):
+        return
     work = benchlib.cache_dir() / "reference-work"
     work.mkdir(exist_ok=True)
-    out = {"rows": [row for s in a.shapes.split(",") if s for row in one(s, a.windows, work)]}
+    data = benchlib.run_record(sys.argv)
+    data["setup"] = {"windows": a.windows, "streamed_budget_GiB": STREAMED_BUDGET >> 30}
+    data["rows"] = [row for s in a.shapes.split(",") if s for row in one(s, a.windows, work)]
     if a.big:
-        out["big"] = big(work)
+        data["big"] = big(work)
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        benchlib.write_record(a.json, data)
+    print(markdown(data))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ cache folder); without them those columns are skipped. Children are measured thr
 (benchlib.run_child), so peak RSS is each child's own.
 
     .venv/bin/python scripts/bench_speed.py [--only ppl,kld,...] [--windows 60] [--big] [--json out.json]
+    .venv/bin/python scripts/bench_speed.py --markdown out.json   # the table of an earlier run
 """
 
 from __future__ import annotations
@@ -439,6 +440,79 @@ def bench_big(work: Path) -> dict:
     return {"wall_s": r["wall_s"], "peak_rss_MiB": r["peak_rss_MiB"]}
 
 
+def _rounds(xs: list[float]) -> str:
+    return f"rounds {min(xs):.2f}–{max(xs):.2f}"
+
+
+def _md_scoring(data: dict) -> list[str]:
+    out = []
+    if "ppl" in data:
+        p = data["ppl"]
+        if "llama_perplexity_ppl" in p:
+            out.append(
+                f"| perplexity value ({data['setup']['windows']} windows of {CTX}) | {p['neoxq_ppl']:.4f} | llama-perplexity {p['llama_perplexity_ppl']:.4f} | {p['ppl_rel_diff']:.1e} rel. |"
+            )
+            out.append(
+                f"| `perplexity` whole command | {p['neoxq_cli_wall_s']:.1f} s | llama-perplexity {p['llama_perplexity_wall_s']:.1f} s | {p['cli_wall_ratio']:.2f}× |"
+            )
+        out.append(
+            f"| perplexity scoring, 31M model | {p['neoxq_tok_s']:.0f} tok/s | bare C-API decode loop, no math: {p['bare_tok_s']:.0f} tok/s | {p['ratio_vs_bare']:.2f}× ({_rounds(p['ratios'])}) |"
+        )
+        out.append(
+            f"| | | the same loop computing the perplexity in numpy: {p['bare_math_tok_s']:.0f} tok/s | {p['ratio_vs_bare_math']:.2f}× its speed |"
+        )
+    for k in [data["kld"]] if "kld" in data else []:
+        out.append(
+            f"| KLD scoring of Q4_K_M, 31M model | {k['neoxq_tok_s']:.0f} tok/s | bare decode loop: {k['bare_tok_s']:.0f} tok/s | {k['ratio_vs_bare']:.2f}× ({_rounds(k['ratios'])}) |"
+        )
+        out.append(
+            f"| | | floor: that loop plus one SIMD exp over every logit: {k['floor_tok_s']:.0f} tok/s | {k['floor_ratio_vs_bare']:.2f}× ({_rounds(k['floor_ratios'])}) |"
+        )
+        out.append(
+            f"| KLD reference tables | {k['table_bytes_per_token'] / 1e3:.1f} KB/token | full float16 rows {k['full_rows_bytes_per_token'] / 1e3:.1f} KB/token | {k['full_rows_bytes_per_token'] / k['table_bytes_per_token']:.1f}× smaller |"
+        )
+    for k in data.get("kld_shapes", []):
+        out.append(
+            f"| KLD scoring of Q4_K_M, {k['shape']} shape | {k['neoxq_tok_s']:.0f} tok/s | bare decode loop: {k['bare_tok_s']:.0f} tok/s | {k['ratio_vs_bare']:.2f}× ({_rounds(k['ratios'])}) |"
+        )
+        out.append(f"| | | floor, as above: {k['floor_tok_s']:.0f} tok/s | {k['floor_ratio_vs_bare']:.2f}× |")
+    return out
+
+
+def _md_tools(data: dict) -> list[str]:
+    out = []
+    if "quantize" in data:
+        q = data["quantize"]
+        lq = f" (llama-quantize {q['llama-quantize']:.2f} s)" if "llama-quantize" in q else ""
+        same = "identical tensors" if q["identical_tensors"] else "tensors differ"
+        out.append(
+            f"| `quantize` Q4_K_M | {q['neoxq']:.2f} s | one bare `llama_model_quantize` call {q['bare']:.2f} s{lq} | {q['ratio_vs_bare']:.2f}×, {same} |"
+        )
+    if "run" in data:
+        r = data["run"]
+        out.append(f"| `run` first token | {r['neoxq_s']:.2f} s | bare llama-cpp-python load + token {r['bare_s']:.2f} s | {r['extra_s']:+.2f} s |")
+    for c in data.get("convert", []):
+        theirs = f"convert_hf_to_gguf.py {c['llama_s']:.1f} s, {c['llama_rss_MiB']:.0f} MiB" if "llama_s" in c else "(not built)"
+        ratio = f"{c['time_ratio']:.2f}× time" if "time_ratio" in c else ""
+        out.append(
+            f"| `convert` {c['shape']} shape ({c['checkpoint_MB']:.0f} MB) | {c['neoxq_s']:.1f} s, peak RSS {c['neoxq_rss_MiB']:.0f} MiB | {theirs} | {ratio} |"
+        )
+    big = data.get("convert_6.9b")
+    if big and not big.get("skipped"):
+        out.append(f"| `convert` 6.9B shape (2 shards) | {big['wall_s']:.0f} s, peak RSS {big['peak_rss_MiB']:.0f} MiB | (goal: ≤ 1.5 GiB) | |")
+    return out
+
+
+def markdown(data: dict) -> str:
+    out = ["| what | neoxq | baseline | ratio |", "|---|---|---|---|"]
+    if "meta" in data:
+        m = data["meta"]
+        out.append(
+            f"| metadata of a 50k-vocabulary GGUF | {m['neoxq_ms']:.1f} ms | gguf-py GGUFReader {m['gguf_reader_ms']:.0f} ms | {m['ratio']:.3f}× |"
+        )
+    return "\n".join(out + _md_scoring(data) + _md_tools(data))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="meta,ppl,kld,quantize,run,convert")
@@ -446,15 +520,19 @@ def main() -> None:
     ap.add_argument("--convert-shapes", default="70m,410m,1.4b")
     ap.add_argument("--kld-shapes", default="70m,160m", help="Pythia shapes for the KLD timing beside the trained 31M model")
     ap.add_argument("--big", action="store_true", help="also convert a 6.9B-shaped checkpoint (needs ~30 GB of disk)")
-    ap.add_argument("--json", type=Path)
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
+    if benchlib.printed_earlier(a, markdown):
+        return
     only = set(a.only.split(","))
     work = benchlib.cache_dir() / "speed-work"
     work.mkdir(exist_ok=True)
     import os
 
     print(f"machine: {len(os.sched_getaffinity(0))} cores; llama.cpp tools: {_tools() or 'not built'}")
-    results = {}
+    results = benchlib.run_record(sys.argv)
+    del results["rows"]
+    results["setup"] = {"windows": a.windows, "cores": len(os.sched_getaffinity(0))}
     if only & {"meta", "ppl", "kld", "quantize", "run"}:
         f16 = _f16(benchlib.trained_50k(), work)
         ids, text = _ids(f16, benchlib.eval_text(), a.windows, work)
@@ -474,7 +552,8 @@ def main() -> None:
     if a.big:
         results["convert_6.9b"] = bench_big(work)
     if a.json:
-        a.json.write_text(json.dumps(results, indent=1))
+        benchlib.write_record(a.json, results)
+    print(markdown(results))
 
 
 if __name__ == "__main__":

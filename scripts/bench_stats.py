@@ -17,12 +17,12 @@ llama-perplexity loads it (with llama.cpp's weight repacking: other kernels, oth
 llama.cpp's tools come from scripts/build_llama_tools.sh (built here when missing).
 
     .venv/bin/python scripts/bench_stats.py [--types Q4_K_M,Q2_K,Q8_0] [--windows 40] [--json out.json]
+    .venv/bin/python scripts/bench_stats.py --markdown out.json   # the tables of an earlier run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -187,14 +187,52 @@ def compare_one(qtype: str, llama: dict, ours: dict) -> dict:
     return {"type": qtype, "figures": rows, "failures": fails}
 
 
+def _figure(row: dict, name: str) -> dict:
+    return next(f for f in row["figures"] if f["figure"] == name)
+
+
+def markdown(data: dict) -> str:
+    """Two tables: how many of llama-perplexity's figures neoxq reproduces, and what the exact
+    figures neoxq reports differ by (llama-perplexity's definition, the top-k reference tables)."""
+    rows, k = data["rows"], data["setup"]["top_k"]
+    out = [
+        f"Trained {data['setup']['model']} model, {data['setup']['windows']} windows of {CTX}; values within {VALUE_TOL:g} relative "
+        f"(or the printed digit), standard errors within {SE_TOL:.0%}.",
+        "",
+        "| type | figures within the bounds | mean KLD: llama-perplexity / neoxq, llama's definition | se per window / per token (mean KLD) |",
+        "|---|---:|---|---:|",
+    ]
+    for r in rows:
+        ok = sum(f["value_ok"] and f.get("se_ok", True) for f in r["figures"])
+        kld = _figure(r, "Mean    KLD")
+        out.append(
+            f"| {r['type']} | {ok} of {len(r['figures'])} | {kld['llama']:.6g} / {kld['neoxq']:.6g} | "
+            f"{kld['neoxq_se_window'] / kld['neoxq_se']:.2f}× |"
+        )
+    out += [
+        "",
+        f"| type | exact mean KLD (neoxq) | llama-perplexity's definition vs exact | top-{k} tables vs exact | reference mass outside the top {k} | PPL(base): llama-perplexity / exact |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        base = _figure(r, "Mean PPL(base)")["llama"]
+        out.append(
+            f"| {r['type']} | {r['exact']['kld']:.6g} | {100 * r['llama_kld_bias']:+.2f} % | {100 * r['top_k_kld_bias']:+.2f} % | "
+            f"{100 * r['top_k_rest_mass']:.2f} % | {base:.4f} / {r['exact']['ppl_base']:.4f} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     from neoxq.core.stats import summarize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="Q8_0,Q4_K_M,Q2_K")
     ap.add_argument("--windows", type=int, default=16, help="full-vocabulary tables: 100 KB… per token, ~0.4 GB a window")
-    ap.add_argument("--json", type=Path)
+    benchlib.add_record_args(ap)
     a = ap.parse_args()
+    if benchlib.printed_earlier(a, markdown):
+        return
     from neoxq.runtime.reference_cache import top_k
 
     TOP_K = top_k()
@@ -247,8 +285,12 @@ def main() -> None:
         f"\n{'all figures within the bounds' if not bad else f'{bad} figures outside the bounds'} "
         f"({len(results)} types, {a.windows} windows of {CTX})"
     )
+    data = benchlib.run_record(sys.argv)
+    data["setup"] = {"model": "31M (4 × 256, 50k vocabulary)", "windows": a.windows, "top_k": TOP_K}
+    data["rows"] = results
     if a.json:
-        a.json.write_text(json.dumps(results, indent=1))
+        benchlib.write_record(a.json, data)
+    print(markdown(data))
 
 
 if __name__ == "__main__":
