@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -112,19 +113,20 @@ def make_stock(f16: Path, qtype: str, out: Path, imatrix: Path | None) -> dict:
     return benchlib.run_child(cmd)
 
 
-def neoxq_quantize(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, *flags: str) -> dict:
-    """`neoxq quantize` with the calibration text and fp32 checkpoint, in a child process (time, peak RSS)."""
+def neoxq_quantize(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, *flags: str, cache: Path | None = None) -> dict:
+    """`neoxq quantize` with the calibration text and fp32 checkpoint, in a child process (time, peak
+    RSS); cache: neoxq's cache folder for it (NEOXQ_CACHE), so a run starts from nothing reused."""
     argv = [PY, "-m", "neoxq", "quantize", f16, "--type", qtype, "--calib", calib, "--reference", ckpt, "--ctx", CTX, "-o", out]
-    return benchlib.run_child([*argv, "--force", "--quiet", *flags])
+    return benchlib.run_child([*argv, "--force", "--quiet", *flags], env={"NEOXQ_CACHE": str(cache)} if cache else None)
 
 
-def make_opt(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, mix: bool = False) -> dict:
-    return neoxq_quantize(f16, qtype, out, ckpt, calib, "--optimize", *(["--mix"] if mix else []))
+def make_opt(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, mix: bool = False, cache: Path | None = None) -> dict:
+    return neoxq_quantize(f16, qtype, out, ckpt, calib, "--optimize", *(["--mix"] if mix else []), cache=cache)
 
 
-def make_mix(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path) -> dict:
+def make_mix(f16: Path, qtype: str, out: Path, ckpt: Path, calib: Path, cache: Path | None = None) -> dict:
     """`--mix --calib`: the importance matrix from the calibration text (the default)."""
-    return neoxq_quantize(f16, qtype, out, ckpt, calib, "--mix")
+    return neoxq_quantize(f16, qtype, out, ckpt, calib, "--mix", cache=cache)
 
 
 # AutoRound's modes: (its command, its arguments beyond the shared ones)
@@ -218,6 +220,10 @@ def bench_model(name: str, ckpt: Path, heldout: str, setup: Setup) -> list[dict]
     if not im.is_file():
         benchlib.run_child([PY, "-m", "neoxq", "imatrix", ckpt, "--text", work / "calib.txt", "--ctx", CTX, "--include-output", "-o", im])
     ar = autoround_venv() if setup.ar_modes else None
+    # neoxq's own cache for this run, empty at its start: the first opt file of the model makes the
+    # calibration pass and the mix sensitivities, the later ones reuse them, as in one user's session
+    cache = work / "neoxq-cache"
+    shutil.rmtree(cache, ignore_errors=True)
     other = benchlib.manual_text()[-120_000:] if setup.other_domain else None
     rows = []
     for qtype in setup.types:
@@ -225,13 +231,13 @@ def bench_model(name: str, ckpt: Path, heldout: str, setup: Setup) -> list[dict]
         recipes = {
             "stock": (f"{qtype}.gguf", lambda o: make_stock(f16, qtype, o, im if QuantType(qtype).needs_imatrix else None)),
             "stock+im": (f"{qtype}-im.gguf", lambda o: make_stock(f16, qtype, o, im)),
-            "opt": (f"{qtype}-opt.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt")),
+            "opt": (f"{qtype}-opt.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt", cache=cache)),
         }
         if setup.mix:
             recipes.update(
                 {
-                    "mix": (f"{qtype}-mix.gguf", lambda o: make_mix(f16, qtype, o, ckpt, work / "calib.txt")),
-                    "opt-mix": (f"{qtype}-opt-mix.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt", mix=True)),
+                    "mix": (f"{qtype}-mix.gguf", lambda o: make_mix(f16, qtype, o, ckpt, work / "calib.txt", cache=cache)),
+                    "opt-mix": (f"{qtype}-opt-mix.gguf", lambda o: make_opt(f16, qtype, o, ckpt, work / "calib.txt", mix=True, cache=cache)),
                 }
             )
         made, paths = {}, {}

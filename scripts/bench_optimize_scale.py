@@ -14,8 +14,13 @@ random fp16 weights and the 50k vocabulary:
   410m  Pythia-410M's shape: `neoxq quantize --optimize` (the F16 file already converted) against a
         plain `neoxq report --types T --imatrix none` from the checkpoint, both on --windows windows
         of 512 (calibration and scored text of the same length): the ratio of their wall times.
+  floor the dense arithmetic `--optimize` does at Pythia-410M's shape on --windows windows (the
+        moments, each matrix's Cholesky, its target's triangular solves, GPTQ's compensation, the
+        passes' matmuls), counted in FLOPs from the shape and timed at this machine's own rates for
+        each kind (torch, measured here): a lower bound on --optimize's time with this method, next to
+        the 410m part's plain report when both run.
 
-    .venv/bin/python scripts/bench_optimize_scale.py [--parts big,probe,410m] [--layers 2] [--windows 4]
+    .venv/bin/python scripts/bench_optimize_scale.py [--parts big,probe,410m,floor] [--layers 2] [--windows 4]
                                                      [--type Q4_K_M] [--budget 8GB] [--json out.json]
     .venv/bin/python scripts/bench_optimize_scale.py --markdown out.json
 """
@@ -212,6 +217,8 @@ def shape_410m(work: Path, windows: int, qtype: str) -> dict:
         ]
     )
     out = work / f"410m-{qtype}-opt.gguf"
+    fresh = work / "fresh-cache"
+    shutil.rmtree(fresh, ignore_errors=True)
     opt = benchlib.run_child(
         [
             PY,
@@ -232,8 +239,10 @@ def shape_410m(work: Path, windows: int, qtype: str) -> dict:
             out,
             "--force",
             "--quiet",
-        ]
+        ],
+        env={"NEOXQ_CACHE": str(fresh)},  # nothing reused: no cached calibration pass
     )
+    shutil.rmtree(fresh, ignore_errors=True)
     row = {
         "windows": windows,
         "type": qtype,
@@ -249,6 +258,74 @@ def shape_410m(work: Path, windows: int, qtype: str) -> dict:
     )
     out.unlink(missing_ok=True)
     return row
+
+
+# Pythia-410M: hidden, layers, MLP, vocabulary
+SHAPE_410M = (1024, 24, 4096, 50304)
+
+
+def _best_rate(fn, flop: float, repeats: int = 3) -> float:
+    """FLOP/s of fn's best of `repeats` timed runs (after one warm-up)."""
+    import time
+
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return flop / best
+
+
+def machine_rates(tokens: int) -> dict[str, float]:
+    """This machine's rates (FLOP/s) for the kinds of arithmetic --optimize does, at the 410M shape's sizes."""
+    import torch
+
+    h, _, f, _ = SHAPE_410M
+    x32 = torch.randn(tokens, f)
+    w32 = torch.randn(h, f)
+    a64 = torch.randn(f, f, dtype=torch.float64)
+    spd = a64 @ a64.T + f * torch.eye(f, dtype=torch.float64)
+    chol = torch.linalg.cholesky(spd)
+    rhs = torch.randn(f, h, dtype=torch.float64)
+    xb, wb = x32.bfloat16(), w32.bfloat16()
+    return {
+        "gemm_fp32": _best_rate(lambda: x32.T @ x32, 2.0 * tokens * f * f),
+        "gemm_bf16": _best_rate(lambda: xb @ wb.T, 2.0 * tokens * f * h),
+        "gemm_fp64": _best_rate(lambda: a64 @ rhs, 2.0 * f * f * h),
+        "cholesky_fp64": _best_rate(lambda: torch.linalg.cholesky(spd), f**3 / 3),
+        "trsm_fp64": _best_rate(lambda: torch.linalg.solve_triangular(chol, rhs, upper=False), 1.0 * f * f * h),
+    }
+
+
+def floor_flops(tokens: int) -> dict[str, dict[str, float]]:
+    """FLOPs per kind of arithmetic in --optimize at the 410M shape: {stage: {rate kind: FLOPs}}."""
+    h, layers, f, vocab = SHAPE_410M
+    mats = [(3 * h, h), (h, h), (f, h), (h, f)]  # QKV, attention output, MLP up, MLP down: (out, in)
+    out_mat = (vocab, h)
+    per_token = 2.0 * sum(o * i for o, i in mats)  # one layer's matmuls, forward
+    every = mats * layers + [out_mat]
+    return {
+        "moments (Σ x xᵀ half, Σ y xᵀ)": {"gemm_fp32": sum(tokens * i * i + 2.0 * tokens * o * i for o, i in every)},
+        "Cholesky per matrix": {"cholesky_fp64": sum(i**3 / 3 for _, i in every)},
+        "targets (two triangular solves)": {"trsm_fp64": sum(2.0 * o * i * i for o, i in every)},
+        "GPTQ compensation": {"gemm_fp32": sum(2.0 * o * i * i for o, i in every)},
+        "fp32 target pass": {"gemm_fp32": tokens * layers * per_token},
+        "quantized stream (two partial passes and one whole)": {"gemm_bf16": 2 * tokens * layers * per_token},
+        "first pass: forward and input gradients": {"gemm_bf16": 3 * tokens * (layers * per_token + 2.0 * vocab * h)},
+    }
+
+
+def floor(windows: int) -> dict:
+    tokens = windows * CTX
+    rates, flops = machine_rates(tokens), floor_flops(tokens)
+    stages = {stage: sum(n / rates[kind] for kind, n in kinds.items()) for stage, kinds in flops.items()}
+    total = sum(stages.values())
+    print(
+        f"floor at 410M, {windows} windows: {total:.0f} s of dense arithmetic at this machine's rates "
+        + str({k: f"{v / 1e9:.0f} GFLOP/s" for k, v in rates.items()})
+    )
+    return {"windows": windows, "rates_gflops": {k: v / 1e9 for k, v in rates.items()}, "stages_s": stages, "floor_s": total}
 
 
 def markdown(data: dict) -> str:
@@ -269,6 +346,14 @@ def markdown(data: dict) -> str:
                 f"| 6.9B widths | {r['layers']} | {r['windows']} | {r['type']} | {r['budget']} | {r['peak_rss_MiB']:.0f} ({r['estimate_MiB']:.0f}) | "
                 f"{r['wall_s']:.0f} | {r['per_layer_s']:.0f} | ~{r['extrapolated_32_layers_h']:.1f} h |",
             ]
+        elif r["part"] == "floor":
+            report = next((x["report_s"] for x in data["rows"] if x["part"] == "410m"), None)
+            out += ["\n| arithmetic at the 410M shape | seconds at this machine's rates |", "|---|---:|"]
+            out += [f"| {stage} | {secs:.1f} |" for stage, secs in r["stages_s"].items()]
+            vs = f" ({r['floor_s'] / report:.2f}× the plain report above)" if report else ""
+            out.append(f"| **the floor: all of it**{vs} | **{r['floor_s']:.0f}** |")
+            rates = ", ".join(f"{k} {v:.0f}" for k, v in r["rates_gflops"].items())
+            out.append(f"\nRates measured in the run (GFLOP/s): {rates}.")
         else:
             out.append("\n" + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     return "\n".join(out).strip()
@@ -290,6 +375,7 @@ def main() -> None:
     data = benchlib.run_record(sys.argv)
     parts = {"big": lambda: big(work, a.layers, a.windows, a.type, a.budget), "probe": lambda: probe_cost(work, a.layers, a.windows)}
     parts["410m"] = lambda: shape_410m(work, a.windows, a.type)
+    parts["floor"] = lambda: floor(a.windows)
     for name, run in parts.items():
         if name in a.parts.split(","):
             data["rows"].append({"part": name, **run()})
