@@ -33,7 +33,10 @@ def run_record(argv: list[str]) -> dict:
 
     from neoxq import __version__
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    here = Path(__file__).parent
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+    if commit and subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=here.parent).returncode:
+        commit += "+uncommitted"  # the tree that ran is not that commit's: say so
     return {
         "command": " ".join([f"scripts/{Path(argv[0]).name}", *argv[1:]]),
         "date": datetime.date.today().isoformat(),
