@@ -17,8 +17,10 @@ from neoxq.core import cache_key
 from neoxq.core.atomic import atomic_output
 from neoxq.core.cache import cache_root, mark_used, trim
 from neoxq.core.calibration_stats import CalibrationStats
+from neoxq.core.errors import OutputError
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.imatrix_io import write_imatrix
+from neoxq.core.progress import info as say
 from neoxq.core.textfile import read_text, text_sha256
 from neoxq.reference import check_checkpoint_belongs, source_of
 from neoxq.self_calibration import self_calibration
@@ -101,15 +103,22 @@ def optimize_statistics(ckpt, calib: str, ctx: int, streamed: bool, bf16: bool) 
     if cached is not None:
         return cached
     stats = second_moments(ckpt, calib, ctx, include_output=True, fisher=True, streamed=streamed, bf16=bf16)
+    try:
+        _write_statistics(stats, inputs, meta_path, arrays_path)
+    except (OSError, OutputError) as exc:  # a cache that cannot be written costs the next run the pass, not this one
+        say(f"note: the calibration statistics were not cached ({exc}); the run goes on")
+    return stats
+
+
+def _write_statistics(stats: CalibrationStats, inputs: dict, meta_path: Path, arrays_path: Path) -> None:
     arrays, meta = stats.to_arrays()
-    folder.mkdir(parents=True, exist_ok=True)
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(arrays_path, force=True, lock=False) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     with atomic_output(meta_path, force=True, lock=False) as tmp:
         tmp.write_text(json.dumps({"inputs": inputs, **meta}), encoding="utf-8")
     trim(keep=(meta_path, arrays_path))
-    return stats
 
 
 def _read_statistics(meta_path: Path, arrays_path: Path, inputs: dict) -> CalibrationStats | None:

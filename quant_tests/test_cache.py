@@ -224,3 +224,17 @@ def test_optimize_statistics_are_made_once_and_reused_only_for_the_same_inputs(t
         p.write_text("{not json")
     stats()
     assert len(made) == 5
+
+
+def test_optimize_statistics_survive_a_cache_that_cannot_be_written(tmp_path, monkeypatch):
+    """A cache folder that cannot be made costs the next run the pass, never this run its result."""
+    import neoxq.calibration as calibration
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("NEOXQ_CACHE", str(tmp_path / "not-a-folder"))
+    made = []
+    monkeypatch.setattr(calibration, "second_moments", lambda *a, **k: made.append(a) or _statistics(len(made)))
+    for _ in range(2):
+        stats = calibration.optimize_statistics(_Checkpoint(), "text", 64, streamed=False, bf16=False)
+        assert stats.windows == 2
+    assert len(made) == 2  # nothing could be kept, so nothing was reused
