@@ -305,14 +305,17 @@ def floor_flops(tokens: int) -> dict[str, dict[str, float]]:
     out_mat = (vocab, h)
     per_token = 2.0 * sum(o * i for o, i in mats)  # one layer's matmuls, forward
     every = mats * layers + [out_mat]
+    # the output matrix's moments from its inputs' Gram matrices where that is fewer products, as
+    # neoxq.convert.calibrate chooses (Moments.through)
+    head = min(tokens * h * h + 2.0 * tokens * vocab * h, 2.1 * h * h * tokens + 2.0 * vocab * h * h)
     return {
-        "moments (Σ x xᵀ half, Σ y xᵀ)": {"gemm_fp32": sum(tokens * i * i + 2.0 * tokens * o * i for o, i in every)},
+        "moments (Σ x xᵀ half, Σ y xᵀ)": {"gemm_fp32": sum(tokens * i * i + 2.0 * tokens * o * i for o, i in mats) * layers + head},
         "Cholesky per matrix": {"cholesky_fp64": sum(i**3 / 3 for _, i in every)},
         "targets (two triangular solves)": {"trsm_fp64": sum(2.0 * o * i * i for o, i in every)},
         "GPTQ compensation": {"gemm_fp32": sum(2.0 * o * i * i for o, i in every)},
         "fp32 target pass": {"gemm_fp32": tokens * layers * per_token},
         "quantized stream (two partial passes and one whole)": {"gemm_bf16": 2 * tokens * layers * per_token},
-        "first pass: forward and input gradients": {"gemm_bf16": 3 * tokens * (layers * per_token + 2.0 * vocab * h)},
+        "first pass: forward and input gradients": {"gemm_bf16": 2 * tokens * (layers * per_token + 2.0 * vocab * h)},
     }
 
 
