@@ -22,7 +22,7 @@ import numpy as np
 from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.gptq import Moments
 from neoxq.core.progress import Progress
-from neoxq.core.sizes import rows_per_chunk
+from neoxq.core.sizes import HEAD_TOKENS, WINDOWS_PER_PASS, rows_per_chunk
 
 from .neox import GPTNeoXArgs, deinterleave_qkv, gguf_name, interleave_qkv, tensor_name_map
 from .reference import head_name, layer_inputs, load_final_norm, load_layer, neox_config
@@ -32,7 +32,6 @@ from .reference import head_name, layer_inputs, load_final_norm, load_layer, neo
 STAGES = (("attention.query_key_value", "mlp.dense_h_to_4h"), ("attention.dense", "mlp.dense_4h_to_h"))
 LAYER_MODULES = tuple(m for pair in zip(*STAGES) for m in pair)
 QKV = STAGES[0][0]
-WINDOWS_PER_PASS = 4  # bounds eager attention's ctx × ctx scores; the result does not depend on it
 
 # The optimiser's passes use torch's fused attention, faster than eager attention; the scores differ
 # from eager's by float rounding only. The reference and the imatrix keep eager attention.
@@ -149,9 +148,6 @@ def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
         if through:
             grams.add_inputs(nf)
     return Moments.through(acc.moments(), grams.gram(), w) if through else acc.moments()
-
-
-HEAD_TOKENS = 512  # tokens per product with the output matrix: bounds the float64 logits (vocab wide)
 
 
 def _through_inputs_cheaper(tokens: int, out: int, inputs: int) -> bool:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from neoxq.convert.calibrate import HEAD_TOKENS, WINDOWS_PER_PASS
 from neoxq.convert.neox import GPTNeoXArgs
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.machine import available_memory
-from neoxq.core.sizes import CHUNK_BYTES, format_bytes
+from neoxq.core.sizes import CHUNK_BYTES, HEAD_TOKENS, WINDOWS_PER_PASS, format_bytes
 
 BASE = 150 << 20  # Python, numpy, llama-cpp-python, gguf imported
 

@@ -28,6 +28,12 @@ _UNITS = {
 # probe rows): bounds the memory a 50k × 4096 matrix needs without changing any result.
 CHUNK_BYTES = 64 << 20
 
+# The optimiser's layer passes (neoxq.convert.calibrate) run this many calibration windows at once,
+# which bounds eager attention's ctx × ctx scores; the result does not depend on it.
+WINDOWS_PER_PASS = 4
+# Tokens per product with the output matrix in those passes: bounds the float64 logits (vocab wide).
+HEAD_TOKENS = 512
+
 
 def rows_per_chunk(cols: int, itemsize: int) -> int:
     """Rows of a `cols`-wide matrix of `itemsize`-byte values that fit one CHUNK_BYTES copy."""
