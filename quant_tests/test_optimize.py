@@ -202,6 +202,33 @@ def test_memory_plan_streams_a_6_9b_model_within_8gb_and_keeps_a_small_one_in_me
     assert optimize_plan(big, 512, 32, 4 << 30).peak > 4 << 30
 
 
+def test_a_12b_model_is_planned_within_20gb_and_a_smaller_budget_refused():
+    """Pythia-12B's shape (5120 × 36, 40 heads, vocabulary 50688), pure plans: its fp32 reference
+    (56 GB in memory) streams within --max-memory 20GB, --optimize streams its first pass and peaks
+    within 20 GB, and the Q4_K_M file's scoring fits too; 2 GB is refused for both (negative control)."""
+    from types import SimpleNamespace
+
+    from neoxq.convert.neox import GPTNeoXArgs
+    from neoxq.convert.reference import plan_reference
+    from neoxq.core.errors import UsageError
+    from neoxq.preflight import llama_estimate, optimize_plan
+
+    config = {"architectures": ["GPTNeoXForCausalLM"], "hidden_size": 5120, "num_attention_heads": 40, "num_hidden_layers": 36}
+    config |= {"intermediate_size": 20480, "vocab_size": 50688, "max_position_embeddings": 2048}
+    args = GPTNeoXArgs.from_config(config)
+    ckpt = SimpleNamespace(config=config, bytes_per_param=2)
+    budget = 20 * 10**9
+    ref = plan_reference(ckpt, 512, 32, budget)
+    assert ref.mode == "streamed" and ref.peak_bytes <= budget
+    opt = optimize_plan(args, 512, 32, budget)
+    assert opt.streamed and opt.first_in_memory > budget >= opt.peak
+    q4_bytes = int(args.param_count() * 4.9 / 8)  # Q4_K_M's bits per weight
+    assert llama_estimate(q4_bytes, 36, 5120, 50688, 512, 512) <= budget
+    with pytest.raises(UsageError, match="--max-memory"):
+        plan_reference(ckpt, 512, 32, 2 * 10**9)
+    assert optimize_plan(args, 512, 32, 2 * 10**9).peak > 2 * 10**9
+
+
 def test_optimized_file_is_llama_cpps_file_with_other_levels(optimized):
     """Stock's tensor names, types and sizes. The tensors --optimize does not touch keep llama.cpp's
     bytes; the matmuls that read no LayerNorm keep llama.cpp's grids (block headers) with new
