@@ -15,6 +15,7 @@ from pathlib import Path
 
 from neoxq import __version__, preflight
 from neoxq.build import Built, build_mixes, build_optimized, build_types
+from neoxq.cluster import optimize_on_ray
 from neoxq.compare import compare_rows, most_hurt
 from neoxq.convert.checkpoint import Checkpoint, open_checkpoint
 from neoxq.convert.imatrix import compute_imatrix
@@ -62,6 +63,7 @@ class ReportOptions:
     speed_prompt: int = 128
     speed_tokens: int = 32
     add: tuple[str, ...] = ()  # GGUF files made elsewhere (AutoRound's, another run's), scored beside the others
+    ray: str | None = None  # --optimize's types as Ray tasks: "local" (a local Ray) or a cluster's address; None: here
 
 
 def evaluation_sample(ckpt, ctx: int, max_memory: int | None = None) -> tuple[str, str]:
@@ -349,6 +351,8 @@ def run_report(src, text_file: Path | str | None, out_dir: Path | str | None = N
     checkpoint's own sample (evaluation_sample) is the text."""
     opts = opts or ReportOptions()
     types = QuantType.parse_list(opts.types)
+    if opts.ray and not opts.optimize:
+        raise UsageError("--ray spreads the --optimize types over Ray; add --optimize, or drop --ray")
     if opts.imatrix not in (None, AUTO):
         read_imatrix(opts.imatrix, option="--imatrix", choices="auto, none, or an imatrix file")  # before any work
     text = read_text(text_file) if text_file is not None else None
@@ -442,18 +446,11 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
         files += list(mixes.values())
     if run.opts.optimize:
         for mix in (False, True) if run.opts.mix else (False,):
-            opt = build_optimized(
-                run.ckpt,
-                base,
-                run.types,
-                run.out,
-                run.calib,
-                imatrix=im_path,
-                ctx=run.opts.ctx,
-                on_step=step,
-                mix=mix,
-                max_memory=run.opts.max_memory,
-            )
+            kw = {"imatrix": im_path, "ctx": run.opts.ctx, "on_step": step, "mix": mix, "max_memory": run.opts.max_memory}
+            if run.opts.ray:
+                opt = optimize_on_ray(run.ckpt, base, run.types, run.out, run.calib, run.opts.ray, **kw)
+            else:
+                opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, **kw)
             files += list(opt.values())
     return files + _added(run, base.path, {f.label for f in files}), im_info, base
 

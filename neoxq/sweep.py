@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
-import socket
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from neoxq.cluster import pin_threads, ray_session
 from neoxq.convert.checkpoint import open_checkpoint
 from neoxq.convert.hub import identify, list_refs, parse_spec, spec_parts, step_of
 from neoxq.core.atomic import atomic_output, remove_stale_partials
 from neoxq.core.cache_key import changed
-from neoxq.core.errors import UsageError
 from neoxq.core.machine import default_threads, describe, versions
 from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
@@ -46,14 +44,14 @@ class SweepOptions(ReportOptions):
 
     def report(self, revision: str | None = None) -> ReportOptions:
         """The options each revision's report runs with."""
-        return ReportOptions(**{**{f.name: getattr(self, f.name) for f in fields(ReportOptions)}, "revision": revision})
+        return ReportOptions(**{**{f.name: getattr(self, f.name) for f in fields(ReportOptions)}, "revision": revision, "ray": None})
 
 
 def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, threads: int, quiet: bool = False) -> dict:
     """One revision's report (in a worker, a Ray task, or this process); returns its report.json.
     `quiet` is the driver's --quiet: a spawned worker or Ray task starts with the module default."""
     set_quiet(quiet)
-    _pin(threads)
+    pin_threads(threads)
 
     o = SweepOptions(**opts)
     ckpt = open_checkpoint(repo, revision)
@@ -65,19 +63,6 @@ def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, thr
     if o.evict:
         _evict(ckpt.commit)
     return report
-
-
-def _pin(threads: int) -> None:
-    """Use `threads` cores (llama.cpp's and torch's thread counts follow this process's affinity)."""
-    if threads and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, cores[: max(1, threads)])
-    try:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-    except ImportError:
-        pass
 
 
 def _evict(commit: str | None) -> None:
@@ -198,45 +183,15 @@ def _run_local(todo, args, finished) -> None:
             finished(futures[f], f.result())
 
 
-def _check_reachable(address: str) -> None:
-    """Ray keeps retrying an address that does not answer; say so in one line within seconds."""
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port or 6379)), timeout=5).close()
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start one with `ray start --head`, "
-            "or pass --ray without --ray-address for a local one"
-        ) from exc
-
-
 def _run_ray(todo, args, finished) -> None:
     """Each revision one Ray task (num_cpus, num_gpus when llama.cpp offloads, memory from the
     checkpoint); results come back to this driver, which alone writes them."""
     repo, text, out, opts = args
-    try:
-        import ray
-    except ImportError as exc:
-        raise UsageError("--ray needs the ray package; install it with: pip install 'neoxq[sweep]'") from exc
-    env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "NEOXQ_"))}
-    address = None if opts.ray == "local" else opts.ray
-    if address and address != "auto":
-        _check_reachable(address)
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env}, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UsageError(
-            f"cannot reach the Ray cluster at {opts.ray} ({str(exc).splitlines()[0][:120]}); start one with "
-            "`ray start --head`, or pass --ray without --ray-address for a local one"
-        ) from exc
-    try:
+    with ray_session(opts.ray) as (ray, nodes):
         # a task runs on one node: its share of the largest node's cores and memory (the cluster's
         # totals would ask for more than any node has once there are several)
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        cpus = int(max((n.get("CPU", 1) for n in nodes), default=1))
-        threads = max(1, cpus // max(1, opts.workers))
-        node_memory = max((n.get("memory", 0) for n in nodes), default=0)
+        threads = max(1, nodes.cpus // max(1, opts.workers))
+        node_memory = nodes.memory
         pending = {}
         for rid in todo:
             # the streamed reference and the llama.cpp side hold about twice the checkpoint, plus libraries
@@ -250,5 +205,3 @@ def _run_ray(todo, args, finished) -> None:
             done, _ = ray.wait(list(pending), num_returns=1)
             rid = pending.pop(done[0])
             finished(rid, ray.get(done[0]))
-    finally:
-        ray.shutdown()

@@ -396,6 +396,30 @@ def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
     assert (tmp_path / "r" / opt["file"]).stat().st_mtime_ns == stamp
 
 
+def test_report_optimize_types_as_ray_tasks_give_the_local_files(trained, texts, tmp_path):
+    """`report --optimize --ray`: the types after the first optimised as Ray tasks, reading the first
+    one's calibration pass from the cache, write the very files and rows of the local run; --ray
+    without --optimize is refused in one line before any work (the contradiction)."""
+    pytest.importorskip("ray")
+    from neoxq.report import ReportOptions, run_report
+
+    (tmp_path / "t.txt").write_text(texts["eval"] + texts["calib"])
+    env = {"NEOXQ_CACHE": str(tmp_path / "cache")}
+    base = ("report", trained, "--text", tmp_path / "t.txt", "--types", "F16,Q4_K_M,Q2_K", "--ctx", "128", "--optimize", "--quiet")
+    ray = run_cli(*base, "--ray", "-o", tmp_path / "ray", env=env, timeout=900)
+    assert ray.returncode == 0, ray.stderr
+    assert len(list((tmp_path / "cache" / "calibration").glob("*.npz"))) == 1  # one pass for both types
+    local = run_report(str(trained), tmp_path / "t.txt", tmp_path / "local", ReportOptions(types="F16,Q4_K_M,Q2_K", ctx=128, optimize=True))
+    rows = {r["type"]: r for r in json.loads(local.read_text())["results"]}
+    ray_rows = {r["type"]: r for r in json.loads((tmp_path / "ray" / "report.json").read_text())["results"]}
+    for t in ("Q4_K_M-opt", "Q2_K-opt"):
+        assert (tmp_path / "ray" / rows[t]["file"]).read_bytes() == (tmp_path / "local" / rows[t]["file"]).read_bytes(), t
+        assert ray_rows[t]["kld_mean"] == rows[t]["kld_mean"]
+    refused = run_cli("report", trained, "--text", tmp_path / "t.txt", "--types", "Q4_K_M", "--ray", "-o", tmp_path / "no")
+    assert_one_line_error(refused, "add --optimize")
+    assert not (tmp_path / "no").exists()
+
+
 def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path):
     """--optimize --mix: a measured mix among the types neoxq re-rounds (same sensitivities as --mix
     alone with the same imatrix), levels chosen against the model's output; lower held-out KLD than

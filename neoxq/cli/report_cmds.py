@@ -42,6 +42,10 @@ def report(
         Optional[list[Path]],
         typer.Option("--add", help="A GGUF of this checkpoint made elsewhere (AutoRound's, another run's), scored beside the others (repeatable)."),
     ] = None,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="With --optimize: the types after the first as Ray tasks on a local Ray (or --ray-address's cluster).")
+    ] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="A Ray cluster's address (HOST:PORT, or auto); implies --ray.")] = None,
     quiet: Quiet = False,
 ):
     """Convert, quantize to each type, and score each against the HF fp32 reference (resumable).
@@ -62,6 +66,7 @@ def report(
             tasks=tasks,
             include_path=str(include_path) if include_path else None,
             add=tuple(str(p) for p in add) if add else None,
+            ray=ray_address or ("local" if ray else None),
         ).items()
         if v is not None
     }
