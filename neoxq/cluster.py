@@ -95,6 +95,8 @@ def optimize_on_ray(ckpt, base: Built, types: list[QuantType], out_dir: Path, ca
     after another."""
     types = [t for t in types if not t.is_float]
     made = build_optimized(ckpt, base, types[:1], out_dir, calib, on_step=on_step, **kw)
+    if len(types) < 2:
+        return made  # nothing to spread
     with ray_session(address) as (ray, nodes):
         task = ray.remote(num_cpus=nodes.cpus, max_retries=3)(_optimize_one)
         pending = {task.remote(ckpt, base, t, str(out_dir), calib, kw, nodes.cpus, is_quiet()): t for t in types[1:]}
