@@ -58,7 +58,7 @@ def activation_bytes(args, ctx: int, windows: int) -> int:
     """A pass over `windows` windows peaks either inside a layer (hidden state, residual, the MLP's
     4h, eager attention's scores and their softmax: heads × ctx × ctx) or at the head (the scored
     positions' float32 logits for every window, then one window's float64 log-softmax and its copy).
-    Checked against measured peaks by scripts/bench_reference.py."""
+    Checked against the peaks scripts/bench_reference.py records."""
     h, f, heads, v = args.hidden_size, args.intermediate_size, args.num_attention_heads, args.vocab_size
     layer = windows * ctx * (4 * h + 2 * f + 3 * heads * ctx) * 4
     head = windows * (ctx // 2) * v * 4 + (ctx // 2) * v * 8 * 2

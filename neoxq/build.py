@@ -76,7 +76,7 @@ def build_mixes(
     on_step: Callable[[Built], None] | None = None,
 ) -> dict[QuantType, Built]:
     """`<TYPE>-mix` for every quantized type: no larger than the stock file, per-tensor types from
-    measured sensitivity on `calib_text` (neoxq.mix); reused while source, imatrix and
+    sensitivity probed on `calib_text` (neoxq.mix); reused while source, imatrix and
     calibration text are unchanged."""
     im_sha = file_sha256(imatrix) if imatrix else None
     calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()
@@ -114,7 +114,7 @@ def build_optimized(
     calib_source: str = "given",
 ) -> dict[QuantType, Built]:
     """`<TYPE>-opt` for every quantized type: the stock type map and size, levels chosen against each
-    layer's output on `calib_text` (neoxq.optimize); with `mix`, `<TYPE>-opt-mix`: a measured mix's
+    layer's output on `calib_text` (neoxq.optimize); with `mix`, `<TYPE>-opt-mix`: a --mix plan's
     types. Reused while source, method, imatrix and calibration text are unchanged. Without an
     imatrix file, the calibration pass makes one."""
     calib_sha = hashlib.sha256(calib_text.encode("utf-8")).hexdigest()

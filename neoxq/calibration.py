@@ -74,7 +74,7 @@ def calibration_label(calib: str) -> str:
 def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str | None = None, revision: str | None = None, ctx: int = 512) -> Path:
     """An importance matrix from the calibration text (the fp32 checkpoint the file was converted
     from; --reference or the recorded hub source), written into `folder`: what --mix uses when no
-    --imatrix is named (docs/method.md, "Measured mixes")."""
+    --imatrix is named (docs/method.md, the --mix section)."""
     ckpt = reference_checkpoint(src, reference, revision)
     im = compute_imatrix(ckpt, calib, ctx=min(ctx, src.context_length or ctx), include_output=True, dataset_name=calibration_label(calib))
     return write_imatrix(Path(folder) / "calibration.imatrix", im, force=True)

@@ -1,9 +1,9 @@
 """`--mix`: a file no larger than stock (or a size asked for) whose per-tensor types are chosen from
-measured sensitivity, written by llama.cpp's own quantizer through its tensor-type overrides.
+sensitivity probed on the calibration text, written by llama.cpp's own quantizer through its tensor-type overrides.
 
 The steps: llama.cpp's dry run gives stock's types and size (nothing written); the calibration
-text's sensitivities are measured (neoxq.runtime.sensitivity, cached); the budget is allocated
-(neoxq.core.mix_plan, pure); the plan and stock are measured once more on the calibration text and
+text's sensitivities are probed (neoxq.runtime.sensitivity, cached); the budget is allocated
+(neoxq.core.mix_plan, pure); the plan and stock are scored once more on the calibration text and
 stock's types (stepped down where the mix's header keys leave them over the budget, the bytes freed
 past that spent on upgrades) are kept where the mix is not better there; llama.cpp writes the file
 and the written types are checked against the plan.
@@ -62,7 +62,7 @@ def plan_mix(
         sens = {n: s.restricted(opts.types) for n, s in sens.items()}
     stock_types = {t.name: stock.types[t.name] for t in tensors}
     plan = allocate(tensors, sens, budget)
-    check = None  # unmeasured with the guard off (--optimize: MixOptions.guard)
+    check = None  # not scored with the guard off (--optimize: MixOptions.guard)
     if opts.guard:
         plan, check = _checked(info, ids, ctx, cache, im, opts, plan, fitted_fallback(tensors, sens, stock_types, budget), stock_types)
     predicted = predicted_kld(sens, plan)
@@ -82,7 +82,7 @@ def plan_mix(
 
 def _checked(info, ids, ctx, cache, im, opts, plan, fallback, stock_types):
     """neoxq.core.mix_plan.guarded with its measurements: the plan and stock's types (fitted to the
-    budget) on the calibration text, so a mix is never worse than stock where measured."""
+    budget) on the calibration text, so a mix is never worse than stock on that text."""
     probe = KLDProbe(info, ids, ctx, cache, im, opts.threads or default_threads())
     try:
         plan, check = guarded(plan, fallback, probe.kld)
@@ -104,7 +104,7 @@ def check_written(result, plan: MixPlan, out: Path) -> None:
 
 def quantize_mix(inp, base, opts: MixOptions, output: Path | str | None = None, imatrix: Path | str | None = None, force: bool = False):
     """Write `<base>-mix`: no larger than the target (default: stock `base` from the same input),
-    each tensor's type chosen from measured sensitivity; return the read-back QuantResult."""
+    each tensor's type chosen from its probed sensitivity; return the read-back QuantResult."""
     base = QuantType.parse(base) if isinstance(base, str) else base
     info = inp if isinstance(inp, GGUFInfo) else read_info(inp)
     label = f"{base.value}-mix"

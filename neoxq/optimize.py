@@ -9,7 +9,7 @@ against the model's output on calibration text, and the layers' F32 biases re-so
 2. Each LayerNorm's channels are equalised into the matmuls reading it (neoxq.core.equalize): the
    same model, with the large activation channels that llama.cpp's k-quant kernels round coarsely
    (8 bits per 256 values) moved into the weights. The equalised F16 copy is the source from here.
-3. llama.cpp's own quantizer writes the stock file of the type (or the measured mix's types) with
+3. llama.cpp's own quantizer writes the stock file of the type (or the --mix plan's types) with
    that imatrix (rescaled to the equalised inputs): its tensor types, block scales and mins (the
    grids) and metadata, plus neoxq's provenance keys.
 4. The embedding's levels: GPTQ on llama.cpp's grids in the Fisher metric (neoxq.core.gptq).
@@ -81,7 +81,7 @@ class OptimizeOptions:
     ctx: int = 512
     act_order: bool = True
     damp: float = DAMP
-    mix: bool = False  # the tensor types of a measured mix (neoxq.mix) instead of stock's: <T>-opt-mix
+    mix: bool = False  # the tensor types of a --mix plan (neoxq.mix) instead of stock's: <T>-opt-mix
     target_bytes: int | None = None  # the mix's budget as a file size (None: the stock file's size)
     target_bpw: float | None = None  # … or in bits per weight
     max_memory: int | None = None  # bytes --optimize may use; None: what is available. Above it, the first pass streams
@@ -113,7 +113,7 @@ class OptimizeOptions:
 def quantize_optimized(
     src: GGUFInfo | Path | str, qtype: QuantType | str, opts: OptimizeOptions, output: Path | str | None = None, force: bool = False
 ):
-    """The stock `qtype` file (or the measured mix's) with every quantized weight's level re-chosen;
+    """The stock `qtype` file (or the --mix plan's) with every quantized weight's level re-chosen;
     its label is `<T>-opt` (`<T>-opt-mix`). A run killed outright resumes from its last finished
     layer (neoxq.core.resume); Ctrl-C, SIGTERM and errors leave nothing behind."""
     qtype = QuantType.parse(qtype) if isinstance(qtype, str) else qtype
@@ -280,7 +280,7 @@ def _preflight(ckpt, opts: OptimizeOptions, windows: int):
 
 
 def _mix_plan(src: GGUFInfo, qtype: QuantType, opts: OptimizeOptions, imatrix, label: str, kv: dict[str, str]):
-    """The measured mix's types for this file (its sensitivities measured with the same imatrix),
+    """The --mix plan's types for this file (its sensitivities probed with the same imatrix),
     chosen among the types neoxq re-rounds: a type left at llama.cpp's rounding would keep its
     error (docs/method.md, "Optimised mixes")."""
     mix = MixOptions(opts.calib, opts.target_bytes, opts.target_bpw, ctx=opts.ctx, types=MIX_TYPES, guard=False)

@@ -3,7 +3,7 @@
 What is uploaded (one commit per branch): the report's GGUF files (llama.cpp's naming, as the report
 built them), the importance matrix, report.json, report.png and report-kld-cdf.png, a README.md
 model card, and with --ollama a Modelfile per GGUF. Every file is checked against report.json's
-sha256 first, so what is published is what was measured. A sweep folder (sweep.json) publishes as
+sha256 first, so what is published is what was scored. A sweep folder (sweep.json) publishes as
 one repository with a branch per revision, as Pythia itself is laid out; its main branch gets the
 sweep's card.
 
@@ -93,7 +93,7 @@ def load_report(folder: Path) -> dict:
                 "arguments (it reuses what it built and scored)"
             )
         if file_sha256(path) != sha:
-            raise UsageError(f"{path} is not the file that was measured (its sha256 differs from report.json's); rerun `neoxq report`")
+            raise UsageError(f"{path} is not the file that was scored (its sha256 differs from report.json's); rerun `neoxq report`")
     missing = [p for p in PLOTS[:1] if not (folder / p).is_file()]
     if missing:
         raise UsageError(f"{folder / missing[0]} is missing; install matplotlib and rerun `neoxq report` to draw it")
@@ -165,7 +165,7 @@ def _card_data(meta: dict, report_source: dict):
 
 
 def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: str = "") -> str:
-    """README.md: YAML metadata huggingface_hub parses, the measured table, how each file was made,
+    """README.md: YAML metadata huggingface_hub parses, the scored table, how each file was made,
     what was scored, and how to run the files."""
     first = read_info(folder / own_rows(report)[0].file)
     src, text = report["source"], report["text"]
@@ -173,7 +173,7 @@ def model_card(report: dict, folder: Path, opts: PublishOptions, branch_note: st
     name = src.get("repo") or src["name"]
     at = f" at revision `{src['revision']}`" + (f" (commit `{src['commit']}`)" if src.get("commit") else "") if src.get("revision") else ""
     body = [
-        f"# {name.split('/')[-1]} GGUF, measured",
+        f"# {name.split('/')[-1]} GGUF, with their quality report",
         "",
         (f"GGUF files of [{name}](https://huggingface.co/{name}){at}" if src.get("repo") else f"GGUF files of `{name}`{at}")
         + ", converted and quantized by [neoxq](https://pypi.org/project/neoxq/) with llama.cpp's own quantizer, each "
@@ -215,7 +215,7 @@ def _made_table(report: dict, folder: Path) -> list[str]:
         calib = m.get("neoxq.optimize.calibration.sha256") or m.get("neoxq.mix.calib_sha256")
         lines.append(
             f"| {r.file} | {r.type} | {('sha256 `' + im[:16] + '…`') if im else '-'} | "
-            f"{'measured mix (≤ stock ' + m['neoxq.mix.base'] + ' size)' if m.get('neoxq.mix.base') else 'llama.cpp stock'} | "
+            f"{'sensitivity mix (≤ stock ' + m['neoxq.mix.base'] + ' size)' if m.get('neoxq.mix.base') else 'llama.cpp stock'} | "
             f"{m.get('neoxq.optimize.method') or ('-' if r.type in ('F32', 'F16', 'BF16') else 'llama.cpp')} | "
             f"{('`' + calib[:16] + '…`') if calib else '-'} |"
         )
@@ -276,7 +276,7 @@ def sweep_card(sweep: dict, folder: Path, branches: list[str]) -> str:
         "",
         "One branch per training step, as the source is laid out: "
         + ", ".join(f"`{b}`" for b in branches)
-        + ". Each branch holds that step's GGUF files and its own measured card.",
+        + ". Each branch holds that step's GGUF files and its own quality card.",
     ]
     if (folder / "sweep.png").is_file():
         body += ["", "![across training](sweep.png)"]

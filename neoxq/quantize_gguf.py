@@ -1,4 +1,4 @@
-"""`neoxq quantize`: one float GGUF to one type — llama.cpp's stock file, a measured mix
+"""`neoxq quantize`: one float GGUF to one type — llama.cpp's stock file, a --mix file
 (neoxq.mix) or optimised levels (neoxq.optimize) — with every option checked against the others
 before any work starts."""
 

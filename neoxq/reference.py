@@ -1,4 +1,4 @@
-"""Choose what a KLD is measured against, from what the user typed: a GGUF file (llama.cpp's way),
+"""Choose the reference a KLD is taken against, from what the user typed: a GGUF file (llama.cpp's way),
 or a Hugging Face checkpoint (folder or hub id) scored by transformers in fp32, in memory when it
 fits the budget and streamed layer by layer otherwise."""
 

@@ -215,7 +215,7 @@ def markdown(report: dict) -> str:
     if busy:
         out += [
             "",
-            "Speed columns marked *busy* were measured while the machine was busy ("
+            "Speed columns marked *busy* were timed while the machine was busy ("
             + "; ".join(sorted({r.speed["why"] for r in busy}))
             + "); their figures are in report.json "
             "but are not reliable.",
@@ -286,7 +286,7 @@ def has_matplotlib() -> bool:
 def _series(rows: list[ReportRow]) -> dict[str, list[ReportRow]]:
     """Rows grouped as they are drawn: stock types, each kind of variant (-mix, -opt, -opt-mix), and
     the files given with --add."""
-    names = {"": "stock", "-mix": "measured mix", "-opt": "optimised rounding", "-opt-mix": "optimised + mix"}
+    names = {"": "stock", "-mix": "sensitivity mix", "-opt": "optimised rounding", "-opt-mix": "optimised + mix"}
     out: dict[str, list[ReportRow]] = {}
     for r in rows:
         suffix = next((s for s in VARIANT_SUFFIXES if stock_of(r.type) and r.type.endswith(s)), "")

@@ -45,7 +45,7 @@ def quant_result_table(result) -> str:
         stock = f" vs stock {mix['stock_predicted_kld']:.5f}" if mix.get("stock_predicted_kld") else ""
         out.append(
             f"mix: budget {mix['target_bytes'] / 1e6:.2f} MB (stock {mix['base']} {mix['stock_bytes'] / 1e6:.2f} MB); "
-            f"predicted KLD {mix['predicted_kld']:.5f}{stock}; {mix['probes']} measured probes"
+            f"predicted KLD {mix['predicted_kld']:.5f}{stock}; {mix['probes']} probes"
         )
     return "\n".join(out)
 

@@ -48,7 +48,7 @@ def test_sensitivity_fit_through_measured_points():
 def test_probe_groups_and_the_split_of_a_group_probe():
     """Single tensors while they fit; else alike tensors of consecutive layers share a probe, and its
     KLD is shared in proportion to their proxy errors (pure: no llama.cpp)."""
-    from neoxq.core.mix_plan import measure_types, probe_groups, split_measured
+    from neoxq.core.mix_plan import measure_types, probe_groups, split_probed
 
     ts = [TensorInfo(f"blk.{i}.{k}.weight", "F16", (256, 256), 0, 0) for i in range(6) for k in ("attn_qkv", "ffn_up")]
     assert probe_groups(ts, 64) == [[t] for t in ts]
@@ -57,7 +57,7 @@ def test_probe_groups_and_the_split_of_a_group_probe():
     assert all(len({t.name.split(".", 2)[-1] for t in g}) == 1 for g in groups)  # one kind per group
     errs = {"a": {"Q2_K": 3.0}, "b": {"Q2_K": 1.0}}
     a, b = (TensorInfo(n, "F16", (256, 256), 0, 0) for n in "ab")
-    assert split_measured([a, b], 0.4, errs, "Q2_K") == pytest.approx({"a": 0.3, "b": 0.1})
+    assert split_probed([a, b], 0.4, errs, "Q2_K") == pytest.approx({"a": 0.3, "b": 0.1})
     assert measure_types(a, False, True) == ["Q2_K", "Q4_K"] and measure_types(TensorInfo("c", "F16", (4, 64), 0, 0), False, False) == ["Q4_0"]
 
 

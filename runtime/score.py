@@ -228,7 +228,7 @@ def perplexity(model: NeoxModel, text: str, ctx: int = 512) -> PerplexityResult:
 
 
 class Reference(Protocol):
-    """What a KLD is measured against: an F16/F32 GGUF (here) or the transformers fp32 checkpoint
+    """What a KLD is taken against: an F16/F32 GGUF (here) or the transformers fp32 checkpoint
     (neoxq.convert.reference), both yielding full-vocabulary log-probs at the scored positions."""
 
     description: str  # for people and reports

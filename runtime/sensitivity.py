@@ -1,4 +1,4 @@
-"""Measured mixed precision, the measuring half: each tensor's proxy errors through ggml's own
+"""Mixed precision from probed sensitivity, the probing half: each tensor's proxy errors through ggml's own
 quantizer, and its KLD against the F16 file on calibration windows with only it quantized (probe
 files that write only what they change, neoxq.runtime.probe_files). The planning these feed is pure
 (neoxq.core.mix_plan); the orchestration is neoxq.mix. Sensitivities are cached per model,
@@ -32,7 +32,7 @@ from neoxq.core.mix_plan import (
     measure_types,
     probe_groups,
     quantizable,
-    split_measured,
+    split_probed,
 )
 from neoxq.core.progress import Progress
 
@@ -134,7 +134,7 @@ def sensitivities(
     threads: int | None = None,
     max_evals: int = 64,
 ) -> tuple[dict[str, Sensitivity], int]:
-    """Measured (and cached) KLD per tensor and type, and the number of probes it took: two measured
+    """Probed (and cached) KLD per tensor and type, and the number of probes it took: two probed
     types per tensor while that stays within `max_evals` probes, one while single tensors fit, else
     grouped probes."""
     tensors = quantizable(info)
@@ -147,12 +147,12 @@ def sensitivities(
     groups = probe_groups(tensors, max_evals)
     plan = [(g, ty) for g in groups for ty in measure_types(g[0], im is not None, two)]
     probe = KLDProbe(info, calib_ids, ctx, Path(cache), im, threads or default_threads())
-    measured: dict[str, dict[str, float]] = {t.name: {} for t in tensors}
+    probed: dict[str, dict[str, float]] = {t.name: {} for t in tensors}
     try:
         with Progress("mix: measuring", len(plan), "probes") as bar:
             for g, ty in plan:
-                for name, k in split_measured(g, probe.kld({t.name: ty for t in g}), errs, ty).items():
-                    measured[name][ty] = k
+                for name, k in split_probed(g, probe.kld({t.name: ty for t in g}), errs, ty).items():
+                    probed[name][ty] = k
                 bar.update(1)
     finally:
         written = probe.bytes_written
@@ -166,25 +166,25 @@ def sensitivities(
                     "probes": len(plan),
                     "probe_bytes_written": written,
                     "groups": [[t.name for t in g] for g in groups],
-                    "tensors": {n: {"err": errs[n], "measured": measured[n]} for n in errs},
+                    "tensors": {n: {"err": errs[n], "probed": probed[n]} for n in errs},
                 },
                 indent=1,
             )
         )
     trim(keep=(path,))
-    return fitted(errs, measured), len(plan)
+    return fitted(errs, probed), len(plan)
 
 
 def _load_sensitivities(path: Path) -> tuple[dict[str, Sensitivity], int] | None:
     try:
         data = json.loads(path.read_text())
         errs = {n: dict(d["err"]) for n, d in data["tensors"].items()}
-        measured = {n: dict(d["measured"]) for n, d in data["tensors"].items()}
+        probed = {n: dict(d["probed"]) for n, d in data["tensors"].items()}
         probes = int(data["probes"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        return None  # missing or damaged: measured again
+        return None  # missing or damaged: probed again
     mark_used(path)
-    return fitted(errs, measured), probes
+    return fitted(errs, probed), probes
 
 
 def calibration_ids(info: GGUFInfo, text: str, ctx: int, max_windows: int) -> tuple[list[int], int]:

@@ -1,4 +1,4 @@
-"""Prompt-processing and generation speed, measured so that the figure means something: one
+"""Prompt-processing and generation speed, timed so that the figure means something: one
 warm-up, then the median of several timed runs, with their spread; a busy machine (load average
 above the cores, or runs spreading more than 20%) makes the figures `reliable: false`."""
 

@@ -74,7 +74,7 @@ def convert(
         result_line(str(p))
 
 
-Mix = Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from measured sensitivity on the calibration text.")]
+Mix = Annotated[bool, typer.Option("--mix", help="Choose each tensor's type from its sensitivity probed on the calibration text.")]
 TargetSize = Annotated[
     Optional[str], typer.Option("--target-size", help="--mix budget as a file size (2.1GB, 850MB); default: the stock --type file's size.")
 ]

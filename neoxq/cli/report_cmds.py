@@ -31,7 +31,7 @@ def report(
     reference: ReferenceOpt = None,
     max_memory: MaxMemory = None,
     mix: Annotated[
-        bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type: no larger, per-tensor types from measured sensitivity.")
+        bool, typer.Option("--mix", help="Also <TYPE>-mix per quantized type: no larger, per-tensor types from probed sensitivity.")
     ] = False,
     optimize: Annotated[
         bool, typer.Option("--optimize", help="Also <TYPE>-opt per quantized type: stock types and size, levels chosen against each layer's output.")

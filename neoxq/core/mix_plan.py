@@ -1,4 +1,4 @@
-"""Measured mixed precision, the pure half: which types each tensor may take, the sensitivity fit, the
+"""Mixed precision from probed sensitivity, the pure half: which types each tensor may take, the sensitivity fit, the
 byte budget and the allocation. Nothing here runs llama.cpp; the measurements come from
 neoxq.runtime.sensitivity and the orchestration is neoxq.mix.
 
@@ -8,7 +8,7 @@ neoxq.runtime.sensitivity and the orchestration is neoxq.mix.
    quantize → dequantize: cheap, and proportional to the output noise.
 3. Measurement: the KLD against F16 on the calibration text when only that tensor (or a group of
    alike tensors) is quantized, to one or two reference types. Per tensor, KLD = α · err^β is
-   fitted through the measured points, so every type gets a KLD from its proxy error.
+   fitted through the probed points, so every type gets a KLD from its proxy error.
 4. Allocation: a multiple-choice knapsack solved greedily on each tensor's lower convex hull of
    (bytes, KLD), upgrading where the KLD saved per byte is largest while the file stays within the
    budget (assuming the KLDs of separate tensors add, which holds for small perturbations).
@@ -90,18 +90,18 @@ def quantizable(info: GGUFInfo) -> list[TensorInfo]:
 
 @dataclass
 class Sensitivity:
-    """Per tensor: proxy error per type, measured KLD per measured type, and the fitted KLD."""
+    """Per tensor: proxy error per type, probed KLD per probed type, and the fitted KLD."""
 
     err: dict[str, float]
-    measured: dict[str, float]
+    probed: dict[str, float]
     kld: dict[str, float] = field(default_factory=dict)
 
     def restricted(self, types) -> "Sensitivity":
         keep = set(types)
-        return Sensitivity(*({t: v for t, v in d.items() if t in keep} for d in (self.err, self.measured, self.kld)))
+        return Sensitivity(*({t: v for t, v in d.items() if t in keep} for d in (self.err, self.probed, self.kld)))
 
     def fit(self) -> None:
-        pts = [(self.err[t], k) for t, k in self.measured.items() if self.err.get(t, 0) > 0 and k > 0]
+        pts = [(self.err[t], k) for t, k in self.probed.items() if self.err.get(t, 0) > 0 and k > 0]
         if not pts:
             self.kld = {t: 0.0 for t in self.err}
             return
@@ -112,11 +112,11 @@ class Sensitivity:
             beta = 1.0
         alpha = float(np.exp(np.mean([math.log(k) - beta * math.log(e) for e, k in pts])))
         self.kld = {t: (alpha * e**beta if e > 0 else 0.0) for t, e in self.err.items()}
-        self.kld.update(self.measured)  # measured beats fitted
+        self.kld.update(self.probed)  # a probe beats the fit
 
 
 def measure_types(t: TensorInfo, has_imatrix: bool, two: bool) -> list[str]:
-    """The reference types a tensor's KLD is measured at: a low and a middle one (or only the low)."""
+    """The reference types a tensor's KLD is probed at: a low and a middle one (or only the low)."""
     c = candidates(t, has_imatrix)
     pts = ["Q2_K", "Q4_K"] if "Q2_K" in c else ["Q4_0", "Q8_0"] if "Q4_0" in c else []
     return pts if two else pts[:1]
@@ -138,14 +138,14 @@ def probe_groups(tensors: list[TensorInfo], max_evals: int) -> list[list[TensorI
     return groups
 
 
-def split_measured(group: list[TensorInfo], kld: float, errs: dict[str, dict[str, float]], ty: str) -> dict[str, float]:
+def split_probed(group: list[TensorInfo], kld: float, errs: dict[str, dict[str, float]], ty: str) -> dict[str, float]:
     """A group probe's KLD shared among its tensors in proportion to their proxy errors."""
     total = sum(errs[t.name][ty] for t in group) or 1.0
     return {t.name: kld * errs[t.name][ty] / total for t in group}
 
 
-def fitted(errs: dict[str, dict[str, float]], measured: dict[str, dict[str, float]]) -> dict[str, Sensitivity]:
-    out = {n: Sensitivity(errs[n], measured.get(n, {})) for n in errs}
+def fitted(errs: dict[str, dict[str, float]], probed: dict[str, dict[str, float]]) -> dict[str, Sensitivity]:
+    out = {n: Sensitivity(errs[n], probed.get(n, {})) for n in errs}
     for s in out.values():
         s.fit()
     return out
@@ -248,13 +248,13 @@ def guarded(plan: dict[str, str], fallback: dict[str, str] | None, measure) -> t
     """The plan, unless the fallback (stock's types, fitted) measures no worse: `measure(types)` is the
     KLD on the calibration text with every tensor at its type. The plan's KLD is predicted by adding
     per-tensor fits, which can miss by far where degraded layers compound (docs/method.md, "Why the
-    guard exists"), so both are measured whole."""
+    guard exists"), so both are scored whole."""
     mix_kld = measure(plan)
     other = fallback is not None and fallback != plan
     stock_kld = measure(fallback) if other else (None if fallback is None else mix_kld)
     check = {"mix_calibration_kld": mix_kld, "stock_calibration_kld": stock_kld, "kept": "mix", "probes": 1 + other}
     if other and stock_kld <= mix_kld:
-        check["kept"] = "stock types (the mix measured no better on the calibration text)"
+        check["kept"] = "stock types (the mix scored no better on the calibration text)"
         return fallback, check
     return plan, check
 
