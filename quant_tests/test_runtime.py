@@ -242,6 +242,49 @@ def test_gpu_logits_match_transformers(trained, trained_f32, texts, hf_tok):
     assert kl < 1e-4 and top1 == 1.0
 
 
+def _batched_texts(path, layers: int, seeds: list[int], together: bool) -> tuple[list[str], int]:
+    """The texts of one seeded request per seed, on a batcher of 4 sequences with `layers`
+    offloaded: all submitted at once, or each after the last ended; and the most sequences one
+    step decoded."""
+    import threading
+
+    from neoxq.runtime.batch import Batcher, Job
+    from neoxq.runtime.generate import SamplingOptions
+
+    b = Batcher(path, RuntimeOptions(n_ctx=256, n_seq=4, n_gpu_layers=layers), capacity=8)
+    texts: list[list[str]] = [[] for _ in seeds]
+    try:
+        ids = b.model.prompt_ids("The history of the city")
+        done = threading.Semaphore(0)
+        for i, seed in enumerate(seeds):
+            opts = SamplingOptions(max_tokens=40, temperature=0.9 if seed else 0.0, seed=seed or None)
+            emit = lambda x, i=i: done.release() if x is None else texts[i].append(x.text)  # noqa: E731
+            assert b.submit(Job(ids, opts, emit, stream=False))
+            if not together:
+                done.acquire()
+        for _ in seeds if together else ():
+            done.acquire()
+        return ["".join(t) for t in texts], b.peak
+    finally:
+        b.close()
+
+
+@pytest.mark.skipif(not gpu_offload_supported(), reason="llama.cpp build without GPU offload")
+@pytest.mark.gpu
+def test_gpu_batched_requests_equal_what_each_gets_alone(trained_f16, tmp_path):
+    """--parallel with every layer offloaded: requests decoded in one batch get, token for token,
+    what each gets alone; the peak shows they shared steps, and another seed gives another text."""
+    from neoxq.runtime.quantize import quantize
+
+    q4 = quantize(trained_f16, "Q4_K_M", output=tmp_path / "q4.gguf").path
+    seeds = [0, 1, 2, 3]  # 0: greedy
+    alone, peak_alone = _batched_texts(q4, -1, seeds, together=False)
+    together, peak = _batched_texts(q4, -1, seeds, together=True)
+    assert peak_alone == 1 and peak >= 2
+    assert together == alone and all(alone)
+    assert len(set(alone)) > 1  # the seeds sample different texts
+
+
 def test_runtime_imports_no_torch():
     """Every module of neoxq.runtime and neoxq.core, and the CLI, imported: no torch/transformers."""
     code = (
