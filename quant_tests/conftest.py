@@ -7,6 +7,10 @@ Shared helpers live in helpers.py.
 
 from __future__ import annotations
 
+# llama.cpp's libraries before numpy and torch, as the CLI loads them: a CUDA build segfaults
+# loading a model otherwise (neoxq/runtime/__init__.py).
+import neoxq.runtime  # noqa: F401  isort: skip
+
 import functools
 import os
 from pathlib import Path

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from neoxq.core.machine import init_process  # noqa: E402
 
 init_process()
+import neoxq.runtime  # noqa: E402, F401  (llama.cpp's libraries before numpy and torch: neoxq/runtime/__init__.py)
+
 import benchlib  # noqa: E402
 
 
