@@ -31,7 +31,9 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from neoxq.core.machine import init_process  # noqa: E402
@@ -112,6 +114,59 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
         f"6.9B-shaped, {layers} layers, {windows} windows of {CTX}, {qtype}, --max-memory {budget}: peak RSS "
         f"{row['peak_rss_MiB']:.0f} MiB (estimate {row['estimate_MiB']:.0f}, first pass {'streamed' if plan.streamed else 'in memory'}), "
         f"{r['wall_s']:.0f} s ({row['per_layer_s']:.0f} s per layer: ~{row['extrapolated_32_layers_h']:.1f} h at 32 layers)"
+    )
+    out.unlink(missing_ok=True)
+    return row
+
+
+def twelve_b(work: Path, layers: int, windows: int, qtype: str) -> dict:
+    """Pythia-12B's widths cut to `layers` layers: convert, a plain report against the streamed fp32
+    reference, and `--optimize` with its first pass streamed. The report runs under the budget that
+    makes the cut stream as the whole model does under --max-memory 20GB (same planned peak: one
+    layer and the head's chunks); `--optimize` under 20GB. Peaks against the plans, and the times
+    per layer extrapolated to 36 layers."""
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.convert.reference import plan_reference
+    from neoxq.core.sizes import parse_size
+
+    h, n, heads = benchlib.SHAPES["12b"]
+    folder = benchlib.random_checkpoint((h, layers, heads, benchlib.VOCABS["12b"]))
+    whole = SimpleNamespace(config=benchlib.config_for("12b", 0), bytes_per_param=2)
+    ref36 = plan_reference(whole, CTX, windows, parse_size("20GB", "budget"))
+    budget = f"{-(-ref36.peak_bytes // 2**30) + 1}GiB"  # streams the cut at the whole model's peak
+    ref = plan_reference(open_checkpoint(str(folder)), CTX, windows, parse_size(budget, "budget"))
+    t0 = time.perf_counter()
+    f16 = benchlib.convert_f16(folder, work)
+    convert_s = time.perf_counter() - t0
+    calib, scored = texts(work, windows)
+    shutil.rmtree(work / "report-12b", ignore_errors=True)
+    cmd = [PY, "-m", "neoxq", "report", folder, "--text", scored, "--types", qtype, "--imatrix", "none", "--ctx", CTX]
+    rep = benchlib.run_child(cmd + ["--max-memory", budget, "-o", work / "report-12b", "--quiet"])
+    out = work / f"12b-{layers}-{qtype}-opt.gguf"
+    opt = benchlib.run_child([PY, "-c", CHILD, f16, qtype, calib, folder, "20GB", CTX, out])
+    plan = estimate(folder, windows, parse_size("20GB", "budget"), "streamed")
+    row = {
+        "layers": layers,
+        "windows": windows,
+        "type": qtype,
+        "convert_s": convert_s,
+        "report_budget": budget,
+        "report_mode": ref.mode,
+        "report_s": rep["wall_s"],
+        "report_peak_rss_MiB": rep["peak_rss_MiB"],
+        "report_estimate_MiB": ref.peak_bytes / 2**20,
+        "report_36_layers_estimate_MiB": ref36.peak_bytes / 2**20,
+        "optimize_s": opt["wall_s"],
+        "optimize_peak_rss_MiB": opt["peak_rss_MiB"],
+        "optimize_estimate_MiB": plan.peak / 2**20,
+        "checkpoint_GB_36_layers": benchlib.checkpoint_bytes("12b") / 1e9,
+    }
+    for k in ("report", "optimize"):  # upper bounds: the embedding and the head are included
+        row[f"{k}_extrapolated_36_layers_h"] = row[f"{k}_s"] / layers * n / 3600
+    print(
+        f"12B widths, {layers} layers: report ({ref.mode}, --max-memory {budget}) {row['report_s']:.0f} s, peak "
+        f"{row['report_peak_rss_MiB']:.0f} MiB (plan {row['report_estimate_MiB']:.0f}); --optimize {row['optimize_s']:.0f} s, "
+        f"peak {row['optimize_peak_rss_MiB']:.0f} MiB (plan {row['optimize_estimate_MiB']:.0f})"
     )
     out.unlink(missing_ok=True)
     return row
@@ -349,6 +404,17 @@ def markdown(data: dict) -> str:
                 f"| 6.9B widths | {r['layers']} | {r['windows']} | {r['type']} | {r['budget']} | {r['peak_rss_MiB']:.0f} ({r['estimate_MiB']:.0f}) | "
                 f"{r['wall_s']:.0f} | {r['per_layer_s']:.0f} | ~{r['extrapolated_32_layers_h']:.1f} h |",
             ]
+        elif r["part"] == "12b":
+            out += [
+                "\n| shape | layers | windows | type | step | budget | peak RSS MiB (plan) | s | at 36 layers |",
+                "|---|---:|---:|---|---|---|---:|---:|---:|",
+                f"| 12B widths | {r['layers']} | {r['windows']} | {r['type']} | convert | | | {r['convert_s']:.0f} | |",
+                f"| | | | | report, reference {r['report_mode']} | {r['report_budget']} | {r['report_peak_rss_MiB']:.0f} "
+                f"({r['report_estimate_MiB']:.0f}; 36 layers under 20GB: {r['report_36_layers_estimate_MiB']:.0f}) | "
+                f"{r['report_s']:.0f} | ~{r['report_extrapolated_36_layers_h']:.1f} h |",
+                f"| | | | | `--optimize`, first pass streamed | 20GB | {r['optimize_peak_rss_MiB']:.0f} ({r['optimize_estimate_MiB']:.0f}) | "
+                f"{r['optimize_s']:.0f} | ~{r['optimize_extrapolated_36_layers_h']:.1f} h |",
+            ]
         elif r["part"] == "floor":
             report = next((x["report_s"] for x in data["rows"] if x["part"] == "410m"), None)
             out += ["\n| arithmetic at the 410M shape | seconds at this machine's rates |", "|---|---:|"]
@@ -379,6 +445,7 @@ def main() -> None:
     parts = {"big": lambda: big(work, a.layers, a.windows, a.type, a.budget), "probe": lambda: probe_cost(work, a.layers, a.windows)}
     parts["410m"] = lambda: shape_410m(work, a.windows, a.type)
     parts["floor"] = lambda: floor(a.windows)
+    parts["12b"] = lambda: twelve_b(work, a.layers, a.windows, a.type)
     for name, run in parts.items():
         if name in a.parts.split(","):
             data["rows"].append({"part": name, **run()})

@@ -22,7 +22,9 @@ SHAPES = {  # Pythia's own sizes (hidden, layers, heads); intermediate = 4 × hi
     "410m": (1024, 24, 16),
     "1.4b": (2048, 24, 16),
     "6.9b": (4096, 32, 32),
+    "12b": (5120, 36, 40),
 }
+VOCABS = {"12b": 50688}  # where Pythia's padded vocabulary differs from VOCAB
 
 
 def run_record(argv: list[str]) -> dict:
@@ -103,8 +105,10 @@ def tokenizer_50k() -> Path:
     return folder
 
 
-def config_for(shape: str, n_tok: int, max_pos: int = 2048) -> dict:
-    h, layers, heads = SHAPES[shape] if shape in SHAPES else shape
+def config_for(shape: str | tuple[int, ...], n_tok: int, max_pos: int = 2048) -> dict:
+    """A shape is a name in SHAPES or (hidden, layers, heads[, vocabulary])."""
+    h, layers, heads, *vocab = SHAPES[shape] if shape in SHAPES else shape
+    vocab = vocab[0] if vocab else VOCABS.get(shape, VOCAB) if isinstance(shape, str) else VOCAB
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -112,7 +116,7 @@ def config_for(shape: str, n_tok: int, max_pos: int = 2048) -> dict:
         "num_attention_heads": heads,
         "num_hidden_layers": layers,
         "intermediate_size": 4 * h,
-        "vocab_size": VOCAB,
+        "vocab_size": vocab,
         "max_position_embeddings": max_pos,
         "rotary_pct": 0.25,
         "rotary_emb_base": 10000,
@@ -171,9 +175,9 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng) -> N
     tmp.replace(path)
 
 
-def random_checkpoint(shape: str | tuple[int, int, int], shards: int = 1) -> Path:
+def random_checkpoint(shape: str | tuple[int, ...], shards: int = 1) -> Path:
     """A Pythia-shaped checkpoint with random fp16 weights and the 50k tokenizer; cached."""
-    label = shape if isinstance(shape, str) else "x".join(map(str, shape))  # (hidden, layers, heads): another shape
+    label = shape if isinstance(shape, str) else "x".join(map(str, shape))  # (hidden, layers, heads[, vocabulary]): another shape
     folder = cache_dir() / (f"ckpt-{label}" + ("" if shards == 1 else f"-{shards}shards"))
     shapes = _tensor_shapes(config_for(shape, 0))
     names = list(shapes)
