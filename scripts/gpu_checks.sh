@@ -8,6 +8,10 @@
 #
 #   scripts/gpu_checks.sh LLAMA_CPP_PYTHON_SDIST.tar.gz WHEEL_DIR OUT_DIR [bench_gpu.py options]
 #
+# scripts/gpu_bundle.sh makes the archive and the wheels on a machine with an index. Optional
+# environment: SMOKE_GGUF (a small GGUF for the load probes), EXTRA_CMAKE, LLAMA_WHEEL (a wheel an
+# earlier run built: no build), BUILD_LIMIT, BENCH_LIMIT, TEST_LIMIT, SERVE_LIMIT (seconds).
+#
 # Each step has its own time limit and writes its log under OUT_DIR, so a step cut short leaves
 # what the earlier ones measured.
 set -uo pipefail
