@@ -33,17 +33,18 @@ endif
 demo: $(STAMP)
 	$(VENV)/bin/neoxq demo
 
-# Two workers, each test file on one of them (its module fixtures built once); the trained model is
-# built once and shared (quant_tests/conftest.py).
+# Two workers, each test file on one of them (its module fixtures built once), the files with the most
+# slow tests first in the order conftest.py gives; the trained model is built once and shared
+# (quant_tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest quant_tests -n 2 --dist loadfile
+	$(PY) -m pytest quant_tests -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check neoxq convert runtime quant_tests scripts
 	$(VENV)/bin/ruff format --check neoxq convert runtime quant_tests scripts
 
 test-fast: $(STAMP)
-	$(PY) -m pytest quant_tests -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest quant_tests -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 clean:
 	rm -rf build *.egg-info demo-out

@@ -375,47 +375,55 @@ def test_float32_flag_runs_every_pass_in_float32(trained, trained_f16, texts, tm
     assert OptimizeOptions("", fisher_bf16=True, stream_bf16=True).method.endswith("+fisher-bf16+quantized-stream-bf16")
 
 
-def test_report_optimize_rows_compared_with_stock(trained, texts, tmp_path):
+@pytest.fixture(scope="module")
+def opt_report(trained, texts, tmp_path_factory):
+    """`report --optimize` of two types run in this process: its text and report.json."""
     from neoxq.report import ReportOptions, run_report
 
-    (tmp_path / "t.txt").write_text(texts["eval"] + texts["calib"])
-    rj = run_report(str(trained), tmp_path / "t.txt", tmp_path / "r", ReportOptions(types="F16,Q4_K_M", ctx=128, optimize=True))
-    data = json.loads(rj.read_text())
-    rows = {r["type"]: r for r in data["results"]}
-    assert list(rows) == ["F16", "Q4_K_M", "Q4_K_M-opt"]
-    opt = rows["Q4_K_M-opt"]
+    folder = tmp_path_factory.mktemp("opt-report")
+    text = folder / "t.txt"
+    text.write_text(texts["eval"][:24000])  # a quarter calibrates, the rest is scored
+    return text, run_report(str(trained), text, folder / "r", ReportOptions(types="F16,Q4_K_M,Q2_K", ctx=128, optimize=True))
+
+
+def test_report_optimize_rows_compared_with_stock(trained, opt_report):
     from neoxq.optimize import OptimizeOptions
-
-    assert opt["optimize"]["method"] == OptimizeOptions("").resolved().method and opt["size_bytes"] - rows["Q4_K_M"]["size_bytes"] < 1024
-    assert opt["vs_stock"]["stock"] == "Q4_K_M" and opt["vs_stock"]["kld"]["verdict"] == "better"
-    md = (tmp_path / "r" / "report.md").read_text()
-    assert "| Q4_K_M-opt |" in md and "better" in md
-    # a rerun reuses the optimised file (same source, method, imatrix and calibration text)
-    stamp = (tmp_path / "r" / opt["file"]).stat().st_mtime_ns
-    run_report(str(trained), tmp_path / "t.txt", tmp_path / "r", ReportOptions(types="F16,Q4_K_M", ctx=128, optimize=True))
-    assert (tmp_path / "r" / opt["file"]).stat().st_mtime_ns == stamp
-
-
-def test_report_optimize_types_as_ray_tasks_give_the_local_files(trained, texts, tmp_path):
-    """`report --optimize --ray`: the types after the first optimised as Ray tasks, reading the first
-    one's calibration pass from the cache, write the very files and rows of the local run; --ray
-    without --optimize is refused in one line before any work (the contradiction)."""
-    pytest.importorskip("ray")
     from neoxq.report import ReportOptions, run_report
 
-    (tmp_path / "t.txt").write_text(texts["eval"] + texts["calib"])
+    text, rj = opt_report
+    rows = {r["type"]: r for r in json.loads(rj.read_text())["results"]}
+    assert list(rows) == ["F16", "Q4_K_M", "Q2_K", "Q4_K_M-opt", "Q2_K-opt"]
+    for t in ("Q4_K_M", "Q2_K"):
+        opt = rows[f"{t}-opt"]
+        assert opt["optimize"]["method"] == OptimizeOptions("").resolved().method and opt["size_bytes"] - rows[t]["size_bytes"] < 1024
+        assert opt["vs_stock"]["stock"] == t and opt["vs_stock"]["kld"]["verdict"] == "better"
+    md = (rj.parent / "report.md").read_text()
+    assert "| Q4_K_M-opt |" in md and "better" in md
+    # a rerun reuses the optimised files (same source, method, imatrix and calibration text)
+    stamps = {t: (rj.parent / rows[t]["file"]).stat().st_mtime_ns for t in ("Q4_K_M-opt", "Q2_K-opt")}
+    run_report(str(trained), text, rj.parent, ReportOptions(types="F16,Q4_K_M,Q2_K", ctx=128, optimize=True))
+    assert {t: (rj.parent / rows[t]["file"]).stat().st_mtime_ns for t in stamps} == stamps
+
+
+def test_report_optimize_types_as_ray_tasks_give_the_local_files(trained, opt_report, tmp_path):
+    """`report --optimize --ray`: the types after the first optimised as Ray tasks, reading the first
+    one's calibration pass from the cache (a cache of its own: nothing of the local run's), write
+    the very files and rows of the local run; --ray without --optimize is refused in one line before
+    any work (the contradiction)."""
+    pytest.importorskip("ray")
+
+    text, local = opt_report
     env = {"NEOXQ_CACHE": str(tmp_path / "cache")}
-    base = ("report", trained, "--text", tmp_path / "t.txt", "--types", "F16,Q4_K_M,Q2_K", "--ctx", "128", "--optimize", "--quiet")
+    base = ("report", trained, "--text", text, "--types", "F16,Q4_K_M,Q2_K", "--ctx", "128", "--optimize", "--quiet")
     ray = run_cli(*base, "--ray", "-o", tmp_path / "ray", env=env, timeout=900)
     assert ray.returncode == 0, ray.stderr
     assert len(list((tmp_path / "cache" / "calibration").glob("*.npz"))) == 1  # one pass for both types
-    local = run_report(str(trained), tmp_path / "t.txt", tmp_path / "local", ReportOptions(types="F16,Q4_K_M,Q2_K", ctx=128, optimize=True))
     rows = {r["type"]: r for r in json.loads(local.read_text())["results"]}
     ray_rows = {r["type"]: r for r in json.loads((tmp_path / "ray" / "report.json").read_text())["results"]}
     for t in ("Q4_K_M-opt", "Q2_K-opt"):
-        assert (tmp_path / "ray" / rows[t]["file"]).read_bytes() == (tmp_path / "local" / rows[t]["file"]).read_bytes(), t
+        assert (tmp_path / "ray" / rows[t]["file"]).read_bytes() == (local.parent / rows[t]["file"]).read_bytes(), t
         assert ray_rows[t]["kld_mean"] == rows[t]["kld_mean"]
-    refused = run_cli("report", trained, "--text", tmp_path / "t.txt", "--types", "Q4_K_M", "--ray", "-o", tmp_path / "no")
+    refused = run_cli("report", trained, "--text", text, "--types", "Q4_K_M", "--ray", "-o", tmp_path / "no")
     assert_one_line_error(refused, "add --optimize")
     assert not (tmp_path / "no").exists()
 
