@@ -97,8 +97,9 @@ def test_benchmark_tables_are_rendered_from_their_json(tmp_path):
 
 def test_frontier_takes_the_best_file_at_or_under_each_size():
     """bench_frontier: at each stock type's size, the lowest-KLD file of each side that fits (a few
-    hundred bytes of metadata over it still fits, a file one type larger does not); a side with
-    nothing that small gets no ratio (never one against a larger file: the negative control)."""
+    hundred bytes of metadata over it still fits, a file one type larger does not), a file in two
+    records as the first gives it; a side with nothing that small gets no ratio (never one against a
+    larger file: the negative control)."""
     spec = importlib.util.spec_from_file_location("bench_frontier", REPO / "scripts" / "bench_frontier.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -109,7 +110,10 @@ def test_frontier_takes_the_best_file_at_or_under_each_size():
     rows = [f("Q4_K_M", "stock", 1000_000, 4e-4), f("Q4_K_M", "opt", 1000_600, 4e-5), f("Q4_K_M", "ar200", 999_800, 2e-4)]
     rows += [f("Q2_K_S", "stock", 800_000, 2e-3), f("Q2_K_S", "opt", 800_600, 3e-4), f("Q2_K_S", "ar200", 799_800, 1e-3)]
     rows += [f("IQ2_XXS", "stock", 700_000, 3e-3), f("IQ2_XXS", "opt", 700_600, 5e-4)]
-    got = {r["type"]: r for r in mod.frontier(rows)}
+    older = [f("Q4_K_M", "stock", 1000_000, 4e-4), f("Q4_K_M", "opt", 1000_600, 1e-5)]  # an earlier record's
+    out = mod.frontier(rows + older)
+    assert len(out) == 3  # one row per stock type, however many records hold it
+    got = {r["type"]: r for r in out}
     assert got["Q4_K_M"]["ours"] == "Q4_K_M opt" and got["Q4_K_M"]["ar"] == "Q4_K_M ar200"
     assert got["Q4_K_M"]["vs_ar"]["ratio"] == 4e-5 / 2e-4 and got["Q4_K_M"]["vs_ar"]["verdict"] == "better"
     assert got["Q2_K_S"]["ours"] == "Q2_K_S opt" and got["Q2_K_S"]["ar"] == "Q2_K_S ar200"  # not Q4_K_M's, larger

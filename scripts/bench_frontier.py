@@ -11,7 +11,7 @@ metadata keys in which the files differ. Their KLD ratio has a 95 % interval fro
 standard errors over windows; it is unpaired, because the records keep no per-token values, and
 so wider than the paired one. "none" where AutoRound made no file that small.
 
-    .venv/bin/python scripts/bench_frontier.py RECORD.json... [--json out.json]
+    .venv/bin/python scripts/bench_frontier.py RECORD.json... [--json out.json]   # the newest record first
     .venv/bin/python scripts/bench_frontier.py --markdown out.json
 """
 
@@ -44,6 +44,9 @@ def ratio(a: dict, b: dict) -> dict:
 
 
 def frontier(rows: list[dict]) -> list[dict]:
+    """One row per model and stock type. A file (model, type, variant) in several records counts once,
+    as the first record given holds it: give the newest first."""
+    rows = list({(r["model"], r["type"], r["file"]): r for r in reversed(rows)}.values())[::-1]
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         files = [r for r in rows if r["model"] == model]
