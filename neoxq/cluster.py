@@ -82,30 +82,32 @@ def pin_threads(threads: int) -> None:
         pass
 
 
-def _optimize_one(ckpt, base: Built, qtype: QuantType, out_dir: str, calib: str, kw: dict, threads: int, quiet: bool) -> dict:
+def _optimize_one(ckpt, base: Built, qtype: QuantType, mix: bool, out_dir: str, calib: str, kw: dict, threads: int, quiet: bool) -> Built:
     set_quiet(quiet)
     pin_threads(threads)
-    return build_optimized(ckpt, base, [qtype], Path(out_dir), calib, **kw)
+    return build_optimized(ckpt, base, [qtype], Path(out_dir), calib, mix=mix, **kw)[qtype]
 
 
-def optimize_on_ray(ckpt, base: Built, types: list[QuantType], out_dir: Path, calib: str, address: str, on_step=None, **kw) -> dict[QuantType, Built]:
-    """build_optimized's files, the first type here and every other one a Ray task: the first makes
-    the calibration pass, which the tasks read from neoxq's cache (a shared NEOXQ_CACHE folder on a
-    cluster; a node without it makes the pass again, to the same bytes). The same files as made one
-    after another."""
-    types = [t for t in types if not t.is_float]
-    made = build_optimized(ckpt, base, types[:1], out_dir, calib, on_step=on_step, **kw)
-    if len(types) < 2:
-        return made  # nothing to spread
-    with ray_session(address) as (ray, nodes):
-        task = ray.remote(num_cpus=nodes.cpus, max_retries=3)(_optimize_one)
-        pending = {task.remote(ckpt, base, t, str(out_dir), calib, kw, nodes.cpus, is_quiet()): t for t in types[1:]}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            pending.pop(done[0])
-            got = ray.get(done[0])
-            made.update(got)
-            for built in got.values():
+def optimize_on_ray(
+    ckpt, base: Built, types: list[QuantType], out_dir: Path, calib: str, address: str, mixes=(False,), on_step=None, **kw
+) -> list[Built]:
+    """build_optimized's files for every type and each of `mixes` (False: <T>-opt, True:
+    <T>-opt-mix), in that order: the first here and every other one a Ray task of one Ray session.
+    The first makes the calibration pass, which the tasks read from neoxq's cache (a shared
+    NEOXQ_CACHE folder on a cluster; a node without it makes the pass again, to the same bytes). The
+    same files as made one after another."""
+    jobs = [(t, mix) for mix in mixes for t in types if not t.is_float]
+    if not jobs:
+        return []
+    first = build_optimized(ckpt, base, [jobs[0][0]], out_dir, calib, mix=jobs[0][1], on_step=on_step, **kw)[jobs[0][0]]
+    made = {jobs[0]: first}
+    if len(jobs) > 1:
+        with ray_session(address) as (ray, nodes):
+            task = ray.remote(num_cpus=nodes.cpus, max_retries=3)(_optimize_one)
+            pending = {task.remote(ckpt, base, t, mix, str(out_dir), calib, kw, nodes.cpus, is_quiet()): (t, mix) for t, mix in jobs[1:]}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                made[pending.pop(done[0])] = built = ray.get(done[0])
                 if on_step:
                     on_step(built)
-    return {t: made[t] for t in types}
+    return [made[j] for j in jobs]

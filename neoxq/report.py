@@ -445,13 +445,13 @@ def _build(run: _Run, bar) -> tuple[list, dict | None, object]:
         mixes = build_mixes(run.ckpt, base, run.types, run.out, run.calib, imatrix=im_path, ctx=run.opts.ctx, on_step=step)
         files += list(mixes.values())
     if run.opts.optimize:
-        for mix in (False, True) if run.opts.mix else (False,):
-            kw = {"imatrix": im_path, "ctx": run.opts.ctx, "on_step": step, "mix": mix, "max_memory": run.opts.max_memory}
-            if run.opts.ray:
-                opt = optimize_on_ray(run.ckpt, base, run.types, run.out, run.calib, run.opts.ray, **kw)
-            else:
-                opt = build_optimized(run.ckpt, base, run.types, run.out, run.calib, **kw)
-            files += list(opt.values())
+        mixes = (False, True) if run.opts.mix else (False,)
+        kw = {"imatrix": im_path, "ctx": run.opts.ctx, "on_step": step, "max_memory": run.opts.max_memory}
+        if run.opts.ray:
+            files += optimize_on_ray(run.ckpt, base, run.types, run.out, run.calib, run.opts.ray, mixes=mixes, **kw)
+        else:
+            for mix in mixes:
+                files += list(build_optimized(run.ckpt, base, run.types, run.out, run.calib, mix=mix, **kw).values())
     return files + _added(run, base.path, {f.label for f in files}), im_info, base
 
 

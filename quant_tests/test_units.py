@@ -659,3 +659,44 @@ def test_best_file_at_each_stock_size():
     # Q2_K-opt's extra metadata bytes do not count; Q3_K_M-opt is over Q2_K's bits per weight
     assert pairs == {"Q2_K": "Q2_K-opt", "Q4_K_M": "Q3_K_M-opt"}
     assert any("| Q4_K_M |" in line and "Q3_K_M-opt" in line for line in best_files_md(report))
+
+
+def test_report_ray_makes_opt_and_opt_mix_files_in_one_ray_session(monkeypatch):
+    """optimize_on_ray: the first file here, every other opt and opt-mix file a task of one Ray
+    session, returned in order; a single file starts no Ray (the negative control)."""
+    import contextlib
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from neoxq import cluster
+    from neoxq.core.qtypes import QuantType as Q
+
+    here, sessions = [], []
+
+    def build(ckpt, base, types, out_dir, calib, mix=False, on_step=None, **kw):
+        here.append((types[0], mix))
+        return {types[0]: f"{types[0].value}-{'opt-mix' if mix else 'opt'}"}
+
+    class Ray:  # runs a task at once; its "reference" is its result
+        def remote(self, **options):
+            return lambda fn: SimpleNamespace(remote=lambda *args: fn(*args))
+
+        def wait(self, refs, num_returns):
+            return refs[:num_returns], refs[num_returns:]
+
+        def get(self, ref):
+            return ref
+
+    @contextlib.contextmanager
+    def session(address):
+        sessions.append(address)
+        yield Ray(), cluster.Nodes(1, 0)
+
+    monkeypatch.setattr(cluster, "build_optimized", build)
+    monkeypatch.setattr(cluster, "ray_session", session)
+    monkeypatch.setattr(cluster, "pin_threads", lambda threads: None)
+    got = cluster.optimize_on_ray("ckpt", "base", [Q.F16, Q.Q4_K_M, Q.Q2_K], Path("o"), "text", "local", mixes=(False, True))
+    assert got == ["Q4_K_M-opt", "Q2_K-opt", "Q4_K_M-opt-mix", "Q2_K-opt-mix"] and sessions == ["local"]
+    assert here[0] == (Q.Q4_K_M, False) and len(here) == 4
+    sessions.clear()
+    assert cluster.optimize_on_ray("ckpt", "base", [Q.Q4_K_M], Path("o"), "text", "local") == ["Q4_K_M-opt"] and sessions == []
