@@ -17,9 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build is what this project expects; unpinned pulls CUDA wheels.
-	# --no-compile: the modules a run imports are byte-compiled then, not the tens of thousands
-	# that torch, ray and transformers install (docs/benchmarks.md, "The test suite").
-	$(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0
 	@echo "neoxq: installing llama-cpp-python; the first time it compiles llama.cpp from source, which takes" >&2
 	@echo "       about 5 minutes on 2 cores (20 with CUDA) and prints nothing meanwhile. Later installs reuse pip's cache." >&2
 ifeq ($(CUDA),1)
@@ -27,7 +25,7 @@ ifeq ($(CUDA),1)
 	CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER=$(NVCC) $(if $(CUDA_ARCH),-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)) -DLLAVA_BUILD=OFF" \
 		$(PY) -m pip install -q --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
 endif
-	$(PY) -m pip install -q --no-compile -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)
