@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+
+from neoxq.core.stats import ratio_of_means  # noqa: E402
 
 SLACK = 4096  # bytes: provenance and file-type keys (opt files carry a few hundred more than stock's)
 NEOXQ_FILES = ("stock", "stock+im", "mix", "opt", "opt-mix")
@@ -33,14 +34,6 @@ NEOXQ_FILES = ("stock", "stock+im", "mix", "opt", "opt-mix")
 def _best(files: list[dict], limit: int) -> dict | None:
     fitting = [f for f in files if f["size_bytes"] <= limit + SLACK and f.get("kld_se_window")]
     return min(fitting, key=lambda f: f["kld"], default=None)
-
-
-def ratio(a: dict, b: dict) -> dict:
-    """a's KLD over b's with a 95 % interval from the two standard errors (delta method, log scale)."""
-    r = a["kld"] / b["kld"]
-    s = math.hypot(a["kld_se_window"] / a["kld"], b["kld_se_window"] / b["kld"])
-    lo, hi = r * math.exp(-1.96 * s), r * math.exp(1.96 * s)
-    return {"ratio": r, "ci95": [lo, hi], "verdict": "better" if hi < 1 else "worse" if lo > 1 else "tie"}
 
 
 def frontier(rows: list[dict]) -> list[dict]:
@@ -56,7 +49,8 @@ def frontier(rows: list[dict]) -> list[dict]:
         for s in stock:
             best, ar = _best(ours, s["size_bytes"]), _best(theirs, s["size_bytes"])
             row = {"model": model, "type": s["type"], "size_bytes": s["size_bytes"], "ours": _name(best), "ours_kld": best["kld"]}
-            row |= {"ar": _name(ar), "ar_kld": ar["kld"] if ar else None, "vs_ar": ratio(best, ar) if ar else None}
+            vs = ratio_of_means(best["kld"], best["kld_se_window"], ar["kld"], ar["kld_se_window"]) if ar else None
+            row |= {"ar": _name(ar), "ar_kld": ar["kld"] if ar else None, "vs_ar": vs}
             out.append(row)
     return out
 

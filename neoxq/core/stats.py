@@ -139,6 +139,16 @@ def _verdict(lo: float, hi: float, lower_is_better: bool = True) -> str:
     return "not distinguishable"
 
 
+def ratio_of_means(a: float, se_a: float, b: float, se_b: float) -> dict:
+    """a / b for two means known only with their standard errors (no per-token values to pair):
+    a 95 % interval from the log-ratio's error (delta method, the two errors independent, so wider
+    than a paired interval where the files were scored on the same tokens) and its verdict."""
+    se = math.hypot(se_a / a, se_b / b)
+    r = a / b
+    lo, hi = r * math.exp(-Z95 * se), r * math.exp(Z95 * se)
+    return {"ratio": r, "ci95": [lo, hi], "se_ln": se, "verdict": _verdict(lo, hi)}
+
+
 def _ratio(value_ln: float, influence: np.ndarray, per_window: int) -> dict:
     """A ratio from its log and the log's influence: 95 % interval from the per-window error."""
     se, se_w = standard_errors(influence, per_window)
