@@ -128,8 +128,8 @@ def twelve_b(work: Path, layers: int, windows: int, qtype: str) -> dict:
     from neoxq.convert.reference import plan_reference
     from neoxq.core.sizes import parse_size
 
-    h, n, heads = benchlib.SHAPES["12b"]
-    folder = benchlib.random_checkpoint((h, layers, heads, benchlib.VOCABS["12b"]))
+    h, n, heads, vocab = benchlib.SHAPES["12b"]
+    folder = benchlib.random_checkpoint((h, layers, heads, vocab))
     whole = SimpleNamespace(config=benchlib.config_for("12b", 0), bytes_per_param=2)
     ref36 = plan_reference(whole, CTX, windows, parse_size("20GB", "budget"))
     budget = f"{-(-ref36.peak_bytes // 2**30) + 1}GiB"  # streams the cut at the whole model's peak

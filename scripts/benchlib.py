@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 
 VOCAB = 50304  # Pythia's padded embedding rows
-SHAPES = {  # Pythia's own sizes (hidden, layers, heads); intermediate = 4 × hidden
+SHAPES = {  # Pythia's own sizes (hidden, layers, heads[, vocabulary when not VOCAB]); intermediate = 4 × hidden
     "70m": (512, 6, 8),
     "160m": (768, 12, 12),
     "410m": (1024, 24, 16),
     "1.4b": (2048, 24, 16),
     "6.9b": (4096, 32, 32),
-    "12b": (5120, 36, 40),
+    "12b": (5120, 36, 40, 50688),
 }
-VOCABS = {"12b": 50688}  # where Pythia's padded vocabulary differs from VOCAB
 
 
 def run_record(argv: list[str]) -> dict:
@@ -108,7 +107,7 @@ def tokenizer_50k() -> Path:
 def config_for(shape: str | tuple[int, ...], n_tok: int, max_pos: int = 2048) -> dict:
     """A shape is a name in SHAPES or (hidden, layers, heads[, vocabulary])."""
     h, layers, heads, *vocab = SHAPES[shape] if shape in SHAPES else shape
-    vocab = vocab[0] if vocab else VOCABS.get(shape, VOCAB) if isinstance(shape, str) else VOCAB
+    vocab = vocab[0] if vocab else VOCAB
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -221,7 +220,7 @@ def trained_50k(steps: int = 120, shape: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / f, folder / f)
-    hidden, layers, heads = SHAPES[shape] if shape else (256, 4, 4)
+    hidden, layers, heads, *_ = SHAPES[shape] if shape else (256, 4, 4)
     spec = TinySpec(
         hidden_size=hidden,
         num_hidden_layers=layers,
