@@ -700,3 +700,20 @@ def test_report_ray_makes_opt_and_opt_mix_files_in_one_ray_session(monkeypatch):
     assert here[0] == (Q.Q4_K_M, False) and len(here) == 4
     sessions.clear()
     assert cluster.optimize_on_ray("ckpt", "base", [Q.Q4_K_M], Path("o"), "text", "local") == ["Q4_K_M-opt"] and sessions == []
+
+
+def test_progress_eta_is_the_remaining_work_at_the_average_rate_since_the_start(monkeypatch):
+    """Steps a minute apart (a large model's layers) still give an estimate, from the first step on."""
+    from neoxq.core import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = progress.Progress("rounding", 10, "matmuls")
+    assert bar.eta() is None  # negative control: no step, no estimate
+    clock[0] += 60.0
+    bar.update(2)
+    assert bar.eta() == pytest.approx(8 * 30.0)
+    clock[0] += 240.0
+    bar.update(8)
+    assert bar.eta() == 0.0
+    assert progress._clock(3725.4) == "1:02:05" and progress._clock(None) == "-:--:--"

@@ -3,14 +3,19 @@
 Quiet is one process-wide switch (`set_quiet`), set once by the CLI; library code never threads a
 `quiet` argument through its signatures. Bars are rich's (percentage, rate, ETA), drawn on stderr
 only when stderr is a terminal.
+
+The ETA is the bar's remaining work at the average rate since the bar started, not rich's rate
+over its last 30 seconds: a bar whose steps take minutes (a layer of a large model) would otherwise
+show no estimate at all, and one whose steps differ in size (the matmuls of a layer) a jumpy one.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn
 from rich.progress import Progress as RichProgress
 
 _quiet = False
@@ -43,7 +48,8 @@ class Progress:
     """
 
     def __init__(self, label: str, total: int, unit: str = ""):
-        self.total, self.unit = total, unit
+        self.label, self.total, self.unit = label, total, unit
+        self.done, self._start = 0, time.monotonic()
         self._bar = None
         if not interactive():
             return
@@ -56,24 +62,31 @@ class Progress:
             MofNCompleteColumn(),
             TextColumn(unit),
             TextColumn("{task.fields[rate]}"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             TextColumn("{task.fields[note]}"),
             console=Console(stderr=True),
             transient=False,
         )
         self._bar.start()
-        self._task = self._bar.add_task(label, total=total, rate="", note="")
+        self._task = self._bar.add_task(label, total=total, rate="", note="", eta="-:--:--")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+    def eta(self) -> float | None:
+        """Seconds left at the average rate since the bar started; None before the first step."""
+        if self.done <= 0:
+            return None
+        return max(self.total - self.done, 0) * self.elapsed() / self.done
 
     def update(self, n: int = 1, nbytes: int = 0, note: str = "") -> None:
+        self.done += n
         if self._bar is None:
             return
         self._bytes += nbytes
-        task = self._bar.tasks[0]
-        elapsed = max(task.elapsed or 0.0, 1e-9)
-        done = task.completed + n
-        rate = f"{self._bytes / elapsed / 1e6:.1f} MB/s" if self._bytes else f"{done / elapsed:.1f} {self.unit}/s"
-        self._bar.update(self._task, advance=n, rate=rate, note=note)
+        elapsed = max(self.elapsed(), 1e-9)
+        rate = f"{self._bytes / elapsed / 1e6:.1f} MB/s" if self._bytes else f"{self.done / elapsed:.1f} {self.unit}/s"
+        self._bar.update(self._task, advance=n, rate=rate, note=note, eta=_clock(self.eta()))
 
     def close(self) -> None:
         if self._bar is not None:
@@ -85,3 +98,10 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
