@@ -28,9 +28,15 @@ random fp16 weights and the 50k vocabulary:
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
+import os
+import random
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,18 +63,40 @@ def texts(work: Path, windows: int) -> tuple[Path, Path]:
 
 
 # the library call `neoxq quantize --optimize --max-memory` makes, with the first pass streamed as
-# it is at 32 layers (a 2-layer cut's fp32 model would fit the budget and be kept in memory)
+# it is at 32 layers (a 2-layer cut's fp32 model would fit the budget and be kept in memory); every
+# progress step is logged with the ETA a person watching the bar is shown at that moment
 CHILD = r"""
-import json, sys
+import json, sys, time
 from neoxq.core.machine import init_process
 init_process()
+from neoxq.core import progress
 from neoxq.core.sizes import parse_size
 from neoxq.core.textfile import read_text
 from neoxq.optimize import OptimizeOptions, quantize_optimized
-f16, qtype, calib, ref, budget, ctx, out = sys.argv[1:8]
+f16, qtype, calib, ref, budget, ctx, out, eta_log = sys.argv[1:9]
+log, step = open(eta_log, "a"), progress.Progress.update
+def logged(self, n=1, nbytes=0, note=""):
+    step(self, n, nbytes, note)
+    log.write(json.dumps({"t": time.time(), "label": self.label, "done": self.done, "total": self.total, "eta_s": self.eta()}) + "\n")
+    log.flush()
+progress.Progress.update = logged
 opts = OptimizeOptions(read_text(calib), reference=ref, ctx=int(ctx), max_memory=parse_size(budget, "budget"), first_pass="streamed")
 print(json.dumps(quantize_optimized(f16, qtype, opts, output=out, force=True).as_json()))
 """
+
+
+def eta_truth(eta_log: Path, started: float) -> list[dict]:
+    """For each progress bar of the run: the ETA it showed at its first step and at a quarter, half
+    and three quarters of its steps, against the time that bar really had left."""
+    steps = [json.loads(line) for line in eta_log.read_text().splitlines()]
+    rows = []
+    for label in dict.fromkeys(s["label"] for s in steps):
+        mine = [s for s in steps if s["label"] == label]
+        end = mine[-1]["t"]
+        for frac in (0.0, 0.25, 0.5, 0.75):
+            s = next(x for x in mine if x["done"] >= max(1, frac * x["total"]))
+            rows.append({"bar": label, "at_s": s["t"] - started, "done": s["done"], "total": s["total"], "eta_s": s["eta_s"], "left_s": end - s["t"]})
+    return rows
 
 
 def estimate(folder: Path, windows: int, budget: int, first_pass: str = "auto"):
@@ -79,7 +107,9 @@ def estimate(folder: Path, windows: int, budget: int, first_pass: str = "auto"):
     return optimize_plan(GPTNeoXArgs.from_config(open_checkpoint(str(folder)).config), CTX, windows, budget, first_pass)
 
 
-def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
+def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bool) -> dict:
+    """The uninterrupted run (its time, peak and ETAs, from an empty cache); with `kill`, the same
+    command again, SIGKILLed inside a random layer, then rerun: it must resume and give the same bytes."""
     from neoxq.core.sizes import parse_size
 
     folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
@@ -92,8 +122,12 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
 
     plan32 = optimize_plan(GPTNeoXArgs.from_config(full), CTX, 32, parse_size(budget, "--budget"))
     print(f"estimate at 32 layers and 32 windows: {plan32.peak / 2**20:.0f} MiB, first pass {'streamed' if plan32.streamed else 'in memory'}")
-    out = work / f"big-{layers}-{qtype}-opt.gguf"
-    r = benchlib.run_child([PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX, out])
+    cache, out, eta_log = work / f"cache-{layers}", work / f"big-{layers}-{qtype}-opt.gguf", work / f"eta-{layers}.jsonl"
+    shutil.rmtree(cache, ignore_errors=True)
+    eta_log.unlink(missing_ok=True)
+    cmd, env = [PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX], {"NEOXQ_CACHE": str(cache)}
+    started = time.time()
+    r = benchlib.run_child([*cmd, out, eta_log], env=env)
     res = json.loads(r["stdout"].strip().splitlines()[-1])
     row = {
         "layers": layers,
@@ -106,6 +140,7 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
         "wall_s": r["wall_s"],
         "size_bytes": res["size_bytes"],
         "estimate_32_layers_32_windows_MiB": plan32.peak / 2**20,
+        "eta": eta_truth(eta_log, started),
     }
     row["per_layer_s"] = r["wall_s"] / layers  # an upper bound: the embedding and output matrix are included
     row["extrapolated_32_layers_h"] = row["per_layer_s"] * BIG[1] / 3600
@@ -114,8 +149,53 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str) -> dict:
         f"{row['peak_rss_MiB']:.0f} MiB (estimate {row['estimate_MiB']:.0f}, first pass {'streamed' if plan.streamed else 'in memory'}), "
         f"{r['wall_s']:.0f} s ({row['per_layer_s']:.0f} s per layer: ~{row['extrapolated_32_layers_h']:.1f} h at 32 layers)"
     )
+    if kill:
+        row["resume"] = killed_and_resumed(cmd, env, work / f"big-{layers}-{qtype}-resumed.gguf", out, layers, work)
     out.unlink(missing_ok=True)
     return row
+
+
+def killed_and_resumed(cmd: list, env: dict, out: Path, whole: Path, layers: int, work: Path) -> dict:
+    """Start `cmd` again (the first pass now read from the cache the whole run wrote), SIGKILL it
+    inside a layer drawn at random once that layer's rounding has begun, rerun it to the end and
+    compare its file with the uninterrupted run's."""
+    from neoxq.convert.calibrate import STAGES
+
+    per_layer = sum(len(s) for s in STAGES)
+    layer = random.SystemRandom().randrange(1, layers) if layers > 1 else 0
+    eta_log = work / f"eta-{layers}-killed.jsonl"
+    eta_log.unlink(missing_ok=True)
+    proc = subprocess.Popen([*map(str, cmd), str(out), str(eta_log)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    done = 0
+    while proc.poll() is None:
+        steps = [json.loads(x) for x in eta_log.read_text().splitlines()] if eta_log.exists() else []
+        done = max((s["done"] for s in steps if s["label"].startswith("rounding")), default=0)
+        if done > layer * per_layer:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    killed_at = proc.wait()
+    layer = done // per_layer  # the layer it was rounding when killed (its matmuls done: done % per_layer)
+    resumed_log = work / f"eta-{layers}-resumed.jsonl"
+    resumed_log.unlink(missing_ok=True)
+    started = time.time()
+    r = benchlib.run_child([*cmd, out, resumed_log], env=env)
+    totals = [json.loads(x)["total"] for x in resumed_log.read_text().splitlines() if json.loads(x)["label"].startswith("rounding")]
+    same = filecmp.cmp(out, whole, shallow=False)
+    res = {
+        "killed_in_layer": layer,
+        "killed_rc": killed_at,
+        "resumed_from_layer": layers - (totals[0] - 1) // per_layer,
+        "resumed_wall_s": r["wall_s"],
+        "resumed_peak_rss_MiB": r["peak_rss_MiB"],
+        "byte_identical": same,
+        "eta": eta_truth(resumed_log, started),
+    }
+    print(
+        f"SIGKILL inside layer {layer} (rc {killed_at}); the rerun resumed from layer {res['resumed_from_layer']} in {r['wall_s']:.0f} s; byte-identical: {same}"
+    )
+    out.unlink(missing_ok=True)
+    return res
 
 
 def twelve_b(work: Path, layers: int, windows: int, qtype: str) -> dict:
@@ -140,7 +220,7 @@ def twelve_b(work: Path, layers: int, windows: int, qtype: str) -> dict:
     cmd = [PY, "-m", "neoxq", "report", folder, "--text", scored, "--types", qtype, "--imatrix", "none", "--ctx", CTX]
     rep = benchlib.run_child(cmd + ["--max-memory", budget, "-o", work / "report-12b", "--quiet"])
     out = work / f"12b-{layers}-{qtype}-opt.gguf"
-    opt = benchlib.run_child([PY, "-c", CHILD, f16, qtype, calib, folder, "20GB", CTX, out])
+    opt = benchlib.run_child([PY, "-c", CHILD, f16, qtype, calib, folder, "20GB", CTX, out, work / "eta-12b.jsonl"])
     plan = estimate(folder, windows, parse_size("20GB", "budget"), "streamed")
     row = {
         "layers": layers,
@@ -382,6 +462,16 @@ def floor(windows: int) -> dict:
     return {"windows": windows, "rates_gflops": {k: v / 1e9 for k, v in rates.items()}, "stages_s": stages, "floor_s": total}
 
 
+def _eta_table(rows: list[dict], run: str) -> list[str]:
+    if not rows:
+        return []
+    out = [f"\n| progress bar ({run}) | at s | steps done | ETA shown s | really left s |", "|---|---:|---:|---:|---:|"]
+    for e in rows:
+        eta = "—" if e["eta_s"] is None else f"{e['eta_s']:.0f}"
+        out.append(f"| {e['bar']} | {e['at_s']:.0f} | {e['done']} / {e['total']} | {eta} | {e['left_s']:.0f} |")
+    return out
+
+
 def markdown(data: dict) -> str:
     """A table per part the run measured."""
     out = []
@@ -400,6 +490,15 @@ def markdown(data: dict) -> str:
                 f"| 6.9B widths | {r['layers']} | {r['windows']} | {r['type']} | {r['budget']} | {r['peak_rss_MiB']:.0f} ({r['estimate_MiB']:.0f}) | "
                 f"{r['wall_s']:.0f} | {r['per_layer_s']:.0f} | ~{r['extrapolated_32_layers_h']:.1f} h |",
             ]
+            out += _eta_table(r.get("eta", []), "the uninterrupted run")
+            k = r.get("resume")
+            if k:
+                out.append(
+                    f"\nSIGKILL inside layer {k['killed_in_layer']} of a second run; the rerun resumed from layer "
+                    f"{k['resumed_from_layer']} and took {k['resumed_wall_s']:.0f} s (peak {k['resumed_peak_rss_MiB']:.0f} MiB); "
+                    f"its file is {'byte-identical to' if k['byte_identical'] else 'DIFFERENT from'} the uninterrupted run's."
+                )
+                out += _eta_table(k["eta"], "the resumed run")
         elif r["part"] == "12b":
             out += [
                 "\n| shape | layers | windows | type | step | budget | peak RSS MiB (plan) | s | at 36 layers |",
@@ -431,6 +530,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--budget", default="8GB")
+    ap.add_argument("--kill", action="store_true", help="big: also SIGKILL a second run inside a random layer and resume it")
     benchlib.add_record_args(ap)
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
@@ -438,7 +538,7 @@ def main() -> None:
     work = benchlib.cache_dir() / "optimize-scale"
     work.mkdir(exist_ok=True)
     data = benchlib.run_record(sys.argv)
-    parts = {"big": lambda: big(work, a.layers, a.windows, a.type, a.budget), "probe": lambda: probe_cost(work, a.layers, a.windows)}
+    parts = {"big": lambda: big(work, a.layers, a.windows, a.type, a.budget, a.kill), "probe": lambda: probe_cost(work, a.layers, a.windows)}
     parts["410m"] = lambda: shape_410m(work, a.windows, a.type)
     parts["floor"] = lambda: floor(a.windows)
     parts["12b"] = lambda: twelve_b(work, a.layers, a.windows, a.type)
