@@ -35,7 +35,7 @@ demo: $(STAMP)
 # slow tests first in the order conftest.py gives; the trained model is built once and shared
 # (quant_tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest quant_tests -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest quant_tests -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check neoxq convert runtime quant_tests scripts

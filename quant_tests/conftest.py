@@ -95,6 +95,21 @@ def train_once(root: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """neoxq's cache (NEOXQ_CACHE) in the run's own folder, shared by its workers as one machine's
+    processes share it, never the user's ~/.cache/neoxq: no entry left by an earlier run or
+    another checkout stands in for this code's work, and every run starts as cold as a new
+    machine. Tests that need a cache of their own still set one."""
+    before = os.environ.get("NEOXQ_CACHE")
+    os.environ["NEOXQ_CACHE"] = str(shared_dir(tmp_path_factory) / "neoxq-cache")
+    yield
+    if before is None:
+        os.environ.pop("NEOXQ_CACHE", None)
+    else:
+        os.environ["NEOXQ_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
     return train_once(shared_dir(tmp_path_factory))
