@@ -150,6 +150,7 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
         f"{r['wall_s']:.0f} s ({row['per_layer_s']:.0f} s per layer: ~{row['extrapolated_32_layers_h']:.1f} h at 32 layers)"
     )
     if kill:
+        print("the uninterrupted run's row:", json.dumps(row), flush=True)  # kept should the second run be stopped
         row["resume"] = killed_and_resumed(cmd, env, work / f"big-{layers}-{qtype}-resumed.gguf", out, layers, work)
     out.unlink(missing_ok=True)
     return row
