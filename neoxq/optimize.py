@@ -58,7 +58,7 @@ from neoxq.core.resume import ResumeState
 from neoxq.core.textfile import text_sha256
 from neoxq.equalized import equalized_source
 from neoxq.mix import check_written, plan_mix
-from neoxq.rewrite import rewrite_embedding, rewrite_sequential
+from neoxq.rewrite import put_back, rewrite_embedding, rewrite_sequential
 from neoxq.runtime.quantize import check_quantizable, default_output, quantize, summarize
 
 METHOD = "gptq-sequential-asymmetric-on-llama.cpp-grids"
@@ -160,6 +160,12 @@ def _run_job(job: ResumeState, src: GGUFInfo, ckpt, qtype: QuantType, opts: Opti
         state = _first_stage(src, ckpt, qtype, opts, label, job, streamed)
     else:
         say(f"resuming --optimize from layer {state['layers_done']} (a killed run's work in {job.folder})")
+        put_back(job.file, job.originals.kept(), state["layers_done"])
+
+    def finished(k: int) -> None:
+        job.save({**state, "layers_done": k})
+        job.originals.forget()
+
     with _saved_fisher(job.folder, opts.qkv_fisher) as fisher:
         done = rewrite_sequential(
             job.file,
@@ -168,8 +174,9 @@ def _run_job(job: ResumeState, src: GGUFInfo, ckpt, qtype: QuantType, opts: Opti
             windows,
             opts,
             state["layers_done"],
-            on_layer=lambda k: job.save({**state, "layers_done": k}),
+            on_layer=finished,
             output_fisher=fisher,
+            originals=job.originals,
         )
     state["tensors"] += [r.as_json() for r in done]
     return state, resumed

@@ -63,9 +63,9 @@ class _LayerRounding:
     """The callbacks sequential_calibration calls, over the work file held open: the values it
     holds now, and the rounding of one matmul (its levels and bias written in place)."""
 
-    def __init__(self, f: TensorFile, src: GGUFInfo, opts, head_rows: np.ndarray, output_fisher, on_layer):
+    def __init__(self, f: TensorFile, src: GGUFInfo, opts, head_rows: np.ndarray, output_fisher, on_layer, originals=None):
         self.f, self.src, self.opts, self.head_rows = f, src, opts, head_rows
-        self.output_fisher, self.on_layer = output_fisher, on_layer
+        self.output_fisher, self.on_layer, self.originals = output_fisher, on_layer, originals
         self.done: list[TensorRounding] = []
 
     def _bias(self, name: str):
@@ -85,6 +85,8 @@ class _LayerRounding:
             return self.current(name)
         tb, opts = self._bias(name), self.opts
         raw = self.f.read(t).reshape(-1, fmt.size)
+        if self.originals is not None:  # before any byte of it changes (neoxq.core.resume.Originals)
+            self.originals.keep(name, weight=raw, **({} if tb is None else {"bias": self.f.read(tb)}))
         b = None if tb is None else self.f.read(tb).view(np.float32).astype(np.float64)
         some = error_rows(t.shape[0])
         e_old = gptq.asymmetric_error(dequantized_rows(fmt, raw, t.shape, some), at(b, some), mom.rows(some))
@@ -108,17 +110,18 @@ class _LayerRounding:
 
 
 def rewrite_sequential(
-    path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts, start_layer: int = 0, on_layer=None, output_fisher=None
+    path: Path, src: GGUFInfo, ckpt, windows: np.ndarray, opts, start_layer: int = 0, on_layer=None, output_fisher=None, originals=None
 ) -> list[TensorRounding]:
     """Every layer matmul and the output matrix of the file at `path`, rounded in order on the
     quantized model's own inputs against the fp32 outputs, their F32 biases re-solved; levels and
-    biases written in place. Layers below `start_layer` are taken as written (a resumed run).
+    biases written in place, each tensor's former bytes handed to `originals` first (a
+    neoxq.core.resume.Originals). Layers below `start_layer` are taken as written (a resumed run).
     output_fisher: attention QKV matrices' output Fisher per head (their rows are rounded coupled,
     gptq.RowCoupling). opts: the OptimizeOptions (act_order, damp, stream_bf16)."""
     args = GPTNeoXArgs.from_config(ckpt.config)
     head_rows = interleave_qkv(np.arange(3 * args.hidden_size), args).reshape(args.num_attention_heads, -1)  # GGUF rows of each head's q, k, v
     with TensorFile(path) as f:
-        r = _LayerRounding(f, src, opts, head_rows, output_fisher or {}, on_layer)
+        r = _LayerRounding(f, src, opts, head_rows, output_fisher or {}, on_layer, originals)
         inputs_q = r.current(EMBEDDING)[0][windows]  # the quantized model's inputs; the whole embedding is let go
         sequential_calibration(
             ckpt,
@@ -133,3 +136,15 @@ def rewrite_sequential(
             bf16=bool(opts.stream_bf16),
         )
     return r.done
+
+
+def put_back(path: Path, originals: dict[str, dict[str, np.ndarray]], layers_done: int) -> None:
+    """The tensors of the layers a killed run had not finished (and of the output matrix), written
+    back as they were before it changed them; those of finished layers stay as written."""
+    with TensorFile(path) as f:
+        for name, arrays in originals.items():
+            if name.startswith("blk.") and int(name.split(".")[1]) < layers_done:
+                continue
+            f.write(f.tensor(name), arrays["weight"])
+            if "bias" in arrays:
+                f.write(f.tensor(name.replace(".weight", ".bias")), arrays["bias"])

@@ -428,10 +428,10 @@ def test_report_optimize_types_as_ray_tasks_give_the_local_files(trained, opt_re
     assert not (tmp_path / "no").exists()
 
 
-def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path):
-    """--optimize --mix: a measured mix among the types neoxq re-rounds (same sensitivities as --mix
-    alone with the same imatrix), levels chosen against the model's output; lower held-out KLD than
-    the mix alone, within the same budget."""
+def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path, monkeypatch):
+    """--optimize --mix: a measured mix among the types neoxq re-rounds (the very sensitivities of
+    --mix alone with the same imatrix: one cache entry serves both), levels chosen against the
+    model's output; lower held-out KLD than the mix alone, within the same budget."""
     from neoxq.convert.imatrix import compute_imatrix
     from neoxq.core.imatrix_io import write_imatrix
     from neoxq.core.stats import compare
@@ -441,10 +441,9 @@ def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path
     from neoxq.runtime.model import NeoxModel, RuntimeOptions
     from neoxq.runtime.score import GGUFReference, kld
 
+    monkeypatch.setenv("NEOXQ_CACHE", str(tmp_path / "c"))
     im = write_imatrix(tmp_path / "im.gguf", compute_imatrix(str(trained), texts["calib"], ctx=128, include_output=True))
-    mix = quantize_mix(
-        trained_f16, "Q4_K_M", MixOptions(texts["calib"], ctx=128, cache_dir=tmp_path / "mc"), output=tmp_path / "mix.gguf", imatrix=im
-    )
+    mix = quantize_mix(trained_f16, "Q4_K_M", MixOptions(texts["calib"], ctx=128), output=tmp_path / "mix.gguf", imatrix=im)
     om = quantize_optimized(
         trained_f16,
         "Q4_K_M",
@@ -452,6 +451,7 @@ def test_optimized_mix_beats_the_mix_alone(trained, trained_f16, texts, tmp_path
         output=tmp_path / "om.gguf",
     )
     assert om.label == "Q4_K_M-opt-mix"
+    assert len(list((tmp_path / "c" / "mix").glob("sensitivity-*.json"))) == 1  # probed once, for both
     # the plan may only choose types neoxq re-rounds (any other would keep llama.cpp's error)
     assert set(om.extra["mix"]["types"].values()) <= set(MIX_TYPES)
     # and is not judged by llama.cpp's rounding of its types, which this file does not have (--mix's guard)
@@ -481,9 +481,26 @@ def _kill_at_layer(folder, layer: int, sig: str):
     return str(folder)
 
 
+def _kill_inside_layer(folder, layer: int):
+    """A sitecustomize that SIGKILLs its own process inside `layer`, once the first matmul of it
+    has been rewritten in place (and flushed to the file, as a large write would be)."""
+    from neoxq.convert.calibrate import STAGES
+
+    calls = layer * sum(len(s) for s in STAGES) + 1
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import os, signal\nimport neoxq.rewrite as r\n_rq = r._LayerRounding.requantize\nn = [0]\n"
+        "def requantize(self, name, mom):\n    out = _rq(self, name, mom)\n    n[0] += 1\n"
+        f"    if n[0] == {calls}:\n        self.f.flush()\n        os.kill(os.getpid(), signal.SIGKILL)\n    return out\n"
+        "r._LayerRounding.requantize = requantize\n"
+    )
+    return str(folder)
+
+
 def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(trained, trained_f16, texts, tmp_path):
-    """SIGKILL after layer 1: no output, the work kept; the rerun says it resumes from layer 1 and
-    writes the very bytes an uninterrupted run writes, then removes the work. A run that reads the
+    """SIGKILL inside layer 1, its first matmul already rewritten in place: no output, the work
+    kept; the rerun says it resumes from layer 1, puts that matmul back as it was, and writes the
+    very bytes an uninterrupted run writes, then removes the work. A run that reads the
     first pass's cached statistics writes those bytes too. Ctrl-C: exit 130, no
     output, no work left (negative control: the kill really stopped a run that would have finished)."""
     (tmp_path / "c.txt").write_text(texts["calib"][:6000])  # a few windows: four runs
@@ -496,9 +513,10 @@ def test_killed_optimize_resumes_from_its_last_layer_and_ctrl_c_leaves_nothing(t
     assert len(list((tmp_path / "cache" / "calibration").glob("*.npz"))) == 1
     assert run_cli(*base, "-o", tmp_path / "again.gguf", "--quiet", env=env).returncode == 0
     assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "full.gguf").read_bytes()
-    killed = run_cli(*base, "-o", tmp_path / "k.gguf", env={**env, "PYTHONPATH": _kill_at_layer(tmp_path / "k", 1, "SIGKILL")})
+    killed = run_cli(*base, "-o", tmp_path / "k.gguf", env={**env, "PYTHONPATH": _kill_inside_layer(tmp_path / "k", 1)})
     assert killed.returncode == -9 and not (tmp_path / "k.gguf").exists()
     assert [json.loads(p.read_text())["layers_done"] for p in work.glob("*/state.json")] == [1]
+    assert [p.name for p in work.glob("*/originals/*.npz")] == ["blk.1.attn_qkv.weight.npz"]
     resumed = run_cli(*base, "-o", tmp_path / "k.gguf", "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["optimize"]["resumed_from_layer"] == 1
