@@ -4,9 +4,12 @@ random fp16 weights and the 50k vocabulary:
 
   big   Pythia-6.9B's widths (4096 hidden, 16384 MLP, 32 heads, 50k vocabulary) cut to --layers
         layers (default 2: the peak is one layer's, so a 2-layer cut measures the 32-layer peak;
-        the time grows by layer): `--optimize --max-memory 8GB`. Peak RSS against the budget and
-        the preflight's estimate (neoxq.preflight.optimize_plan), whether the first pass streamed,
-        seconds per layer and their extrapolation to 32 layers.
+        the time grows by layer): `--optimize --max-memory 8GB` from an empty cache. Peak RSS against
+        the budget and the preflight's estimate (neoxq.preflight.optimize_plan), whether the first
+        pass streamed, seconds per layer and their extrapolation to 32 layers, and each progress
+        bar's ETA against the time it really had left. With --kill, the same command again,
+        SIGKILLed inside a random layer and rerun: the layer it resumed from, its time, and whether
+        its file is byte-identical to the uninterrupted run's.
   probe the same 6.9B-wide cut: one --mix sensitivity probe (one MLP down projection at Q4_K, every
         other matrix F16) as a folder of GGUF splits (neoxq.runtime.probe_files) against the former
         whole probe file written by llama.cpp's quantizer: bytes written, seconds to write and to
@@ -21,7 +24,7 @@ random fp16 weights and the 50k vocabulary:
         the 410m part's plain report when both run.
 
     .venv/bin/python scripts/bench_optimize_scale.py [--parts big,probe,410m,floor] [--layers 2] [--windows 4]
-                                                     [--type Q4_K_M] [--budget 8GB] [--json out.json]
+                                                     [--type Q4_K_M] [--budget 8GB] [--kill] [--json out.json]
     .venv/bin/python scripts/bench_optimize_scale.py --markdown out.json
 """
 
@@ -463,6 +466,35 @@ def floor(windows: int) -> dict:
     return {"windows": windows, "rates_gflops": {k: v / 1e9 for k, v in rates.items()}, "stages_s": stages, "floor_s": total}
 
 
+def phase_spans(eta_rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """Each bar's start and end, in seconds from the run's start, from its first logged step: the
+    ETA there is (steps left) × (seconds since the bar started) / (steps done)."""
+    spans = {}
+    for e in eta_rows:
+        if e["bar"] in spans:
+            continue
+        left = e["total"] - e["done"]
+        since = e["eta_s"] * e["done"] / left if left and e["eta_s"] else 0.0
+        spans[e["bar"]] = (e["at_s"] - since, e["at_s"] + e["left_s"])
+    return spans
+
+
+def at_32_layers(r: dict) -> float | None:
+    """Seconds for all 32 layers: the streamed first pass (every window goes through every layer)
+    scaled by 32 / layers, the rounding bar by its steps (4 matmuls a layer, and the head), and the
+    rest (the embedding's rounding, loading, writing) as it was."""
+    from neoxq.convert.calibrate import STAGES
+
+    spans = phase_spans(r.get("eta", []))
+    first, rounding = spans.get("calibration (streamed)"), spans.get("rounding (sequential)")
+    if not first or not rounding:
+        return None
+    per_layer = sum(len(s) for s in STAGES)
+    f, q = first[1] - first[0], rounding[1] - rounding[0]
+    n = r["layers"]
+    return r["wall_s"] - f - q + f * BIG[1] / n + q * (BIG[1] * per_layer + 1) / (n * per_layer + 1)
+
+
 def _eta_table(rows: list[dict], run: str) -> list[str]:
     if not rows:
         return []
@@ -491,6 +523,13 @@ def markdown(data: dict) -> str:
                 f"| 6.9B widths | {r['layers']} | {r['windows']} | {r['type']} | {r['budget']} | {r['peak_rss_MiB']:.0f} ({r['estimate_MiB']:.0f}) | "
                 f"{r['wall_s']:.0f} | {r['per_layer_s']:.0f} | ~{r['extrapolated_32_layers_h']:.1f} h |",
             ]
+            t32 = at_32_layers(r)
+            if t32:
+                spans = ", ".join(f"{bar} {b - a:.0f} s" for bar, (a, b) in phase_spans(r["eta"]).items())
+                out.append(
+                    f"\nPhases of the run (from its progress log): {spans}. Scaled to 32 layers (the first pass by "
+                    f"32 / {r['layers']}, the rounding by its matmuls, the rest as it was): **{t32 / 3600:.2f} h**."
+                )
             out += _eta_table(r.get("eta", []), "the uninterrupted run")
             k = r.get("resume")
             if k:
