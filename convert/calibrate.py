@@ -85,6 +85,8 @@ def sequential_calibration(
                     _assign(layer_q.get_submodule(mod), *restore(name), args, qkv=mod == QKV)
                 h_f, h_q = _run(layer_f, h_f, extra), _run(layer_q, h_q, extra, bf16)
                 continue
+            if start_layer and i == start_layer:  # the layers replayed above are no steps of the bar
+                bar.restart_clock()
             # one fp32 pass gives the layer's output and every matmul's fp32 output (its weights never
             # change); the fp32 layer and its input are then let go, before any rounding
             moms, h_f, later = _moments(layer_q, h_q, STAGES[0], extra, args, layer_f=layer_f, h_f=h_f, keep=STAGES[1], bf16=bf16)

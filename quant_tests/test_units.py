@@ -717,3 +717,9 @@ def test_progress_eta_is_the_remaining_work_at_the_average_rate_since_the_start(
     bar.update(8)
     assert bar.eta() == 0.0
     assert progress._clock(3725.4) == "1:02:05" and progress._clock(None) == "-:--:--"
+    resumed = progress.Progress("rounding", 4, "matmuls")
+    clock[0] += 500.0  # replaying finished layers: no step of this bar
+    resumed.restart_clock()
+    clock[0] += 10.0
+    resumed.update(1)
+    assert resumed.eta() == pytest.approx(30.0)

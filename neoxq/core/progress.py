@@ -73,6 +73,11 @@ class Progress:
     def elapsed(self) -> float:
         return time.monotonic() - self._start
 
+    def restart_clock(self) -> None:
+        """Count the rate from now: the work before it (a resumed run replaying what it had
+        finished) is not a step of this bar and would make the ETA too long."""
+        self._start = time.monotonic()
+
     def eta(self) -> float | None:
         """Seconds left at the average rate since the bar started; None before the first step."""
         if self.done <= 0:
