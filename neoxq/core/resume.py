@@ -3,10 +3,11 @@
 The folder is named by a hash of every input that made the work, so a rerun resumes only the same
 job. The JSON state is written after the work file is flushed to disk, by rename, so a state on disk
 never claims more than the file holds. A tensor changed in place keeps its former bytes
-(`Originals`) until its layer is recorded as finished, so a run killed inside a layer puts the layer
-back before redoing it: the redo starts from the bytes an uninterrupted run started from. The owner removes the folder when the job finishes, fails or
-is interrupted (Ctrl-C, SIGTERM); only a process killed outright (SIGKILL, the OOM killer, power
-loss) leaves it, and that is what it is for.
+(`Originals`) until its layer is recorded as finished, so a run killed inside a layer puts the
+layer back before redoing it: the redo starts from the bytes an uninterrupted run started from.
+The owner removes the folder when the job finishes, fails or is interrupted (Ctrl-C, SIGTERM);
+only a process killed outright (SIGKILL, the OOM killer, power loss) leaves it, and that is what
+it is for.
 """
 
 from __future__ import annotations
