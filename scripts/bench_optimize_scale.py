@@ -118,7 +118,6 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
     folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
     f16 = benchlib.convert_f16(folder, work)
     calib, _ = texts(work, windows)
-    plan = estimate(folder, windows, parse_size(budget, "--budget"), "streamed")
     full = benchlib.config_for(BIG, 0)
     from neoxq.convert.neox import GPTNeoXArgs
     from neoxq.preflight import optimize_plan
@@ -132,9 +131,13 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
     started = time.time()
     r = benchlib.run_child([*cmd, out, eta_log], env=env)
     res = json.loads(r["stdout"].strip().splitlines()[-1])
+    eta = eta_truth(eta_log, started)
+    used = next((e["total"] for e in eta if e["bar"].startswith("calibration")), windows)  # the windows the text gave
+    plan = estimate(folder, used, parse_size(budget, "--budget"), "streamed")
     row = {
         "layers": layers,
         "windows": windows,
+        "windows_used": used,
         "type": qtype,
         "budget": budget,
         "peak_rss_MiB": r["peak_rss_MiB"],
@@ -143,7 +146,7 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
         "wall_s": r["wall_s"],
         "size_bytes": res["size_bytes"],
         "estimate_32_layers_32_windows_MiB": plan32.peak / 2**20,
-        "eta": eta_truth(eta_log, started),
+        "eta": eta,
     }
     row["per_layer_s"] = r["wall_s"] / layers  # an upper bound: the embedding and output matrix are included
     row["extrapolated_32_layers_h"] = row["per_layer_s"] * BIG[1] / 3600
@@ -520,7 +523,7 @@ def markdown(data: dict) -> str:
             out += [
                 "\n| shape | layers | windows | type | budget | peak RSS MiB (estimate) | s | s per layer | at 32 layers |",
                 "|---|---:|---:|---|---|---:|---:|---:|---:|",
-                f"| 6.9B widths | {r['layers']} | {r['windows']} | {r['type']} | {r['budget']} | {r['peak_rss_MiB']:.0f} ({r['estimate_MiB']:.0f}) | "
+                f"| 6.9B widths | {r['layers']} | {r.get('windows_used', r['windows'])} | {r['type']} | {r['budget']} | {r['peak_rss_MiB']:.0f} ({r['estimate_MiB']:.0f}) | "
                 f"{r['wall_s']:.0f} | {r['per_layer_s']:.0f} | ~{r['extrapolated_32_layers_h']:.1f} h |",
             ]
             t32 = at_32_layers(r)
