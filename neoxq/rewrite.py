@@ -59,6 +59,11 @@ def rewrite_embedding(path: Path, src: GGUFInfo, fisher: np.ndarray, act_order: 
     return [TensorRounding(t.name, t.type, _ratio(new, old))]
 
 
+def bias_name(weight: str) -> str:
+    """The GGUF name of a matmul's bias, beside its weight's."""
+    return weight.replace(".weight", ".bias")
+
+
 class _LayerRounding:
     """The callbacks sequential_calibration calls, over the work file held open: the values it
     holds now, and the rounding of one matmul (its levels and bias written in place)."""
@@ -69,7 +74,7 @@ class _LayerRounding:
         self.done: list[TensorRounding] = []
 
     def _bias(self, name: str):
-        tb = self.f.by_name.get(name.replace(".weight", ".bias"))
+        tb = self.f.by_name.get(bias_name(name))
         return tb if tb is not None and tb.type == "F32" else None
 
     def current(self, name: str):
@@ -147,4 +152,4 @@ def put_back(path: Path, originals: dict[str, dict[str, np.ndarray]], layers_don
                 continue
             f.write(f.tensor(name), arrays["weight"])
             if "bias" in arrays:
-                f.write(f.tensor(name.replace(".weight", ".bias")), arrays["bias"])
+                f.write(f.tensor(bias_name(name)), arrays["bias"])
