@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .cli_forks import CliForks
+
 KINDS = ("header", "kv", "tensor_table", "huge_count", "truncate")
 COMMANDS = ("info", "run", "quantize", "perplexity", "imatrix")
 
@@ -77,9 +79,18 @@ def _case(i: int, seeds, tmp: Path) -> tuple[list, str]:
     return args, f"{command}/{kind}"
 
 
-def _check(args, label: str) -> None:
+@pytest.fixture(scope="module")
+def forks():
+    """Each case in a new process of its own (a crash or a hang is the case's alone), forked from a
+    server that imported the CLI once."""
+    server = CliForks()
+    yield server
+    server.close()
+
+
+def _check(forks: CliForks, args, label: str) -> None:
     try:
-        proc = subprocess.run([sys.executable, "-m", "neoxq", *map(str, args)], capture_output=True, text=True, timeout=60)
+        proc = forks.run(args, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{label}: hung for 60 s")
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
@@ -88,14 +99,14 @@ def _check(args, label: str) -> None:
 
 
 @pytest.mark.parametrize("i", range(30))
-def test_fuzz_fast(i, seeds, tmp_path):
-    _check(*_case(i, seeds, tmp_path))
+def test_fuzz_fast(i, seeds, forks, tmp_path):
+    _check(forks, *_case(i, seeds, tmp_path))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("i", range(30, 240))
-def test_fuzz_full(i, seeds, tmp_path):
-    _check(*_case(i, seeds, tmp_path))
+def test_fuzz_full(i, seeds, forks, tmp_path):
+    _check(forks, *_case(i, seeds, tmp_path))
 
 
 CONFIG_MUTATIONS = [
@@ -125,21 +136,21 @@ CONFIG_MUTATIONS = [
 
 
 @pytest.mark.parametrize("mutation", CONFIG_MUTATIONS, ids=lambda m: ",".join(m))
-def test_mutated_config_through_convert(mutation, ckpt, tmp_path):
+def test_mutated_config_through_convert(mutation, ckpt, forks, tmp_path):
     bad = tmp_path / "ck"
     shutil.copytree(ckpt, bad)
     cfg = json.loads((bad / "config.json").read_text()) | mutation
     (bad / "config.json").write_text(json.dumps(cfg))
-    _check(["convert", bad, "-o", tmp_path / "x.gguf"], f"config {mutation}")
+    _check(forks, ["convert", bad, "-o", tmp_path / "x.gguf"], f"config {mutation}")
     assert not list(tmp_path.glob(".*.partial"))
 
 
 @pytest.mark.parametrize("text", ["", "{", "[1, 2]", "null", '{"hidden_size": 64}'])
-def test_garbage_config_json(text, ckpt, tmp_path):
+def test_garbage_config_json(text, ckpt, forks, tmp_path):
     bad = tmp_path / "ck"
     shutil.copytree(ckpt, bad)
     (bad / "config.json").write_text(text)
-    _check(["convert", bad, "-o", tmp_path / "x.gguf"], f"config {text!r}")
+    _check(forks, ["convert", bad, "-o", tmp_path / "x.gguf"], f"config {text!r}")
 
 
 @pytest.mark.parametrize("target", ["gguf", "imatrix", "config", "request"])
@@ -172,3 +183,16 @@ def test_fuzzing_reports_a_planted_bug(tmp_path):
     )
     assert proc.returncode == 1 and "FINDING" in proc.stdout
     assert [p.read_bytes()[:5] for p in tmp_path.iterdir()] == [b"neoxq"]
+
+
+def test_a_forked_case_fails_on_a_traceback_and_on_a_hang(seeds, forks, tmp_path):
+    """Negative controls of the cases' check: a traceback (--debug's, on a broken file) fails a case,
+    and a call past its time is killed and reported, not waited for."""
+    d, f16, _ = seeds
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(AssertionError, match="Traceback"):
+        _check(forks, ["--debug", "info", bad], "debug")
+    with pytest.raises(subprocess.TimeoutExpired):
+        forks.run(["perplexity", f16, "--text", d / "text.txt", "--ctx", "16"], timeout=0.01)
+    _check(forks, ["info", f16], "the server still answers")
