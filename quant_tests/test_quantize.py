@@ -134,7 +134,7 @@ def test_imatrix_cli_writes_llama_cpp_format(trained, texts, tmp_path):
     r = gguf.GGUFReader(tmp_path / "m.imatrix")
     assert r.fields["general.type"].contents() == "imatrix"
     names = {t.name for t in r.tensors}
-    assert "blk.0.attn_qkv.weight.in_sum2" in names and "blk.3.ffn_down.weight.counts" in names
+    assert "blk.0.attn_qkv.weight.in_sum2" in names and "blk.1.ffn_down.weight.counts" in names
     assert r.fields["imatrix.chunk_size"].contents() == 128 and r.fields["imatrix.chunk_count"].contents() > 0
 
 

@@ -47,7 +47,7 @@ def test_streamed_comparison_can_fail(trained, windows, monkeypatch):
 
     def scaled(ckpt, names):
         out = real(ckpt, names)
-        return {n: (v * 1.01 if "layers.2.mlp.dense_4h_to_h.weight" in n else v) for n, v in out.items()}
+        return {n: (v * 1.01 if "layers.1.mlp.dense_4h_to_h.weight" in n else v) for n, v in out.items()}
 
     ck = open_checkpoint(str(trained))
     a = _log_probs(R.HFReference(ck, mode="memory"), windows)
