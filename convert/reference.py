@@ -25,6 +25,11 @@ from .neox import GPTNeoXArgs, is_ignored
 
 TORCH_OVERHEAD = 400 << 20  # torch + transformers imported, allocator slack
 HEAD_CHUNK = 8192  # vocabulary rows of the output matrix upcast at a time when streaming
+# A reference whose fp32 weights are at most this share of the memory available runs in its caller's
+# process (HFReference.fits_in_caller): what torch keeps of it afterwards is then too little to
+# matter next to the GGUF files scored later, and a child process would cost an interpreter and
+# torch's and transformers' imports for each report.
+IN_CALLER_SHARE = 1 / 16
 
 
 def load_reference(folder: Path | str, attention: str = "eager"):
@@ -114,6 +119,12 @@ class HFReference:
         if self.ckpt.commit:
             return f"hf:{self.ckpt.repo_id}@{self.ckpt.commit}"
         return f"hf:{self.ckpt.folder.resolve()}:{self.ckpt.fingerprint()}"
+
+    def fits_in_caller(self, available: int) -> bool:
+        """Whether the caller may run this reference in its own process rather than a child's; see
+        IN_CALLER_SHARE."""
+        budget = min(available, self.max_memory) if self.max_memory else available
+        return _sizes(self.ckpt)["params"] * 4 <= budget * IN_CALLER_SHARE
 
     def prepare(self, ctx: int, n_windows: int) -> ReferencePlan:
         self.plan = plan_reference(self.ckpt, ctx, n_windows, self.max_memory, self.mode)

@@ -26,7 +26,7 @@ from neoxq.core.choices import AUTO, F16, HF, is_transformers
 from neoxq.core.errors import NeoxqError, UsageError
 from neoxq.core.gguf_info import read_info
 from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
-from neoxq.core.machine import describe, versions
+from neoxq.core.machine import available_memory, describe, versions
 from neoxq.core.naming import gguf_name
 from neoxq.core.progress import Progress, is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
@@ -37,7 +37,7 @@ from neoxq.evaluate import check_tasks, evaluate_file, metrics, parse_tasks, tas
 from neoxq.reference import hf_reference
 from neoxq.render import render_report
 from neoxq.runtime.model import NeoxModel, RuntimeOptions
-from neoxq.runtime.reference_cache import reference_tables
+from neoxq.runtime.reference_cache import cached_reference_tables, reference_tables
 from neoxq.runtime.score import GGUFReference, Windows, kld
 from neoxq.runtime.speed import measure
 from neoxq.self_calibration import self_calibration, windows_needed
@@ -406,11 +406,14 @@ def _most_hurt(run: _Run, rows: list[ReportRow], files: list, base: Path, n: int
 
 def _reference_first(run: _Run, reference, base: Path) -> None:
     """Compute the reference tables before any llama.cpp model is loaded (only its tokenizer), and
-    the transformers reference in a child process: torch's freed memory then goes back to the
-    system with the child, so it never adds to what llama.cpp holds while scoring."""
+    a large transformers reference in a child process: torch's freed memory then goes back to the
+    system with the child, so it never adds to what llama.cpp holds while scoring. A small one
+    (HFReference.fits_in_caller) and a GGUF reference run here."""
     with NeoxModel(base, RuntimeOptions(n_ctx=run.opts.ctx, vocab_only=True)) as m:
         w, n_vocab = Windows(m.tokenize(run.scored), run.opts.ctx), m.n_vocab
-    if isinstance(reference, GGUFReference):
+    if cached_reference_tables(reference, w, run.out / "cache") is not None:
+        return  # a rerun's tables: no child process, no torch
+    if isinstance(reference, GGUFReference) or reference.fits_in_caller(available_memory()):
         reference_tables(reference, w, n_vocab, run.out / "cache")
         return
 

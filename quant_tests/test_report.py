@@ -329,3 +329,32 @@ def test_added_files_are_scored_beside_the_others(report, trained, report_text, 
     proc = run_cli("report", trained, "--text", report_text, "--types", "F16", "--add", other, "-o", tmp_path / "x")
     assert_one_line_error(proc, "--add", "not this checkpoint's")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_large_reference_runs_in_a_child_with_the_same_numbers(ckpt, corpus, tmp_path, monkeypatch):
+    """A transformers reference too large to share its caller's process (HFReference.fits_in_caller)
+    runs in a child process, a small one in the caller's: the same tables either way. Counted: the
+    child path really ran (a pool was asked for the work), and the small one made no child."""
+    import neoxq.report as R
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.convert.reference import HFReference
+
+    ref = HFReference(open_checkpoint(str(ckpt)))
+    assert ref.fits_in_caller(1 << 40) and not ref.fits_in_caller(1 << 20)
+    text = tmp_path / "t.txt"
+    text.write_text(corpus[:6000])
+    submitted = []
+
+    class Counting(R.ProcessPoolExecutor):
+        def submit(self, fn, *args, **kw):
+            submitted.append(fn.__name__)
+            return super().submit(fn, *args, **kw)
+
+    monkeypatch.setattr(R, "ProcessPoolExecutor", Counting)
+    opts = ReportOptions(types="Q8_0", ctx=64, imatrix=None)
+    here = json.loads(run_report(str(ckpt), text, tmp_path / "here", opts).read_text())
+    assert submitted == []
+    monkeypatch.setattr(R, "available_memory", lambda: 1 << 20)  # the same checkpoint on a tiny machine
+    child = json.loads(run_report(str(ckpt), text, tmp_path / "child", opts).read_text())
+    assert submitted == ["_tables_in_child"]
+    assert [r["kld_mean"] for r in child["results"]] == [r["kld_mean"] for r in here["results"]]

@@ -151,3 +151,8 @@ class _atomic_many:
 def reference_tables(reference, w, n_vocab: int, cache_dir: Path | None = None, k: int | None = None) -> ReferenceTables:
     cache = ReferenceCache(cache_dir or default_cache_dir(), reference, w, k or top_k())
     return cache.load() or cache.store(reference, n_vocab)
+
+
+def cached_reference_tables(reference, w, cache_dir: Path | None = None, k: int | None = None) -> ReferenceTables | None:
+    """reference_tables' entry when it is already stored, without running the reference; else None."""
+    return ReferenceCache(cache_dir or default_cache_dir(), reference, w, k or top_k()).load()
