@@ -42,16 +42,35 @@ def kl_stats(ref_logits: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
 def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600, separate=False) -> subprocess.CompletedProcess:
     """`neoxq ARGS` as a user runs it, its exit code and output. In this process, through the CLI's
     own entry (`neoxq.cli.app._run`, which turns errors into exit codes), unless the call needs a
-    process of its own: an environment (huggingface_hub reads its variables at import), a working
-    folder, standard input, --debug's traceback, or `separate` (signals, exit behaviour, a
-    timeout). A process costs the interpreter's start and every import again, seconds with torch."""
+    process of its own: an environment other than neoxq's own variables (huggingface_hub reads its
+    variables at import; neoxq reads NEOXQ_* only when it uses them, so those are set here for the
+    call), a working folder, standard input, --debug's traceback, or `separate` (signals, exit
+    behaviour, a timeout, Ray). A process costs the interpreter's start and every import again,
+    seconds with torch."""
     argv = [str(a) for a in args]
-    if env or cwd or stdin is not None or separate or "--debug" in argv:
+    own_env = all(k.startswith("NEOXQ_") for k in env or {})
+    if not own_env or cwd or stdin is not None or separate or "--debug" in argv:
         full_env = {**os.environ, **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", "neoxq", *argv], capture_output=True, text=True, env=full_env, cwd=cwd, input=stdin, timeout=timeout
         )
-    return _in_process(argv)
+    with _environment(env or {}):
+        return _in_process(argv)
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """os.environ with `env` set for the block, and put back as it was after."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _in_process(argv: list[str]) -> subprocess.CompletedProcess:

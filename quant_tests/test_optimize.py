@@ -417,7 +417,7 @@ def test_report_optimize_types_as_ray_tasks_give_the_local_files(trained, opt_re
     text, local = opt_report
     env = {"NEOXQ_CACHE": str(tmp_path / "cache")}
     base = ("report", trained, "--text", text, "--types", "F16,Q4_K_M,Q2_K", "--ctx", "128", "--optimize", "--quiet")
-    ray = run_cli(*base, "--ray", "-o", tmp_path / "ray", env=env, timeout=900)
+    ray = run_cli(*base, "--ray", "-o", tmp_path / "ray", env=env, timeout=900, separate=True)
     assert ray.returncode == 0, ray.stderr
     assert len(list((tmp_path / "cache" / "calibration").glob("*.npz"))) == 1  # one pass for both types
     rows = {r["type"]: r for r in json.loads(local.read_text())["results"]}
