@@ -48,14 +48,18 @@ def timed_make(clone: Path, target: str) -> tuple[dict, str]:
     return row | pytest_summary(proc.stdout), proc.stdout + proc.stderr
 
 
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)} m {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
 def markdown(data: dict) -> str:
     lines = ["| `make` target | exit | wall time | pytest's clock | tests |", "|---|---:|---:|---:|---|"]
     for r in data["rows"]:
         counts = ", ".join(f"{n} {w}" for w, n in r.get("counts", {}).items()) or "–"
-        clock = f"{r['pytest_s'] / 60:.1f} min" if "pytest_s" in r else "–"
-        lines.append(f"| `make {r['target']}` | {r['exit']} | {r['seconds'] / 60:.1f} min | {clock} | {counts} |")
+        clock = _clock(r["pytest_s"]) if "pytest_s" in r else "–"
+        lines.append(f"| `make {r['target']}` | {r['exit']} | {_clock(r['seconds'])} | {clock} | {counts} |")
     total = sum(r["seconds"] for r in data["rows"] if r["target"] in ("venv", "test"))
-    lines += ["", f"`make test` on a fresh clone, its venv included: **{total / 60:.1f} min**.", ""]
+    lines += ["", f"`make test` on a fresh clone, its venv included: **{_clock(total)}**.", ""]
     lines += ["The slowest tests in `make test`:", "", "| seconds | phase | test |", "|---:|---|---|"]
     lines += [f"| {s['seconds']:.1f} | {s['phase']} | `{s['test']}` |" for s in data["slowest"]]
     return "\n".join(lines) + "\n"
