@@ -7,13 +7,13 @@ library's docstrings (text every machine has), then the full report runs on held
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
 from neoxq.convert.hubcache import write_snapshot
 from neoxq.convert.tiny import TinySpec, build_trained, build_training_run, stdlib_text
+from neoxq.core.machine import environment
 from neoxq.core.progress import info, interactive
 
 from .report import ReportOptions, run_report
@@ -64,16 +64,14 @@ def local_hub_cache(cache: Path) -> Iterator[None]:
     so a test or a library caller is left as it was."""
     from huggingface_hub import constants
 
-    keys = ("HF_HUB_OFFLINE", "HF_HUB_CACHE")
-    env, consts = {k: os.environ.get(k) for k in keys}, {k: getattr(constants, k) for k in keys}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
-    constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(cache)
-    try:
-        yield
-    finally:
-        for k in keys:
-            os.environ.pop(k, None) if env[k] is None else os.environ.__setitem__(k, env[k])
-            setattr(constants, k, consts[k])
+    consts = {k: getattr(constants, k) for k in ("HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    with environment({"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}):
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(cache)
+        try:
+            yield
+        finally:
+            for k, v in consts.items():
+                setattr(constants, k, v)
 
 
 def build_demo_hub(out: Path) -> Path:

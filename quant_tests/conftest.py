@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
+from neoxq.core.machine import environment
 from neoxq.demo import demo_spec
 from neoxq.convert.tiny import TinySpec, build_random, stdlib_text
 
@@ -105,13 +106,8 @@ def own_cache(tmp_path_factory):
     processes share it, never the user's ~/.cache/neoxq: no entry left by an earlier run or
     another checkout stands in for this code's work, and every run starts as cold as a new
     machine. Tests that need a cache of their own still set one."""
-    before = os.environ.get("NEOXQ_CACHE")
-    os.environ["NEOXQ_CACHE"] = str(shared_dir(tmp_path_factory) / "neoxq-cache")
-    yield
-    if before is None:
-        os.environ.pop("NEOXQ_CACHE", None)
-    else:
-        os.environ["NEOXQ_CACHE"] = before
+    with environment({"NEOXQ_CACHE": str(shared_dir(tmp_path_factory) / "neoxq-cache")}):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neoxq.core.machine import environment
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -54,23 +56,8 @@ def run_cli(*args, env=None, cwd=None, stdin=None, timeout=600, separate=False) 
         return subprocess.run(
             [sys.executable, "-m", "neoxq", *argv], capture_output=True, text=True, env=full_env, cwd=cwd, input=stdin, timeout=timeout
         )
-    with _environment(env or {}):
+    with environment(env or {}):
         return _in_process(argv)
-
-
-@contextlib.contextmanager
-def _environment(env: dict[str, str]):
-    """os.environ with `env` set for the block, and put back as it was after."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
