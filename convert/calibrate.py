@@ -54,6 +54,7 @@ def sequential_calibration(
     on_layer: Callable[[int], None] | None = None,
     norms: Callable[[str], np.ndarray] | None = None,
     bf16: bool = False,
+    device: str = "cpu",
 ) -> None:
     """Round every layer matmul (and the output matrix) in order through `requantize`.
     windows: int [n, ctx] token ids; inputs_q: the quantized token embedding's rows for them
@@ -64,20 +65,22 @@ def sequential_calibration(
     biases (the file's: --optimize's equalisation rescales them, neoxq.core.equalize); without it,
     the checkpoint's. bf16: the quantized model's layers run under autocast_bf16 (its matmuls in
     bfloat16, as llama.cpp's kernels round their activations too); the fp32 model, whose outputs are
-    the target, never does, and every moment is summed in float32 products."""
+    the target, never does, and every moment is summed in float32 products. device: the torch device
+    both models, their hidden states and the moments' sums live on (neoxq.core.accelerator); the
+    moments come back to the host."""
     import torch
 
     config, args = neox_config(ckpt, ATTENTION), GPTNeoXArgs.from_config(ckpt.config)
     names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)
     ids = np.asarray(windows)
-    h_f = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids], dtype=np.float32))
-    h_q = torch.from_numpy(np.ascontiguousarray(inputs_q, dtype=np.float32))
+    h_f = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids], dtype=np.float32)).to(device)
+    h_q = torch.from_numpy(np.ascontiguousarray(inputs_q, dtype=np.float32)).to(device)
     extra = layer_inputs(config, h_f[:1])
     per_layer = sum(len(s) for s in STAGES)
     steps = (args.num_hidden_layers - start_layer) * per_layer + int(with_head)
     with torch.no_grad(), Progress("rounding (sequential)", steps, "matmuls") as bar:
         for i in range(args.num_hidden_layers):
-            layer_f = load_layer(ckpt, config, i, names)
+            layer_f = load_layer(ckpt, config, i, names).to(device)
             layer_q = _quantized_copy(layer_f, i, gguf_names, norms)
             gname = {mod: gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names) for stage in STAGES for mod in stage}
             if i < start_layer:
@@ -135,7 +138,7 @@ def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
     """The output matrix's moments: the fp32 logits against the quantized stream's final norm."""
     import torch
 
-    norm = load_final_norm(ckpt, config)
+    norm = load_final_norm(ckpt, config).to(h_f.device)
     norm_q = copy.deepcopy(norm)
     if norms is not None:
         _set_norm(norm_q, "output_norm.weight", norms)
@@ -143,7 +146,7 @@ def _head_moments(ckpt, config, head: str, h_f, h_q, norms=None) -> Moments:
     x_f, x_q = h_f.reshape(-1, h_f.shape[-1]), h_q.reshape(-1, h_q.shape[-1])
     # through its inputs: x_f in y_f's place gives Σ x_f x_qᵀ and Σ x_f, grams Σ x_f x_fᵀ
     acc, grams, through = _Accumulator(), _Accumulator(), _through_inputs_cheaper(len(x_f), *w.shape)
-    wt = torch.from_numpy(w)
+    wt = torch.from_numpy(w).to(h_f.device)
     for a in range(0, len(x_f), HEAD_TOKENS):
         nf = norm(x_f[a : a + HEAD_TOKENS])
         acc.add(nf if through else torch.nn.functional.linear(nf, wt), norm_q(x_q[a : a + HEAD_TOKENS]))
@@ -161,7 +164,7 @@ def _through_inputs_cheaper(tokens: int, out: int, inputs: int) -> bool:
 
 
 def _run(layer, h, extra, bf16: bool = False):
-    with autocast_bf16(bf16):
+    with autocast_bf16(bf16, h.device.type):
         return _batched(lambda x: layer(x, **extra), h)
 
 
@@ -204,7 +207,7 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
                 for mod in keep:
                     kept[mod].append(seen[mod].pop("y"))
             try:
-                with autocast_bf16(bf16):
+                with autocast_bf16(bf16, h_q.device.type):
                     layer_q(h_q[a : a + WINDOWS_PER_PASS], **extra)
             except _Enough:
                 pass
@@ -247,9 +250,9 @@ class _Accumulator:
         x = self.add_inputs(x, out=y.shape[1])
         t = self.t
         if "yx" not in t:
-            t["yx"] = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64)
-            t["sum_y"] = torch.zeros(y.shape[1], dtype=torch.float64)
-            t["yy"] = torch.zeros(y.shape[1], dtype=torch.float64)
+            t["yx"] = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64, device=y.device)
+            t["sum_y"] = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
+            t["yy"] = torch.zeros(y.shape[1], dtype=torch.float64, device=y.device)
         for c0 in range(0, x.shape[1], self.step):  # float32 into float64, in place, as in add_inputs
             t["yx"][:, c0 : c0 + self.step].add_(y.T @ x[:, c0 : c0 + self.step])
         # the sums over one group in float32 too, as its products (float64 would add a conversion
@@ -265,7 +268,7 @@ class _Accumulator:
         x = x.reshape(-1, x.shape[-1]).float()
         cols = x.shape[1]
         if not self.t:
-            self.t = {"hq": torch.zeros(cols, cols, dtype=torch.float64), "sum_q": torch.zeros(cols, dtype=torch.float64)}
+            self.t = {z: torch.zeros(shape, dtype=torch.float64, device=x.device) for z, shape in (("hq", (cols, cols)), ("sum_q", (cols,)))}
             self.step = min(rows_per_chunk(max(cols, out), 4), -(-cols // HQ_BLOCKS))
         # products of one window group in float32 (half float64's time), summed into float64, a
         # column block at a time (a float32 temporary of at most CHUNK_BYTES). Σ x xᵀ is symmetric:
@@ -279,8 +282,9 @@ class _Accumulator:
         return x
 
     def gram(self) -> np.ndarray:
-        """Σ x xᵀ as numpy (shared memory), its lower blocks mirrored from the upper ones."""
-        hq = self.t["hq"].numpy()
+        """Σ x xᵀ as numpy (shared memory on the CPU, a host copy from a device), its lower blocks
+        mirrored from the upper ones."""
+        hq = self.t["hq"].cpu().numpy()
         n = len(hq)
         for c0 in range(0, n, self.step):  # a block at a time: no full-size temporary
             c1 = min(c0 + self.step, n)
@@ -290,8 +294,8 @@ class _Accumulator:
     def moments(self, rows=None) -> Moments:
         """As numpy (shared memory); rows(x) reorders the output rows (attention QKV: HF's per-head
         order to the GGUF's)."""
-        self.gram()
-        t = {k: v.numpy() for k, v in self.t.items()}
+        t = {k: v.cpu().numpy() for k, v in self.t.items() if k != "hq"}
+        t["hq"] = self.gram()
         if rows is not None:
             t.update({k: rows(t[k]) for k in ("yx", "sum_y", "yy")})
         self.t = {}
@@ -320,37 +324,41 @@ def native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
 
 
-def autocast_bf16(on: bool):
-    """torch's CPU autocast to bfloat16 (matmuls in bfloat16, reductions and norms in float32), or
-    nothing. Without autocast's cache of the weights' bfloat16 copies: it would hold half a layer
-    more through each pass (400 MB at 6.9B's shape) for casts that cost little next to the products."""
+def autocast_bf16(on: bool, device_type: str = "cpu"):
+    """torch's autocast to bfloat16 on a device type (matmuls in bfloat16, reductions and norms in
+    float32), or nothing. Without autocast's cache of the weights' bfloat16 copies: it would hold half
+    a layer more through each pass (400 MB at 6.9B's shape) for casts that cost little next to the
+    products."""
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if on else contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False) if on else contextlib.nullcontext()
 
 
-def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool, fisher: bool, gen, bf16: bool = False) -> CalibrationStats:
+def streamed_moments(
+    ckpt, windows: np.ndarray, include_output: bool, full: bool, fisher: bool, gen, bf16: bool = False, device: str = "cpu"
+) -> CalibrationStats:
     """second_moments' statistics with one fp32 layer in memory at a time (a model larger than
     the memory budget): each window goes forward layer by layer (the matmuls' inputs summed by hooks,
     every layer's input kept), through the head to the sampled labels' log-likelihood, and back
     layer by layer — each layer read again and its forward recomputed under autograd — to the
     gradient at the embedding. The same sums as the in-memory pass (tests: to float rounding);
-    bf16: both passes under autocast_bf16, as the in-memory pass."""
+    bf16: both passes under autocast_bf16, as the in-memory pass; device: where the layers and the
+    sums live."""
     import torch
 
     config, args = neox_config(ckpt, ATTENTION if fisher else "eager"), GPTNeoXArgs.from_config(ckpt.config)
     names, gguf_names = set(ckpt.tensor_names()), tensor_name_map(args.num_hidden_layers)
     acc = CalibrationSums(full, fisher)
     add = acc.add_input
-    head = torch.from_numpy(np.array(ckpt.read(head_name(names)), dtype=np.float32)) if fisher else None
+    head = torch.from_numpy(np.array(ckpt.read(head_name(names)), dtype=np.float32)).to(device) if fisher else None
     with Progress("calibration (streamed)", len(windows), "windows") as bar:
         for ids in np.asarray(windows):
-            with autocast_bf16(bf16):
-                h = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids[None]], dtype=np.float32))
+            with autocast_bf16(bf16, torch.device(device).type):
+                h = torch.from_numpy(np.ascontiguousarray(ckpt.read("gpt_neox.embed_in.weight")[ids[None]], dtype=np.float32)).to(device)
                 extra, kept = layer_inputs(config, h), []
                 with torch.no_grad():
                     for i in range(args.num_hidden_layers):
-                        layer = load_layer(ckpt, config, i, names)
+                        layer = load_layer(ckpt, config, i, names).to(device)
                         handles = [
                             layer.get_submodule(m).register_forward_pre_hook(
                                 lambda mod, inp, n=gguf_name(f"gpt_neox.layers.{i}.{m}.weight", gguf_names): add(n, inp[0])
@@ -361,14 +369,14 @@ def streamed_moments(ckpt, windows: np.ndarray, include_output: bool, full: bool
                         h = layer(h, **extra)
                         for hd in handles:
                             hd.remove()
-                norm = load_final_norm(ckpt, config)
+                norm = load_final_norm(ckpt, config).to(device)
                 if include_output:
                     with torch.no_grad():
                         add("output.weight", norm(h))
                 if fisher:
                     g = _head_gradient(norm, head, h, gen)
                     for i in reversed(range(args.num_hidden_layers)):
-                        g, g_qkv = _layer_gradients(load_layer(ckpt, config, i, names), kept[i], extra, g)
+                        g, g_qkv = _layer_gradients(load_layer(ckpt, config, i, names).to(device), kept[i], extra, g)
                         acc.add_head_gradient(gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", gguf_names), g_qkv[0], args.num_attention_heads)
                     acc.add_embedding_gradient(g[0])
             bar.update(1)
@@ -409,7 +417,7 @@ def sampled_log_likelihood(logits, gen):
     # is the largest source of run-to-run difference in --optimize's result.
     with torch.no_grad():
         c = torch.cumsum(torch.softmax(logits, -1), -1)
-        u = (torch.rand(len(c), 1, generator=gen, dtype=torch.float64) * c[:, -1:]).float()
+        u = (torch.rand(len(c), 1, generator=gen, dtype=torch.float64).to(c.device) * c[:, -1:]).float()
         sampled = torch.searchsorted(c, u)[:, 0].clamp_(max=c.shape[1] - 1)
     return torch.log_softmax(logits, -1).gather(1, sampled[:, None]).sum()
 
@@ -452,14 +460,14 @@ class CalibrationSums:
         import torch
 
         g = g.detach().reshape(-1, heads, g.shape[-1] // heads).float()
-        with torch.autocast("cpu", enabled=False):  # a sum, float32 even inside a bfloat16 pass
+        with torch.autocast(g.device.type, enabled=False):  # a sum, float32 even inside a bfloat16 pass
             _add(self.head, name, torch.einsum("thi,thj->hij", g, g))
 
     def stats(self, windows: int) -> CalibrationStats:
         def np_(d):
-            return {k: v.numpy() for k, v in d.items()}
+            return {k: v.cpu().numpy() for k, v in d.items()}
 
-        emb = None if self.embedding is None else self.embedding.numpy()
+        emb = None if self.embedding is None else self.embedding.cpu().numpy()
         return CalibrationStats(np_(self.sums), dict(self.counts), windows, emb, self.embedding_tokens, np_(self.head), np_(self.absmax))
 
 

@@ -62,6 +62,7 @@ def second_moments(
     fisher: bool = False,
     streamed: bool = False,
     bf16: bool = False,
+    device: str = "cpu",
 ) -> CalibrationStats:
     """Per matmul weight (GGUF name): Σ x² per input column (full=False) or Σ x xᵀ (full=True,
     [in, in]: the layer's Hessian up to a factor), float64, and the tokens counted, over
@@ -82,7 +83,10 @@ def second_moments(
 
     bf16: the Fisher windows' forward and backward under torch's bfloat16 autocast (matmuls in
     bfloat16, calibrate.native_bf16), their hooked sums included: the Fisher is an estimate from
-    sampled tokens whose own spread is far above bfloat16's rounding (docs/method.md)."""
+    sampled tokens whose own spread is far above bfloat16's rounding (docs/method.md).
+
+    device: the torch device the model and its sums run on (neoxq.core.accelerator); the sampled
+    tokens are drawn on the host's seeded generator either way."""
     try:
         import torch
     except ImportError as exc:
@@ -91,26 +95,26 @@ def second_moments(
     windows = calibration_windows(ckpt, text, ctx)
     gen = torch.Generator().manual_seed(0)  # the sampled next tokens: the same on every run
     if streamed:
-        return streamed_moments(ckpt, windows, include_output, full, fisher, gen, bf16)
-    return _in_memory_pass(ckpt, windows, include_output, full, fisher, gen, bf16)
+        return streamed_moments(ckpt, windows, include_output, full, fisher, gen, bf16, device)
+    return _in_memory_pass(ckpt, windows, include_output, full, fisher, gen, bf16, device)
 
 
-def _in_memory_pass(ckpt, windows, include_output: bool, full: bool, fisher: bool, gen, bf16: bool) -> CalibrationStats:
+def _in_memory_pass(ckpt, windows, include_output: bool, full: bool, fisher: bool, gen, bf16: bool, device: str = "cpu") -> CalibrationStats:
     """second_moments with the whole fp32 model loaded: hooks sum each matmul's inputs as the
     windows pass, and with `fisher` each window's backward pass gives the gradients."""
     import torch
 
     args = GPTNeoXArgs.from_config(ckpt.config)
-    model = load_reference(ckpt.folder, ATTENTION if fisher else "eager")  # the optimiser's pass: fused attention
+    model = load_reference(ckpt.folder, ATTENTION if fisher else "eager").to(device)  # the optimiser's pass: fused attention
     acc = CalibrationSums(full, fisher)
     handles = _input_hooks(model, args, acc, include_output)
     progress = Progress("calibration" if full else "imatrix", len(windows), "chunks")
     qkv_names = [gguf_name(f"gpt_neox.layers.{i}.{QKV}.weight", tensor_name_map(args.num_hidden_layers)) for i in range(args.num_hidden_layers)]
     try:
         for ids in windows:
-            window = torch.tensor(ids[None])
+            window = torch.tensor(ids[None], device=device)
             if fisher:
-                with autocast_bf16(bf16):
+                with autocast_bf16(bf16, window.device.type):
                     emb, qkv = _output_gradients(model, window, gen)
                 acc.add_embedding_gradient(emb)
                 for name, g in zip(qkv_names, qkv):

@@ -209,9 +209,10 @@ def layer_inputs(config, h) -> dict:
     from transformers.masking_utils import create_causal_mask
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
-    position_ids = torch.arange(h.shape[1]).unsqueeze(0)
+    position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
     mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=position_ids)
-    return {"attention_mask": mask, "position_ids": position_ids, "position_embeddings": GPTNeoXRotaryEmbedding(config)(h, position_ids=position_ids)}
+    rotary = GPTNeoXRotaryEmbedding(config).to(h.device)
+    return {"attention_mask": mask, "position_ids": position_ids, "position_embeddings": rotary(h, position_ids=position_ids)}
 
 
 def _streamed(ckpt, w, group: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -80,7 +80,7 @@ def calibration_imatrix(src: GGUFInfo, calib: str, folder: Path, reference: str 
     return write_imatrix(Path(folder) / "calibration.imatrix", im, force=True)
 
 
-def optimize_statistics(ckpt, calib: str, ctx: int, streamed: bool, bf16: bool) -> CalibrationStats:
+def optimize_statistics(ckpt, calib: str, ctx: int, streamed: bool, bf16: bool, device: str = "cpu") -> CalibrationStats:
     """--optimize's first pass over the calibration windows (second_moments with the output's
     inputs and the Fisher): made once for a checkpoint, calibration text, window and precision, and
     read back from the cache after, so every type of a report, a sweep or a re-run shares it. The
@@ -94,6 +94,7 @@ def optimize_statistics(ckpt, calib: str, ctx: int, streamed: bool, bf16: bool) 
         "ctx": ctx,
         "streamed": streamed,  # the same sums to float rounding, not to the bit
         "bf16": bool(bf16),
+        "device": device,  # like streamed: a GPU's sums are the CPU's to float rounding
         "neoxq": __version__,
     }
     folder = cache_root() / "calibration"
@@ -102,7 +103,7 @@ def optimize_statistics(ckpt, calib: str, ctx: int, streamed: bool, bf16: bool) 
     cached = _read_statistics(meta_path, arrays_path, inputs)
     if cached is not None:
         return cached
-    stats = second_moments(ckpt, calib, ctx, include_output=True, fisher=True, streamed=streamed, bf16=bf16)
+    stats = second_moments(ckpt, calib, ctx, include_output=True, fisher=True, streamed=streamed, bf16=bf16, device=device)
     try:
         _write_statistics(stats, inputs, meta_path, arrays_path)
     except (OSError, OutputError) as exc:  # a cache that cannot be written costs the next run the pass, not this one

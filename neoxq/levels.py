@@ -111,6 +111,8 @@ def rounded_chunks(fmt: Format, raw: np.ndarray, target, factor):
     n, cols = target.shape
     step = gptq.row_chunk(cols)
     per_row = cols // fmt.block
+    if isinstance(fmt, iq_blocks.CodebookFormat):
+        factor = gptq.on_host(factor)  # gptvq's sweep runs on the host: U copied there once, not per chunk
     for r0 in range(0, n, step):
         rows = slice(r0, min(r0 + step, n))
         wr, chunk = target[rows], raw[rows.start * per_row : rows.stop * per_row]

@@ -42,7 +42,7 @@ from neoxq.convert.calibrate import native_bf16
 from neoxq.convert.imatrix import calibration_windows, imatrix_from_stats
 from neoxq.convert.neox import GPTNeoXArgs
 from neoxq.core.atomic import atomic_output, check_output, output_in
-from neoxq.core import blocks, iq_blocks
+from neoxq.core import accelerator, blocks, iq_blocks
 from neoxq.core.cache import cache_root
 from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.choices import AUTO
@@ -98,6 +98,9 @@ class OptimizeOptions:
     # The sequential pass's quantized model (whose activations the layers are rounded on) in bfloat16
     # matmuls; the fp32 model, the target, stays float32. None: as fisher_bf16.
     stream_bf16: bool | None = None
+    # Where the calibration passes and the rounding's dense algebra run (neoxq.core.accelerator):
+    # auto, cpu, cuda or cuda:N.
+    device: str = accelerator.AUTO
 
     @property
     def method(self) -> str:
@@ -107,7 +110,7 @@ class OptimizeOptions:
     def resolved(self) -> "OptimizeOptions":
         """These options with what `None` leaves to the machine decided (the job's inputs name it)."""
         unset = {k: native_bf16() for k in ("fisher_bf16", "stream_bf16") if getattr(self, k) is None}
-        return dataclasses.replace(self, **unset) if unset else self
+        return dataclasses.replace(self, **unset, device=accelerator.resolve(self.device))
 
 
 def quantize_optimized(
@@ -187,7 +190,7 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     source, llama.cpp's file of it (stock or mix types) and the embedding's levels, written into
     the job's work folder; returns the state the sequential pass starts from."""
     work = job.start()
-    stats = optimize_statistics(ckpt, opts.calib, opts.ctx, streamed, bool(opts.fisher_bf16))
+    stats = optimize_statistics(ckpt, opts.calib, opts.ctx, streamed, bool(opts.fisher_bf16), opts.device)
     if opts.qkv_fisher:
         np.savez(job.folder / OUTPUT_FISHER_FILE, **stats.head_fisher)
     eq_scales = {}
@@ -267,6 +270,7 @@ def _job_inputs(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions) ->
         "mix": opts.mix,
         "target": [opts.target_bytes, opts.target_bpw],
         "method": opts.method,  # names the equalisation and the QKV coupling
+        "device": opts.device,  # a GPU's levels are the CPU's to float rounding, not to the bit
         "neoxq": __version__,
     }
 

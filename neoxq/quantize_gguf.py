@@ -9,6 +9,7 @@ from pathlib import Path
 
 from neoxq import preflight
 from neoxq.calibration import calibration_text
+from neoxq.core import accelerator
 from neoxq.core.choices import imatrix_choice
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
@@ -34,6 +35,7 @@ class QuantizeRequest:
     float32: bool = False  # --optimize: every pass in float32
     output: Path | None = None
     force: bool = False
+    device: str | None = None  # --optimize: where its passes and rounding run (neoxq.core.accelerator); unset: auto
 
     def check(self) -> None:
         """Refuse contradicting or missing options, each in one line naming the fix."""
@@ -42,9 +44,11 @@ class QuantizeRequest:
         if self.optimize:
             if (self.target_size or self.target_bpw) and not self.mix:
                 raise UsageError("--target-size and --target-bpw set --mix's budget; add --mix (--optimize alone keeps the stock type's size)")
+            accelerator.resolve(self.device or accelerator.AUTO)  # a device that is not here: refused before any work
             return
-        if self.max_memory is not None or self.float32:
-            flag = "--max-memory" if self.max_memory is not None else "--float32"
+        given = [f for f, v in (("--max-memory", self.max_memory is not None), ("--float32", self.float32), ("--device", self.device)) if v]
+        if given:
+            flag = given[0]
             raise UsageError(f"{flag} belongs to --optimize (its calibration passes); add --optimize or drop it")
         if self.reference and not self.mix:
             raise UsageError("--reference belongs to --optimize and --mix; add one of them")
@@ -77,6 +81,7 @@ def quantize_gguf(inp: Path, qtype: QuantType | str, req: QuantizeRequest):
             max_memory=req.max_memory,
             fisher_bf16=False if req.float32 else None,
             stream_bf16=False if req.float32 else None,
+            device=req.device or accelerator.AUTO,
         )
         return quantize_optimized(info, qt, opts, output=req.output, force=req.force)
     if req.mix:

@@ -12,7 +12,7 @@ import numpy as np
 
 from neoxq.convert.calibrate import sequential_calibration
 from neoxq.convert.neox import GPTNeoXArgs, interleave_qkv
-from neoxq.core import gptq
+from neoxq.core import accelerator, gptq
 from neoxq.core.calibration_stats import EMBEDDING
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.progress import Progress
@@ -95,7 +95,8 @@ class _LayerRounding:
         b = None if tb is None else self.f.read(tb).view(np.float32).astype(np.float64)
         some = error_rows(t.shape[0])
         e_old = gptq.asymmetric_error(dequantized_rows(fmt, raw, t.shape, some), at(b, some), mom.rows(some))
-        factor = gptq.moments_factor(mom, opts.act_order, opts.damp, bias=b is not None, group=column_group(fmt))  # the target's and GPTQ's
+        device = accelerator.rounding_device(opts.device)
+        factor = gptq.moments_factor(mom, opts.act_order, opts.damp, b is not None, column_group(fmt), device)  # the target's and GPTQ's
         w_t, b_t = gptq.asymmetric_target(source_weights(self.src, name), b, mom, opts.damp, factor=factor)
         coupling = gptq.RowCoupling.of(self.output_fisher[name], self.head_rows, opts.damp) if name in self.output_fisher else None
         q = round_rows(fmt, raw, w_t, factor, coupling)
@@ -122,7 +123,7 @@ def rewrite_sequential(
     biases written in place, each tensor's former bytes handed to `originals` first (a
     neoxq.core.resume.Originals). Layers below `start_layer` are taken as written (a resumed run).
     output_fisher: attention QKV matrices' output Fisher per head (their rows are rounded coupled,
-    gptq.RowCoupling). opts: the OptimizeOptions (act_order, damp, stream_bf16)."""
+    gptq.RowCoupling). opts: the OptimizeOptions (act_order, damp, stream_bf16, device)."""
     args = GPTNeoXArgs.from_config(ckpt.config)
     head_rows = interleave_qkv(np.arange(3 * args.hidden_size), args).reshape(args.num_attention_heads, -1)  # GGUF rows of each head's q, k, v
     with TensorFile(path) as f:
@@ -139,6 +140,7 @@ def rewrite_sequential(
             on_layer=r.finished,
             norms=lambda name: r.current(name)[0],
             bf16=bool(opts.stream_bf16),
+            device=opts.device,
         )
     return r.done
 

@@ -102,6 +102,15 @@ Float32 = Annotated[
 ]
 
 
+OptimizeDevice = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device",
+        help="--optimize: where its passes and GPTQ run: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.",
+    ),
+]
+
+
 def quantize(
     inp: Annotated[Path, typer.Argument(help="F32/F16/BF16 GGUF to quantize.")],
     qtype: Annotated[str, typer.Option("--type", help=QUANT_HELP)],
@@ -115,6 +124,7 @@ def quantize(
     ctx: Annotated[int, typer.Option("--ctx", "-c", min=4, help="--mix/--optimize calibration window.")] = 512,
     max_memory: MaxMemory = None,
     float32: Float32 = False,
+    device: OptimizeDevice = None,
     output: Output = None,
     as_json: Json = False,
     force: Force = False,
@@ -126,7 +136,7 @@ def quantize(
     calibration text, within the budget (default: no larger than the stock --type file)."""
     from neoxq.quantize_gguf import QuantizeRequest, quantize_gguf
 
-    request = QuantizeRequest(imatrix, mix, optimize, calib, target_size, target_bpw, reference, ctx, max_memory, float32, output, force)
+    request = QuantizeRequest(imatrix, mix, optimize, calib, target_size, target_bpw, reference, ctx, max_memory, float32, output, force, device)
     result = quantize_gguf(inp, QuantType.parse(qtype), request)
     if as_json:
         print(json.dumps(result.as_json(), indent=1))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gptq import SWEEP_DTYPE, steps_inverse, row_chunk
+from .gptq import SWEEP_DTYPE, on_host, row_chunk, steps_inverse
 
 UNIT = 8
 BLOCK = 128  # columns compensated inside before the rest of the row is updated at once (lazy batch)
@@ -40,8 +40,9 @@ class Grid:
 def codebook_round(w: np.ndarray, a: np.ndarray, o: np.ndarray, factor, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(components c float32 [rows, cols], grid index int32 [rows, cols / width], negative bool [rows,
     cols]) for weights w on per-weight scales a and offsets o (value = a · (c + o)), minimising
-    Σ_rows (w − q)ᵀ H (w − q) with factor = compensation(H, …, group=UNIT)."""
-    perm, u = factor
+    Σ_rows (w − q)ᵀ H (w − q) with factor = compensation(H, …, group=UNIT); its sweep runs on the
+    host."""
+    perm, u = on_host(factor)
     back = np.argsort(perm)
     c_out = np.empty(w.shape, np.float32)
     neg_out = np.empty(w.shape, bool)
