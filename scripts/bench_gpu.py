@@ -5,11 +5,18 @@ against its F16 file scored on each backend, and their paired per-token differen
 server's batching engine (runtime/batch.py, as `neoxq serve --parallel 8` runs it, without HTTP):
 the aggregate tokens per second of 1 and of 8 requests at once on each backend.
 
+With --optimize, instead: `quantize --optimize --device cuda` (torch's calibration passes and GPTQ
+on the GPU, neoxq.core.gptq_torch) on cuts of Pythia-1.4B's and -6.9B's widths, each with an empty
+cache: wall time, seconds per layer and their extrapolation to the whole depth, the GPU's peak
+memory, and on the 1.4B cut the same run with `--device cpu`: the time ratio and the share of
+levels both give alike. Needs a CUDA build of torch, not of llama.cpp.
+
 Needs llama-cpp-python built with CUDA (`make venv CUDA=1`); without GPU offload it says so and
 exits 2. The model is a Pythia-shaped checkpoint with random weights (benchlib, cached), so nothing
 is downloaded.
 
     .venv/bin/python scripts/bench_gpu.py [--shape 410m] [--windows 8] [--ctx 512] [--json OUT]
+    .venv/bin/python scripts/bench_gpu.py --optimize [--windows 8] [--ctx 512] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ init_process()
 import neoxq.runtime  # noqa: E402, F401  (llama.cpp's libraries before numpy and torch: neoxq/runtime/__init__.py)
 
 import benchlib  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def batched_rate(path: Path, layers: int, clients: int, tokens: int = 128) -> float:
@@ -56,15 +64,84 @@ def batched_rate(path: Path, layers: int, clients: int, tokens: int = 128) -> fl
         b.close()
 
 
+# (label, the cut's shape (hidden, layers, heads), the whole model's layers, compared with the CPU)
+OPTIMIZE_CUTS = (("1.4b", (2048, 2, 16), 24, True), ("6.9b", (4096, 2, 32), 32, False))
+
+
+def _levels(path: Path) -> np.ndarray:
+    """Every block-format tensor's levels, concatenated (neoxq.core.blocks)."""
+    from neoxq.core import blocks
+    from neoxq.core.gguf_info import read_info
+
+    info, out = read_info(path), []
+    for t in info.tensors:
+        fmt = blocks.FORMATS.get(t.type)
+        if fmt is not None and len(t.shape) == 2:
+            raw = np.fromfile(info.path, np.uint8, t.n_bytes, offset=info.data_offset + t.offset)
+            out.append(blocks.levels(fmt, raw.reshape(-1, fmt.size)).reshape(-1))
+    return np.concatenate(out)
+
+
+def optimize_runs(work: Path, windows: int, ctx: int) -> list[dict]:
+    """--optimize on each cut with an empty cache, on the GPU (and on the CPU where asked)."""
+    import time
+
+    import torch
+
+    from neoxq.core.machine import environment
+    from neoxq.optimize import OptimizeOptions, quantize_optimized
+
+    calib = benchlib.eval_text().read_text(encoding="utf-8")[: windows * ctx * 4 + 4000]
+    rows = []
+    for label, shape, depth, compare in OPTIMIZE_CUTS:
+        folder = benchlib.random_checkpoint(shape)
+        f16 = benchlib.convert_f16(folder, work)
+        row = {"shape": label, "layers": shape[1], "whole_layers": depth, "windows": windows, "ctx": ctx}
+        for device in ("cuda", "cpu") if compare else ("cuda",):
+            torch.cuda.reset_peak_memory_stats()
+            out = work / f"{f16.stem}-Q4_K_M-opt-{device}.gguf"
+            with environment({"NEOXQ_CACHE": str(work / f"opt-cache-{label}-{device}-{time.time_ns()}")}):
+                t0 = time.perf_counter()
+                opts = OptimizeOptions(calib, reference=str(folder), ctx=ctx, device=device)
+                quantize_optimized(f16, "Q4_K_M", opts, output=out, force=True)
+                wall = time.perf_counter() - t0
+            row[device] = {"wall_s": wall, "per_layer_s": wall / shape[1], "whole_model_h": wall / shape[1] * depth / 3600}
+            if device == "cuda":
+                row[device]["peak_gpu_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+            print(
+                f"--optimize {label} cut to {shape[1]} layers on {device}: {wall:.0f} s (~{row[device]['whole_model_h']:.2f} h at {depth})",
+                flush=True,
+            )
+        if compare:
+            cpu, gpu = (_levels(work / f"{f16.stem}-Q4_K_M-opt-{d}.gguf") for d in ("cpu", "cuda"))
+            row["levels_equal"] = float((cpu == gpu).mean())
+            row["levels_off_by_more_than_one"] = float((np.abs(cpu.astype(int) - gpu) > 1).mean())
+            row["cpu_over_gpu_time"] = row["cpu"]["wall_s"] / row["cuda"]["wall_s"]
+            print(f"  levels equal {row['levels_equal']:.4f}; CPU/GPU time {row['cpu_over_gpu_time']:.1f}x", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="410m", help="a Pythia shape benchlib knows (70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b)")
     ap.add_argument("--windows", type=int, default=8, help="scored windows of --ctx tokens")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--optimize", action="store_true", help="time `quantize --optimize --device cuda` instead (needs a CUDA build of torch)")
     a = ap.parse_args()
+    if a.optimize:
+        import torch
 
-    import numpy as np
+        if not torch.cuda.is_available():
+            print(f"torch {torch.__version__} sees no CUDA device; --optimize needs a CUDA build of torch on a GPU", file=sys.stderr)
+            return 2
+        work = benchlib.cache_dir() / "gpu"
+        work.mkdir(parents=True, exist_ok=True)
+        rows = optimize_runs(work, a.windows, a.ctx)
+        if a.json:
+            a.json.write_text(json.dumps({"optimize": rows}, indent=1))
+        return 0
 
     from neoxq.runtime.model import NeoxModel, RuntimeOptions, gpu_offload_supported
     from neoxq.runtime.quantize import quantize

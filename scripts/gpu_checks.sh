@@ -10,7 +10,7 @@
 #
 # scripts/gpu_bundle.sh makes the archive and the wheels on a machine with an index. Optional
 # environment: SMOKE_GGUF (a small GGUF for the load probes), EXTRA_CMAKE, LLAMA_WHEEL (a wheel an
-# earlier run built: no build), BUILD_LIMIT, BENCH_LIMIT, TEST_LIMIT, SERVE_LIMIT (seconds).
+# earlier run built: no build), BUILD_LIMIT, BENCH_LIMIT, OPTIMIZE_LIMIT, TEST_LIMIT, SERVE_LIMIT (seconds).
 #
 # Each step has its own time limit and writes its log under OUT_DIR, so a step cut short leaves
 # what the earlier ones measured.
@@ -78,6 +78,7 @@ if [ -n "${SMOKE_GGUF:-}" ]; then
 fi
 
 step bench "${BENCH_LIMIT:-200}" python3 scripts/bench_gpu.py --json "$out/bench_gpu.json" "$@"
+step bench-optimize "${OPTIMIZE_LIMIT:-240}" python3 scripts/bench_gpu.py --optimize --windows 4 --json "$out/bench_gpu_optimize.json"
 step gpu-tests "${TEST_LIMIT:-150}" python3 -m pytest quant_tests -m gpu -p no:cacheprovider -x -q
 step serve-tests "${SERVE_LIMIT:-200}" python3 -m pytest quant_tests/test_serve.py -p no:cacheprovider -q
 for f in "$out"/*.log; do echo "== $f"; tail -n 3 "$f"; done
