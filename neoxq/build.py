@@ -137,6 +137,7 @@ def build_optimized(
             "neoxq.optimize.method": opts.method,
             "neoxq.optimize.calibration.sha256": calib_sha,
             "neoxq.optimize.ctx": str(ctx),
+            "neoxq.optimize.device": opts.device,
         }
         if imatrix:
             want["neoxq.imatrix.sha256"] = file_sha256(imatrix)

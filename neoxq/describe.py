@@ -43,6 +43,7 @@ def describe_file(path: Path) -> dict:
             f"{m['neoxq.optimize.method']} on {m.get('neoxq.optimize.calibration.tokens')} calibration tokens "
             f"(sha256 {str(m.get('neoxq.optimize.calibration.sha256'))[:16]}…) from {m.get('neoxq.optimize.reference')}, "
             f"damp {m.get('neoxq.optimize.damp')}, act order {m.get('neoxq.optimize.act_order')}"
+            + (f", on {m['neoxq.optimize.device']}" if m.get("neoxq.optimize.device") else "")
         )
         if m.get("neoxq.optimize.method")
         else "no",

@@ -225,6 +225,7 @@ def _provenance(opts: OptimizeOptions, ckpt, stats: CalibrationStats) -> dict[st
         "neoxq.optimize.act_order": str(opts.act_order).lower(),
         "neoxq.optimize.reference": ckpt.name,
         "neoxq.optimize.ctx": str(opts.ctx),
+        "neoxq.optimize.device": opts.device,
     }
 
 
