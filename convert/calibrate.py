@@ -78,7 +78,7 @@ def sequential_calibration(
     extra = layer_inputs(config, h_f[:1])
     per_layer = sum(len(s) for s in STAGES)
     steps = (args.num_hidden_layers - start_layer) * per_layer + int(with_head)
-    with torch.no_grad(), Progress("rounding (sequential)", steps, "matmuls") as bar:
+    with torch.no_grad(), Progress("rounding (sequential)", steps, "matmuls", cycle=per_layer) as bar:
         for i in range(args.num_hidden_layers):
             layer_f = load_layer(ckpt, config, i, names).to(device)
             layer_q = _quantized_copy(layer_f, i, gguf_names, norms)

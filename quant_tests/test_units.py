@@ -723,3 +723,30 @@ def test_progress_eta_is_the_remaining_work_at_the_average_rate_since_the_start(
     clock[0] += 10.0
     resumed.update(1)
     assert resumed.eta() == pytest.approx(30.0)
+
+
+def test_progress_eta_of_a_cycled_bar_repeats_the_last_cycles_step_times(monkeypatch):
+    """Layers of four unequal matmuls, then the output matrix: after a whole layer, each step left
+    is estimated at what its place in the layer took last, so the estimate neither swings inside a
+    layer nor lags when later layers take longer."""
+    from neoxq.core import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = progress.Progress("rounding", 3 * 4 + 1, "matmuls", cycle=4)
+
+    def step(seconds):
+        clock[0] += seconds
+        bar.update(1)
+
+    for s in (10, 5, 5):
+        step(s)
+    assert bar.eta() == pytest.approx(10 * 20 / 3)  # before a whole layer: the average rate
+    step(30)
+    assert bar.eta() == pytest.approx(2 * 50 + 10)  # two layers and the output matrix, at the first layer's times
+    step(20)  # the second layer is twice as slow
+    assert bar.eta() == pytest.approx(2 * (5 + 5 + 30 + 20))  # mid-layer: each step left at its place's last time
+    for s in (10, 10, 60):
+        step(s)
+    assert bar.eta() == pytest.approx(100 + 20)  # the second layer's times, not the average's
+    assert progress.Progress("plain", 13, "x").cycle == 0 and progress.eta_seconds(0.0, [], 1, 13) == pytest.approx(12 * clock[0])

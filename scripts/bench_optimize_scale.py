@@ -148,6 +148,7 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
         "estimate_32_layers_32_windows_MiB": plan32.peak / 2**20,
         "eta": eta,
     }
+    row["rounding_steps_s"] = step_times(eta_log, started)  # for the replayed cycle-aware ETA
     row["per_layer_s"] = r["wall_s"] / layers  # an upper bound: the embedding and output matrix are included
     row["extrapolated_32_layers_h"] = row["per_layer_s"] * BIG[1] / 3600
     print(
@@ -498,13 +499,39 @@ def at_32_layers(r: dict) -> float | None:
     return r["wall_s"] - f - q + f * BIG[1] / n + q * (BIG[1] * per_layer + 1) / (n * per_layer + 1)
 
 
-def _eta_table(rows: list[dict], run: str) -> list[str]:
+ROUNDING = "rounding (sequential)"
+
+
+def step_times(eta_log: Path, started: float, label: str = ROUNDING) -> list[float]:
+    """When each step of a bar ended, in seconds from the run's start (its progress log)."""
+    return [s["t"] - started for s in map(json.loads, eta_log.read_text().splitlines()) if s["label"] == label]
+
+
+def cycled_eta(e: dict, steps: list[float]) -> float | None:
+    """What the rounding bar's ETA is with its cycle of a layer's matmuls (neoxq.core.progress),
+    replayed on a run's step times: from the second layer on, each step left at the time its place
+    in the layer took last; before, the average rate the run showed."""
+    from neoxq.convert.calibrate import STAGES
+    from neoxq.core.progress import eta_seconds
+
+    cycle = sum(len(s) for s in STAGES)
+    if e["bar"] != ROUNDING or e["done"] <= cycle:
+        return e["eta_s"]
+    return eta_seconds(0.0, steps[: e["done"]], e["done"], e["total"], cycle)
+
+
+def _eta_table(rows: list[dict], run: str, steps: list[float] | None = None) -> list[str]:
     if not rows:
         return []
-    out = [f"\n| progress bar ({run}) | at s | steps done | ETA shown s | really left s |", "|---|---:|---:|---:|---:|"]
+    extra = " cycle-aware ETA s (replayed) |" if steps else ""
+    out = [
+        f"\n| progress bar ({run}) | at s | steps done | ETA shown s | really left s |{extra}",
+        "|---|---:|---:|---:|---:|" + ("---:|" if steps else ""),
+    ]
     for e in rows:
         eta = "—" if e["eta_s"] is None else f"{e['eta_s']:.0f}"
-        out.append(f"| {e['bar']} | {e['at_s']:.0f} | {e['done']} / {e['total']} | {eta} | {e['left_s']:.0f} |")
+        cell = "" if not steps else (f" {cycled_eta(e, steps):.0f} |" if e["bar"] == ROUNDING else " |")
+        out.append(f"| {e['bar']} | {e['at_s']:.0f} | {e['done']} / {e['total']} | {eta} | {e['left_s']:.0f} |{cell}")
     return out
 
 
@@ -533,7 +560,7 @@ def markdown(data: dict) -> str:
                     f"\nPhases of the run (from its progress log): {spans}. Scaled to 32 layers (the first pass by "
                     f"32 / {r['layers']}, the rounding by its matmuls, the rest as it was): **{t32 / 3600:.2f} h**."
                 )
-            out += _eta_table(r.get("eta", []), "the uninterrupted run")
+            out += _eta_table(r.get("eta", []), "the uninterrupted run", r.get("rounding_steps_s"))
             k = r.get("resume")
             if k:
                 out.append(
@@ -566,6 +593,17 @@ def markdown(data: dict) -> str:
     return "\n".join(out).strip()
 
 
+def add_step_times(record: Path, eta_log: Path) -> None:
+    """The rounding bar's step times, from the run's own progress log, added to a record made before
+    the record kept them (the run's start: its first logged rounding step, less its time in the record)."""
+    data = json.loads(record.read_text())
+    row = next(r for r in data["rows"] if r["part"] == "big")
+    first = next(e for e in row["eta"] if e["bar"] == ROUNDING)
+    t_first = next(s["t"] for s in map(json.loads, eta_log.read_text().splitlines()) if s["label"] == ROUNDING and s["done"] == first["done"])
+    row["rounding_steps_s"] = step_times(eta_log, t_first - first["at_s"])
+    benchlib.write_record(record, data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="big,410m")
@@ -574,9 +612,13 @@ def main() -> None:
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--budget", default="8GB")
     ap.add_argument("--kill", action="store_true", help="big: also SIGKILL a second run inside a random layer and resume it")
+    ap.add_argument("--steps-from", type=Path, help="add the rounding bar's step times from this progress log to the big row of --json's record")
     benchlib.add_record_args(ap)
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
+        return
+    if a.steps_from:
+        add_step_times(a.json, a.steps_from)
         return
     work = benchlib.cache_dir() / "optimize-scale"
     work.mkdir(exist_ok=True)

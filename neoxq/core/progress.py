@@ -7,6 +7,10 @@ only when stderr is a terminal.
 The ETA is the bar's remaining work at the average rate since the bar started, not rich's rate
 over its last 30 seconds: a bar whose steps take minutes (a layer of a large model) would otherwise
 show no estimate at all, and one whose steps differ in size (the matmuls of a layer) a jumpy one.
+A bar whose steps repeat in a cycle of unequal steps (`cycle`: a layer's matmuls, the MLP's down
+projection costing most) is estimated, once a whole cycle has been seen, from the last cycle's own
+step times, each remaining step at the time its place in the cycle took last: the cycle's swings
+and a drift from cycle to cycle (later layers taking longer) are both in the estimate.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ class Progress:
     `nbytes` (when given) turns the rate into MB/s, for writers.
     """
 
-    def __init__(self, label: str, total: int, unit: str = ""):
-        self.label, self.total, self.unit = label, total, unit
+    def __init__(self, label: str, total: int, unit: str = "", cycle: int = 0):
+        self.label, self.total, self.unit, self.cycle = label, total, unit, cycle
         self.done, self._start = 0, time.monotonic()
+        self._stamps: list[float] = []  # the clock at each step since the start (a cycled bar's)
         self._bar = None
         if not interactive():
             return
@@ -77,15 +82,18 @@ class Progress:
         """Count the rate from now: the work before it (a resumed run replaying what it had
         finished) is not a step of this bar and would make the ETA too long."""
         self._start = time.monotonic()
+        self._stamps = []
 
     def eta(self) -> float | None:
-        """Seconds left at the average rate since the bar started; None before the first step."""
+        """Seconds left; None before the first step (module docstring)."""
         if self.done <= 0:
             return None
-        return max(self.total - self.done, 0) * self.elapsed() / self.done
+        return eta_seconds(self._start, self._stamps, self.done, self.total, self.cycle)
 
     def update(self, n: int = 1, nbytes: int = 0, note: str = "") -> None:
         self.done += n
+        if self.cycle:
+            self._stamps += [time.monotonic()] * n
         if self._bar is None:
             return
         self._bytes += nbytes
@@ -103,6 +111,20 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def eta_seconds(start: float, stamps: list[float], done: int, total: int, cycle: int = 0) -> float:
+    """Seconds left after `done` of `total` steps: with a `cycle` and a whole one among the steps'
+    clock readings `stamps` (the latest last), the last cycle's step times repeated over the steps
+    left (the next step took as long as the step one cycle before it); else the average rate since
+    `start`."""
+    left = max(total - done, 0)
+    if cycle and len(stamps) >= cycle:
+        ends = stamps[-cycle:]
+        last = [b - a for a, b in zip([stamps[-cycle - 1] if len(stamps) > cycle else start, *ends[:-1]], ends)]
+        return left // cycle * sum(last) + sum(last[: left % cycle])
+    now = stamps[-1] if stamps else time.monotonic()
+    return left * (now - start) / done if done else 0.0
 
 
 def _clock(seconds: float | None) -> str:
