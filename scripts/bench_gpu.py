@@ -68,20 +68,6 @@ def batched_rate(path: Path, layers: int, clients: int, tokens: int = 128) -> fl
 OPTIMIZE_CUTS = (("1.4b", (2048, 2, 16), 24, True), ("6.9b", (4096, 2, 32), 32, False))
 
 
-def _levels(path: Path) -> np.ndarray:
-    """Every block-format tensor's levels, concatenated (neoxq.core.blocks)."""
-    from neoxq.core import blocks
-    from neoxq.core.gguf_info import read_info
-
-    info, out = read_info(path), []
-    for t in info.tensors:
-        fmt = blocks.FORMATS.get(t.type)
-        if fmt is not None and len(t.shape) == 2:
-            raw = np.fromfile(info.path, np.uint8, t.n_bytes, offset=info.data_offset + t.offset)
-            out.append(blocks.levels(fmt, raw.reshape(-1, fmt.size)).reshape(-1))
-    return np.concatenate(out)
-
-
 def optimize_runs(work: Path, windows: int, ctx: int) -> list[dict]:
     """--optimize on each cut with an empty cache, on the GPU (and on the CPU where asked)."""
     import time
@@ -113,7 +99,7 @@ def optimize_runs(work: Path, windows: int, ctx: int) -> list[dict]:
                 flush=True,
             )
         if compare:
-            cpu, gpu = (_levels(work / f"{f16.stem}-Q4_K_M-opt-{d}.gguf") for d in ("cpu", "cuda"))
+            cpu, gpu = (benchlib.file_levels(work / f"{f16.stem}-Q4_K_M-opt-{d}.gguf") for d in ("cpu", "cuda"))
             row["levels_equal"] = float((cpu == gpu).mean())
             row["levels_off_by_more_than_one"] = float((np.abs(cpu.astype(int) - gpu) > 1).mean())
             row["cpu_over_gpu_time"] = row["cpu"]["wall_s"] / row["cuda"]["wall_s"]

@@ -37,20 +37,6 @@ CTX = 512
 QTYPE = "Q4_K_M"
 
 
-def levels(path: Path) -> np.ndarray:
-    """Every block-format matrix's levels, concatenated in the file's order."""
-    from neoxq.core import blocks
-    from neoxq.core.gguf_info import read_info
-
-    info, out = read_info(path), []
-    for t in info.tensors:
-        fmt = blocks.FORMATS.get(t.type)
-        if fmt is not None and len(t.shape) == 2:
-            raw = np.fromfile(info.path, np.uint8, t.n_bytes, offset=info.data_offset + t.offset)
-            out.append(blocks.levels(fmt, raw.reshape(-1, fmt.size)).reshape(-1).astype(np.int32))
-    return np.concatenate(out)
-
-
 def _nudged_biases():
     """gptq.corrected_bias with its result moved one float32 ulp up (the unmoved function back on exit)."""
     import contextlib
@@ -131,7 +117,7 @@ def main() -> None:
             wall = time.perf_counter() - t0
             with NeoxModel(out, RuntimeOptions(n_ctx=CTX, n_batch=CTX)) as m:
                 scores[name] = kld(m, GGUFReference(f16), scored, CTX, cache_dir=work / "scores")
-            lv[name] = levels(out)
+            lv[name] = benchlib.file_levels(out)
             base = lv["cpu"]
             row = {
                 "variant": name,

@@ -409,3 +409,18 @@ def start_server(model, ctx: int = 256, extra: tuple = (), command: list | None 
             time.sleep(0.25)
     proc.kill()
     raise SystemExit("the server did not answer within 60 s")
+
+
+def file_levels(path: Path) -> np.ndarray:
+    """Every block-format matrix's levels in a GGUF (neoxq.core.blocks), concatenated in the file's
+    order, int32: two files of the same tensors compared level by level."""
+    from neoxq.core import blocks
+    from neoxq.core.gguf_info import read_info
+
+    info, out = read_info(path), []
+    for t in info.tensors:
+        fmt = blocks.FORMATS.get(t.type)
+        if fmt is not None and len(t.shape) == 2:
+            raw = np.fromfile(info.path, np.uint8, t.n_bytes, offset=info.data_offset + t.offset)
+            out.append(blocks.levels(fmt, raw.reshape(-1, fmt.size)).reshape(-1).astype(np.int32))
+    return np.concatenate(out)
