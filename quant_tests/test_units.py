@@ -725,28 +725,30 @@ def test_progress_eta_is_the_remaining_work_at_the_average_rate_since_the_start(
     assert resumed.eta() == pytest.approx(30.0)
 
 
-def test_progress_eta_of_a_cycled_bar_repeats_the_last_cycles_step_times(monkeypatch):
+def test_progress_eta_of_a_cycled_bar_takes_each_place_at_its_recent_mean(monkeypatch):
     """Layers of four unequal matmuls, then the output matrix: after a whole layer, each step left
-    is estimated at what its place in the layer took last, so the estimate neither swings inside a
-    layer nor lags when later layers take longer."""
+    is estimated at the mean time its place in the layer took over the later half of the layers
+    seen, so the estimate neither swings inside a layer nor lags far when later layers take longer."""
     from neoxq.core import progress
 
     clock = [0.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
-    bar = progress.Progress("rounding", 3 * 4 + 1, "matmuls", cycle=4)
+    bar = progress.Progress("rounding", 4 * 4 + 1, "matmuls", cycle=4)
 
-    def step(seconds):
-        clock[0] += seconds
-        bar.update(1)
+    def steps(*seconds):
+        for s in seconds:
+            clock[0] += s
+            bar.update(1)
 
-    for s in (10, 5, 5):
-        step(s)
-    assert bar.eta() == pytest.approx(10 * 20 / 3)  # before a whole layer: the average rate
-    step(30)
-    assert bar.eta() == pytest.approx(2 * 50 + 10)  # two layers and the output matrix, at the first layer's times
-    step(20)  # the second layer is twice as slow
-    assert bar.eta() == pytest.approx(2 * (5 + 5 + 30 + 20))  # mid-layer: each step left at its place's last time
-    for s in (10, 10, 60):
-        step(s)
-    assert bar.eta() == pytest.approx(100 + 20)  # the second layer's times, not the average's
-    assert progress.Progress("plain", 13, "x").cycle == 0 and progress.eta_seconds(0.0, [], 1, 13) == pytest.approx(12 * clock[0])
+    steps(10, 5, 5)
+    assert bar.eta() == pytest.approx(14 * 20 / 3)  # before a whole layer: the average rate
+    steps(30)
+    assert bar.eta() == pytest.approx(3 * 50 + 10)  # three layers and the output matrix, at the first layer's times
+    steps(20)  # the second layer is twice as slow
+    assert bar.eta() == pytest.approx(3 * (5 + 5 + 30 + 20))  # mid-layer: each step left at its place's time
+    steps(10, 10, 60)
+    assert bar.eta() == pytest.approx(2 * 100 + 20)  # two layers seen: the later one's times
+    steps(40, 10, 10, 100)
+    assert bar.eta() == pytest.approx((30 + 10 + 10 + 80) + 30)  # three seen: the mean of the later two
+    plain = progress.Progress("plain", 13, "x")
+    assert plain.cycle == 0 and progress.eta_seconds(0.0, [], 1, 13) == pytest.approx(12 * clock[0])

@@ -148,7 +148,7 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
         "estimate_32_layers_32_windows_MiB": plan32.peak / 2**20,
         "eta": eta,
     }
-    row["rounding_steps_s"] = step_times(eta_log, started)  # for the replayed cycle-aware ETA
+    row["rounding_steps_s"], row["rounding_eta_shown_s"] = step_times(eta_log, started)  # for the replayed cycle-aware ETA
     row["per_layer_s"] = r["wall_s"] / layers  # an upper bound: the embedding and output matrix are included
     row["extrapolated_32_layers_h"] = row["per_layer_s"] * BIG[1] / 3600
     print(
@@ -502,35 +502,55 @@ def at_32_layers(r: dict) -> float | None:
 ROUNDING = "rounding (sequential)"
 
 
-def step_times(eta_log: Path, started: float, label: str = ROUNDING) -> list[float]:
-    """When each step of a bar ended, in seconds from the run's start (its progress log)."""
-    return [s["t"] - started for s in map(json.loads, eta_log.read_text().splitlines()) if s["label"] == label]
+def step_times(eta_log: Path, started: float, label: str = ROUNDING) -> tuple[list[float], list[float | None]]:
+    """When each step of a bar ended, in seconds from the run's start, and the ETA the bar showed
+    then (its progress log)."""
+    mine = [s for s in map(json.loads, eta_log.read_text().splitlines()) if s["label"] == label]
+    return [s["t"] - started for s in mine], [s["eta_s"] for s in mine]
 
 
-def cycled_eta(e: dict, steps: list[float]) -> float | None:
+def eta_errors(r: dict) -> dict[str, float] | None:
+    """The rounding bar's mean |ETA / time really left − 1| over its steps after the first layer
+    (not the last): as shown in the run, and cycle-aware (replayed)."""
+    steps, shown = r.get("rounding_steps_s"), r.get("rounding_eta_shown_s")
+    if not steps or not shown:
+        return None
+    start = phase_spans(r["eta"]).get(ROUNDING, (0.0, 0.0))[0]
+    total, cycle = len(steps), 4
+    errs: dict[str, list[float]] = {"shown": [], "cycle-aware": []}
+    for k in range(cycle + 1, total):
+        left = steps[-1] - steps[k - 1]
+        errs["shown"].append(abs(shown[k - 1] / left - 1))
+        errs["cycle-aware"].append(abs(cycled_eta({"bar": ROUNDING, "done": k, "total": total, "eta_s": shown[k - 1]}, steps, start) / left - 1))
+    return {name: sum(v) / len(v) for name, v in errs.items() if v}
+
+
+def cycled_eta(e: dict, steps: list[float], start: float) -> float | None:
     """What the rounding bar's ETA is with its cycle of a layer's matmuls (neoxq.core.progress),
-    replayed on a run's step times: from the second layer on, each step left at the time its place
-    in the layer took last; before, the average rate the run showed."""
+    replayed on a run's step times (`start`: the bar's): after a whole layer, each step left at the
+    mean time its place in the layer took over the later half of the layers seen; before, the
+    average rate the run showed."""
     from neoxq.convert.calibrate import STAGES
     from neoxq.core.progress import eta_seconds
 
     cycle = sum(len(s) for s in STAGES)
     if e["bar"] != ROUNDING or e["done"] <= cycle:
         return e["eta_s"]
-    return eta_seconds(0.0, steps[: e["done"]], e["done"], e["total"], cycle)
+    return eta_seconds(start, steps[: e["done"]], e["done"], e["total"], cycle)
 
 
 def _eta_table(rows: list[dict], run: str, steps: list[float] | None = None) -> list[str]:
     if not rows:
         return []
     extra = " cycle-aware ETA s (replayed) |" if steps else ""
+    start = phase_spans(rows).get(ROUNDING, (0.0, 0.0))[0]
     out = [
         f"\n| progress bar ({run}) | at s | steps done | ETA shown s | really left s |{extra}",
         "|---|---:|---:|---:|---:|" + ("---:|" if steps else ""),
     ]
     for e in rows:
         eta = "—" if e["eta_s"] is None else f"{e['eta_s']:.0f}"
-        cell = "" if not steps else (f" {cycled_eta(e, steps):.0f} |" if e["bar"] == ROUNDING else " |")
+        cell = "" if not steps else (f" {cycled_eta(e, steps, start):.0f} |" if e["bar"] == ROUNDING else " |")
         out.append(f"| {e['bar']} | {e['at_s']:.0f} | {e['done']} / {e['total']} | {eta} | {e['left_s']:.0f} |{cell}")
     return out
 
@@ -561,6 +581,12 @@ def markdown(data: dict) -> str:
                     f"32 / {r['layers']}, the rounding by its matmuls, the rest as it was): **{t32 / 3600:.2f} h**."
                 )
             out += _eta_table(r.get("eta", []), "the uninterrupted run", r.get("rounding_steps_s"))
+            errs = eta_errors(r)
+            if errs:
+                out.append(
+                    f"\nThe rounding bar's ETA over its steps after the first layer, mean |ETA / time really left − 1|: as shown "
+                    f"{100 * errs['shown']:.1f} %, cycle-aware (replayed on the same step times) {100 * errs['cycle-aware']:.1f} %."
+                )
             k = r.get("resume")
             if k:
                 out.append(
@@ -600,7 +626,7 @@ def add_step_times(record: Path, eta_log: Path) -> None:
     row = next(r for r in data["rows"] if r["part"] == "big")
     first = next(e for e in row["eta"] if e["bar"] == ROUNDING)
     t_first = next(s["t"] for s in map(json.loads, eta_log.read_text().splitlines()) if s["label"] == ROUNDING and s["done"] == first["done"])
-    row["rounding_steps_s"] = step_times(eta_log, t_first - first["at_s"])
+    row["rounding_steps_s"], row["rounding_eta_shown_s"] = step_times(eta_log, t_first - first["at_s"])
     benchlib.write_record(record, data)
 
 

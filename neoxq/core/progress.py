@@ -8,9 +8,11 @@ The ETA is the bar's remaining work at the average rate since the bar started, n
 over its last 30 seconds: a bar whose steps take minutes (a layer of a large model) would otherwise
 show no estimate at all, and one whose steps differ in size (the matmuls of a layer) a jumpy one.
 A bar whose steps repeat in a cycle of unequal steps (`cycle`: a layer's matmuls, the MLP's down
-projection costing most) is estimated, once a whole cycle has been seen, from the last cycle's own
-step times, each remaining step at the time its place in the cycle took last: the cycle's swings
-and a drift from cycle to cycle (later layers taking longer) are both in the estimate.
+projection costing most) is estimated, once a whole cycle has been seen, step by step: each
+remaining step at the mean time its place in the cycle took over the later half of the cycles seen.
+The cycle's swings are then foreseen; a drift from cycle to cycle (later layers taking longer) is
+followed, as the early cycles drop out of the mean; and one slow cycle moves it less than a
+last-cycle estimate would.
 """
 
 from __future__ import annotations
@@ -115,14 +117,17 @@ class Progress:
 
 def eta_seconds(start: float, stamps: list[float], done: int, total: int, cycle: int = 0) -> float:
     """Seconds left after `done` of `total` steps: with a `cycle` and a whole one among the steps'
-    clock readings `stamps` (the latest last), the last cycle's step times repeated over the steps
-    left (the next step took as long as the step one cycle before it); else the average rate since
-    `start`."""
+    clock readings `stamps` (one per step since `start`), each step left at the mean time its place
+    in the cycle took over the later half of the cycles seen; else the average rate since `start`."""
     left = max(total - done, 0)
     if cycle and len(stamps) >= cycle:
-        ends = stamps[-cycle:]
-        last = [b - a for a, b in zip([stamps[-cycle - 1] if len(stamps) > cycle else start, *ends[:-1]], ends)]
-        return left // cycle * sum(last) + sum(last[: left % cycle])
+        took = [b - a for a, b in zip([start, *stamps[:-1]], stamps)]
+        keep = max(1, (len(took) // cycle + 1) // 2)  # the later half of the cycles seen
+        n = len(took)
+        # the step after the last one seen has the place of the step `cycle` before it
+        place = [took[n - cycle + j :: -cycle][:keep] for j in range(cycle)]
+        per = [sum(p) / len(p) for p in place]
+        return left // cycle * sum(per) + sum(per[: left % cycle])
     now = stamps[-1] if stamps else time.monotonic()
     return left * (now - start) / done if done else 0.0
 
