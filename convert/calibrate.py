@@ -66,7 +66,7 @@ def sequential_calibration(
     the checkpoint's. bf16: the quantized model's layers run under autocast_bf16 (its matmuls in
     bfloat16, as llama.cpp's kernels round their activations too); the fp32 model, whose outputs are
     the target, never does, and every moment is summed in float32 products. device: the torch device
-    both models, their hidden states and the moments' sums live on (neoxq.core.accelerator); the
+    both models, their hidden states and the moments' sums live on (neoxq.accelerator); the
     moments come back to the host."""
     import torch
 

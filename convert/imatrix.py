@@ -85,7 +85,7 @@ def second_moments(
     bfloat16, calibrate.native_bf16), their hooked sums included: the Fisher is an estimate from
     sampled tokens whose own spread is far above bfloat16's rounding (docs/method.md).
 
-    device: the torch device the model and its sums run on (neoxq.core.accelerator); the sampled
+    device: the torch device the model and its sums run on (neoxq.accelerator); the sampled
     tokens are drawn on the host's seeded generator either way."""
     try:
         import torch

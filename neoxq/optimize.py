@@ -42,7 +42,8 @@ from neoxq.convert.calibrate import native_bf16
 from neoxq.convert.imatrix import calibration_windows, imatrix_from_stats
 from neoxq.convert.neox import GPTNeoXArgs
 from neoxq.core.atomic import atomic_output, check_output, output_in
-from neoxq.core import accelerator, blocks, iq_blocks
+from neoxq import accelerator
+from neoxq.core import blocks, iq_blocks
 from neoxq.core.cache import cache_root
 from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.choices import AUTO
@@ -98,7 +99,7 @@ class OptimizeOptions:
     # The sequential pass's quantized model (whose activations the layers are rounded on) in bfloat16
     # matmuls; the fp32 model, the target, stays float32. None: as fisher_bf16.
     stream_bf16: bool | None = None
-    # Where the calibration passes and the rounding's dense algebra run (neoxq.core.accelerator):
+    # Where the calibration passes and the rounding's dense algebra run (neoxq.accelerator):
     # auto, cpu, cuda or cuda:N.
     device: str = accelerator.AUTO
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from neoxq import preflight
 from neoxq.calibration import calibration_text
-from neoxq.core import accelerator
+from neoxq import accelerator
 from neoxq.core.choices import imatrix_choice
 from neoxq.core.errors import UsageError
 from neoxq.core.gguf_info import read_info
@@ -35,7 +35,7 @@ class QuantizeRequest:
     float32: bool = False  # --optimize: every pass in float32
     output: Path | None = None
     force: bool = False
-    device: str | None = None  # --optimize: where its passes and rounding run (neoxq.core.accelerator); unset: auto
+    device: str | None = None  # --optimize: where its passes and rounding run (neoxq.accelerator); unset: auto
 
     def check(self) -> None:
         """Refuse contradicting or missing options, each in one line naming the fix."""

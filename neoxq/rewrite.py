@@ -12,7 +12,9 @@ import numpy as np
 
 from neoxq.convert.calibrate import sequential_calibration
 from neoxq.convert.neox import GPTNeoXArgs, interleave_qkv
-from neoxq.core import accelerator, gptq
+from neoxq import accelerator
+from neoxq.convert import gptq_torch
+from neoxq.core import gptq
 from neoxq.core.calibration_stats import EMBEDDING
 from neoxq.core.gguf_info import GGUFInfo
 from neoxq.core.progress import Progress
@@ -96,7 +98,8 @@ class _LayerRounding:
         some = error_rows(t.shape[0])
         e_old = gptq.asymmetric_error(dequantized_rows(fmt, raw, t.shape, some), at(b, some), mom.rows(some))
         device = accelerator.rounding_device(opts.device)
-        factor = gptq.moments_factor(mom, opts.act_order, opts.damp, b is not None, column_group(fmt), device)  # the target's and GPTQ's
+        args = (mom, opts.act_order, opts.damp, b is not None, column_group(fmt))
+        factor = gptq.moments_factor(*args) if device is None else gptq_torch.moments_factor(*args, device)  # the target's and GPTQ's
         w_t, b_t = gptq.asymmetric_target(source_weights(self.src, name), b, mom, opts.damp, factor=factor)
         coupling = gptq.RowCoupling.of(self.output_fisher[name], self.head_rows, opts.damp) if name in self.output_fisher else None
         q = round_rows(fmt, raw, w_t, factor, coupling)

@@ -1,4 +1,4 @@
-"""`--optimize --device`: the rounding's dense algebra in torch (neoxq.core.gptq_torch) gives the
+"""`--optimize --device`: the rounding's dense algebra in torch (neoxq.convert.gptq_torch) gives the
 numpy path's factor, solves and levels (checked here on the CPU, where torch runs the very code a
 GPU runs); a whole --optimize through it writes the CPU path's file; a device that is not here is
 refused in one line; on a CUDA GPU, the file's levels are the CPU's up to rare ties."""
@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neoxq.core import accelerator, blocks, gptq
+from neoxq import accelerator
+from neoxq.convert import gptq_torch
+from neoxq.core import blocks, gptq
 from neoxq.core.gguf_info import read_info
 
 from .helpers import assert_one_line_error, run_cli
@@ -28,7 +30,7 @@ def test_torch_rounding_on_the_cpu_equals_numpys(fmt):
     the same comparison tells GPTQ's levels from nearest rounding's."""
     h, w, fmt, _, a, m = _correlated_problem(5, 2048, 512, 40, 0.2, fmt)
     h[:, 7] = h[7, :] = 0.0  # a dead column: unit diagonal before the damping, on both paths
-    host, dev = gptq.compensation(h, True), gptq.compensation(h, True, device="cpu")
+    host, dev = gptq.compensation(h, True), gptq_torch.compensation(h, True, device="cpu")
     assert not isinstance(dev[1], np.ndarray) and np.array_equal(host[0], dev[0])
     assert np.abs(gptq.on_host(dev)[1] - host[1]).max() <= 1e-12 * np.abs(host[1]).max()
     rhs = np.random.default_rng(1).standard_normal((len(h), 5))
@@ -42,10 +44,9 @@ def test_torch_rounding_on_the_cpu_equals_numpys(fmt):
 
 def test_torch_sweep_in_row_chunks_equals_one_chunk(monkeypatch):
     """Rows are independent: a matrix swept a few rows at a time gives the levels of one sweep."""
-    from neoxq.core import gptq_torch
 
     h, w, fmt, _, a, m = _correlated_problem(6, 1024, 256, 24, 0.2)
-    factor = gptq.compensation(h, True, device="cpu")
+    factor = gptq_torch.compensation(h, True, device="cpu")
     whole = gptq.gptq_levels(w, None, a, m, fmt.lmin, fmt.lmax, factor=factor)
     monkeypatch.setattr(gptq_torch, "DEVICE_CHUNK_BYTES", 4 * 256 * 5)  # 5 rows at a time
     assert np.array_equal(gptq.gptq_levels(w, None, a, m, fmt.lmin, fmt.lmax, factor=factor), whole)

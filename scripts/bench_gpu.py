@@ -6,7 +6,7 @@ server's batching engine (runtime/batch.py, as `neoxq serve --parallel 8` runs i
 the aggregate tokens per second of 1 and of 8 requests at once on each backend.
 
 With --optimize, instead: `quantize --optimize --device cuda` (torch's calibration passes and GPTQ
-on the GPU, neoxq.core.gptq_torch) on cuts of Pythia-1.4B's and -6.9B's widths, each with an empty
+on the GPU, neoxq.convert.gptq_torch) on cuts of Pythia-1.4B's and -6.9B's widths, each with an empty
 cache: wall time, seconds per layer and their extrapolation to the whole depth, the GPU's peak
 memory, and on the 1.4B cut the same run with `--device cpu`: the time ratio and the share of
 levels both give alike. Needs a CUDA build of torch, not of llama.cpp.

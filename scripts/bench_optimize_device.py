@@ -3,7 +3,7 @@
 model (4 × 256, 50k vocabulary, trained here), Q4_K_M, one calibration pass shared by every run:
 
   cpu        the CPU path (numpy and LAPACK): the baseline
-  torch-cpu  the rounding's dense algebra sent to torch (neoxq.core.gptq_torch), on the CPU: the very
+  torch-cpu  the rounding's dense algebra sent to torch (neoxq.convert.gptq_torch), on the CPU: the very
              code `--device cuda` runs on a GPU
   nudged     the CPU path with every re-solved bias moved by one float32 ulp: how much the method's
              levels follow float rounding of their inputs (the bound on what any other device can give)
@@ -56,10 +56,10 @@ def _nudged_biases():
 
 
 def _torch_rounding():
-    """accelerator.rounding_device answering `cpu`: the rounding goes to neoxq.core.gptq_torch."""
+    """accelerator.rounding_device answering `cpu`: the rounding goes to neoxq.convert.gptq_torch."""
     import contextlib
 
-    from neoxq.core import accelerator
+    from neoxq import accelerator
 
     @contextlib.contextmanager
     def patched():

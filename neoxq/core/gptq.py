@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cholesky, gptq_torch
+from . import cholesky
 from .sizes import rows_per_chunk
 from .transpose import transposed
 
@@ -138,17 +138,15 @@ def _nearest_into(w, m, inv, lo: float, hi: float, out: np.ndarray, codebook=Non
 
 
 def compensation(
-    h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridge: float | None = None, group: int = 1, device: str | None = None
+    h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridge: float | None = None, group: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """(perm, U): the column order GPTQ rounds in and the inverse Cholesky factor of H (damped, or
     plus `ridge` on the diagonal) in that order, built in one [in, in] float64 buffer (H itself is
     left as it is; its scale does not matter to GPTQ; solve() uses U for H⁻¹ too). group: columns
     that stay together and in order (a codebook's units, neoxq.core.gptvq); act order sorts them
-    by their summed diagonal. device: a torch device to make and keep U on (neoxq.core.gptq_torch;
-    solve and gptq_levels then work there), or None for the host."""
+    by their summed diagonal. A factor whose U is not a numpy array (neoxq.convert.gptq_torch's, on
+    a device) is taken by solve, gptq_levels and on_host through its own methods."""
     perm = _order(np.diag(h), act_order, group)
-    if device is not None:
-        return gptq_torch.compensation(h, perm, damp, ridge, device)
     rev = perm[::-1]  # the buffer holds J H J in GPTQ's order (_reversed_inverse_cholesky)
     u = np.empty((len(h), len(h)))
     for i, r in enumerate(rev):  # permuted copy a row at a time: no [in, in] temporary
@@ -162,7 +160,7 @@ def on_host(factor):
     """A compensation factor with U in host memory (numpy), for the paths that only run there (the
     coupled rows, the codebook grids); as it is when it already is."""
     perm, u = factor
-    return factor if isinstance(u, np.ndarray) else (perm, u.cpu().numpy())
+    return factor if isinstance(u, np.ndarray) else (perm, u.host())
 
 
 def _order(diag: np.ndarray, act_order: bool, group: int) -> np.ndarray:
@@ -182,7 +180,7 @@ def solve(factor, rhs: np.ndarray) -> np.ndarray:
 
     perm, u = factor
     if not isinstance(u, np.ndarray):
-        return gptq_torch.solve(factor, rhs)
+        return u.solve(perm, rhs)
     f = u.T  # U's Fortran view is Uᵀ, lower: no copy of U
     # rows permuted through the transpose: np.take along a row is a fast gather, and its result's
     # transpose is the Fortran-ordered [in, k] that dtrmm works on in place (so is the answer's)
@@ -209,7 +207,7 @@ def gptq_levels(
     (rows of one matrix rounded in chunks); points: a codebook grid's levels (nearest())."""
     perm, u = factor if factor is not None else compensation(h, act_order, damp)
     if not isinstance(u, np.ndarray):
-        return gptq_torch.gptq_levels(w, a, m, lmin, lmax, (perm, u), points, BLOCK, SUB)
+        return u.levels(perm, w, a, m, lmin, lmax, points, BLOCK, SUB)
     out = np.empty(w.shape, np.int16)
     step_rows = row_chunk(w.shape[1])
     for r0 in range(0, w.shape[0], step_rows):
@@ -424,11 +422,11 @@ def _ridge(mom: Moments, damp: float, bias: bool) -> float:
     return damp * ((tr + 1.0) / (len(mom.hq) + 1) if bias else tr / len(mom.hq))
 
 
-def moments_factor(mom: Moments, act_order: bool = True, damp: float = DAMP, bias: bool = True, group: int = 1, device: str | None = None):
+def moments_factor(mom: Moments, act_order: bool = True, damp: float = DAMP, bias: bool = True, group: int = 1):
     """compensation() of H_q + n·λI, λ asymmetric_target's ridge: one factorisation serves the
     target's solve and GPTQ's sweep (at 6.9B's MLP down each [in, in] factorisation is a few
-    hundred GFLOP). device: where U is made and kept (compensation)."""
-    return compensation(mom.hq, act_order, ridge=mom.n * _ridge(mom, damp, bias), group=group, device=device)
+    hundred GFLOP)."""
+    return compensation(mom.hq, act_order, ridge=mom.n * _ridge(mom, damp, bias), group=group)
 
 
 def asymmetric_target(

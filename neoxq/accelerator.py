@@ -1,6 +1,6 @@
 """Where `--optimize`'s dense arithmetic runs: `cpu` (torch's CPU passes, the rounding in numpy and
 LAPACK) or a CUDA device (`cuda`, `cuda:N`: the calibration passes, the moments, the rounding's
-factorisations, solves and GPTQ sweeps in torch on the device; only the block codec and the file
+factorisations, solves and GPTQ sweeps in torch on the device, neoxq.convert.gptq_torch; only the block codec and the file
 stay on the host). `auto` is the first CUDA device when torch sees one, else the CPU.
 
 The levels on a GPU are the CPU path's up to float rounding: its products sum in another order, so a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from neoxq.core.errors import UsageError
 
 CPU = "cpu"
 AUTO = "auto"
@@ -42,6 +42,6 @@ def resolve(name: str) -> str:
 
 
 def rounding_device(device: str) -> str | None:
-    """The torch device the rounding's dense algebra goes to (neoxq.core.gptq_torch) for a resolved
+    """The torch device the rounding's dense algebra goes to (neoxq.convert.gptq_torch) for a resolved
     `device`, or None: numpy and LAPACK on the host, the CPU path."""
     return None if device == CPU else device

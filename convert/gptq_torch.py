@@ -4,27 +4,53 @@ same order and precision as the numpy path (factorisation in float64, the sweep 
 the levels agree up to float rounding: products summed in another order turn a rare tie (tested
 against numpy on the CPU, where torch runs this very code).
 
-A factor made here is (perm, U) with U a float64 tensor on the device; gptq.solve, gptq_levels
-and gptq.on_host recognise it. Everything else (the block codec, the coupled rows, the codebook
-grids) stays on the host.
+A factor made here is (perm, DeviceFactor): U as a float64 tensor on the device, with the methods
+gptq.solve, gptq_levels and gptq.on_host hand such a factor to (neoxq.core stays free of torch).
+Everything else (the block codec, the coupled rows, the codebook grids) stays on the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from neoxq.core.gptq import DAMP, Moments, _order, _ridge
 
 # Rows of a matrix swept at a time on the device: its float32 weights, grids, levels and errors are
 # a few copies of rows × cols, kept under DEVICE_CHUNK_BYTES each.
 DEVICE_CHUNK_BYTES = 1 << 28
 
 
-def compensation(h: np.ndarray, perm: np.ndarray, damp: float, ridge: float | None, device: str):
-    """gptq.compensation on `device`, the column order `perm` given: (perm, U), U the upper Cholesky
-    factor of (H damped)⁻¹ in that order, float64. H⁻¹'s factor through H's own: with H = L Lᵀ,
+@dataclass
+class DeviceFactor:
+    """U on a torch device, and what neoxq.core.gptq asks of a factor that is not a numpy array."""
+
+    u: object  # torch.Tensor, float64 [in, in]
+
+    def solve(self, perm: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        return solve((perm, self.u), rhs)
+
+    def levels(self, perm: np.ndarray, w, a, m, lmin: int, lmax: int, points, block: int, sub: int) -> np.ndarray:
+        return gptq_levels(w, a, m, lmin, lmax, (perm, self.u), points, block, sub)
+
+    def host(self) -> np.ndarray:
+        return self.u.cpu().numpy()
+
+
+def moments_factor(mom: Moments, act_order: bool, damp: float, bias: bool, group: int, device: str):
+    """gptq.moments_factor with U made and kept on `device`."""
+    return compensation(mom.hq, act_order, damp, mom.n * _ridge(mom, damp, bias), group, device)
+
+
+def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridge: float | None = None, group: int = 1, device: str = "cpu"):
+    """gptq.compensation on `device`: (perm, DeviceFactor), U the upper Cholesky factor of (H
+    damped)⁻¹ in GPTQ's column order, float64. H⁻¹'s factor through H's own: with H = L Lᵀ,
     H⁻¹ = L⁻ᵀ L⁻¹, and its upper factor U is Cholesky's of that (unique, so the same U as the numpy
     path's reversal)."""
     import torch
 
+    perm = _order(np.diag(h), act_order, group)
     idx = torch.from_numpy(perm).to(device)
     hp = torch.from_numpy(np.asarray(h, np.float64)).to(device).index_select(0, idx).index_select(1, idx)
     diag = hp.diagonal()
@@ -36,7 +62,7 @@ def compensation(h: np.ndarray, perm: np.ndarray, damp: float, ridge: float | No
     del hp
     inverse = torch.cholesky_inverse(low)
     del low
-    return perm, torch.linalg.cholesky(inverse, upper=True)
+    return perm, DeviceFactor(torch.linalg.cholesky(inverse, upper=True))
 
 
 def solve(factor, rhs: np.ndarray) -> np.ndarray:
