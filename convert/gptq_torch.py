@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neoxq.core.gptq import DAMP, Moments, _order, _ridge
+from neoxq.core.gptq import DAMP, Moments, _order, _ridge, damped_diagonal
 
 # Rows of a matrix swept at a time on the device: its float32 weights, grids, levels and errors are
 # a few copies of rows × cols, kept under DEVICE_CHUNK_BYTES each.
@@ -53,11 +53,7 @@ def compensation(h: np.ndarray, act_order: bool = True, damp: float = DAMP, ridg
     perm = _order(np.diag(h), act_order, group)
     idx = torch.from_numpy(perm).to(device)
     hp = torch.from_numpy(np.asarray(h, np.float64)).to(device).index_select(0, idx).index_select(1, idx)
-    diag = hp.diagonal()
-    if ridge is None:  # dead columns (no activation at all) a unit diagonal, then GPTQ's damping
-        diag[diag <= 0] = 1.0
-        ridge = damp * float(diag.mean())
-    diag += ridge
+    hp.diagonal().copy_(torch.from_numpy(damped_diagonal(np.diag(h)[perm], damp, ridge)))
     low = torch.linalg.cholesky(hp)
     del hp
     inverse = torch.cholesky_inverse(low)

@@ -55,13 +55,19 @@ def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
 
 
 def _damp(h: np.ndarray, damp: float, ridge: float | None = None) -> None:
-    """Add ridge to h's diagonal in place; without one, damp·mean(diag) after dead columns (no
-    activation at all) are given a unit diagonal."""
+    """damped_diagonal on h's diagonal, in place."""
     diag = np.einsum("ii->i", h)  # a writable view
+    diag[:] = damped_diagonal(diag, damp, ridge)
+
+
+def damped_diagonal(diag: np.ndarray, damp: float, ridge: float | None = None) -> np.ndarray:
+    """A Hessian's diagonal plus ridge; without one, plus damp·mean(diag) after dead columns (no
+    activation at all) are given a unit diagonal. A new array."""
+    out = np.array(diag, np.float64)
     if ridge is None:
-        diag[diag <= 0] = 1.0
-        ridge = damp * float(np.mean(diag))
-    diag += ridge
+        out[out <= 0] = 1.0
+        ridge = damp * float(np.mean(out))
+    return out + ridge
 
 
 def _reversed_inverse_cholesky(h: np.ndarray) -> None:
