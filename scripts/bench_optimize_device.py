@@ -38,39 +38,25 @@ QTYPE = "Q4_K_M"
 
 
 def _nudged_biases():
-    """gptq.corrected_bias with its result moved one float32 ulp up (the unmoved function back on exit)."""
-    import contextlib
+    """gptq.corrected_bias with its result moved one float32 ulp up, for the block."""
+    from unittest import mock
 
     from neoxq.core import gptq
 
-    @contextlib.contextmanager
-    def patched():
-        orig = gptq.corrected_bias
-        gptq.corrected_bias = lambda *a, **k: np.nextafter(orig(*a, **k).astype(np.float32), np.float32(np.inf)).astype(np.float64)
-        try:
-            yield
-        finally:
-            gptq.corrected_bias = orig
-
-    return patched()
+    orig = gptq.corrected_bias
+    return mock.patch.object(
+        gptq, "corrected_bias", lambda *a, **k: np.nextafter(orig(*a, **k).astype(np.float32), np.float32(np.inf)).astype(np.float64)
+    )
 
 
 def _torch_rounding():
-    """accelerator.rounding_device answering `cpu`: the rounding goes to neoxq.convert.gptq_torch."""
-    import contextlib
+    """accelerator.rounding_device answering `cpu` for the block: the rounding goes to
+    neoxq.convert.gptq_torch."""
+    from unittest import mock
 
     from neoxq import accelerator
 
-    @contextlib.contextmanager
-    def patched():
-        orig = accelerator.rounding_device
-        accelerator.rounding_device = lambda device: "cpu"
-        try:
-            yield
-        finally:
-            accelerator.rounding_device = orig
-
-    return patched()
+    return mock.patch.object(accelerator, "rounding_device", lambda device: "cpu")
 
 
 def variants() -> dict:

@@ -167,9 +167,9 @@ def killed_and_resumed(cmd: list, env: dict, out: Path, whole: Path, layers: int
     """Start `cmd` again (the first pass now read from the cache the whole run wrote), SIGKILL it
     inside a layer drawn at random once that layer's rounding has begun, rerun it to the end and
     compare its file with the uninterrupted run's."""
-    from neoxq.convert.calibrate import STAGES
+    from neoxq.convert.calibrate import LAYER_MODULES
 
-    per_layer = sum(len(s) for s in STAGES)
+    per_layer = len(LAYER_MODULES)
     layer = random.SystemRandom().randrange(1, layers) if layers > 1 else 0
     eta_log = work / f"eta-{layers}-killed.jsonl"
     eta_log.unlink(missing_ok=True)
@@ -487,13 +487,13 @@ def at_32_layers(r: dict) -> float | None:
     """Seconds for all 32 layers: the streamed first pass (every window goes through every layer)
     scaled by 32 / layers, the rounding bar by its steps (4 matmuls a layer, and the head), and the
     rest (the embedding's rounding, loading, writing) as it was."""
-    from neoxq.convert.calibrate import STAGES
+    from neoxq.convert.calibrate import LAYER_MODULES
 
     spans = phase_spans(r.get("eta", []))
     first, rounding = spans.get("calibration (streamed)"), spans.get("rounding (sequential)")
     if not first or not rounding:
         return None
-    per_layer = sum(len(s) for s in STAGES)
+    per_layer = len(LAYER_MODULES)
     f, q = first[1] - first[0], rounding[1] - rounding[0]
     n = r["layers"]
     return r["wall_s"] - f - q + f * BIG[1] / n + q * (BIG[1] * per_layer + 1) / (n * per_layer + 1)
@@ -516,7 +516,9 @@ def eta_errors(r: dict) -> dict[str, float] | None:
     if not steps or not shown:
         return None
     start = phase_spans(r["eta"]).get(ROUNDING, (0.0, 0.0))[0]
-    total, cycle = len(steps), 4
+    from neoxq.convert.calibrate import LAYER_MODULES
+
+    total, cycle = len(steps), len(LAYER_MODULES)
     errs: dict[str, list[float]] = {"shown": [], "cycle-aware": []}
     for k in range(cycle + 1, total):
         left = steps[-1] - steps[k - 1]
@@ -530,10 +532,10 @@ def cycled_eta(e: dict, steps: list[float], start: float) -> float | None:
     replayed on a run's step times (`start`: the bar's): after a whole layer, each step left at the
     mean time its place in the layer took over the later half of the layers seen; before, the
     average rate the run showed."""
-    from neoxq.convert.calibrate import STAGES
+    from neoxq.convert.calibrate import LAYER_MODULES
     from neoxq.core.progress import eta_seconds
 
-    cycle = sum(len(s) for s in STAGES)
+    cycle = len(LAYER_MODULES)
     if e["bar"] != ROUNDING or e["done"] <= cycle:
         return e["eta_s"]
     return eta_seconds(start, steps[: e["done"]], e["done"], e["total"], cycle)
