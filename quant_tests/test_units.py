@@ -557,6 +557,48 @@ print(len(names), "modules")
     assert proc.returncode == 0 and "modules" in proc.stdout, proc.stderr[-3000:]
 
 
+HEAP_PATTERN = r"""
+import ctypes, sys
+import numpy as np
+if sys.argv[1] == "init":
+    from neoxq.core.machine import init_process
+    init_process()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+big = np.ones(24 << 20, np.uint8)  # a mapped block freed: glibc's own threshold rises to its size
+del big
+blocks, pins = [], []
+for _ in range(32):  # 2 MiB blocks, each followed by a small one that stays
+    blocks.append(np.ones(2 << 20, np.uint8))
+    pins.append(np.ones(64 << 10, np.uint8))
+del blocks
+print(libc.mallinfo2().fordblks >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_init_process_gives_freed_large_blocks_back():
+    """After init_process, blocks of a few MiB freed between blocks that stay are given back, not
+    kept in the heap (neoxq.core.heap). Negative control: without it, glibc keeps them (the 64 MiB
+    freed stay in the heap); with the user's own threshold set, neoxq leaves it alone."""
+    from neoxq.core.heap import is_glibc
+
+    if not is_glibc():
+        pytest.skip("not glibc")
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+
+    def kept_mib(mode: str, **extra) -> int:
+        proc = subprocess.run([sys.executable, "-c", HEAP_PATTERN, mode], capture_output=True, text=True, env={**env, **extra}, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    assert kept_mib("plain") >= 48
+    assert kept_mib("init") <= 4
+    assert kept_mib("init", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432") >= 48
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "scripts").glob("*.py")))
 def test_every_script_answers_help(script):
     """A benchmark that no longer runs is found here, not by its next user."""
