@@ -8,7 +8,7 @@ on `neoxq quantize --optimize`:
           (/proc/self/status) and glibc's heap (mallinfo2: bytes free inside the heaps, which RSS
           counts but nothing uses) every second: the peak of each phase against the preflight's plan.
   time    the same library call on Pythia-410M's shape (the checkpoint of bench_optimize_scale.py's
-          410m part), under each rule in turn, --rounds rounds in the order A B B A ...: the ratio of
+          410m part; its first pass in memory, as the CLI runs it), under each rule in turn, --rounds rounds in the order A B B A ...: the ratio of
           their wall times.
 
     .venv/bin/python scripts/bench_heap.py [--parts memory,time] [--layers 8] [--windows 8] [--rounds 2] [--json out.json]
@@ -43,7 +43,7 @@ RULES = {"fixed": "neoxq's (a fixed 1 MiB threshold)", "glibc": "glibc's own (a 
 CHILD = r"""
 import ctypes, json, sys, threading, time
 import neoxq.core.machine as machine
-rule, f16, qtype, calib, ref, budget, ctx, out, log_path = sys.argv[1:10]
+rule, f16, qtype, calib, ref, budget, ctx, out, log_path, first_pass = sys.argv[1:11]
 if rule == "glibc":
     machine.fix_mmap_threshold = lambda: False
 machine.init_process()
@@ -73,17 +73,18 @@ if log_path != "-":
         bar["label"], bar["total"] = self.label, self.total
     progress.Progress.update = logged
     threading.Thread(target=sample, args=(open(log_path, "w"), bar), daemon=True).start()
-opts = OptimizeOptions(read_text(calib), reference=ref, ctx=int(ctx), max_memory=parse_size(budget, "budget"), first_pass="streamed")
+opts = OptimizeOptions(read_text(calib), reference=ref, ctx=int(ctx), max_memory=parse_size(budget, "budget"), first_pass=first_pass)
 print(json.dumps(quantize_optimized(f16, qtype, opts, output=out, force=True).as_json()))
 """
 
 
-def launch(rule: str, f16: Path, calib: Path, ref: Path, budget: str, out: Path, log: Path | None, cache: Path) -> subprocess.Popen:
-    """One --optimize child under `rule`, from an empty cache, through benchlib's launcher (its peak RSS)."""
+def launch(rule: str, f16: Path, calib: Path, ref: Path, budget: str, out: Path, log: Path | None, cache: Path, first_pass: str) -> subprocess.Popen:
+    """One --optimize child under `rule`, from an empty cache, through benchlib's launcher (its peak RSS);
+    first_pass: streamed, or auto (what the budget allows, as the CLI decides)."""
     import shutil
 
     shutil.rmtree(cache, ignore_errors=True)
-    cmd = [PY, "-c", benchlib.LAUNCHER, PY, "-c", CHILD, rule, f16, "Q4_K_M", calib, ref, budget, CTX, out, log or "-"]
+    cmd = [PY, "-c", benchlib.LAUNCHER, PY, "-c", CHILD, rule, f16, "Q4_K_M", calib, ref, budget, CTX, out, log or "-", first_pass]
     env = {**benchlib.os.environ, "NEOXQ_CACHE": str(cache)}
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -120,7 +121,9 @@ def memory(work: Path, layers: int, windows: int, budget: str) -> list[dict]:
     f16 = benchlib.convert_f16(folder, work)
     calib, _ = texts(work, windows)
     procs = {
-        rule: launch(rule, f16, calib, folder, budget, work / f"heap-{rule}.gguf", work / f"heap-{rule}.jsonl", work / f"cache-heap-{rule}")
+        rule: launch(
+            rule, f16, calib, folder, budget, work / f"heap-{rule}.gguf", work / f"heap-{rule}.jsonl", work / f"cache-heap-{rule}", "streamed"
+        )
         for rule in RULES
     }
     rows = []
@@ -145,7 +148,7 @@ def timing(work: Path, windows: int, rounds: int) -> dict:
     walls: dict[str, list[float]] = {r: [] for r in RULES}
     order = [r for i in range(rounds) for r in (list(RULES) if i % 2 == 0 else list(RULES)[::-1])]
     for rule in order:
-        res = finished(launch(rule, f16, calib, folder, "64GB", work / "heap-410m.gguf", None, work / "cache-heap-410m"))
+        res = finished(launch(rule, f16, calib, folder, "64GB", work / "heap-410m.gguf", None, work / "cache-heap-410m", "auto"))
         walls[rule].append(res["wall_s"])
         print(f"410M, {rule}: {res['wall_s']:.0f} s")
     ratios = [f / g for f, g in zip(walls["fixed"], walls["glibc"])]
