@@ -26,14 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+from neoxq.convert.calibrate import STAGES  # noqa: E402
 from bench_optimize_scale import BIG, CTX, estimate, texts  # noqa: E402
 
 PY = sys.executable
+ROUNDING = "rounding (sequential)"
 # the progress bars' phases, as the tables name them (samples before a bar's first step are its)
 PHASES = {
     "calibration (streamed)": "first pass",
     "optimising": "equalised copy, llama.cpp's quantizer, embedding",
-    "rounding (sequential)": "layer by layer",
+    ROUNDING: "layer by layer",
 }
 RULES = {"fixed": "neoxq's (a fixed 1 MiB threshold)", "glibc": "glibc's own (a rising threshold)"}
 
@@ -61,7 +63,7 @@ def sample(log, bar):
     while True:
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
         heap = libc.mallinfo2()
-        log.write(json.dumps({"t": time.time(), "bar": bar["label"], "steps": bar.get("total"), "rss_MiB": int(status["VmRSS"].split()[0]) / 1024,
+        log.write(json.dumps({"t": time.time(), "bar": bar["label"], "steps": bar.get("total"), "done": bar.get("done"), "rss_MiB": int(status["VmRSS"].split()[0]) / 1024,
                               "heap_free_MiB": heap.fordblks / 2**20, "heap_MiB": heap.arena / 2**20}) + "\n")
         log.flush()
         time.sleep(1)
@@ -70,7 +72,7 @@ if log_path != "-":
     bar, step = {"label": ""}, progress.Progress.update
     def logged(self, n=1, nbytes=0, note=""):
         step(self, n, nbytes, note)
-        bar["label"], bar["total"] = self.label, self.total
+        bar["label"], bar["total"], bar["done"] = self.label, self.total, self.done
     progress.Progress.update = logged
     threading.Thread(target=sample, args=(open(log_path, "w"), bar), daemon=True).start()
 opts = OptimizeOptions(read_text(calib), reference=ref, ctx=int(ctx), max_memory=parse_size(budget, "budget"), first_pass=first_pass)
@@ -98,6 +100,9 @@ def finished(proc: subprocess.Popen) -> dict:
     return res
 
 
+MATMULS_PER_LAYER = sum(len(stage) for stage in STAGES)
+
+
 def phases(log: Path) -> list[dict]:
     """Each progress bar's peak RSS and the heap's free bytes at that moment (samples before a
     bar's first step belong to it), and the most the heap held free at any time in it."""
@@ -111,6 +116,11 @@ def phases(log: Path) -> list[dict]:
         if s["rss_MiB"] > p["peak_rss_MiB"]:
             p["peak_rss_MiB"], p["heap_free_at_peak_MiB"] = s["rss_MiB"], s["heap_free_MiB"]
         p["max_heap_free_MiB"] = max(p["max_heap_free_MiB"], s["heap_free_MiB"])
+        if bar == ROUNDING:  # and each layer's own peak: the bar steps once per matmul
+            layer = (s["done"] or 0) // MATMULS_PER_LAYER if s["bar"] else 0
+            peaks = p.setdefault("layer_peaks_MiB", [])
+            peaks += [0.0] * (layer + 1 - len(peaks))
+            peaks[layer] = max(peaks[layer], s["rss_MiB"])
     return list(out.values())
 
 
@@ -170,6 +180,14 @@ def markdown(data: dict) -> str:
             per = {p["bar"]: p for p in r["phases"]}
             cells = [f"{per[b]['peak_rss_MiB']:.0f} ({per[b]['heap_free_at_peak_MiB']:.0f})" if b in per else "–" for b in bars]
             out.append(f"| {RULES[r['rule']]} | {r['layers']} | {r['peak_rss_MiB']:.0f} ({r['plan_MiB']:.0f}) | " + " | ".join(cells) + " |")
+    for r in mem:
+        peaks = next((p.get("layer_peaks_MiB") for p in r["phases"] if p["bar"] == ROUNDING), None)
+        if peaks:
+            out.append(
+                f"\nLayer by layer under {RULES[r['rule']]} rule, each layer's peak MiB (the last: the output matrix): "
+                + ", ".join(f"{x:.0f}" for x in peaks)
+                + "."
+            )
     for r in (r for r in data["rows"] if r["part"] == "time"):
         w = r["wall_s"]
         out.append(
