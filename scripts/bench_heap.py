@@ -41,11 +41,12 @@ RULES = {"fixed": "neoxq's (a fixed 1 MiB threshold)", "glibc": "glibc's own (a 
 
 # the library call `neoxq quantize --optimize --max-memory` makes, the process set up as the CLI
 # sets it up (init_process), or with glibc's heap rule left as it is; with a log path, a thread
-# samples the process's memory every second with the progress bar it is in
+# samples the process's memory every second with the progress bar it is in; a positive `stop`
+# ends the process once the rounding has done that many steps
 CHILD = r"""
 import ctypes, json, sys, threading, time
 import neoxq.core.machine as machine
-rule, f16, qtype, calib, ref, budget, ctx, out, log_path, first_pass = sys.argv[1:11]
+rule, f16, qtype, calib, ref, budget, ctx, out, log_path, first_pass, stop = sys.argv[1:12]
 if rule == "glibc":
     machine.fix_mmap_threshold = lambda: False
 machine.init_process()
@@ -73,6 +74,9 @@ if log_path != "-":
     def logged(self, n=1, nbytes=0, note=""):
         step(self, n, nbytes, note)
         bar["label"], bar["total"], bar["done"] = self.label, self.total, self.done
+        if self.label == "rounding (sequential)" and self.done >= int(stop) > 0:
+            import os
+            os._exit(0)  # the layers asked for are rounded: the peak so far is the launcher's
     progress.Progress.update = logged
     threading.Thread(target=sample, args=(open(log_path, "w"), bar), daemon=True).start()
 opts = OptimizeOptions(read_text(calib), reference=ref, ctx=int(ctx), max_memory=parse_size(budget, "budget"), first_pass=first_pass)
@@ -80,13 +84,16 @@ print(json.dumps(quantize_optimized(f16, qtype, opts, output=out, force=True).as
 """
 
 
-def launch(rule: str, f16: Path, calib: Path, ref: Path, budget: str, out: Path, log: Path | None, cache: Path, first_pass: str) -> subprocess.Popen:
+def launch(
+    rule: str, f16: Path, calib: Path, ref: Path, budget: str, out: Path, log: Path | None, cache: Path, first_pass: str, stop: int = 0
+) -> subprocess.Popen:
     """One --optimize child under `rule`, from an empty cache, through benchlib's launcher (its peak RSS);
-    first_pass: streamed, or auto (what the budget allows, as the CLI decides)."""
+    first_pass: streamed, or auto (what the budget allows, as the CLI decides); stop: end it after
+    that many rounding steps (0: run to the end)."""
     import shutil
 
     shutil.rmtree(cache, ignore_errors=True)
-    cmd = [PY, "-c", benchlib.LAUNCHER, PY, "-c", CHILD, rule, f16, "Q4_K_M", calib, ref, budget, CTX, out, log or "-", first_pass]
+    cmd = [PY, "-c", benchlib.LAUNCHER, PY, "-c", CHILD, rule, f16, "Q4_K_M", calib, ref, budget, CTX, out, log or "-", first_pass, stop]
     env = {**benchlib.os.environ, "NEOXQ_CACHE": str(cache)}
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -124,7 +131,9 @@ def phases(log: Path) -> list[dict]:
     return list(out.values())
 
 
-def memory(work: Path, layers: int, windows: int, budget: str) -> list[dict]:
+def memory(work: Path, layers: int, windows: int, budget: str, rules: list[str], stop_after: int = 0) -> list[dict]:
+    """Each rule's run (side by side when there are two); stop_after: end each run once it has
+    rounded that many layers (0: the whole job)."""
     from neoxq.core.sizes import parse_size
 
     folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
@@ -132,9 +141,18 @@ def memory(work: Path, layers: int, windows: int, budget: str) -> list[dict]:
     calib, _ = texts(work, windows)
     procs = {
         rule: launch(
-            rule, f16, calib, folder, budget, work / f"heap-{rule}.gguf", work / f"heap-{rule}.jsonl", work / f"cache-heap-{rule}", "streamed"
+            rule,
+            f16,
+            calib,
+            folder,
+            budget,
+            work / f"heap-{rule}.gguf",
+            work / f"heap-{rule}.jsonl",
+            work / f"cache-heap-{rule}",
+            "streamed",
+            stop_after * MATMULS_PER_LAYER,
         )
-        for rule in RULES
+        for rule in rules
     }
     rows = []
     for rule, proc in procs.items():
@@ -142,7 +160,7 @@ def memory(work: Path, layers: int, windows: int, budget: str) -> list[dict]:
         used = next(p["steps"] for p in per if p["bar"].startswith("calibration"))  # the windows the text gave
         plan = estimate(folder, used, parse_size(budget, "--budget"), "streamed")
         row = {"layers": layers, "windows": used, "budget": budget, "rule": rule, "peak_rss_MiB": res["peak_rss_MiB"], "plan_MiB": plan.peak / 2**20}
-        rows.append({**row, "wall_s": res["wall_s"], "phases": per})
+        rows.append({**row, "wall_s": res["wall_s"], "stopped_after_layers": stop_after or None, "phases": per})
         print(
             f"{rule}: peak {res['peak_rss_MiB']:.0f} MiB (plan {plan.peak / 2**20:.0f}); "
             + ", ".join(f"{p['bar']} {p['peak_rss_MiB']:.0f}" for p in per)
@@ -179,12 +197,15 @@ def markdown(data: dict) -> str:
         for r in mem:
             per = {p["bar"]: p for p in r["phases"]}
             cells = [f"{per[b]['peak_rss_MiB']:.0f} ({per[b]['heap_free_at_peak_MiB']:.0f})" if b in per else "–" for b in bars]
-            out.append(f"| {RULES[r['rule']]} | {r['layers']} | {r['peak_rss_MiB']:.0f} ({r['plan_MiB']:.0f}) | " + " | ".join(cells) + " |")
+            layers = f"{r['layers']}" + (f", stopped after {r['stopped_after_layers']} rounded" if r.get("stopped_after_layers") else "")
+            out.append(f"| {RULES[r['rule']]} | {layers} | {r['peak_rss_MiB']:.0f} ({r['plan_MiB']:.0f}) | " + " | ".join(cells) + " |")
     for r in mem:
         peaks = next((p.get("layer_peaks_MiB") for p in r["phases"] if p["bar"] == ROUNDING), None)
         if peaks:
             out.append(
-                f"\nLayer by layer under {RULES[r['rule']]} rule, each layer's peak MiB (the last: the output matrix): "
+                f"\nLayer by layer under {RULES[r['rule']]} rule, each layer's peak MiB"
+                + ("" if r.get("stopped_after_layers") else " (the last: the output matrix)")
+                + ": "
                 + ", ".join(f"{x:.0f}" for x in peaks)
                 + "."
             )
@@ -205,6 +226,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--budget", default="8GB")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rules", default="fixed,glibc", help="memory: the heap rules to run, side by side")
+    ap.add_argument("--stop-after", type=int, default=0, help="memory: end each run after rounding this many layers (0: the whole job)")
     benchlib.add_record_args(ap)
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
@@ -213,7 +236,7 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     data = benchlib.run_record(sys.argv)
     if "memory" in a.parts.split(","):
-        data["rows"] += [{"part": "memory", **r} for r in memory(work, a.layers, a.windows, a.budget)]
+        data["rows"] += [{"part": "memory", **r} for r in memory(work, a.layers, a.windows, a.budget, a.rules.split(","), a.stop_after)]
     if "time" in a.parts.split(","):
         data["rows"].append({"part": "time", **timing(work, a.windows, a.rounds)})
     if a.json:
