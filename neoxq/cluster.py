@@ -15,7 +15,6 @@ from pathlib import Path
 
 from neoxq.build import Built, build_optimized
 from neoxq.core.errors import UsageError
-from neoxq.core.heap import fix_mmap_threshold
 from neoxq.core.progress import is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
 
@@ -83,16 +82,9 @@ def pin_threads(threads: int) -> None:
         pass
 
 
-def prepare_worker(threads: int) -> None:
-    """A process that runs neoxq's heavy work for a driver (a Ray task's, a sweep's worker) set up as
-    the CLI's own: `threads` cores, and the C heap's rule for large blocks (neoxq.core.heap)."""
-    fix_mmap_threshold()
-    pin_threads(threads)
-
-
 def _optimize_one(ckpt, base: Built, qtype: QuantType, mix: bool, out_dir: str, calib: str, kw: dict, threads: int, quiet: bool) -> Built:
     set_quiet(quiet)
-    prepare_worker(threads)
+    pin_threads(threads)
     return build_optimized(ckpt, base, [qtype], Path(out_dir), calib, mix=mix, **kw)[qtype]
 
 

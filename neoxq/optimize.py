@@ -49,6 +49,7 @@ from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.choices import AUTO
 from neoxq.core.equalize import ALPHA
 from neoxq.core.gguf_info import GGUFInfo, read_info
+from neoxq.core.heap import give_back_free_memory
 from neoxq.core.gptq import DAMP
 from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
 from neoxq.core.machine import available_memory
@@ -169,6 +170,9 @@ def _run_job(job: ResumeState, src: GGUFInfo, ckpt, qtype: QuantType, opts: Opti
     def finished(k: int) -> None:
         job.save({**state, "layers_done": k})
         job.originals.forget()
+        give_back_free_memory()  # the layer's temporaries, before the next one's
+
+    give_back_free_memory()  # the first stage's
 
     with _saved_fisher(job.folder, opts.qkv_fisher) as fisher:
         done = rewrite_sequential(
@@ -192,6 +196,7 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     the job's work folder; returns the state the sequential pass starts from."""
     work = job.start()
     stats = optimize_statistics(ckpt, opts.calib, opts.ctx, streamed, bool(opts.fisher_bf16), opts.device)
+    give_back_free_memory()  # the pass's temporaries, before llama.cpp's quantizer
     if opts.qkv_fisher:
         np.savez(job.folder / OUTPUT_FISHER_FILE, **stats.head_fisher)
     eq_scales = {}

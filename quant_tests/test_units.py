@@ -558,15 +558,11 @@ print(len(names), "modules")
 
 
 HEAP_PATTERN = r"""
-import ctypes, sys
+import sys
 import numpy as np
-if sys.argv[1] == "init":
-    from neoxq.core.machine import init_process
-    init_process()
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
+from neoxq.core.heap import give_back_free_memory
+def rss_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024
 big = np.ones(24 << 20, np.uint8)  # a mapped block freed: glibc's own threshold rises to its size
 del big
 blocks, pins = [], []
@@ -574,29 +570,30 @@ for _ in range(32):  # 2 MiB blocks, each followed by a small one that stays
     blocks.append(np.ones(2 << 20, np.uint8))
     pins.append(np.ones(64 << 10, np.uint8))
 del blocks
-print(libc.mallinfo2().fordblks >> 20)
+before = rss_mib()
+if sys.argv[1] == "trim":
+    give_back_free_memory()
+print(before - rss_mib())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
-def test_init_process_gives_freed_large_blocks_back():
-    """After init_process, blocks of a few MiB freed between blocks that stay are given back, not
-    kept in the heap (neoxq.core.heap). Negative control: without it, glibc keeps them (the 64 MiB
-    freed stay in the heap); with the user's own threshold set, neoxq leaves it alone."""
+def test_free_heap_memory_is_given_back():
+    """Blocks of a few MiB freed between blocks that stay, kept resident in glibc's heap, leave RSS
+    once give_back_free_memory runs (neoxq.core.heap). Negative control: without it they stay."""
     from neoxq.core.heap import is_glibc
 
     if not is_glibc():
         pytest.skip("not glibc")
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
 
-    def kept_mib(mode: str, **extra) -> int:
-        proc = subprocess.run([sys.executable, "-c", HEAP_PATTERN, mode], capture_output=True, text=True, env={**env, **extra}, timeout=120)
+    def released_mib(mode: str) -> int:
+        proc = subprocess.run([sys.executable, "-c", HEAP_PATTERN, mode], capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return int(proc.stdout.split()[-1])
 
-    assert kept_mib("plain") >= 48
-    assert kept_mib("init") <= 4
-    assert kept_mib("init", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=33554432") >= 48
+    assert released_mib("trim") >= 48
+    assert released_mib("none") <= 4
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "scripts").glob("*.py")))
@@ -736,7 +733,7 @@ def test_report_ray_makes_opt_and_opt_mix_files_in_one_ray_session(monkeypatch):
 
     monkeypatch.setattr(cluster, "build_optimized", build)
     monkeypatch.setattr(cluster, "ray_session", session)
-    monkeypatch.setattr(cluster, "prepare_worker", lambda threads: None)
+    monkeypatch.setattr(cluster, "pin_threads", lambda threads: None)
     got = cluster.optimize_on_ray("ckpt", "base", [Q.F16, Q.Q4_K_M, Q.Q2_K], Path("o"), "text", "local", mixes=(False, True))
     assert got == ["Q4_K_M-opt", "Q2_K-opt", "Q4_K_M-opt-mix", "Q2_K-opt-mix"] and sessions == ["local"]
     assert here[0] == (Q.Q4_K_M, False) and len(here) == 4

@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
-"""The C heap's rule for large blocks (neoxq.core.heap, set by init_process) against glibc's own,
-on `neoxq quantize --optimize`:
+"""The C heap's rules under `neoxq quantize --optimize` (neoxq.core.heap): neoxq's (glibc's, its
+free pages given back after each phase and layer), glibc's own, and a fixed 1 MiB mmap threshold:
 
   memory  a checkpoint of Pythia-6.9B's widths cut to --layers layers, `--optimize --max-memory
-          --budget` with the first pass streamed (as at 32 layers), once under each rule, the two
-          side by side (their memory is compared, not their time). Each samples its own RSS
-          (/proc/self/status) and glibc's heap (mallinfo2: bytes free inside the heaps, which RSS
-          counts but nothing uses) every second: the peak of each phase against the preflight's plan.
+          --budget` with the first pass streamed (as at 32 layers), once under each rule, side by
+          side (their memory is compared, not their time). Each samples its own RSS
+          (/proc/self/status) and glibc's heap (mallinfo2: bytes free inside the heaps) every
+          second: the peak of each phase and of each layer against the preflight's plan.
   time    the same library call on Pythia-410M's shape (the checkpoint of bench_optimize_scale.py's
-          410m part; its first pass in memory, as the CLI runs it), under each rule in turn, --rounds rounds in the order A B B A ...: the ratio of
-          their wall times.
+          410m part; its first pass in memory, as the CLI runs it), under each rule in turn,
+          --rounds rounds in the order A B B A ...: their wall times.
 
-    .venv/bin/python scripts/bench_heap.py [--parts memory,time] [--layers 8] [--windows 8] [--rounds 2] [--json out.json]
+    .venv/bin/python scripts/bench_heap.py [--parts memory,time] [--layers 8] [--windows 8] [--rounds 2]
+                                           [--rules trim,glibc] [--stop-after 0] [--json out.json]
     .venv/bin/python scripts/bench_heap.py --markdown out.json
 """
 
@@ -37,19 +38,25 @@ PHASES = {
     "optimising": "equalised copy, llama.cpp's quantizer, embedding",
     ROUNDING: "layer by layer",
 }
-RULES = {"fixed": "neoxq's (a fixed 1 MiB threshold)", "glibc": "glibc's own (a rising threshold)"}
+RULES = {
+    "trim": "neoxq's: glibc's, its free pages given back after each phase and layer",
+    "glibc": "glibc's own (a rising mmap threshold)",
+    "fixed": "a fixed 1 MiB mmap threshold (MALLOC_MMAP_THRESHOLD_)",
+}
+FIXED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 # the library call `neoxq quantize --optimize --max-memory` makes, the process set up as the CLI
-# sets it up (init_process), or with glibc's heap rule left as it is; with a log path, a thread
+# sets it up (init_process), its heap rule one of RULES; with a log path, a thread
 # samples the process's memory every second with the progress bar it is in; a positive `stop`
 # ends the process once the rounding has done that many steps
 CHILD = r"""
 import ctypes, json, sys, threading, time
 import neoxq.core.machine as machine
 rule, f16, qtype, calib, ref, budget, ctx, out, log_path, first_pass, stop = sys.argv[1:12]
-if rule == "glibc":
-    machine.fix_mmap_threshold = lambda: False
 machine.init_process()
+if rule != "trim":  # neoxq's own rule is to give the heaps' free pages back; the others do not
+    import neoxq.optimize
+    neoxq.optimize.give_back_free_memory = lambda: None
 from neoxq.core import progress
 from neoxq.core.sizes import parse_size
 from neoxq.core.textfile import read_text
@@ -94,7 +101,7 @@ def launch(
 
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [PY, "-c", benchlib.LAUNCHER, PY, "-c", CHILD, rule, f16, "Q4_K_M", calib, ref, budget, CTX, out, log or "-", first_pass, stop]
-    env = {**benchlib.os.environ, "NEOXQ_CACHE": str(cache)}
+    env = {**benchlib.os.environ, "NEOXQ_CACHE": str(cache), **(FIXED_ENV if rule == "fixed" else {})}
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -168,19 +175,18 @@ def memory(work: Path, layers: int, windows: int, budget: str, rules: list[str],
     return rows
 
 
-def timing(work: Path, windows: int, rounds: int) -> dict:
+def timing(work: Path, windows: int, rounds: int, rules: list[str]) -> dict:
     """--optimize at the 410M shape under each rule in turn (A B B A ...): its wall times."""
     folder = benchlib.random_checkpoint("410m")
     f16 = benchlib.convert_f16(folder, work)
     calib, _ = texts(work, windows)
-    walls: dict[str, list[float]] = {r: [] for r in RULES}
-    order = [r for i in range(rounds) for r in (list(RULES) if i % 2 == 0 else list(RULES)[::-1])]
+    walls: dict[str, list[float]] = {r: [] for r in rules}
+    order = [r for i in range(rounds) for r in (rules if i % 2 == 0 else rules[::-1])]
     for rule in order:
         res = finished(launch(rule, f16, calib, folder, "64GB", work / "heap-410m.gguf", None, work / "cache-heap-410m", "auto"))
         walls[rule].append(res["wall_s"])
         print(f"410M, {rule}: {res['wall_s']:.0f} s")
-    ratios = [f / g for f, g in zip(walls["fixed"], walls["glibc"])]
-    return {"shape": "410m", "windows": windows, "wall_s": walls, "ratio": statistics.mean(ratios), "ratios": ratios}
+    return {"shape": "410m", "windows": windows, "wall_s": walls}
 
 
 def markdown(data: dict) -> str:
@@ -211,11 +217,10 @@ def markdown(data: dict) -> str:
             )
     for r in (r for r in data["rows"] if r["part"] == "time"):
         w = r["wall_s"]
-        out.append(
-            f"\nTime at Pythia-410M's shape ({r['windows']} windows), wall seconds in the order run: neoxq's rule "
-            f"{', '.join(f'{x:.0f}' for x in w['fixed'])}, glibc's {', '.join(f'{x:.0f}' for x in w['glibc'])}: "
-            f"**{r['ratio']:.3f}×** (rounds {', '.join(f'{x:.3f}' for x in r['ratios'])})."
-        )
+        out.append(f"\nTime at Pythia-410M's shape ({r['windows']} windows), wall seconds of each run, in the order run:")
+        for rule, walls in w.items():
+            vs = "" if rule == "glibc" else f": {statistics.mean(walls) / statistics.mean(w['glibc']):.2f}× glibc's mean"
+            out.append(f"- {RULES[rule]}: {', '.join(f'{x:.0f}' for x in walls)}{vs}")
     return "\n".join(out).strip()
 
 
@@ -226,7 +231,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--budget", default="8GB")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--rules", default="fixed,glibc", help="memory: the heap rules to run, side by side")
+    ap.add_argument("--rules", default="trim,glibc", help="the heap rules to compare (" + ", ".join(RULES) + ")")
     ap.add_argument("--stop-after", type=int, default=0, help="memory: end each run after rounding this many layers (0: the whole job)")
     benchlib.add_record_args(ap)
     a = ap.parse_args()
@@ -238,7 +243,7 @@ def main() -> None:
     if "memory" in a.parts.split(","):
         data["rows"] += [{"part": "memory", **r} for r in memory(work, a.layers, a.windows, a.budget, a.rules.split(","), a.stop_after)]
     if "time" in a.parts.split(","):
-        data["rows"].append({"part": "time", **timing(work, a.windows, a.rounds)})
+        data["rows"].append({"part": "time", **timing(work, a.windows, a.rounds, a.rules.split(","))})
     if a.json:
         benchlib.write_record(a.json, data)
     print(markdown(data))

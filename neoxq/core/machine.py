@@ -8,7 +8,6 @@ import platform
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 
-from .heap import fix_mmap_threshold
 from .numbers import check_number
 
 
@@ -76,10 +75,8 @@ def init_process() -> None:
     """Process-wide settings neoxq's commands want, made explicitly by the CLI (never at import):
     llama.cpp's OpenMP workers spin less after each graph, unless the user set GOMP_SPINCOUNT (must
     run before llama.cpp's libgomp loads), and neoxq's llama.cpp log callback, once installed, stays
-    for the whole process (neoxq.runtime.capi.captured_errors; without this call it is scoped), and
-    the C heap maps its large blocks on their own, so that what is freed goes back (neoxq.core.heap)."""
+    for the whole process (neoxq.runtime.capi.captured_errors; without this call it is scoped)."""
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
-    fix_mmap_threshold()
     _process["initialised"] = True
 
 
