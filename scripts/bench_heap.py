@@ -41,7 +41,7 @@ PHASES = {
 RULES = {
     "trim": "neoxq's: glibc's, its free pages given back after each phase and layer",
     "glibc": "glibc's own (a rising mmap threshold)",
-    "fixed": "a fixed 1 MiB mmap threshold (MALLOC_MMAP_THRESHOLD_)",
+    "fixed": "a fixed 1 MiB mmap threshold",
 }
 FIXED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
