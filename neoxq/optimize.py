@@ -49,8 +49,8 @@ from neoxq.core.calibration_stats import CalibrationStats
 from neoxq.core.choices import AUTO
 from neoxq.core.equalize import ALPHA
 from neoxq.core.gguf_info import GGUFInfo, read_info
-from neoxq.core.heap import give_back_free_memory
 from neoxq.core.gptq import DAMP
+from neoxq.core.heap import give_back_free_memory
 from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
 from neoxq.core.machine import available_memory
 from neoxq.core.mix_plan import MixOptions
@@ -172,7 +172,7 @@ def _run_job(job: ResumeState, src: GGUFInfo, ckpt, qtype: QuantType, opts: Opti
         job.originals.forget()
         give_back_free_memory()  # the layer's temporaries, before the next one's
 
-    give_back_free_memory()  # the first stage's
+    give_back_free_memory()  # what the first stage (or a resumed run's start) let go, before the first layer
 
     with _saved_fisher(job.folder, opts.qkv_fisher) as fisher:
         done = rewrite_sequential(
