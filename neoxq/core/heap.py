@@ -8,8 +8,9 @@ per-window activations, row chunks and per-head matrices) therefore ends up with
 where freed blocks that no later request fits stay resident: RSS above what is live, growing with
 the run, which neoxq.preflight's plan cannot count. malloc_trim gives every whole free page in the
 heaps back. A fixed threshold (MALLOC_MMAP_THRESHOLD_) would keep such blocks out of the heaps
-altogether, but each new mapping is then faulted in and zeroed page by page: it costs --optimize
-far more time than trimming at its layer boundaries (docs/benchmarks.md, "The heap")."""
+altogether, but each new mapping is then faulted in and zeroed page by page, on every temporary of
+that size: a price in --optimize's time (docs/benchmarks.md, "The heap") that a user who needs a
+memory budget to hold can choose to pay; the trim here is paid once per layer."""
 
 from __future__ import annotations
 
