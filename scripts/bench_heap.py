@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,11 +99,9 @@ def launch(
     """One --optimize child under `rule`, from an empty cache, through benchlib's launcher (its peak RSS);
     first_pass: streamed, or auto (what the budget allows, as the CLI decides); stop: end it after
     that many rounding steps (0: run to the end)."""
-    import shutil
-
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [PY, "-c", benchlib.LAUNCHER, PY, "-c", CHILD, rule, f16, "Q4_K_M", calib, ref, budget, CTX, out, log or "-", first_pass, stop]
-    env = {**benchlib.os.environ, "NEOXQ_CACHE": str(cache), **(FIXED_ENV if rule == "fixed" else {})}
+    env = {**os.environ, "NEOXQ_CACHE": str(cache), **(FIXED_ENV if rule == "fixed" else {})}
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
