@@ -369,6 +369,7 @@ def streamed_moments(
                         h = layer(h, **extra)
                         for hd in handles:
                             hd.remove()
+                        del layer  # before the next one is read: one fp32 layer at a time
                 norm = load_final_norm(ckpt, config).to(device)
                 if include_output:
                     with torch.no_grad():

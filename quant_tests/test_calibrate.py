@@ -32,6 +32,31 @@ def test_streamed_moments_equal_the_in_memory_pass(trained, texts):
     assert np.linalg.norm(other.mean_embedding_fisher() - f_mem) > 1e-3 * np.linalg.norm(f_mem)
 
 
+def test_streamed_pass_holds_one_fp32_layer_at_a_time(trained, texts, monkeypatch):
+    """When the streamed first pass reads a layer, no layer read before is still alive (its plan,
+    neoxq.preflight, counts one). Negative control: a layer kept alive is counted."""
+    import weakref
+
+    import neoxq.convert.calibrate as calibrate
+    from neoxq.convert.imatrix import second_moments
+
+    live, alive_at_read, keep = weakref.WeakSet(), [], []
+    read = calibrate.load_layer
+
+    def counted(*args):
+        alive_at_read.append(len(live))
+        layer = read(*args)
+        live.add(layer)
+        keep.extend([layer] if keeping else [])
+        return layer
+
+    monkeypatch.setattr(calibrate, "load_layer", counted)
+    for keeping in (False, True):
+        alive_at_read.clear()
+        second_moments(str(trained), texts["calib"][:600], 64, include_output=True, fisher=True, streamed=True)
+        assert len(alive_at_read) >= 4 and (max(alive_at_read) > 0) == keeping, alive_at_read
+
+
 def test_sequential_pass_rounds_every_matmul_in_order_on_the_rounded_inputs(trained, texts):
     """With an identity `requantize`, the quantized stream is the fp32 one: every matmul's
     Σ y_f x_qᵀ equals W Σ x_q x_qᵀ + b Σ x_qᵀ, rows in the GGUF's order (negative control: a perturbed first layer makes the later
