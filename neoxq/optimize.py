@@ -50,7 +50,7 @@ from neoxq.core.choices import AUTO
 from neoxq.core.equalize import ALPHA
 from neoxq.core.gguf_info import GGUFInfo, read_info
 from neoxq.core.gptq import DAMP
-from neoxq.core.heap import give_back_free_memory
+from neoxq.core.heap import keep_temporaries_out_of_heaps
 from neoxq.core.imatrix_io import file_sha256, read_imatrix, write_imatrix
 from neoxq.core.machine import available_memory
 from neoxq.core.mix_plan import MixOptions
@@ -86,7 +86,9 @@ class OptimizeOptions:
     mix: bool = False  # the tensor types of a --mix plan (neoxq.mix) instead of stock's: <T>-opt-mix
     target_bytes: int | None = None  # the mix's budget as a file size (None: the stock file's size)
     target_bpw: float | None = None  # … or in bits per weight
-    max_memory: int | None = None  # bytes --optimize may use; None: what is available. Above it, the first pass streams
+    # bytes --optimize may use; None: what is available. Above it, the first pass streams; a stated
+    # budget also keeps freed temporaries out of the C heap (neoxq.core.heap)
+    max_memory: int | None = None
     first_pass: str = "auto"  # auto: streamed when the fp32 model does not fit max_memory; memory; streamed
     # Round attention QKV in the metric of the output's Fisher per head (gptq.RowCoupling), not
     # every output alike: an error in a head's queries and keys is felt through its softmax.
@@ -131,6 +133,8 @@ def quantize_optimized(
     ckpt = reference_checkpoint(src, opts.reference, opts.revision)
     windows = calibration_windows(ckpt, opts.calib, opts.ctx)
     plan = _preflight(ckpt, opts, len(windows))
+    if opts.max_memory is not None:  # a stated budget is a bound the heap must not outgrow
+        keep_temporaries_out_of_heaps()
     t0 = time.perf_counter()
     job = ResumeState(cache_root() / "optimize", _job_inputs(src, ckpt, qtype, opts))
     with atomic_output(out, force, inputs=[src.path]) as tmp:
@@ -170,9 +174,6 @@ def _run_job(job: ResumeState, src: GGUFInfo, ckpt, qtype: QuantType, opts: Opti
     def finished(k: int) -> None:
         job.save({**state, "layers_done": k})
         job.originals.forget()
-        give_back_free_memory()  # the layer's temporaries, before the next one's
-
-    give_back_free_memory()  # what the first stage (or a resumed run's start) let go, before the first layer
 
     with _saved_fisher(job.folder, opts.qkv_fisher) as fisher:
         done = rewrite_sequential(
@@ -196,7 +197,6 @@ def _first_stage(src: GGUFInfo, ckpt, qtype: QuantType, opts: OptimizeOptions, l
     the job's work folder; returns the state the sequential pass starts from."""
     work = job.start()
     stats = optimize_statistics(ckpt, opts.calib, opts.ctx, streamed, bool(opts.fisher_bf16), opts.device)
-    give_back_free_memory()  # the pass's temporaries, before llama.cpp's quantizer
     if opts.qkv_fisher:
         np.savez(job.folder / OUTPUT_FISHER_FILE, **stats.head_fisher)
     eq_scales = {}

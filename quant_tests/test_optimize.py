@@ -298,16 +298,19 @@ def test_optimized_beats_stock_with_the_same_imatrix_and_runs(optimized, trained
     assert gen.returncode == 0 and len(gen.stdout) > len("def ")
 
 
-def test_optimize_default_imatrix_comes_from_the_calibration_pass(trained, trained_f16, texts, tmp_path):
+def test_optimize_default_imatrix_comes_from_the_calibration_pass(trained, trained_f16, texts, tmp_path, monkeypatch):
+    import neoxq.optimize
     from neoxq.core.gguf_info import read_info
     from neoxq.core.textfile import text_sha256
     from neoxq.optimize import OptimizeOptions, quantize_optimized
 
+    held = []  # a stated budget keeps freed temporaries out of the heap (its effect: test_units)
+    monkeypatch.setattr(neoxq.optimize, "keep_temporaries_out_of_heaps", lambda: held.append(True))
     # the first pass layer by layer, as when the fp32 model does not fit --max-memory (its sums equal
     # the in-memory pass's: test_calibrate)
-    r = quantize_optimized(
-        trained_f16, "Q3_K_M", OptimizeOptions(texts["calib"], reference=str(trained), ctx=128, first_pass="streamed"), output=tmp_path / "o.gguf"
-    )
+    opts = OptimizeOptions(texts["calib"], reference=str(trained), ctx=128, first_pass="streamed", max_memory=64 << 30)
+    r = quantize_optimized(trained_f16, "Q3_K_M", opts, output=tmp_path / "o.gguf")
+    assert held == [True]
     assert r.extra["optimize"]["first_pass"] == "streamed" and all(x["output_error_ratio"] < 1 for x in r.extra["optimize"]["tensors"])
     meta = read_info(r.path).metadata
     assert meta["neoxq.quant_type"] == "Q3_K_M-opt" and meta.get("neoxq.imatrix.sha256")

@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
-"""The C heap's rules under `neoxq quantize --optimize` (neoxq.core.heap): neoxq's (glibc's, its
-free pages given back after each phase and layer), glibc's own, and a fixed 1 MiB mmap threshold:
+"""The C heap's rules under `neoxq quantize --optimize --max-memory` (neoxq.core.heap): neoxq's (a
+stated budget fixes glibc's mmap threshold) against glibc's own rising threshold:
 
   memory  a checkpoint of Pythia-6.9B's widths cut to --layers layers, `--optimize --max-memory
           --budget` with the first pass streamed (as at 32 layers), once under each rule, side by
-          side (their memory is compared, not their time). Each samples its own RSS
-          (/proc/self/status) and glibc's heap (mallinfo2: bytes free inside the heaps) every
-          second: the peak of each phase and of each layer against the preflight's plan.
+          side (their memory is compared; their time only as two runs sharing the cores). Each
+          samples its own RSS (/proc/self/status) and glibc's heap (mallinfo2: bytes free inside
+          the heaps) every second: the peak of each phase and of each layer against the
+          preflight's plan.
   time    the same library call on Pythia-410M's shape (the checkpoint of bench_optimize_scale.py's
           410m part; its first pass in memory, as the CLI runs it), under each rule in turn,
           --rounds rounds in the order A B B A ...: their wall times.
 
     .venv/bin/python scripts/bench_heap.py [--parts memory,time] [--layers 8] [--windows 8] [--rounds 2]
-                                           [--rules trim,glibc] [--stop-after 0] [--json out.json]
+                                           [--rules neoxq,glibc] [--stop-after 0] [--json out.json]
     .venv/bin/python scripts/bench_heap.py --markdown out.json
 """
 
@@ -41,11 +42,15 @@ PHASES = {
     ROUNDING: "layer by layer",
 }
 RULES = {
-    "trim": "neoxq's: glibc's, its free pages given back after each phase and layer",
+    "neoxq": "neoxq's under a stated budget: a fixed 1 MiB mmap threshold (mallopt)",
     "glibc": "glibc's own (a rising mmap threshold)",
-    "fixed": "a fixed 1 MiB mmap threshold",
 }
-FIXED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+# rules of earlier records, rendered as they were run: the environment's fixed threshold, and an
+# earlier neoxq's malloc_trim after each phase and layer
+RECORDED = RULES | {
+    "fixed": "a fixed 1 MiB mmap threshold (MALLOC_MMAP_THRESHOLD_)",
+    "trim": "glibc's, its free pages given back after each phase and layer (malloc_trim)",
+}
 
 # the library call `neoxq quantize --optimize --max-memory` makes, the process set up as the CLI
 # sets it up (init_process), its heap rule one of RULES; with a log path, a thread
@@ -56,9 +61,9 @@ import ctypes, json, sys, threading, time
 import neoxq.core.machine as machine
 rule, f16, qtype, calib, ref, budget, ctx, out, log_path, first_pass, stop = sys.argv[1:12]
 machine.init_process()
-if rule != "trim":  # neoxq's own rule is to give the heaps' free pages back; the others do not
+if rule == "glibc":  # neoxq's own rule under a budget, taken out
     import neoxq.optimize
-    neoxq.optimize.give_back_free_memory = lambda: None
+    neoxq.optimize.keep_temporaries_out_of_heaps = lambda: None
 from neoxq.core import progress
 from neoxq.core.sizes import parse_size
 from neoxq.core.textfile import read_text
@@ -101,7 +106,7 @@ def launch(
     that many rounding steps (0: run to the end)."""
     shutil.rmtree(cache, ignore_errors=True)
     cmd = [PY, "-c", benchlib.LAUNCHER, PY, "-c", CHILD, rule, f16, "Q4_K_M", calib, ref, budget, CTX, out, log or "-", first_pass, stop]
-    env = {**os.environ, "NEOXQ_CACHE": str(cache), **(FIXED_ENV if rule == "fixed" else {})}
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")} | {"NEOXQ_CACHE": str(cache)}
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -204,12 +209,12 @@ def markdown(data: dict) -> str:
             per = {p["bar"]: p for p in r["phases"]}
             cells = [f"{per[b]['peak_rss_MiB']:.0f} ({per[b]['heap_free_at_peak_MiB']:.0f})" if b in per else "–" for b in bars]
             layers = f"{r['layers']}" + (f", stopped after {r['stopped_after_layers']} rounded" if r.get("stopped_after_layers") else "")
-            out.append(f"| {RULES[r['rule']]} | {layers} | {r['peak_rss_MiB']:.0f} ({r['plan_MiB']:.0f}) | " + " | ".join(cells) + " |")
+            out.append(f"| {RECORDED[r['rule']]} | {layers} | {r['peak_rss_MiB']:.0f} ({r['plan_MiB']:.0f}) | " + " | ".join(cells) + " |")
     for r in mem:
         peaks = next((p.get("layer_peaks_MiB") for p in r["phases"] if p["bar"] == ROUNDING), None)
         if peaks:
             out.append(
-                f"\nLayer by layer under {RULES[r['rule']]} rule, each layer's peak MiB"
+                f"\nLayer by layer, {RECORDED[r['rule']]}: each layer's peak MiB"
                 + ("" if r.get("stopped_after_layers") else " (the last: the output matrix)")
                 + ": "
                 + ", ".join(f"{x:.0f}" for x in peaks)
@@ -220,7 +225,7 @@ def markdown(data: dict) -> str:
         out.append(f"\nTime at Pythia-410M's shape ({r['windows']} windows), wall seconds of each run, in the order run:")
         for rule, walls in w.items():
             vs = "" if rule == "glibc" else f": {statistics.mean(walls) / statistics.mean(w['glibc']):.2f}× glibc's mean"
-            out.append(f"- {RULES[rule]}: {', '.join(f'{x:.0f}' for x in walls)}{vs}")
+            out.append(f"- {RECORDED[rule]}: {', '.join(f'{x:.0f}' for x in walls)}{vs}")
     return "\n".join(out).strip()
 
 
@@ -231,19 +236,22 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--budget", default="8GB")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--rules", default="trim,glibc", help="the heap rules to compare (" + ", ".join(RULES) + ")")
+    ap.add_argument("--rules", default="neoxq,glibc", help="the heap rules to compare (" + ", ".join(RULES) + ")")
     ap.add_argument("--stop-after", type=int, default=0, help="memory: end each run after rounding this many layers (0: the whole job)")
     benchlib.add_record_args(ap)
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
         return
+    rules = a.rules.split(",")
+    if not set(rules) <= set(RULES):
+        ap.error(f"--rules: {a.rules} is not among {', '.join(RULES)}")
     work = benchlib.cache_dir() / "optimize-scale"
     work.mkdir(exist_ok=True)
     data = benchlib.run_record(sys.argv)
     if "memory" in a.parts.split(","):
-        data["rows"] += [{"part": "memory", **r} for r in memory(work, a.layers, a.windows, a.budget, a.rules.split(","), a.stop_after)]
+        data["rows"] += [{"part": "memory", **r} for r in memory(work, a.layers, a.windows, a.budget, rules, a.stop_after)]
     if "time" in a.parts.split(","):
-        data["rows"].append({"part": "time", **timing(work, a.windows, a.rounds, a.rules.split(","))})
+        data["rows"].append({"part": "time", **timing(work, a.windows, a.rounds, rules)})
     if a.json:
         benchlib.write_record(a.json, data)
     print(markdown(data))

@@ -1,21 +1,26 @@
-"""Memory the C heap holds free, given back to the system at the points where a long job has let
-its large temporaries go.
+"""A stated memory budget held against the C heap: freed temporaries leave RSS.
 
 glibc's malloc serves a request below its mmap threshold from its heaps and keeps what is freed
 there for reuse, and it raises that threshold (up to 32 MiB on 64-bit machines) each time a larger
 mapped block is freed. A long run that allocates and frees many tensors of a few MiB (--optimize's
 per-window activations, row chunks and per-head matrices) therefore ends up with them in the heaps,
 where freed blocks that no later request fits stay resident: RSS above what is live, growing with
-the run, which neoxq.preflight's plan cannot count. malloc_trim gives every whole free page in the
-heaps back. A fixed threshold (MALLOC_MMAP_THRESHOLD_) would keep such blocks out of the heaps
-altogether, but each new mapping is then faulted in and zeroed page by page, on every temporary of
-that size: a price in --optimize's time (docs/benchmarks.md, "The heap") that a user who needs a
-memory budget to hold can choose to pay; the trim here is paid once per layer."""
+the run, which neoxq.preflight's plan cannot count. A fixed threshold keeps such blocks out of the
+heaps: each is mapped when made and unmapped when freed, so RSS follows what is live. The price is
+that every such block is faulted in and zeroed page by page, a cost in time that weighs more the
+narrower the model (docs/benchmarks.md, "The heap"); it is therefore paid only where a budget is
+stated (--max-memory), and malloc_trim, which gives back whole free pages, cannot undo what is
+fragmented inside a phase."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+# Blocks of this size and larger are mapped: above the small objects a heap serves well, below
+# the few-MiB tensors that fragment it.
+BUDGET_MMAP_THRESHOLD = 1 << 20
 
 
 def is_glibc() -> bool:
@@ -25,7 +30,9 @@ def is_glibc() -> bool:
         return False
 
 
-def give_back_free_memory() -> None:
-    """The heaps' free pages returned to the system (glibc's malloc_trim); nothing elsewhere."""
-    if is_glibc():
-        ctypes.CDLL(None).malloc_trim(0)
+def keep_temporaries_out_of_heaps() -> bool:
+    """glibc's mmap threshold fixed at BUDGET_MMAP_THRESHOLD for the rest of the process (which
+    also ends its rise); False where the C library is not glibc or refuses."""
+    if not is_glibc():
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, BUDGET_MMAP_THRESHOLD))
