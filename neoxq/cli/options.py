@@ -56,7 +56,7 @@ MaxMemory = Annotated[
     typer.Option(
         "--max-memory",
         callback=_size,
-        help="Most memory the fp32 model (the reference, --optimize's calibration) may use (e.g. 8GB); it streams layer by layer when the model does not fit.",
+        help="Most memory the fp32 model (the reference, --optimize's calibration) may use (e.g. 8GB); it streams layer by layer when the model does not fit. With --optimize, a stated budget also keeps freed temporaries out of the C heap (docs/method.md, Scale).",
     ),
 ]
 ReferenceOpt = Annotated[
