@@ -565,6 +565,8 @@ def rss_mib():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024
 if sys.argv[1] == "kept out":
     assert keep_temporaries_out_of_heaps()
+elif sys.argv[1] == "asked":
+    keep_temporaries_out_of_heaps()
 big = np.ones(24 << 20, np.uint8)  # a mapped block freed: glibc's own threshold rises to its size
 del big
 blocks, pins = [], []
@@ -595,6 +597,20 @@ def test_freed_temporaries_leave_rss_under_a_budget():
 
     assert released_mib("kept out") >= 56
     assert released_mib("glibc") <= 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_the_users_own_mmap_threshold_stands():
+    """With the threshold set by the user (GLIBC_TUNABLES), a stated budget leaves it alone: the
+    freed blocks stay in the heap, as the user's large threshold keeps them."""
+    from neoxq.core.heap import is_glibc
+
+    if not is_glibc():
+        pytest.skip("not glibc")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432"}
+    proc = subprocess.run([sys.executable, "-c", HEAP_PATTERN, "asked"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) <= 4
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "scripts").glob("*.py")))

@@ -21,6 +21,9 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
 # Blocks of this size and larger are mapped: above the small objects a heap serves well, below
 # the few-MiB tensors that fragment it.
 BUDGET_MMAP_THRESHOLD = 1 << 20
+# the user's own choice of the threshold, which stands
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_",)
+USER_TUNABLE = "glibc.malloc.mmap_threshold"
 
 
 def is_glibc() -> bool:
@@ -30,9 +33,14 @@ def is_glibc() -> bool:
         return False
 
 
+def user_chose_threshold() -> bool:
+    return any(k in os.environ for k in USER_SETTINGS) or USER_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def keep_temporaries_out_of_heaps() -> bool:
     """glibc's mmap threshold fixed at BUDGET_MMAP_THRESHOLD for the rest of the process (which
-    also ends its rise); False where the C library is not glibc or refuses."""
-    if not is_glibc():
+    also ends its rise); False, and nothing changed, where the C library is not glibc, the user set
+    the threshold, or glibc refuses."""
+    if not is_glibc() or user_chose_threshold():
         return False
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, BUDGET_MMAP_THRESHOLD))
