@@ -224,7 +224,7 @@ def markdown(data: dict) -> str:
         w = r["wall_s"]
         out.append(f"\nTime at Pythia-410M's shape ({r['windows']} windows), wall seconds of each run, in the order run:")
         for rule, walls in w.items():
-            vs = "" if rule == "glibc" else f": {statistics.mean(walls) / statistics.mean(w['glibc']):.2f}× glibc's mean"
+            vs = "" if rule == "glibc" or "glibc" not in w else f": {statistics.mean(walls) / statistics.mean(w['glibc']):.2f}× glibc's mean"
             out.append(f"- {RECORDED[rule]}: {', '.join(f'{x:.0f}' for x in walls)}{vs}")
     return "\n".join(out).strip()
 
