@@ -10,6 +10,9 @@ random fp16 weights and the 50k vocabulary:
         bar's ETA against the time it really had left. With --kill, the same command again,
         SIGKILLed inside a random layer and rerun: the layer it resumed from, its time, and whether
         its file is byte-identical to the uninterrupted run's.
+  resume the big part's command from an empty cache, SIGKILLed inside a random layer and rerun, its
+        file compared byte for byte with --against: the file an uninterrupted run of the same inputs
+        wrote (bench_heap.py's memory part keeps its own), for a run too long to make twice.
   probe the same 6.9B-wide cut: one --mix sensitivity probe (one MLP down projection at Q4_K, every
         other matrix F16) as a folder of GGUF splits (neoxq.runtime.probe_files) against the former
         whole probe file written by llama.cpp's quantizer: bytes written, seconds to write and to
@@ -23,8 +26,8 @@ random fp16 weights and the 50k vocabulary:
         each kind (torch, measured here): a lower bound on --optimize's time with this method, next to
         the 410m part's plain report when both run.
 
-    .venv/bin/python scripts/bench_optimize_scale.py [--parts big,probe,410m,floor] [--layers 2] [--windows 4]
-                                                     [--type Q4_K_M] [--budget 8GB] [--kill] [--json out.json]
+    .venv/bin/python scripts/bench_optimize_scale.py [--parts big,resume,probe,410m,floor] [--layers 2] [--windows 4]
+                                                     [--type Q4_K_M] [--budget 8GB] [--kill] [--against F] [--json out.json]
     .venv/bin/python scripts/bench_optimize_scale.py --markdown out.json
 """
 
@@ -163,6 +166,35 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
     return row
 
 
+def resume_against(work: Path, layers: int, windows: int, qtype: str, budget: str, whole: Path) -> dict:
+    """The big part's command from an empty cache, SIGKILLed inside a random layer and rerun, its file
+    compared with `whole`: the file an uninterrupted run of the same inputs wrote (bench_heap.py's
+    memory part keeps its own), so a run too long to make twice in a sitting is made once more."""
+    import hashlib
+
+    folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
+    f16 = benchlib.convert_f16(folder, work)
+    calib, _ = texts(work, windows)
+    cache = work / f"cache-resume-{layers}"
+    shutil.rmtree(cache, ignore_errors=True)
+    digest = hashlib.sha256()
+    with open(whole, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    cmd, env = [PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX], {"NEOXQ_CACHE": str(cache)}
+    res = killed_and_resumed(cmd, env, work / f"big-{layers}-{qtype}-resumed.gguf", whole, layers, work)
+    shutil.rmtree(cache, ignore_errors=True)
+    return {
+        "layers": layers,
+        "windows": windows,
+        "type": qtype,
+        "budget": budget,
+        "against": whole.name,
+        "against_sha256": digest.hexdigest(),
+        "resume": res,
+    }
+
+
 def killed_and_resumed(cmd: list, env: dict, out: Path, whole: Path, layers: int, work: Path) -> dict:
     """Start `cmd` again (the first pass now read from the cache the whole run wrote), SIGKILL it
     inside a layer drawn at random once that layer's rounding has begun, rerun it to the end and
@@ -173,6 +205,7 @@ def killed_and_resumed(cmd: list, env: dict, out: Path, whole: Path, layers: int
     layer = random.SystemRandom().randrange(1, layers) if layers > 1 else 0
     eta_log = work / f"eta-{layers}-killed.jsonl"
     eta_log.unlink(missing_ok=True)
+    killed_started = time.time()
     proc = subprocess.Popen([*map(str, cmd), str(out), str(eta_log)], env={**os.environ, **env}, stdout=subprocess.DEVNULL)
     done = 0
     while proc.poll() is None:
@@ -183,6 +216,7 @@ def killed_and_resumed(cmd: list, env: dict, out: Path, whole: Path, layers: int
             break
         time.sleep(0.2)
     killed_at = proc.wait()
+    killed_wall = time.time() - killed_started
     layer = done // per_layer  # the layer it was rounding when killed (its matmuls done: done % per_layer)
     resumed_log = work / f"eta-{layers}-resumed.jsonl"
     resumed_log.unlink(missing_ok=True)
@@ -193,6 +227,7 @@ def killed_and_resumed(cmd: list, env: dict, out: Path, whole: Path, layers: int
     res = {
         "killed_in_layer": layer,
         "killed_rc": killed_at,
+        "killed_after_s": killed_wall,
         "resumed_from_layer": layers - (totals[0] - 1) // per_layer,
         "resumed_wall_s": r["wall_s"],
         "resumed_peak_rss_MiB": r["peak_rss_MiB"],
@@ -597,6 +632,16 @@ def markdown(data: dict) -> str:
                     f"its file is {'byte-identical to' if k['byte_identical'] else 'DIFFERENT from'} the uninterrupted run's."
                 )
                 out += _eta_table(k["eta"], "the resumed run")
+        elif r["part"] == "resume":
+            k = r["resume"]
+            out += [
+                "\n| shape | layers | windows | type | budget | SIGKILL inside layer | killed after s | resumed from layer | rerun s (peak MiB) | file |",
+                "|---|---:|---:|---|---|---:|---:|---:|---:|---|",
+                f"| 6.9B widths | {r['layers']} | {r['windows']} | {r['type']} | {r['budget']} | {k['killed_in_layer']} | {k['killed_after_s']:.0f} | "
+                f"{k['resumed_from_layer']} | {k['resumed_wall_s']:.0f} ({k['resumed_peak_rss_MiB']:.0f}) | "
+                f"{'byte-identical to' if k['byte_identical'] else 'DIFFERENT from'} the uninterrupted run's `{r['against']}` (sha256 {r['against_sha256'][:16]}…) |",
+            ]
+            out += _eta_table(k["eta"], "the resumed run")
         elif r["part"] == "12b":
             out += [
                 "\n| shape | layers | windows | type | step | budget | peak RSS MiB (plan) | s | at 36 layers |",
@@ -640,6 +685,7 @@ def main() -> None:
     ap.add_argument("--type", default="Q4_K_M")
     ap.add_argument("--budget", default="8GB")
     ap.add_argument("--kill", action="store_true", help="big: also SIGKILL a second run inside a random layer and resume it")
+    ap.add_argument("--against", type=Path, help="resume: the file an uninterrupted run of the big part's inputs wrote")
     ap.add_argument("--steps-from", type=Path, help="add the rounding bar's step times from this progress log to the big row of --json's record")
     benchlib.add_record_args(ap)
     a = ap.parse_args()
@@ -654,6 +700,7 @@ def main() -> None:
     parts = {"big": lambda: big(work, a.layers, a.windows, a.type, a.budget, a.kill), "probe": lambda: probe_cost(work, a.layers, a.windows)}
     parts["410m"] = lambda: shape_410m(work, a.windows, a.type)
     parts["floor"] = lambda: floor(a.windows)
+    parts["resume"] = lambda: resume_against(work, a.layers, a.windows, a.type, a.budget, a.against)
     parts["12b"] = lambda: twelve_b(work, a.layers, a.windows, a.type)
     for name, run in parts.items():
         if name in a.parts.split(","):
