@@ -170,17 +170,14 @@ def resume_against(work: Path, layers: int, windows: int, qtype: str, budget: st
     """The big part's command from an empty cache, SIGKILLed inside a random layer and rerun, its file
     compared with `whole`: the file an uninterrupted run of the same inputs wrote (bench_heap.py's
     memory part keeps its own), so a run too long to make twice in a sitting is made once more."""
-    import hashlib
+    from neoxq.core.imatrix_io import file_sha256
 
     folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
     f16 = benchlib.convert_f16(folder, work)
     calib, _ = texts(work, windows)
     cache = work / f"cache-resume-{layers}"
     shutil.rmtree(cache, ignore_errors=True)
-    digest = hashlib.sha256()
-    with open(whole, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
+    digest = file_sha256(whole)
     cmd, env = [PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX], {"NEOXQ_CACHE": str(cache)}
     res = killed_and_resumed(cmd, env, work / f"big-{layers}-{qtype}-resumed.gguf", whole, layers, work)
     shutil.rmtree(cache, ignore_errors=True)
@@ -190,7 +187,7 @@ def resume_against(work: Path, layers: int, windows: int, qtype: str, budget: st
         "type": qtype,
         "budget": budget,
         "against": whole.name,
-        "against_sha256": digest.hexdigest(),
+        "against_sha256": digest,
         "resume": res,
     }
 
