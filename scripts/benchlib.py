@@ -43,9 +43,26 @@ def run_record(argv: list[str]) -> dict:
         "date": datetime.date.today().isoformat(),
         "commit": commit or None,
         "neoxq": __version__,
-        "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}{cpu_units()}",
         "rows": [],
     }
+
+
+# the CPU's matrix units: the dense arithmetic's rates (bfloat16 most of all) differ several-fold
+# between machines that have them and machines that do not, so a record names them
+MATRIX_UNITS = ("avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_units() -> str:
+    """', <model name> (<its matrix units>)' from /proc/cpuinfo; empty where there is none."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    units = [u for u in MATRIX_UNITS if u in flags]
+    return f", {fields.get('model name', 'CPU')} ({', '.join(units) or 'no AVX-512'})"
 
 
 def add_record_args(ap) -> None:
