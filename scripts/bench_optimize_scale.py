@@ -688,6 +688,8 @@ def main() -> None:
     a = ap.parse_args()
     if benchlib.printed_earlier(a, markdown):
         return
+    if "resume" in a.parts.split(",") and not (a.against and a.against.is_file()):
+        ap.error("--parts resume needs --against FILE: the file an uninterrupted run of the big part's inputs wrote")
     if a.steps_from:
         add_step_times(a.json, a.steps_from)
         return
