@@ -113,14 +113,22 @@ def estimate(folder: Path, windows: int, budget: int, first_pass: str = "auto"):
     return optimize_plan(GPTNeoXArgs.from_config(open_checkpoint(str(folder)).config), CTX, windows, budget, first_pass)
 
 
+def big_command(work: Path, layers: int, windows: int, qtype: str, budget: str, cache: Path) -> tuple[Path, list, dict]:
+    """The 6.9B-wide cut's checkpoint, and the child command (less its output and progress log) and
+    environment that optimise it with `cache` as NEOXQ_CACHE, emptied first: the one command the
+    big and resume parts run, so that their files may be compared byte for byte."""
+    folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
+    f16 = benchlib.convert_f16(folder, work)
+    calib, _ = texts(work, windows)
+    shutil.rmtree(cache, ignore_errors=True)
+    return folder, [PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX], {"NEOXQ_CACHE": str(cache)}
+
+
 def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bool) -> dict:
     """The uninterrupted run (its time, peak and ETAs, from an empty cache); with `kill`, the same
     command again, SIGKILLed inside a random layer, then rerun: it must resume and give the same bytes."""
     from neoxq.core.sizes import parse_size
 
-    folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
-    f16 = benchlib.convert_f16(folder, work)
-    calib, _ = texts(work, windows)
     full = benchlib.config_for(BIG, 0)
     from neoxq.convert.neox import GPTNeoXArgs
     from neoxq.preflight import optimize_plan
@@ -128,9 +136,8 @@ def big(work: Path, layers: int, windows: int, qtype: str, budget: str, kill: bo
     plan32 = optimize_plan(GPTNeoXArgs.from_config(full), CTX, 32, parse_size(budget, "--budget"))
     print(f"estimate at 32 layers and 32 windows: {plan32.peak / 2**20:.0f} MiB, first pass {'streamed' if plan32.streamed else 'in memory'}")
     cache, out, eta_log = work / f"cache-{layers}", work / f"big-{layers}-{qtype}-opt.gguf", work / f"eta-{layers}.jsonl"
-    shutil.rmtree(cache, ignore_errors=True)
+    folder, cmd, env = big_command(work, layers, windows, qtype, budget, cache)
     eta_log.unlink(missing_ok=True)
-    cmd, env = [PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX], {"NEOXQ_CACHE": str(cache)}
     started = time.time()
     r = benchlib.run_child([*cmd, out, eta_log], env=env)
     res = json.loads(r["stdout"].strip().splitlines()[-1])
@@ -172,13 +179,9 @@ def resume_against(work: Path, layers: int, windows: int, qtype: str, budget: st
     memory part keeps its own), so a run too long to make twice in a sitting is made once more."""
     from neoxq.core.imatrix_io import file_sha256
 
-    folder = benchlib.random_checkpoint((BIG[0], layers, BIG[2]))
-    f16 = benchlib.convert_f16(folder, work)
-    calib, _ = texts(work, windows)
     cache = work / f"cache-resume-{layers}"
-    shutil.rmtree(cache, ignore_errors=True)
+    _, cmd, env = big_command(work, layers, windows, qtype, budget, cache)
     digest = file_sha256(whole)
-    cmd, env = [PY, "-c", CHILD, f16, qtype, calib, folder, budget, CTX], {"NEOXQ_CACHE": str(cache)}
     res = killed_and_resumed(cmd, env, work / f"big-{layers}-{qtype}-resumed.gguf", whole, layers, work)
     shutil.rmtree(cache, ignore_errors=True)
     return {
