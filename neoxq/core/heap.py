@@ -21,8 +21,8 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
 # Blocks of this size and larger are mapped: above the small objects a heap serves well, below
 # the few-MiB tensors that fragment it.
 BUDGET_MMAP_THRESHOLD = 1 << 20
-# the user's own choice of the threshold, which stands
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_",)
+# the user's own choice of the threshold, which stands: glibc's variable, or its tunable
+USER_SETTING = "MALLOC_MMAP_THRESHOLD_"
 USER_TUNABLE = "glibc.malloc.mmap_threshold"
 
 
@@ -34,7 +34,7 @@ def is_glibc() -> bool:
 
 
 def user_chose_threshold() -> bool:
-    return any(k in os.environ for k in USER_SETTINGS) or USER_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+    return USER_SETTING in os.environ or USER_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def keep_temporaries_out_of_heaps() -> bool:
