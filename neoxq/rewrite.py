@@ -85,6 +85,15 @@ class _LayerRounding:
         b = None if tb is None else self.f.read(tb).view(np.float32).astype(np.float64)
         return tensor_values(self.f.info, t, self.f.read(t)), b
 
+    def current_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Some rows (an index array) of the tensor's values as the file holds them now: only
+        their blocks are decoded (the embedding's rows the calibration windows use, of 50k)."""
+        t = self.f.tensor(name)
+        fmt, raw = format_of(t.type), self.f.read(t)
+        if fmt is None:
+            return tensor_values(self.f.info, t, raw)[rows]
+        return dequantized_rows(fmt, raw.reshape(-1, fmt.size), t.shape, rows)
+
     def requantize(self, name: str, mom: gptq.Moments):
         t = self.f.tensor(name)
         fmt = format_of(t.type)
@@ -131,7 +140,8 @@ def rewrite_sequential(
     head_rows = interleave_qkv(np.arange(3 * args.hidden_size), args).reshape(args.num_attention_heads, -1)  # GGUF rows of each head's q, k, v
     with TensorFile(path) as f:
         r = _LayerRounding(f, src, opts, head_rows, output_fisher or {}, on_layer, originals)
-        inputs_q = r.current(EMBEDDING)[0][windows]  # the quantized model's inputs; the whole embedding is let go
+        used, where = np.unique(windows, return_inverse=True)
+        inputs_q = r.current_rows(EMBEDDING, used)[where.reshape(np.shape(windows))]  # the quantized model's inputs
         sequential_calibration(
             ckpt,
             windows,

@@ -772,3 +772,22 @@ def test_more_types_are_optimised(qtype, trained_f16, trained_imatrix, texts, tm
     assert c["verdict"] == "better"
     gen = run_cli("run", tmp_path / "opt.gguf", "-p", "def ", "-n", "4", "--temp", "0", "--ctx", "128")
     assert gen.returncode == 0 and len(gen.stdout) > len("def ")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "F16"])
+def test_rows_of_a_tensor_decode_as_the_whole(trained_f16, qtype, tmp_path):
+    """The sequential pass decodes only the embedding rows its windows use: the same values as
+    those rows of the whole tensor decoded, for a block format neoxq encodes and for a float type;
+    rows out of order and repeated."""
+    from neoxq.core.tensor_file import TensorFile
+    from neoxq.rewrite import _LayerRounding
+    from neoxq.runtime.quantize import quantize
+
+    path = trained_f16 if qtype == "F16" else quantize(trained_f16, qtype, output=tmp_path / f"{qtype}.gguf").path
+    rows = np.array([7, 0, 7, 63, 2])
+    with TensorFile(path) as f:
+        r = _LayerRounding(f, read_info(path), None, rows, {}, None)
+        whole = r.current("token_embd.weight")[0]
+        some = r.current_rows("token_embd.weight", rows)
+    assert some.shape == (len(rows), whole.shape[1]) and np.array_equal(some, whole[rows])
+    assert not np.array_equal(some, whole[rows + 1])  # negative control: other rows differ
