@@ -76,7 +76,7 @@ def solve(factor, rhs: np.ndarray) -> np.ndarray:
 
 def gptq_levels(w, a, m, lmin: int, lmax: int, factor, points: np.ndarray | None, block: int, sub: int) -> np.ndarray:
     """gptq.gptq_levels on the factor's device: levels int16 [rows, cols], rows in chunks; block and
-    sub: the lazy batches' widths (gptq.BLOCK, gptq.SUB)."""
+    sub: the lazy batches' widths (gptq.BLOCK, the innermost of gptq.LAZY)."""
     import torch
 
     perm, u = factor

@@ -24,11 +24,12 @@ from .transpose import transposed
 
 DAMP = 0.01  # × mean(diag H) added to H's diagonal: GPTQ's default, keeps the Cholesky stable
 # Lazy batches: columns compensated inside a block before the rest of the row is updated at once,
-# and inside a block, SUB columns before the block's rest is. The levels do not depend on either
-# (the arithmetic is only regrouped); the sizes are the fastest found (docs/benchmarks.md,
-# "--optimize time and memory at scale").
+# and inside a block, nested batches (widest first) the same way: each batch's errors reach the rest
+# of the batch around it in one product, so the block's columns are swept in memory a few times,
+# not once per innermost batch. The levels do not depend on the sizes (the arithmetic is only
+# regrouped); they are the fastest found (docs/benchmarks.md, "--optimize time and memory at scale").
 BLOCK = 512
-SUB = 16
+LAZY = (64, 16)
 # coupled_levels' blocks: a wave sweeps a block's columns, so wider blocks mean more sweeps, narrower
 # more waves; the fastest width found.
 COUPLED_BLOCK = 64
@@ -213,7 +214,7 @@ def gptq_levels(
     (rows of one matrix rounded in chunks); points: a codebook grid's levels (nearest())."""
     perm, u = factor if factor is not None else compensation(h, act_order, damp)
     if not isinstance(u, np.ndarray):
-        return u.levels(perm, w, a, m, lmin, lmax, points, BLOCK, SUB)
+        return u.levels(perm, w, a, m, lmin, lmax, points, BLOCK, LAZY[-1])
     out = np.empty(w.shape, np.int16)
     step_rows = row_chunk(w.shape[1])
     for r0 in range(0, w.shape[0], step_rows):
@@ -251,24 +252,41 @@ def _sweep(x, a, m, ub, dinv, lmin: int, lmax: int, i0: int, i1: int, lv, err, p
     """GPTQ inside one block of columns, columns i0 … i1 − 1, for P independent problems at once:
     x, a, m [columns, P, rows] (weights as compensated so far, updated in place; grids), ub [P,
     columns, columns] each problem's block of U, dinv [P, columns] 1 / its diagonal; levels and
-    scaled errors into lv, err [columns, P, rows]. Lazy batches again inside the block: a column's
-    error goes at once only onto the rest of its SUB columns, and each SUB columns' errors onto the
-    block's later columns in one product (the rank-one updates, elementwise over the block's whole
-    rest, cost more than the block's products; see BLOCK). points: a codebook grid's levels."""
+    scaled errors into lv, err [columns, P, rows]. Lazy batches again inside the block (LAZY): a
+    column's error goes at once only onto the rest of its innermost batch, and each batch's errors
+    onto the rest of the batch around it in one product (the rank-one updates, elementwise over the
+    block's whole rest, cost more than the block's products; see BLOCK). points: a codebook grid's
+    levels."""
     inv = steps_inverse(a[i0:i1])
-    lo, hi, codebook = float(lmin), float(lmax), _codebook(points, x.dtype)
-    for s0 in range(i0, i1, SUB):
-        s1 = min(s0 + SUB, i1)
-        for i in range(s0, s1):
-            li = _nearest_into(x[i], m[i], inv[i - i0], lo, hi, lv[i], codebook)
-            e = np.multiply(a[i], li, out=err[i])
-            e -= m[i]
-            np.subtract(x[i], e, out=e)
-            e *= dinv[:, i, None]
-            if i + 1 < s1:
-                x[i + 1 : s1] -= ub[:, i, i + 1 : s1].T[:, :, None] * e
-        if s1 < len(x):  # x[j, p] −= Σ_i ub[p, i, j] err[i, p] over the SUB columns i, for every later j
-            x[s1:] -= np.matmul(ub[:, s0:s1, s1:].transpose(0, 2, 1), err[s0:s1].transpose(1, 0, 2)).transpose(1, 0, 2)
+    rule = (inv, i0, float(lmin), float(lmax), _codebook(points, x.dtype))
+    _batches(x, a, m, ub, dinv, i0, i1, lv, err, rule, LAZY)
+
+
+def _batches(x, a, m, ub, dinv, i0: int, i1: int, lv, err, rule, widths: tuple[int, ...]) -> None:
+    """_sweep's columns i0 … i1 − 1 in batches of widths[0], each batch's errors moved onto the
+    columns after it up to i1 in one product; inside a batch, the next width; one at a time last."""
+    if not widths:
+        _one_by_one(x, a, m, ub, dinv, i0, i1, lv, err, rule)
+        return
+    for s0 in range(i0, i1, widths[0]):
+        s1 = min(s0 + widths[0], i1)
+        _batches(x, a, m, ub, dinv, s0, s1, lv, err, rule, widths[1:])
+        if s1 < i1:  # x[j, p] −= Σ_i ub[p, i, j] err[i, p] over the batch's columns i, for j in s1 … i1 − 1
+            x[s1:i1] -= np.matmul(ub[:, s0:s1, s1:i1].transpose(0, 2, 1), err[s0:s1].transpose(1, 0, 2)).transpose(1, 0, 2)
+
+
+def _one_by_one(x, a, m, ub, dinv, s0: int, s1: int, lv, err, rule) -> None:
+    """The innermost batch: each column rounded (_nearest_into), its scaled error kept and moved at
+    once onto the batch's later columns."""
+    inv, i0, lo, hi, codebook = rule
+    for i in range(s0, s1):
+        li = _nearest_into(x[i], m[i], inv[i - i0], lo, hi, lv[i], codebook)
+        e = np.multiply(a[i], li, out=err[i])
+        e -= m[i]
+        np.subtract(x[i], e, out=e)
+        e *= dinv[:, i, None]
+        if i + 1 < s1:
+            x[i + 1 : s1] -= ub[:, i, i + 1 : s1].T[:, :, None] * e
 
 
 # Rows coupled through the output's Fisher -------------------------------------------------------
