@@ -334,6 +334,17 @@ def autocast_bf16(on: bool, device_type: str = "cpu"):
     return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False) if on else contextlib.nullcontext()
 
 
+def bf16_matmuls(model) -> None:
+    """Every Linear's weight and bias cast to bfloat16 once, in place: the values autocast_bf16
+    casts them to at each call (so the same results), without those copies, on a model that runs
+    only under it (the first pass's, whose every window would otherwise cast the whole model)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+
+
 def streamed_moments(
     ckpt, windows: np.ndarray, include_output: bool, full: bool, fisher: bool, gen, bf16: bool = False, device: str = "cpu"
 ) -> CalibrationStats:

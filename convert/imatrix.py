@@ -16,7 +16,7 @@ from neoxq.core.imatrix_io import IMatrix, write_imatrix
 from neoxq.core.progress import Progress
 from neoxq.core.textfile import read_text
 
-from .calibrate import ATTENTION, LAYER_MODULES, QKV, CalibrationSums, autocast_bf16, sampled_log_likelihood, streamed_moments
+from .calibrate import ATTENTION, LAYER_MODULES, QKV, CalibrationSums, autocast_bf16, bf16_matmuls, sampled_log_likelihood, streamed_moments
 
 # The matmuls of a layer whose inputs are collected (their GGUF names come from gguf-py's map; the
 # input columns are the same in both layouts: the QKV de-interleave permutes rows only).
@@ -106,6 +106,8 @@ def _in_memory_pass(ckpt, windows, include_output: bool, full: bool, fisher: boo
 
     args = GPTNeoXArgs.from_config(ckpt.config)
     model = load_reference(ckpt.folder, ATTENTION if fisher else "eager").to(device)  # the optimiser's pass: fused attention
+    if fisher and bf16:  # only the Fisher windows run under autocast
+        bf16_matmuls(model)
     acc = CalibrationSums(full, fisher)
     handles = _input_hooks(model, args, acc, include_output)
     progress = Progress("calibration" if full else "imatrix", len(windows), "chunks")

@@ -122,3 +122,30 @@ def test_bf16_first_pass_keeps_the_input_sums_and_streams_alike(trained, texts):
     for k, v in mem.items():
         a, b = np.asarray(v), np.asarray(st[k])
         assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(a), k
+
+
+def test_matmuls_cast_once_give_autocasts_results(trained, texts, monkeypatch):
+    """The in-memory bfloat16 pass casts its Linear weights once (calibrate.bf16_matmuls): every
+    sum equals the pass that leaves the casts to autocast at each call, bit for bit. Negative
+    control: weights cast to float16 instead give other sums."""
+    import torch
+
+    import neoxq.convert.imatrix as imatrix
+
+    text = texts["calib"][:3000]
+
+    def run(cast):
+        monkeypatch.setattr(imatrix, "bf16_matmuls", cast)
+        return _fields(imatrix.second_moments(str(trained), text, 64, include_output=True, fisher=True, bf16=True))
+
+    def half(model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.to(torch.float16)
+
+    from neoxq.convert.calibrate import bf16_matmuls
+
+    once, per_call = run(bf16_matmuls), run(lambda model: None)
+    assert set(once) == set(per_call) and all(np.array_equal(once[k], per_call[k]) for k in once)
+    other = run(half)
+    assert any(not np.array_equal(other[k], per_call[k]) for k in per_call)
