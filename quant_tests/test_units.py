@@ -517,8 +517,9 @@ def test_network_failure_found_by_type_not_text():
 
 def test_importing_neoxq_changes_nothing_outside_it(tmp_path):
     """In a clean interpreter, importing every neoxq module leaves os.environ and
-    llama.cpp's log callback as they were; a library model load installs neoxq's callback only for
-    the load and puts the caller's back. Negative control: the CLI's init_process does change both."""
+    llama.cpp's log callback and numpy's huge page advice as they were; a library model load installs
+    neoxq's callback only for the load and puts the caller's back. Negative control: the CLI's
+    init_process does change all three."""
     code = r"""
 import ctypes, importlib, os, pkgutil, sys
 import llama_cpp
@@ -529,6 +530,8 @@ def callback():
     return ctypes.cast(cb, ctypes.c_void_p).value
 
 import lm_eval  # sets HF_XET_HIGH_PERFORMANCE in its own __init__: its doing, so measured before ours
+from numpy._core import multiarray
+multiarray._set_madvise_hugepage(True)  # numpy's default where the kernel has huge pages
 env, before = dict(os.environ), callback()
 import neoxq
 names = [m.name for m in pkgutil.walk_packages(neoxq.__path__, "neoxq.") if not m.name.endswith("__main__")]
@@ -536,6 +539,7 @@ for name in names:
     importlib.import_module(name)
 assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())
 assert callback() == before, "import installed a log callback"
+assert multiarray._get_madvise_hugepage(), "import changed numpy's huge page advice"
 from neoxq.runtime.model import NeoxModel, RuntimeOptions
 with NeoxModel(sys.argv[1], RuntimeOptions(n_ctx=64)):
     pass
@@ -545,6 +549,7 @@ init_process()
 with NeoxModel(sys.argv[1], RuntimeOptions(n_ctx=64)):
     pass
 assert callback() != before and os.environ.get("GOMP_SPINCOUNT"), "init_process changed nothing"
+assert not multiarray._get_madvise_hugepage(), "init_process left numpy's huge page advice on"
 print(len(names), "modules")
 """
     from neoxq.convert.converter import convert

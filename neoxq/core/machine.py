@@ -74,10 +74,28 @@ _process = {"initialised": False}
 def init_process() -> None:
     """Process-wide settings neoxq's commands want, made explicitly by the CLI (never at import):
     llama.cpp's OpenMP workers spin less after each graph, unless the user set GOMP_SPINCOUNT (must
-    run before llama.cpp's libgomp loads), and neoxq's llama.cpp log callback, once installed, stays
-    for the whole process (neoxq.runtime.capi.captured_errors; without this call it is scoped)."""
+    run before llama.cpp's libgomp loads); numpy's large arrays in ordinary pages
+    (no_hugepage_advice); and neoxq's llama.cpp log callback, once installed, stays for the whole
+    process (neoxq.runtime.capi.captured_errors; without this call it is scoped)."""
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    no_hugepage_advice()
     _process["initialised"] = True
+
+
+def no_hugepage_advice() -> None:
+    """Stop numpy from advising the kernel to back its large arrays with huge pages. Where
+    transparent huge pages are on for advised memory only, with defrag on fault (Linux's common
+    `madvise` setting), each fault of an advised fresh array may compact memory first: --optimize's
+    [in, in] buffers, made afresh for every matrix, then spent more time faulting in than being
+    computed on (docs/benchmarks.md, "Where the code's constants come from"). Ordinary pages fault
+    in at a steady rate. numpy's switch is private, so it is looked up with care."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
 
 
 def process_initialised() -> bool:
