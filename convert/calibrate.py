@@ -81,7 +81,7 @@ def sequential_calibration(
     with torch.no_grad(), Progress("rounding (sequential)", steps, "matmuls", cycle=per_layer) as bar:
         for i in range(args.num_hidden_layers):
             layer_f = load_layer(ckpt, config, i, names).to(device)
-            layer_q = _quantized_copy(layer_f, i, gguf_names, norms)
+            layer_q = _quantized_copy(layer_f, i, gguf_names, norms, bf16)
             gname = {mod: gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names) for stage in STAGES for mod in stage}
             if i < start_layer:
                 for mod, name in gname.items():
@@ -104,12 +104,16 @@ def sequential_calibration(
             bar.update(1, note=head_name(names))
 
 
-def _quantized_copy(layer_f, i: int, gguf_names, norms):
-    """The quantized model's copy of layer i, with the file's LayerNorms where `norms` gives them."""
+def _quantized_copy(layer_f, i: int, gguf_names, norms, bf16: bool = False):
+    """The quantized model's copy of layer i, with the file's LayerNorms where `norms` gives them;
+    bf16: its matmuls' weights held in bfloat16 (it runs only under autocast_bf16 then, and the
+    rounded weights put into it are rounded to bfloat16 as autocast would at each call)."""
     layer_q = copy.deepcopy(layer_f)
     if norms is not None:
         for mod in NORMS:
             _set_norm(layer_q.get_submodule(mod), gguf_name(f"gpt_neox.layers.{i}.{mod}.weight", gguf_names), norms)
+    if bf16:
+        bf16_matmuls(layer_q)
     return layer_q
 
 
@@ -336,8 +340,9 @@ def autocast_bf16(on: bool, device_type: str = "cpu"):
 
 def bf16_matmuls(model) -> None:
     """Every Linear's weight and bias cast to bfloat16 once, in place: the values autocast_bf16
-    casts them to at each call (so the same results), without those copies, on a model that runs
-    only under it (the first pass's, whose every window would otherwise cast the whole model)."""
+    casts them to at each call (so the same results), without those copies, on a model or layer
+    that runs only under it (the first pass's model, each window of which would otherwise cast all
+    of it; the quantized stream's layers)."""
     import torch
 
     for module in model.modules():

@@ -149,3 +149,42 @@ def test_matmuls_cast_once_give_autocasts_results(trained, texts, monkeypatch):
     assert set(once) == set(per_call) and all(np.array_equal(once[k], per_call[k]) for k in once)
     other = run(half)
     assert any(not np.array_equal(other[k], per_call[k]) for k in per_call)
+
+
+def test_quantized_stream_cast_once_gives_autocasts_moments(trained, texts, monkeypatch):
+    """The sequential pass's quantized layers hold their matmuls' weights in bfloat16 (cast once,
+    and the rounded weights put into them rounded likewise): every matmul's moments equal those of
+    layers that leave the casts to autocast at each call, bit for bit. Negative control: weights
+    held in float16 give other moments."""
+    import torch
+
+    import neoxq.convert.calibrate as calibrate
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.convert.imatrix import calibration_windows
+
+    ckpt = open_checkpoint(str(trained))
+    windows = calibration_windows(ckpt, texts["calib"][:3000], 64)
+    emb = np.array(ckpt.read("gpt_neox.embed_in.weight"), dtype=np.float32)
+    real = calibrate.bf16_matmuls
+
+    def run(cast):
+        monkeypatch.setattr(calibrate, "bf16_matmuls", cast)
+        seen = {}
+
+        def requantize(name, mom):  # the moments kept; the weights put back 1 % smaller, as a rounding would change them
+            seen[name] = (mom.hq.copy(), mom.yx.copy())
+            return mom.yx @ np.linalg.pinv(mom.hq) * 0.99, None
+
+        calibrate.sequential_calibration(ckpt, windows, emb[windows], requantize, with_head=False, bf16=True)
+        return seen
+
+    def half(module):
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.to(torch.float16)
+
+    once, per_call = run(real), run(lambda module: None)
+    assert once.keys() == per_call.keys() and len(once) > 4
+    assert all(np.array_equal(a, b) for k in once for a, b in zip(once[k], per_call[k]))
+    other = run(half)
+    assert any(not np.array_equal(other[k][1], per_call[k][1]) for k in per_call)
