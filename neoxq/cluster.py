@@ -15,6 +15,7 @@ from pathlib import Path
 
 from neoxq.build import Built, build_optimized
 from neoxq.core.errors import UsageError
+from neoxq.core.machine import no_hugepage_advice
 from neoxq.core.progress import is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
 
@@ -69,8 +70,11 @@ def ray_session(address: str):
         ray.shutdown()
 
 
-def pin_threads(threads: int) -> None:
-    """Use `threads` cores (llama.cpp's and torch's thread counts follow this process's affinity)."""
+def set_up_worker(threads: int) -> None:
+    """A task's process set up as the CLI sets up its own: `threads` cores (llama.cpp's and torch's
+    thread counts follow this process's affinity), numpy's large arrays off advised huge pages
+    (neoxq.core.machine.no_hugepage_advice)."""
+    no_hugepage_advice()
     if threads and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, cores[: max(1, threads)])
@@ -84,7 +88,7 @@ def pin_threads(threads: int) -> None:
 
 def _optimize_one(ckpt, base: Built, qtype: QuantType, mix: bool, out_dir: str, calib: str, kw: dict, threads: int, quiet: bool) -> Built:
     set_quiet(quiet)
-    pin_threads(threads)
+    set_up_worker(threads)
     return build_optimized(ckpt, base, [qtype], Path(out_dir), calib, mix=mix, **kw)[qtype]
 
 

@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from neoxq.cluster import pin_threads, ray_session
+from neoxq.cluster import ray_session, set_up_worker
 from neoxq.convert.checkpoint import open_checkpoint
 from neoxq.convert.hub import identify, list_refs, parse_spec, spec_parts, step_of
 from neoxq.core.atomic import atomic_output, remove_stale_partials
@@ -51,7 +51,7 @@ def _task(repo: str, revision: str, text_file: str, folder: str, opts: dict, thr
     """One revision's report (in a worker, a Ray task, or this process); returns its report.json.
     `quiet` is the driver's --quiet: a spawned worker or Ray task starts with the module default."""
     set_quiet(quiet)
-    pin_threads(threads)
+    set_up_worker(threads)
 
     o = SweepOptions(**opts)
     ckpt = open_checkpoint(repo, revision)

@@ -755,7 +755,7 @@ def test_report_ray_makes_opt_and_opt_mix_files_in_one_ray_session(monkeypatch):
 
     monkeypatch.setattr(cluster, "build_optimized", build)
     monkeypatch.setattr(cluster, "ray_session", session)
-    monkeypatch.setattr(cluster, "pin_threads", lambda threads: None)
+    monkeypatch.setattr(cluster, "set_up_worker", lambda threads: None)
     got = cluster.optimize_on_ray("ckpt", "base", [Q.F16, Q.Q4_K_M, Q.Q2_K], Path("o"), "text", "local", mixes=(False, True))
     assert got == ["Q4_K_M-opt", "Q2_K-opt", "Q4_K_M-opt-mix", "Q2_K-opt-mix"] and sessions == ["local"]
     assert here[0] == (Q.Q4_K_M, False) and len(here) == 4
