@@ -8,6 +8,8 @@ import platform
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
+
 from .numbers import check_number
 
 
@@ -89,11 +91,8 @@ def no_hugepage_advice() -> None:
     [in, in] buffers, made afresh for every matrix, then spent more time faulting in than being
     computed on (docs/benchmarks.md, "Where the code's constants come from"). Ordinary pages fault
     in at a steady rate. numpy's switch is private, so it is looked up with care."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    setter = getattr(multiarray, "_set_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or np.core  # numpy 2's name, else 1.x's
+    setter = getattr(core.multiarray, "_set_madvise_hugepage", None)
     if setter is not None:
         setter(False)
 
