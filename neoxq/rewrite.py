@@ -87,7 +87,8 @@ class _LayerRounding:
 
     def current_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Some rows (an index array) of the tensor's values as the file holds them now: only
-        their blocks are decoded (the embedding's rows the calibration windows use, of 50k)."""
+        their blocks are decoded (the embedding's rows the calibration windows use: a few of a
+        large vocabulary's)."""
         t = self.f.tensor(name)
         fmt, raw = format_of(t.type), self.f.read(t)
         if fmt is None:
