@@ -813,3 +813,25 @@ def test_progress_eta_of_a_cycled_bar_takes_each_place_at_its_recent_mean(monkey
     assert bar.eta() == pytest.approx((30 + 10 + 10 + 80) + 30)  # three seen: the mean of the later two
     plain = progress.Progress("plain", 13, "x")
     assert plain.cycle == 0 and progress.eta_seconds(0.0, [], 1, 13) == pytest.approx(12 * clock[0])
+
+
+def test_profile_stages_counts_each_sample_once_in_its_first_stage(tmp_path):
+    """scripts/profile_stages.py: a sample whose stack holds two stages' frames counts in the first
+    of STAGES' order; one that holds none counts as the rest; counts add over lines."""
+    import importlib.util
+
+    from .helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("profile_stages", REPO / "scripts" / "profile_stages.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    raw = tmp_path / "prof.txt"
+    raw.write_text(
+        "main (a.py:1);_run_job (neoxq/optimize.py:9);optimize_statistics (neoxq/calibration.py:3);gptq_levels (g.py:2) 5\n"
+        "main (a.py:1);_run_job (neoxq/optimize.py:9);rewrite_sequential (r.py:1);gptq_levels (g.py:2) 3\n"
+        "main (a.py:1);_run_job (neoxq/optimize.py:9);rewrite_sequential (r.py:1);gptq_levels (g.py:4) 2\n"
+        "main (a.py:1);import (x.py:1) 7\n"
+    )
+    counts = mod.stage_samples(raw)
+    first_pass, sweeps = mod.STAGES[1][0], mod.STAGES[4][0]
+    assert counts == {first_pass: 5, sweeps: 5, mod.REST: 7}
