@@ -92,10 +92,14 @@ def dequantized_rows(fmt: Format, raw: np.ndarray, shape: tuple[int, int], rows:
     return block_values(fmt, per_row.reshape(-1, fmt.size)).reshape(len(rows), shape[1])
 
 
-def tensor_values(info: GGUFInfo, t: TensorInfo, raw: np.ndarray) -> np.ndarray:
+def tensor_values(info: GGUFInfo, t: TensorInfo, raw: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """float32 [rows, cols] of a tensor's raw bytes: neoxq's block formats, the float types, or
-    ggml's own dequantize for the rest (a mix's IQ types)."""
+    ggml's own dequantize for the rest (a mix's IQ types). rows: only these (an index array); in
+    neoxq's block formats only their blocks are decoded (the embedding rows a few calibration
+    windows use, of a large vocabulary)."""
     fmt = format_of(t.type)
+    if rows is not None:
+        return dequantized_rows(fmt, raw.reshape(-1, fmt.size), t.shape, rows) if fmt is not None else tensor_values(info, t, raw)[rows]
     if fmt is not None:
         return block_values(fmt, raw.reshape(-1, fmt.size)).reshape(t.shape)
     if t.type in FLOAT_DTYPES:

@@ -86,14 +86,9 @@ class _LayerRounding:
         return tensor_values(self.f.info, t, self.f.read(t)), b
 
     def current_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Some rows (an index array) of the tensor's values as the file holds them now: only
-        their blocks are decoded (the embedding's rows the calibration windows use: a few of a
-        large vocabulary's)."""
+        """Some rows (an index array) of the tensor's values as the file holds them now."""
         t = self.f.tensor(name)
-        fmt, raw = format_of(t.type), self.f.read(t)
-        if fmt is None:
-            return tensor_values(self.f.info, t, raw)[rows]
-        return dequantized_rows(fmt, raw.reshape(-1, fmt.size), t.shape, rows)
+        return tensor_values(self.f.info, t, self.f.read(t), rows)
 
     def requantize(self, name: str, mom: gptq.Moments):
         t = self.f.tensor(name)
