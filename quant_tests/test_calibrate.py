@@ -7,6 +7,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def _half_matmuls(model) -> None:
+    """The negative control of the bfloat16 casts: every Linear held in float16 instead."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.float16)
+
+
 def _fields(stats) -> dict:
     """Every array a calibration pass collected, by kind and tensor name."""
     out = {f"sums:{k}": v for k, v in stats.sums.items()}
@@ -128,7 +137,6 @@ def test_matmuls_cast_once_give_autocasts_results(trained, texts, monkeypatch):
     """The in-memory bfloat16 pass casts its Linear weights once (calibrate.bf16_matmuls): every
     sum equals the pass that leaves the casts to autocast at each call, bit for bit. Negative
     control: weights cast to float16 instead give other sums."""
-    import torch
 
     import neoxq.convert.imatrix as imatrix
 
@@ -138,16 +146,11 @@ def test_matmuls_cast_once_give_autocasts_results(trained, texts, monkeypatch):
         monkeypatch.setattr(imatrix, "bf16_matmuls", cast)
         return _fields(imatrix.second_moments(str(trained), text, 64, include_output=True, fisher=True, bf16=True))
 
-    def half(model):
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.to(torch.float16)
-
     from neoxq.convert.calibrate import bf16_matmuls
 
     once, per_call = run(bf16_matmuls), run(lambda model: None)
     assert set(once) == set(per_call) and all(np.array_equal(once[k], per_call[k]) for k in once)
-    other = run(half)
+    other = run(_half_matmuls)
     assert any(not np.array_equal(other[k], per_call[k]) for k in per_call)
 
 
@@ -156,7 +159,6 @@ def test_quantized_stream_cast_once_gives_autocasts_moments(trained, texts, monk
     and the rounded weights put into them rounded likewise): every matmul's moments equal those of
     layers that leave the casts to autocast at each call, bit for bit. Negative control: weights
     held in float16 give other moments."""
-    import torch
 
     import neoxq.convert.calibrate as calibrate
     from neoxq.convert.checkpoint import open_checkpoint
@@ -178,13 +180,8 @@ def test_quantized_stream_cast_once_gives_autocasts_moments(trained, texts, monk
         calibrate.sequential_calibration(ckpt, windows, emb[windows], requantize, with_head=False, bf16=True)
         return seen
 
-    def half(module):
-        for m in module.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.to(torch.float16)
-
     once, per_call = run(real), run(lambda module: None)
     assert once.keys() == per_call.keys() and len(once) > 4
     assert all(np.array_equal(a, b) for k in once for a, b in zip(once[k], per_call[k]))
-    other = run(half)
+    other = run(_half_matmuls)
     assert any(not np.array_equal(other[k][1], per_call[k][1]) for k in per_call)
