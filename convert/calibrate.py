@@ -32,6 +32,8 @@ from .reference import head_name, layer_inputs, load_final_norm, load_layer, neo
 STAGES = (("attention.query_key_value", "mlp.dense_h_to_4h"), ("attention.dense", "mlp.dense_4h_to_h"))
 LAYER_MODULES = tuple(m for pair in zip(*STAGES) for m in pair)
 QKV = STAGES[0][0]
+# The LayerNorm each first-stage matmul reads (GPT-NeoX's parallel residual: both read the layer's input)
+FIRST_STAGE_NORMS = {QKV: "input_layernorm", STAGES[0][1]: "post_attention_layernorm"}
 
 # The optimiser's passes use torch's fused attention, faster than eager attention; the scores differ
 # from eager's by float rounding only. The reference and the imatrix keep eager attention.
@@ -210,11 +212,7 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
                 outs.append(layer_f(h_f[a : a + WINDOWS_PER_PASS], **extra))
                 for mod in keep:
                     kept[mod].append(seen[mod].pop("y"))
-            try:
-                with autocast_bf16(bf16, h_q.device.type):
-                    layer_q(h_q[a : a + WINDOWS_PER_PASS], **extra)
-            except _Enough:
-                pass
+            _quantized_inputs(layer_q, h_q[a : a + WINDOWS_PER_PASS], stage, extra, bf16, seen)
             for mod in stage:
                 acc[mod].add(seen[mod].pop("y") if layer_f is not None else given[mod][g], seen[mod].pop("x"))
     finally:
@@ -228,9 +226,26 @@ def _moments(layer_q, h_q, stage, extra, args, layer_f=None, h_f=None, given=Non
     return moms, (torch.cat(outs) if outs else None), kept
 
 
+def _quantized_inputs(layer_q, h, stage, extra, bf16: bool, seen: dict) -> None:
+    """Each stage matmul's input in the quantized layer run on h, into seen[mod]["x"]: with the
+    parallel residual the first stage reads LayerNorms of h alone, so their outputs are those
+    inputs (the attention before the MLP is not run); otherwise the layer runs until every stage
+    matmul's input hook has fired (_Enough)."""
+    with autocast_bf16(bf16, h.device.type):
+        if stage == STAGES[0] and layer_q.use_parallel_residual:
+            for mod in stage:
+                seen[mod]["x"] = layer_q.get_submodule(FIRST_STAGE_NORMS[mod])(h)
+            return
+        try:
+            layer_q(h, **extra)
+        except _Enough:
+            pass
+
+
 class _Enough(Exception):
-    """Raised by _moments' input hook once every stage matmul's input is in hand: the stage-1 pass
-    then skips the MLP (two thirds of a layer's products), the stage-2 pass the MLP's down matrix."""
+    """Raised by _moments' input hook once every stage matmul's input is in hand: the rest of the
+    layer's forward is not run (the stage-2 pass skips the MLP's down matrix; a first-stage pass
+    without the parallel residual, the MLP)."""
 
 
 HQ_BLOCKS = 8  # column blocks of Σ x xᵀ: 8 computes (1 + … + 8) / 64 = 56 % of the full product

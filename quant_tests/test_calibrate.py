@@ -185,3 +185,37 @@ def test_quantized_stream_cast_once_gives_autocasts_moments(trained, texts, monk
     assert all(np.array_equal(a, b) for k in once for a, b in zip(once[k], per_call[k]))
     other = run(_half_matmuls)
     assert any(not np.array_equal(other[k][1], per_call[k][1]) for k in per_call)
+
+
+def test_first_stage_inputs_from_the_norms_equal_the_layers_own(trained):
+    """With the parallel residual the first-stage matmuls' inputs are taken from the LayerNorms
+    alone (the attention before the MLP is not run): bit for bit the inputs the whole layer's
+    forward hands them, in float32 and under bfloat16 autocast. Negative control: the norms
+    swapped give other inputs."""
+    import torch
+
+    import neoxq.convert.calibrate as calibrate
+    from neoxq.convert.checkpoint import open_checkpoint
+    from neoxq.convert.reference import layer_inputs, load_layer, neox_config
+
+    ckpt = open_checkpoint(str(trained))
+    config = neox_config(ckpt, calibrate.ATTENTION)
+    layer = load_layer(ckpt, config, 0, set(ckpt.tensor_names()))
+    assert layer.use_parallel_residual
+    h = torch.randn(2, 64, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    extra = layer_inputs(config, h[:1])
+    stage = calibrate.STAGES[0]
+    for bf16 in (False, True):
+        hooked: dict = {}
+        handles = [layer.get_submodule(m).register_forward_pre_hook(lambda mod, i, m=m: hooked.__setitem__(m, i[0])) for m in stage]
+        with torch.no_grad(), calibrate.autocast_bf16(bf16):
+            layer(h, **extra)
+        for handle in handles:
+            handle.remove()
+        seen: dict = {m: {} for m in stage}
+        with torch.no_grad():
+            calibrate._quantized_inputs(layer, h, stage, extra, bf16, seen)
+        assert all(torch.equal(seen[m]["x"], hooked[m]) for m in stage)
+        swapped = dict(zip(stage, reversed([calibrate.FIRST_STAGE_NORMS[m] for m in stage])))
+        with torch.no_grad():
+            assert not any(torch.equal(layer.get_submodule(swapped[m])(h), hooked[m]) for m in stage)
