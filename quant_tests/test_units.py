@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -616,6 +617,51 @@ def test_the_users_own_mmap_threshold_stands():
     proc = subprocess.run([sys.executable, "-c", HEAP_PATTERN, "asked"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.split()[-1]) <= 4
+
+
+ARENA_PATTERN = r"""
+import ctypes, sys, threading
+from neoxq.core.heap import one_arena
+if sys.argv[1] == "one":
+    assert one_arena()
+elif sys.argv[1] == "asked":
+    one_arena()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+start = threading.Barrier(4)
+def work():
+    start.wait()
+    for _ in range(100):
+        libc.free(libc.malloc(4096))
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc.malloc_stats()  # one "Arena N:" block per heap, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap")
+def test_threads_share_one_heap_unless_the_user_chose():
+    """After one_arena (what the CLI's init_process makes) four threads' mallocs come from glibc's
+    main heap alone; the user's own MALLOC_ARENA_MAX stands. Negative control: without it each
+    thread gets a heap of its own."""
+    from neoxq.core.heap import is_glibc
+
+    if not is_glibc():
+        pytest.skip("not glibc")
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+
+    def heaps(mode: str, extra: dict | None = None) -> int:
+        proc = subprocess.run([sys.executable, "-c", ARENA_PATTERN, mode], capture_output=True, text=True, env=env | (extra or {}), timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return len(re.findall(r"^Arena \d+:", proc.stderr, re.M))
+
+    assert heaps("one") == 1
+    assert heaps("glibc") > 1
+    assert heaps("asked", {"MALLOC_ARENA_MAX": "4"}) > 1
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parent.parent / "scripts").glob("*.py")))

@@ -33,8 +33,33 @@ def is_glibc() -> bool:
         return False
 
 
+M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
+# the user's own choice of the number of heaps, which stands
+ARENA_USER_SETTING = "MALLOC_ARENA_MAX"
+ARENA_USER_TUNABLE = "glibc.malloc.arena_max"
+
+
+def _user_chose(setting: str, tunable: str) -> bool:
+    return setting in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def user_chose_threshold() -> bool:
-    return USER_SETTING in os.environ or USER_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+    return _user_chose(USER_SETTING, USER_TUNABLE)
+
+
+def one_arena() -> bool:
+    """Every thread's malloc served from glibc's main heap for the rest of the process (threads
+    that start later; those with a heap of their own keep it); False, and nothing changed, where
+    the C library is not glibc, the user chose the number of heaps, or glibc refuses.
+
+    Why: glibc gives each new thread a heap (arena) of its own, and the heap of a thread that ended
+    to the next thread that starts; which one a library's worker thread gets then depends on
+    timing. After llama.cpp's quantizer had run its threads in the process, --optimize wrote one of
+    two files for the same inputs (its bfloat16 quantized stream; about one run in four), with one
+    heap the same file every time (docs/benchmarks.md, "Reproducible runs")."""
+    if not is_glibc() or _user_chose(ARENA_USER_SETTING, ARENA_USER_TUNABLE):
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1))
 
 
 def keep_temporaries_out_of_heaps() -> bool:

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
+from . import heap
 from .numbers import check_number
 
 
@@ -78,9 +79,12 @@ def init_process() -> None:
     llama.cpp's OpenMP workers spin less after each graph, unless the user set GOMP_SPINCOUNT (must
     run before llama.cpp's libgomp loads); numpy's large arrays in ordinary pages
     (no_hugepage_advice); and neoxq's llama.cpp log callback, once installed, stays for the whole
-    process (neoxq.runtime.capi.captured_errors; without this call it is scoped)."""
+    process (neoxq.runtime.capi.captured_errors; without this call it is scoped); every thread's
+    malloc from one heap, before any library starts threads (neoxq.core.heap.one_arena: runs are
+    then reproducible)."""
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     no_hugepage_advice()
+    heap.one_arena()
     _process["initialised"] = True
 
 
