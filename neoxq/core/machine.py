@@ -80,8 +80,8 @@ def init_process() -> None:
     run before llama.cpp's libgomp loads); numpy's large arrays in ordinary pages
     (no_hugepage_advice); and neoxq's llama.cpp log callback, once installed, stays for the whole
     process (neoxq.runtime.capi.captured_errors; without this call it is scoped); every thread's
-    malloc from one heap, before any library starts threads (neoxq.core.heap.one_arena: runs are
-    then reproducible)."""
+    malloc from one heap, before llama.cpp and torch start their threads (neoxq.core.heap.one_arena:
+    runs are then reproducible)."""
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     no_hugepage_advice()
     heap.one_arena()
