@@ -15,8 +15,7 @@ from pathlib import Path
 
 from neoxq.build import Built, build_optimized
 from neoxq.core.errors import UsageError
-from neoxq.core import heap
-from neoxq.core.machine import no_hugepage_advice
+from neoxq.core.machine import init_process
 from neoxq.core.progress import is_quiet, set_quiet
 from neoxq.core.qtypes import QuantType
 
@@ -72,12 +71,9 @@ def ray_session(address: str):
 
 
 def set_up_worker(threads: int) -> None:
-    """A task's process set up as the CLI sets up its own: `threads` cores (llama.cpp's and torch's
-    thread counts follow this process's affinity), numpy's large arrays off advised huge pages
-    (neoxq.core.machine.no_hugepage_advice), the threads it starts from here on on one heap
-    (neoxq.core.heap.one_arena)."""
-    no_hugepage_advice()
-    heap.one_arena()
+    """A task's process set up as the CLI sets up its own (neoxq.core.machine.init_process), on
+    `threads` cores (llama.cpp's and torch's thread counts follow this process's affinity)."""
+    init_process()
     if threads and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, cores[: max(1, threads)])
