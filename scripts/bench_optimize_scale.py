@@ -393,11 +393,14 @@ def shape_410m(work: Path, windows: int, qtype: str) -> dict:
     out = work / f"410m-{qtype}-opt.gguf"
     fresh = work / "fresh-cache"
     shutil.rmtree(fresh, ignore_errors=True)
+    stage_json = work / "410m-stage-times.json"
+    stage_json.unlink(missing_ok=True)
     opt = benchlib.run_child(
         [
             PY,
-            "-m",
-            "neoxq",
+            Path(__file__).resolve().parent / "stage_times.py",  # the library calls' time, measured in the same run
+            stage_json,
+            "--",
             "quantize",
             f16,
             "--type",
@@ -425,6 +428,7 @@ def shape_410m(work: Path, windows: int, qtype: str) -> dict:
         "ratio": opt["wall_s"] / rep["wall_s"],
         "optimize_peak_rss_MiB": opt["peak_rss_MiB"],
         "report_peak_rss_MiB": rep["peak_rss_MiB"],
+        "library_s": json.loads(stage_json.read_text())["timed_s"],
     }
     print(
         f"410M-shaped, {windows} windows of {CTX}, {qtype}: plain report {rep['wall_s']:.0f} s, --optimize {opt['wall_s']:.0f} s: "
@@ -603,6 +607,7 @@ def markdown(data: dict) -> str:
                 f"| 410M | {r['windows']} | {r['type']} | {r['report_s']:.0f} | {r['optimize_s']:.0f} | {r['ratio']:.2f}× | "
                 f"{r['optimize_peak_rss_MiB']:.0f} / {r['report_peak_rss_MiB']:.0f} |",
             ]
+            out += _library_table(r)
         elif r["part"] == "big":
             out += [
                 "\n| shape | layers | windows | type | budget | peak RSS MiB (estimate) | s | s per layer | at 32 layers |",
@@ -664,6 +669,20 @@ def markdown(data: dict) -> str:
         else:
             out.append("\n" + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     return "\n".join(out).strip()
+
+
+def _library_table(r: dict) -> list[str]:
+    """Where the 410M row's `--optimize` spent its time inside large library calls (scripts/stage_times.py)."""
+    spent = r.get("library_s")
+    if not spent:
+        return []
+    total, report = sum(spent.values()), r["report_s"]
+    out = ["\n| inside that `--optimize` run: time in large library calls | s | × the plain report |", "|---|---:|---:|"]
+    out += [f"| {kind} | {s:.1f} | {s / report:.2f}× |" for kind, s in spent.items()]
+    out.append(f"| **all of them** | **{total:.0f}** | **{total / report:.2f}×** |")
+    rest = r["optimize_s"] - total
+    out.append(f"| the rest: the rounding's per-column work, block codec and numpy products, copies, Python | {rest:.0f} | {rest / report:.2f}× |")
+    return out
 
 
 def add_step_times(record: Path, eta_log: Path) -> None:
