@@ -68,8 +68,9 @@ def main() -> int:
     if len(sys.argv) < 3 or sys.argv[2] != "--":
         sys.exit("usage: stage_times.py OUT.json -- NEOXQ-ARGS…")
     out, args = Path(sys.argv[1]), sys.argv[3:]
-    from neoxq.cli import app
     from neoxq.core.machine import init_process
+
+    app = importlib.import_module("neoxq.cli.app")  # the module (the package's `app` is the typer app)
 
     init_process()  # what the command's main does first, before the timed modules load torch and llama.cpp
     app._load_llama_first()
