@@ -861,6 +861,33 @@ def test_progress_eta_of_a_cycled_bar_takes_each_place_at_its_recent_mean(monkey
     assert plain.cycle == 0 and progress.eta_seconds(0.0, [], 1, 13) == pytest.approx(12 * clock[0])
 
 
+def test_stage_times_counts_a_call_only_where_no_timed_call_encloses_it():
+    """scripts/stage_times.py: every name it times resolves to a callable (a rename fails here, not
+    as a silent zero in a benchmark); a timed call inside another is counted in the outer one only,
+    and on its own when called alone."""
+    import importlib.util
+    import itertools
+
+    from .helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("stage_times", REPO / "scripts" / "stage_times.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for _, module, attr in mod.TIMED:
+        owner, name = mod.target(module, attr)
+        assert callable(getattr(owner, name))
+    with pytest.raises(AttributeError):
+        mod.target("neoxq.core.gptq", "no_such_function")
+    ticks = itertools.count()
+    clock = lambda: float(next(ticks))  # noqa: E731
+    spent = {"outer": 0.0, "inner": 0.0}
+    inner = mod._timed(lambda: None, "inner", spent, clock)
+    outer = mod._timed(lambda: inner(), "outer", spent, clock)
+    outer()  # clock 0 → 1: the inner call reads no clock
+    inner()  # clock 2 → 3
+    assert spent == {"outer": 1.0, "inner": 1.0}
+
+
 def test_profile_stages_counts_each_sample_once_in_its_first_stage(tmp_path):
     """scripts/profile_stages.py: a sample whose stack holds two stages' frames counts in the first
     of STAGES' order; one that holds none counts as the rest; counts add over lines."""

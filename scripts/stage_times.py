@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Developer helper: a neoxq command run with the time spent inside the large library calls that
-`--optimize` makes, measured per kind of call, written as JSON. Unlike a sampling profile it adds
-no measurable time (a few thousand timed calls), so the command's own wall time stays comparable
-with a plain run's in the same benchmark.
+"""Developer helper: a neoxq command's time inside the large library calls --optimize makes.
+
+Measured per kind of call and written as JSON. Unlike a sampling profile it adds no measurable
+time (a few thousand timed calls), so the command's own wall time stays comparable with a plain
+run's in the same benchmark.
 
     .venv/bin/python scripts/stage_times.py OUT.json -- quantize F16.gguf --type Q4_K_M --optimize …
 
@@ -14,6 +15,7 @@ their sum.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib
 import json
@@ -37,37 +39,50 @@ TIMED = (
 _depth = [0]
 
 
-def _timed(fn, kind: str, spent: dict[str, float]):
+def _timed(fn, kind: str, spent: dict[str, float], clock=time.perf_counter):
     @functools.wraps(fn)
     def call(*args, **kwargs):
         if _depth[0]:
             return fn(*args, **kwargs)
         _depth[0] += 1
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            spent[kind] += time.perf_counter() - t0
+            spent[kind] += clock() - t0
             _depth[0] -= 1
 
     return call
 
 
+def target(module: str, attr: str) -> tuple[object, str]:
+    """The object that holds a TIMED attribute (the module, or a class in it) and its name."""
+    owner = importlib.import_module(module)
+    *path, name = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    if not callable(getattr(owner, name)):
+        raise TypeError(f"{module}.{attr} is not callable")
+    return owner, name
+
+
 def install(spent: dict[str, float]) -> None:
-    """Wrap every TIMED attribute in place (a class's method on the class)."""
+    """Wrap every TIMED attribute in place (a class's method on the class), for the process."""
     for kind, module, attr in TIMED:
-        owner = importlib.import_module(module)
-        *path, name = attr.split(".")
-        for part in path:
-            owner = getattr(owner, part)
+        owner, name = target(module, attr)
         spent.setdefault(kind, 0.0)
         setattr(owner, name, _timed(getattr(owner, name), kind, spent))
 
 
 def main() -> int:
-    if len(sys.argv) < 3 or sys.argv[2] != "--":
-        sys.exit("usage: stage_times.py OUT.json -- NEOXQ-ARGS…")
-    out, args = Path(sys.argv[1]), sys.argv[3:]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="the JSON written: the command's wall time and each kind's seconds")
+    ap.add_argument("args", nargs=argparse.REMAINDER, help="-- and the neoxq command's arguments")
+    a = ap.parse_args()
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if not args:
+        ap.error("give the neoxq command after --")
+    out = a.out
     from neoxq.core.machine import init_process
 
     app = importlib.import_module("neoxq.cli.app")  # the module (the package's `app` is the typer app)
