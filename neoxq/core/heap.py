@@ -54,11 +54,10 @@ def one_arena() -> bool:
 
     Why: glibc gives each new thread a heap (arena) of its own, and the heap of a thread that ended
     to the next thread that starts; which one a library's worker thread gets then depends on
-    timing. After llama.cpp's quantizer had run its threads in the process, --optimize wrote one of
-    two files for the same inputs (its bfloat16 quantized stream; about one run in four), with one
-    heap the same file every time. The price is the threads' waits for that heap's lock, a few per
-    cent of --optimize's time (docs/benchmarks.md, "Reproducible runs"); MALLOC_ARENA_MAX set by
-    the user declines it."""
+    timing. After llama.cpp's quantizer had run its threads in the process, --optimize could write
+    one of two files for the same inputs (its bfloat16 quantized stream), with one heap the same
+    file every time. The price is the threads' waits for that heap's lock (measured in
+    docs/benchmarks.md, "Reproducible runs"); MALLOC_ARENA_MAX set by the user declines it."""
     if not is_glibc() or _user_chose(ARENA_USER_SETTING, ARENA_USER_TUNABLE):
         return False
     return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1))
