@@ -56,7 +56,7 @@ def one_arena() -> bool:
     to the next thread that starts; which one a library's worker thread gets then depends on
     timing. After llama.cpp's quantizer had run its threads in the process, --optimize could write
     one of two files for the same inputs (its bfloat16 quantized stream), with one heap the same
-    file every time. The price is the threads' waits for that heap's lock (measured in
+    file every time. The price is the threads' waits for that heap's lock (its cost:
     docs/benchmarks.md, "Reproducible runs"); MALLOC_ARENA_MAX set by the user declines it."""
     if not is_glibc() or _user_chose(ARENA_USER_SETTING, ARENA_USER_TUNABLE):
         return False
